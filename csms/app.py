@@ -1,0 +1,166 @@
+"""The Central System: configuration, plugins, storage and connected stations, wired together.
+
+:class:`CentralSystem` is what plugins receive in ``csms_configure(app)``. Its :meth:`call` is the
+Python API for every CSMS-initiated OCPP call.
+"""
+from __future__ import annotations
+
+import inspect
+from datetime import datetime, timezone
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from csms import ocpp16
+from csms.config import Config
+from csms.db import Database
+from csms.plugins import loaded_plugins, make_plugin_manager
+from csms.rpc import CallError, StationOffline
+from csms.stations import StationStore
+from csms.stations import metadata as framework_metadata
+
+log = Logger(namespace="csms.app")
+
+
+class ActionUnavailable(Exception):
+    """The action is not a CSMS-initiated OCPP 1.6 action, or no enabled plugin provides it."""
+
+
+def as_deferred(result) -> defer.Deferred:
+    """Normalise a hook result (value, Deferred or coroutine) to a Deferred: the one place that does it."""
+    if isinstance(result, defer.Deferred):
+        return result
+    if inspect.isawaitable(result):
+        return defer.ensureDeferred(result)
+    return defer.succeed(result)
+
+
+class CentralSystem:
+    def __init__(self, config: Config, reactor=None, clock=None, extra_plugins=()):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.pm = make_plugin_manager(config.enabled_plugins, config.blocked_plugins, extra_plugins)
+        self.hook = self.pm.hook
+        self.db = Database(config.database.url, reactor, pool_size=config.database.pool_size,
+                           sqlite_synchronous=config.database.sqlite_synchronous)
+        self.station_store = StationStore(self.db, self.clock)
+        #: station id -> connected OCPPSession
+        self.sessions: dict = {}
+        self.plugins = loaded_plugins(self.pm)
+        self.inbound_actions: dict[str, str] = {}
+        self.outbound_actions: dict[str, str] = {}
+        for plugin in self.plugins:
+            for action in plugin.inbound_actions:
+                self.inbound_actions[action] = plugin.name
+            for action in plugin.outbound_actions:
+                self.outbound_actions[action] = plugin.name
+        self.hook.csms_configure(app=self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    def all_metadata(self) -> list:
+        return [framework_metadata] + [m for m in self.hook.csms_tables() if m is not None]
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Start the database pool and create every enabled plugin's tables."""
+        self.db.start()
+
+        def create_tables(conn):
+            for metadata in self.all_metadata():
+                metadata.create_all(conn)
+        yield self.db.run(create_tables, desc="create_tables")
+        log.info("Central System ready: plugins {plugins}; database {dialect}",
+                 plugins=", ".join(p.name for p in self.plugins), dialect=self.db.dialect_name)
+
+    def services(self) -> list:
+        out = []
+        for services in self.hook.csms_services(app=self):
+            out.extend(services or [])
+        return out
+
+    def stop(self) -> None:
+        self.db.stop()
+
+    # -- inbound dispatch --------------------------------------------------------------------
+
+    def dispatch(self, station, action: str, payload: dict):
+        """Route an inbound, schema-valid CALL to its plugin hook (see :mod:`csms.hookspecs`)."""
+        if action in ocpp16.INBOUND:
+            result = getattr(self.hook, ocpp16.hook_name(action))(station=station, payload=payload)
+            if result is None:
+                if action in self.inbound_actions:
+                    raise CallError("InternalError", f"No plugin answered {action}")
+                raise CallError("NotSupported",
+                                f"{action} belongs to the {ocpp16.INBOUND[action]} profile, "
+                                "which is not enabled on this Central System")
+            return as_deferred(result)
+        result = self.hook.csms_handle_call(station=station, action=action, payload=payload)
+        if result is None:
+            raise CallError("NotImplemented", f"Action {action!r} is not implemented by this Central System")
+        return as_deferred(result)
+
+    def fire(self, hook_name: str, **kwargs) -> defer.Deferred:
+        """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""
+        try:
+            results = getattr(self.hook, hook_name)(**kwargs)
+        except Exception:
+            log.failure("Event {hook} failed", hook=hook_name)
+            return defer.succeed(None)
+        pending = [as_deferred(r) for r in results if r is not None]
+        if not pending:
+            return defer.succeed(None)
+
+        def report(outcomes):
+            for ok, value in outcomes:
+                if not ok:
+                    log.failure("Event {hook} listener failed", value, hook=hook_name)
+        return defer.DeferredList(pending, consumeErrors=True).addCallback(report)
+
+    def lookup(self, hook_name: str, default=None, **kwargs) -> defer.Deferred:
+        """Call a firstresult lookup hook; fires with its (awaited) answer, or ``default``."""
+        result = getattr(self.hook, hook_name)(**kwargs)
+        if result is None:
+            return defer.succeed(default)
+        return as_deferred(result)
+
+    # -- CSMS-initiated calls ----------------------------------------------------------------
+
+    def action_profile(self, action: str) -> str:
+        """The enabled plugin that provides a CSMS-initiated ``action``, or raise :class:`ActionUnavailable`."""
+        if action not in ocpp16.OUTBOUND:
+            raise ActionUnavailable(f"{action!r} is not a Central System-initiated OCPP 1.6 action")
+        if action not in self.outbound_actions:
+            raise ActionUnavailable(f"{action} belongs to the {ocpp16.OUTBOUND[action]} profile, "
+                                    "which is not enabled on this Central System")
+        return self.outbound_actions[action]
+
+    def call(self, station_id: str, action: str, payload: dict) -> defer.Deferred:
+        """Send ``action`` to a connected station; fires with its validated response payload.
+
+        Fails with ActionUnavailable, StationOffline, RequestInvalid (nothing sent), CallErrorReceived,
+        ResponseInvalid or CallTimeout. A valid answer fires ``csms_on_call_completed`` first, so the
+        plugins have recorded it by the time the caller sees it.
+        """
+        try:
+            self.action_profile(action)
+        except ActionUnavailable as exc:
+            return defer.fail(exc)
+        session = self.sessions.get(station_id)
+        if session is None:
+            return defer.fail(StationOffline(f"{station_id} is not connected"))
+        d = session.call(action, payload)
+
+        def completed(response):
+            return self.fire("csms_on_call_completed", station_id=station_id, action=action,
+                             request=payload, response=response).addCallback(lambda _: response)
+        return d.addCallback(completed)
+
+    def is_connected(self, station_id: str) -> bool:
+        return station_id in self.sessions

@@ -1,0 +1,116 @@
+"""Storage: one SQLAlchemy engine and one dedicated thread pool that every database call runs on.
+
+Plugins never touch a connection on the reactor thread. They write ``thd(conn, ...)`` functions and
+call :meth:`Database.run`, which runs the function inside one transaction on the pool and fires the
+returned Deferred only after the transaction is committed. Functions return plain Python values,
+never live result objects.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import StaticPool
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger(namespace="csms.db")
+
+_TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
+MAX_ATTEMPTS = 3
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+    return isinstance(exc, OperationalError) and any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+class Database:
+    """An engine plus its thread pool. ``run(thd, *args)`` -> Deferred firing after commit."""
+
+    def __init__(self, url: str, reactor, pool_size: int = 4, sqlite_synchronous: str = "FULL"):
+        self.url = make_url(url)
+        self.reactor = reactor
+        self.dialect_name = self.url.get_backend_name()
+        self.is_sqlite = self.dialect_name == "sqlite"
+        kwargs: dict = {"future": True}
+        threads_max = pool_size
+        if self.is_sqlite:
+            database = self.url.database or ""
+            if database in ("", ":memory:"):
+                # One shared in-memory database for every thread of the pool.
+                kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+            elif not database.startswith("file:"):
+                directory = os.path.dirname(os.path.abspath(database))
+                os.makedirs(directory, exist_ok=True)
+                kwargs.update(connect_args={"check_same_thread": False, "timeout": 30})
+            # SQLite has one writer at a time: one thread avoids lock contention entirely.
+            threads_max = 1
+        else:
+            kwargs.update(pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
+        self.engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            synchronous = sqlite_synchronous.upper()
+
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_connection, _record):
+                cursor = dbapi_connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.execute(f"PRAGMA synchronous={synchronous}")
+                cursor.close()
+
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
+        self._started = False
+        self.stats = {"transactions": 0, "retries": 0}
+
+    def start(self) -> None:
+        if not self._started:
+            self.pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self.pool.stop()
+            self.engine.dispose()
+
+    def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
+        """Run ``thd(conn, *args, **kwargs)`` in one transaction on the pool; fires after commit."""
+        return threads.deferToThreadPool(self.reactor, self.pool, self._transaction, thd, desc, args, kwargs)
+
+    def _transaction(self, thd, desc, args, kwargs):
+        attempt = 1
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    result = thd(conn, *args, **kwargs)
+                self.stats["transactions"] += 1
+                return result
+            except DBAPIError as exc:
+                if attempt >= MAX_ATTEMPTS or not _is_transient(exc):
+                    raise
+                self.stats["retries"] += 1
+                log.warn("Transient database error in {desc}, retrying: {error}", desc=desc or thd.__name__,
+                         error=exc.orig)
+                attempt += 1
+                time.sleep(0.05 * attempt)  # on the pool thread, never on the reactor
+
+    def run_sync(self, thd, *args, **kwargs):
+        """Run ``thd`` in a transaction on the calling thread: for start-up and for tests only."""
+        with self.engine.begin() as conn:
+            return thd(conn, *args, **kwargs)
+
+    def insert(self, table):
+        """An INSERT that supports ``on_conflict_do_update`` on both SQLite and PostgreSQL."""
+        return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
+    def upsert(self, conn, table, keys: dict, values: dict) -> None:
+        """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist."""
+        stmt = self.insert(table).values(**keys, **values)
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=values))

@@ -1,0 +1,189 @@
+"""Every hook of the Central System, in one module.
+
+Three kinds:
+
+* **Handlers** (``csms_handle_*``), one per inbound OCPP action: ``firstresult=True``. The first plugin
+  that returns something other than None answers the CALL: a response payload dict, or a Deferred or
+  coroutine of one. Raise :class:`csms.rpc.CallError` to answer with a CALLERROR.
+* **Events** (``csms_on_*``): every plugin is told; results may be Deferreds, which the framework
+  waits for before it sends the confirmation that caused the event. A failing listener is logged and
+  never breaks the confirmation.
+* **Plumbing**: tables, services, routes, configuration, and lookups one plugin offers the others.
+
+``station`` arguments are :class:`csms.rpc.OCPPSession` objects: ``station.station_id``,
+``station.call(action, payload)``; ``station.app`` is the :class:`csms.app.CentralSystem`.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("csms")
+hookimpl = pluggy.HookimplMarker("csms")
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+@hookspec
+def csms_configure(app):
+    """Called once, after every enabled plugin is registered and before tables are created.
+
+    ``app`` is the :class:`csms.app.CentralSystem`: its ``config``, ``db``, ``clock`` and ``call()``.
+    """
+
+
+@hookspec
+def csms_tables():
+    """Return the SQLAlchemy ``MetaData`` holding this plugin's tables (names prefixed with the plugin).
+
+    The framework creates them at start-up; a disabled plugin's tables are never created.
+    """
+
+
+@hookspec
+def csms_services(app):
+    """Return a list of ``twisted.application.service.IService`` (timers, listeners) to run with the CSMS."""
+
+
+@hookspec
+def csms_api_routes(app, router):
+    """Add this plugin's operator HTTP API routes to ``router`` (a :class:`csms.api.Router`)."""
+
+
+# -- inbound OCPP actions (CP -> CS) -----------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def csms_handle_authorize(station, payload):
+    """Answer Authorize.req (OCPP 1.6 §4.2). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_boot_notification(station, payload):
+    """Answer BootNotification.req (OCPP 1.6 §4.2). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_data_transfer(station, payload):
+    """Answer DataTransfer.req (OCPP 1.6 §4.3) from a station.
+
+    Vendor plugins answer for their own ``vendorId`` and return None for the others; the Core plugin
+    answers last with UnknownVendorId. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_handle_heartbeat(station, payload):
+    """Answer Heartbeat.req (OCPP 1.6 §4.6). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_meter_values(station, payload):
+    """Answer MeterValues.req (OCPP 1.6 §4.7). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_start_transaction(station, payload):
+    """Answer StartTransaction.req (OCPP 1.6 §4.8). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_status_notification(station, payload):
+    """Answer StatusNotification.req (OCPP 1.6 §4.9). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_stop_transaction(station, payload):
+    """Answer StopTransaction.req (OCPP 1.6 §4.10). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_diagnostics_status_notification(station, payload):
+    """Answer DiagnosticsStatusNotification.req (OCPP 1.6 §4.4). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_firmware_status_notification(station, payload):
+    """Answer FirmwareStatusNotification.req (OCPP 1.6 §4.5). Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_handle_call(station, action, payload):
+    """Answer a CALL whose action is not an OCPP 1.6 CP->CS action (e.g. a vendor or security extension).
+
+    Nobody answering means NotImplemented. Stops at first non-None result.
+    """
+
+
+# -- lookups one plugin offers the others --------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def csms_authorize_id_tag(station, id_tag, purpose):
+    """Return (a Deferred of) the OCPP ``idTagInfo`` dict for ``id_tag`` presented at ``station``.
+
+    ``purpose`` is the action asking: ``Authorize``, ``StartTransaction`` or ``StopTransaction``
+    (ConcurrentTx only makes sense for the first two).
+
+    The Core plugin answers from its id tag table, last; a roaming or vendor plugin may answer first.
+    Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_active_transactions(station_id):
+    """Return (a Deferred of) a list of the station's open transactions as dicts
+    (``transaction_id``, ``connector_id``, ``id_tag``, ``started_at``, ``meter_start``). Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_connector_ids(station_id):
+    """Return (a Deferred of) the sorted connector ids (>= 1) the station has reported. Stops at first non-None result."""
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+@hookspec
+def csms_on_station_connected(station):
+    """A station completed the WebSocket handshake and is ready for OCPP messages."""
+
+
+@hookspec
+def csms_on_station_disconnected(station_id, reason):
+    """A station's connection closed (``reason`` is a short text; 'replaced' when a newer one took over)."""
+
+
+@hookspec
+def csms_on_boot(station_id, request, status):
+    """A BootNotification was stored and will be answered with ``status`` (Accepted, Pending, Rejected)."""
+
+
+@hookspec
+def csms_on_status_changed(station_id, connector_id, status, error_code, previous_status, request):
+    """A StatusNotification was stored; ``previous_status`` is None for a connector seen the first time."""
+
+
+@hookspec
+def csms_on_transaction_started(station_id, transaction, request):
+    """A new transaction was committed (``transaction`` dict with ``transaction_id``, ``connector_id``,
+    ``id_tag``, ``reservation_id``, ``id_tag_status`` ...). Not fired for a retransmitted StartTransaction."""
+
+
+@hookspec
+def csms_on_transaction_stopped(station_id, transaction, request):
+    """A transaction was closed (by the station, or by an operator for a stuck transaction)."""
+
+
+@hookspec
+def csms_on_meter_values(station_id, connector_id, transaction_id, meter_values):
+    """MeterValues were committed (``meter_values`` is the request's list)."""
+
+
+@hookspec
+def csms_on_call_completed(station_id, action, request, response):
+    """A CSMS-initiated call was answered with a valid CALLRESULT ``response``."""
+
+
+@hookspec
+def csms_on_station_deleted(station_id):
+    """An operator deleted a station: remove what this plugin keeps about it."""

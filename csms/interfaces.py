@@ -1,0 +1,14 @@
+"""What a plugin provides, as a zope.interface checked when the plugin loads."""
+from zope.interface import Attribute, Interface
+
+
+class ICSMSPlugin(Interface):
+    """A Central System plugin: one OCPP feature profile, or a vendor's extension.
+
+    Its hook implementations are methods decorated with :data:`csms.hookspecs.hookimpl`.
+    """
+
+    name = Attribute("Short name used in config (``[plugins] enabled``) and as its table prefix")
+    profile = Attribute("The OCPP 1.6 feature profile it implements (see csms.ocpp16.PROFILES), or None")
+    inbound_actions = Attribute("OCPP actions (CP->CS) this plugin answers")
+    outbound_actions = Attribute("CSMS-initiated OCPP actions this plugin makes available to operators")

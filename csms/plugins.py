@@ -1,0 +1,77 @@
+"""Finding, checking and registering plugins.
+
+Plugins are found through the ``csms.plugins`` entry point group; the built-in profiles are listed
+there exactly like a third-party plugin. Only plugins named in ``[plugins] enabled`` are loaded, so a
+disabled plugin registers no hooks and creates no tables.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pluggy
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from csms import hookspecs, ocpp16
+from csms.interfaces import ICSMSPlugin
+
+ENTRY_POINT_GROUP = "csms.plugins"
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded: not installed, not providing ICSMSPlugin, or misspelt hooks."""
+
+
+def available_plugins() -> dict:
+    """Entry point name -> entry point, for every installed plugin."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _instantiate(obj):
+    return obj() if isinstance(obj, type) else obj
+
+
+def check_plugin(plugin) -> None:
+    try:
+        verifyObject(ICSMSPlugin, plugin)
+    except Invalid as exc:
+        raise PluginError(f"{plugin!r} does not provide ICSMSPlugin: {exc}") from None
+    unknown = [a for a in plugin.inbound_actions if a not in ocpp16.INBOUND]
+    unknown += [a for a in plugin.outbound_actions if a not in ocpp16.OUTBOUND]
+    if unknown and plugin.profile is not None:
+        raise PluginError(f"plugin {plugin.name!r} lists actions OCPP 1.6 does not have: {unknown}")
+
+
+def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugins=()) -> pluggy.PluginManager:
+    """A plugin manager with every enabled (and not blocked) installed plugin registered and checked.
+
+    ``extra_plugins`` are registered too (objects, not entry points): for tests and embedding.
+    """
+    pm = pluggy.PluginManager("csms")
+    pm.add_hookspecs(hookspecs)
+    installed = available_plugins()
+    for name in enabled:
+        if name in blocked:
+            continue
+        if name not in installed:
+            raise PluginError(
+                f"plugin {name!r} is enabled in the config but not installed "
+                f"(installed: {', '.join(sorted(installed)) or 'none'})")
+        plugin = _instantiate(installed[name].load())
+        check_plugin(plugin)
+        if plugin.name != name:
+            raise PluginError(f"entry point {name!r} loads a plugin named {plugin.name!r}")
+        pm.register(plugin, name=name)
+    for plugin in extra_plugins:
+        plugin = _instantiate(plugin)
+        check_plugin(plugin)
+        pm.register(plugin, name=plugin.name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from None
+    return pm
+
+
+def loaded_plugins(pm: pluggy.PluginManager) -> list:
+    return [plugin for name, plugin in pm.list_name_plugin() if plugin is not None]

@@ -1,0 +1,178 @@
+"""The WebSocket side: Autobahn server protocol and factory, and station admission.
+
+Admission (OCPP-J 1.6 §3; OCPP 1.6 Security whitepaper, profile 1):
+* the path is ``<path_prefix><chargePointId>``; the id is the percent-decoded last segment;
+* the client must offer the ``ocpp1.6`` subprotocol, which is echoed back (OCTT TC_088);
+* an unknown station is registered, registered as Pending, or refused, per ``[ocpp] unknown_stations``;
+* a station with a password must present it with HTTP Basic auth, username = its id (OCTT TC_085);
+* a second connection with the same id replaces the first.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from urllib.parse import unquote, urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from csms.passwords import verify_password
+from csms.rpc import OCPPSession
+
+log = Logger(namespace="csms.protocol")
+
+SUBPROTOCOL = "ocpp1.6"
+CLOSE_REPLACED = 4000
+
+
+def parse_basic_auth(header: str | None):
+    """(username, password) from an ``Authorization: Basic ...`` header, or None."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return (username, password) if sep else None
+
+
+class OCPPServerProtocol(WebSocketServerProtocol):
+    """One station's WebSocket connection; OCPP-J messages go to its :class:`OCPPSession`."""
+
+    station_id: str | None = None
+    session: OCPPSession | None = None
+
+    @defer.inlineCallbacks
+    def onConnect(self, request):
+        app = self.factory.app
+        ocpp = app.config.ocpp
+        station_id = self.factory.station_id_from_path(request.path)
+        peer = request.peer
+        if station_id is None:
+            raise ConnectionDeny(404, "Not an OCPP endpoint: connect to " + ocpp.path_prefix + "<chargePointId>")
+        if not station_id or len(station_id) > ocpp.max_charge_point_id_length:
+            raise ConnectionDeny(400, f"chargePointId must be 1 to {ocpp.max_charge_point_id_length} characters")
+        if SUBPROTOCOL not in request.protocols:
+            log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
+                     station=station_id, peer=peer, offered=request.protocols)
+            raise ConnectionDeny(400, "The ocpp1.6 WebSocket subprotocol is required")
+        admission = yield app.station_store.get_admission(station_id)
+        if admission is None:
+            policy = ocpp.unknown_stations
+            if policy == "reject":
+                yield app.station_store.record_event(station_id, "refused", peer, "unknown station")
+                log.info("Refused unknown station {station} from {peer}", station=station_id, peer=peer)
+                raise ConnectionDeny(404, "Unknown charge point")
+            yield app.station_store.create(station_id, "Pending" if policy == "pending" else "Accepted")
+            log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
+            password_hash = None
+        else:
+            password_hash = admission[1]
+        if password_hash is not None:
+            credentials = parse_basic_auth(request.headers.get("authorization"))
+            ok = False
+            if credentials is not None and credentials[0] == station_id:
+                ok = yield threads.deferToThreadPool(
+                    self.factory.reactor, self.factory.reactor.getThreadPool(),
+                    verify_password, credentials[1], password_hash)
+            if not ok:
+                yield app.station_store.record_event(station_id, "refused", peer, "bad credentials")
+                log.info("Refused {station} from {peer}: missing or wrong Basic auth credentials",
+                         station=station_id, peer=peer)
+                raise ConnectionDeny(401, "Unauthorized")
+        elif ocpp.require_password:
+            yield app.station_store.record_event(station_id, "refused", peer, "no password set")
+            raise ConnectionDeny(401, "Unauthorized: this station has no password")
+        self.station_id = station_id
+        return SUBPROTOCOL
+
+    def onOpen(self):
+        app = self.factory.app
+        station_id = self.station_id
+        self.session = OCPPSession(station_id, app.dispatch, self._send_text, app.clock,
+                                   app.config.ocpp.response_timeout)
+        self.session.app = app
+        self.session.peer = self.peer
+        previous = self.factory.connections.get(station_id)
+        self.factory.connections[station_id] = self
+        app.sessions[station_id] = self.session
+        if previous is not None:
+            log.info("{station} connected again from {peer}; closing its previous connection",
+                     station=station_id, peer=self.peer)
+            previous.replaced = True
+            previous.session.connection_lost()
+            previous.sendClose(CLOSE_REPLACED, "Replaced by a newer connection")
+            app.station_store.record_event(station_id, "replaced", previous.peer)
+        log.info("{station} connected from {peer}", station=station_id, peer=self.peer)
+        app.station_store.record_event(station_id, "connected", self.peer, touch="last_connected_at")
+        app.fire("csms_on_station_connected", station=self.session)
+
+    def _send_text(self, text: str) -> None:
+        self.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def onMessage(self, payload: bytes, isBinary: bool):
+        if self.session is None:
+            return
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            self.session.text_received("")  # answered as FormationViolation
+            return
+        if isBinary:
+            # OCPP-J uses text frames; some firmwares send JSON in binary ones. Be lenient and say so.
+            log.debug("{station} sent a binary frame; reading it as text", station=self.station_id)
+        self.session.text_received(text)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is None:
+            return
+        app = self.factory.app
+        station_id = self.station_id
+        if getattr(self, "replaced", False):
+            return
+        self.session.connection_lost()
+        if self.factory.connections.get(station_id) is self:
+            del self.factory.connections[station_id]
+            app.sessions.pop(station_id, None)
+        detail = f"code={code} reason={reason}" if code is not None else "connection lost"
+        log.info("{station} disconnected ({detail})", station=station_id, detail=detail)
+        app.station_store.record_event(station_id, "disconnected", self.peer, detail,
+                                       touch="last_disconnected_at")
+        app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail)
+
+
+class OCPPServerFactory(WebSocketServerFactory):
+    protocol = OCPPServerProtocol
+    noisy = False
+
+    def __init__(self, app, reactor=None):
+        super().__init__(reactor=reactor or app.reactor)
+        self.app = app
+        self.reactor = reactor or app.reactor
+        #: station id -> its live protocol
+        self.connections: dict[str, OCPPServerProtocol] = {}
+        ocpp = app.config.ocpp
+        self.setProtocolOptions(
+            maxMessagePayloadSize=ocpp.max_message_size,
+            maxFramePayloadSize=ocpp.max_message_size,
+            autoPingInterval=ocpp.auto_ping_interval or None,
+            autoPingTimeout=ocpp.auto_ping_timeout or None,
+            openHandshakeTimeout=ocpp.open_handshake_timeout,
+            tcpNoDelay=True,
+        )
+
+    def station_id_from_path(self, path: str) -> str | None:
+        prefix = self.app.config.ocpp.path_prefix
+        path = urlsplit(path).path
+        if not path.startswith(prefix):
+            return None
+        rest = path[len(prefix):]
+        if "/" in rest.rstrip("/"):
+            rest = rest.rstrip("/").rsplit("/", 1)[1]
+        return unquote(rest.rstrip("/"))

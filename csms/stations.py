@@ -1,0 +1,144 @@
+"""The framework's own tables: which stations exist, how they are admitted, and when they connected.
+
+Everything a feature profile learns about a station (boot info, connectors, transactions ...) lives
+in that profile's plugin tables; this module only knows identity and admission.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, delete, func, insert,
+                        select, update)
+
+metadata = MetaData()
+
+REGISTRATION_STATUSES = ("Accepted", "Pending", "Rejected")
+
+stations = Table(
+    "csms_stations", metadata,
+    Column("id", String(255), primary_key=True),
+    Column("registration_status", String(16), nullable=False, default="Accepted"),
+    Column("password_hash", String(255)),
+    Column("description", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_connected_at", DateTime(timezone=True)),
+    Column("last_disconnected_at", DateTime(timezone=True)),
+    Column("last_seen_at", DateTime(timezone=True)),
+)
+
+connection_events = Table(
+    "csms_connection_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station_id", String(255), nullable=False, index=True),
+    Column("event", String(32), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("remote_address", String(128)),
+    Column("detail", Text),
+)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes: they were stored as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def station_row(row) -> dict:
+    data = dict(row._mapping)
+    data["has_password"] = data.pop("password_hash") is not None
+    for key in ("created_at", "updated_at", "last_connected_at", "last_disconnected_at", "last_seen_at"):
+        data[key] = as_utc(data[key])
+    return data
+
+
+class StationStore:
+    """Reads and writes ``csms_stations`` and ``csms_connection_events`` (all methods return Deferreds)."""
+
+    def __init__(self, db, clock):
+        self.db = db
+        self.clock = clock
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    def get_admission(self, station_id: str):
+        """(registration_status, password_hash) for a station, or None when it is unknown."""
+        def thd(conn):
+            row = conn.execute(select(stations.c.registration_status, stations.c.password_hash)
+                               .where(stations.c.id == station_id)).first()
+            return None if row is None else (row[0], row[1])
+        return self.db.run(thd, desc="station_admission")
+
+    def get(self, station_id: str):
+        def thd(conn):
+            row = conn.execute(select(stations).where(stations.c.id == station_id)).first()
+            return None if row is None else station_row(row)
+        return self.db.run(thd, desc="station_get")
+
+    def create(self, station_id: str, registration_status: str = "Accepted", password_hash: str | None = None,
+               description: str | None = None):
+        """Register a station; fires True when created, False when it already existed."""
+        now = self.now()
+
+        def thd(conn):
+            if conn.execute(select(stations.c.id).where(stations.c.id == station_id)).first() is not None:
+                return False
+            conn.execute(insert(stations).values(
+                id=station_id, registration_status=registration_status, password_hash=password_hash,
+                description=description, created_at=now, updated_at=now))
+            return True
+        return self.db.run(thd, desc="station_create")
+
+    def update(self, station_id: str, **values):
+        """Update columns of a station; fires True when it exists."""
+        values["updated_at"] = self.now()
+
+        def thd(conn):
+            return conn.execute(update(stations).where(stations.c.id == station_id).values(**values)).rowcount > 0
+        return self.db.run(thd, desc="station_update")
+
+    def delete(self, station_id: str):
+        def thd(conn):
+            conn.execute(delete(connection_events).where(connection_events.c.station_id == station_id))
+            return conn.execute(delete(stations).where(stations.c.id == station_id)).rowcount > 0
+        return self.db.run(thd, desc="station_delete")
+
+    def list(self, limit: int = 100, offset: int = 0, ids: list[str] | None = None,
+             registration_status: str | None = None):
+        """(total, rows) of stations ordered by id."""
+        def thd(conn):
+            query = select(stations)
+            if ids is not None:
+                query = query.where(stations.c.id.in_(ids))
+            if registration_status is not None:
+                query = query.where(stations.c.registration_status == registration_status)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(stations.c.id).limit(limit).offset(offset)).fetchall()
+            return total, [station_row(row) for row in rows]
+        return self.db.run(thd, desc="station_list")
+
+    def record_event(self, station_id: str, event: str, remote_address: str | None = None,
+                     detail: str | None = None, touch: str | None = None):
+        """Append a connection event; ``touch`` names a ``csms_stations`` timestamp column to set too."""
+        now = self.now()
+
+        def thd(conn):
+            conn.execute(insert(connection_events).values(
+                station_id=station_id, event=event, at=now, remote_address=remote_address, detail=detail))
+            if touch is not None:
+                conn.execute(update(stations).where(stations.c.id == station_id).values({touch: now}))
+        return self.db.run(thd, desc="connection_event")
+
+    def events(self, station_id: str, limit: int = 100, offset: int = 0):
+        def thd(conn):
+            rows = conn.execute(select(connection_events).where(connection_events.c.station_id == station_id)
+                                .order_by(connection_events.c.id.desc()).limit(limit).offset(offset)).fetchall()
+            out = []
+            for row in rows:
+                data = dict(row._mapping)
+                data["at"] = as_utc(data["at"])
+                out.append(data)
+            return out
+        return self.db.run(thd, desc="connection_events")

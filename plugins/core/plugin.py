@@ -1,0 +1,177 @@
+"""The Core profile (OCPP 1.6 §4-§6): boot, heartbeat, status, authorization, transactions, meter values."""
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from csms import ocpp16
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+from csms.ocpp16 import format_datetime
+
+from .store import CoreStore
+from .tables import metadata
+
+log = Logger(namespace="csms.core")
+
+
+@implementer(ICSMSPlugin)
+class CorePlugin:
+    """Handlers are thin: read the request, call the store, fire the event, build the reply."""
+
+    name = "core"
+    profile = ocpp16.CORE
+    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.CORE)
+    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.CORE)
+
+    app = None
+    store: CoreStore | None = None
+
+    @hookimpl
+    def csms_configure(self, app):
+        settings = app.config.plugin("core")
+        self.app = app
+        self.heartbeat_interval = settings.getint("heartbeat_interval", 300)
+        self.boot_retry_interval = settings.getint("boot_retry_interval", 60)
+        self.store = CoreStore(app.db, app.clock, concurrent_tx=settings.getbool("concurrent_tx_check", True))
+
+    @hookimpl
+    def csms_tables(self):
+        return metadata
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        from .api import add_routes
+        add_routes(self, app, router)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    @hookimpl
+    def csms_handle_boot_notification(self, station, payload):
+        return self._boot(station, payload)
+
+    @defer.inlineCallbacks
+    def _boot(self, station, payload):
+        record = yield self.app.station_store.get(station.station_id)
+        status = record["registration_status"] if record is not None else "Accepted"
+        yield self.store.record_boot(station.station_id, payload, status)
+        yield self.app.fire("csms_on_boot", station_id=station.station_id, request=payload, status=status)
+        interval = self.heartbeat_interval if status == "Accepted" else self.boot_retry_interval
+        return {"status": status, "currentTime": format_datetime(self.app.now()), "interval": interval}
+
+    @hookimpl
+    def csms_handle_heartbeat(self, station, payload):
+        return {"currentTime": format_datetime(self.app.now())}
+
+    @hookimpl
+    def csms_handle_status_notification(self, station, payload):
+        return self._status(station, payload)
+
+    @defer.inlineCallbacks
+    def _status(self, station, payload):
+        previous = yield self.store.record_status(station.station_id, payload)
+        yield self.app.fire("csms_on_status_changed", station_id=station.station_id,
+                            connector_id=payload["connectorId"], status=payload["status"],
+                            error_code=payload["errorCode"], previous_status=previous, request=payload)
+        return {}
+
+    @hookimpl(trylast=True)
+    def csms_authorize_id_tag(self, station, id_tag, purpose):
+        # ConcurrentTx is judged here for Authorize; for StartTransaction the store judges it in the
+        # same database transaction that records the start (ignoring that connector's own stale one).
+        return self.store.id_tag_info(id_tag, check_concurrent=purpose == "Authorize")
+
+    def authorize(self, station, id_tag: str, purpose: str):
+        return self.app.lookup("csms_authorize_id_tag", default={"status": "Invalid"},
+                               station=station, id_tag=id_tag, purpose=purpose)
+
+    @hookimpl
+    def csms_handle_authorize(self, station, payload):
+        d = self.authorize(station, payload["idTag"], "Authorize")
+        return d.addCallback(lambda info: {"idTagInfo": info})
+
+    @hookimpl
+    def csms_handle_start_transaction(self, station, payload):
+        return self._start(station, payload)
+
+    @defer.inlineCallbacks
+    def _start(self, station, payload):
+        info = yield self.authorize(station, payload["idTag"], "StartTransaction")
+        transaction, created = yield self.store.start_transaction(station.station_id, payload, info)
+        info = dict(info, status=transaction["id_tag_status"])
+        if created:
+            log.info("{station} started transaction {tx} on connector {connector} for {tag} ({status})",
+                     station=station.station_id, tx=transaction["transaction_id"],
+                     connector=transaction["connector_id"], tag=transaction["id_tag"], status=info["status"])
+            yield self.app.fire("csms_on_transaction_started", station_id=station.station_id,
+                                transaction=transaction, request=payload)
+        else:
+            log.info("{station} retransmitted the start of transaction {tx}", station=station.station_id,
+                     tx=transaction["transaction_id"])
+        return {"transactionId": transaction["transaction_id"], "idTagInfo": info}
+
+    @hookimpl
+    def csms_handle_stop_transaction(self, station, payload):
+        return self._stop(station, payload)
+
+    @defer.inlineCallbacks
+    def _stop(self, station, payload):
+        transaction, stopped = yield self.store.stop_transaction(station.station_id, payload)
+        if transaction is None:
+            log.warn("{station} stopped unknown transaction {tx}; recorded in core_unmatched_stops",
+                     station=station.station_id, tx=payload["transactionId"])
+        elif stopped:
+            yield self.app.fire("csms_on_transaction_stopped", station_id=station.station_id,
+                                transaction=transaction, request=payload)
+        response = {}
+        if payload.get("idTag"):
+            info = yield self.authorize(station, payload["idTag"], "StopTransaction")
+            response["idTagInfo"] = info
+        return response
+
+    @hookimpl
+    def csms_handle_meter_values(self, station, payload):
+        return self._meter_values(station, payload)
+
+    @defer.inlineCallbacks
+    def _meter_values(self, station, payload):
+        yield self.store.record_meter_values(station.station_id, payload)
+        yield self.app.fire("csms_on_meter_values", station_id=station.station_id,
+                            connector_id=payload["connectorId"], transaction_id=payload.get("transactionId"),
+                            meter_values=payload["meterValue"])
+        return {}
+
+    @hookimpl(trylast=True)
+    def csms_handle_data_transfer(self, station, payload):
+        # No vendor plugin claimed this vendorId (OCTT TC_064).
+        log.info("{station} sent DataTransfer for unknown vendorId {vendor}", station=station.station_id,
+                 vendor=payload["vendorId"])
+        return {"status": "UnknownVendorId"}
+
+    # -- lookups for other plugins -------------------------------------------------------------
+
+    @hookimpl
+    def csms_active_transactions(self, station_id):
+        return self.store.active_transactions(station_id)
+
+    @hookimpl
+    def csms_connector_ids(self, station_id):
+        return self.store.connector_ids(station_id)
+
+    # -- results of CSMS-initiated calls ---------------------------------------------------------
+
+    @hookimpl
+    def csms_on_call_completed(self, station_id, action, request, response):
+        if action == "GetConfiguration":
+            return self.store.record_configuration(station_id, response.get("configurationKey") or [],
+                                                   response.get("unknownKey") or [])
+        if action == "ChangeConfiguration" and response.get("status") in ("Accepted", "RebootRequired"):
+            return self.store.set_configuration_value(station_id, request["key"], request["value"])
+        if action == "ChangeAvailability" and response.get("status") in ("Accepted", "Scheduled"):
+            return self.store.set_requested_availability(station_id, request["connectorId"], request["type"])
+        return None
+
+    @hookimpl
+    def csms_on_station_deleted(self, station_id):
+        return self.store.delete_station(station_id)

@@ -1,0 +1,287 @@
+"""The Core profile's store: every method returns a Deferred and runs its SQL on the database pool."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+
+from csms.ocpp16 import format_datetime, parse_datetime
+from csms.stations import as_utc
+
+from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history,
+                     transactions, unmatched_stops)
+
+ID_TAG_STATUSES = ("Accepted", "Blocked", "Expired", "Invalid")
+
+
+def _row(row, *time_keys) -> dict:
+    data = dict(row._mapping)
+    for key in time_keys:
+        data[key] = as_utc(data.get(key))
+    return data
+
+
+def transaction_dict(row) -> dict:
+    data = _row(row, "started_at", "received_at", "stopped_at", "stop_received_at")
+    data["transaction_id"] = data.pop("id")
+    data["active"] = data["stopped_at"] is None
+    return data
+
+
+def id_tag_dict(row) -> dict:
+    return _row(row, "expiry_date", "created_at", "updated_at")
+
+
+def id_tag_info_from_row(row, now: datetime) -> dict:
+    """OCPP idTagInfo for a stored tag (OCPP 1.6 §7.28): status, expiry and parent as the CSMS holds them."""
+    if row is None:
+        return {"status": "Invalid"}
+    status = row.status
+    expiry = as_utc(row.expiry_date)
+    if status == "Accepted" and expiry is not None and expiry <= now:
+        status = "Expired"
+    info = {"status": status}
+    if expiry is not None:
+        info["expiryDate"] = format_datetime(expiry)
+    if row.parent_id_tag:
+        info["parentIdTag"] = row.parent_id_tag
+    return info
+
+
+def _active_for_tag(conn, id_tag: str, exclude_station: str | None = None, exclude_connector: int | None = None):
+    query = select(transactions.c.id).where(transactions.c.id_tag == id_tag, transactions.c.stopped_at.is_(None))
+    if exclude_station is not None:
+        query = query.where(or_(transactions.c.station_id != exclude_station,
+                                transactions.c.connector_id != exclude_connector))
+    return conn.execute(query.limit(1)).first() is not None
+
+
+def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_list: list) -> list[dict]:
+    rows = []
+    for meter_value in meter_value_list:
+        timestamp = parse_datetime(meter_value["timestamp"])
+        for sample in meter_value["sampledValue"]:
+            rows.append({
+                "station_id": station_id, "connector_id": connector_id, "transaction_id": transaction_id,
+                "timestamp": timestamp, "value": sample["value"],
+                "measurand": sample.get("measurand", "Energy.Active.Import.Register"),
+                "phase": sample.get("phase"), "unit": sample.get("unit", "Wh"),
+                "context": sample.get("context", "Sample.Periodic"),
+                "location": sample.get("location", "Outlet"), "format": sample.get("format", "Raw"),
+            })
+    return rows
+
+
+class CoreStore:
+    def __init__(self, db, clock, concurrent_tx: bool = True):
+        self.db = db
+        self.clock = clock
+        self.concurrent_tx = concurrent_tx
+
+    def now(self) -> datetime:
+        from datetime import timezone
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    # -- BootNotification / StatusNotification ------------------------------------------------
+
+    def record_boot(self, station_id: str, payload: dict, status: str):
+        now = self.now()
+        values = {
+            "charge_point_vendor": payload["chargePointVendor"],
+            "charge_point_model": payload["chargePointModel"],
+            "charge_point_serial_number": payload.get("chargePointSerialNumber"),
+            "charge_box_serial_number": payload.get("chargeBoxSerialNumber"),
+            "firmware_version": payload.get("firmwareVersion"),
+            "iccid": payload.get("iccid"), "imsi": payload.get("imsi"),
+            "meter_type": payload.get("meterType"), "meter_serial_number": payload.get("meterSerialNumber"),
+            "last_boot_at": now, "last_boot_status": status,
+        }
+
+        def thd(conn):
+            count = conn.execute(select(boot_info.c.boot_count).where(boot_info.c.station_id == station_id)).scalar()
+            self.db.upsert(conn, boot_info, {"station_id": station_id}, {**values, "boot_count": (count or 0) + 1})
+        return self.db.run(thd, desc="core_boot")
+
+    def record_status(self, station_id: str, payload: dict):
+        """Store a StatusNotification; fires with the connector's previous status (None if new)."""
+        now = self.now()
+        timestamp = parse_datetime(payload["timestamp"]) if payload.get("timestamp") else None
+        connector_id = payload["connectorId"]
+        values = {
+            "status": payload["status"], "error_code": payload["errorCode"], "info": payload.get("info"),
+            "vendor_id": payload.get("vendorId"), "vendor_error_code": payload.get("vendorErrorCode"),
+        }
+
+        def thd(conn):
+            previous = conn.execute(select(connectors.c.status).where(
+                connectors.c.station_id == station_id, connectors.c.connector_id == connector_id)).scalar()
+            self.db.upsert(conn, connectors, {"station_id": station_id, "connector_id": connector_id},
+                           {**values, "status_timestamp": timestamp or now, "updated_at": now})
+            conn.execute(insert(status_history).values(station_id=station_id, connector_id=connector_id,
+                                                       timestamp=timestamp, received_at=now, **values))
+            return previous
+        return self.db.run(thd, desc="core_status")
+
+    # -- id tags -----------------------------------------------------------------------------
+
+    def id_tag_info(self, id_tag: str, check_concurrent: bool):
+        now = self.now()
+        concurrent = check_concurrent and self.concurrent_tx
+
+        def thd(conn):
+            row = conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first()
+            info = id_tag_info_from_row(row, now)
+            if concurrent and info["status"] == "Accepted" and _active_for_tag(conn, id_tag):
+                info["status"] = "ConcurrentTx"
+            return info
+        return self.db.run(thd, desc="core_id_tag_info")
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def start_transaction(self, station_id: str, payload: dict, info: dict):
+        """Fires (transaction dict, created). A retransmitted start returns the stored one, created=False."""
+        now = self.now()
+        started_at = parse_datetime(payload["timestamp"])
+        connector_id, id_tag, meter_start = payload["connectorId"], payload["idTag"], payload["meterStart"]
+        concurrent = self.concurrent_tx
+
+        def thd(conn):
+            existing = conn.execute(select(transactions).where(
+                transactions.c.station_id == station_id, transactions.c.connector_id == connector_id,
+                transactions.c.id_tag == id_tag, transactions.c.started_at == started_at,
+                transactions.c.meter_start == meter_start)).first()
+            if existing is not None:
+                return transaction_dict(existing), False
+            status = info["status"]
+            if concurrent and status == "Accepted" and _active_for_tag(conn, id_tag, station_id, connector_id):
+                status = "ConcurrentTx"
+            values = dict(station_id=station_id, connector_id=connector_id, id_tag=id_tag,
+                          id_tag_status=status, parent_id_tag=info.get("parentIdTag"),
+                          reservation_id=payload.get("reservationId"), meter_start=meter_start,
+                          started_at=started_at, received_at=now)
+            transaction_id = conn.execute(insert(transactions).values(**values)).inserted_primary_key[0]
+            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            return transaction_dict(row), True
+        return self.db.run(thd, desc="core_start_transaction")
+
+    def stop_transaction(self, station_id: str, payload: dict, stopped_by: str = "station"):
+        """Fires (transaction dict or None, newly_stopped). An unknown transaction is kept in core_unmatched_stops."""
+        now = self.now()
+        transaction_id = payload["transactionId"]
+        stopped_at = parse_datetime(payload["timestamp"])
+        transaction_data = payload.get("transactionData") or []
+
+        def thd(conn):
+            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id,
+                                                          transactions.c.station_id == station_id)).first()
+            if row is None:
+                conn.execute(insert(unmatched_stops).values(
+                    station_id=station_id, transaction_id=transaction_id, id_tag=payload.get("idTag"),
+                    meter_stop=payload["meterStop"], timestamp=stopped_at, reason=payload.get("reason"),
+                    received_at=now))
+                rows = _meter_rows(station_id, 0, None, transaction_data)
+                if rows:
+                    conn.execute(insert(meter_values), rows)
+                return None, False
+            if row.stopped_at is not None:
+                return transaction_dict(row), False  # retransmitted stop: already closed
+            conn.execute(update(transactions).where(transactions.c.id == transaction_id).values(
+                meter_stop=payload["meterStop"], stopped_at=stopped_at, stop_reason=payload.get("reason", "Local"),
+                stop_id_tag=payload.get("idTag"), stop_received_at=now, stopped_by=stopped_by))
+            rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
+            if rows:
+                conn.execute(insert(meter_values), rows)
+            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            return transaction_dict(row), True
+        return self.db.run(thd, desc="core_stop_transaction")
+
+    def record_meter_values(self, station_id: str, payload: dict):
+        rows = _meter_rows(station_id, payload["connectorId"], payload.get("transactionId"), payload["meterValue"])
+
+        def thd(conn):
+            if rows:
+                conn.execute(insert(meter_values), rows)
+            return len(rows)
+        return self.db.run(thd, desc="core_meter_values")
+
+    def active_transactions(self, station_id: str):
+        def thd(conn):
+            rows = conn.execute(select(transactions).where(transactions.c.station_id == station_id,
+                                                           transactions.c.stopped_at.is_(None))
+                                .order_by(transactions.c.id)).fetchall()
+            return [transaction_dict(r) for r in rows]
+        return self.db.run(thd, desc="core_active_transactions")
+
+    def get_transaction(self, transaction_id: int):
+        def thd(conn):
+            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            return None if row is None else transaction_dict(row)
+        return self.db.run(thd, desc="core_get_transaction")
+
+    def connector_ids(self, station_id: str):
+        def thd(conn):
+            return [r[0] for r in conn.execute(
+                select(connectors.c.connector_id).where(connectors.c.station_id == station_id,
+                                                        connectors.c.connector_id > 0)
+                .order_by(connectors.c.connector_id))]
+        return self.db.run(thd, desc="core_connector_ids")
+
+    def connectors(self, station_id: str):
+        def thd(conn):
+            rows = conn.execute(select(connectors).where(connectors.c.station_id == station_id)
+                                .order_by(connectors.c.connector_id)).fetchall()
+            return [_row(r, "status_timestamp", "updated_at") for r in rows]
+        return self.db.run(thd, desc="core_connectors")
+
+    def boot_info(self, station_id: str):
+        def thd(conn):
+            row = conn.execute(select(boot_info).where(boot_info.c.station_id == station_id)).first()
+            return None if row is None else _row(row, "last_boot_at")
+        return self.db.run(thd, desc="core_boot_info")
+
+    # -- results of CSMS-initiated calls ---------------------------------------------------------
+
+    def record_configuration(self, station_id: str, keys: list[dict], unknown: list[str]):
+        now = self.now()
+
+        def thd(conn):
+            for entry in keys:
+                self.db.upsert(conn, configuration, {"station_id": station_id, "key": entry["key"]},
+                               {"value": entry.get("value"), "readonly": entry.get("readonly"), "known": True,
+                                "updated_at": now})
+            for key in unknown:
+                self.db.upsert(conn, configuration, {"station_id": station_id, "key": key},
+                               {"value": None, "readonly": None, "known": False, "updated_at": now})
+        return self.db.run(thd, desc="core_configuration")
+
+    def set_configuration_value(self, station_id: str, key: str, value: str):
+        now = self.now()
+
+        def thd(conn):
+            self.db.upsert(conn, configuration, {"station_id": station_id, "key": key},
+                           {"value": value, "known": True, "updated_at": now})
+        return self.db.run(thd, desc="core_configuration_set")
+
+    def configuration(self, station_id: str):
+        def thd(conn):
+            rows = conn.execute(select(configuration).where(configuration.c.station_id == station_id)
+                                .order_by(configuration.c.key)).fetchall()
+            return [_row(r, "updated_at") for r in rows]
+        return self.db.run(thd, desc="core_configuration_get")
+
+    def set_requested_availability(self, station_id: str, connector_id: int, availability: str):
+        now = self.now()
+
+        def thd(conn):
+            self.db.upsert(conn, connectors, {"station_id": station_id, "connector_id": connector_id},
+                           {"requested_availability": availability, "updated_at": now})
+            if connector_id == 0:
+                conn.execute(update(connectors).where(connectors.c.station_id == station_id)
+                             .values(requested_availability=availability))
+        return self.db.run(thd, desc="core_availability")
+
+    def delete_station(self, station_id: str):
+        def thd(conn):
+            for table in (boot_info, connectors, status_history, configuration, unmatched_stops):
+                conn.execute(delete(table).where(table.c.station_id == station_id))
+        return self.db.run(thd, desc="core_delete_station")

@@ -1,0 +1,126 @@
+"""The Core profile's tables (all prefixed ``core_``)."""
+from sqlalchemy import (Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
+
+metadata = MetaData()
+
+boot_info = Table(
+    "core_boot_info", metadata,
+    Column("station_id", String(255), primary_key=True),
+    Column("charge_point_vendor", String(20)),
+    Column("charge_point_model", String(20)),
+    Column("charge_point_serial_number", String(25)),
+    Column("charge_box_serial_number", String(25)),
+    Column("firmware_version", String(50)),
+    Column("iccid", String(20)),
+    Column("imsi", String(20)),
+    Column("meter_type", String(25)),
+    Column("meter_serial_number", String(25)),
+    Column("last_boot_at", DateTime(timezone=True)),
+    Column("last_boot_status", String(16)),
+    Column("boot_count", Integer, nullable=False, default=0),
+)
+
+id_tags = Table(
+    "core_id_tags", metadata,
+    Column("id_tag", String(20), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("expiry_date", DateTime(timezone=True)),
+    Column("parent_id_tag", String(20), index=True),
+    Column("description", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+transactions = Table(
+    "core_transactions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station_id", String(255), nullable=False),
+    Column("connector_id", Integer, nullable=False),
+    Column("id_tag", String(20), nullable=False),
+    Column("id_tag_status", String(16), nullable=False),
+    Column("parent_id_tag", String(20)),
+    Column("reservation_id", Integer),
+    Column("meter_start", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("meter_stop", Integer),
+    Column("stopped_at", DateTime(timezone=True)),
+    Column("stop_reason", String(32)),
+    Column("stop_id_tag", String(20)),
+    Column("stop_received_at", DateTime(timezone=True)),
+    Column("stopped_by", String(16)),
+    # A StartTransaction retransmitted after a lost confirmation gets the same id back.
+    UniqueConstraint("station_id", "connector_id", "id_tag", "started_at", "meter_start",
+                     name="core_transactions_start_key"),
+    Index("core_transactions_station_open", "station_id", "stopped_at"),
+    Index("core_transactions_id_tag_open", "id_tag", "stopped_at"),
+)
+
+meter_values = Table(
+    "core_meter_values", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station_id", String(255), nullable=False),
+    Column("connector_id", Integer, nullable=False),
+    Column("transaction_id", Integer, index=True),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("value", Text, nullable=False),
+    Column("measurand", String(48)),
+    Column("phase", String(8)),
+    Column("unit", String(16)),
+    Column("context", String(32)),
+    Column("location", String(8)),
+    Column("format", String(16)),
+    Index("core_meter_values_station_time", "station_id", "timestamp"),
+)
+
+connectors = Table(
+    "core_connectors", metadata,
+    Column("station_id", String(255), primary_key=True),
+    Column("connector_id", Integer, primary_key=True),
+    Column("status", String(16)),
+    Column("error_code", String(32)),
+    Column("info", String(50)),
+    Column("vendor_id", String(255)),
+    Column("vendor_error_code", String(50)),
+    Column("status_timestamp", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True)),
+    Column("requested_availability", String(16)),
+)
+
+status_history = Table(
+    "core_status_history", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station_id", String(255), nullable=False),
+    Column("connector_id", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error_code", String(32), nullable=False),
+    Column("info", String(50)),
+    Column("vendor_id", String(255)),
+    Column("vendor_error_code", String(50)),
+    Column("timestamp", DateTime(timezone=True)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Index("core_status_history_station", "station_id", "id"),
+)
+
+unmatched_stops = Table(
+    "core_unmatched_stops", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station_id", String(255), nullable=False, index=True),
+    Column("transaction_id", Integer, nullable=False),
+    Column("id_tag", String(20)),
+    Column("meter_stop", Integer, nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("reason", String(32)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+configuration = Table(
+    "core_configuration", metadata,
+    Column("station_id", String(255), primary_key=True),
+    Column("key", String(50), primary_key=True),
+    Column("value", String(500)),
+    Column("readonly", Boolean),
+    Column("known", Boolean, nullable=False, default=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
