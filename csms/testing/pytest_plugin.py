@@ -1,0 +1,126 @@
+"""pytest fixtures for the CSMS and its plugins: a running Central System on loopback, per database backend.
+
+* ``database_url``: a fresh SQLite file, and (when ``CSMS_TEST_POSTGRES_URL`` is set) a fresh
+  PostgreSQL schema: every test using it runs once per backend.
+* ``csms_factory``: ``await csms_factory(config_text="", extra_plugins=())`` starts a Central System
+  listening on ephemeral loopback ports, with a :class:`twisted.internet.task.Clock` for its time.
+* ``csms``: one started with every built-in plugin enabled.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from importlib.metadata import entry_points
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+POSTGRES_ENV = "CSMS_TEST_POSTGRES_URL"
+
+
+def database_backends() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get(POSTGRES_ENV) else ["sqlite"]
+
+
+def builtin_plugins() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group="csms.plugins") if ep.dist and ep.dist.name == "csms")
+
+
+@pytest.fixture(params=database_backends())
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/csms.sqlite"
+        return
+    from sqlalchemy import create_engine
+
+    base = os.environ[POSTGRES_ENV]
+    schema = "test_" + uuid.uuid4().hex[:12]
+    engine = create_engine(base)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    yield base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    engine.dispose()
+
+
+class RunningCSMS:
+    """A started :class:`csms.service.CSMSService` plus what a test needs to talk to it."""
+
+    def __init__(self, service, clock, reactor):
+        self.service = service
+        self.app = service.app
+        self.clock = clock
+        self.reactor = reactor
+        self.port = service.ports["ocpp"].getHost().port
+        api = service.ports.get("api")
+        self.api_port = api.getHost().port if api is not None else None
+        self.stations: list = []
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/api/v1"
+
+    def connect(self, station_id: str, **kwargs):
+        """Fires with a connected :class:`csms.testing.station.TestStationProtocol`."""
+        from csms.testing.station import connect_station
+
+        d = connect_station(self.reactor, self.port, station_id, **kwargs)
+
+        def keep(station):
+            self.stations.append(station)
+            return station
+        return d.addCallback(keep)
+
+    async def connect_booted(self, station_id: str, connectors: int = 1, **kwargs):
+        station = await self.connect(station_id, **kwargs)
+        await station.boot(connectors)
+        return station
+
+    async def stop(self):
+        for station in self.stations:
+            if not station.closed.called:
+                station.dropConnection(abort=True)
+        await self.service.stopService()
+
+
+@pytest.fixture
+def csms_factory(database_url):
+    from twisted.internet import reactor
+
+    from csms.config import load_config
+    from csms.service import CSMSService
+
+    running: list[RunningCSMS] = []
+
+    async def start(config_text: str = "", extra_plugins=(), clock=None, plugins=None) -> RunningCSMS:
+        config = load_config(text=config_text)
+        if "[plugins]" not in config_text:
+            config.enabled_plugins = list(plugins) if plugins is not None else builtin_plugins()
+        config.ocpp.endpoint = "tcp:0:interface=127.0.0.1"
+        config.api.endpoint = "tcp:0:interface=127.0.0.1"
+        config.database.url = database_url
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(time.time())
+        service = CSMSService(config, reactor=reactor, clock=clock, extra_plugins=extra_plugins)
+        service.startService()
+        await service.ready.addTimeout(30, reactor)
+        instance = RunningCSMS(service, clock, reactor)
+        running.append(instance)
+        return instance
+
+    yield start
+    from twisted.internet import defer
+
+    for instance in running:
+        pytest_twisted.blockon(defer.ensureDeferred(instance.stop()))
+
+
+@pytest.fixture
+def csms(csms_factory):
+    from twisted.internet import defer
+
+    return pytest_twisted.blockon(defer.ensureDeferred(csms_factory()))
