@@ -65,6 +65,8 @@ class CentralSystem:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
 
     def all_metadata(self) -> list:
+        from csms.api import tokens  # noqa: F401  (csms_api_tokens lives in the framework metadata)
+
         return [framework_metadata] + [m for m in self.hook.csms_tables() if m is not None]
 
     @defer.inlineCallbacks
@@ -164,3 +166,11 @@ class CentralSystem:
 
     def is_connected(self, station_id: str) -> bool:
         return station_id in self.sessions
+
+    def disconnect(self, station_id: str, reason: str) -> bool:
+        """Close a station's connection (e.g. it was deleted); True when it was connected."""
+        session = self.sessions.get(station_id)
+        if session is None or getattr(session, "protocol", None) is None:
+            return False
+        session.protocol.sendClose(1000, reason[:120])
+        return True

@@ -140,6 +140,29 @@ def csms_connector_ids(station_id):
     """Return (a Deferred of) the sorted connector ids (>= 1) the station has reported. Stops at first non-None result."""
 
 
+@hookspec(firstresult=True)
+def csms_id_tags(id_tags):
+    """Return (a Deferred of) the id tags the CSMS holds, as dicts (``id_tag``, ``status``,
+    ``expiry_date``, ``parent_id_tag``); all of them when ``id_tags`` is None, else those named.
+    The Core plugin answers. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_station_configuration(station_id):
+    """Return (a Deferred of) ``{key: value}``: the station's configuration as last read back or
+    changed (e.g. ChargeProfileMaxStackLevel, SendLocalListMaxLength). The Core plugin answers.
+    Stops at first non-None result.
+    """
+
+
+@hookspec
+def csms_station_details(station_ids):
+    """Return (a Deferred of) ``{station_id: {field: value}}`` to add to the API's station views
+    (the Core plugin adds boot info and connectors). Called once per page of stations.
+    """
+
+
 # -- events --------------------------------------------------------------------------------------
 
 
@@ -182,6 +205,12 @@ def csms_on_meter_values(station_id, connector_id, transaction_id, meter_values)
 @hookspec
 def csms_on_call_completed(station_id, action, request, response):
     """A CSMS-initiated call was answered with a valid CALLRESULT ``response``."""
+
+
+@hookspec
+def csms_on_id_tag_changed(id_tag, before, after):
+    """An id tag was created (``before`` is None), changed, or deleted (``after`` is None);
+    ``before``/``after`` are id tag dicts as ``csms_id_tags`` returns them."""
 
 
 @hookspec

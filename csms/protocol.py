@@ -18,6 +18,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from csms.ocpp16 import utc_from_timestamp
 from csms.passwords import verify_password
 from csms.rpc import OCPPSession
 
@@ -99,6 +100,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
                                    app.config.ocpp.response_timeout)
         self.session.app = app
         self.session.peer = self.peer
+        self.session.protocol = self
+        self.session.last_seen = app.clock.seconds()
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
         app.sessions[station_id] = self.session
@@ -119,6 +122,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool):
         if self.session is None:
             return
+        self.session.last_seen = self.factory.app.clock.seconds()
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -144,6 +148,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         log.info("{station} disconnected ({detail})", station=station_id, detail=detail)
         app.station_store.record_event(station_id, "disconnected", self.peer, detail,
                                        touch="last_disconnected_at")
+        app.station_store.touch_last_seen(station_id, utc_from_timestamp(self.session.last_seen))
         app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail)
 
 

@@ -106,12 +106,14 @@ class StationStore:
         return self.db.run(thd, desc="station_delete")
 
     def list(self, limit: int = 100, offset: int = 0, ids: list[str] | None = None,
-             registration_status: str | None = None):
+             exclude_ids: list[str] | None = None, registration_status: str | None = None):
         """(total, rows) of stations ordered by id."""
         def thd(conn):
             query = select(stations)
             if ids is not None:
                 query = query.where(stations.c.id.in_(ids))
+            if exclude_ids:
+                query = query.where(stations.c.id.not_in(exclude_ids))
             if registration_status is not None:
                 query = query.where(stations.c.registration_status == registration_status)
             total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
@@ -130,6 +132,11 @@ class StationStore:
             if touch is not None:
                 conn.execute(update(stations).where(stations.c.id == station_id).values({touch: now}))
         return self.db.run(thd, desc="connection_event")
+
+    def touch_last_seen(self, station_id: str, seen_at: datetime):
+        def thd(conn):
+            conn.execute(update(stations).where(stations.c.id == station_id).values(last_seen_at=seen_at))
+        return self.db.run(thd, desc="station_last_seen")
 
     def events(self, station_id: str, limit: int = 100, offset: int = 0):
         def thd(conn):

@@ -159,6 +159,43 @@ class CorePlugin:
     def csms_connector_ids(self, station_id):
         return self.store.connector_ids(station_id)
 
+    @hookimpl
+    def csms_id_tags(self, id_tags):
+        return self.store.list_id_tags(limit=None, id_tags_in=id_tags).addCallback(lambda result: result[1])
+
+    @hookimpl
+    def csms_station_configuration(self, station_id):
+        return self.store.configuration(station_id).addCallback(
+            lambda rows: {row["key"]: row["value"] for row in rows if row["known"]})
+
+    # -- id tags, for the API and anything else that changes them: every change fires an event ----
+
+    @defer.inlineCallbacks
+    def put_id_tag(self, id_tag: str, **values):
+        before = yield self.store.get_id_tag(id_tag)
+        yield self.store.put_id_tag(id_tag, **values)
+        after = yield self.store.get_id_tag(id_tag)
+        yield self.app.fire("csms_on_id_tag_changed", id_tag=id_tag, before=before, after=after)
+        return after, before is None
+
+    @defer.inlineCallbacks
+    def update_id_tag(self, id_tag: str, **values):
+        before = yield self.store.get_id_tag(id_tag)
+        if before is None:
+            return None
+        after = yield self.store.update_id_tag(id_tag, **values)
+        yield self.app.fire("csms_on_id_tag_changed", id_tag=id_tag, before=before, after=after)
+        return after
+
+    @defer.inlineCallbacks
+    def delete_id_tag(self, id_tag: str):
+        before = yield self.store.get_id_tag(id_tag)
+        if before is None:
+            return False
+        yield self.store.delete_id_tag(id_tag)
+        yield self.app.fire("csms_on_id_tag_changed", id_tag=id_tag, before=before, after=None)
+        return True
+
     # -- results of CSMS-initiated calls ---------------------------------------------------------
 
     @hookimpl

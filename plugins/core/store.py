@@ -136,6 +136,59 @@ class CoreStore:
             return info
         return self.db.run(thd, desc="core_id_tag_info")
 
+    def put_id_tag(self, id_tag: str, status: str = "Accepted", expiry_date: datetime | None = None,
+                   parent_id_tag: str | None = None, description: str | None = None):
+        """Create or replace an id tag; fires True when it was created."""
+        now = self.now()
+
+        def thd(conn):
+            exists = conn.execute(select(id_tags.c.id_tag).where(id_tags.c.id_tag == id_tag)).first() is not None
+            values = {"status": status, "expiry_date": expiry_date, "parent_id_tag": parent_id_tag,
+                      "description": description, "updated_at": now}
+            if exists:
+                conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values))
+            else:
+                conn.execute(insert(id_tags).values(id_tag=id_tag, created_at=now, **values))
+            return not exists
+        return self.db.run(thd, desc="core_put_id_tag")
+
+    def update_id_tag(self, id_tag: str, **values):
+        """Update some fields of an id tag; fires the updated tag, or None when it does not exist."""
+        values["updated_at"] = self.now()
+
+        def thd(conn):
+            if conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values)).rowcount == 0:
+                return None
+            return id_tag_dict(conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first())
+        return self.db.run(thd, desc="core_update_id_tag")
+
+    def get_id_tag(self, id_tag: str):
+        def thd(conn):
+            row = conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first()
+            return None if row is None else id_tag_dict(row)
+        return self.db.run(thd, desc="core_get_id_tag")
+
+    def delete_id_tag(self, id_tag: str):
+        def thd(conn):
+            return conn.execute(delete(id_tags).where(id_tags.c.id_tag == id_tag)).rowcount > 0
+        return self.db.run(thd, desc="core_delete_id_tag")
+
+    def list_id_tags(self, limit: int = 100, offset: int = 0, status: str | None = None,
+                     parent_id_tag: str | None = None, id_tags_in: list[str] | None = None):
+        """(total, tags) ordered by id tag."""
+        def thd(conn):
+            query = select(id_tags)
+            if status is not None:
+                query = query.where(id_tags.c.status == status)
+            if parent_id_tag is not None:
+                query = query.where(id_tags.c.parent_id_tag == parent_id_tag)
+            if id_tags_in is not None:
+                query = query.where(id_tags.c.id_tag.in_(id_tags_in))
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(id_tags.c.id_tag).limit(limit).offset(offset)).fetchall()
+            return total, [id_tag_dict(r) for r in rows]
+        return self.db.run(thd, desc="core_list_id_tags")
+
     # -- transactions ------------------------------------------------------------------------
 
     def start_transaction(self, station_id: str, payload: dict, info: dict):

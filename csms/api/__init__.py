@@ -1,0 +1,28 @@
+"""The operator HTTP API (JSON under /api/v1), served by the same ``twistd csms`` process.
+
+The framework serves stations, connection events, the generic OCPP call endpoint and the OpenAPI
+document; each plugin adds its own routes through ``csms_api_routes(app, router)``.
+"""
+from csms.api.errors import ApiError
+from csms.api.resource import ApiRequest, ApiResource, ApiSite, Response, paginated
+from csms.api.router import PAGINATION, Query, Router
+
+__all__ = ["ApiError", "ApiRequest", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
+
+
+def make_router(app) -> Router:
+    from csms.api import openapi, stations
+
+    router = Router()
+    stations.add_routes(app, router)
+    app.hook.csms_api_routes(app=app, router=router)
+    router.add("GET", "/openapi.json", lambda request: openapi.build_openapi(router),
+               "This document: the OpenAPI 3 description of every route", tags=("meta",), auth=False,
+               operation_id="get_openapi")
+    return router
+
+
+def make_site(app) -> ApiSite:
+    router = make_router(app)
+    app.api_router = router
+    return ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size))

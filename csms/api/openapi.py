@@ -1,0 +1,70 @@
+"""The OpenAPI 3 document, written from the same route table that serves requests."""
+from __future__ import annotations
+
+import csms
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_STANDARD_ERRORS = {
+    "400": "Malformed request (invalid JSON, unknown query parameter)",
+    "401": "Missing or wrong bearer token",
+    "413": "Request body too large",
+    "422": "Request body does not validate",
+}
+_KIND = {"string": {"type": "string"}, "integer": {"type": "integer"}, "boolean": {"type": "boolean"},
+         "date-time": {"type": "string", "format": "date-time"}}
+
+
+def build_openapi(router) -> dict:
+    paths: dict = {}
+    for route in router.routes:
+        operation = {
+            "operationId": route.operation_id,
+            "summary": route.summary,
+            "tags": list(route.tags),
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.params
+            ] + [
+                {"name": q.name, "in": "query", "required": False, "description": q.description,
+                 "schema": {**_KIND[q.kind], **({"enum": list(q.enum)} if q.enum else {}),
+                            **({"minimum": q.minimum} if q.minimum is not None else {}),
+                            **({"maximum": q.maximum} if q.maximum is not None else {})}}
+                for q in route.query
+            ],
+            "responses": {},
+        }
+        if route.description:
+            operation["description"] = route.description
+        if route.body is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+        elif not route.json_body:
+            operation["requestBody"] = {"required": True,
+                                        "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                            "format": "binary"}}}}
+        responses = dict(route.responses) or {"200": "OK"}
+        for code, text in responses.items():
+            operation["responses"][str(code)] = {"description": text} if isinstance(text, str) else text
+        for code, text in _STANDARD_ERRORS.items():
+            if code == "401" and not route.auth:
+                continue
+            operation["responses"].setdefault(code, {"description": text,
+                                                     "content": {"application/json": {"schema": _ERROR}}})
+        if not route.auth:
+            operation["security"] = []
+        paths.setdefault(route.template, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "CSMS operator API", "version": csms.__version__,
+                 "description": "Manage stations, id tags and transactions of an OCPP 1.6J Central System, "
+                                "and send any OCPP command to a connected station."},
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearerAuth": []}],
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {
+                "type": "object", "required": ["error"],
+                "properties": {"error": {"type": "object", "required": ["status", "code", "message"], "properties": {
+                    "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"},
+                    "details": {"type": "object"}}}}}},
+        },
+        "paths": paths,
+    }

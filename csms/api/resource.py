@@ -1,0 +1,247 @@
+"""The twisted.web side of the operator API: request parsing, auth, body limits, JSON errors."""
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from csms.api.errors import ApiError, bad_request, unprocessable
+from csms.api.tokens import matches_any, token_known_thd
+from csms.app import as_deferred
+from csms.ocpp16 import format_datetime, parse_datetime
+
+log = Logger(namespace="csms.api")
+
+API_PREFIX = b"/api/v1"
+
+
+def to_json(value) -> bytes:
+    def default(obj):
+        if isinstance(obj, datetime):
+            return format_datetime(obj)
+        if isinstance(obj, date):
+            return obj.isoformat()
+        if isinstance(obj, (set, tuple)):
+            return list(obj)
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    return json.dumps(value, default=default, separators=(",", ":")).encode("utf-8")
+
+
+class Response:
+    """A handler result other than a plain 200 JSON body."""
+
+    def __init__(self, status: int = 200, body=None, headers: dict | None = None, raw: bytes | None = None,
+                 content_type: str = "application/json"):
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+        self.raw = raw
+        self.content_type = content_type
+
+
+class ApiRequest:
+    """What a route handler gets: path params, validated query and JSON body, and the app."""
+
+    def __init__(self, app, request, route, params: dict, query: dict, body):
+        self.app = app
+        self.request = request
+        self.route = route
+        self.params = params
+        self.query = query
+        self.body = body
+
+    def page(self) -> tuple[int, int]:
+        return self.query.get("limit", 50), self.query.get("offset", 0)
+
+
+def paginated(items: list, total: int, limit: int, offset: int) -> dict:
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def _parse_query(route, request) -> dict:
+    declared = {q.name: q for q in route.query}
+    out = {}
+    for raw_name, values in request.args.items():
+        name = raw_name.decode("utf-8", "replace")
+        spec = declared.get(name)
+        if spec is None:
+            raise bad_request(f"Unknown query parameter {name!r}", "unknown_query_parameter",
+                              allowed=sorted(declared))
+        raw = values[-1].decode("utf-8", "replace")
+        try:
+            if spec.kind == "integer":
+                value = int(raw)
+                if (spec.minimum is not None and value < spec.minimum) or \
+                        (spec.maximum is not None and value > spec.maximum):
+                    raise ValueError
+            elif spec.kind == "boolean":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = raw.lower() in ("true", "1")
+            elif spec.kind == "date-time":
+                value = parse_datetime(raw)
+            else:
+                value = raw
+            if spec.enum is not None and value not in spec.enum:
+                raise ValueError
+        except ValueError:
+            expected = f"one of {', '.join(map(str, spec.enum))}" if spec.enum else f"a valid {spec.kind}"
+            if spec.minimum is not None or spec.maximum is not None:
+                expected += f" in [{spec.minimum}, {spec.maximum}]"
+            raise bad_request(f"Query parameter {name}={raw!r} must be {expected}", "invalid_query_parameter")
+        out[name] = value
+    return out
+
+
+def _parse_body(route, request):
+    content = request.content.read() if request.content is not None else b""
+    if not route.json_body:
+        request.content.seek(0)
+        return None
+    if route.body is None:
+        if content.strip():
+            raise bad_request("This route takes no request body", "unexpected_body")
+        return None
+    if not content.strip():
+        raise bad_request("A JSON request body is required", "missing_body")
+    try:
+        body = json.loads(content)
+    except ValueError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", "invalid_json")
+    try:
+        route.validator(body)
+    except Exception as exc:  # fastjsonschema.JsonSchemaValueException
+        message = getattr(exc, "message", str(exc))
+        raise unprocessable(f"Invalid request body: {message.replace('data.', '').replace('data ', 'body ')}")
+    return body
+
+
+class ApiResource(resource.Resource):
+    """Everything under /api/v1: route, authenticate, validate, run the handler, answer JSON."""
+
+    isLeaf = True
+
+    def __init__(self, app, router):
+        super().__init__()
+        self.app = app
+        self.router = router
+        self.configured_tokens = list(app.config.api.tokens)
+
+    def render(self, request):
+        d = defer.ensureDeferred(self._handle(request))
+        d.addErrback(self._unexpected, request)
+        d.addCallback(self._write, request)
+        return server.NOT_DONE_YET
+
+    async def _handle(self, request):
+        try:
+            path = request.path
+            if not path.startswith(API_PREFIX):
+                raise ApiError(404, "route_not_found", "The operator API lives under /api/v1")
+            path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
+            route, params = self.router.match(request.method.decode("ascii", "replace"), path)
+            if route.auth:
+                await self._authenticate(request)
+            if getattr(request, "body_too_large", False) or \
+                    (request.received_body_size > (route.max_body or self.app.config.api.max_body_size)):
+                limit = route.max_body or self.app.config.api.max_body_size
+                raise ApiError(413, "body_too_large", f"The request body is larger than {limit} bytes",
+                               {"limit": limit})
+            query = _parse_query(route, request)
+            body = _parse_body(route, request)
+            result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body)))
+        except ApiError as exc:
+            return Response(exc.status, exc.body(), exc.headers)
+        if isinstance(result, Response):
+            return result
+        return Response(200, result)
+
+    async def _authenticate(self, request):
+        header = request.getHeader("authorization") or ""
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        ok = False
+        if scheme.lower() == "bearer" and token:
+            ok = matches_any(token, self.configured_tokens)
+            if not ok:
+                ok = await self.app.db.run(token_known_thd, token, desc="api_token")
+        if not ok:
+            raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": 'Bearer realm="csms"'})
+
+    def _unexpected(self, failure, request):
+        log.failure("Operator API request {method} {path} failed", failure,
+                    method=request.method, path=request.path)
+        return Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
+
+    def _write(self, response: Response, request):
+        if request._disconnected:
+            return
+        request.setResponseCode(response.status)
+        for name, value in response.headers.items():
+            request.setHeader(name, value)
+        if response.status == 204:
+            request.finish()
+            return
+        if response.raw is not None:
+            data = response.raw
+            request.setHeader("content-type", response.content_type)
+        else:
+            data = to_json(response.body)
+            request.setHeader("content-type", "application/json")
+        request.setHeader("content-length", str(len(data)))
+        if request.method != b"HEAD":
+            request.write(data)
+        request.finish()
+
+
+class LimitedRequest(server.Request):
+    """A request that stops storing its body past the site's largest allowed size (413 follows)."""
+
+    body_too_large = False
+    received_body_size = 0
+
+    def gotLength(self, length):
+        limit = self.channel.site.max_body_size
+        if length is not None and length > limit:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        self.received_body_size += len(data)
+        if self.body_too_large or self.received_body_size > self.channel.site.max_body_size:
+            self.body_too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+class RootResource(resource.Resource):
+    """``/``: everything is under /api/v1; other paths answer a JSON 404 too."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.api = api
+
+    def getChild(self, name, request):
+        return self.api
+
+    def render(self, request):
+        return self.api.render(request)
+
+
+class ApiSite(server.Site):
+    requestFactory = LimitedRequest
+    noisy = False
+
+    def __init__(self, api_resource, max_body_size: int):
+        super().__init__(RootResource(api_resource))
+        self.max_body_size = max_body_size
+        self.displayTracebacks = False
+
+    def log(self, request):
+        # Access log without headers: never let an Authorization header reach a log.
+        log.debug("{method} {uri} {code}", method=request.method, uri=request.uri, code=request.code)
