@@ -18,6 +18,8 @@ import pytest_twisted
 from twisted.internet import task
 
 POSTGRES_ENV = "CSMS_TEST_POSTGRES_URL"
+#: The operator API bearer token every test CSMS accepts.
+TEST_API_TOKEN = "test-token-0123456789abcdef"
 
 
 def database_backends() -> list[str]:
@@ -63,6 +65,29 @@ class RunningCSMS:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}/api/v1"
 
+    async def api(self, method: str, path: str, json=None, data: bytes | None = None, token: str | None = TEST_API_TOKEN,
+                  headers: dict | None = None, timeout: float = 30):
+        """One operator API request with treq: returns (status, parsed JSON body or None, response)."""
+        import json as jsonlib
+
+        import treq
+
+        all_headers = {}
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        if json is not None:
+            data = jsonlib.dumps(json).encode()
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        response = await treq.request(method, self.api_url + path, data=data,
+                                      headers={k: [v] for k, v in all_headers.items()},
+                                      timeout=timeout, reactor=self.reactor)
+        content = await treq.content(response)
+        body = None
+        if content and (response.headers.getRawHeaders("content-type") or [""])[0].startswith("application/json"):
+            body = jsonlib.loads(content)
+        return response.code, body, response
+
     def connect(self, station_id: str, **kwargs):
         """Fires with a connected :class:`csms.testing.station.TestStationProtocol`."""
         from csms.testing.station import connect_station
@@ -102,6 +127,7 @@ def csms_factory(database_url):
         config.ocpp.endpoint = "tcp:0:interface=127.0.0.1"
         config.api.endpoint = "tcp:0:interface=127.0.0.1"
         config.database.url = database_url
+        config.api.tokens = list(config.api.tokens) + [TEST_API_TOKEN]
         if clock is None:
             clock = task.Clock()
             clock.advance(time.time())
