@@ -170,6 +170,9 @@ class OCPPServerFactory(WebSocketServerFactory):
             autoPingTimeout=ocpp.auto_ping_timeout or None,
             openHandshakeTimeout=ocpp.open_handshake_timeout,
             tcpNoDelay=True,
+            # Close a failed connection with a close frame carrying the reason (e.g. 1009 for an
+            # oversized message) instead of dropping TCP, so the station can tell what went wrong.
+            failByDrop=False,
         )
 
     def station_id_from_path(self, path: str) -> str | None:

@@ -1,6 +1,12 @@
 """Fixtures come from csms.testing (registered as a pytest plugin); helpers shared by the tests live here."""
 
+from collections import defaultdict, deque
+
 import pytest
+from zope.interface import implementer
+
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
 
 
 class PythonOperator:
@@ -40,3 +46,60 @@ def table_contents(csms, exclude=("csms_connection_events",)):
         return {table.name: sorted((tuple(row) for row in conn.execute(select(table))), key=repr)
                 for table in tables}
     return csms.app.db.run(thd, desc="test_table_contents")
+
+
+def db_settled(app):
+    """Fires once every database job queued before this call has finished.
+
+    Some writes (connection events) are fire-and-forget. Occupying every thread of the database pool
+    at the same moment proves that each job queued earlier has completed: the pool hands out jobs in
+    order, and a thread only takes a new job after finishing its last.
+    """
+    import threading
+
+    from twisted.internet import defer, threads
+
+    pool = app.db.pool
+    barrier = threading.Barrier(pool.max)
+    return defer.gatherResults([threads.deferToThreadPool(app.reactor, pool, barrier.wait, 10)
+                                for _ in range(pool.max)])
+
+
+
+@implementer(ICSMSPlugin)
+class EventProbe:
+    """A test plugin (``extra_plugins=[EventProbe()]``) turning connection events into Deferreds to wait on."""
+
+    name = "probe"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+
+    def __init__(self):
+        self._seen = defaultdict(deque)
+        self._waiters = defaultdict(deque)
+
+    def _record(self, key, value):
+        if self._waiters[key]:
+            self._waiters[key].popleft().callback(value)
+        else:
+            self._seen[key].append(value)
+
+    def next(self, event: str, station_id: str, timeout: float = 5):
+        """Fires with the next ``event`` ('connected': the session, 'disconnected': the reason) of a station."""
+        from twisted.internet import defer, reactor
+
+        key = (event, station_id)
+        if self._seen[key]:
+            return defer.succeed(self._seen[key].popleft())
+        d = defer.Deferred()
+        self._waiters[key].append(d)
+        return d.addTimeout(timeout, reactor)
+
+    @hookimpl
+    def csms_on_station_connected(self, station):
+        self._record(("connected", station.station_id), station)
+
+    @hookimpl
+    def csms_on_station_disconnected(self, station_id, reason):
+        self._record(("disconnected", station_id), reason)

@@ -167,7 +167,7 @@ async def test_message_over_max_message_size_closes_only_that_connection_with_10
 
     station.send_frame([2, "big-1", "DataTransfer", {"vendorId": "com.example", "data": "x" * 4096}])
     was_clean, code, reason = await station.closed.addTimeout(WAIT, reactor)
-    assert code == 1009
+    assert code == 1009, (was_clean, code, reason)
 
     await assert_heartbeat_answered(bystander)
     assert not bystander.closed.called

@@ -85,7 +85,8 @@ class TestStationProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean, code, reason):
         if not self.factory.opened.called:
-            match = re.search(r"\((\d{3})", reason or "")
+            # Autobahn says "WebSocket connection upgrade failed [401]: ..." (older releases "(401 - ...)").
+            match = re.search(r"upgrade failed \W*(\d{3})", reason or "")
             self.factory.opened.errback(StationRefused(int(match.group(1)) if match else None, reason or ""))
         for d in list(self._pending.values()):
             d.errback(ConnectionError(f"closed: {code} {reason}"))
