@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from datetime import datetime, timezone
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from csms import ocpp16
@@ -16,6 +16,7 @@ from csms.config import Config
 from csms.db import Database
 from csms.plugins import loaded_plugins, make_plugin_manager
 from csms.rpc import CallError, StationOffline
+from csms.schemas import schemas
 from csms.stations import StationStore
 from csms.stations import metadata as framework_metadata
 
@@ -24,6 +25,19 @@ log = Logger(namespace="csms.app")
 
 class ActionUnavailable(Exception):
     """The action is not a CSMS-initiated OCPP 1.6 action, or no enabled plugin provides it."""
+
+
+class CallRefused(Exception):
+    """A ``csms_before_call`` listener refused a CSMS-initiated call; nothing was sent.
+
+    ``code`` names the problem for the API's JSON error, ``details`` says where it is.
+    """
+
+    def __init__(self, message: str, code: str = "call_refused", details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.details = details or {}
 
 
 def as_deferred(result) -> defer.Deferred:
@@ -73,6 +87,8 @@ class CentralSystem:
     def start(self):
         """Start the database pool and create every enabled plugin's tables."""
         self.db.start()
+        # Compile every OCPP schema once, off the reactor thread, before the first station arrives.
+        yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), schemas.compile_all)
 
         def create_tables(conn):
             for metadata in self.all_metadata():
@@ -110,11 +126,21 @@ class CentralSystem:
 
     def fire(self, hook_name: str, **kwargs) -> defer.Deferred:
         """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""
-        try:
-            results = getattr(self.hook, hook_name)(**kwargs)
-        except Exception:
-            log.failure("Event {hook} failed", hook=hook_name)
-            return defer.succeed(None)
+        caller = getattr(self.hook, hook_name)
+        impls = caller.get_hookimpls()
+        results = []
+        if any(impl.wrapper or impl.hookwrapper for impl in impls):
+            try:
+                results = caller(**kwargs)
+            except Exception:
+                log.failure("Event {hook} failed", hook=hook_name)
+        else:
+            # One by one, in pluggy's order: a listener that raises must not keep the others uninformed.
+            for impl in reversed(impls):
+                try:
+                    results.append(impl.function(*[kwargs[name] for name in impl.argnames]))
+                except Exception:
+                    log.failure("Event {hook} listener {plugin} failed", hook=hook_name, plugin=impl.plugin_name)
         pending = [as_deferred(r) for r in results if r is not None]
         if not pending:
             return defer.succeed(None)
@@ -154,15 +180,41 @@ class CentralSystem:
             self.action_profile(action)
         except ActionUnavailable as exc:
             return defer.fail(exc)
-        session = self.sessions.get(station_id)
-        if session is None:
-            return defer.fail(StationOffline(f"{station_id} is not connected"))
-        d = session.call(action, payload)
+
+        def send(_):
+            session = self.sessions.get(station_id)
+            if session is None:
+                return defer.fail(StationOffline(f"{station_id} is not connected"))
+            return session.call(action, payload)
 
         def completed(response):
             return self.fire("csms_on_call_completed", station_id=station_id, action=action,
                              request=payload, response=response).addCallback(lambda _: response)
-        return d.addCallback(completed)
+        return self.check_call(station_id, action, payload).addCallback(send).addCallback(completed)
+
+    def check_call(self, station_id: str, action: str, payload: dict) -> defer.Deferred:
+        """Run the ``csms_before_call`` checks; fails with :class:`CallRefused` when one refuses.
+
+        A payload that does not match its schema is left to the RPC layer (RequestInvalid), so the
+        checks only ever see schema-valid payloads.
+        """
+        from csms.schemas import SchemaViolation
+
+        try:
+            schemas.validate_request(action, payload)
+        except SchemaViolation:
+            return defer.succeed(None)
+        try:
+            results = self.hook.csms_before_call(station_id=station_id, action=action, payload=payload)
+        except Exception as exc:  # noqa: BLE001 - a refusal (or a bug) in a check: nothing is sent
+            return defer.fail(exc)
+        pending = [as_deferred(r) for r in results if r is not None]
+        if not pending:
+            return defer.succeed(None)
+
+        def first_failure(failure):
+            return failure.value.subFailure
+        return defer.gatherResults(pending, consumeErrors=True).addErrback(first_failure)
 
     def is_connected(self, station_id: str) -> bool:
         return station_id in self.sessions

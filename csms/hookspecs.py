@@ -163,6 +163,19 @@ def csms_station_details(station_ids):
     """
 
 
+# -- checks before a CSMS-initiated call ---------------------------------------------------------
+
+
+@hookspec
+def csms_before_call(station_id, action, payload):
+    """A CSMS-initiated call is about to be sent: every plugin may check it first.
+
+    ``payload`` already matches the action's schema. Raise :class:`csms.app.CallRefused` (or return a
+    Deferred failing with it) to refuse the call: nothing is sent, :meth:`CentralSystem.call` fails with
+    that error and the operator API answers 422. Return None (or a Deferred of None) to let it go.
+    """
+
+
 # -- events --------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,8 @@ def build_openapi(router) -> dict:
         if route.description:
             operation["description"] = route.description
         if route.body is not None:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+            operation["requestBody"] = {"required": route.body_required,
+                                        "content": {"application/json": {"schema": route.body}}}
         elif not route.json_body:
             operation["requestBody"] = {"required": True,
                                         "content": {"application/octet-stream": {"schema": {"type": "string",

@@ -106,7 +106,9 @@ def _parse_body(route, request):
             raise bad_request("This route takes no request body", "unexpected_body")
         return None
     if not content.strip():
-        raise bad_request("A JSON request body is required", "missing_body")
+        if route.body_required:
+            raise bad_request("A JSON request body is required", "missing_body")
+        content = b"{}"
     try:
         body = json.loads(content)
     except ValueError as exc:

@@ -49,6 +49,8 @@ class Route:
     max_body: int | None = None
     #: False for a body that is not JSON (an upload): the handler reads request.content itself.
     json_body: bool = True
+    #: False when every body field is optional: an empty body then reads as ``{}``.
+    body_required: bool = True
     auth: bool = True
     operation_id: str = ""
 
@@ -71,6 +73,9 @@ class Router:
             if existing.method == method and existing.template == template:
                 raise ValueError(f"route {method} {template} is defined twice")
         route = Route(method, template, handler, summary, **kwargs)
+        if any(existing.operation_id == route.operation_id for existing in self.routes):
+            # OpenAPI wants unique operationIds; two plugins' handlers may share a name ("history").
+            route.operation_id = method.lower() + "_" + "_".join(re.findall(r"[a-z0-9]+", template.lower()))
         self.routes.append(route)
         return route
 

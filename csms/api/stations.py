@@ -9,7 +9,7 @@ from csms import ocpp16
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
-from csms.app import ActionUnavailable
+from csms.app import ActionUnavailable, CallRefused
 from csms.passwords import hash_password
 from csms.schemas import SchemaViolation, schemas
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
@@ -204,6 +204,8 @@ async def send_call(app, station_id: str, action: str, payload: dict):
         return await app.call(station_id, action, payload)
     except ActionUnavailable as exc:
         raise ApiError(404, "action_unavailable", str(exc))
+    except CallRefused as exc:
+        raise unprocessable(exc.message, exc.code, **exc.details)
     except RequestInvalid as exc:
         raise unprocessable(f"Invalid {action} payload: {exc.message.replace('data.', '').replace('data ', '')}",
                             "invalid_ocpp_payload", ocpp_error_code=exc.code)

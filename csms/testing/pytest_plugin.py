@@ -111,8 +111,29 @@ class RunningCSMS:
         await self.service.stopService()
 
 
+def confine_plugin_settings(config, tmp_path) -> None:
+    """Keep enabled plugins' own listeners and directories inside the test.
+
+    A plugin class may list ``loopback_settings`` (endpoint settings: set to an ephemeral loopback
+    port) and ``directory_settings`` (set to a fresh directory under ``tmp_path``); a value the test's
+    config text gives is kept.
+    """
+    from csms.plugins import available_plugins
+
+    installed = available_plugins()
+    for name in config.enabled_plugins:
+        if name not in installed:
+            continue
+        plugin = installed[name].load()
+        settings = config.plugin_settings.setdefault(name, {})
+        for key in getattr(plugin, "loopback_settings", ()):
+            settings.setdefault(key, "tcp:0:interface=127.0.0.1")
+        for key in getattr(plugin, "directory_settings", ()):
+            settings.setdefault(key, str(tmp_path / f"plugin-{name}" / key))
+
+
 @pytest.fixture
-def csms_factory(database_url):
+def csms_factory(database_url, tmp_path):
     from twisted.internet import reactor
 
     from csms.config import load_config
@@ -128,6 +149,7 @@ def csms_factory(database_url):
         config.api.endpoint = "tcp:0:interface=127.0.0.1"
         config.database.url = database_url
         config.api.tokens = list(config.api.tokens) + [TEST_API_TOKEN]
+        confine_plugin_settings(config, tmp_path)
         if clock is None:
             clock = task.Clock()
             clock.advance(time.time())

@@ -164,6 +164,10 @@ class CorePlugin:
         return self.store.list_id_tags(limit=None, id_tags_in=id_tags).addCallback(lambda result: result[1])
 
     @hookimpl
+    def csms_station_details(self, station_ids):
+        return self.store.station_details(list(station_ids))
+
+    @hookimpl
     def csms_station_configuration(self, station_id):
         return self.store.configuration(station_id).addCallback(
             lambda rows: {row["key"]: row["value"] for row in rows if row["known"]})
@@ -195,6 +199,29 @@ class CorePlugin:
         yield self.store.delete_id_tag(id_tag)
         yield self.app.fire("csms_on_id_tag_changed", id_tag=id_tag, before=before, after=None)
         return True
+
+    # -- transactions a station will never close ---------------------------------------------------
+
+    @defer.inlineCallbacks
+    def stop_transaction_by_operator(self, transaction_id: int, reason: str = "Other",
+                                     meter_stop: int | None = None, stopped_at=None):
+        """Close a stuck transaction (recorded with ``stopped_by="operator"``); fires
+        (transaction or None when unknown, newly_stopped). Nothing is sent to the station."""
+        transaction = yield self.store.get_transaction(transaction_id)
+        if transaction is None:
+            return None, False
+        if not transaction["active"]:
+            return transaction, False
+        request = {"transactionId": transaction_id, "meterStop": meter_stop,
+                   "timestamp": format_datetime(stopped_at or self.app.now()), "reason": reason}
+        transaction, stopped = yield self.store.stop_transaction(transaction["station_id"], request,
+                                                                 stopped_by="operator")
+        if stopped:
+            log.info("An operator stopped transaction {tx} of {station} ({reason})", tx=transaction_id,
+                     station=transaction["station_id"], reason=reason)
+            yield self.app.fire("csms_on_transaction_stopped", station_id=transaction["station_id"],
+                                transaction=transaction, request=request)
+        return transaction, stopped
 
     # -- results of CSMS-initiated calls ---------------------------------------------------------
 

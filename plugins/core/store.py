@@ -338,3 +338,108 @@ class CoreStore:
             for table in (boot_info, connectors, status_history, configuration, unmatched_stops):
                 conn.execute(delete(table).where(table.c.station_id == station_id))
         return self.db.run(thd, desc="core_delete_station")
+
+    # -- queries for the operator API ------------------------------------------------------------
+
+    def list_transactions(self, limit: int = 50, offset: int = 0, station_id: str | None = None,
+                          id_tag: str | None = None, active: bool | None = None,
+                          since: datetime | None = None, until: datetime | None = None):
+        """(total, transactions) newest first; each with ``latest_meter_values`` (the samples of its
+        most recent meter value timestamp). ``since`` is inclusive, ``until`` exclusive (on started_at)."""
+        def thd(conn):
+            query = select(transactions)
+            if station_id is not None:
+                query = query.where(transactions.c.station_id == station_id)
+            if id_tag is not None:
+                query = query.where(transactions.c.id_tag == id_tag)
+            if active is True:
+                query = query.where(transactions.c.stopped_at.is_(None))
+            elif active is False:
+                query = query.where(transactions.c.stopped_at.is_not(None))
+            if since is not None:
+                query = query.where(transactions.c.started_at >= since)
+            if until is not None:
+                query = query.where(transactions.c.started_at < until)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(transactions.c.id.desc()).limit(limit).offset(offset)).fetchall()
+            items = [transaction_dict(r) for r in rows]
+            latest = _latest_meter_values(conn, [item["transaction_id"] for item in items])
+            for item in items:
+                item["latest_meter_values"] = latest.get(item["transaction_id"], [])
+            return total, items
+        return self.db.run(thd, desc="core_list_transactions")
+
+    def transaction_with_meter_values(self, transaction_id: int):
+        """One transaction with all its ``meter_values`` (oldest first), or None."""
+        def thd(conn):
+            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            if row is None:
+                return None
+            data = transaction_dict(row)
+            samples = conn.execute(select(meter_values).where(meter_values.c.transaction_id == transaction_id)
+                                   .order_by(meter_values.c.timestamp, meter_values.c.id)).fetchall()
+            data["meter_values"] = [_meter_value_dict(s) for s in samples]
+            return data
+        return self.db.run(thd, desc="core_transaction_meter_values")
+
+    def status_history(self, station_id: str, limit: int = 50, offset: int = 0, connector_id: int | None = None):
+        """(total, StatusNotifications as received) newest first."""
+        def thd(conn):
+            query = select(status_history).where(status_history.c.station_id == station_id)
+            if connector_id is not None:
+                query = query.where(status_history.c.connector_id == connector_id)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(status_history.c.id.desc()).limit(limit).offset(offset)).fetchall()
+            return total, [_row(r, "timestamp", "received_at") for r in rows]
+        return self.db.run(thd, desc="core_status_history")
+
+    def unmatched_stops(self, station_id: str, limit: int = 50, offset: int = 0):
+        """(total, StopTransactions for transactions the CSMS never knew) newest first."""
+        def thd(conn):
+            query = select(unmatched_stops).where(unmatched_stops.c.station_id == station_id)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(unmatched_stops.c.id.desc()).limit(limit).offset(offset)).fetchall()
+            return total, [_row(r, "timestamp", "received_at") for r in rows]
+        return self.db.run(thd, desc="core_unmatched_stops")
+
+    def station_details(self, station_ids: list[str]):
+        """{station_id: {"boot": ..., "connectors": [...], "active_transaction_ids": [...]}} for the API."""
+        def thd(conn):
+            out = {sid: {"boot": None, "connectors": [], "active_transaction_ids": []} for sid in station_ids}
+            for row in conn.execute(select(boot_info).where(boot_info.c.station_id.in_(station_ids))):
+                data = _row(row, "last_boot_at")
+                out[data.pop("station_id")]["boot"] = data
+            for row in conn.execute(select(connectors).where(connectors.c.station_id.in_(station_ids))
+                                    .order_by(connectors.c.station_id, connectors.c.connector_id)):
+                data = _row(row, "status_timestamp", "updated_at")
+                out[data.pop("station_id")]["connectors"].append(data)
+            for station_id, transaction_id in conn.execute(
+                    select(transactions.c.station_id, transactions.c.id)
+                    .where(transactions.c.station_id.in_(station_ids), transactions.c.stopped_at.is_(None))
+                    .order_by(transactions.c.id)):
+                out[station_id]["active_transaction_ids"].append(transaction_id)
+            return out
+        return self.db.run(thd, desc="core_station_details")
+
+
+def _meter_value_dict(row) -> dict:
+    data = _row(row, "timestamp")
+    for key in ("id", "station_id", "transaction_id"):
+        data.pop(key, None)
+    return data
+
+
+def _latest_meter_values(conn, transaction_ids: list[int]) -> dict:
+    """{transaction_id: [samples at that transaction's latest meter value timestamp]}."""
+    if not transaction_ids:
+        return {}
+    latest = (select(meter_values.c.transaction_id, func.max(meter_values.c.timestamp).label("at"))
+              .where(meter_values.c.transaction_id.in_(transaction_ids))
+              .group_by(meter_values.c.transaction_id).subquery())
+    rows = conn.execute(select(meter_values).join(latest, and_(meter_values.c.transaction_id == latest.c.transaction_id,
+                                                               meter_values.c.timestamp == latest.c.at))
+                        .order_by(meter_values.c.id)).fetchall()
+    out: dict = {}
+    for row in rows:
+        out.setdefault(row.transaction_id, []).append(_meter_value_dict(row))
+    return out

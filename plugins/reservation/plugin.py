@@ -1,15 +1,164 @@
-"""The Reservation profile (OCPP 1.6 §3.12, §5.3, §5.13)."""
+"""The Reservation profile (OCPP 1.6 §3.12, §5.3, §5.13): ReserveNow, CancelReservation, and the life of a
+reservation until it expires, is cancelled or is consumed by a StartTransaction.
+
+Talks to the Core plugin only through hooks: ``csms_connector_ids``, ``csms_active_transactions`` and
+``csms_id_tags`` lookups, and the ``csms_on_transaction_started`` / ``csms_on_status_changed`` events.
+"""
 from __future__ import annotations
 
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from csms import ocpp16
+from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
+
+from .store import LIVE, ReservationStore
+from .tables import metadata
+
+log = Logger(namespace="csms.reservation")
+
+
+class ExpiryTimers(service.Service):
+    """One ``clock.callLater`` per live reservation, firing at its expiry date; re-armed at start-up.
+
+    No polling: a reservation closed otherwise (cancelled, consumed, replaced) has its timer cancelled.
+    """
+
+    name = "reservation-expiry"
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+        self.calls: dict[int, object] = {}
+        #: Fires once the live reservations found at start-up have their timers.
+        self.ready = defer.Deferred()
+
+    def startService(self):
+        super().startService()
+        # Runs after the tables exist: the CSMS adds plugin services once the database is ready.
+        d = self._rearm().addErrback(lambda failure: log.failure("Re-arming reservation timers failed", failure))
+        d.chainDeferred(self.ready)
+
+    @defer.inlineCallbacks
+    def _rearm(self):
+        store = self.plugin.store
+        yield store.fail_interrupted()
+        _, rows = yield store.list(active=True, limit=None)
+        for row in rows:
+            self.arm(row)
+        if rows:
+            log.info("Re-armed expiry timers of {count} live reservations", count=len(rows))
+
+    def stopService(self):
+        for call in self.calls.values():
+            if call.active():
+                call.cancel()
+        self.calls.clear()
+        return super().stopService()
+
+    def arm(self, row: dict) -> None:
+        self.disarm(row["record_id"])
+        delay = max(0.0, (row["expiry_date"] - self.plugin.app.now()).total_seconds())
+        self.calls[row["record_id"]] = self.plugin.app.clock.callLater(delay, self._expire, row["record_id"])
+
+    def disarm(self, record_id: int) -> None:
+        call = self.calls.pop(record_id, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _expire(self, record_id: int):
+        self.calls.pop(record_id, None)
+        d = self.plugin.store.expire(record_id)
+
+        def expired(row):
+            if row is not None:
+                log.info("Reservation {rid} of {station} expired", rid=row["reservation_id"],
+                         station=row["station_id"])
+        return d.addCallbacks(expired, lambda failure: log.failure("Expiring reservation {record} failed",
+                                                                   failure, record=record_id))
 
 
 @implementer(ICSMSPlugin)
 class ReservationPlugin:
+    """Records every ReserveNow/CancelReservation answer, however it was sent, and keeps reservations current."""
+
     name = "reservation"
     profile = ocpp16.RESERVATION
     inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.RESERVATION)
     outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.RESERVATION)
+
+    app = None
+    store: ReservationStore | None = None
+
+    @hookimpl
+    def csms_configure(self, app):
+        self.app = app
+        self.store = ReservationStore(app.db, app.clock)
+        self.timers = ExpiryTimers(self)
+
+    @hookimpl
+    def csms_tables(self):
+        return metadata
+
+    @hookimpl
+    def csms_services(self, app):
+        return [self.timers]
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        from .api import add_routes
+        add_routes(self, app, router)
+
+    # -- answers to CSMS-initiated calls, from the friendly routes and the generic one alike --------
+
+    @hookimpl
+    def csms_on_call_completed(self, station_id, action, request, response):
+        if action == "ReserveNow":
+            return self._reserve_answered(station_id, request, response["status"])
+        if action == "CancelReservation":
+            return self._cancel_answered(station_id, request["reservationId"], response["status"])
+        return None
+
+    @defer.inlineCallbacks
+    def _reserve_answered(self, station_id, request, status):
+        row, closed = yield self.store.record_reserve_answer(station_id, request, status)
+        for record_id in closed:
+            self.timers.disarm(record_id)
+        if row["state"] == LIVE:
+            self.timers.arm(row)
+        log.info("{station} answered ReserveNow {rid} (connector {connector}, {tag}): {status}",
+                 station=station_id, rid=row["reservation_id"], connector=row["connector_id"], tag=row["id_tag"],
+                 status=status)
+
+    @defer.inlineCallbacks
+    def _cancel_answered(self, station_id, reservation_id, status):
+        row, closed = yield self.store.record_cancel(station_id, reservation_id, status)
+        for record_id in closed:
+            self.timers.disarm(record_id)
+        log.info("{station} answered CancelReservation {rid}: {status}{unknown}", station=station_id,
+                 rid=reservation_id, status=status, unknown="" if row else " (an id the CSMS does not know)")
+
+    # -- events from the Core plugin ---------------------------------------------------------------
+
+    @hookimpl
+    def csms_on_transaction_started(self, station_id, transaction, request):
+        return self.store.consume(station_id, transaction).addCallback(self._consumed, transaction)
+
+    def _consumed(self, row, transaction):
+        if row is not None:
+            self.timers.disarm(row["record_id"])
+            log.info("Transaction {tx} of {station} consumed reservation {rid}", tx=transaction["transaction_id"],
+                     station=row["station_id"], rid=row["reservation_id"])
+
+    @hookimpl
+    def csms_on_status_changed(self, station_id, connector_id, status, error_code, previous_status, request):
+        return self.store.status_changed(station_id, connector_id, status)
+
+    @hookimpl
+    def csms_on_station_deleted(self, station_id):
+        def disarm(record_ids):
+            for record_id in record_ids:
+                self.timers.disarm(record_id)
+        return self.store.delete_station(station_id).addCallback(disarm)

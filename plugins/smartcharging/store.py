@@ -1,0 +1,148 @@
+"""The Smart Charging store: the CSMS's record of the profiles each station holds.
+
+Every method returns a Deferred and runs its SQL in one transaction on the database pool.
+"""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+
+from csms.ocpp16 import parse_datetime
+from csms.stations import as_utc
+
+from .tables import profiles
+
+INSTALLED, REJECTED, REPLACED, CLEARED, ENDED = "installed", "rejected", "replaced", "cleared", "ended"
+STATES = (INSTALLED, REJECTED, REPLACED, CLEARED, ENDED)
+
+
+def profile_row(row) -> dict:
+    data = dict(row._mapping)
+    for key in ("valid_from", "valid_to", "sent_at", "updated_at"):
+        data[key] = as_utc(data.get(key))
+    data["profile"] = json.loads(data["profile"])
+    return data
+
+
+def _date(value):
+    return parse_datetime(value) if value else None
+
+
+def _replace_matching(conn, station_id: str, connector_id, profile: dict, now, exclude_id=None) -> None:
+    """OCPP 1.6 §5.15: a new profile replaces the one with the same chargingProfileId, and the one
+    with the same purpose and stack level on the same connector."""
+    same_slot = and_(profiles.c.purpose == profile["chargingProfilePurpose"],
+                     profiles.c.stack_level == profile["stackLevel"])
+    same_slot = and_(same_slot, profiles.c.connector_id == connector_id) if connector_id is not None \
+        else and_(same_slot, profiles.c.connector_id.is_(None))
+    query = update(profiles).where(
+        profiles.c.station_id == station_id, profiles.c.state == INSTALLED,
+        or_(profiles.c.charging_profile_id == profile["chargingProfileId"], same_slot))
+    if exclude_id is not None:
+        query = query.where(profiles.c.id != exclude_id)
+    conn.execute(query.values(state=REPLACED, updated_at=now))
+
+
+class SmartChargingStore:
+    def __init__(self, db, clock):
+        self.db = db
+        self.clock = clock
+
+    def record_sent(self, station_id: str, connector_id, profile: dict, source: str, station_status: str,
+                    transaction_id, now):
+        """Record a profile the station answered: installed when Accepted (replacing what it replaces),
+        rejected otherwise. Fires with the new row."""
+        def thd(conn):
+            accepted = station_status == "Accepted"
+            if accepted:
+                _replace_matching(conn, station_id, connector_id, profile, now)
+            result = conn.execute(insert(profiles).values(
+                station_id=station_id, connector_id=connector_id,
+                charging_profile_id=profile["chargingProfileId"], stack_level=profile["stackLevel"],
+                purpose=profile["chargingProfilePurpose"], kind=profile["chargingProfileKind"],
+                recurrency_kind=profile.get("recurrencyKind"), transaction_id=transaction_id,
+                valid_from=_date(profile.get("validFrom")), valid_to=_date(profile.get("validTo")),
+                profile=json.dumps(profile, separators=(",", ":")), source=source,
+                state=INSTALLED if accepted else REJECTED, station_status=station_status,
+                sent_at=now, updated_at=now))
+            row_id = result.inserted_primary_key[0]
+            return profile_row(conn.execute(select(profiles).where(profiles.c.id == row_id)).one())
+        return self.db.run(thd, desc="smartcharging_record_sent")
+
+    def bind_transaction(self, station_id: str, connector_id: int, transaction_id: int, now):
+        """A transaction started: the latest TxProfile a RemoteStartTransaction carried for this
+        connector (or for any connector) now belongs to it. Fires with the row, or None."""
+        def thd(conn):
+            row = conn.execute(select(profiles).where(
+                profiles.c.station_id == station_id, profiles.c.state == INSTALLED,
+                profiles.c.source == "RemoteStartTransaction", profiles.c.transaction_id.is_(None),
+                or_(profiles.c.connector_id.is_(None), profiles.c.connector_id == connector_id),
+            ).order_by(profiles.c.id.desc()).limit(1)).first()
+            if row is None:
+                return None
+            profile = json.loads(row.profile)
+            profile["transactionId"] = transaction_id
+            _replace_matching(conn, station_id, connector_id, profile, now, exclude_id=row.id)
+            conn.execute(update(profiles).where(profiles.c.id == row.id).values(
+                connector_id=connector_id, transaction_id=transaction_id, updated_at=now))
+            return profile_row(conn.execute(select(profiles).where(profiles.c.id == row.id)).one())
+        return self.db.run(thd, desc="smartcharging_bind_transaction")
+
+    def clear(self, station_id: str, criteria: dict, now):
+        """Apply an accepted ClearChargingProfile (OCPP 1.6 §5.5) to the record: every installed
+        profile matching all the criteria given (id, connectorId, chargingProfilePurpose, stackLevel)
+        is cleared; no criteria clears them all. Fires with the cleared rows' ids."""
+        def thd(conn):
+            query = select(profiles.c.id).where(profiles.c.station_id == station_id, profiles.c.state == INSTALLED)
+            if criteria.get("id") is not None:
+                query = query.where(profiles.c.charging_profile_id == criteria["id"])
+            if criteria.get("connectorId") is not None:
+                query = query.where(profiles.c.connector_id == criteria["connectorId"])
+            if criteria.get("chargingProfilePurpose") is not None:
+                query = query.where(profiles.c.purpose == criteria["chargingProfilePurpose"])
+            if criteria.get("stackLevel") is not None:
+                query = query.where(profiles.c.stack_level == criteria["stackLevel"])
+            ids = [row.id for row in conn.execute(query.order_by(profiles.c.id))]
+            if ids:
+                conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(state=CLEARED, updated_at=now))
+            return ids
+        return self.db.run(thd, desc="smartcharging_clear")
+
+    def end_transaction(self, station_id: str, transaction_id: int, now):
+        """A transaction ended: its TxProfiles end with it (OCPP 1.6 §3.13.1). Fires with their ids."""
+        def thd(conn):
+            ids = [row.id for row in conn.execute(select(profiles.c.id).where(
+                profiles.c.station_id == station_id, profiles.c.state == INSTALLED,
+                profiles.c.purpose == "TxProfile", profiles.c.transaction_id == transaction_id))]
+            if ids:
+                conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(state=ENDED, updated_at=now))
+            return ids
+        return self.db.run(thd, desc="smartcharging_end_transaction")
+
+    def list(self, station_id: str, connector_id=None, states=None, limit=None, offset: int = 0):
+        """Fires with (total, rows) for a station, newest first."""
+        def thd(conn):
+            where = [profiles.c.station_id == station_id]
+            if connector_id is not None:
+                where.append(profiles.c.connector_id == connector_id)
+            if states:
+                where.append(profiles.c.state.in_(list(states)))
+            total = conn.execute(select(func.count()).select_from(profiles).where(*where)).scalar_one()
+            query = select(profiles).where(*where).order_by(profiles.c.id.desc()).offset(offset)
+            if limit is not None:
+                query = query.limit(limit)
+            return total, [profile_row(row) for row in conn.execute(query)]
+        return self.db.run(thd, desc="smartcharging_list")
+
+    def installed(self, station_id: str):
+        """Fires with the rows of the profiles the station holds now, oldest first."""
+        def thd(conn):
+            return [profile_row(row) for row in conn.execute(select(profiles).where(
+                profiles.c.station_id == station_id, profiles.c.state == INSTALLED).order_by(profiles.c.id))]
+        return self.db.run(thd, desc="smartcharging_installed")
+
+    def delete_station(self, station_id: str):
+        def thd(conn):
+            conn.execute(delete(profiles).where(profiles.c.station_id == station_id))
+        return self.db.run(thd, desc="smartcharging_delete_station")

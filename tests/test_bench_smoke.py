@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark harness (bench/): the load generator works against the CSMS and refuses
+anything but loopback. The benchmark's numbers are not part of the suite (machines are noisy); these runs
+only keep the harness from rotting."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
+FULL_MIX = {"Heartbeat", "Authorize", "StartTransaction", "MeterValues", "StopTransaction"}
+
+
+def load_loadgen():
+    spec = importlib.util.spec_from_file_location("bench_loadgen", LOADGEN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def run_loadgen(*args):
+    """Runs the load generator as its own process without blocking the reactor: (exit status, JSON, stderr)."""
+    from twisted.internet import reactor, utils
+
+    d = utils.getProcessOutputAndValue(sys.executable, [LOADGEN, "--quiet", *map(str, args)],
+                                       env=dict(os.environ), path=ROOT, reactor=reactor)
+    out, err, code = await d.addTimeout(90, reactor)
+    return code, (json.loads(out) if out.strip() else None), err.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loadgen_closed_loop_mix_against_the_csms_gets_every_reply(csms):
+    code, result, err = await run_loadgen("--url", f"ws://127.0.0.1:{csms.port}/ocpp/", "--stations", 3,
+                                          "--mix", "mix", "--mode", "closed", "--duration", 2,
+                                          "--server-pid", os.getpid())
+    assert code == 0, err
+    assert result["errors"] == {"total": 0, "by_kind": {}}
+    assert result["stations"] == 3
+    assert result["connect"]["connected"] == 3
+    assert result["connect"]["accepted"] == 3
+    assert set(result["latency_ms_by_action"]) == FULL_MIX
+    assert result["latency_ms"]["count"] == sum(a["count"] for a in result["latency_ms_by_action"].values())
+    assert result["window"]["messages"] >= result["latency_ms"]["count"] - 3
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
+    assert result["server"]["pid"] == os.getpid()
+    assert result["server"]["cpu_seconds"] > 0
+    # every station's open transaction was stopped after the window
+    active = await csms.app.pm.get_plugin("core").store.active_transactions(f"LG-{0:05d}")
+    assert active == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_loadgen_fixed_rate_stops_after_max_messages(csms):
+    code, result, err = await run_loadgen("--url", f"ws://127.0.0.1:{csms.port}/ocpp/", "--stations", 4,
+                                          "--mix", "heartbeat", "--mode", "rate", "--rate", 40,
+                                          "--duration", 60, "--max-messages", 12)
+    assert code == 0, err
+    assert result["errors"]["total"] == 0
+    assert result["window"]["messages"] == 12
+    assert result["window"]["seconds"] < 30
+    assert result["window"]["offered_rate"] == 40
+    assert set(result["latency_ms_by_action"]) == {"Heartbeat"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_loadgen_refuses_a_target_that_is_not_loopback():
+    code, result, err = await run_loadgen("--url", "ws://10.0.0.1:9000/ocpp/", "--stations", 1, "--duration", 1)
+    assert code == 2
+    assert result is None
+    assert "refused" in err and "not loopback" in err
+
+
+def test_loadgen_refuses_before_connecting_or_starting_workers(monkeypatch):
+    loadgen = load_loadgen()
+    attempts = []
+
+    def forbidden(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("the load generator tried to connect or to start a worker")
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    monkeypatch.setattr(socket.socket, "connect_ex", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    assert loadgen.main(["--url", "ws://10.0.0.1:9000/ocpp/", "--quiet"]) == loadgen.EXIT_REFUSED
+    assert loadgen.main(["--url", "ws://[::ffff:10.0.0.1]:9000/ocpp/", "--quiet"]) == loadgen.EXIT_REFUSED
+    assert attempts == []
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("ws://127.0.0.1:9000/ocpp/", "ws://127.0.0.1:9000/ocpp/"),
+    ("ws://127.1.2.3:9000/ocpp", "ws://127.1.2.3:9000/ocpp/"),
+    ("ws://[::1]:9000/ocpp/", "ws://[::1]:9000/ocpp/"),
+])
+def test_loadgen_accepts_loopback_and_connects_to_the_checked_literal(url, expected):
+    loadgen = load_loadgen()
+    resolved, addresses = loadgen.resolve_loopback_url(url)
+    assert resolved == expected
+    assert all(loadgen.is_loopback_address(a) for a in addresses)
+
+
+@pytest.mark.parametrize("url", ["ws://10.0.0.1:9000/ocpp/", "ws://192.168.1.1/ocpp/", "ws://[::2]:9000/",
+                                 "ws://[::ffff:10.0.0.1]:9000/", "http://127.0.0.1:9000/ocpp/"])
+def test_loadgen_refuses_non_loopback_urls(url):
+    loadgen = load_loadgen()
+    with pytest.raises(loadgen.Refused):
+        loadgen.resolve_loopback_url(url)
+
+
+def test_loadgen_refuses_a_name_when_any_address_it_resolves_to_is_not_loopback(monkeypatch):
+    loadgen = load_loadgen()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        assert host == "mixed.invalid"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", port))]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(loadgen.Refused, match="10.0.0.1"):
+        loadgen.resolve_loopback_url("ws://mixed.invalid:9000/ocpp/")

@@ -1,0 +1,182 @@
+"""Storage (csms.db): every transaction runs on the database pool, never on the reactor thread, and its
+Deferred fires only after the commit. Runs once per backend (``database_url``: SQLite, and PostgreSQL
+when ``CSMS_TEST_POSTGRES_URL`` is set)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import pytest_twisted
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from twisted.internet import reactor, threads
+from twisted.python import threadable
+
+from csms.db import MAX_ATTEMPTS, Database
+
+metadata = MetaData()
+probe = Table(
+    "storage_probe", metadata,
+    Column("key", String(32), primary_key=True),
+    Column("value", Integer, nullable=False),
+    Column("note", String(64)),
+)
+
+
+@pytest.fixture
+def db(database_url):
+    database = Database(database_url, reactor)
+    database.start()
+    database.run_sync(metadata.create_all)
+    yield database
+    database.stop()
+
+
+def read_from_another_connection(database_url: str):
+    """Rows of the probe table as a separate engine (a second connection) sees them, read off the reactor."""
+    def read():
+        engine = create_engine(database_url)
+        try:
+            with engine.connect() as conn:
+                return sorted(tuple(row) for row in conn.execute(select(probe)))
+        finally:
+            engine.dispose()
+    return threads.deferToThread(read)
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_runs_on_the_pool_and_not_on_the_reactor_thread(db):
+    reactor_thread = threading.get_ident()
+    assert threadable.isInIOThread()
+
+    def thd(conn):
+        return threading.get_ident(), threadable.isInIOThread(), threading.current_thread().name
+
+    ident, in_io_thread, name = await db.run(thd, desc="which_thread")
+    assert ident != reactor_thread
+    assert in_io_thread is False
+    assert name.startswith("csms-db")
+
+
+@pytest_twisted.ensureDeferred
+async def test_result_is_committed_before_the_deferred_fires(db, database_url):
+    def thd(conn):
+        conn.execute(probe.insert().values(key="a", value=1))
+        return "written"
+
+    assert await db.run(thd, desc="insert") == "written"
+    assert await read_from_another_connection(database_url) == [("a", 1, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_arguments_are_passed_to_the_function(db):
+    def thd(conn, key, value, note=None):
+        conn.execute(probe.insert().values(key=key, value=value, note=note))
+        return conn.execute(select(probe.c.note).where(probe.c.key == key)).scalar_one()
+
+    assert await db.run(thd, "k", 7, note="seven", desc="args") == "seven"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exception_rolls_back_the_whole_transaction(db, database_url):
+    class Boom(Exception):
+        pass
+
+    def thd(conn):
+        conn.execute(probe.insert().values(key="a", value=1))
+        conn.execute(probe.insert().values(key="b", value=2))
+        raise Boom("after two inserts")
+
+    with pytest.raises(Boom):
+        await db.run(thd, desc="fails")
+    assert await read_from_another_connection(database_url) == []
+    assert await db.run(lambda conn: conn.execute(select(probe)).fetchall()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_constraint_violation_rolls_back_and_is_not_retried(db, database_url):
+    attempts = []
+
+    def thd(conn):
+        attempts.append(1)
+        conn.execute(probe.insert().values(key="dup", value=1))
+        conn.execute(probe.insert().values(key="dup", value=2))
+
+    with pytest.raises(IntegrityError):
+        await db.run(thd, desc="duplicate")
+    assert len(attempts) == 1
+    assert await read_from_another_connection(database_url) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_transient_error_is_retried_in_a_fresh_transaction(db, database_url):
+    attempts = []
+
+    def thd(conn):
+        attempts.append(1)
+        conn.execute(probe.insert().values(key=f"try-{len(attempts)}", value=len(attempts)))
+        if len(attempts) == 1:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return len(attempts)
+
+    assert await db.run(thd, desc="flaky") == 2
+    assert db.stats["retries"] == 1
+    # The first attempt's insert was rolled back with it.
+    assert await read_from_another_connection(database_url) == [("try-2", 2, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_transient_error_gives_up_after_max_attempts(db):
+    attempts = []
+
+    def thd(conn):
+        attempts.append(1)
+        raise OperationalError("INSERT ...", {}, Exception("could not serialize access"))
+
+    with pytest.raises(OperationalError):
+        await db.run(thd, desc="always_flaky")
+    assert len(attempts) == MAX_ATTEMPTS
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_inserts_then_updates_on_this_backend(db, database_url):
+    await db.run(db.upsert, probe, {"key": "a"}, {"value": 1, "note": "first"}, desc="upsert_insert")
+    await db.run(db.upsert, probe, {"key": "b"}, {"value": 5, "note": None}, desc="upsert_insert")
+    assert await read_from_another_connection(database_url) == [("a", 1, "first"), ("b", 5, None)]
+
+    await db.run(db.upsert, probe, {"key": "a"}, {"value": 2, "note": "second"}, desc="upsert_update")
+    assert await read_from_another_connection(database_url) == [("a", 2, "second"), ("b", 5, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_concurrent_transactions_all_commit(db, database_url):
+    from twisted.internet import defer
+
+    def thd(conn, i):
+        conn.execute(probe.insert().values(key=f"k{i:03d}", value=i))
+
+    await defer.gatherResults([db.run(thd, i, desc="concurrent") for i in range(50)])
+    rows = await read_from_another_connection(database_url)
+    assert [row[1] for row in rows] == list(range(50))
+
+
+def test_sqlite_uses_a_single_writer_thread(tmp_path):
+    database = Database(f"sqlite:///{tmp_path}/one.sqlite", reactor, pool_size=8)
+    assert database.pool.max == 1
+    database.engine.dispose()
+
+
+def test_sqlite_database_directory_is_created(tmp_path):
+    database = Database(f"sqlite:///{tmp_path}/deeper/still/csms.sqlite", reactor)
+    assert (tmp_path / "deeper" / "still").is_dir()
+    database.engine.dispose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_creates_every_enabled_plugins_tables_on_start(csms):
+    from sqlalchemy import inspect
+
+    names = await csms.app.db.run(lambda conn: set(inspect(conn).get_table_names()))
+    expected = {table.name for metadata in csms.app.all_metadata() for table in metadata.sorted_tables}
+    assert names == expected
+    assert {"csms_stations", "csms_connection_events", "core_transactions"} <= names
