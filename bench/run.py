@@ -239,14 +239,33 @@ def run_loadgen(server: Server, scenario: dict, workers: int, workdir: str, quie
         return json.load(f)
 
 
+def raise_nofile_for_servers(chosen: list[dict]) -> dict:
+    """The servers inherit the runner's open-files limit: raise its soft limit to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    new_soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    info = {"soft_before": soft, "soft": new_soft, "hard": hard}
+    needed = max((s["stations"] for s in chosen), default=0) + 100
+    if new_soft != resource.RLIM_INFINITY and new_soft < needed:
+        info["note"] = (f"servers get at most {new_soft} open files, fewer than the {needed} the largest scenario "
+                        f"needs: raise the hard limit (ulimit -Hn) to run it in full")
+        print("run.py: " + info["note"], file=sys.stderr)
+    return info
+
+
 def run_all(args) -> dict:
     chosen = [s for s in scenarios(args.quick) if not args.only or any(o in s["name"] for o in args.only)]
+    nofile = raise_nofile_for_servers(chosen)
     started = datetime.now(timezone.utc)
     results = {"generated_at": started.isoformat(timespec="seconds"), "quick": args.quick,
                "command": " ".join([".venv/bin/python", "bench/run.py"] + sys.argv[1:]),
                "database": "postgresql" if args.postgres else "sqlite",
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "python": platform.python_version(), "loadavg_before": os.getloadavg()},
+                           "python": platform.python_version(), "loadavg_before": os.getloadavg(),
+                           "server_nofile": nofile},
                "scenarios": []}
     for scenario in chosen:
         entry = {key: scenario[key] for key in ("name", "kind", "mix", "stations", "title") if key in scenario}
@@ -397,7 +416,8 @@ def markdown(results: dict) -> str:
             parts = [f"{k.replace('_', ' ')} {v:.2f}×" for k, v in e["ratios"].items()]
             lines.append(f"| {e['name']} | **ours ÷ reference** | | {'; '.join(parts)} | | | | | | | | |")
     lines += ["", "Ratios are ours against the reference in the same run (above 1: ours is better: more "
-              "throughput, less CPU per message, lower p99).", "", "### Targets (issue 8), for our CSMS", "",
+              "throughput, less CPU per message, lower p99).", "",
+              "### Targets (issue 8), for our CSMS" + (" (smoke run: no verdict)" if results["quick"] else ""), "",
               "| Target | Wanted | Measured | Met |", "|---|---|--:|---|"]
     for t in results["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
@@ -405,6 +425,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {t['target']} | {t['wanted']} | {fmt(t['value'], 2)} {t['unit']}{note} | {met} |")
     notes = [f"{e['name']}: {r['nofile']['note']}" for e in results["scenarios"]
              for r in e["results"].values() if _get(r, "nofile", "note")]
+    if _get(results, "machine", "server_nofile", "note"):
+        notes.insert(0, "servers: " + results["machine"]["server_nofile"]["note"])
     if notes:
         lines += ["", "Open-files limit:"] + [f"- {n}" for n in notes]
     errors = [f"{e['name']} ({'ours' if n == 'csms' else 'reference'}): {r['errors']['by_kind']}"
@@ -429,7 +451,7 @@ def write_doc(text: str) -> None:
         f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
-def plot(results: dict) -> str | None:
+def plot(results: dict, path: str = PLOT) -> str | None:
     """Latency (p50, p99) against offered load for both servers, from the rate-mode scenarios."""
     # matplotlib is not a dependency: a small pure-Python PNG writer draws the same plot everywhere
     sys.path.insert(0, HERE)
@@ -437,7 +459,7 @@ def plot(results: dict) -> str | None:
 
     series = {}
     for e in results["scenarios"]:
-        if e["kind"] not in ("rate", "sweep") or e.get("mix") != "mix":
+        if e["kind"] != "sweep":  # one station count, only the offered rate changes
             continue
         for name in SERVERS:
             r = e["results"].get(name, {})
@@ -450,10 +472,10 @@ def plot(results: dict) -> str | None:
         return None
     for points in series.values():
         points.sort()
-    os.makedirs(RESULTS, exist_ok=True)
-    line_chart(PLOT, series, title="LATENCY VS OFFERED LOAD", x_label="OFFERED MSG/S", y_label="MS (LOG)",
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    line_chart(path, series, title="LATENCY VS OFFERED LOAD", x_label="OFFERED MSG/S", y_label="MS (LOG)",
                log_y=True)
-    return os.path.relpath(PLOT, os.path.dirname(DOC))
+    return os.path.relpath(path, os.path.dirname(DOC))
 
 
 def main(argv=None) -> int:
@@ -470,13 +492,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--keep", action="store_true", help="keep the servers' temporary directories (logs)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", metavar="JSON", help="run nothing: rewrite the doc section and the plot "
+                                                         "from a results JSON of an earlier run")
     args = p.parse_args(argv)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
         args.profile = os.path.abspath(args.profile)
-    results = run_all(args)
+    if args.report_only:
+        with open(args.report_only) as f:
+            results = json.load(f)
+        results["targets"] = check_targets(results["scenarios"])
+    else:
+        results = run_all(args)
     try:
-        results["plot"] = plot(results)
+        results["plot"] = plot(results, os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                                                     "latency_vs_load.png"))
     except Exception as exc:  # noqa: BLE001 - a plot must never lose the numbers
         results["plot"] = None
         results["plot_note"] = f"(no plot: {exc})"

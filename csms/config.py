@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 DEFAULT_PLUGINS = ("core",)
 UNKNOWN_STATION_POLICIES = ("accept", "pending", "reject")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "plugins")
 
 
 class ConfigError(ValueError):
@@ -21,7 +23,7 @@ class ConfigError(ValueError):
 class OCPPConfig:
     """``[ocpp]``: the WebSocket endpoint stations connect to and the OCPP-J RPC limits."""
 
-    endpoint: str = "tcp:9000"
+    endpoint: str = "tcp:9000:backlog=1024"
     path_prefix: str = "/ocpp/"
     unknown_stations: str = "accept"
     require_password: bool = False
@@ -133,11 +135,20 @@ def _fill(target, parser: configparser.ConfigParser, section: str) -> None:
 def load_config(path: str | None = None, text: str | None = None) -> Config:
     """Read a configuration file (or text); missing sections and keys keep their defaults."""
     parser = configparser.ConfigParser(interpolation=None)
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, source=path)
-    if text is not None:
-        parser.read_string(text)
+    try:
+        if path is not None:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        if text is not None:
+            parser.read_string(text)
+    except configparser.Error as exc:  # duplicate keys, a line outside any section ...
+        raise ConfigError(str(exc)) from None
+    if parser.defaults():
+        raise ConfigError(f"[{parser.default_section}] is not supported: put each setting in its own section")
+    # A misspelt section would otherwise be ignored and its settings silently left at their defaults.
+    unknown = [s for s in parser.sections() if s not in KNOWN_SECTIONS and not s.startswith("plugin:")]
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(KNOWN_SECTIONS)}, plugin:NAME)")
     config = Config()
     if parser.has_section("csms"):
         for key, raw in parser.items("csms"):
@@ -148,6 +159,9 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     _fill(config.database, parser, "database")
     _fill(config.api, parser, "api")
     if parser.has_section("plugins"):
+        for key in parser.options("plugins"):
+            if key not in ("enabled", "blocked"):
+                raise ConfigError(f"[plugins] has no setting {key!r}")
         config.enabled_plugins = _list(parser.get("plugins", "enabled", fallback=",".join(DEFAULT_PLUGINS)))
         config.blocked_plugins = _list(parser.get("plugins", "blocked", fallback=""))
     for section in parser.sections():
@@ -172,3 +186,11 @@ def validate(config: Config) -> None:
         raise ConfigError("[ocpp] max_message_size must be at least 1024 bytes")
     if not config.ocpp.path_prefix.startswith("/") or not config.ocpp.path_prefix.endswith("/"):
         raise ConfigError("[ocpp] path_prefix must start and end with '/'")
+    if not 1 <= config.ocpp.max_charge_point_id_length <= 255:
+        # csms_stations.id holds at most 255 characters.
+        raise ConfigError("[ocpp] max_charge_point_id_length must be between 1 and 255")
+    if config.database.pool_size < 1:
+        raise ConfigError("[database] pool_size must be at least 1")
+    # Interpolated into a PRAGMA statement: only the four values SQLite knows.
+    if config.database.sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
+        raise ConfigError(f"[database] sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")

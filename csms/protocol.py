@@ -112,6 +112,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             previous.session.connection_lost()
             previous.sendClose(CLOSE_REPLACED, "Replaced by a newer connection")
             app.station_store.record_event(station_id, "replaced", previous.peer)
+            # As csms_on_station_disconnected promises; told before the new connection's event.
+            app.fire("csms_on_station_disconnected", station_id=station_id, reason="replaced")
         log.info("{station} connected from {peer}", station=station_id, peer=self.peer)
         app.station_store.record_event(station_id, "connected", self.peer, touch="last_connected_at")
         app.fire("csms_on_station_connected", station=self.session)

@@ -212,6 +212,7 @@ async def test_second_connection_with_the_same_id_replaces_the_first(csms_factor
     first_session = await probe.next("connected", "CP-1")
 
     second = await csms.connect("CP-1")
+    assert await probe.next("disconnected", "CP-1") == "replaced"
     second_session = await probe.next("connected", "CP-1")
 
     was_clean, code, reason = await first.closed.addTimeout(WAIT, reactor)
@@ -225,9 +226,11 @@ async def test_second_connection_with_the_same_id_replaces_the_first(csms_factor
 
     # The newer connection closing is a real disconnect.
     await second.close()
-    await probe.next("disconnected", "CP-1")
+    assert "1000" in await probe.next("disconnected", "CP-1")
     assert not csms.app.is_connected("CP-1")
     assert (await events_of(csms, "CP-1"))[-1] == "disconnected"
+    # The replaced connection closing was not reported as a second disconnect.
+    assert probe.unclaimed("disconnected", "CP-1") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -395,3 +395,29 @@ async def test_openapi_document_describes_every_route_served(csms):
     # The Core plugin's routes are among them.
     assert {("GET", "/id-tags"), ("POST", "/transactions/{transaction_id}/stop"),
             ("POST", "/stations/{station_id}/remote-start")} <= served
+
+
+# -- the HTTP operator the OCTT tests run with ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_operator_raises_what_the_python_api_raises(csms):
+    from conftest import HttpOperator, PythonOperator
+
+    from csms.app import ActionUnavailable
+    from csms.rpc import CallErrorReceived, RequestInvalid, StationOffline
+
+    station = await csms.connect_booted("CP-OP")
+    await csms.api("POST", "/stations", json={"id": "CP-GONE"})
+    station.responses["Reset"] = ("CALLERROR", "InternalError", "boom")
+    for operator in (PythonOperator(csms), HttpOperator(csms)):
+        assert await operator.call("CP-OP", "ClearCache", {}) == {"status": "Accepted"}
+        with pytest.raises(CallErrorReceived) as raised:
+            await operator.call("CP-OP", "Reset", {"type": "Soft"})
+        assert (raised.value.code, raised.value.description) == ("InternalError", "boom")
+        with pytest.raises(RequestInvalid):
+            await operator.call("CP-OP", "Reset", {"type": "Warm"})
+        with pytest.raises(StationOffline):
+            await operator.call("CP-GONE", "Reset", {"type": "Soft"})
+        with pytest.raises(ActionUnavailable):
+            await operator.call("CP-OP", "MakeCoffee", {})

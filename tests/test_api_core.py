@@ -206,7 +206,7 @@ async def test_transactions_list_filters_and_one_with_meter_values(csms):
         sample("2024-05-01T10:30:00.000Z", "7200", "Power.Active.Import", "W")]
     status, body, _ = await csms.api("GET", f"/transactions/{tx3}")
     assert (status, body["active"], body["meter_values"]) == (200, True, [])
-    for missing in ("999999", "abc"):
+    for missing in ("999999", "abc", "-1", "99999999999999999999"):
         status, body, _ = await csms.api("GET", f"/transactions/{missing}")
         assert (status, body["error"]["code"]) == (404, "transaction_not_found")
 

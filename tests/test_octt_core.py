@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
-from conftest import core_store
+from conftest import core_store, db_settled
 from twisted.internet import defer, reactor
 
 VALID = "OCTT-VALID-01"
@@ -139,11 +139,14 @@ async def stop_transaction(csms, station, transaction_id: int, reason: str, mete
     return await station.call("StopTransaction", payload)
 
 
-async def assert_only_calls(station, actions: list[str]):
+async def assert_only_calls(csms, station, actions: list[str]):
     """The station received exactly the CSMS-initiated calls the case drives, in order.
 
-    A Heartbeat round trip first: any call the CSMS had already queued arrives before its answer.
+    An hour passes first (so any timer a plugin set would have fired), the database work queued by
+    then finishes, and a Heartbeat round trip follows: a call the CSMS had sent arrives before its answer.
     """
+    csms.clock.advance(3600)
+    await within(db_settled(csms.app))
     assert set(await station.call("Heartbeat", {})) == {"currentTime"}
     assert [frame[2] for frame in station.received_calls] == actions
 
@@ -183,7 +186,7 @@ async def test_TC_001_cold_boot(csms):
     info = await core_store(csms).boot_info("CP-TC001")
     assert (info["charge_point_vendor"], info["charge_point_model"], info["last_boot_status"]) == \
         ("OCTT", "OCTT-CP", "Accepted")
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 # -- 3.2 Regular charging session ----------------------------------------------------------------------
@@ -203,7 +206,7 @@ async def test_TC_003_regular_charging_session_plugin_first(csms, id_tags):
             stored["meter_start"], stored["started_at"], stored["active"]) == \
         ("CP-TC003", 1, VALID, "Accepted", 1234, started_at, True)
     assert await connector_statuses(csms, "CP-TC003") == {0: ("Available", "NoError"), 1: ("Charging", "NoError")}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -213,7 +216,7 @@ async def test_TC_004_1_regular_charging_session_identification_first(csms, id_t
     transaction_id = await charging(csms, station)
     active = await core_store(csms).active_transactions("CP-TC0041")
     assert [(t["transaction_id"], t["connector_id"], t["id_tag"]) for t in active] == [(transaction_id, 1, VALID)]
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -225,7 +228,7 @@ async def test_TC_004_2_identification_first_connection_timeout(csms, id_tags):
     assert await station.status(1, "Available") == {}
     assert await core_store(csms).active_transactions("CP-TC0042") == []
     assert await connector_statuses(csms, "CP-TC0042") == {0: ("Available", "NoError"), 1: ("Available", "NoError")}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -241,7 +244,7 @@ async def test_TC_005_1_ev_side_disconnected(csms, id_tags):
     stored = await transaction(csms, transaction_id)
     assert (stored["active"], stored["stop_reason"], stored["meter_stop"], stored["stop_id_tag"]) == \
         (False, "EVDisconnected", 4321, VALID)
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 # -- 3.3 Cached id, authorization cache ---------------------------------------------------------------
@@ -256,7 +259,7 @@ async def test_TC_007_regular_start_charging_session_cached_id(csms, id_tags):
     assert response["idTagInfo"] == {"status": "Accepted"}
     assert await station.status(1, "Charging") == {}
     assert (await transaction(csms, response["transactionId"]))["id_tag_status"] == "Accepted"
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -265,7 +268,7 @@ async def test_TC_061_clear_authorization_data_in_authorization_cache(csms, oper
     station.responses["ClearCache"] = {"status": "Accepted"}
     assert await operate(operator, "CP-TC061", "ClearCache", {}) == {"status": "Accepted"}
     assert await station.wait_for_call("ClearCache") == {}
-    await assert_only_calls(station, ["ClearCache"])
+    await assert_only_calls(csms, station, ["ClearCache"])
 
 
 # -- 3.4 Remote start / stop ---------------------------------------------------------------------------
@@ -283,7 +286,7 @@ async def test_TC_010_remote_start_cable_plugged_in_first(csms, operator, id_tag
     response = await start_transaction(csms, station, 1, VALID)
     assert response["idTagInfo"] == {"status": "Accepted"}
     assert await station.status(1, "Charging") == {}
-    await assert_only_calls(station, ["RemoteStartTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStartTransaction"])
 
 
 @pytest_twisted.ensureDeferred
@@ -299,7 +302,7 @@ async def test_TC_011_1_remote_start_remote_start_first(csms, operator, id_tags)
     assert await station.status(1, "Charging") == {}
     active = await core_store(csms).active_transactions("CP-TC0111")
     assert [t["transaction_id"] for t in active] == [response["transactionId"]]
-    await assert_only_calls(station, ["RemoteStartTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStartTransaction"])
 
 
 @pytest_twisted.ensureDeferred
@@ -312,7 +315,7 @@ async def test_TC_011_2_remote_start_time_out(csms, operator, id_tags):
     # ConnectionTimeOut: nobody plugs in.
     assert await station.status(1, "Available") == {}
     assert await core_store(csms).active_transactions("CP-TC0112") == []
-    await assert_only_calls(station, ["RemoteStartTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStartTransaction"])
 
 
 @pytest_twisted.ensureDeferred
@@ -335,7 +338,7 @@ async def test_TC_012_remote_stop_charging_session(csms, operator, id_tags):
     stored = await transaction(csms, transaction_id)
     assert (stored["active"], stored["stop_reason"]) == (False, "Remote")
     assert await core_store(csms).active_transactions("CP-TC012") == []
-    await assert_only_calls(station, ["RemoteStopTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStopTransaction"])
 
 
 # -- 3.5 Reset -----------------------------------------------------------------------------------------
@@ -346,7 +349,7 @@ async def reset_and_reboot(csms, operator, station_id: str, reset_type: str):
     station.responses["Reset"] = {"status": "Accepted"}
     assert await operate(operator, station_id, "Reset", {"type": reset_type}) == {"status": "Accepted"}
     assert await station.wait_for_call("Reset") == {"type": reset_type}
-    await assert_only_calls(station, ["Reset"])
+    await assert_only_calls(csms, station, ["Reset"])
     await within(station.close())
     rebooted = await csms.connect(station_id)
     response = await rebooted.call("BootNotification", {"chargePointVendor": "OCTT", "chargePointModel": "OCTT-CP"})
@@ -355,7 +358,7 @@ async def reset_and_reboot(csms, operator, station_id: str, reset_type: str):
     for connector_id in (0, 1, 2):
         assert await rebooted.status(connector_id, "Available") == {}
     assert (await core_store(csms).boot_info(station_id))["boot_count"] == 2
-    await assert_only_calls(rebooted, [])
+    await assert_only_calls(csms, rebooted, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -377,7 +380,7 @@ async def test_TC_017_1_unlock_connector_no_session_not_fixed_cable(csms, operat
     station.responses["UnlockConnector"] = {"status": "Unlocked"}
     assert await operate(operator, "CP-TC0171", "UnlockConnector", {"connectorId": 1}) == {"status": "Unlocked"}
     assert await station.wait_for_call("UnlockConnector") == {"connectorId": 1}
-    await assert_only_calls(station, ["UnlockConnector"])
+    await assert_only_calls(csms, station, ["UnlockConnector"])
 
 
 @pytest_twisted.ensureDeferred
@@ -387,7 +390,7 @@ async def test_TC_017_2_unlock_connector_no_session_fixed_cable(csms, operator):
     response = await operate(operator, "CP-TC0172", "UnlockConnector", {"connectorId": 1})
     assert response == {"status": "NotSupported"}
     assert await station.wait_for_call("UnlockConnector") == {"connectorId": 1}
-    await assert_only_calls(station, ["UnlockConnector"])
+    await assert_only_calls(csms, station, ["UnlockConnector"])
 
 
 @pytest_twisted.ensureDeferred
@@ -404,7 +407,7 @@ async def test_TC_018_1_unlock_connector_with_charging_session(csms, operator, i
     assert await station.status(1, "Available") == {}
     stored = await transaction(csms, transaction_id)
     assert (stored["active"], stored["stop_reason"], stored["stop_id_tag"]) == (False, "UnlockCommand", None)
-    await assert_only_calls(station, ["UnlockConnector"])
+    await assert_only_calls(csms, station, ["UnlockConnector"])
 
 
 # -- 3.7 Configuration ---------------------------------------------------------------------------------
@@ -421,7 +424,7 @@ async def test_TC_019_1_retrieve_all_configuration_keys(csms, operator):
     # The Central System keeps the values of every key it retrieved.
     assert await configuration(csms, "CP-TC0191") == {
         entry["key"]: (entry["value"], entry["readonly"], True) for entry in OCTT_CONFIGURATION}
-    await assert_only_calls(station, ["GetConfiguration"])
+    await assert_only_calls(csms, station, ["GetConfiguration"])
 
 
 @pytest_twisted.ensureDeferred
@@ -436,7 +439,7 @@ async def test_TC_019_2_retrieve_specific_configuration_key(csms, operator):
     assert response["unknownKey"] == []
     assert await station.wait_for_call("GetConfiguration") == {"key": ["SupportedFeatureProfiles"]}
     assert await configuration(csms, "CP-TC0192") == {"SupportedFeatureProfiles": (profiles, True, True)}
-    await assert_only_calls(station, ["GetConfiguration"])
+    await assert_only_calls(csms, station, ["GetConfiguration"])
 
 
 @pytest_twisted.ensureDeferred
@@ -449,7 +452,7 @@ async def test_TC_021_change_set_configuration(csms, operator):
     assert await station.wait_for_call("ChangeConfiguration") == {"key": "MeterValueSampleInterval", "value": "60"}
     assert await configuration(csms, "CP-TC021") == {"MeterValueSampleInterval": ("60", None, True)}
     # No GetConfiguration after a successful change: it throws OCTT off.
-    await assert_only_calls(station, ["ChangeConfiguration"])
+    await assert_only_calls(csms, station, ["ChangeConfiguration"])
 
 
 # -- 3.8 Authorization outcomes ------------------------------------------------------------------------
@@ -459,7 +462,7 @@ async def test_TC_021_change_set_configuration(csms, operator):
 async def test_TC_023_1_start_charging_session_authorize_invalid(csms, id_tags):
     station = await booted(csms, "CP-TC0231")
     assert await station.call("Authorize", {"idTag": UNKNOWN}) == {"idTagInfo": {"status": "Invalid"}}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -469,14 +472,14 @@ async def test_TC_023_2_start_charging_session_authorize_expired(csms, id_tags):
     # A tag still marked Accepted whose expiry date has passed is Expired too.
     assert await station.call("Authorize", {"idTag": EXPIRED_BY_DATE}) == {
         "idTagInfo": {"status": "Expired", "expiryDate": PAST_EXPIRY_TEXT}}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
 async def test_TC_023_3_start_charging_session_authorize_blocked(csms, id_tags):
     station = await booted(csms, "CP-TC0233")
     assert await station.call("Authorize", {"idTag": BLOCKED}) == {"idTagInfo": {"status": "Blocked"}}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -488,7 +491,7 @@ async def test_TC_024_start_charging_session_lock_failure(csms, id_tags):
     assert await connector_statuses(csms, "CP-TC024") == {
         0: ("Available", "NoError"), 1: ("Faulted", "ConnectorLockFailure")}
     assert await core_store(csms).active_transactions("CP-TC024") == []
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 # -- 3.9 Remote start / stop rejected ------------------------------------------------------------------
@@ -502,7 +505,7 @@ async def test_TC_026_remote_start_rejected(csms, operator, id_tags):
     assert response == {"status": "Rejected"}
     assert await station.wait_for_call("RemoteStartTransaction") == {"idTag": VALID, "connectorId": 1}
     assert await core_store(csms).active_transactions("CP-TC026") == []
-    await assert_only_calls(station, ["RemoteStartTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStartTransaction"])
 
 
 @pytest_twisted.ensureDeferred
@@ -517,7 +520,7 @@ async def test_TC_028_remote_stop_transaction_rejected(csms, operator, id_tags):
     assert await station.wait_for_call("RemoteStopTransaction") == {"transactionId": unknown_id}
     # The running transaction is untouched.
     assert [t["transaction_id"] for t in await core_store(csms).active_transactions("CP-TC028")] == [transaction_id]
-    await assert_only_calls(station, ["RemoteStopTransaction"])
+    await assert_only_calls(csms, station, ["RemoteStopTransaction"])
 
 
 # -- 3.10 Unlock failures ------------------------------------------------------------------------------
@@ -530,7 +533,7 @@ async def test_TC_030_unlock_connector_unlock_failure(csms, operator):
     response = await operate(operator, "CP-TC030", "UnlockConnector", {"connectorId": 1})
     assert response == {"status": "UnlockFailed"}
     assert await station.wait_for_call("UnlockConnector") == {"connectorId": 1}
-    await assert_only_calls(station, ["UnlockConnector"])
+    await assert_only_calls(csms, station, ["UnlockConnector"])
 
 
 @pytest_twisted.ensureDeferred
@@ -541,7 +544,7 @@ async def test_TC_031_unlock_connector_unknown_connector(csms, operator):
     response = await operate(operator, "CP-TC031", "UnlockConnector", {"connectorId": 2})
     assert response == {"status": "NotSupported"}
     assert await station.wait_for_call("UnlockConnector") == {"connectorId": 2}
-    await assert_only_calls(station, ["UnlockConnector"])
+    await assert_only_calls(csms, station, ["UnlockConnector"])
 
 
 # -- 3.11 Power failure --------------------------------------------------------------------------------
@@ -572,7 +575,7 @@ async def test_TC_032_1_power_failure_boot_stop_transactions(csms, id_tags):
     assert await core_store(csms).active_transactions("CP-TC0321") == []
     assert await connector_statuses(csms, "CP-TC0321") == {
         0: ("Available", "NoError"), 1: ("Finishing", "NoError"), 2: ("Available", "NoError")}
-    await assert_only_calls(rebooted, [])
+    await assert_only_calls(csms, rebooted, [])
 
 
 # -- 3.12 Offline transactions -------------------------------------------------------------------------
@@ -589,7 +592,7 @@ async def test_TC_037_1_offline_start_transaction_valid_id_tag(csms, id_tags):
     stored = await transaction(csms, response["transactionId"])
     assert (stored["started_at"], stored["meter_start"], stored["active"]) == (started_offline, 100, True)
     assert stored["received_at"] == clock_now(csms)
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -609,7 +612,7 @@ async def test_TC_037_3_offline_start_transaction_invalid_id_tag(csms, id_tags):
     stored = await transaction(csms, transaction_id)
     assert (stored["id_tag"], stored["id_tag_status"], stored["active"], stored["stop_reason"]) == \
         (UNKNOWN, "Invalid", False, "DeAuthorized")
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 @pytest_twisted.ensureDeferred
@@ -628,7 +631,7 @@ async def test_TC_039_offline_transaction(csms, id_tags):
     assert (stored["started_at"], stored["stopped_at"], stored["meter_start"], stored["meter_stop"],
             stored["stop_reason"], stored["active"]) == \
         (started_offline, stopped_offline, 0, 7000, "Local", False)
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 # -- 3.13 Configuration keys refused -------------------------------------------------------------------
@@ -642,7 +645,7 @@ async def test_TC_040_1_configuration_keys_not_supported(csms, operator):
     assert response == {"status": "NotSupported"}
     assert await station.wait_for_call("ChangeConfiguration") == {"key": "OCTTUnknownKey", "value": "1"}
     assert await configuration(csms, "CP-TC0401") == {}
-    await assert_only_calls(station, ["ChangeConfiguration"])
+    await assert_only_calls(csms, station, ["ChangeConfiguration"])
 
 
 @pytest_twisted.ensureDeferred
@@ -654,7 +657,7 @@ async def test_TC_040_2_configuration_keys_invalid_value(csms, operator):
     assert response == {"status": "Rejected"}
     assert await station.wait_for_call("ChangeConfiguration") == {"key": "MeterValueSampleInterval", "value": "-1"}
     assert await configuration(csms, "CP-TC0402") == {}
-    await assert_only_calls(station, ["ChangeConfiguration"])
+    await assert_only_calls(csms, station, ["ChangeConfiguration"])
 
 
 # -- 3.20 DataTransfer ---------------------------------------------------------------------------------
@@ -666,7 +669,7 @@ async def test_TC_064_data_transfer_unknown_vendor(csms):
     response = await station.call("DataTransfer", {"vendorId": "org.openchargealliance.octt",
                                                    "messageId": "TestMessage", "data": "hello"})
     assert response == {"status": "UnknownVendorId"}
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])
 
 
 # -- generic rules (OCTT §1.2) -------------------------------------------------------------------------
@@ -693,4 +696,4 @@ async def test_generic_rule_charging_and_finishing_in_either_order(csms, id_tags
     stored = await transaction(csms, transaction_id)
     assert (stored["id_tag_status"], stored["active"], stored["stop_reason"]) == ("Accepted", False, "Local")
     assert (await connector_statuses(csms, "CP-ORDER"))[1] == ("Finishing", "NoError")
-    await assert_only_calls(station, [])
+    await assert_only_calls(csms, station, [])

@@ -22,6 +22,12 @@ TIMEOUT = 10
 
 
 @pytest.fixture
+def csms(csms_factory):
+    """A CSMS with the profiles these cases need: Core (id tags, transactions) and Reservation."""
+    return pytest_twisted.blockon(defer.ensureDeferred(csms_factory(plugins=["core", "reservation"])))
+
+
+@pytest.fixture
 def id_tags(csms):
     store = core_store(csms)
     for args in ((VALID, "Accepted"), (GROUP, "Accepted"), (MEMBER_1, "Accepted", None, GROUP),
@@ -51,10 +57,11 @@ async def booted(csms, station_id: str = STATION, connectors: int = 1):
     return station
 
 
-async def reserve(csms, station, connector_id: int = 1, id_tag: str = VALID, offset: float = 3600, **extra):
+async def reserve(csms, station, connector_id: int = 1, id_tag: str = VALID, offset: float = 3600,
+                  station_id: str = STATION, **extra):
     """The operator reserves through the API; fires (HTTP status, body, the ReserveNow the station got)."""
     expiry = clock_now(csms) + timedelta(seconds=offset)
-    status, body, _ = await within(csms.api("POST", f"/stations/{station.factory.station_id}/reservations", json={
+    status, body, _ = await within(csms.api("POST", f"/stations/{station_id}/reservations", json={
         "connector_id": connector_id, "expiry_date": iso(expiry), "id_tag": id_tag, **extra}))
     request = await within(station.wait_for_call("ReserveNow"))
     return status, body, request, iso(expiry)
@@ -79,23 +86,6 @@ async def start_transaction(csms, station, connector_id: int = 1, id_tag: str = 
 
 def calls_sent(station) -> list[str]:
     return [frame[2] for frame in station.received_calls]
-
-
-@pytest.fixture(autouse=True)
-def remember_station_ids(monkeypatch):
-    """Let a test station know its own id (the helpers build API paths from it)."""
-    from csms.testing import station as station_module
-
-    original = station_module.connect_station
-
-    def connect_station(reactor_, port, station_id, **kwargs):
-        d = original(reactor_, port, station_id, **kwargs)
-
-        def remember(protocol):
-            protocol.factory.station_id = station_id
-            return protocol
-        return d.addCallback(remember)
-    monkeypatch.setattr(station_module, "connect_station", connect_station)
 
 
 # -- §3.17.1 Reservation of a Connector --------------------------------------------------------------

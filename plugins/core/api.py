@@ -6,7 +6,7 @@ sensible defaults, and answer with the station's response payload as it sent it 
 """
 from __future__ import annotations
 
-from csms.api.errors import ApiError, conflict, not_found, unprocessable
+from csms.api.errors import conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
 from csms.api.stations import send_call
@@ -166,10 +166,10 @@ def add_routes(plugin, app, router):
 
     def transaction_id_param(request) -> int:
         raw = request.params["transaction_id"]
-        try:
-            return int(raw)
-        except ValueError:
+        # Transaction ids are OCPP integers (32-bit): anything else cannot name one.
+        if not raw.isdigit() or int(raw) > 2**31 - 1:
             raise not_found("transaction", raw)
+        return int(raw)
 
     async def list_transactions(request):
         limit, offset = request.page()

@@ -136,9 +136,12 @@ class CorePlugin:
 
     @defer.inlineCallbacks
     def _meter_values(self, station, payload):
-        yield self.store.record_meter_values(station.station_id, payload)
+        transaction_id = yield self.store.record_meter_values(station.station_id, payload)
+        if transaction_id != payload.get("transactionId"):
+            log.warn("{station} sent MeterValues for transaction {tx}, which is not one of its own; "
+                     "kept without a transaction", station=station.station_id, tx=payload.get("transactionId"))
         yield self.app.fire("csms_on_meter_values", station_id=station.station_id,
-                            connector_id=payload["connectorId"], transaction_id=payload.get("transactionId"),
+                            connector_id=payload["connectorId"], transaction_id=transaction_id,
                             meter_values=payload["meterValue"])
         return {}
 

@@ -48,8 +48,22 @@ def id_tag_info_from_row(row, now: datetime) -> dict:
     return info
 
 
+def _find_id_tag(conn, id_tag: str):
+    """The stored tag ``id_tag`` names: the exact one, else one that differs only in case.
+
+    IdToken is a CiString20Type (OCPP 1.6 §7.28): readers that send 04a1b2 and 04A1B2 mean the same card.
+    """
+    row = conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first()
+    if row is None:
+        row = conn.execute(select(id_tags).where(func.lower(id_tags.c.id_tag) == func.lower(id_tag))
+                           .order_by(id_tags.c.id_tag).limit(1)).first()
+    return row
+
+
 def _active_for_tag(conn, id_tag: str, exclude_station: str | None = None, exclude_connector: int | None = None):
-    query = select(transactions.c.id).where(transactions.c.id_tag == id_tag, transactions.c.stopped_at.is_(None))
+    # Case-insensitive like every IdToken comparison (served by core_transactions_id_tag_ci_open).
+    query = select(transactions.c.id).where(func.lower(transactions.c.id_tag) == func.lower(id_tag),
+                                            transactions.c.stopped_at.is_(None))
     if exclude_station is not None:
         query = query.where(or_(transactions.c.station_id != exclude_station,
                                 transactions.c.connector_id != exclude_connector))
@@ -129,8 +143,7 @@ class CoreStore:
         concurrent = check_concurrent and self.concurrent_tx
 
         def thd(conn):
-            row = conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first()
-            info = id_tag_info_from_row(row, now)
+            info = id_tag_info_from_row(_find_id_tag(conn, id_tag), now)
             if concurrent and info["status"] == "Accepted" and _active_for_tag(conn, id_tag):
                 info["status"] = "ConcurrentTx"
             return info
@@ -249,12 +262,22 @@ class CoreStore:
         return self.db.run(thd, desc="core_stop_transaction")
 
     def record_meter_values(self, station_id: str, payload: dict):
-        rows = _meter_rows(station_id, payload["connectorId"], payload.get("transactionId"), payload["meterValue"])
+        """Store MeterValues; fires the transaction id they were linked to.
+
+        Samples are linked to the request's transactionId only when that transaction is this station's:
+        otherwise (a station's bug, or a forged id) they would show up in another station's transaction.
+        """
+        transaction_id = payload.get("transactionId")
 
         def thd(conn):
+            linked = transaction_id
+            if linked is not None and conn.execute(select(transactions.c.id).where(
+                    transactions.c.id == linked, transactions.c.station_id == station_id)).first() is None:
+                linked = None
+            rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
                 conn.execute(insert(meter_values), rows)
-            return len(rows)
+            return linked
         return self.db.run(thd, desc="core_meter_values")
 
     def active_transactions(self, station_id: str):

@@ -1,6 +1,6 @@
 """The Core profile's tables (all prefixed ``core_``)."""
 from sqlalchemy import (Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint)
+                        UniqueConstraint, func)
 
 metadata = MetaData()
 
@@ -32,6 +32,9 @@ id_tags = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# IdToken is a CiString20Type (OCPP 1.6 §7.28): authorization looks tags up ignoring case.
+Index("core_id_tags_id_tag_ci", func.lower(id_tags.c.id_tag))
+
 transactions = Table(
     "core_transactions", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -56,6 +59,8 @@ transactions = Table(
     Index("core_transactions_station_open", "station_id", "stopped_at"),
     Index("core_transactions_id_tag_open", "id_tag", "stopped_at"),
 )
+# The ConcurrentTx check compares id tags ignoring case.
+Index("core_transactions_id_tag_ci_open", func.lower(transactions.c.id_tag), transactions.c.stopped_at)
 
 meter_values = Table(
     "core_meter_values", metadata,
