@@ -634,6 +634,8 @@ class Probe:
 
 
 class TestEventHooks:
+    """Each event hook is called with the right arguments; here ``csms`` (and so ``operator``) carries a Probe."""
+
     @pytest.fixture
     def probe(self):
         return Probe()

@@ -3,6 +3,8 @@
 The test station plays the OCTT tool (answers ReserveNow/CancelReservation as the case's "Tool answers"
 column says); every CSMS-initiated step goes through the operator HTTP API. Case IDs and titles follow
 the 2024-04 edition (§3.17); the reusable states Booted, Authorized and Charging are its §3.22.
+They run with every built-in plugin enabled (the shipped configuration), so that no other profile's
+hooks change these answers.
 """
 from __future__ import annotations
 
@@ -19,12 +21,6 @@ MEMBER_1 = "OCTT-MEMBER-01"      # reserved with parentIdTag GROUP
 MEMBER_2 = "OCTT-MEMBER-02"      # a new idTag with the same parentIdTag (TC_053)
 STATION = "OCTT-CP-RSV"
 TIMEOUT = 10
-
-
-@pytest.fixture
-def csms(csms_factory):
-    """A CSMS with the profiles these cases need: Core (id tags, transactions) and Reservation."""
-    return pytest_twisted.blockon(defer.ensureDeferred(csms_factory(plugins=["core", "reservation"])))
 
 
 @pytest.fixture

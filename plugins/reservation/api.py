@@ -58,6 +58,8 @@ def add_routes(plugin, app, router):
         if expiry <= now:
             raise unprocessable("expiry_date must be in the future", "expiry_in_past",
                                 expiry_date=format_datetime(expiry), now=format_datetime(now))
+        if not app.is_connected(station_id):
+            raise ApiError(409, "station_offline", f"Station {station_id!r} is not connected")
         connector_id = body["connector_id"]
         if connector_id != 0:
             known = await app.lookup("csms_connector_ids", station_id=station_id)
@@ -81,8 +83,6 @@ def add_routes(plugin, app, router):
             schemas.validate_request("ReserveNow", payload)
         except SchemaViolation as exc:
             raise unprocessable(f"Invalid ReserveNow payload: {exc.message}", "invalid_ocpp_payload")
-        if not app.is_connected(station_id):
-            raise ApiError(409, "station_offline", f"Station {station_id!r} is not connected")
         row = await store.create(station_id, connector_id, body["id_tag"], parent, expiry)
         payload["reservationId"] = row["reservation_id"]
         try:
@@ -139,6 +139,7 @@ def add_routes(plugin, app, router):
             "502": "The station answered with an error", "504": "The station did not answer in time"}
     router.add("POST", "/stations/{station_id}/reservations", reserve,
                "Reserve a connector (or, with connector_id 0, the whole station) for an id tag", tags=tags,
+               operation_id="create_reservation",
                body=RESERVE,
                description="The CSMS allocates the reservation id and sends ReserveNow. 201 with the reservation "
                            "whatever the station answered: its answer is `status` (Accepted, Faulted, Occupied, "
@@ -150,13 +151,15 @@ def add_routes(plugin, app, router):
                                        "409": "Connector in a transaction, or station not connected",
                                        "422": "Expiry in the past, unknown connector"}))
     router.add("GET", "/stations/{station_id}/reservations", station_reservations,
-               "The station's reservations, newest first", tags=tags, query=LIST_QUERY,
+               "The station's reservations, newest first", tags=tags, operation_id="list_station_reservations",
+               query=LIST_QUERY,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/reservations/{reservation_id}", one_reservation,
-               "One reservation of the station", tags=tags,
+               "One reservation of the station", tags=tags, operation_id="get_station_reservation",
                responses={"200": "OK", "404": "Unknown station or reservation"})
     router.add("POST", "/stations/{station_id}/reservations/{reservation_id}/cancel", cancel,
                "Send CancelReservation (also for an id the CSMS does not know)", tags=tags,
+               operation_id="cancel_reservation",
                description="200 with the station's answer (`status` Accepted or Rejected), whether the CSMS knew "
                            "the id (`known`) and the reservation as now recorded. Accepted closes a live "
                            "reservation as cancelled.",
@@ -165,10 +168,12 @@ def add_routes(plugin, app, router):
                "Cancel a reservation: the same as POST .../cancel", tags=tags,
                responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete")
     router.add("GET", "/reservations", all_reservations, "Reservations of every station, newest first", tags=tags,
+               operation_id="list_reservations",
                query=LIST_QUERY + (Query("station_id", description="Only this station's"),),
                responses={"200": "OK"})
     router.add("GET", "/reservation-events", reservation_events,
                "What did not fit the normal course: cancels of unknown ids, reservation ids unknown or reused "
                "at StartTransaction, replaced reservations; newest first", tags=tags,
+               operation_id="list_reservation_events",
                query=PAGINATION + (Query("station_id", description="Only this station's"),),
                responses={"200": "OK"})

@@ -184,9 +184,11 @@ class ReservationStore:
         transaction_id = transaction["transaction_id"]
 
         def close(conn, record_id):
-            conn.execute(update(reservations).where(reservations.c.id == record_id).values(
-                state="consumed", transaction_id=transaction_id, closed_at=now))
-            return reservation_dict(_by_key(conn, record_id))
+            # Guarded by the state: an expiry timer may close the same row at the same moment.
+            changed = conn.execute(update(reservations).where(reservations.c.id == record_id,
+                                                              reservations.c.state == LIVE).values(
+                state="consumed", transaction_id=transaction_id, closed_at=now)).rowcount
+            return reservation_dict(_by_key(conn, record_id)) if changed else None
 
         def thd(conn):
             if reservation_id is not None:
