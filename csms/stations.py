@@ -39,10 +39,13 @@ connection_events = Table(
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes: they were stored as UTC."""
-    if value is not None and value.tzinfo is None:
+    """A stored time as aware UTC: SQLite hands back naive datetimes (stored as UTC), PostgreSQL
+    aware ones in the session's time zone."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value
+    return value.astimezone(timezone.utc)
 
 
 def station_row(row) -> dict:

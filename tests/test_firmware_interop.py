@@ -17,34 +17,11 @@ from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, DiagnosticsStatus, FirmwareStatus
 from twisted.internet import defer, reactor
+from csms.testing.asyncio_thread import AsyncioThread
 
 TIMEOUT = 15
 
 
-class AsyncioThread:
-    """An asyncio loop on a daemon thread; ``run(coroutine)`` -> Deferred fired on the reactor."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="firmware-interop", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout: float = TIMEOUT) -> defer.Deferred:
-        d = defer.Deferred()
-
-        def done(future):
-            if future.cancelled():
-                reactor.callFromThread(d.errback, defer.CancelledError())
-            elif future.exception() is not None:
-                reactor.callFromThread(d.errback, future.exception())
-            else:
-                reactor.callFromThread(d.callback, future.result())
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop).add_done_callback(done)
-        return d.addTimeout(timeout, reactor)
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -22,48 +22,12 @@ from ocpp.v16.enums import (Action, AuthorizationStatus, AvailabilityStatus, Cha
                             Reason, RegistrationStatus, RemoteStartStopStatus, ResetStatus, UnlockStatus)
 from twisted.internet import defer, reactor
 from websockets.asyncio.client import connect
+from csms.testing.asyncio_thread import AsyncioThread
 
 TIMEOUT = 10
 VALID = "INTEROP-TAG-1"
 
 
-class AsyncioThread:
-    """An asyncio event loop on its own thread; :meth:`submit` runs a coroutine there and returns a Deferred."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="ocpp-asyncio", daemon=True)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, coroutine, timeout: float = TIMEOUT) -> defer.Deferred:
-        """Fires on the reactor thread with the coroutine's result (or failure); cancelling it cancels the coroutine."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        d = defer.Deferred(lambda _: future.cancel())
-
-        def settle(done):
-            if d.called:
-                return  # timed out (and cancelled) already
-            if done.cancelled():
-                d.errback(defer.CancelledError())
-            elif done.exception() is not None:
-                d.errback(done.exception())
-            else:
-                d.callback(done.result())
-        future.add_done_callback(lambda done: reactor.callFromThread(settle, done))
-        return d.addTimeout(timeout, reactor)
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive(), "the asyncio thread did not stop"
-        self.loop.close()
 
 
 class LibraryChargePoint(ChargePoint):

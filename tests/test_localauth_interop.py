@@ -14,35 +14,11 @@ from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action
 from twisted.internet import defer, reactor
+from csms.testing.asyncio_thread import AsyncioThread
 
 TIMEOUT = 15
 
 
-class AsyncioThread:
-    """An asyncio event loop on a daemon thread; ``run(coroutine)`` fires a Deferred on the reactor."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ocpp-asyncio", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout: float = TIMEOUT) -> defer.Deferred:
-        d = defer.Deferred()
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-        def done(f):
-            if f.cancelled():
-                reactor.callFromThread(d.errback, defer.CancelledError())
-            elif f.exception() is not None:
-                reactor.callFromThread(d.errback, f.exception())
-            else:
-                reactor.callFromThread(d.callback, f.result())
-        future.add_done_callback(done)
-        return d.addTimeout(timeout, reactor)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 async def open_charge_point(cls, port: int, station_id: str):

@@ -16,36 +16,11 @@ from conftest import core_store
 from twisted.internet import defer, reactor
 
 from test_reservation_octt import VALID, clock_now, iso, reservation, within
+from csms.testing.asyncio_thread import AsyncioThread
 
 STATION = "OCPP-LIB-RSV"
 
 
-class AsyncioThread:
-    """An asyncio event loop in a daemon thread; ``run(coro)`` fires a Deferred on the reactor thread."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="asyncio-peer", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout: float = 10) -> defer.Deferred:
-        d = defer.Deferred()
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-        def done(fut):
-            if fut.cancelled():
-                reactor.callFromThread(d.errback, asyncio.CancelledError())
-            elif fut.exception() is not None:
-                reactor.callFromThread(d.errback, fut.exception())
-            else:
-                reactor.callFromThread(d.callback, fut.result())
-        future.add_done_callback(done)
-        return d.addTimeout(timeout, reactor)
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture
