@@ -8,7 +8,6 @@ results come back as Deferreds, so the reactor never waits.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import pytest_twisted

@@ -8,7 +8,6 @@ The library validates every message against the OCPP 1.6 schemas on its side too
 from __future__ import annotations
 
 import asyncio
-import threading
 from contextlib import suppress
 from datetime import datetime, timezone
 

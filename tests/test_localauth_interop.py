@@ -7,7 +7,6 @@ into Deferreds, so the reactor never waits on it.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest_twisted
 from ocpp.routing import on

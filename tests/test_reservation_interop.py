@@ -7,7 +7,6 @@ reactor.
 from __future__ import annotations
 
 import asyncio
-import threading
 from datetime import timedelta
 
 import pytest
