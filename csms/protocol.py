@@ -17,6 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from csms.ocpp16 import utc_from_timestamp
 from csms.passwords import verify_password
@@ -41,6 +42,13 @@ def parse_basic_auth(header: str | None):
         return None
     username, sep, password = decoded.partition(":")
     return (username, password) if sep else None
+
+
+def _logged(result, what: str):
+    """Log (and swallow) a failure to record a connection event: the connection itself goes on."""
+    if isinstance(result, Failure):
+        log.failure("Could not record the {what} connection event", result, what=what)
+    return None
 
 
 class OCPPServerProtocol(WebSocketServerProtocol):
@@ -105,18 +113,24 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
         app.sessions[station_id] = self.session
+        # Plugins hear of a connection change only once it is recorded, in the order it happened.
+        d = defer.succeed(None)
         if previous is not None:
             log.info("{station} connected again from {peer}; closing its previous connection",
                      station=station_id, peer=self.peer)
             previous.replaced = True
             previous.session.connection_lost()
             previous.sendClose(CLOSE_REPLACED, "Replaced by a newer connection")
-            app.station_store.record_event(station_id, "replaced", previous.peer)
+            d.addCallback(lambda _: app.station_store.record_event(station_id, "replaced", previous.peer))
+            d.addBoth(_logged, "replaced")
             # As csms_on_station_disconnected promises; told before the new connection's event.
-            app.fire("csms_on_station_disconnected", station_id=station_id, reason="replaced")
+            d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id,
+                                             reason="replaced"))
         log.info("{station} connected from {peer}", station=station_id, peer=self.peer)
-        app.station_store.record_event(station_id, "connected", self.peer, touch="last_connected_at")
-        app.fire("csms_on_station_connected", station=self.session)
+        d.addCallback(lambda _: app.station_store.record_event(station_id, "connected", self.peer,
+                                                               touch="last_connected_at"))
+        d.addBoth(_logged, "connected")
+        d.addCallback(lambda _: app.fire("csms_on_station_connected", station=self.session))
 
     def _send_text(self, text: str) -> None:
         self.sendMessage(text.encode("utf-8"), isBinary=False)
@@ -148,10 +162,12 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             app.sessions.pop(station_id, None)
         detail = f"code={code} reason={reason}" if code is not None else "connection lost"
         log.info("{station} disconnected ({detail})", station=station_id, detail=detail)
-        app.station_store.record_event(station_id, "disconnected", self.peer, detail,
-                                       touch="last_disconnected_at")
-        app.station_store.touch_last_seen(station_id, utc_from_timestamp(self.session.last_seen))
-        app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail)
+        last_seen = utc_from_timestamp(self.session.last_seen)
+        d = app.station_store.record_event(station_id, "disconnected", self.peer, detail,
+                                           touch="last_disconnected_at")
+        d.addCallback(lambda _: app.station_store.touch_last_seen(station_id, last_seen))
+        d.addBoth(_logged, "disconnected")
+        d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail))
 
 
 class OCPPServerFactory(WebSocketServerFactory):

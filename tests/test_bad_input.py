@@ -13,7 +13,7 @@ import pytest_twisted
 from sqlalchemy import select
 from twisted.internet import reactor
 
-from conftest import table_contents
+from conftest import db_settled, table_contents
 
 WAIT = 5
 TIMESTAMP = "2024-05-01T10:00:00Z"
@@ -95,6 +95,7 @@ async def test_bad_message_is_answered_and_harms_nobody(csms, sent, binary, expe
     station = await csms.connect("CP-BAD")
     bystander = await csms.connect("CP-BYSTANDER")
     await bystander.boot(connectors=1)
+    await db_settled(csms.app)  # connection bookkeeping is written without waiting
     before = await table_contents(csms)
 
     station.send_raw(sent, binary=binary)
@@ -195,3 +196,15 @@ async def test_answers_keep_the_order_of_the_calls(csms):
     answers = [await station.next_unmatched(timeout=WAIT) for _ in range(10)]
     assert [a[1] for a in answers] == [f"{kind}-{i}" for i in range(5) for kind in ("ok", "bad")]
     assert [a[0] for a in answers] == [3, 4] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_frame_of_invalid_utf8_closes_only_that_connection_with_1007(csms):
+    # RFC 6455 §8.1: an endpoint must fail a connection whose text frame is not UTF-8. Unlike a binary
+    # frame, which the CSMS reads itself (and answers FormationViolation), this is WebSocket's business.
+    station = await csms.connect("CP-MOJIBAKE")
+    bystander = await csms.connect("CP-FINE")
+    station.send_raw(b"[2, \"x\xff\", \"Heartbeat\", {}]", binary=False)
+    was_clean, code, reason = await station.closed.addTimeout(WAIT, reactor)
+    assert code == 1007, (was_clean, code, reason)
+    await assert_heartbeat_answered(bystander)
