@@ -50,6 +50,16 @@ OUTBOUND = {
 
 PROFILES = (CORE, FIRMWARE, LOCAL_AUTH, RESERVATION, SMART_CHARGING, REMOTE_TRIGGER)
 
+
+def inbound_of(profile: str) -> tuple[str, ...]:
+    """The CP->CS actions of one feature profile (what its plugin answers)."""
+    return tuple(action for action, owner in INBOUND.items() if owner == profile)
+
+
+def outbound_of(profile: str) -> tuple[str, ...]:
+    """The CS->CP actions of one feature profile (what its plugin offers operators)."""
+    return tuple(action for action, owner in OUTBOUND.items() if owner == profile)
+
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 

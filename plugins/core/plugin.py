@@ -22,8 +22,8 @@ class CorePlugin:
 
     name = "core"
     profile = ocpp16.CORE
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.CORE)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.CORE)
+    inbound_actions = ocpp16.inbound_of(ocpp16.CORE)
+    outbound_actions = ocpp16.outbound_of(ocpp16.CORE)
 
     app = None
     store: CoreStore | None = None

@@ -91,8 +91,8 @@ class FirmwarePlugin:
 
     name = "firmware"
     profile = ocpp16.FIRMWARE
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.FIRMWARE)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.FIRMWARE)
+    inbound_actions = ocpp16.inbound_of(ocpp16.FIRMWARE)
+    outbound_actions = ocpp16.outbound_of(ocpp16.FIRMWARE)
     #: The test fixtures bind these on loopback ephemeral ports and point these at a temporary directory.
     loopback_settings = ("http_endpoint", "ftp_endpoint")
     directory_settings = ("firmware_dir", "diagnostics_dir")

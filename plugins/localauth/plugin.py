@@ -60,8 +60,8 @@ def describe_error(exc: Exception) -> str:
 class LocalAuthListPlugin:
     name = "localauth"
     profile = ocpp16.LOCAL_AUTH
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.LOCAL_AUTH)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.LOCAL_AUTH)
+    inbound_actions = ocpp16.inbound_of(ocpp16.LOCAL_AUTH)
+    outbound_actions = ocpp16.outbound_of(ocpp16.LOCAL_AUTH)
 
     app = None
     store: LocalAuthStore | None = None

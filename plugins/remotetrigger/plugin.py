@@ -63,8 +63,8 @@ class TriggerStore:
 class RemoteTriggerPlugin:
     name = "remotetrigger"
     profile = ocpp16.REMOTE_TRIGGER
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.REMOTE_TRIGGER)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.REMOTE_TRIGGER)
+    inbound_actions = ocpp16.inbound_of(ocpp16.REMOTE_TRIGGER)
+    outbound_actions = ocpp16.outbound_of(ocpp16.REMOTE_TRIGGER)
 
     app = None
     store: TriggerStore | None = None

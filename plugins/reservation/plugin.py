@@ -86,8 +86,8 @@ class ReservationPlugin:
 
     name = "reservation"
     profile = ocpp16.RESERVATION
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.RESERVATION)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.RESERVATION)
+    inbound_actions = ocpp16.inbound_of(ocpp16.RESERVATION)
+    outbound_actions = ocpp16.outbound_of(ocpp16.RESERVATION)
 
     app = None
     store: ReservationStore | None = None

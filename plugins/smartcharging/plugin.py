@@ -32,8 +32,8 @@ def refusal(exc: ProfileInvalid, action: str) -> CallRefused:
 class SmartChargingPlugin:
     name = "smartcharging"
     profile = ocpp16.SMART_CHARGING
-    inbound_actions = tuple(a for a, p in ocpp16.INBOUND.items() if p == ocpp16.SMART_CHARGING)
-    outbound_actions = tuple(a for a, p in ocpp16.OUTBOUND.items() if p == ocpp16.SMART_CHARGING)
+    inbound_actions = ocpp16.inbound_of(ocpp16.SMART_CHARGING)
+    outbound_actions = ocpp16.outbound_of(ocpp16.SMART_CHARGING)
 
     app = None
     store: SmartChargingStore | None = None
