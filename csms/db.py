@@ -1,21 +1,27 @@
 """Storage: one SQLAlchemy engine and one dedicated thread pool that every database call runs on.
 
 Plugins never touch a connection on the reactor thread. They write ``thd(conn, ...)`` functions and
-call :meth:`Database.run`, which runs the function inside one transaction on the pool and fires the
-returned Deferred only after the transaction is committed. Functions return plain Python values,
-never live result objects.
+call :meth:`Database.run`, which runs the function on the pool and fires the returned Deferred only
+after its work is committed. Functions return plain Python values, never live result objects.
+
+Group commit: work queued while the pool is busy runs together in one database transaction, each
+function inside its own SAVEPOINT, so one function's failure rolls back only its own work, and many
+confirmations share one commit (one fsync on SQLite). A function may be run again after a transient
+error (a lock, a serialization failure), so it must not have effects outside the database.
 """
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import StaticPool
-from twisted.internet import defer, threads
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -23,6 +29,8 @@ log = Logger(namespace="csms.db")
 
 _TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
 MAX_ATTEMPTS = 3
+#: Most functions committed together in one group commit.
+MAX_BATCH = 200
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -64,10 +72,18 @@ class Database:
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.execute(f"PRAGMA synchronous={synchronous}")
                 cursor.close()
+                # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin, so that
+                # SAVEPOINTs (group commit) behave (SQLAlchemy's documented pysqlite recipe).
+                dbapi_connection.isolation_level = None
+
+            @event.listens_for(self.engine, "begin")
+            def _sqlite_begin(conn):
+                conn.exec_driver_sql("BEGIN")
 
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
         self._started = False
-        self.stats = {"transactions": 0, "retries": 0}
+        self._queue: deque = deque()
+        self.stats = {"transactions": 0, "functions": 0, "retries": 0}
 
     def start(self) -> None:
         if not self._started:
@@ -81,25 +97,73 @@ class Database:
             self.engine.dispose()
 
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
-        """Run ``thd(conn, *args, **kwargs)`` in one transaction on the pool; fires after commit."""
-        return threads.deferToThreadPool(self.reactor, self.pool, self._transaction, thd, desc, args, kwargs)
+        """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit."""
+        d = defer.Deferred()
+        self._queue.append((thd, args, kwargs, desc, d))
+        self.pool.callInThread(self._drain)
+        return d
 
-    def _transaction(self, thd, desc, args, kwargs):
+    def _drain(self) -> None:
+        """On a pool thread: take what is queued (up to MAX_BATCH) and commit it together."""
+        batch = []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._queue.popleft())
+            except IndexError:
+                break
+        if not batch:
+            return  # an earlier drain took this work along
+        self.reactor.callFromThread(self._fire, batch, self._commit(batch))
+
+    @staticmethod
+    def _fire(batch: list, outcomes: list) -> None:
+        """On the reactor thread: fire each function's Deferred with its outcome."""
+        for (*_, d), (ok, value) in zip(batch, outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+
+    def _commit(self, batch: list) -> list:
+        """[(ok, result or Failure)] for each function of ``batch``, after one commit."""
         attempt = 1
         while True:
             try:
                 with self.engine.begin() as conn:
-                    result = thd(conn, *args, **kwargs)
+                    if len(batch) == 1:
+                        thd, args, kwargs, _, _ = batch[0]
+                        outcomes = [(True, thd(conn, *args, **kwargs))]
+                    else:
+                        outcomes = [self._in_savepoint(conn, work) for work in batch]
                 self.stats["transactions"] += 1
-                return result
+                self.stats["functions"] += len(batch)
+                return outcomes
             except DBAPIError as exc:
                 if attempt >= MAX_ATTEMPTS or not _is_transient(exc):
-                    raise
+                    failure = Failure()
+                    return [(False, failure)] * len(batch)
                 self.stats["retries"] += 1
-                log.warn("Transient database error in {desc}, retrying: {error}", desc=desc or thd.__name__,
-                         error=exc.orig)
+                log.warn("Transient database error in {desc}, retrying: {error}",
+                         desc=", ".join(sorted({w[3] or w[0].__name__ for w in batch})), error=exc.orig)
                 attempt += 1
                 time.sleep(0.05 * attempt)  # on the pool thread, never on the reactor
+            except Exception:
+                # A lone function failed (or the commit did): its transaction is rolled back.
+                failure = Failure()
+                return [(False, failure)] * len(batch)
+
+    @staticmethod
+    def _in_savepoint(conn, work):
+        thd, args, kwargs, _, _ = work
+        try:
+            with conn.begin_nested():
+                return True, thd(conn, *args, **kwargs)
+        except DBAPIError as exc:
+            if _is_transient(exc):
+                raise  # the whole group is retried
+            return False, Failure()
+        except Exception:
+            return False, Failure()
 
     def run_sync(self, thd, *args, **kwargs):
         """Run ``thd`` in a transaction on the calling thread: for start-up and for tests only."""

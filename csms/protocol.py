@@ -13,6 +13,7 @@ import base64
 import binascii
 from urllib.parse import unquote, urlsplit
 
+import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, threads
@@ -24,6 +25,11 @@ from csms.passwords import verify_password
 from csms.rpc import OCPPSession
 
 log = Logger(namespace="csms.protocol")
+
+# Autobahn pretty-prints every connection's options for a debug log line even when debug logging is
+# off (about 1.6 ms of CPU per connection: 16 s in a 10,000-station reconnect storm). Hand the log
+# the raw value instead; it is only formatted if a debug observer actually renders it.
+_autobahn_protocol.pformat = lambda value: value
 
 SUBPROTOCOL = "ocpp1.6"
 CLOSE_REPLACED = 4000

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, delete, func, insert,
-                        select, update)
+from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, bindparam, delete, func,
+                        insert, select, update)
 
 metadata = MetaData()
 
@@ -36,6 +36,14 @@ connection_events = Table(
     Column("remote_address", String(128)),
     Column("detail", Text),
 )
+
+
+# Statements run for every connection, built once (a reconnect storm runs them thousands of times).
+_ADMISSION = select(stations.c.registration_status, stations.c.password_hash).where(
+    stations.c.id == bindparam("station"))
+_INSERT_EVENT = insert(connection_events)
+_TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).values(
+    {column: bindparam("at")}) for column in ("last_connected_at", "last_disconnected_at", "last_seen_at")}
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -69,8 +77,7 @@ class StationStore:
     def get_admission(self, station_id: str):
         """(registration_status, password_hash) for a station, or None when it is unknown."""
         def thd(conn):
-            row = conn.execute(select(stations.c.registration_status, stations.c.password_hash)
-                               .where(stations.c.id == station_id)).first()
+            row = conn.execute(_ADMISSION, {"station": station_id}).first()
             return None if row is None else (row[0], row[1])
         return self.db.run(thd, desc="station_admission")
 
@@ -130,15 +137,15 @@ class StationStore:
         now = self.now()
 
         def thd(conn):
-            conn.execute(insert(connection_events).values(
-                station_id=station_id, event=event, at=now, remote_address=remote_address, detail=detail))
+            conn.execute(_INSERT_EVENT, {"station_id": station_id, "event": event, "at": now,
+                                         "remote_address": remote_address, "detail": detail})
             if touch is not None:
-                conn.execute(update(stations).where(stations.c.id == station_id).values({touch: now}))
+                conn.execute(_TOUCH[touch], {"station": station_id, "at": now})
         return self.db.run(thd, desc="connection_event")
 
     def touch_last_seen(self, station_id: str, seen_at: datetime):
         def thd(conn):
-            conn.execute(update(stations).where(stations.c.id == station_id).values(last_seen_at=seen_at))
+            conn.execute(_TOUCH["last_seen_at"], {"station": station_id, "at": seen_at})
         return self.db.run(thd, desc="station_last_seen")
 
     def events(self, station_id: str, limit: int = 100, offset: int = 0):

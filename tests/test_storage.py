@@ -180,3 +180,36 @@ async def test_app_creates_every_enabled_plugins_tables_on_start(csms):
     expected = {table.name for metadata in csms.app.all_metadata() for table in metadata.sorted_tables}
     assert names == expected
     assert {"csms_stations", "csms_connection_events", "core_transactions"} <= names
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_own(db, database_url):
+    """Group commit: functions queued while the pool is busy commit together, each in its own
+    savepoint, so the one that fails rolls back alone and the others are committed."""
+    release = threading.Event()
+    held = db.run(lambda conn: release.wait(10), desc="hold_the_pool")
+
+    def insert(key):
+        def thd(conn):
+            conn.execute(probe.insert().values(key=key, value=1))
+            return key
+        return thd
+
+    def insert_then_fail(conn):
+        conn.execute(probe.insert().values(key="doomed", value=2))
+        raise ValueError("refused")
+
+    # The pool's threads are all busy (SQLite has one; PostgreSQL gets as many holds as it has threads).
+    holds = [held] + [db.run(lambda conn: release.wait(10), desc="hold") for _ in range(db.pool.max - 1)]
+    before = db.stats["transactions"]
+    first, failing, last = db.run(insert("a")), db.run(insert_then_fail), db.run(insert("b"))
+    release.set()
+    for hold in holds:
+        await hold.addTimeout(10, reactor)
+    assert await first.addTimeout(10, reactor) == "a"
+    with pytest.raises(ValueError, match="refused"):
+        await failing.addTimeout(10, reactor)
+    assert await last.addTimeout(10, reactor) == "b"
+    assert await read_from_another_connection(database_url) == [("a", 1, None), ("b", 1, None)]
+    if db.pool.max == 1:
+        assert db.stats["transactions"] - before == 1  # the three functions shared one commit

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 
 from csms.ocpp16 import format_datetime, parse_datetime
 from csms.stations import as_utc
@@ -48,26 +48,42 @@ def id_tag_info_from_row(row, now: datetime) -> dict:
     return info
 
 
+# Hot-path statements are built once, with bind parameters: building a SQLAlchemy statement per
+# message costs several times more CPU than executing it (see docs/benchmarks.md).
+_TAG_EXACT = select(id_tags).where(id_tags.c.id_tag == bindparam("tag"))
+_TAG_ANY_CASE = (select(id_tags).where(func.lower(id_tags.c.id_tag) == func.lower(bindparam("tag")))
+                 .order_by(id_tags.c.id_tag).limit(1))
+_ACTIVE_FOR_TAG = (select(transactions.c.id).where(func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")),
+                                                  transactions.c.stopped_at.is_(None)).limit(1))
+_ACTIVE_FOR_TAG_ELSEWHERE = (select(transactions.c.id).where(
+    func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")), transactions.c.stopped_at.is_(None),
+    or_(transactions.c.station_id != bindparam("station"), transactions.c.connector_id != bindparam("connector")))
+    .limit(1))
+_TRANSACTION_OF_STATION = select(transactions.c.id).where(transactions.c.id == bindparam("tx"),
+                                                          transactions.c.station_id == bindparam("station"))
+_INSERT_METER_VALUES = insert(meter_values)
+_CONNECTOR_STATUS = select(connectors.c.status).where(connectors.c.station_id == bindparam("station"),
+                                                      connectors.c.connector_id == bindparam("connector"))
+_INSERT_STATUS_HISTORY = insert(status_history)
+
+
 def _find_id_tag(conn, id_tag: str):
     """The stored tag ``id_tag`` names: the exact one, else one that differs only in case.
 
     IdToken is a CiString20Type (OCPP 1.6 §7.28): readers that send 04a1b2 and 04A1B2 mean the same card.
     """
-    row = conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first()
+    row = conn.execute(_TAG_EXACT, {"tag": id_tag}).first()
     if row is None:
-        row = conn.execute(select(id_tags).where(func.lower(id_tags.c.id_tag) == func.lower(id_tag))
-                           .order_by(id_tags.c.id_tag).limit(1)).first()
+        row = conn.execute(_TAG_ANY_CASE, {"tag": id_tag}).first()
     return row
 
 
 def _active_for_tag(conn, id_tag: str, exclude_station: str | None = None, exclude_connector: int | None = None):
     # Case-insensitive like every IdToken comparison (served by core_transactions_id_tag_ci_open).
-    query = select(transactions.c.id).where(func.lower(transactions.c.id_tag) == func.lower(id_tag),
-                                            transactions.c.stopped_at.is_(None))
-    if exclude_station is not None:
-        query = query.where(or_(transactions.c.station_id != exclude_station,
-                                transactions.c.connector_id != exclude_connector))
-    return conn.execute(query.limit(1)).first() is not None
+    if exclude_station is None:
+        return conn.execute(_ACTIVE_FOR_TAG, {"tag": id_tag}).first() is not None
+    return conn.execute(_ACTIVE_FOR_TAG_ELSEWHERE, {"tag": id_tag, "station": exclude_station,
+                                                    "connector": exclude_connector}).first() is not None
 
 
 def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_list: list) -> list[dict]:
@@ -127,12 +143,11 @@ class CoreStore:
         }
 
         def thd(conn):
-            previous = conn.execute(select(connectors.c.status).where(
-                connectors.c.station_id == station_id, connectors.c.connector_id == connector_id)).scalar()
+            previous = conn.execute(_CONNECTOR_STATUS, {"station": station_id, "connector": connector_id}).scalar()
             self.db.upsert(conn, connectors, {"station_id": station_id, "connector_id": connector_id},
                            {**values, "status_timestamp": timestamp or now, "updated_at": now})
-            conn.execute(insert(status_history).values(station_id=station_id, connector_id=connector_id,
-                                                       timestamp=timestamp, received_at=now, **values))
+            conn.execute(_INSERT_STATUS_HISTORY, dict(station_id=station_id, connector_id=connector_id,
+                                                      timestamp=timestamp, received_at=now, **values))
             return previous
         return self.db.run(thd, desc="core_status")
 
@@ -271,12 +286,12 @@ class CoreStore:
 
         def thd(conn):
             linked = transaction_id
-            if linked is not None and conn.execute(select(transactions.c.id).where(
-                    transactions.c.id == linked, transactions.c.station_id == station_id)).first() is None:
+            if linked is not None and conn.execute(
+                    _TRANSACTION_OF_STATION, {"tx": linked, "station": station_id}).first() is None:
                 linked = None
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
-                conn.execute(insert(meter_values), rows)
+                conn.execute(_INSERT_METER_VALUES, rows)
             return linked
         return self.db.run(thd, desc="core_meter_values")
 
