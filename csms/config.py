@@ -32,7 +32,7 @@ class OCPPConfig:
     auto_ping_timeout: float = 30.0
     max_message_size: int = 65536
     max_charge_point_id_length: int = 48
-    open_handshake_timeout: float = 10.0
+    open_handshake_timeout: float = 30.0
 
 
 @dataclass

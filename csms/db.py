@@ -15,7 +15,7 @@ import os
 import time
 from collections import deque
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -83,6 +83,7 @@ class Database:
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
         self._started = False
         self._queue: deque = deque()
+        self._upserts: dict = {}
         self.stats = {"transactions": 0, "functions": 0, "retries": 0}
 
     def start(self) -> None:
@@ -175,6 +176,15 @@ class Database:
         return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
 
     def upsert(self, conn, table, keys: dict, values: dict) -> None:
-        """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist."""
-        stmt = self.insert(table).values(**keys, **values)
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=values))
+        """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist.
+
+        The statement for each (table, columns) shape is built once and reused with bind parameters.
+        """
+        shape = (table.name, tuple(keys), tuple(values))
+        stmt = self._upserts.get(shape)
+        if stmt is None:
+            insert = self.insert(table).values({name: bindparam(name) for name in (*keys, *values)})
+            stmt = insert.on_conflict_do_update(index_elements=list(keys),
+                                                set_={name: insert.excluded[name] for name in values})
+            self._upserts[shape] = stmt
+        conn.execute(stmt, {**keys, **values})

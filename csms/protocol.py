@@ -77,18 +77,16 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
                      station=station_id, peer=peer, offered=request.protocols)
             raise ConnectionDeny(400, "The ocpp1.6 WebSocket subprotocol is required")
-        admission = yield app.station_store.get_admission(station_id)
+        policy = ocpp.unknown_stations
+        register_as = None if policy == "reject" else ("Pending" if policy == "pending" else "Accepted")
+        admission = yield app.station_store.admit(station_id, register_as)
         if admission is None:
-            policy = ocpp.unknown_stations
-            if policy == "reject":
-                yield app.station_store.record_event(station_id, "refused", peer, "unknown station")
-                log.info("Refused unknown station {station} from {peer}", station=station_id, peer=peer)
-                raise ConnectionDeny(404, "Unknown charge point")
-            yield app.station_store.create(station_id, "Pending" if policy == "pending" else "Accepted")
+            yield app.station_store.record_event(station_id, "refused", peer, "unknown station")
+            log.info("Refused unknown station {station} from {peer}", station=station_id, peer=peer)
+            raise ConnectionDeny(404, "Unknown charge point")
+        _, password_hash, registered = admission
+        if registered:
             log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
-            password_hash = None
-        else:
-            password_hash = admission[1]
         if password_hash is not None:
             credentials = parse_basic_auth(request.headers.get("authorization"))
             ok = False

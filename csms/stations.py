@@ -42,6 +42,8 @@ connection_events = Table(
 _ADMISSION = select(stations.c.registration_status, stations.c.password_hash).where(
     stations.c.id == bindparam("station"))
 _INSERT_EVENT = insert(connection_events)
+_INSERT_STATION = insert(stations)
+_STATION = select(stations).where(stations.c.id == bindparam("station"))
 _TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).values(
     {column: bindparam("at")}) for column in ("last_connected_at", "last_disconnected_at", "last_seen_at")}
 
@@ -74,16 +76,26 @@ class StationStore:
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
 
-    def get_admission(self, station_id: str):
-        """(registration_status, password_hash) for a station, or None when it is unknown."""
+    def admit(self, station_id: str, register_as: str | None):
+        """One round trip for a handshake: (registration_status, password_hash, registered_now) of a
+        station; an unknown one is registered with ``register_as`` first, or None when that is None."""
+        now = self.now()
+
         def thd(conn):
             row = conn.execute(_ADMISSION, {"station": station_id}).first()
-            return None if row is None else (row[0], row[1])
-        return self.db.run(thd, desc="station_admission")
+            if row is not None:
+                return row[0], row[1], False
+            if register_as is None:
+                return None
+            conn.execute(_INSERT_STATION, {"id": station_id, "registration_status": register_as,
+                                           "password_hash": None, "description": None,
+                                           "created_at": now, "updated_at": now})
+            return register_as, None, True
+        return self.db.run(thd, desc="station_admit")
 
     def get(self, station_id: str):
         def thd(conn):
-            row = conn.execute(select(stations).where(stations.c.id == station_id)).first()
+            row = conn.execute(_STATION, {"station": station_id}).first()
             return None if row is None else station_row(row)
         return self.db.run(thd, desc="station_get")
 
