@@ -58,6 +58,8 @@ class CentralSystem:
         self.clock = clock if clock is not None else reactor
         self.pm = make_plugin_manager(config.enabled_plugins, config.blocked_plugins, extra_plugins)
         self.hook = self.pm.hook
+        #: OCPP action -> its handler hook's caller (pluggy keeps one caller per hook, whatever registers later).
+        self._inbound_callers = {action: getattr(self.hook, ocpp16.hook_name(action)) for action in ocpp16.INBOUND}
         self.db = Database(config.database.url, reactor, pool_size=config.database.pool_size,
                            sqlite_synchronous=config.database.sqlite_synchronous)
         self.station_store = StationStore(self.db, self.clock)
@@ -109,20 +111,25 @@ class CentralSystem:
     # -- inbound dispatch --------------------------------------------------------------------
 
     def dispatch(self, station, action: str, payload: dict):
-        """Route an inbound, schema-valid CALL to its plugin hook (see :mod:`csms.hookspecs`)."""
-        if action in ocpp16.INBOUND:
-            result = getattr(self.hook, ocpp16.hook_name(action))(station=station, payload=payload)
+        """Route an inbound, schema-valid CALL to its plugin hook (see :mod:`csms.hookspecs`).
+
+        Returns the handler's answer as it gave it (a dict, a Deferred or an awaitable): the RPC layer
+        answers a plain dict at once, without wrapping it in a Deferred.
+        """
+        caller = self._inbound_callers.get(action)
+        if caller is not None:
+            result = caller(station=station, payload=payload)
             if result is None:
                 if action in self.inbound_actions:
                     raise CallError("InternalError", f"No plugin answered {action}")
                 raise CallError("NotSupported",
                                 f"{action} belongs to the {ocpp16.INBOUND[action]} profile, "
                                 "which is not enabled on this Central System")
-            return as_deferred(result)
+            return result
         result = self.hook.csms_handle_call(station=station, action=action, payload=payload)
         if result is None:
             raise CallError("NotImplemented", f"Action {action!r} is not implemented by this Central System")
-        return as_deferred(result)
+        return result
 
     def fire(self, hook_name: str, **kwargs) -> defer.Deferred:
         """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""

@@ -32,9 +32,9 @@ class FakeTransport:
         self.dispatched.append((action, payload))
         return self._dispatch(session, action, payload)
 
-    def send(self, text: str) -> None:
-        assert isinstance(text, str)
-        self.sent.append(json.loads(text))
+    def send(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.sent.append(json.loads(data.decode("utf-8")))
 
     def receive(self, message) -> None:
         self.session.text_received(message if isinstance(message, str) else json.dumps(message))

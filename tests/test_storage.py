@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import pytest_twisted
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet import reactor, threads
 from twisted.python import threadable
@@ -184,8 +184,8 @@ async def test_app_creates_every_enabled_plugins_tables_on_start(csms):
 
 @pytest_twisted.ensureDeferred
 async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_own(db, database_url):
-    """Group commit: functions queued while the pool is busy commit together, each in its own
-    savepoint, so the one that fails rolls back alone and the others are committed."""
+    """Group commit: functions queued while the pool is busy commit together; when one fails the group
+    is rerun with each function in its own savepoint, so it rolls back alone and the others commit."""
     release = threading.Event()
     held = db.run(lambda conn: release.wait(10), desc="hold_the_pool")
 
@@ -201,7 +201,7 @@ async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_ow
 
     # The pool's threads are all busy (SQLite has one; PostgreSQL gets as many holds as it has threads).
     holds = [held] + [db.run(lambda conn: release.wait(10), desc="hold") for _ in range(db.pool.max - 1)]
-    before = db.stats["transactions"]
+    before, isolated_before = db.stats["transactions"], db.stats["isolated"]
     first, failing, last = db.run(insert("a")), db.run(insert_then_fail), db.run(insert("b"))
     release.set()
     for hold in holds:
@@ -213,3 +213,34 @@ async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_ow
     assert await read_from_another_connection(database_url) == [("a", 1, None), ("b", 1, None)]
     if db.pool.max == 1:
         assert db.stats["transactions"] - before == 1  # the three functions shared one commit
+        assert db.stats["isolated"] - isolated_before == 1  # found the failing one by rerunning in savepoints
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_that_succeeds_commits_once_without_savepoints(db, database_url):
+    release = threading.Event()
+    holds = [db.run(lambda conn: release.wait(10), desc="hold") for _ in range(db.pool.max)]
+    statements = []
+
+    def insert(key):
+        def thd(conn):
+            conn.execute(probe.insert().values(key=key, value=1))
+            return key
+        return thd
+
+    before, isolated_before = db.stats["transactions"], db.stats["isolated"]
+    listen = lambda conn, cursor, statement, *rest: statements.append(statement)  # noqa: E731
+    event.listen(db.engine, "before_cursor_execute", listen)
+    try:
+        works = [db.run(insert(key)) for key in ("a", "b", "c")]
+        release.set()
+        for hold in holds:
+            await hold.addTimeout(10, reactor)
+        assert [await w.addTimeout(10, reactor) for w in works] == ["a", "b", "c"]
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listen)
+    assert await read_from_another_connection(database_url) == [("a", 1, None), ("b", 1, None), ("c", 1, None)]
+    assert db.stats["isolated"] == isolated_before
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+    if db.pool.max == 1:
+        assert db.stats["transactions"] - before == 1

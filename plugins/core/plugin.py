@@ -34,7 +34,8 @@ class CorePlugin:
         self.app = app
         self.heartbeat_interval = settings.getint("heartbeat_interval", 300)
         self.boot_retry_interval = settings.getint("boot_retry_interval", 60)
-        self.store = CoreStore(app.db, app.clock, concurrent_tx=settings.getbool("concurrent_tx_check", True))
+        self.store = CoreStore(app.db, app.clock, concurrent_tx=settings.getbool("concurrent_tx_check", True),
+                               id_tag_cache_seconds=settings.getfloat("id_tag_cache_seconds", 60.0))
 
     @hookimpl
     def csms_tables(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from twisted.internet import defer
 
 from csms.ocpp16 import format_datetime, parse_datetime
 from csms.stations import as_utc
@@ -32,20 +33,75 @@ def id_tag_dict(row) -> dict:
     return _row(row, "expiry_date", "created_at", "updated_at")
 
 
-def id_tag_info_from_row(row, now: datetime) -> dict:
+def _tag_snapshot(row):
+    """What idTagInfo needs of a stored tag: (status, expiry as UTC, parent), or None for no tag."""
+    return None if row is None else (row.status, as_utc(row.expiry_date), row.parent_id_tag)
+
+
+def id_tag_info_from(snapshot, now: datetime) -> dict:
     """OCPP idTagInfo for a stored tag (OCPP 1.6 §7.28): status, expiry and parent as the CSMS holds them."""
-    if row is None:
+    if snapshot is None:
         return {"status": "Invalid"}
-    status = row.status
-    expiry = as_utc(row.expiry_date)
+    status, expiry, parent = snapshot
     if status == "Accepted" and expiry is not None and expiry <= now:
         status = "Expired"
     info = {"status": status}
     if expiry is not None:
         info["expiryDate"] = format_datetime(expiry)
-    if row.parent_id_tag:
-        info["parentIdTag"] = row.parent_id_tag
+    if parent:
+        info["parentIdTag"] = parent
     return info
+
+
+class IdTagCache:
+    """What Authorize needs of an id tag, kept in memory so that a repeated Authorize costs no query.
+
+    An entry is the tag's snapshot (:func:`_tag_snapshot`) and, once asked, whether the tag has an
+    open transaction (for ConcurrentTx). Every change this process makes through :class:`CoreStore`
+    (id tags written, transactions started or stopped) drops the entries of that tag, case-insensitively,
+    both when the write is queued and when it is committed; a lookup that was in flight across a change
+    is not cached. Entries also age out after ``ttl`` seconds, which bounds how long a change made by
+    anything else (another process on the same database, hand-written SQL) can go unseen; ``ttl = 0``
+    turns the cache off.
+    """
+
+    def __init__(self, clock, ttl: float, max_entries: int = 100_000):
+        self.clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.generation = 0
+        self._entries: dict[str, tuple] = {}  # id tag as sent -> (snapshot, active or None, stored at)
+        self._by_lower: dict[str, set] = {}
+        self.stats = {"hits": 0, "misses": 0}
+
+    def get(self, id_tag: str, need_active: bool):
+        """The cached (snapshot, active), or None when it must be read."""
+        entry = self._entries.get(id_tag)
+        if entry is None or (need_active and entry[1] is None) or self.clock.seconds() - entry[2] >= self.ttl:
+            self.stats["misses"] += 1
+            return None
+        self.stats["hits"] += 1
+        return entry
+
+    def put(self, id_tag: str, snapshot, active, generation: int) -> None:
+        if self.ttl <= 0 or generation != self.generation:
+            return  # something changed while this was being read
+        if len(self._entries) >= self.max_entries and id_tag not in self._entries:
+            self.clear()
+        self._entries[id_tag] = (snapshot, active, self.clock.seconds())
+        self._by_lower.setdefault(id_tag.lower(), set()).add(id_tag)
+
+    def invalidate(self, id_tag: str | None = None) -> None:
+        """Forget ``id_tag`` (any case), and let no lookup in flight store what it read."""
+        self.generation += 1
+        if id_tag is not None:
+            for key in self._by_lower.pop(id_tag.lower(), ()):
+                self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+        self._by_lower.clear()
 
 
 # Hot-path statements are built once, with bind parameters: building a SQLAlchemy statement per
@@ -103,10 +159,27 @@ def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_
 
 
 class CoreStore:
-    def __init__(self, db, clock, concurrent_tx: bool = True):
+    def __init__(self, db, clock, concurrent_tx: bool = True, id_tag_cache_seconds: float = 60.0):
         self.db = db
         self.clock = clock
         self.concurrent_tx = concurrent_tx
+        self.tag_cache = IdTagCache(clock, id_tag_cache_seconds)
+        #: transaction id -> its station, for transactions seen by this process (MeterValues' link check)
+        self._transaction_owner: dict[int, str] = {}
+
+    def _changing_tag(self, d, id_tag: str | None = None, tag_of_result=None):
+        """Drop ``id_tag`` from the cache now (the write is queued) and again once it is committed."""
+        cache = self.tag_cache
+        cache.invalidate(id_tag)
+
+        def committed(result):
+            cache.invalidate(id_tag if tag_of_result is None else tag_of_result(result))
+            return result
+
+        def failed(failure):
+            cache.invalidate(id_tag)
+            return failure
+        return d.addCallbacks(committed, failed)
 
     def now(self) -> datetime:
         from datetime import timezone
@@ -154,15 +227,38 @@ class CoreStore:
     # -- id tags -----------------------------------------------------------------------------
 
     def id_tag_info(self, id_tag: str, check_concurrent: bool):
+        """idTagInfo for ``id_tag``; ConcurrentTx when asked and it has an open transaction.
+
+        Answered from :class:`IdTagCache` when it can be (a Deferred that has already fired).
+        """
         now = self.now()
         concurrent = check_concurrent and self.concurrent_tx
+        cache = self.tag_cache
+        entry = cache.get(id_tag, concurrent)
+        if entry is not None:
+            return defer.succeed(self._tag_info(entry[0], entry[1], now, concurrent))
+        generation = cache.generation
 
         def thd(conn):
-            info = id_tag_info_from_row(_find_id_tag(conn, id_tag), now)
-            if concurrent and info["status"] == "Accepted" and _active_for_tag(conn, id_tag):
-                info["status"] = "ConcurrentTx"
-            return info
-        return self.db.run(thd, desc="core_id_tag_info")
+            snapshot = _tag_snapshot(_find_id_tag(conn, id_tag))
+            active = None
+            if concurrent:
+                # Only an Accepted tag can be ConcurrentTx, so only then is the question asked.
+                active = snapshot is not None and snapshot[0] == "Accepted" and _active_for_tag(conn, id_tag)
+            return snapshot, active
+
+        def read(result):
+            snapshot, active = result
+            cache.put(id_tag, snapshot, active, generation)
+            return self._tag_info(snapshot, active, now, concurrent)
+        return self.db.run(thd, desc="core_id_tag_info").addCallback(read)
+
+    @staticmethod
+    def _tag_info(snapshot, active, now: datetime, concurrent: bool) -> dict:
+        info = id_tag_info_from(snapshot, now)
+        if concurrent and active and info["status"] == "Accepted":
+            info["status"] = "ConcurrentTx"
+        return info
 
     def put_id_tag(self, id_tag: str, status: str = "Accepted", expiry_date: datetime | None = None,
                    parent_id_tag: str | None = None, description: str | None = None):
@@ -178,7 +274,7 @@ class CoreStore:
             else:
                 conn.execute(insert(id_tags).values(id_tag=id_tag, created_at=now, **values))
             return not exists
-        return self.db.run(thd, desc="core_put_id_tag")
+        return self._changing_tag(self.db.run(thd, desc="core_put_id_tag"), id_tag)
 
     def update_id_tag(self, id_tag: str, **values):
         """Update some fields of an id tag; fires the updated tag, or None when it does not exist."""
@@ -188,7 +284,7 @@ class CoreStore:
             if conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values)).rowcount == 0:
                 return None
             return id_tag_dict(conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first())
-        return self.db.run(thd, desc="core_update_id_tag")
+        return self._changing_tag(self.db.run(thd, desc="core_update_id_tag"), id_tag)
 
     def get_id_tag(self, id_tag: str):
         def thd(conn):
@@ -199,7 +295,7 @@ class CoreStore:
     def delete_id_tag(self, id_tag: str):
         def thd(conn):
             return conn.execute(delete(id_tags).where(id_tags.c.id_tag == id_tag)).rowcount > 0
-        return self.db.run(thd, desc="core_delete_id_tag")
+        return self._changing_tag(self.db.run(thd, desc="core_delete_id_tag"), id_tag)
 
     def list_id_tags(self, limit: int = 100, offset: int = 0, status: str | None = None,
                      parent_id_tag: str | None = None, id_tags_in: list[str] | None = None):
@@ -243,7 +339,10 @@ class CoreStore:
             transaction_id = conn.execute(insert(transactions).values(**values)).inserted_primary_key[0]
             row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
             return transaction_dict(row), True
-        return self.db.run(thd, desc="core_start_transaction")
+        def started(result):
+            self._remember_owner(result[0]["transaction_id"], station_id)
+            return result
+        return self._changing_tag(self.db.run(thd, desc="core_start_transaction"), id_tag).addCallback(started)
 
     def stop_transaction(self, station_id: str, payload: dict, stopped_by: str = "station"):
         """Fires (transaction dict or None, newly_stopped). An unknown transaction is kept in core_unmatched_stops."""
@@ -274,7 +373,8 @@ class CoreStore:
                 conn.execute(insert(meter_values), rows)
             row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
             return transaction_dict(row), True
-        return self.db.run(thd, desc="core_stop_transaction")
+        return self._changing_tag(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
+                                  tag_of_result=lambda result: result[0]["id_tag"] if result[0] else None)
 
     def record_meter_values(self, station_id: str, payload: dict):
         """Store MeterValues; fires the transaction id they were linked to.
@@ -283,17 +383,29 @@ class CoreStore:
         otherwise (a station's bug, or a forged id) they would show up in another station's transaction.
         """
         transaction_id = payload.get("transactionId")
+        # A transaction never changes station, so an owner seen once needs no query again.
+        known = transaction_id is not None and self._transaction_owner.get(transaction_id) == station_id
 
         def thd(conn):
             linked = transaction_id
-            if linked is not None and conn.execute(
+            if linked is not None and not known and conn.execute(
                     _TRANSACTION_OF_STATION, {"tx": linked, "station": station_id}).first() is None:
                 linked = None
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
                 conn.execute(_INSERT_METER_VALUES, rows)
             return linked
-        return self.db.run(thd, desc="core_meter_values")
+
+        def stored(linked):
+            if linked is not None:
+                self._remember_owner(linked, station_id)
+            return linked
+        return self.db.run(thd, desc="core_meter_values").addCallback(stored)
+
+    def _remember_owner(self, transaction_id: int, station_id: str) -> None:
+        if len(self._transaction_owner) >= 100_000:
+            self._transaction_owner.clear()
+        self._transaction_owner[transaction_id] = station_id
 
     def active_transactions(self, station_id: str):
         def thd(conn):
