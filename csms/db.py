@@ -13,6 +13,7 @@ transient error: a lock, a serialization failure), so it must not have effects o
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 
@@ -84,7 +85,13 @@ class Database:
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
         self._started = False
         self._queue: deque = deque()
+        # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy
+        # pool is handed work by the drains already running, not by one pool task per function.
+        self._lock = threading.Lock()
+        self._drains = 0
+        self._max_drains = threads_max
         self._upserts: dict = {}
+        self._bulk_inserts: dict = {}
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
 
     def start(self) -> None:
@@ -101,21 +108,25 @@ class Database:
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
         """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit."""
         d = defer.Deferred()
-        self._queue.append((thd, args, kwargs, desc, d))
+        with self._lock:
+            self._queue.append((thd, args, kwargs, desc, d))
+            if self._drains >= self._max_drains:
+                return d  # a running drain will take it
+            self._drains += 1
         self.pool.callInThread(self._drain)
         return d
 
     def _drain(self) -> None:
-        """On a pool thread: take what is queued (up to MAX_BATCH) and commit it together."""
-        batch = []
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(self._queue.popleft())
-            except IndexError:
-                break
-        if not batch:
-            return  # an earlier drain took this work along
-        self.reactor.callFromThread(self._fire, batch, self._commit(batch))
+        """On a pool thread: commit what is queued, up to MAX_BATCH functions per transaction, until
+        nothing is left."""
+        queue = self._queue
+        while True:
+            with self._lock:
+                if not queue:
+                    self._drains -= 1
+                    return
+                batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+            self.reactor.callFromThread(self._fire, batch, self._commit(batch))
 
     @staticmethod
     def _fire(batch: list, outcomes: list) -> None:
@@ -191,6 +202,40 @@ class Database:
     def insert(self, table):
         """An INSERT that supports ``on_conflict_do_update`` on both SQLite and PostgreSQL."""
         return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
+    def insert_many(self, conn, table, columns: tuple, rows: list) -> None:
+        """INSERT ``rows`` (tuples in ``columns`` order) into ``table`` with the driver's executemany.
+
+        For hot paths (meter values): no SQL compilation and no per-row dict handling, about a tenth
+        of ``conn.execute(insert(table), dicts)``'s CPU. Values go through each column type's bind
+        processor (as SQLAlchemy would apply them), so what is stored reads back the same.
+        """
+        prepared = self._bulk_inserts.get((table.name, columns))
+        if prepared is None:
+            dialect = self.engine.dialect
+            marker = "?" if dialect.paramstyle == "qmark" else "%s"
+            preparer = dialect.identifier_preparer
+            sql = (f"INSERT INTO {preparer.format_table(table)} "
+                   f"({', '.join(preparer.quote(name) for name in columns)}) "
+                   f"VALUES ({', '.join([marker] * len(columns))})")
+            processors = [(i, p) for i, name in enumerate(columns)
+                          if (p := table.c[name].type._cached_bind_processor(dialect)) is not None]
+            prepared = self._bulk_inserts[(table.name, columns)] = (sql, processors)
+        sql, processors = prepared
+        if processors:
+            converted = []
+            for row in rows:
+                row = list(row)
+                for i, process in processors:
+                    if row[i] is not None:
+                        row[i] = process(row[i])
+                converted.append(row)
+            rows = converted
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.executemany(sql, rows)
+        finally:
+            cursor.close()
 
     def upsert(self, conn, table, keys: dict, values: dict) -> None:
         """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist.

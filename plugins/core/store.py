@@ -117,7 +117,6 @@ _ACTIVE_FOR_TAG_ELSEWHERE = (select(transactions.c.id).where(
     .limit(1))
 _TRANSACTION_OF_STATION = select(transactions.c.id).where(transactions.c.id == bindparam("tx"),
                                                           transactions.c.station_id == bindparam("station"))
-_INSERT_METER_VALUES = insert(meter_values)
 _CONNECTOR_STATUS = select(connectors.c.status).where(connectors.c.station_id == bindparam("station"),
                                                       connectors.c.connector_id == bindparam("connector"))
 _INSERT_STATUS_HISTORY = insert(status_history)
@@ -142,19 +141,20 @@ def _active_for_tag(conn, id_tag: str, exclude_station: str | None = None, exclu
                                                     "connector": exclude_connector}).first() is not None
 
 
-def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_list: list) -> list[dict]:
+METER_COLUMNS = ("station_id", "connector_id", "transaction_id", "timestamp", "value", "measurand", "phase",
+                 "unit", "context", "location", "format")
+
+
+def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_list: list) -> list[tuple]:
+    """One row (in METER_COLUMNS order) per sampled value, with OCPP 1.6's defaults filled in (§7.45)."""
     rows = []
     for meter_value in meter_value_list:
         timestamp = parse_datetime(meter_value["timestamp"])
         for sample in meter_value["sampledValue"]:
-            rows.append({
-                "station_id": station_id, "connector_id": connector_id, "transaction_id": transaction_id,
-                "timestamp": timestamp, "value": sample["value"],
-                "measurand": sample.get("measurand", "Energy.Active.Import.Register"),
-                "phase": sample.get("phase"), "unit": sample.get("unit", "Wh"),
-                "context": sample.get("context", "Sample.Periodic"),
-                "location": sample.get("location", "Outlet"), "format": sample.get("format", "Raw"),
-            })
+            get = sample.get
+            rows.append((station_id, connector_id, transaction_id, timestamp, sample["value"],
+                         get("measurand", "Energy.Active.Import.Register"), get("phase"), get("unit", "Wh"),
+                         get("context", "Sample.Periodic"), get("location", "Outlet"), get("format", "Raw")))
     return rows
 
 
@@ -361,7 +361,7 @@ class CoreStore:
                     received_at=now))
                 rows = _meter_rows(station_id, 0, None, transaction_data)
                 if rows:
-                    conn.execute(insert(meter_values), rows)
+                    self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
                 return None, False
             if row.stopped_at is not None:
                 return transaction_dict(row), False  # retransmitted stop: already closed
@@ -370,7 +370,7 @@ class CoreStore:
                 stop_id_tag=payload.get("idTag"), stop_received_at=now, stopped_by=stopped_by))
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
-                conn.execute(insert(meter_values), rows)
+                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
             row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
             return transaction_dict(row), True
         return self._changing_tag(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
@@ -393,7 +393,7 @@ class CoreStore:
                 linked = None
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
-                conn.execute(_INSERT_METER_VALUES, rows)
+                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
             return linked
 
         def stored(linked):
