@@ -135,6 +135,8 @@ class CentralSystem:
         """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""
         caller = getattr(self.hook, hook_name)
         impls = caller.get_hookimpls()
+        if not impls:
+            return defer.succeed(None)
         results = []
         if any(impl.wrapper or impl.hookwrapper for impl in impls):
             try:

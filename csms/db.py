@@ -33,6 +33,8 @@ _TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock det
 MAX_ATTEMPTS = 3
 #: Most functions committed together in one group commit.
 MAX_BATCH = 200
+#: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
+BULK_ROWS = 256
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -88,10 +90,14 @@ class Database:
         # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy
         # pool is handed work by the drains already running, not by one pool task per function.
         self._lock = threading.Lock()
+        self._incoming: list = []
+        self._handover_scheduled = False
         self._drains = 0
         self._max_drains = threads_max
         self._upserts: dict = {}
         self._bulk_inserts: dict = {}
+        self._local = threading.local()  # .pending: rows insert_many holds for the thread's transaction
+        event.listen(self.engine, "before_cursor_execute", self._before_cursor_execute)
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
 
     def start(self) -> None:
@@ -101,20 +107,35 @@ class Database:
 
     def stop(self) -> None:
         if self._started:
+            stats = self.stats
+            log.info("Database: {functions} functions in {transactions} transactions "
+                     "({retries} retried, {isolated} rerun in savepoints)", **stats)
             self._started = False
             self.pool.stop()
             self.engine.dispose()
 
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
-        """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit."""
+        """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit.
+
+        Work is handed to the pool once per reactor turn, after every message that arrived in that
+        turn has been read, so that it can share one commit instead of racing the pool one by one.
+        """
         d = defer.Deferred()
+        self._incoming.append((thd, args, kwargs, desc, d))
+        if not self._handover_scheduled:
+            self._handover_scheduled = True
+            self.reactor.callLater(0, self._hand_over)
+        return d
+
+    def _hand_over(self) -> None:
+        self._handover_scheduled = False
+        work, self._incoming = self._incoming, []
         with self._lock:
-            self._queue.append((thd, args, kwargs, desc, d))
+            self._queue.extend(work)
             if self._drains >= self._max_drains:
-                return d  # a running drain will take it
+                return  # a running drain will take it
             self._drains += 1
         self.pool.callInThread(self._drain)
-        return d
 
     def _drain(self) -> None:
         """On a pool thread: commit what is queued, up to MAX_BATCH functions per transaction, until
@@ -147,6 +168,7 @@ class Database:
         attempt = 1
         isolate = len(batch) == 1
         while True:
+            self._local.pending = {}
             try:
                 with self.engine.begin() as conn:
                     if len(batch) == 1:
@@ -156,6 +178,7 @@ class Database:
                         outcomes = [(True, thd(conn, *args, **kwargs)) for thd, args, kwargs, _, _ in batch]
                     else:
                         outcomes = [self._in_savepoint(conn, work) for work in batch]
+                    self._flush(conn)
                 self.stats["transactions"] += 1
                 self.stats["functions"] += len(batch)
                 return outcomes
@@ -180,13 +203,16 @@ class Database:
                 # A lone function failed (or the commit did): its transaction is rolled back.
                 failure = Failure()
                 return [(False, failure)] * len(batch)
+            finally:
+                self._local.pending = None
 
-    @staticmethod
-    def _in_savepoint(conn, work):
+    def _in_savepoint(self, conn, work):
         thd, args, kwargs, _, _ = work
         try:
             with conn.begin_nested():
-                return True, thd(conn, *args, **kwargs)
+                result = thd(conn, *args, **kwargs)
+                self._flush(conn)  # its held rows fail (and roll back) with it
+                return True, result
         except DBAPIError as exc:
             if _is_transient(exc):
                 raise  # the whole group is retried
@@ -204,24 +230,22 @@ class Database:
         return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
 
     def insert_many(self, conn, table, columns: tuple, rows: list) -> None:
-        """INSERT ``rows`` (tuples in ``columns`` order) into ``table`` with the driver's executemany.
+        """INSERT ``rows`` (tuples in ``columns`` order) into ``table``: the bulk path for hot inserts.
 
-        For hot paths (meter values): no SQL compilation and no per-row dict handling, about a tenth
-        of ``conn.execute(insert(table), dicts)``'s CPU. Values go through each column type's bind
-        processor (as SQLAlchemy would apply them), so what is stored reads back the same.
+        Inside :meth:`run` the rows are held and written, with every other function's rows for the same
+        table, as multi-row INSERTs just before the next statement on the connection, the end of the
+        function's SAVEPOINT or the commit, whichever comes first; what a function reads therefore
+        always includes them. One statement for a whole group commit matters: the sqlite3 driver lets
+        go of the GIL for every statement step, and taking it back from a busy reactor thread costs
+        far more CPU than the insert itself (see docs/benchmarks.md). Values go through each column
+        type's bind processor, as SQLAlchemy would apply them, so what is stored reads back the same.
+        No SQL is compiled per call.
         """
-        prepared = self._bulk_inserts.get((table.name, columns))
+        key = (table.name, columns)
+        prepared = self._bulk_inserts.get(key)
         if prepared is None:
-            dialect = self.engine.dialect
-            marker = "?" if dialect.paramstyle == "qmark" else "%s"
-            preparer = dialect.identifier_preparer
-            sql = (f"INSERT INTO {preparer.format_table(table)} "
-                   f"({', '.join(preparer.quote(name) for name in columns)}) "
-                   f"VALUES ({', '.join([marker] * len(columns))})")
-            processors = [(i, p) for i, name in enumerate(columns)
-                          if (p := table.c[name].type._cached_bind_processor(dialect)) is not None]
-            prepared = self._bulk_inserts[(table.name, columns)] = (sql, processors)
-        sql, processors = prepared
+            prepared = self._bulk_inserts[key] = self._prepare_bulk_insert(table, columns)
+        _, processors = prepared
         if processors:
             converted = []
             for row in rows:
@@ -231,11 +255,55 @@ class Database:
                         row[i] = process(row[i])
                 converted.append(row)
             rows = converted
+        pending = getattr(self._local, "pending", None)
+        if pending is None:  # outside run() (run_sync): write now
+            self._write_rows(conn, {key: rows})
+            return
+        held = pending.get(key)
+        if held is None:
+            pending[key] = list(rows)
+        else:
+            held.extend(rows)
+
+    def _prepare_bulk_insert(self, table, columns: tuple):
+        dialect = self.engine.dialect
+        marker = "?" if dialect.paramstyle == "qmark" else "%s"
+        preparer = dialect.identifier_preparer
+        head = (f"INSERT INTO {preparer.format_table(table)} "
+                f"({', '.join(preparer.quote(name) for name in columns)}) VALUES ")
+        group = "(" + ", ".join([marker] * len(columns)) + ")"
+        statements: dict[int, str] = {}
+
+        def sql_for(count: int) -> str:
+            sql = statements.get(count)
+            if sql is None:
+                sql = statements[count] = head + ", ".join([group] * count)
+            return sql
+        processors = [(i, p) for i, name in enumerate(columns)
+                      if (p := table.c[name].type._cached_bind_processor(dialect)) is not None]
+        return sql_for, processors
+
+    def _write_rows(self, conn, pending: dict) -> None:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.executemany(sql, rows)
+            for key, rows in pending.items():
+                sql_for, _ = self._bulk_inserts[key]
+                for start in range(0, len(rows), BULK_ROWS):
+                    chunk = rows[start:start + BULK_ROWS]
+                    cursor.execute(sql_for(len(chunk)), [value for row in chunk for value in row])
         finally:
             cursor.close()
+
+    def _flush(self, conn) -> None:
+        """Write the rows :meth:`insert_many` holds for this thread's transaction."""
+        pending = getattr(self._local, "pending", None)
+        if pending:
+            self._local.pending = {}
+            self._write_rows(conn, pending)
+
+    def _before_cursor_execute(self, conn, cursor, statement, parameters, context, executemany):
+        if getattr(self._local, "pending", None):
+            self._flush(conn)
 
     def upsert(self, conn, table, keys: dict, values: dict) -> None:
         """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist.

@@ -115,6 +115,18 @@ _ACTIVE_FOR_TAG_ELSEWHERE = (select(transactions.c.id).where(
     func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")), transactions.c.stopped_at.is_(None),
     or_(transactions.c.station_id != bindparam("station"), transactions.c.connector_id != bindparam("connector")))
     .limit(1))
+_EXISTING_START = select(transactions).where(
+    transactions.c.station_id == bindparam("station"), transactions.c.connector_id == bindparam("connector"),
+    transactions.c.id_tag == bindparam("tag"), transactions.c.started_at == bindparam("started_at"),
+    transactions.c.meter_start == bindparam("meter_start"))
+_INSERT_TRANSACTION = insert(transactions)
+_TRANSACTION_BY_ID = select(transactions).where(transactions.c.id == bindparam("tx"))
+_TRANSACTION_ROW_OF_STATION = select(transactions).where(transactions.c.id == bindparam("tx"),
+                                                         transactions.c.station_id == bindparam("station"))
+_STOP = update(transactions).where(transactions.c.id == bindparam("tx")).values(
+    meter_stop=bindparam("b_meter_stop"), stopped_at=bindparam("b_stopped_at"),
+    stop_reason=bindparam("b_reason"), stop_id_tag=bindparam("b_id_tag"),
+    stop_received_at=bindparam("b_received_at"), stopped_by=bindparam("b_stopped_by"))
 _TRANSACTION_OF_STATION = select(transactions.c.id).where(transactions.c.id == bindparam("tx"),
                                                           transactions.c.station_id == bindparam("station"))
 _CONNECTOR_STATUS = select(connectors.c.status).where(connectors.c.station_id == bindparam("station"),
@@ -323,10 +335,9 @@ class CoreStore:
         concurrent = self.concurrent_tx
 
         def thd(conn):
-            existing = conn.execute(select(transactions).where(
-                transactions.c.station_id == station_id, transactions.c.connector_id == connector_id,
-                transactions.c.id_tag == id_tag, transactions.c.started_at == started_at,
-                transactions.c.meter_start == meter_start)).first()
+            existing = conn.execute(_EXISTING_START, {
+                "station": station_id, "connector": connector_id, "tag": id_tag, "started_at": started_at,
+                "meter_start": meter_start}).first()
             if existing is not None:
                 return transaction_dict(existing), False
             status = info["status"]
@@ -336,8 +347,8 @@ class CoreStore:
                           id_tag_status=status, parent_id_tag=info.get("parentIdTag"),
                           reservation_id=payload.get("reservationId"), meter_start=meter_start,
                           started_at=started_at, received_at=now)
-            transaction_id = conn.execute(insert(transactions).values(**values)).inserted_primary_key[0]
-            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            transaction_id = conn.execute(_INSERT_TRANSACTION, values).inserted_primary_key[0]
+            row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
             return transaction_dict(row), True
         def started(result):
             self._remember_owner(result[0]["transaction_id"], station_id)
@@ -352,8 +363,7 @@ class CoreStore:
         transaction_data = payload.get("transactionData") or []
 
         def thd(conn):
-            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id,
-                                                          transactions.c.station_id == station_id)).first()
+            row = conn.execute(_TRANSACTION_ROW_OF_STATION, {"tx": transaction_id, "station": station_id}).first()
             if row is None:
                 conn.execute(insert(unmatched_stops).values(
                     station_id=station_id, transaction_id=transaction_id, id_tag=payload.get("idTag"),
@@ -365,13 +375,14 @@ class CoreStore:
                 return None, False
             if row.stopped_at is not None:
                 return transaction_dict(row), False  # retransmitted stop: already closed
-            conn.execute(update(transactions).where(transactions.c.id == transaction_id).values(
-                meter_stop=payload["meterStop"], stopped_at=stopped_at, stop_reason=payload.get("reason", "Local"),
-                stop_id_tag=payload.get("idTag"), stop_received_at=now, stopped_by=stopped_by))
+            conn.execute(_STOP, {"tx": transaction_id, "b_meter_stop": payload["meterStop"],
+                                 "b_stopped_at": stopped_at, "b_reason": payload.get("reason", "Local"),
+                                 "b_id_tag": payload.get("idTag"), "b_received_at": now,
+                                 "b_stopped_by": stopped_by})
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
-            row = conn.execute(select(transactions).where(transactions.c.id == transaction_id)).first()
+            row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
             return transaction_dict(row), True
         return self._changing_tag(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
                                   tag_of_result=lambda result: result[0]["id_tag"] if result[0] else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, or_, select, update
 
 from csms.stations import as_utc
 
@@ -28,6 +28,15 @@ def event_dict(row) -> dict:
     data = dict(row._mapping)
     data["at"] = as_utc(data["at"])
     return data
+
+
+_LIVE_FOR_TAG = (select(reservations.c.id).where(
+    reservations.c.station_id == bindparam("station"), reservations.c.state == LIVE,
+    or_(reservations.c.connector_id == bindparam("connector"), reservations.c.connector_id == 0),
+    # With no parent, "= NULL" matches nothing: the tag alone decides.
+    or_(reservations.c.id_tag == bindparam("tag"), reservations.c.parent_id_tag == bindparam("parent"),
+        reservations.c.id_tag == bindparam("parent")))
+    .order_by(case((reservations.c.connector_id == 0, 1), else_=0), reservations.c.id).limit(1))
 
 
 def _newest(conn, station_id: str, reservation_id: int):
@@ -211,14 +220,9 @@ class ReservationStore:
                     return close(conn, row.id)
             if not accepted:
                 return None
-            tags = reservations.c.id_tag == id_tag
-            if parent:
-                tags = tags | (reservations.c.parent_id_tag == parent) | (reservations.c.id_tag == parent)
-            record_id = conn.execute(select(reservations.c.id).where(
-                reservations.c.station_id == station_id, reservations.c.state == LIVE,
-                reservations.c.connector_id.in_((connector_id, 0)), tags)
-                .order_by(case((reservations.c.connector_id == 0, 1), else_=0), reservations.c.id)
-                .limit(1)).scalar()
+            # Built once (every StartTransaction asks): the parent matches too when there is one.
+            record_id = conn.execute(_LIVE_FOR_TAG, {"station": station_id, "connector": connector_id,
+                                                     "tag": id_tag, "parent": parent or None}).scalar()
             return None if record_id is None else close(conn, record_id)
         return self.db.run(thd, desc="reservation_consume")
 

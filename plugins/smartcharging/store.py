@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 
 from csms.ocpp16 import parse_datetime
 from csms.stations import as_utc
@@ -14,6 +14,13 @@ from csms.stations import as_utc
 from .tables import profiles
 
 INSTALLED, REJECTED, REPLACED, CLEARED, ENDED = "installed", "rejected", "replaced", "cleared", "ended"
+
+# Asked at every StartTransaction, so built once.
+_REMOTE_START_PROFILE = (select(profiles).where(
+    profiles.c.station_id == bindparam("station"), profiles.c.state == INSTALLED,
+    profiles.c.source == "RemoteStartTransaction", profiles.c.transaction_id.is_(None),
+    or_(profiles.c.connector_id.is_(None), profiles.c.connector_id == bindparam("connector")))
+    .order_by(profiles.c.id.desc()).limit(1))
 STATES = (INSTALLED, REJECTED, REPLACED, CLEARED, ENDED)
 
 
@@ -74,11 +81,7 @@ class SmartChargingStore:
         """A transaction started: the latest TxProfile a RemoteStartTransaction carried for this
         connector (or for any connector) now belongs to it. Fires with the row, or None."""
         def thd(conn):
-            row = conn.execute(select(profiles).where(
-                profiles.c.station_id == station_id, profiles.c.state == INSTALLED,
-                profiles.c.source == "RemoteStartTransaction", profiles.c.transaction_id.is_(None),
-                or_(profiles.c.connector_id.is_(None), profiles.c.connector_id == connector_id),
-            ).order_by(profiles.c.id.desc()).limit(1)).first()
+            row = conn.execute(_REMOTE_START_PROFILE, {"station": station_id, "connector": connector_id}).first()
             if row is None:
                 return None
             profile = json.loads(row.profile)
