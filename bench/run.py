@@ -127,7 +127,9 @@ def start_csms(workdir: str, database_url: str | None, log_level: str, profile: 
         f.write(f"""[csms]
 log_level = {log_level}
 [ocpp]
-endpoint = tcp:{port}:interface=127.0.0.1
+# As the shipped etc/csms.ini: a listen backlog deep enough for a reconnect storm (the kernel caps it
+# at net.core.somaxconn).
+endpoint = tcp:{port}:interface=127.0.0.1:backlog=4096
 unknown_stations = accept
 [database]
 url = {db_url}
@@ -136,6 +138,11 @@ endpoint = tcp:{api_port}:interface=127.0.0.1
 tokens = {secrets.token_hex(16)}
 [plugins]
 enabled = core, firmware, smartcharging, reservation, localauth, remotetrigger
+[plugin:firmware]
+firmware_dir = {os.path.join(workdir, "firmware")}
+diagnostics_dir = {os.path.join(workdir, "diagnostics")}
+http_endpoint = tcp:{free_port()}:interface=127.0.0.1
+ftp_endpoint = tcp:{free_port()}:interface=127.0.0.1
 """)
     log_path = os.path.join(workdir, "csms.log")
     command = [os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile="]

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class OCPPConfig:
     """``[ocpp]``: the WebSocket endpoint stations connect to and the OCPP-J RPC limits."""
 
-    endpoint: str = "tcp:9000:backlog=1024"
+    endpoint: str = "tcp:9000:backlog=4096"
     path_prefix: str = "/ocpp/"
     unknown_stations: str = "accept"
     require_password: bool = False
