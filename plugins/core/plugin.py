@@ -6,6 +6,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from csms import ocpp16
+from csms.app import as_deferred
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
@@ -85,7 +86,10 @@ class CorePlugin:
     def csms_authorize_id_tag(self, station, id_tag, purpose):
         # ConcurrentTx is judged here for Authorize; for StartTransaction the store judges it in the
         # same database transaction that records the start (ignoring that connector's own stale one).
-        return self.store.id_tag_info(id_tag, check_concurrent=purpose == "Authorize")
+        # A tag the cache knows is answered with a plain dict: no Deferred, no database.
+        concurrent = purpose == "Authorize"
+        info = self.store.cached_id_tag_info(id_tag, check_concurrent=concurrent)
+        return info if info is not None else self.store.id_tag_info(id_tag, check_concurrent=concurrent)
 
     def authorize(self, station, id_tag: str, purpose: str):
         return self.app.lookup("csms_authorize_id_tag", default={"status": "Invalid"},
@@ -93,8 +97,12 @@ class CorePlugin:
 
     @hookimpl
     def csms_handle_authorize(self, station, payload):
-        d = self.authorize(station, payload["idTag"], "Authorize")
-        return d.addCallback(lambda info: {"idTagInfo": info})
+        info = self.app.hook.csms_authorize_id_tag(station=station, id_tag=payload["idTag"], purpose="Authorize")
+        if info is None:
+            return {"idTagInfo": {"status": "Invalid"}}
+        if isinstance(info, dict):
+            return {"idTagInfo": info}  # answered at once (the common case: a cached tag)
+        return as_deferred(info).addCallback(lambda answer: {"idTagInfo": answer})
 
     @hookimpl
     def csms_handle_start_transaction(self, station, payload):

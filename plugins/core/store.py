@@ -243,12 +243,12 @@ class CoreStore:
 
         Answered from :class:`IdTagCache` when it can be (a Deferred that has already fired).
         """
+        answer = self.cached_id_tag_info(id_tag, check_concurrent)
+        if answer is not None:
+            return defer.succeed(answer)
         now = self.now()
         concurrent = check_concurrent and self.concurrent_tx
         cache = self.tag_cache
-        entry = cache.get(id_tag, concurrent)
-        if entry is not None:
-            return defer.succeed(self._tag_info(entry[0], entry[1], now, concurrent))
         generation = cache.generation
 
         def thd(conn):
@@ -264,6 +264,14 @@ class CoreStore:
             cache.put(id_tag, snapshot, active, generation)
             return self._tag_info(snapshot, active, now, concurrent)
         return self.db.run(thd, desc="core_id_tag_info").addCallback(read)
+
+    def cached_id_tag_info(self, id_tag: str, check_concurrent: bool) -> dict | None:
+        """idTagInfo from :class:`IdTagCache` alone, or None when the database must be asked."""
+        concurrent = check_concurrent and self.concurrent_tx
+        entry = self.tag_cache.get(id_tag, concurrent)
+        if entry is None:
+            return None
+        return self._tag_info(entry[0], entry[1], self.now(), concurrent)
 
     @staticmethod
     def _tag_info(snapshot, active, now: datetime, concurrent: bool) -> dict:
