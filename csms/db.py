@@ -38,6 +38,8 @@ BULK_ROWS = 256
 
 
 def _is_transient(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
     text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
     return isinstance(exc, OperationalError) and any(marker in text for marker in _TRANSIENT_MARKERS)
 
@@ -96,7 +98,9 @@ class Database:
         self._max_drains = threads_max
         self._upserts: dict = {}
         self._bulk_inserts: dict = {}
-        self._local = threading.local()  # .pending: rows insert_many holds for the thread's transaction
+        # Per pool thread: .pending, the rows insert_many holds for its transaction; .conn, its connection.
+        self._local = threading.local()
+        self._connections: list = []
         event.listen(self.engine, "before_cursor_execute", self._before_cursor_execute)
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
 
@@ -112,6 +116,13 @@ class Database:
                      "({retries} retried, {isolated} rerun in savepoints)", **stats)
             self._started = False
             self.pool.stop()
+            # The pool's threads have ended: close the connections they kept.
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing at shutdown; nothing else to do with it
+                    log.failure("Closing a database connection at shutdown failed")
+            self._connections.clear()
             self.engine.dispose()
 
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
@@ -170,7 +181,8 @@ class Database:
         while True:
             self._local.pending = {}
             try:
-                with self.engine.begin() as conn:
+                conn = self._connection()
+                with conn.begin():
                     if len(batch) == 1:
                         thd, args, kwargs, _, _ = batch[0]
                         outcomes = [(True, thd(conn, *args, **kwargs))]
@@ -183,6 +195,8 @@ class Database:
                 self.stats["functions"] += len(batch)
                 return outcomes
             except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    self._drop_connection()  # the server went away: a fresh connection, and retry
                 if not isolate and not _is_transient(exc):
                     isolate = True  # find out which function failed: rerun each in a SAVEPOINT
                     self.stats["isolated"] += 1
@@ -205,6 +219,24 @@ class Database:
                 return [(False, failure)] * len(batch)
             finally:
                 self._local.pending = None
+
+    def _connection(self):
+        """This pool thread's own connection, kept across transactions: a pool checkout, its reset
+        and its return cost more than a small transaction's own statements."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._local.conn = self.engine.connect()
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is broken already; a new one replaces it
+                pass
 
     def _in_savepoint(self, conn, work):
         thd, args, kwargs, _, _ = work

@@ -98,6 +98,16 @@ class IdTagCache:
             for key in self._by_lower.pop(id_tag.lower(), ()):
                 self._entries.pop(key, None)
 
+    def set_active(self, id_tag: str, active: bool | None) -> None:
+        """A transaction with ``id_tag`` started (True) or stopped (None: others may still be open).
+
+        The tag itself did not change, so its snapshot stays; only the ConcurrentTx answer does.
+        """
+        self.generation += 1
+        for key in self._by_lower.get(id_tag.lower(), ()):
+            snapshot, _, stored_at = self._entries[key]
+            self._entries[key] = (snapshot, active, stored_at)
+
     def clear(self) -> None:
         self.generation += 1
         self._entries.clear()
@@ -179,17 +189,35 @@ class CoreStore:
         #: transaction id -> its station, for transactions seen by this process (MeterValues' link check)
         self._transaction_owner: dict[int, str] = {}
 
-    def _changing_tag(self, d, id_tag: str | None = None, tag_of_result=None):
+    def _changing_tag(self, d, id_tag: str):
         """Drop ``id_tag`` from the cache now (the write is queued) and again once it is committed."""
         cache = self.tag_cache
         cache.invalidate(id_tag)
 
+        def done(result):
+            cache.invalidate(id_tag)
+            return result
+        return d.addBoth(done)
+
+    def _changing_active(self, d, id_tag: str | None, active_of_result):
+        """A transaction write: the tags it touches keep their snapshot, their ConcurrentTx answer
+        becomes unknown while it is queued and ``active_of_result(result)`` -> (tag, active) after."""
+        cache = self.tag_cache
+        if id_tag is not None:
+            cache.set_active(id_tag, None)
+        else:
+            cache.generation += 1
+
         def committed(result):
-            cache.invalidate(id_tag if tag_of_result is None else tag_of_result(result))
+            tag, active = active_of_result(result)
+            if tag is not None:
+                cache.set_active(tag, active)
             return result
 
         def failed(failure):
-            cache.invalidate(id_tag)
+            if id_tag is not None:
+                cache.set_active(id_tag, None)
+            cache.generation += 1
             return failure
         return d.addCallbacks(committed, failed)
 
@@ -361,7 +389,9 @@ class CoreStore:
         def started(result):
             self._remember_owner(result[0]["transaction_id"], station_id)
             return result
-        return self._changing_tag(self.db.run(thd, desc="core_start_transaction"), id_tag).addCallback(started)
+        # Whatever its status, the stored transaction is open: the tag has one now.
+        return self._changing_active(self.db.run(thd, desc="core_start_transaction"), id_tag,
+                                     lambda result: (id_tag, True)).addCallback(started)
 
     def stop_transaction(self, station_id: str, payload: dict, stopped_by: str = "station"):
         """Fires (transaction dict or None, newly_stopped). An unknown transaction is kept in core_unmatched_stops."""
@@ -392,8 +422,9 @@ class CoreStore:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
             row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
             return transaction_dict(row), True
-        return self._changing_tag(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
-                                  tag_of_result=lambda result: result[0]["id_tag"] if result[0] else None)
+        # Another transaction with the tag may still be open: unknown until asked again.
+        return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
+                                     lambda result: (result[0]["id_tag"] if result[0] else None, None))
 
     def record_meter_values(self, station_id: str, payload: dict):
         """Store MeterValues; fires the transaction id they were linked to.
