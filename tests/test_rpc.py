@@ -166,6 +166,71 @@ def test_inbound_calls_are_handled_one_at_a_time_in_arrival_order():
     assert [frame[1] for frame in transport.sent] == ["first", "second", "third"]
 
 
+def test_synchronous_answers_queued_behind_a_pending_call_keep_their_order():
+    """A plain-dict answer is sent at once only when nothing is pending; queued behind a Deferred
+    answer it waits, and the calls after it that are answered synchronously follow in order."""
+    slow = defer.Deferred()
+
+    def dispatch(session, action, payload):
+        return slow if payload.get("idTag") == "SLOW" else HEARTBEAT_ANSWER
+    transport = FakeTransport(dispatch)
+    transport.receive([2, "a", "Heartbeat", {}])
+    assert [frame[1] for frame in transport.take_sent()] == ["a"]  # answered in the same turn
+    transport.receive([2, "b", "Authorize", {"idTag": "SLOW"}])
+    transport.receive([2, "c", "Heartbeat", {}])
+    transport.receive([2, "d", "Heartbeat", {}])
+    assert transport.sent == []
+    assert len(transport.dispatched) == 2
+    slow.callback({"idTagInfo": {"status": "Accepted"}})
+    assert [frame[1] for frame in transport.sent] == ["b", "c", "d"]
+    transport.receive([2, "e", "Heartbeat", {}])
+    assert [frame[1] for frame in transport.sent] == ["b", "c", "d", "e"]
+
+
+def test_an_already_fired_deferred_is_answered_in_the_same_turn_and_does_not_block_the_next():
+    transport = FakeTransport(lambda session, action, payload: defer.succeed(HEARTBEAT_ANSWER))
+    transport.receive([2, "a", "Heartbeat", {}])
+    transport.receive([2, "b", "Heartbeat", {}])
+    assert transport.sent == [[3, "a", HEARTBEAT_ANSWER], [3, "b", HEARTBEAT_ANSWER]]
+
+
+def test_coroutine_handler_is_awaited_and_answered():
+    gate = defer.Deferred()
+
+    async def handler():
+        await gate
+        return HEARTBEAT_ANSWER
+    transport = FakeTransport(lambda session, action, payload: handler())
+    transport.receive([2, "a", "Heartbeat", {}])
+    transport.receive([2, "b", "Heartbeat", {}])
+    assert transport.sent == []
+    gate.callback(None)
+    assert [frame[1] for frame in transport.sent] == ["a", "b"]
+
+
+def test_integer_wider_than_64_bits_reaches_schema_validation():
+    """orjson refuses such numbers; the standard library reads them, so the station gets the schema's
+    code for a bad value, not a FormationViolation for JSON that is in fact valid."""
+    transport = FakeTransport()
+    transport.receive('[2, "big", "StatusNotification", {"connectorId": 123456789012345678901234567890, '
+                      '"errorCode": "NoError", "status": "Available"}]')
+    [frame] = transport.sent
+    assert frame[:2] == [4, "big"] and frame[2] != "FormationViolation", frame
+    assert transport.dispatched == []
+
+
+def test_answer_with_an_integer_wider_than_64_bits_is_encoded():
+    transport = FakeTransport(lambda session, action, payload: {"vendor": 2 ** 70})
+    transport.receive([2, "v", "VendorThing", {}])
+    assert transport.sent == [[3, "v", {"vendor": 2 ** 70}]]
+
+
+def test_non_ascii_text_survives_the_round_trip():
+    transport = FakeTransport(lambda session, action, payload: {"vendor": payload["text"]})
+    transport.receive([2, "u", "VendorThing", {"text": "Größe – 電気"}])
+    assert transport.sent == [[3, "u", {"vendor": "Größe – 電気"}]]
+
+
 def test_bad_frame_arriving_while_a_call_is_handled_is_answered_at_once():
     pending = defer.Deferred()
     transport = FakeTransport(lambda session, action, payload: pending)
