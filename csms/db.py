@@ -9,6 +9,11 @@ confirmations share one commit (one fsync on SQLite). Should any function of the
 group is rolled back and run again with each function inside its own SAVEPOINT, so one function's
 failure rolls back only its own work. A function may therefore be run more than once (also after a
 transient error: a lock, a serialization failure), so it must not have effects outside the database.
+
+A function that catches a statement's error and goes on must run that statement in its own
+``with conn.begin_nested():``: PostgreSQL refuses every later statement of a transaction in which one
+failed. One that does not fails with :class:`TransactionAborted` instead, alone; nothing is ever
+reported committed that was not.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ MAX_ATTEMPTS = 3
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
 BULK_ROWS = 256
+
+
+class TransactionAborted(Exception):
+    """The database ended or poisoned the transaction (see :meth:`Database._check_usable`)."""
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -173,13 +182,16 @@ class Database:
         """[(ok, result or Failure)] for each function of ``batch``, after one commit.
 
         Optimistic first: the whole batch in one transaction with no SAVEPOINTs (two statements per
-        function saved). If any function fails, that transaction is rolled back and the batch runs
-        again with each function in its own SAVEPOINT, so only the failing function's work is lost.
+        function saved). If any function fails, or leaves the transaction unusable (a PostgreSQL
+        statement error it caught itself), or rows it held fail to insert, that transaction is rolled
+        back and the batch runs again with each function in its own SAVEPOINT, so only the failing
+        function's work is lost. Nothing is reported committed unless the commit really happened.
         """
         attempt = 1
         isolate = len(batch) == 1
         while True:
             self._local.pending = {}
+            self._local.held_rows_failed = None
             try:
                 conn = self._connection()
                 with conn.begin():
@@ -187,10 +199,17 @@ class Database:
                         thd, args, kwargs, _, _ = batch[0]
                         outcomes = [(True, thd(conn, *args, **kwargs))]
                     elif not isolate:
-                        outcomes = [(True, thd(conn, *args, **kwargs)) for thd, args, kwargs, _, _ in batch]
+                        outcomes = []
+                        for thd, args, kwargs, _, _ in batch:
+                            outcomes.append((True, thd(conn, *args, **kwargs)))
+                            if self._local.held_rows_failed is not None:
+                                # An earlier function's held rows failed inside this one's statement:
+                                # whatever this one made of that error, find out whose it is.
+                                raise self._local.held_rows_failed
                     else:
                         outcomes = [self._in_savepoint(conn, work) for work in batch]
                     self._flush(conn)
+                    self._check_usable(conn)
                 self.stats["transactions"] += 1
                 self.stats["functions"] += len(batch)
                 return outcomes
@@ -219,6 +238,20 @@ class Database:
                 return [(False, failure)] * len(batch)
             finally:
                 self._local.pending = None
+                self._local.held_rows_failed = None
+
+    def _check_usable(self, conn) -> None:
+        """Raise if the transaction can no longer commit: PostgreSQL turns COMMIT of a transaction in
+        error into a silent ROLLBACK, and SQLite ends a transaction by itself on some errors."""
+        raw = conn.connection.dbapi_connection
+        if self.is_sqlite:
+            if not raw.in_transaction:
+                raise TransactionAborted("SQLite ended the transaction after an error")
+            return
+        info = getattr(raw, "info", None)
+        status = getattr(info, "transaction_status", None)
+        if status is not None and getattr(status, "name", "") == "INERROR":
+            raise TransactionAborted("a statement failed and the transaction can no longer commit")
 
     def _connection(self):
         """This pool thread's own connection, kept across transactions: a pool checkout, its reset
@@ -240,17 +273,28 @@ class Database:
 
     def _in_savepoint(self, conn, work):
         thd, args, kwargs, _, _ = work
+        savepoint = conn.begin_nested()
         try:
-            with conn.begin_nested():
-                result = thd(conn, *args, **kwargs)
-                self._flush(conn)  # its held rows fail (and roll back) with it
-                return True, result
+            result = thd(conn, *args, **kwargs)
+            self._flush(conn)  # its held rows fail (and roll back) with it
+            self._check_usable(conn)  # it may have caught a statement error itself
+            savepoint.commit()
+            return True, result
         except DBAPIError as exc:
+            self._roll_back(savepoint)
             if _is_transient(exc):
                 raise  # the whole group is retried
             return False, Failure()
         except Exception:
+            self._roll_back(savepoint)
             return False, Failure()
+
+    @staticmethod
+    def _roll_back(savepoint) -> None:
+        """Back to the SAVEPOINT, which also clears PostgreSQL's transaction-in-error state; if even
+        that fails, the whole group fails (and is not reported committed)."""
+        if savepoint.is_active:
+            savepoint.rollback()
 
     def run_sync(self, thd, *args, **kwargs):
         """Run ``thd`` in a transaction on the calling thread: for start-up and for tests only."""
@@ -316,13 +360,25 @@ class Database:
         return sql_for, processors
 
     def _write_rows(self, conn, pending: dict) -> None:
-        cursor = conn.connection.dbapi_connection.cursor()
+        dialect = self.engine.dialect
+        raw = conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        sql = None
         try:
             for key, rows in pending.items():
                 sql_for, _ = self._bulk_inserts[key]
                 for start in range(0, len(rows), BULK_ROWS):
                     chunk = rows[start:start + BULK_ROWS]
-                    cursor.execute(sql_for(len(chunk)), [value for row in chunk for value in row])
+                    sql = sql_for(len(chunk))
+                    cursor.execute(sql, [value for row in chunk for value in row])
+        except dialect.loaded_dbapi.Error as exc:
+            # Report it as SQLAlchemy reports any statement's error (IntegrityError, OperationalError...),
+            # so callers and the retry logic see one kind of exception whatever wrote the rows.
+            disconnect = dialect.is_disconnect(exc, raw, cursor)
+            if disconnect:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
+                                      connection_invalidated=disconnect, dialect=dialect) from exc
         finally:
             cursor.close()
 
@@ -335,7 +391,13 @@ class Database:
 
     def _before_cursor_execute(self, conn, cursor, statement, parameters, context, executemany):
         if getattr(self._local, "pending", None):
-            self._flush(conn)
+            try:
+                self._flush(conn)
+            except Exception as exc:
+                # Rows held by an earlier function of the group: remember it, so the group is rerun in
+                # savepoints even if the function whose statement this is catches the error.
+                self._local.held_rows_failed = exc
+                raise
 
     def upsert(self, conn, table, keys: dict, values: dict) -> None:
         """Insert ``keys | values`` into ``table``, or update ``values`` where ``keys`` already exist.

@@ -70,9 +70,11 @@ class FirmwareStore:
             if conn.execute(select(files.c.id).where(files.c.name == name)).first() is not None:
                 return None
             try:
-                new_id = conn.execute(insert(files).values(
-                    name=name, size=size, sha256=sha256, md5=md5, description=description,
-                    uploaded_at=now)).inserted_primary_key[0]
+                # In its own SAVEPOINT: on PostgreSQL a failed statement would poison the transaction.
+                with conn.begin_nested():
+                    new_id = conn.execute(insert(files).values(
+                        name=name, size=size, sha256=sha256, md5=md5, description=description,
+                        uploaded_at=now)).inserted_primary_key[0]
             except IntegrityError:
                 return None
             finalize()
