@@ -32,6 +32,11 @@ class ExpiryTimers(service.Service):
     def __init__(self, plugin):
         self.plugin = plugin
         self.calls: dict[int, object] = {}
+        #: record id -> station, and live reservations per station, for the armed ones
+        self.stations: dict[int, str] = {}
+        self.live: dict[str, int] = {}
+        #: True once every live reservation found at start-up has its timer
+        self.rearmed = False
         #: Fires once the live reservations found at start-up have their timers.
         self.ready = defer.Deferred()
 
@@ -48,6 +53,7 @@ class ExpiryTimers(service.Service):
         _, rows = yield store.list(active=True, limit=None)
         for row in rows:
             self.arm(row)
+        self.rearmed = True
         if rows:
             log.info("Re-armed expiry timers of {count} live reservations", count=len(rows))
 
@@ -56,20 +62,45 @@ class ExpiryTimers(service.Service):
             if call.active():
                 call.cancel()
         self.calls.clear()
+        self.stations.clear()
+        self.live.clear()
+        self.rearmed = False
         return super().stopService()
 
     def arm(self, row: dict) -> None:
         self.disarm(row["record_id"])
         delay = max(0.0, (row["expiry_date"] - self.plugin.app.now()).total_seconds())
         self.calls[row["record_id"]] = self.plugin.app.clock.callLater(delay, self._expire, row["record_id"])
+        self._track(row["record_id"], row["station_id"])
 
     def disarm(self, record_id: int) -> None:
         call = self.calls.pop(record_id, None)
+        self._untrack(record_id)
         if call is not None and call.active():
             call.cancel()
 
+    def _track(self, record_id: int, station_id: str) -> None:
+        self.stations[record_id] = station_id
+        self.live[station_id] = self.live.get(station_id, 0) + 1
+
+    def _untrack(self, record_id: int) -> None:
+        station_id = self.stations.pop(record_id, None)
+        if station_id is not None:
+            left = self.live[station_id] - 1
+            if left:
+                self.live[station_id] = left
+            else:
+                del self.live[station_id]
+
+    def none_live_at(self, station_id: str) -> bool:
+        """True when this station certainly has no live reservation: every live reservation has a timer
+        once start-up re-armed them, and reservations are made through the process the station is
+        connected to."""
+        return self.rearmed and station_id not in self.live
+
     def _expire(self, record_id: int):
         self.calls.pop(record_id, None)
+        self._untrack(record_id)
         d = self.plugin.store.expire(record_id)
 
         def expired(row):
@@ -144,6 +175,8 @@ class ReservationPlugin:
 
     @hookimpl
     def csms_on_transaction_started(self, station_id, transaction, request):
+        if transaction.get("reservation_id") is None and self.timers.none_live_at(station_id):
+            return None  # nothing this start could consume (a reservationId is always checked and recorded)
         return self.store.consume(station_id, transaction).addCallback(self._consumed, transaction)
 
     def _consumed(self, row, transaction):

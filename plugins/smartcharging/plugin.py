@@ -7,6 +7,7 @@ computes the composite schedule a station should apply (:mod:`.composite`).
 """
 from __future__ import annotations
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -26,6 +27,20 @@ log = Logger(namespace="csms.smartcharging")
 
 def refusal(exc: ProfileInvalid, action: str) -> CallRefused:
     return CallRefused(f"Invalid {action}: {exc}", "invalid_charging_profile", {"problems": exc.problems})
+
+
+class _KnownProfiles(service.Service):
+    """Reads, once the database is ready, which stations have installed profiles."""
+
+    name = "smartcharging-known-profiles"
+
+    def __init__(self, store):
+        self.store = store
+
+    def startService(self):
+        super().startService()
+        self.store.load_stations_with_profiles().addErrback(
+            lambda failure: log.failure("Reading the stations with charging profiles failed", failure))
 
 
 @implementer(ICSMSPlugin)
@@ -56,6 +71,10 @@ class SmartChargingPlugin:
     @hookimpl
     def csms_tables(self):
         return metadata
+
+    @hookimpl
+    def csms_services(self, app):
+        return [_KnownProfiles(self.store)]
 
     @hookimpl
     def csms_api_routes(self, app, router):
@@ -127,11 +146,15 @@ class SmartChargingPlugin:
 
     @hookimpl
     def csms_on_transaction_started(self, station_id, transaction, request):
+        if not self.store.may_have_profiles(station_id):
+            return None  # nothing installed at this station: no TxProfile to bind
         return self.store.bind_transaction(station_id, transaction["connector_id"], transaction["transaction_id"],
                                            self.app.now())
 
     @hookimpl
     def csms_on_transaction_stopped(self, station_id, transaction, request):
+        if not self.store.may_have_profiles(station_id):
+            return None
         return self.store.end_transaction(station_id, transaction["transaction_id"], self.app.now())
 
     @hookimpl

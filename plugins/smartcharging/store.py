@@ -55,11 +55,36 @@ class SmartChargingStore:
     def __init__(self, db, clock):
         self.db = db
         self.clock = clock
+        #: Stations that may have an installed profile; None until read at start-up (then: ask the database).
+        self._with_profiles: set | None = None
+        self._added: set = set()
+
+    def load_stations_with_profiles(self):
+        """At start-up: which stations have installed profiles, so that a transaction at a station with
+        none (most of them) costs no database round trip for its TxProfiles."""
+        def thd(conn):
+            return {row[0] for row in conn.execute(
+                select(profiles.c.station_id).where(profiles.c.state == INSTALLED).distinct())}
+
+        def loaded(stations):
+            self._with_profiles = stations | self._added
+            return len(self._with_profiles)
+        return self.db.run(thd, desc="smartcharging_stations_with_profiles").addCallback(loaded)
+
+    def may_have_profiles(self, station_id: str) -> bool:
+        """False only when this station certainly has no installed profile. Profiles are installed
+        through the process the station is connected to, which marks it here before the write."""
+        return self._with_profiles is None or station_id in self._with_profiles
 
     def record_sent(self, station_id: str, connector_id, profile: dict, source: str, station_status: str,
                     transaction_id, now):
         """Record a profile the station answered: installed when Accepted (replacing what it replaces),
         rejected otherwise. Fires with the new row."""
+        if station_status == "Accepted":
+            self._added.add(station_id)
+            if self._with_profiles is not None:
+                self._with_profiles.add(station_id)
+
         def thd(conn):
             accepted = station_status == "Accepted"
             if accepted:
