@@ -146,6 +146,18 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         self.station_id = station_id
         return SUBPROTOCOL
 
+    def connectionMade(self):
+        super().connectionMade()
+        # Autobahn applies tcpNoDelay before it copies the factory's options onto the protocol, and
+        # swallows the error: Nagle stays on and a small write behind an unacknowledged one waits for
+        # the peer's delayed ACK (40 ms). Set it here, on the socket itself.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not a TCP socket after all (or already gone)
+
     def onOpen(self):
         app = self.factory.app
         station_id = self.station_id
@@ -297,6 +309,10 @@ class OCPPServerFactory(WebSocketServerFactory):
             # Close a failed connection with a close frame carrying the reason (e.g. 1009 for an
             # oversized message) instead of dropping TCP, so the station can tell what went wrong.
             failByDrop=False,
+            # Autobahn's closing-handshake timer runs on txaio's batched timers, which round the
+            # deadline down to a whole second: with the default 1 s it can fire at once and abort
+            # the connection while the close frame (and its code) is still queued. 5 s leaves 4.
+            closeHandshakeTimeout=5,
         )
 
     def station_id_from_path(self, path: str) -> str | None:

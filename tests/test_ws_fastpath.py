@@ -221,7 +221,6 @@ class RawWebSocket(Protocol):
              "\r\n").encode("ascii"))
 
     def dataReceived(self, data):
-        import sys, time; sys.stderr.write(f"CLIENT RECV {time.time():.3f} {data[:60]!r} len={len(data)}\n")
         self._buffer += data
         if self.response_head is None:
             head, sep, rest = self._buffer.partition(b"\r\n\r\n")
@@ -510,8 +509,7 @@ async def test_pong_from_the_client_is_ignored_and_calls_continue(raw_connect):
 @pytest_twisted.ensureDeferred
 async def test_16bit_length_frame_is_answered(raw_connect, padding):
     client, _ = await raw_connect("CP-RAW")
-    payload = call("long-1", "DataTransfer", {"vendorId": "X", "data": "d" * 0})
-    base = len(payload)
+    base = len(call("long-1", "DataTransfer", {"vendorId": "X", "data": ""}))
     # Lengths 126.. (the smallest 16-bit frame) up to ~60 KB.
     payload = call("long-1", "DataTransfer", {"vendorId": "X", "data": "d" * (126 - base + padding)})
     assert len(payload) == 126 + padding
@@ -602,14 +600,7 @@ async def test_unmasked_first_frame_fails_the_connection_with_1002(raw_connect):
                                   "64bit-for-65535-bytes"])
 @pytest_twisted.ensureDeferred
 async def test_non_minimal_length_encoding_fails_with_1002(raw_connect, case):
-    client, server = await raw_connect("CP-RAW")
-    import sys, time
-    ow = server.transport.write
-    def w(d):
-        sys.stderr.write(f"SERVER WRITE {time.time():.3f} {d[:40]!r} state={server.state}\n"); ow(d)
-    server.transport.write = w
-    W = ReadWatcher(server)
-    os_ = server.transport.socket
+    client, _ = await raw_connect("CP-RAW")
     form, size = {"16bit-for-10-bytes": ("16", 10), "16bit-for-125-bytes": ("16", 125),
                   "64bit-for-200-bytes": ("64", 200), "64bit-for-65535-bytes": ("64", 65535)}[case]
     base = len(call("nm-1", "DataTransfer", {"vendorId": "X", "data": ""}))
@@ -619,12 +610,6 @@ async def test_non_minimal_length_encoding_fails_with_1002(raw_connect, case):
         payload = b'"' + b"x" * (size - 2) + b'"'
     assert len(payload) == size
     client.transport.write(heartbeat("nm-0") + client_frame(payload, length_form=form))
-    sys.stderr.write(f"CLIENT WROTE {time.time():.3f}\n")
-    try:
-        await W.until(10**9)
-    except Exception:
-        pass
-    sys.stderr.write(f"SERVER READ chunks {[len(c) for c in W.chunks]} state={server.state}\n")
     assert_heartbeat_result(await client.next_frame(), "nm-0")
     await client.expect_close(1002)
     assert [f.opcode for f in client.frames] == [OP_TEXT, OP_CLOSE]
@@ -758,3 +743,13 @@ async def test_many_heartbeats_in_one_write_while_paused(raw_connect):
     frames = await client.frames_n(count)
     for i, frame in enumerate(frames):
         assert_heartbeat_result(frame, f"hb-{i}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_sockets_have_nagle_off_and_a_close_handshake_timeout_above_a_second(raw_connect):
+    """Nagle would hold a small write behind an unacknowledged one for the peer's delayed ACK (40 ms);
+    a 1 s closing-handshake timeout can fire at once on txaio's whole-second timers and drop the close
+    frame that carries the reason."""
+    _, server = await raw_connect("CP-NODELAY")
+    assert server.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert server.closeHandshakeTimeout >= 2
