@@ -101,8 +101,6 @@ class Database:
         # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy
         # pool is handed work by the drains already running, not by one pool task per function.
         self._lock = threading.Lock()
-        self._incoming: list = []
-        self._handover_scheduled = False
         self._drains = 0
         self._max_drains = threads_max
         self._upserts: dict = {}
@@ -137,25 +135,17 @@ class Database:
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
         """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit.
 
-        Work is handed to the pool once per reactor turn, after every message that arrived in that
-        turn has been read, so that it can share one commit instead of racing the pool one by one.
+        Work queued while every pool thread is busy is taken by the drains already running, and
+        shares their next commit.
         """
         d = defer.Deferred()
-        self._incoming.append((thd, args, kwargs, desc, d))
-        if not self._handover_scheduled:
-            self._handover_scheduled = True
-            self.reactor.callLater(0, self._hand_over)
-        return d
-
-    def _hand_over(self) -> None:
-        self._handover_scheduled = False
-        work, self._incoming = self._incoming, []
         with self._lock:
-            self._queue.extend(work)
+            self._queue.append((thd, args, kwargs, desc, d))
             if self._drains >= self._max_drains:
-                return  # a running drain will take it
+                return d  # a running drain will take it
             self._drains += 1
         self.pool.callInThread(self._drain)
+        return d
 
     def _drain(self) -> None:
         """On a pool thread: commit what is queued, up to MAX_BATCH functions per transaction, until
