@@ -246,8 +246,10 @@ async def test_lookup_read_before_a_change_it_did_not_see_is_not_cached(store):
         started.set()
         release.wait(TIMEOUT)
 
+    pool_release, pool_holds = await hold_the_pool(store.db)
     lookup = store.id_tag_info("TAG-1", False)
-    held = store.db.run(hold)  # same reactor turn: same batch, after the lookup's read
+    held = store.db.run(hold)  # queued behind a busy pool: one group with the lookup, after its read
+    await release_pool(pool_release, pool_holds)
     cached_when_read = []
     lookup.addCallback(lambda answer: cached_when_read.append(store.cached_id_tag_info("TAG-1", False)) or answer)
     assert await wait(threads.deferToThread(started.wait, TIMEOUT))
@@ -425,10 +427,24 @@ def rows_of(table, ids=None):
     return thd
 
 
-def hold_the_pool(db: Database):
-    """Occupy every pool thread; work queued meanwhile runs as one group. Returns (release, holds)."""
+async def hold_the_pool(db: Database):
+    """Occupy every pool thread; work queued meanwhile runs as one group. Returns (release, holds).
+
+    One hold at a time, each running before the next is queued: a drain takes everything queued
+    when it starts, so holds queued together would run one after the other on one thread.
+    """
+    from twisted.internet import threads
+
     release = threading.Event()
-    holds = [db.run(lambda conn: release.wait(TIMEOUT), desc="hold") for _ in range(db.pool.max)]
+    holds = []
+    for _ in range(db.pool.max):
+        started = threading.Event()
+
+        def hold(conn, started=started):
+            started.set()
+            release.wait(TIMEOUT)
+        holds.append(db.run(hold, desc="hold"))
+        assert await wait(threads.deferToThread(started.wait, TIMEOUT))
     return release, holds
 
 
@@ -459,7 +475,7 @@ async def test_held_rows_are_read_later_in_the_same_function(db):
 
 @pytest_twisted.ensureDeferred
 async def test_held_rows_are_read_by_the_next_function_of_the_group(db):
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
     before = db.stats["transactions"]
 
     def write(conn):
@@ -477,7 +493,7 @@ async def test_held_rows_are_read_by_the_next_function_of_the_group(db):
     await release_pool(release, holds)
     assert [await wait(w) for w in works] == ["written", "written", [1, 2]]
     if db.pool.max == 1:
-        assert db.stats["transactions"] - before == 1  # one group commit
+        assert db.stats["transactions"] - before == 2  # the hold's own, then one for the whole group
     assert await wait(db.run(rows_of(bulk))) == [(1, None, "one", None), (2, None, "two", None)]
 
 
@@ -511,7 +527,7 @@ async def test_many_rows_in_chunks_read_back_as_sqlalchemy_writes_them(db):
 
 @pytest_twisted.ensureDeferred
 async def test_failing_held_rows_fail_their_function_alone(db):
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
     isolated = db.stats["isolated"]
 
     def good(first):
@@ -555,7 +571,7 @@ async def test_failing_held_rows_raise_sqlalchemys_integrity_error(db):
 
 @pytest_twisted.ensureDeferred
 async def test_a_failing_duplicate_key_in_held_rows_rolls_back_its_savepoint_only(db):
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
 
     def dup(conn):
         conn.execute(bulk.insert().values(id=50, value="own statement"))
@@ -637,9 +653,9 @@ def kill_kept_connections(db: Database) -> int:
 @pytest.mark.parametrize("first_statement", ["sqlalchemy", "held_rows"])
 @pytest_twisted.ensureDeferred
 async def test_dead_connection_is_replaced_and_the_work_retried(db, first_statement):
-    # Let every pool thread make its connection first.
-    await wait(defer.gatherResults([db.run(lambda conn: conn.execute(text("SELECT 1")).scalar())
-                                    for _ in range(db.pool.max)]))
+    # Let every pool thread make its connection first (each busy at once, so each is used).
+    release, holds = await hold_the_pool(db)
+    await release_pool(release, holds)
     assert kill_kept_connections(db) >= 1
     retries = db.stats["retries"]
 
@@ -721,7 +737,7 @@ async def test_held_rows_failing_under_the_next_functions_statement_are_not_blam
     fail there, the error must not pass for that statement's own (a function that handles its own
     IntegrityError, like the firmware store's insert, must not swallow another function's failure)."""
     await wait(db.run(lambda conn: conn.execute(bulk.insert().values(id=1, value="existing"))))
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
 
     def bad(conn):  # a duplicate of the existing row: fails when written
         db.insert_many(conn, bulk, COLUMNS, [(2, None, "new", None), (1, None, "duplicate", None)])
@@ -753,7 +769,7 @@ async def test_a_function_handling_its_own_integrity_error_does_not_undo_its_gro
     on PostgreSQL the failed statement aborts the shared transaction; the other functions must still
     either commit or fail, never report success for work that was rolled back."""
     await wait(db.run(lambda conn: conn.execute(bulk.insert().values(id=1, value="existing"))))
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
 
     def plain(key):
         def thd(conn):
@@ -787,7 +803,7 @@ async def test_a_function_catching_a_statement_error_without_a_savepoint_fails_a
     function fails (TransactionAborted) instead of the group silently rolling back at COMMIT; SQLite
     rolls back only the statement, so there the function's own answer stands. The others commit."""
     await wait(db.run(lambda conn: conn.execute(bulk.insert().values(id=1, value="existing"))))
-    release, holds = hold_the_pool(db)
+    release, holds = await hold_the_pool(db)
 
     def plain(key):
         def thd(conn):
