@@ -164,3 +164,18 @@ class EventProbe:
     @hookimpl
     def csms_on_station_disconnected(self, station_id, reason):
         self._record(("disconnected", station_id), reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``postgresql_only`` exists for PostgreSQL alone: its SQLite variant is deselected
+    (not skipped: there is nothing on SQLite for it to check)."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("postgresql_only") and params.get("database_url") == "sqlite":
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
