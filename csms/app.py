@@ -131,6 +131,10 @@ class CentralSystem:
             raise CallError("NotImplemented", f"Action {action!r} is not implemented by this Central System")
         return result
 
+    def listened(self, hook_name: str) -> bool:
+        """Whether any plugin implements the event hook ``hook_name`` (to skip building a costly event)."""
+        return bool(getattr(self.hook, hook_name).get_hookimpls())
+
     def fire(self, hook_name: str, **kwargs) -> defer.Deferred:
         """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""
         caller = getattr(self.hook, hook_name)

@@ -190,17 +190,16 @@ class OCPPSession:
 
     def _run_calls(self, unique_id: str, action: str, payload: dict) -> None:
         while True:
-            d = self._handle_call(unique_id, action, payload)
-            if d is not None:
-                # Still waiting (on the database, a plugin...): the next call waits for this one.
+            if self._handle_call(unique_id, action, payload) is not None:
+                # Still waiting (on the database, a plugin...): the next call waits for this one,
+                # and _answer takes it up once this one is answered.
                 self._inbound_busy = True
-                d.addBoth(self._call_finished)
                 return
             if not self._inbound_queue:
                 return
             unique_id, action, payload = self._inbound_queue.popleft()
 
-    def _call_finished(self, _) -> None:
+    def _call_finished(self) -> None:
         self._inbound_busy = False
         if self._inbound_queue:
             self._run_calls(*self._inbound_queue.popleft())
@@ -223,16 +222,27 @@ class OCPPSession:
             return None
         if not isinstance(result, defer.Deferred):
             result = defer.ensureDeferred(result)
-        result.addCallbacks(self._reply, self._reply_failure, callbackArgs=(unique_id, action),
-                            errbackArgs=(unique_id, action))
-        # The next inbound call waits on this chain, which ignores its outcome: say why nothing was sent.
-        result.addErrback(self._answer_failed, action)
         answered: list = []
-        result.addBoth(answered.append)
-        return None if answered else result
+        result.addBoth(self._answer, unique_id, action, answered)
+        if answered:
+            return None
+        answered.append(False)  # answered later: _answer then lets the next inbound call run
+        return result
 
-    def _answer_failed(self, failure: Failure, action: str) -> None:
-        log.failure("Answering {action} from {station} failed", failure, action=action, station=self.station_id)
+    def _answer(self, outcome, unique_id: str, action: str, answered: list) -> None:
+        """Send the answer (or the CALLERROR) once the handler's Deferred fires. The chain ends here:
+        nothing after it sees this call's outcome."""
+        try:
+            if isinstance(outcome, Failure):
+                self._reply_failure(outcome, unique_id, action)
+            else:
+                self._reply(outcome, unique_id, action)
+        except Exception:
+            log.failure("Answering {action} from {station} failed", action=action, station=self.station_id)
+        if answered:
+            self._call_finished()  # it was answered after _handle_call returned
+        else:
+            answered.append(True)
 
     def _reply(self, result, unique_id: str, action: str) -> None:
         if not isinstance(result, dict):

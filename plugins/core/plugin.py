@@ -152,6 +152,8 @@ class CorePlugin:
             if transaction_id != payload.get("transactionId"):
                 log.warn("{station} sent MeterValues for transaction {tx}, which is not one of its own; "
                          "kept without a transaction", station=station_id, tx=payload.get("transactionId"))
+            if not self.app.listened("csms_on_meter_values"):
+                return {}
             return self.app.fire("csms_on_meter_values", station_id=station_id,
                                  connector_id=payload["connectorId"], transaction_id=transaction_id,
                                  meter_values=payload["meterValue"]).addCallback(_empty_answer)

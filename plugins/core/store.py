@@ -446,11 +446,15 @@ class CoreStore:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
             return linked
 
+        d = self.db.run(thd, desc="core_meter_values")
+        if known or transaction_id is None:
+            return d
+
         def stored(linked):
             if linked is not None:
                 self._remember_owner(linked, station_id)
             return linked
-        return self.db.run(thd, desc="core_meter_values").addCallback(stored)
+        return d.addCallback(stored)
 
     def _remember_owner(self, transaction_id: int, station_id: str) -> None:
         if len(self._transaction_owner) >= 100_000:
