@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage

@@ -179,3 +179,44 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+# -- helpers shared by the profile tests ---------------------------------------------------------------
+
+TIMEOUT = 10
+
+
+def within(result, seconds: float = TIMEOUT):
+    """A Deferred (or coroutine) that fails with TimeoutError unless it fires within ``seconds``."""
+    from twisted.internet import defer, reactor
+
+    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
+
+
+def clock_now(csms):
+    """The running CSMS's time (its task.Clock) as an aware UTC datetime."""
+    from csms.ocpp16 import utc_from_timestamp
+
+    return utc_from_timestamp(csms.clock.seconds())
+
+
+def station_time(moment) -> str:
+    """A timestamp as a charge point writes it (UTC, milliseconds, Z): the CSMS's own format."""
+    from csms.ocpp16 import format_datetime
+
+    return format_datetime(moment)
+
+
+def as_stored(moment):
+    """``moment`` at the millisecond precision a station sends."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+async def booted(csms, station_id: str, connectors: int = 1):
+    """Reusable state Booted: BootNotification (Accepted), then Available for connector 0 and each connector."""
+    station = await csms.connect(station_id)
+    response = await station.call("BootNotification", {"chargePointVendor": "OCTT", "chargePointModel": "OCTT-CP"})
+    assert response["status"] == "Accepted"
+    for connector_id in range(connectors + 1):
+        assert await station.status(connector_id, "Available") == {}
+    return station

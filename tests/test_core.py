@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
-from conftest import core_store
+from conftest import TIMEOUT, as_stored, booted, clock_now, core_store, station_time, within
 from sqlalchemy import func, select
 from twisted.internet import defer, reactor
 from zope.interface import implementer
@@ -20,29 +20,11 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms_plugins.core import tables
 
-TIMEOUT = 10
 VALID = "CORE-VALID-01"
 OCPP_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-
-
-def within(result, seconds: float = TIMEOUT) -> defer.Deferred:
-    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
-
-
-def clock_now(csms) -> datetime:
-    return datetime.fromtimestamp(csms.clock.seconds(), tz=timezone.utc)
-
-
-def station_time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def as_stored(moment: datetime) -> datetime:
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
 
 def utc(*args) -> datetime:
     return datetime(*args, tzinfo=timezone.utc)
@@ -70,14 +52,6 @@ async def put_tags(csms, *tags) -> None:
     store = core_store(csms)
     for tag in tags:
         await within(store.put_id_tag(*tag) if isinstance(tag, tuple) else store.put_id_tag(tag))
-
-
-async def booted(csms, station_id: str, connectors: int = 1):
-    station = await csms.connect(station_id)
-    response = await station.boot(connectors)
-    assert response["status"] == "Accepted"
-    return station
-
 
 def start_payload(csms, connector_id: int = 1, id_tag: str = VALID, meter_start: int = 1000,
                   timestamp: str | None = None, **extra) -> dict:

@@ -15,7 +15,7 @@ import treq
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, DiagnosticsStatus, FirmwareStatus
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from csms.testing.asyncio_thread import AsyncioThread
 
 TIMEOUT = 15

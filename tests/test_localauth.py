@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from conftest import within
 
 VALID = "OCTT-VALID-01"
 BLOCKED = "OCTT-BLOCKED-01"
@@ -17,12 +17,6 @@ CHILD = "OCTT-CHILD-01"
 NEW = "OCTT-NEW-01"
 PAST_EXPIRY = datetime(2020, 1, 1, 12, 0, tzinfo=timezone.utc)
 FUTURE_EXPIRY = datetime(2999, 1, 1, 12, 0, tzinfo=timezone.utc)
-TIMEOUT = 10
-
-
-def within(result, seconds: float = TIMEOUT) -> defer.Deferred:
-    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
-
 
 def core(csms):
     return csms.app.pm.get_plugin("core")

@@ -12,7 +12,6 @@ import pytest_twisted
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action
-from twisted.internet import defer, reactor
 from csms.testing.asyncio_thread import AsyncioThread
 
 TIMEOUT = 15

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
-from conftest import core_store, db_settled
-from twisted.internet import defer, reactor
+from conftest import as_stored, booted, clock_now, core_store, db_settled, station_time, within
+from twisted.internet import defer
 
 VALID = "OCTT-VALID-01"
 EXPIRED = "OCTT-EXPIRED-01"           # stored with status Expired
@@ -26,7 +26,6 @@ UNKNOWN = "OCTT-UNKNOWN-01"           # never stored
 PAST_EXPIRY = datetime(2020, 1, 1, 12, 0, tzinfo=timezone.utc)
 PAST_EXPIRY_TEXT = "2020-01-01T12:00:00.000Z"
 
-TIMEOUT = 10
 
 #: What the tool returns for TC_019_1: every required Core, LocalAuthListManagement and SmartCharging key
 #: (OCPP 1.6 §9.1, §9.2, §9.4), with its accessibility.
@@ -74,39 +73,8 @@ def id_tags(csms):
                  (EXPIRED_BY_DATE, "Accepted", PAST_EXPIRY)):
         assert pytest_twisted.blockon(store.put_id_tag(*args)) is True
 
-
-def within(result, seconds: float = TIMEOUT) -> defer.Deferred:
-    """A Deferred (or coroutine) that fails with a timeout instead of hanging the test."""
-    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
-
-
 def operate(operator, station_id: str, action: str, payload: dict) -> defer.Deferred:
     return within(operator.call(station_id, action, payload))
-
-
-def clock_now(csms) -> datetime:
-    return datetime.fromtimestamp(csms.clock.seconds(), tz=timezone.utc)
-
-
-def station_time(moment: datetime) -> str:
-    """A timestamp as a charge point writes it (UTC, milliseconds, Z)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def as_stored(moment: datetime) -> datetime:
-    """``moment`` at the millisecond precision a station sends."""
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
-async def booted(csms, station_id: str, connectors: int = 1):
-    """Reusable state Booted: BootNotification (Accepted), then Available for connector 0 and each connector."""
-    station = await csms.connect(station_id)
-    response = await station.call("BootNotification", {"chargePointVendor": "OCTT", "chargePointModel": "OCTT-CP"})
-    assert response["status"] == "Accepted"
-    for connector_id in range(connectors + 1):
-        assert await station.status(connector_id, "Available") == {}
-    return station
-
 
 async def authorized(station, id_tag: str = VALID):
     """Reusable state Authorized."""

@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from conftest import core_store
-from twisted.internet import defer, reactor
+from conftest import core_store, within
 
 from plugins.remotetrigger.plugin import REQUESTED_MESSAGES
-
-TIMEOUT = 10
-
-
-def within(result, seconds: float = TIMEOUT) -> defer.Deferred:
-    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
 
 
 async def trigger(csms, station_id: str, requested_message: str, connector_id: int | None = None):

@@ -8,8 +8,8 @@ import pytest_twisted
 from conftest import core_store, db_settled
 from twisted.internet import defer
 
-from test_reservation_octt import (GROUP, MEMBER_1, MEMBER_2, VALID, booted, calls_sent, clock_now, iso, live,
-                                   reservation, reserve, start_transaction, within)
+from test_reservation_octt import (GROUP, MEMBER_1, MEMBER_2, VALID, booted, calls_sent, clock_now, live, reservation,
+                                   reserve, start_transaction, station_time, within)
 
 STATION = "RSV-1"
 OTHER = "OTHER-TAG-01"
@@ -41,7 +41,7 @@ async def all_reservations(csms, query: str = "") -> dict:
 
 def future(csms, seconds: float = 3600) -> str:
     from datetime import timedelta
-    return iso(clock_now(csms) + timedelta(seconds=seconds))
+    return station_time(clock_now(csms) + timedelta(seconds=seconds))
 
 
 # -- refused up front ---------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ async def test_reserve_refuses_what_cannot_work_and_writes_nothing(csms, id_tags
     status, error = await api(csms, "POST", "/stations/NOPE/reservations", body)
     assert (status, error["error"]["code"]) == (404, "station_not_found")
 
-    status, error = await api(csms, "POST", path, dict(body, expiry_date=iso(clock_now(csms))))
+    status, error = await api(csms, "POST", path, dict(body, expiry_date=station_time(clock_now(csms))))
     assert (status, error["error"]["code"]) == (422, "expiry_in_past")
 
     status, error = await api(csms, "POST", path, dict(body, expiry_date="tomorrow"))
@@ -129,7 +129,7 @@ async def test_reservation_ids_are_allocated_increasing_and_skip_operator_chosen
 
 @pytest_twisted.ensureDeferred
 async def test_generic_calls_are_recorded_and_a_duplicate_id_replaces_the_live_one(csms, id_tags):
-    station = await booted(csms, STATION, connectors=2)
+    await booted(csms, STATION, connectors=2)
     expiry = future(csms)
     status, answer = await api(csms, "POST", f"/stations/{STATION}/calls/ReserveNow", {
         "connectorId": 1, "expiryDate": expiry, "idTag": VALID, "reservationId": 77})

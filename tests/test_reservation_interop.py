@@ -12,9 +12,9 @@ from datetime import timedelta
 import pytest
 import pytest_twisted
 from conftest import core_store
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from test_reservation_octt import VALID, clock_now, iso, reservation, within
+from test_reservation_octt import VALID, clock_now, reservation, station_time, within
 from csms.testing.asyncio_thread import AsyncioThread
 
 STATION = "OCPP-LIB-RSV"
@@ -79,7 +79,7 @@ async def test_ocpp_library_charge_point_reserves_and_consumes(csms, asyncio_thr
 
     try:
         assert await asyncio_thread.run(connect_and_boot()) == "Accepted"
-        expiry = iso(clock_now(csms) + timedelta(hours=1))
+        expiry = station_time(clock_now(csms) + timedelta(hours=1))
         status, body, _ = await within(csms.api("POST", f"/stations/{STATION}/reservations",
                                                 json={"connector_id": 1, "expiry_date": expiry, "id_tag": VALID}))
         assert (status, body["status"], body["active"]) == (201, "Accepted", True)
@@ -91,7 +91,7 @@ async def test_ocpp_library_charge_point_reserves_and_consumes(csms, asyncio_thr
             cp = peer["cp"]
             await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Reserved"))
             return await cp.call(call.StartTransaction(connector_id=1, id_tag=VALID, meter_start=0,
-                                                       timestamp=iso(clock_now(csms)), reservation_id=reservation_id))
+                                                       timestamp=station_time(clock_now(csms)), reservation_id=reservation_id))
         started = await asyncio_thread.run(start())
         assert started.id_tag_info == {"status": "Accepted"}
         row = await reservation(csms, STATION, reservation_id)

@@ -8,19 +8,17 @@ hooks change these answers.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 import pytest_twisted
-from conftest import core_store, db_settled
-from twisted.internet import defer, reactor
+from conftest import booted as booted_station, clock_now, core_store, db_settled, station_time, within
 
 VALID = "OCTT-VALID-01"
 GROUP = "OCTT-GROUP-01"          # the parent (group) tag of the next two
 MEMBER_1 = "OCTT-MEMBER-01"      # reserved with parentIdTag GROUP
 MEMBER_2 = "OCTT-MEMBER-02"      # a new idTag with the same parentIdTag (TC_053)
 STATION = "OCTT-CP-RSV"
-TIMEOUT = 10
 
 
 @pytest.fixture
@@ -30,27 +28,8 @@ def id_tags(csms):
                  (MEMBER_2, "Accepted", None, GROUP)):
         assert pytest_twisted.blockon(store.put_id_tag(*args)) is True
 
-
-def within(result, seconds: float = TIMEOUT) -> defer.Deferred:
-    return defer.ensureDeferred(result).addTimeout(seconds, reactor)
-
-
-def clock_now(csms) -> datetime:
-    return datetime.fromtimestamp(csms.clock.seconds(), tz=timezone.utc)
-
-
-def iso(moment: datetime) -> str:
-    """UTC, milliseconds, Z: how the CSMS writes a date-time (and how OCTT compares it)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 async def booted(csms, station_id: str = STATION, connectors: int = 1):
-    station = await csms.connect(station_id)
-    response = await station.call("BootNotification", {"chargePointVendor": "OCTT", "chargePointModel": "OCTT-CP"})
-    assert response["status"] == "Accepted"
-    for connector_id in range(connectors + 1):
-        assert await station.status(connector_id, "Available") == {}
-    return station
+    return await booted_station(csms, station_id, connectors)
 
 
 async def reserve(csms, station, connector_id: int = 1, id_tag: str = VALID, offset: float = 3600,
@@ -58,9 +37,9 @@ async def reserve(csms, station, connector_id: int = 1, id_tag: str = VALID, off
     """The operator reserves through the API; fires (HTTP status, body, the ReserveNow the station got)."""
     expiry = clock_now(csms) + timedelta(seconds=offset)
     status, body, _ = await within(csms.api("POST", f"/stations/{station_id}/reservations", json={
-        "connector_id": connector_id, "expiry_date": iso(expiry), "id_tag": id_tag, **extra}))
+        "connector_id": connector_id, "expiry_date": station_time(expiry), "id_tag": id_tag, **extra}))
     request = await within(station.wait_for_call("ReserveNow"))
-    return status, body, request, iso(expiry)
+    return status, body, request, station_time(expiry)
 
 
 async def reservation(csms, station_id: str, reservation_id: int) -> dict:
@@ -77,7 +56,7 @@ async def live(csms, station_id: str = STATION) -> list[int]:
 
 async def start_transaction(csms, station, connector_id: int = 1, id_tag: str = VALID, **extra) -> dict:
     return await station.call("StartTransaction", {"connectorId": connector_id, "idTag": id_tag, "meterStart": 0,
-                                                   "timestamp": iso(clock_now(csms)), **extra})
+                                                   "timestamp": station_time(clock_now(csms)), **extra})
 
 
 def calls_sent(station) -> list[str]:
@@ -272,7 +251,7 @@ async def test_TC_053_use_a_reserved_connector_with_parent_id_tag(csms, id_tags)
     assert (after["state"], after["transaction_id"]) == ("consumed", started["transactionId"])
 
     stopped = await station.call("StopTransaction", {"transactionId": started["transactionId"], "idTag": MEMBER_2,
-                                                     "meterStop": 1000, "timestamp": iso(clock_now(csms))})
+                                                     "meterStop": 1000, "timestamp": station_time(clock_now(csms))})
     assert stopped == expected
     assert await station.status(1, "Finishing") == {}
     assert calls_sent(station) == ["ReserveNow"]

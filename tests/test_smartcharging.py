@@ -3,11 +3,11 @@
 test station playing the tool; the CSMS's record of profiles; bad input refused with nothing sent."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 import pytest_twisted
-from conftest import core_store
+from conftest import booted as booted_station, clock_now as clock_time, core_store, station_time
 
 from csms.app import CallRefused
 
@@ -15,21 +15,13 @@ VALID = "SC-VALID-01"
 BASE = "/stations/{}"
 
 
-def clock_now(csms) -> datetime:
-    return datetime.fromtimestamp(int(csms.clock.seconds()), tz=timezone.utc)
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+def clock_now(csms):
+    """The CSMS's time in whole seconds (schedules here start on a second)."""
+    return clock_time(csms).replace(microsecond=0)
 
 
 async def booted(csms, station_id: str, connectors: int = 2):
-    station = await csms.connect(station_id)
-    response = await station.call("BootNotification", {"chargePointVendor": "OCTT", "chargePointModel": "OCTT-CP"})
-    assert response["status"] == "Accepted"
-    for connector_id in range(connectors + 1):
-        assert await station.status(connector_id, "Available") == {}
-    return station
+    return await booted_station(csms, station_id, connectors)
 
 
 async def charging(csms, station, connector_id: int = 1) -> int:
@@ -37,7 +29,7 @@ async def charging(csms, station, connector_id: int = 1) -> int:
     await core_store(csms).put_id_tag(VALID, "Accepted")
     assert await station.status(connector_id, "Preparing") == {}
     response = await station.call("StartTransaction", {"connectorId": connector_id, "idTag": VALID,
-                                                       "meterStart": 0, "timestamp": iso(clock_now(csms))})
+                                                       "meterStart": 0, "timestamp": station_time(clock_now(csms))})
     assert response["idTagInfo"] == {"status": "Accepted"}
     assert await station.status(connector_id, "Charging") == {}
     return response["transactionId"]
@@ -79,8 +71,8 @@ async def test_TC_056_central_smart_charging_tx_default_profile(csms, unit, limi
     now = clock_now(csms)
     profile = {
         "chargingProfileId": 56, "stackLevel": 1, "chargingProfilePurpose": "TxDefaultProfile",
-        "chargingProfileKind": "Absolute", "validFrom": iso(now), "validTo": iso(now + timedelta(days=1)),
-        "chargingSchedule": {"duration": 304, "startSchedule": iso(now), "chargingRateUnit": unit,
+        "chargingProfileKind": "Absolute", "validFrom": station_time(now), "validTo": station_time(now + timedelta(days=1)),
+        "chargingSchedule": {"duration": 304, "startSchedule": station_time(now), "chargingRateUnit": unit,
                              "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit, "numberPhases": 1}]},
     }
     status, body, _ = await set_profile(csms, "CP-TC056", 1, profile)
@@ -108,8 +100,8 @@ async def test_TC_057_central_smart_charging_tx_profile(csms, kind):
     profile = {"chargingProfileId": 57, "transactionId": transaction_id, "stackLevel": 0,
                "chargingProfilePurpose": "TxProfile", "chargingProfileKind": kind, "chargingSchedule": schedule}
     if kind == "Absolute":  # 2025-11: validFrom, validTo, startSchedule and duration present
-        profile.update(validFrom=iso(now), validTo=iso(now + timedelta(hours=2)))
-        schedule["startSchedule"] = iso(now)
+        profile.update(validFrom=station_time(now), validTo=station_time(now + timedelta(hours=2)))
+        schedule["startSchedule"] = station_time(now)
     status, body, _ = await set_profile(csms, "CP-TC057", 1, profile)
     assert (status, body["status"]) == (200, "Accepted")
     sent = await station.wait_for_call("SetChargingProfile")
@@ -123,7 +115,7 @@ async def test_TC_057_central_smart_charging_tx_profile(csms, kind):
 
     # The TxProfile ends with its transaction.
     await station.call("StopTransaction", {"transactionId": transaction_id, "meterStop": 10,
-                                           "timestamp": iso(clock_now(csms)), "reason": "Local"})
+                                           "timestamp": station_time(clock_now(csms)), "reason": "Local"})
     assert await installed(csms, "CP-TC057") == []
     [ended] = await installed(csms, "CP-TC057", "?state=ended")
     assert (ended["charging_profile_id"], ended["transaction_id"]) == (57, transaction_id)
@@ -139,8 +131,8 @@ async def test_TC_059_remote_start_transaction_with_charging_profile(csms, kind)
     profile = {"chargingProfileId": 59, "stackLevel": 0, "chargingProfilePurpose": "TxProfile",
                "chargingProfileKind": kind, "chargingSchedule": schedule}
     if kind == "Absolute":  # allowed by 2025-11 with TC_057's conditions
-        profile.update(validFrom=iso(now), validTo=iso(now + timedelta(hours=2)))
-        schedule.update(startSchedule=iso(now), duration=3600)
+        profile.update(validFrom=station_time(now), validTo=station_time(now + timedelta(hours=2)))
+        schedule.update(startSchedule=station_time(now), duration=3600)
     payload = {"idTag": VALID, "connectorId": 1, "chargingProfile": profile}
     status, body, _ = await csms.api("POST", BASE.format("CP-TC059") + "/calls/RemoteStartTransaction", json=payload)
     assert (status, body) == (200, {"status": "Accepted"})
@@ -151,7 +143,7 @@ async def test_TC_059_remote_start_transaction_with_charging_profile(csms, kind)
     assert await station.call("Authorize", {"idTag": VALID}) == {"idTagInfo": {"status": "Accepted"}}
     assert await station.status(1, "Preparing") == {}
     response = await station.call("StartTransaction", {"connectorId": 1, "idTag": VALID, "meterStart": 0,
-                                                       "timestamp": iso(clock_now(csms))})
+                                                       "timestamp": station_time(clock_now(csms))})
     assert response["idTagInfo"] == {"status": "Accepted"}
     assert await station.status(1, "Charging") == {}
     [record] = await installed(csms, "CP-TC059")
@@ -170,8 +162,8 @@ async def test_TC_066_get_composite_schedule(csms):
     station = await booted(csms, "CP-TC066", connectors=1)
     start = clock_now(csms)
     # The tool returns a hard-coded composite schedule.
-    hard_coded = {"status": "Accepted", "connectorId": 1, "scheduleStart": iso(start),
-                  "chargingSchedule": {"duration": 300, "startSchedule": iso(start), "chargingRateUnit": "A",
+    hard_coded = {"status": "Accepted", "connectorId": 1, "scheduleStart": station_time(start),
+                  "chargingSchedule": {"duration": 300, "startSchedule": station_time(start), "chargingRateUnit": "A",
                                        "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 6.0}]}}
     station.responses["GetCompositeSchedule"] = hard_coded
     status, body, _ = await csms.api("POST", BASE.format("CP-TC066") + "/composite-schedule",
@@ -184,7 +176,7 @@ async def test_TC_066_get_composite_schedule(csms):
     # The CSMS holds no profile for this station, so it reports the difference.
     assert body["csms"]["chargingSchedule"] is None
     assert body["matches"] is False
-    assert body["differences"] == [{"from": iso(start), "to": iso(start + timedelta(seconds=300)),
+    assert body["differences"] == [{"from": station_time(start), "to": station_time(start + timedelta(seconds=300)),
                                     "station_limit": 6.0, "csms_limit": None}]
     await assert_only_calls(station, ["GetCompositeSchedule"])
 
@@ -323,8 +315,8 @@ async def test_preview_before_and_after_a_session_and_compare_with_the_station(c
 
     start = clock_now(csms)
     station.responses["GetCompositeSchedule"] = {
-        "status": "Accepted", "connectorId": 1, "scheduleStart": iso(start),
-        "chargingSchedule": {"startSchedule": iso(start), "duration": 3600, "chargingRateUnit": "A",
+        "status": "Accepted", "connectorId": 1, "scheduleStart": station_time(start),
+        "chargingSchedule": {"startSchedule": station_time(start), "duration": 3600, "chargingRateUnit": "A",
                              "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 32.0},
                                                         {"startPeriod": 600, "limit": 8.0},
                                                         {"startPeriod": 1800, "limit": 16.0}]}}
@@ -335,12 +327,12 @@ async def test_preview_before_and_after_a_session_and_compare_with_the_station(c
     status, body, _ = await csms.api("POST", BASE.format("CP-FLOW") + "/composite-schedule",
                                      json={"connector_id": 1, "duration": 3600})
     assert (status, body["matches"]) == (200, False)
-    assert body["differences"] == [{"from": iso(start + timedelta(seconds=600)),
-                                    "to": iso(start + timedelta(seconds=1800)),
+    assert body["differences"] == [{"from": station_time(start + timedelta(seconds=600)),
+                                    "to": station_time(start + timedelta(seconds=1800)),
                                     "station_limit": 6.0, "csms_limit": 8.0}]
 
     await station.call("StopTransaction", {"transactionId": transaction_id, "meterStop": 10,
-                                           "timestamp": iso(clock_now(csms)), "reason": "Local"})
+                                           "timestamp": station_time(clock_now(csms)), "reason": "Local"})
     status, after, _ = await csms.api("GET", preview_path)
     assert after["chargingSchedule"]["chargingSchedulePeriod"] == [{"startPeriod": 0, "limit": 16.0}]
 
@@ -486,7 +478,7 @@ async def test_core_remote_start_endpoint_checks_the_charging_profile_and_binds_
     [pending] = await installed(csms, "CP-RSCORE")
     assert (pending["connector_id"], pending["transaction_id"]) == (None, None)
     response = await station.call("StartTransaction", {"connectorId": 2, "idTag": VALID, "meterStart": 0,
-                                                       "timestamp": iso(clock_now(csms))})
+                                                       "timestamp": station_time(clock_now(csms))})
     [bound] = await installed(csms, "CP-RSCORE")
     assert (bound["charging_profile_id"], bound["connector_id"], bound["transaction_id"]) == \
         (590, 2, response["transactionId"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest_twisted
 from conftest import db_settled
-from test_reservation_octt import STATION, VALID, booted, id_tags, reserve, start_transaction, within  # noqa: F401
+from test_reservation_octt import id_tags  # noqa: F401  (the fixture)
+from test_reservation_octt import STATION, VALID, booted, reserve, start_transaction, within
 
 from csms_plugins.smartcharging.store import SmartChargingStore
 
