@@ -204,8 +204,7 @@ class Database:
                 self.stats["functions"] += len(batch)
                 return outcomes
             except DBAPIError as exc:
-                if exc.connection_invalidated:
-                    self._drop_connection()  # the server went away: a fresh connection, and retry
+                # A connection the server dropped is invalidated: _connection() replaces it on the retry.
                 if not isolate and not _is_transient(exc):
                     isolate = True  # find out which function failed: rerun each in a SAVEPOINT
                     self.stats["isolated"] += 1
@@ -245,21 +244,19 @@ class Database:
 
     def _connection(self):
         """This pool thread's own connection, kept across transactions: a pool checkout, its reset
-        and its return cost more than a small transaction's own statements."""
+        and its return cost more than a small transaction's own statements. One that was invalidated
+        (the server went away) or closed is replaced."""
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated:
+        if conn is not None and (conn.closed or conn.invalidated):
+            with self._lock:
+                self._connections.remove(conn)
+            conn.close()
+            conn = None
+        if conn is None:
             conn = self._local.conn = self.engine.connect()
             with self._lock:
                 self._connections.append(conn)
         return conn
-
-    def _drop_connection(self) -> None:
-        conn, self._local.conn = getattr(self._local, "conn", None), None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is broken already; a new one replaces it
-                pass
 
     def _in_savepoint(self, conn, work):
         thd, args, kwargs, _, _ = work

@@ -203,10 +203,13 @@ class CoreStore:
         """A transaction write: the tags it touches keep their snapshot, their ConcurrentTx answer
         becomes unknown while it is queued and ``active_of_result(result)`` -> (tag, active) after."""
         cache = self.tag_cache
-        if id_tag is not None:
-            cache.set_active(id_tag, None)
-        else:
-            cache.generation += 1
+
+        def unknown(tag):
+            if tag is None:
+                cache.invalidate()  # no tag to mark: just keep lookups in flight from being cached
+            else:
+                cache.set_active(tag, None)
+        unknown(id_tag)
 
         def committed(result):
             tag, active = active_of_result(result)
@@ -215,9 +218,7 @@ class CoreStore:
             return result
 
         def failed(failure):
-            if id_tag is not None:
-                cache.set_active(id_tag, None)
-            cache.generation += 1
+            unknown(id_tag)
             return failure
         return d.addCallbacks(committed, failed)
 
