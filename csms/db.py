@@ -75,7 +75,10 @@ class Database:
             # SQLite has one writer at a time: one thread avoids lock contention entirely.
             threads_max = 1
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
+            # Each pool thread keeps one connection for good (see _connection); the overflow serves
+            # everything else that opens one (run_sync at start-up, the admin tool, tests), which would
+            # otherwise wait for a slot that never frees.
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             synchronous = sqlite_synchronous.upper()

@@ -657,6 +657,12 @@ async def test_dead_connection_is_replaced_and_the_work_retried(db, first_statem
     release, holds = await hold_the_pool(db)
     await release_pool(release, holds)
     assert kill_kept_connections(db) >= 1
+    await assert_work_is_retried_on_a_new_connection(db, first_statement)
+
+
+async def assert_work_is_retried_on_a_new_connection(db: Database, first_statement: str) -> None:
+    """After the kept connections died: the next work is retried and succeeds, and so does later work on
+    whichever thread. Its first statement is SQLAlchemy's, or the writing of rows insert_many held."""
     retries = db.stats["retries"]
 
     def work(conn):
@@ -668,7 +674,6 @@ async def test_dead_connection_is_replaced_and_the_work_retried(db, first_statem
 
     assert await wait(db.run(work)) == "done"
     assert db.stats["retries"] > retries
-    # Later work succeeds too, on whichever thread.
     results = await wait(defer.gatherResults([db.run(rows_of(bulk)) for _ in range(2 * db.pool.max)]))
     assert all(len(r) == 1 for r in results)
 
@@ -857,16 +862,14 @@ async def test_postgresql_backend_terminated_is_replaced_and_the_work_retried(db
         finally:
             engine.dispose()
     assert all(await wait(threads.deferToThread(terminate)))
-    retries = db.stats["retries"]
+    await assert_work_is_retried_on_a_new_connection(db, first_statement)
 
-    def work(conn):
-        if first_statement == "sqlalchemy":
-            conn.execute(bulk.insert().values(id=1, value="plain"))
-        else:
-            db.insert_many(conn, bulk, COLUMNS, [(1, None, "bulk", None)])
-        return "done"
 
-    assert await wait(db.run(work)) == "done"
-    assert db.stats["retries"] > retries
-    results = await wait(defer.gatherResults([db.run(rows_of(bulk)) for _ in range(2 * db.pool.max)]))
-    assert all(len(r) == 1 for r in results)
+@pytest_twisted.ensureDeferred
+async def test_a_connection_outside_the_pool_threads_is_still_available(db):
+    """Every pool thread keeps a connection for good; run_sync (start-up, the admin tool) must still get one
+    at once instead of waiting for a pool slot that never frees."""
+    release, holds = await hold_the_pool(db)
+    await release_pool(release, holds)
+    assert len([conn for conn in db._connections if not conn.closed]) == db.pool.max
+    assert db.run_sync(lambda conn: conn.execute(text("SELECT 1")).scalar()) == 1
