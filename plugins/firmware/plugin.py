@@ -57,7 +57,7 @@ class FileServers(service.Service):
         plugin = self.plugin
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
-            site = FileServerSite(plugin.firmware_dir, plugin.uploads)
+            site = FileServerSite(plugin.firmware_dir, plugin.uploads, max_ranges=plugin.max_ranges)
             self.http_port = await serverFromString(reactor, plugin.http_endpoint).listen(site)
             log.info("Firmware/diagnostics file server listening on {where}", where=self.http_port.getHost())
         if plugin.ftp_endpoint:
@@ -116,6 +116,7 @@ class FirmwarePlugin:
         self.upload_protocol = settings.get("diagnostics_protocol", "ftp").strip().lower()
         self.upload_expiry = settings.getint("upload_expiry", 86400)
         self.history_limit = settings.getint("history_limit", 100)
+        self.max_ranges = settings.getint("max_ranges", 8)
         from .ftp import parse_port_range
         try:
             self.ftp_passive_ports = parse_port_range(settings.get("ftp_passive_ports", ""))
@@ -125,6 +126,8 @@ class FirmwarePlugin:
             raise ConfigError("[plugin:firmware] diagnostics_protocol must be ftp or http")
         if self.max_firmware_size <= 0 or self.max_diagnostics_size <= 0 or self.upload_expiry <= 0:
             raise ConfigError("[plugin:firmware] sizes and upload_expiry must be positive")
+        if self.max_ranges <= 0:
+            raise ConfigError("[plugin:firmware] max_ranges must be positive")
         for directory in (self.firmware_dir, self.diagnostics_dir):
             os.makedirs(directory, exist_ok=True)
         self.store = FirmwareStore(app.db)
