@@ -245,3 +245,169 @@ async def test_other_methods_and_paths_below_a_file(csms):
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
     status, _, body = await fetch(url + "/more")
     assert (status, json.loads(body)["error"]["code"]) == (404, "not_found")
+
+
+# -- notifications a station sends before it answers the call -----------------------------------------
+
+
+def answer_later(station, action: str) -> None:
+    """The station will not answer ``action`` by itself: the test answers with :func:`answer`."""
+    station.responses[action] = None
+
+
+async def call_received(station, action: str) -> tuple[str, dict]:
+    """(unique id, payload) of the next ``action`` CALL the station received."""
+    payload = await station.wait_for_call(action)
+    [frame] = [f for f in station.received_calls if f[2] == action and f[3] is payload]
+    return frame[1], payload
+
+
+def answer(station, unique_id: str, payload: dict | None = None, error: str | None = None) -> None:
+    if error is None:
+        station.send_frame([3, unique_id, payload or {}])
+    else:
+        station.send_frame([4, unique_id, error, "", {}])
+
+
+def api_in_background(csms, method, path, json=None):
+    """An operator request that is answered only once the station answers its call."""
+    return defer.ensureDeferred(csms.api(method, path, json=json))
+
+
+async def diagnostics_view(csms, station_id):
+    status, body, _ = await csms.api("GET", f"/stations/{station_id}/diagnostics")
+    assert status == 200, body
+    return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_diagnostics_notifications_and_upload_before_the_answer_are_linked(csms):
+    station = await csms.connect_booted("EARLY1")
+    answer_later(station, "GetDiagnostics")
+    sent = api_in_background(csms, "POST", "/stations/EARLY1/diagnostics", json={"protocol": "http"})
+    unique_id, request = await call_received(station, "GetDiagnostics")
+    await dsn(station, "Uploading")
+    data = b"diagnostics " * 100
+    response = await treq.put(request["location"] + "diag.log", data=data, reactor=reactor)
+    assert response.code == 201, await treq.content(response)
+    await dsn(station, "Uploaded")
+    answer(station, unique_id, {"fileName": "diag.log"})
+
+    status, body, _ = await within(sent)
+    assert status == 200, body
+    linked = body["request"]
+    assert (linked["status"], linked["file_name"], linked["call_error"]) == ("Uploaded", "diag.log", None)
+    assert [(f["name"], f["size"]) for f in linked["files"]] == [("diag.log", len(data))]
+    view = await diagnostics_view(csms, "EARLY1")
+    assert (view["status"], view["current_request_id"]) == ("Uploaded", linked["id"])
+    assert [(h["status"], h["request_id"]) for h in view["history"]] == \
+        [("Uploaded", linked["id"]), ("Uploading", linked["id"])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_diagnostics_notifications_before_the_answer_of_a_generic_call_are_linked(csms):
+    station = await csms.connect_booted("EARLY2")
+    answer_later(station, "GetDiagnostics")
+    sent = api_in_background(csms, "POST", "/stations/EARLY2/calls/GetDiagnostics",
+                             json={"location": "ftp://logs.example.com/in/"})
+    unique_id, _ = await call_received(station, "GetDiagnostics")
+    await dsn(station, "Uploading")
+    await dsn(station, "Uploaded")
+    answer(station, unique_id, {"fileName": "g.tar.gz"})
+    assert (await within(sent))[:2] == (200, {"fileName": "g.tar.gz"})
+
+    view = await diagnostics_view(csms, "EARLY2")
+    [linked] = view["requests"]
+    assert (linked["location"], linked["status"], linked["file_name"]) == \
+        ("ftp://logs.example.com/in/", "Uploaded", "g.tar.gz")
+    assert {h["request_id"] for h in view["history"]} == {linked["id"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_firmware_notification_before_the_answer_is_linked(csms):
+    hosted = await upload_firmware(csms, "early.bin")
+    station = await csms.connect_booted("EARLY3")
+    answer_later(station, "UpdateFirmware")
+    sent = api_in_background(csms, "POST", "/stations/EARLY3/firmware-update", json={"firmware_id": hosted["id"]})
+    unique_id, _ = await call_received(station, "UpdateFirmware")
+    await fsn(station, "Downloading")
+    answer(station, unique_id)
+
+    status, body, _ = await within(sent)
+    assert status == 200, body
+    update = body["update"]
+    assert (update["status"], update["firmware_file_id"], update["call_error"]) == \
+        ("Downloading", hosted["id"], None)
+    for status in ("Downloaded", "Installing", "Installed"):
+        await fsn(station, status)
+    state = await firmware_state(csms, "EARLY3")
+    assert (state["status"], state["current_update"]["id"], state["current_update"]["status"]) == \
+        ("Installed", update["id"], "Installed")
+    assert [(h["status"], h["request_id"]) for h in reversed(state["history"])] == \
+        [(s, update["id"]) for s in ("Downloading", "Downloaded", "Installing", "Installed")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_calls_keep_the_notifications_already_linked(csms):
+    station = await csms.connect_booted("EARLY4")
+    # CALLERROR after an Uploading.
+    answer_later(station, "GetDiagnostics")
+    sent = api_in_background(csms, "POST", "/stations/EARLY4/calls/GetDiagnostics",
+                             json={"location": "ftp://logs.example.com/in/"})
+    unique_id, _ = await call_received(station, "GetDiagnostics")
+    await dsn(station, "Uploading")
+    answer(station, unique_id, error="InternalError")
+    status, body, _ = await within(sent)
+    assert (status, body["error"]["code"]) == (502, "station_call_error")
+    view = await diagnostics_view(csms, "EARLY4")
+    [failed] = view["requests"]
+    assert (failed["status"], failed["call_error"]) == ("Uploading", "CALLERROR InternalError")
+    assert [(h["status"], h["request_id"]) for h in view["history"]] == [("Uploading", failed["id"])]
+
+    # No answer in time after a Downloading.
+    answer_later(station, "UpdateFirmware")
+    sent = api_in_background(csms, "POST", "/stations/EARLY4/firmware-update",
+                             json={"location": "http://files.example.com/fw.bin"})
+    await call_received(station, "UpdateFirmware")
+    await fsn(station, "Downloading")
+    csms.clock.advance(csms.app.config.ocpp.response_timeout)
+    status, body, _ = await within(sent)
+    assert (status, body["error"]["code"]) == (504, "station_timeout")
+    state = await firmware_state(csms, "EARLY4")
+    timed_out = state["current_update"]
+    assert (state["status"], timed_out["status"], timed_out["call_error"]) == ("Downloading", "Downloading",
+                                                                               "timeout")
+    assert [(h["status"], h["request_id"]) for h in state["history"]] == [("Downloading", timed_out["id"])]
+
+    # The station goes away after a Downloading, before it answers.
+    sent = api_in_background(csms, "POST", "/stations/EARLY4/firmware-update",
+                             json={"location": "http://files.example.com/fw2.bin"})
+    await call_received(station, "UpdateFirmware")
+    await fsn(station, "Downloading")
+    await station.close()
+    status, body, _ = await within(sent)
+    assert (status, body["error"]["code"]) == (409, "station_offline")
+    state = await firmware_state(csms, "EARLY4")
+    gone = state["current_update"]
+    assert gone["id"] != timed_out["id"]
+    assert (gone["status"], gone["call_error"]) == ("Downloading", "offline")
+    assert [h["request_id"] for h in state["history"]] == [gone["id"], timed_out["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_call_without_notifications_is_call_failed_not_requested(csms):
+    station = await csms.connect_booted("EARLY5")
+    station.responses["UpdateFirmware"] = ("CALLERROR", "NotSupported", "no updates here")
+    status, body, _ = await csms.api("POST", "/stations/EARLY5/firmware-update",
+                                     json={"location": "http://files.example.com/fw.bin"})
+    assert (status, body["error"]["code"]) == (502, "station_call_error")
+    state = await firmware_state(csms, "EARLY5")
+    assert (state["status"], state["current_update"]["status"], state["current_update"]["call_error"]) == \
+        ("CallFailed", "CallFailed", "CALLERROR NotSupported")
+    rollout = (await csms.api("GET", "/firmware/status?failed=true"))[1]
+    assert [(i["station_id"], i["status"], i["failed"]) for i in rollout["items"]] == \
+        [("EARLY5", "CallFailed", True)]
+    # A status the station reports later still counts (it acted on the update after all).
+    await fsn(station, "Downloading")
+    state = await firmware_state(csms, "EARLY5")
+    assert (state["status"], state["current_update"]["status"]) == ("Downloading", "Downloading")
