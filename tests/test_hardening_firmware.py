@@ -411,3 +411,15 @@ async def test_a_failed_call_without_notifications_is_call_failed_not_requested(
     await fsn(station, "Downloading")
     state = await firmware_state(csms, "EARLY5")
     assert (state["status"], state["current_update"]["status"]) == ("Downloading", "Downloading")
+
+
+@pytest.mark.parametrize("value, message", [("0", "max_ranges must be positive"), ("many", "'many' is not a valid int")])
+def test_max_ranges_must_be_a_positive_integer(tmp_path, value, message):
+    from csms.app import CentralSystem
+    from csms.config import ConfigError, load_config
+
+    config = load_config(text=f"[plugins]\nenabled = core, firmware\n[database]\nurl = sqlite:///{tmp_path}/db\n"
+                              f"[plugin:firmware]\nfirmware_dir = {tmp_path}/fw\ndiagnostics_dir = {tmp_path}/dg\n"
+                              f"max_ranges = {value}\n")
+    with pytest.raises(ConfigError, match=message):
+        CentralSystem(config)
