@@ -196,6 +196,22 @@ async def test_multiple_ranges_are_multipart_byteranges_in_request_order(csms):
 
 
 @pytest_twisted.ensureDeferred
+async def test_files_larger_than_a_chunk_are_streamed_whole(csms):
+    from csms_plugins.firmware.http import _FileParts
+
+    data = bytes(range(251)) * 1200  # 301,200 bytes: several chunks; 251 is prime, so chunks differ
+    assert len(data) > 4 * _FileParts.chunk_size
+    url = (await upload_firmware(csms, "large.bin", data))["url"]
+    assert (await fetch(url))[::2] == (200, data)
+    status, headers, body = await fetch(url, Range="bytes=60000-140000")
+    assert (status, body) == (206, data[60000:140001])
+    status, headers, body = await fetch(url, Range="bytes=1-65537,-70000")
+    assert byteranges(header(headers, "content-type").decode(), body) == \
+        [(f"bytes 1-65537/{len(data)}", data[1:65538]), (f"bytes {len(data) - 70000}-{len(data) - 1}/{len(data)}",
+                                                          data[-70000:])]
+
+
+@pytest_twisted.ensureDeferred
 async def test_head_gives_the_headers_of_a_full_get(csms):
     url = await hosted_url(csms)
     _, get_headers, _ = await fetch(url)
