@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,postgresql]'
+	$(BIN)/pip install --quiet -e '.[test,postgresql,bench]'
 	$(BIN)/python -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'csms-checkout.pth'), 'w').write(os.getcwd() + '\\n')"
 	touch $(STAMP)
 

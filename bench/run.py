@@ -459,29 +459,41 @@ def write_doc(text: str) -> None:
 
 
 def plot(results: dict, path: str = PLOT) -> str | None:
-    """Latency (p50, p99) against offered load for both servers, from the rate-mode scenarios."""
-    # matplotlib is not a dependency: a small pure-Python PNG writer draws the same plot everywhere
-    sys.path.insert(0, HERE)
-    from pngplot import line_chart
+    """Latency (p50, p99) against offered load for both servers, from the rate-mode scenarios.
+
+    Needs matplotlib (``pip install -e '.[bench]'``); the caller keeps the numbers if it is missing.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
     series = {}
     for e in results["scenarios"]:
         if e["kind"] != "sweep":  # one station count, only the offered rate changes
             continue
         for name in SERVERS:
-            r = e["results"].get(name, {})
-            lat = r.get("latency_ms") or {}
-            label = "ours" if name == "csms" else "reference"
+            lat = e["results"].get(name, {}).get("latency_ms") or {}
             for q in ("p50", "p99"):
-                if lat.get(q) is not None:
-                    series.setdefault(f"{label} {q}", []).append((e["rate"], lat[q]))
-    if not any(len(points) >= 1 for points in series.values()):
+                if lat.get(q) is not None and lat[q] > 0:  # a log axis has no room for 0
+                    series.setdefault((name, q), []).append((e["rate"], lat[q]))
+    if not series:
         return None
-    for points in series.values():
-        points.sort()
+    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    colours = {"csms": "tab:blue", "reference": "tab:red"}
+    for (name, q), points in sorted(series.items()):
+        rates, latencies = zip(*sorted(points))
+        label = f"{'ours' if name == 'csms' else 'reference'} {q}"
+        axes.plot(rates, latencies, label=label, color=colours[name], marker="o",
+                  linestyle="-" if q == "p99" else "--")
+    axes.set_yscale("log")
+    axes.set_xlim(left=0)
+    stations = {e.get("stations") for e in results["scenarios"] if e["kind"] == "sweep"}
+    axes.set_title("Latency against offered load" + (f" ({stations.pop()} stations)" if len(stations) == 1 else ""))
+    axes.set_xlabel("offered load (messages/s)")
+    axes.set_ylabel("latency (ms, log scale)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    line_chart(path, series, title="LATENCY VS OFFERED LOAD", x_label="OFFERED MSG/S", y_label="MS (LOG)",
-               log_y=True)
+    figure.savefig(path, format="png")
     return os.path.relpath(path, os.path.dirname(DOC))
 
 

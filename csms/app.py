@@ -186,48 +186,65 @@ class CentralSystem:
         """Send ``action`` to a connected station; fires with its validated response payload.
 
         Fails with ActionUnavailable, StationOffline, RequestInvalid (nothing sent), CallErrorReceived,
-        ResponseInvalid or CallTimeout. A valid answer fires ``csms_on_call_completed`` first, so the
-        plugins have recorded it by the time the caller sees it.
+        ResponseInvalid or CallTimeout. A call that passed its checks fires ``csms_on_call_sending``
+        (waited for) before it is queued, then ``csms_on_call_completed`` for a valid answer or
+        ``csms_on_call_failed`` otherwise, so the plugins have recorded the outcome by the time the
+        caller sees it.
         """
         try:
             self.action_profile(action)
         except ActionUnavailable as exc:
             return defer.fail(exc)
 
-        def send(_):
+        def send(checked):
             session = self.sessions.get(station_id)
             if session is None:
                 return defer.fail(StationOffline(f"{station_id} is not connected"))
+            if not checked:
+                return session.call(action, payload)  # fails with RequestInvalid: nothing is sent
+            sending = self.fire("csms_on_call_sending", station_id=station_id, action=action, request=payload)
+            return sending.addCallback(send_now).addCallbacks(completed, failed)
+
+        def send_now(_):
+            # The listeners may have waited on the database: the station may be gone, or back on a new session.
+            session = self.sessions.get(station_id)
+            if session is None:
+                return defer.fail(StationOffline(f"{station_id} disconnected before the call was sent"))
             return session.call(action, payload)
 
         def completed(response):
             return self.fire("csms_on_call_completed", station_id=station_id, action=action,
                              request=payload, response=response).addCallback(lambda _: response)
-        return self.check_call(station_id, action, payload).addCallback(send).addCallback(completed)
+
+        def failed(failure):
+            return self.fire("csms_on_call_failed", station_id=station_id, action=action,
+                             request=payload, error=failure.value).addCallback(lambda _: failure)
+        return self.check_call(station_id, action, payload).addCallback(send)
 
     def check_call(self, station_id: str, action: str, payload: dict) -> defer.Deferred:
-        """Run the ``csms_before_call`` checks; fails with :class:`CallRefused` when one refuses.
+        """Run the ``csms_before_call`` checks; fires True when they passed, fails with :class:`CallRefused`
+        when one refuses.
 
-        A payload that does not match its schema is left to the RPC layer (RequestInvalid), so the
-        checks only ever see schema-valid payloads.
+        A payload that does not match its schema is left to the RPC layer (RequestInvalid): it fires
+        False without running the checks, so they only ever see schema-valid payloads.
         """
         from csms.schemas import SchemaViolation
 
         try:
             schemas.validate_request(action, payload)
         except SchemaViolation:
-            return defer.succeed(None)
+            return defer.succeed(False)
         try:
             results = self.hook.csms_before_call(station_id=station_id, action=action, payload=payload)
         except Exception as exc:  # noqa: BLE001 - a refusal (or a bug) in a check: nothing is sent
             return defer.fail(exc)
         pending = [as_deferred(r) for r in results if r is not None]
         if not pending:
-            return defer.succeed(None)
+            return defer.succeed(True)
 
         def first_failure(failure):
             return failure.value.subFailure
-        return defer.gatherResults(pending, consumeErrors=True).addErrback(first_failure)
+        return defer.gatherResults(pending, consumeErrors=True).addCallbacks(lambda _: True, first_failure)
 
     def is_connected(self, station_id: str) -> bool:
         return station_id in self.sessions

@@ -216,8 +216,22 @@ def csms_on_meter_values(station_id, connector_id, transaction_id, meter_values)
 
 
 @hookspec
+def csms_on_call_sending(station_id, action, request):
+    """A CSMS-initiated call passed its checks and is about to be sent: it goes out once every
+    listener's Deferred fired. Exactly one of ``csms_on_call_completed`` or ``csms_on_call_failed``
+    follows, with the same ``request`` object."""
+
+
+@hookspec
 def csms_on_call_completed(station_id, action, request, response):
     """A CSMS-initiated call was answered with a valid CALLRESULT ``response``."""
+
+
+@hookspec
+def csms_on_call_failed(station_id, action, request, error):
+    """A CSMS-initiated call announced by ``csms_on_call_sending`` got no valid answer: ``error`` is the
+    exception :meth:`csms.app.CentralSystem.call` fails with (StationOffline, CallErrorReceived,
+    ResponseInvalid or CallTimeout)."""
 
 
 @hookspec

@@ -122,3 +122,17 @@ def test_loadgen_refuses_a_name_when_any_address_it_resolves_to_is_not_loopback(
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(loadgen.Refused, match="10.0.0.1"):
         loadgen.resolve_loopback_url("ws://mixed.invalid:9000/ocpp/")
+
+
+def test_run_report_only_plots_latency_against_load_with_matplotlib(tmp_path):
+    output = tmp_path / "latest.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quiet", "--no-doc",
+                           "--report-only", os.path.join(ROOT, "bench", "results", "latest.json"),
+                           "--output", str(output)], cwd=ROOT, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    results = json.loads(output.read_text())
+    assert results.get("plot_note") is None and results["plot"].endswith("latency_vs_load.png")
+    png = (tmp_path / "latency_vs_load.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (800, 500)

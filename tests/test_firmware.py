@@ -334,8 +334,11 @@ async def test_get_diagnostics_refused_by_station_keeps_no_credentials(csms):
     status, body, _ = await csms.api("POST", "/stations/DG3/diagnostics", json={})
     assert (status, body["error"]["code"]) == (502, "station_call_error")
     request = await station.wait_for_call("GetDiagnostics")
+    # Kept (notifications may already be linked to it), marked failed, its credentials expired.
     diag = (await csms.api("GET", "/stations/DG3/diagnostics"))[1]
-    assert diag["requests"] == []
+    assert [(r["status"], r["call_error"], r["upload_expires_at"] is not None) for r in diag["requests"]] == \
+        [("CallFailed", "CALLERROR InternalError", True)]
+    assert diag["status"] == "CallFailed"
     try:
         await in_thread(ftp_upload, request["location"], "x.log", b"data")
     except Exception as exc:  # ftplib.error_perm

@@ -13,11 +13,11 @@ from csms.api.stations import send_call
 from csms.ocpp16 import format_datetime
 
 from .files import TooLarge, discard, firmware_name, inside, read_bytes, spool
-from .store import FIRMWARE_FAILED, REQUESTED
+from .store import CALL_FAILED, FIRMWARE_FAILED, REQUESTED
 from .uploads import new_credentials
 
 FIRMWARE_STATUSES = ("Downloaded", "DownloadFailed", "Downloading", "Idle", "InstallationFailed", "Installing",
-                     "Installed", REQUESTED)
+                     "Installed", REQUESTED, CALL_FAILED)
 #: Schemes a station may be handed; anything else is not a location it can fetch from or upload to.
 URL_SCHEMES = ("http", "https", "ftp", "ftps", "sftp")
 

@@ -13,13 +13,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
+from collections import deque
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 
+from twisted.internet import interfaces
 from twisted.logger import Logger
-from twisted.web import resource, server, static
+from twisted.web import http, resource, server
+from zope.interface import implementer
 
 from csms.api.resource import LimitedRequest
 
 from .files import firmware_name
+from .ranges import requested_ranges
 from .uploads import BAD_UPLOAD, TOO_LARGE, UploadRefused, split_path_token
 from .store import EXPIRED, UNKNOWN, USED
 
@@ -55,9 +62,10 @@ class _Root(resource.Resource):
 class FirmwareFiles(resource.Resource):
     """``/firmware/<name>``: plain files of the firmware directory, never a listing or a hidden file."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, max_ranges: int):
         super().__init__()
         self.directory = directory
+        self.max_ranges = max_ranges
 
     def getChild(self, name, request):
         try:
@@ -67,12 +75,195 @@ class FirmwareFiles(resource.Resource):
         path = os.path.join(self.directory, name)
         if not os.path.isfile(path):
             return _NotFound()
-        file = static.File(path, defaultType="application/octet-stream")
-        file.childNotFound = _NotFound()
-        return file
+        return FirmwareFile(path, self.max_ranges)
 
     def render(self, request):
         return _NotFound().render(request)
+
+
+class FirmwareFile(resource.Resource):
+    """One firmware image: GET (with Range, RFC 9110 §14) and HEAD, streamed from disk.
+
+    Validators: a strong ETag (size and modification time) and Last-Modified, for If-None-Match,
+    If-Modified-Since (304) and If-Range (a resumed download never mixes two versions of a file).
+    Always ``application/octet-stream`` with no Content-Encoding, whatever the name ends with, so
+    that no client unpacks an image on the way.
+    """
+
+    isLeaf = True
+    METHODS = (b"GET", b"HEAD")
+
+    def __init__(self, path: str, max_ranges: int):
+        super().__init__()
+        self.path = path
+        self.max_ranges = max_ranges
+
+    def render(self, request):
+        if request.postpath:
+            return _NotFound().render(request)
+        if request.method not in self.METHODS:
+            request.setHeader(b"allow", b", ".join(self.METHODS))
+            return _json(request, 405, {"error": {"status": 405, "code": "method_not_allowed",
+                                                  "message": "Only GET and HEAD are allowed here"}})
+        try:
+            file = open(self.path, "rb")  # noqa: SIM115 - closed by the producer, or below
+        except OSError:  # deleted since getChild looked
+            return _NotFound().render(request)
+        try:
+            body = self._respond(request, file, os.fstat(file.fileno()))
+        except BaseException:
+            file.close()
+            raise
+        if body is not server.NOT_DONE_YET:
+            file.close()
+        return body
+
+    def _respond(self, request, file, stat):
+        size = stat.st_size
+        etag = f'"{size:x}-{stat.st_mtime_ns:x}"'
+        modified = int(stat.st_mtime)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"etag", etag.encode("ascii"))
+        request.setHeader(b"last-modified", http.datetimeToString(modified))
+        if _not_modified(request, etag, modified):
+            request.setResponseCode(304)
+            return b""
+        if request.method == b"HEAD":  # Range is defined for GET only (RFC 9110 §14.2)
+            return _file_headers(request, size)
+        ranges = None
+        range_header = request.getHeader(b"range")
+        if range_header is not None and _if_range_holds(request, etag, modified):
+            ranges = requested_ranges(range_header.decode("latin-1"), size, self.max_ranges)
+        if ranges is None:
+            parts = [(0, size)]
+            _file_headers(request, size)
+        elif not ranges:
+            request.setHeader(b"content-range", b"bytes */%d" % size)
+            return _json(request, 416, {"error": {"status": 416, "code": "range_not_satisfiable",
+                                                  "message": f"No requested range is within the file's {size} "
+                                                             "bytes"}})
+        elif len(ranges) == 1:
+            [(first, last)] = ranges
+            parts = [(first, last - first + 1)]
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
+            _file_headers(request, last - first + 1)
+        else:
+            parts = _byteranges(request, ranges, size)
+        _FileParts(request, file, parts).start()
+        return server.NOT_DONE_YET
+
+
+def _file_headers(request, length: int) -> bytes:
+    request.setHeader(b"content-type", b"application/octet-stream")
+    request.setHeader(b"content-length", b"%d" % length)
+    return b""
+
+
+def _byteranges(request, ranges, size: int) -> list:
+    """Headers of a multipart/byteranges answer (RFC 9110 §14.6); returns its parts for :class:`_FileParts`."""
+    boundary = secrets.token_hex(16).encode("ascii")
+    parts: list = []
+    for first, last in ranges:
+        parts.append(b"--%s\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                     % (boundary, first, last, size))
+        parts.append((first, last - first + 1))
+        parts.append(b"\r\n")
+    parts.append(b"--%s--\r\n" % boundary)
+    length = sum(len(part) if isinstance(part, bytes) else part[1] for part in parts)
+    request.setResponseCode(206)
+    request.setHeader(b"content-type", b"multipart/byteranges; boundary=" + boundary)
+    request.setHeader(b"content-length", b"%d" % length)
+    return parts
+
+
+def _http_date(value: bytes) -> int | None:
+    try:
+        moment = parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
+
+
+def _not_modified(request, etag: str, modified: int) -> bool:
+    """RFC 9110 §13.1.2 / §13.1.3; If-None-Match takes precedence (§13.2.2)."""
+    if_none_match = request.getHeader(b"if-none-match")
+    if if_none_match is not None:
+        tags = [tag.strip(" \t") for tag in if_none_match.decode("latin-1").split(",")]
+        return "*" in tags or any(tag.removeprefix("W/") == etag for tag in tags)  # weak comparison
+    if_modified_since = request.getHeader(b"if-modified-since")
+    if if_modified_since is None:
+        return False
+    since = _http_date(if_modified_since)
+    return since is not None and since >= modified
+
+
+def _if_range_holds(request, etag: str, modified: int) -> bool:
+    """If-Range (RFC 9110 §13.1.5): the range only if the client's validator is the file's (strong match)."""
+    if_range = request.getHeader(b"if-range")
+    if if_range is None:
+        return True
+    value = if_range.decode("latin-1").strip(" \t")
+    if value.startswith('"') or value.startswith("W/"):
+        return value == etag
+    return _http_date(if_range) == modified
+
+
+@implementer(interfaces.IPullProducer)
+class _FileParts:
+    """Writes a response made of bytes and ``(offset, length)`` slices of a file, a chunk at a time:
+    the file is never read whole into memory."""
+
+    chunk_size = 65536
+
+    def __init__(self, request, file, parts):
+        self.request = request
+        self.file = file
+        self.parts = deque(part for part in parts if isinstance(part, bytes) or part[1] > 0)
+
+    def start(self):
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self):
+        if self.request is None:
+            return
+        try:
+            chunk = self._next_chunk()
+        except OSError as exc:
+            log.warn("Firmware file {path} could not be read: {error}", path=self.file.name, error=exc)
+            chunk = None
+        if chunk:
+            self.request.write(chunk)  # may call resumeProducing again: the state is already moved on
+            return
+        request = self.request
+        self.stopProducing()
+        request.unregisterProducer()
+        if self.parts:  # the file shrank or failed: the promised length cannot be sent
+            request.loseConnection()
+        else:
+            request.finish()
+
+    def _next_chunk(self) -> bytes | None:
+        if not self.parts:
+            return None
+        part = self.parts[0]
+        if isinstance(part, bytes):
+            self.parts.popleft()
+            return part
+        offset, remaining = part
+        self.file.seek(offset)
+        data = self.file.read(min(self.chunk_size, remaining))
+        if len(data) == remaining:
+            self.parts.popleft()
+        elif data:
+            self.parts[0] = (offset + len(data), remaining - len(data))
+        return data
+
+    def stopProducing(self):
+        self.file.close()
+        self.request = None
 
 
 class DiagnosticsUpload(resource.Resource):
@@ -168,9 +359,9 @@ class FileServerSite(server.Site):
     requestFactory = UploadRequest
     noisy = False
 
-    def __init__(self, firmware_dir: str, uploads):
+    def __init__(self, firmware_dir: str, uploads, max_ranges: int = 8):
         root = _Root()
-        root.putChild(b"firmware", FirmwareFiles(firmware_dir))
+        root.putChild(b"firmware", FirmwareFiles(firmware_dir, max_ranges))
         root.putChild(b"diagnostics", DiagnosticsUpload(uploads))
         super().__init__(root)
         self.max_body_size = uploads.max_size + MULTIPART_OVERHEAD

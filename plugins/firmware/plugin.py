@@ -2,8 +2,9 @@
 
 * FirmwareStatusNotification / DiagnosticsStatusNotification: kept per station as a history, plus
   the station's current state (OCTT TC_044_x, TC_045_x).
-* UpdateFirmware / GetDiagnostics: recorded when a station accepts them, whichever API route sent
-  them (``csms_on_call_completed``).
+* UpdateFirmware / GetDiagnostics: recorded as the station's current request when they are sent,
+  whichever API route sent them (``csms_on_call_sending``), so that notifications a station sends
+  before its answer are linked to them; a failed call is marked on its request (``csms_on_call_failed``).
 * A file server for stations (firmware downloads, diagnostics uploads over HTTP) and an upload-only
   FTP server, as plugin services on their own endpoints.
 """
@@ -24,6 +25,7 @@ from csms.config import ConfigError
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import parse_datetime
+from csms.rpc import CallErrorReceived, CallTimeout, ResponseInvalid, StationOffline
 
 from .store import FirmwareStore
 from .tables import metadata
@@ -57,7 +59,7 @@ class FileServers(service.Service):
         plugin = self.plugin
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
-            site = FileServerSite(plugin.firmware_dir, plugin.uploads)
+            site = FileServerSite(plugin.firmware_dir, plugin.uploads, max_ranges=plugin.max_ranges)
             self.http_port = await serverFromString(reactor, plugin.http_endpoint).listen(site)
             log.info("Firmware/diagnostics file server listening on {where}", where=self.http_port.getHost())
         if plugin.ftp_endpoint:
@@ -83,6 +85,21 @@ class FileServers(service.Service):
 def _host_port(port) -> str:
     from .http import listening_url
     return listening_url(port)[len("http://"):]
+
+
+def call_error_text(error) -> str:
+    """Why a call failed, in a few words that fit ``call_error``."""
+    if isinstance(error, CallErrorReceived):
+        code = error.code if error.code.isascii() and error.code.isalnum() and len(error.code) <= 40 else \
+            "GenericError"  # a station's own code: kept only when it looks like one
+        return f"CALLERROR {code}"
+    if isinstance(error, CallTimeout):
+        return "timeout"
+    if isinstance(error, StationOffline):
+        return "offline"
+    if isinstance(error, ResponseInvalid):
+        return "invalid response"
+    return "failed"
 
 
 @implementer(ICSMSPlugin)
@@ -116,6 +133,7 @@ class FirmwarePlugin:
         self.upload_protocol = settings.get("diagnostics_protocol", "ftp").strip().lower()
         self.upload_expiry = settings.getint("upload_expiry", 86400)
         self.history_limit = settings.getint("history_limit", 100)
+        self.max_ranges = settings.getint("max_ranges", 8)
         from .ftp import parse_port_range
         try:
             self.ftp_passive_ports = parse_port_range(settings.get("ftp_passive_ports", ""))
@@ -125,12 +143,18 @@ class FirmwarePlugin:
             raise ConfigError("[plugin:firmware] diagnostics_protocol must be ftp or http")
         if self.max_firmware_size <= 0 or self.max_diagnostics_size <= 0 or self.upload_expiry <= 0:
             raise ConfigError("[plugin:firmware] sizes and upload_expiry must be positive")
+        if self.max_ranges <= 0:
+            raise ConfigError("[plugin:firmware] max_ranges must be positive")
         for directory in (self.firmware_dir, self.diagnostics_dir):
             os.makedirs(directory, exist_ok=True)
         self.store = FirmwareStore(app.db)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
-        #: CSMS-hosted GetDiagnostics location -> its pre-created request id, while the call is under way.
+        #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.
         self.pending_diagnostics: dict[tuple[str, str], int] = {}
+        #: id(request payload) -> (the payload, its update or diagnostics request id), from
+        #: csms_on_call_sending to the csms_on_call_completed / _failed that follows with the same object
+        #: (holding the payload keeps its id from being reused meanwhile).
+        self._in_flight: dict[int, tuple[dict, int]] = {}
 
     @hookimpl
     def csms_tables(self):
@@ -201,21 +225,54 @@ class FirmwarePlugin:
         d = self.store.record_diagnostics_status(station.station_id, payload["status"], self.app.now())
         return d.addCallback(lambda _: {})
 
-    # -- results of CSMS-initiated calls ------------------------------------------------------------
+    # -- CSMS-initiated calls: current from the moment they are sent ---------------------------------
 
     @hookimpl
-    def csms_on_call_completed(self, station_id, action, request, response):
+    def csms_on_call_sending(self, station_id, action, request):
+        # OCPP-J lets a station send notifications about a call before it answers it: the request
+        # must be the station's current one before the call goes out.
+        if action not in ("UpdateFirmware", "GetDiagnostics"):
+            return None
+
+        def remember(row_id):
+            self._in_flight[id(request)] = (request, row_id)
+        return self._record_sending(station_id, action, request).addCallback(remember)
+
+    def _record_sending(self, station_id, action, request):
         now = self.app.now()
         if action == "UpdateFirmware":
             return self.store.record_update(station_id, request, self.firmware_name_of(request["location"]), now,
                                             parse_datetime(request["retrieveDate"]))
+        times = {key: parse_datetime(request[field]) for key, field in
+                 (("start_time", "startTime"), ("stop_time", "stopTime")) if request.get(field)}
+        request_id = self.pending_diagnostics.pop((station_id, request["location"]), None)
+        return self.store.record_diagnostics_sending(station_id, request, now, times, request_id=request_id)
+
+    @defer.inlineCallbacks
+    def _row_of(self, station_id, action, request):
+        """The row ``csms_on_call_sending`` recorded for this call; recorded now if that failed."""
+        entry = self._in_flight.pop(id(request), None)
+        if entry is not None:
+            return entry[1]
+        return (yield self._record_sending(station_id, action, request))
+
+    @hookimpl
+    def csms_on_call_completed(self, station_id, action, request, response):
+        if action == "UpdateFirmware":
+            return self._row_of(station_id, action, request)
         if action == "GetDiagnostics":
-            times = {key: parse_datetime(request[field]) for key, field in
-                     (("start_time", "startTime"), ("stop_time", "stopTime")) if request.get(field)}
-            request_id = self.pending_diagnostics.pop((station_id, request["location"]), None)
-            return self.store.record_diagnostics_sent(station_id, request, response.get("fileName"), now, times,
-                                                      request_id=request_id)
+            d = self._row_of(station_id, action, request)
+            return d.addCallback(self.store.record_diagnostics_answer, response.get("fileName"))
         return None
+
+    @hookimpl
+    def csms_on_call_failed(self, station_id, action, request, error):
+        entry = self._in_flight.pop(id(request), None)
+        if entry is None or action not in ("UpdateFirmware", "GetDiagnostics"):
+            return None
+        record = self.store.record_update_failed if action == "UpdateFirmware" else \
+            self.store.record_diagnostics_failed
+        return record(station_id, entry[1], call_error_text(error), self.app.now())
 
     def upload_expires_at(self):
         return self.app.now() + timedelta(seconds=self.upload_expiry)

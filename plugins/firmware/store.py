@@ -13,7 +13,9 @@ from .tables import diagnostics_files, diagnostics_requests, files, station_stat
 
 #: The state of an update or diagnostics request before the station's first notification about it.
 REQUESTED = "Requested"
-FIRMWARE_FAILED = ("DownloadFailed", "InstallationFailed")
+#: The state of a request whose call failed (CALLERROR, no answer, station gone) before any notification.
+CALL_FAILED = "CallFailed"
+FIRMWARE_FAILED = ("DownloadFailed", "InstallationFailed", CALL_FAILED)
 #: Why an upload was refused (see :meth:`FirmwareStore.claim_upload`).
 UNKNOWN, USED, EXPIRED = "unknown_credentials", "credentials_used", "credentials_expired"
 
@@ -109,7 +111,8 @@ class FirmwareStore:
     # -- firmware updates and FirmwareStatusNotification ------------------------------------------
 
     def record_update(self, station_id: str, request: dict, firmware_file_name: str | None, now, retrieve_date):
-        """An UpdateFirmware was accepted: a new update row, now the station's current one."""
+        """An UpdateFirmware is being sent: a new update row, from now on the station's current one
+        (OCPP-J lets a station report on it before it answers). Fires with its id."""
         def thd(conn):
             file_id = None
             if firmware_file_name is not None:
@@ -123,6 +126,16 @@ class FirmwareStore:
                            {"firmware_status": REQUESTED, "firmware_status_at": now, "firmware_update_id": update_id})
             return update_id
         return self.db.run(thd, desc="firmware_record_update")
+
+    def record_update_failed(self, station_id: str, update_id: int, call_error: str, now):
+        """The UpdateFirmware call failed: see :func:`_mark_call_failed`."""
+        def thd(conn):
+            _mark_call_failed(conn, updates, update_id, call_error, now)
+            conn.execute(update(station_state).where(
+                station_state.c.station_id == station_id, station_state.c.firmware_update_id == update_id,
+                station_state.c.firmware_status == REQUESTED).values(firmware_status=CALL_FAILED,
+                                                                      firmware_status_at=now))
+        return self.db.run(thd, desc="firmware_update_failed")
 
     def record_firmware_status(self, station_id: str, status: str, now):
         """A FirmwareStatusNotification: history, the current update's status, the station's state."""
@@ -222,16 +235,18 @@ class FirmwareStore:
         return self.db.run(thd, desc="firmware_create_diagnostics")
 
     def discard_unsent_diagnostics_request(self, request_id: int):
-        """The GetDiagnostics was not accepted: its credentials must not outlive it."""
+        """The GetDiagnostics was never sent (refused by a check, station not connected): its
+        credentials must not outlive it. A sent one is kept (see :meth:`record_diagnostics_failed`)."""
         def thd(conn):
             conn.execute(delete(diagnostics_requests).where(diagnostics_requests.c.id == request_id,
                                                             diagnostics_requests.c.sent_at.is_(None)))
         return self.db.run(thd, desc="firmware_discard_diagnostics")
 
-    def record_diagnostics_sent(self, station_id: str, request: dict, file_name, now, times: dict,
-                                request_id: int | None = None):
-        """A GetDiagnostics was accepted: mark its pre-created request (``request_id``) sent, or record a
-        new one (a call through the generic endpoint, to any location). Fires with the request id."""
+    def record_diagnostics_sending(self, station_id: str, request: dict, now, times: dict,
+                                   request_id: int | None = None):
+        """A GetDiagnostics is being sent: mark its pre-created request (``request_id``) sent, or record
+        a new one (a call through the generic endpoint, to any location); from now on it is the
+        station's current request. Fires with the request id."""
         def thd(conn):
             found = None
             if request_id is not None:
@@ -240,16 +255,36 @@ class FirmwareStore:
             if found is None:
                 found = conn.execute(insert(diagnostics_requests).values(
                     station_id=station_id, location=request["location"],
-                    protocol=request["location"].partition(":")[0].lower(),
+                    protocol=request["location"].partition(":")[0].lower()[:8],
                     retries=request.get("retries"), retry_interval=request.get("retryInterval"),
                     requested_at=now, status=REQUESTED, status_at=now, **times)).inserted_primary_key[0]
-            conn.execute(update(diagnostics_requests).where(diagnostics_requests.c.id == found)
-                         .values(sent_at=now, file_name=file_name))
+            conn.execute(update(diagnostics_requests).where(diagnostics_requests.c.id == found).values(sent_at=now))
             self.db.upsert(conn, station_state, {"station_id": station_id},
                            {"diagnostics_status": REQUESTED, "diagnostics_status_at": now,
                             "diagnostics_request_id": found})
             return found
-        return self.db.run(thd, desc="firmware_diagnostics_sent")
+        return self.db.run(thd, desc="firmware_diagnostics_sending")
+
+    def record_diagnostics_answer(self, request_id: int, file_name: str | None):
+        """GetDiagnostics.conf: the file the station will upload."""
+        def thd(conn):
+            conn.execute(update(diagnostics_requests).where(diagnostics_requests.c.id == request_id)
+                         .values(file_name=file_name))
+        return self.db.run(thd, desc="firmware_diagnostics_answer")
+
+    def record_diagnostics_failed(self, station_id: str, request_id: int, call_error: str, now):
+        """The GetDiagnostics call failed: see :func:`_mark_call_failed`. Unless the station already
+        reported on the request, its upload credentials expire now."""
+        def thd(conn):
+            if _mark_call_failed(conn, diagnostics_requests, request_id, call_error, now):
+                conn.execute(update(diagnostics_requests).where(
+                    diagnostics_requests.c.id == request_id, diagnostics_requests.c.upload_used_at.is_(None),
+                    diagnostics_requests.c.upload_expires_at.is_not(None)).values(upload_expires_at=now))
+            conn.execute(update(station_state).where(
+                station_state.c.station_id == station_id, station_state.c.diagnostics_request_id == request_id,
+                station_state.c.diagnostics_status == REQUESTED).values(diagnostics_status=CALL_FAILED,
+                                                                         diagnostics_status_at=now))
+        return self.db.run(thd, desc="firmware_diagnostics_failed")
 
     def record_diagnostics_status(self, station_id: str, status: str, now):
         def thd(conn):
@@ -361,6 +396,14 @@ class FirmwareStore:
             for table in (updates, diagnostics_requests, diagnostics_files, status_history, station_state):
                 conn.execute(delete(table).where(table.c.station_id == station_id))
         return self.db.run(thd, desc="firmware_delete_station")
+
+
+def _mark_call_failed(conn, table, request_id: int, call_error: str, now) -> bool:
+    """Record why a request's call failed; the notifications already linked to it stay, and so does
+    the status they gave it. Returns True when none had come (the status is then CallFailed)."""
+    conn.execute(update(table).where(table.c.id == request_id).values(call_error=call_error))
+    return conn.execute(update(table).where(table.c.id == request_id, table.c.status == REQUESTED)
+                        .values(status=CALL_FAILED, status_at=now)).rowcount == 1
 
 
 def _file_view(row) -> dict:

@@ -15,7 +15,7 @@ files = Table(
     Column("uploaded_at", DateTime(timezone=True), nullable=False),
 )
 
-#: Every UpdateFirmware a station accepted (OCPP 1.6 §5.16), sent through either API route.
+#: Every UpdateFirmware sent to a station (OCPP 1.6 §5.16), through either API route.
 updates = Table(
     "firmware_updates", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -26,9 +26,12 @@ updates = Table(
     Column("retries", Integer),
     Column("retry_interval", Integer),
     Column("requested_at", DateTime(timezone=True), nullable=False),
-    #: Latest FirmwareStatusNotification status for this update ("Requested" until the first one).
+    #: Latest FirmwareStatusNotification status for this update ("Requested" until the first one,
+    #: "CallFailed" when the call failed before any).
     Column("status", String(32), nullable=False),
     Column("status_at", DateTime(timezone=True), nullable=False),
+    #: Why the UpdateFirmware call failed ("CALLERROR <code>", "timeout", "offline", "invalid response").
+    Column("call_error", String(64)),
     Index("firmware_updates_station", "station_id", "id"),
 )
 
@@ -44,13 +47,16 @@ diagnostics_requests = Table(
     Column("retries", Integer),
     Column("retry_interval", Integer),
     Column("requested_at", DateTime(timezone=True), nullable=False),
-    #: None while the GetDiagnostics is on its way; set once the station accepted it.
+    #: When the GetDiagnostics was sent (None: not yet, for a CSMS-hosted location created just before).
     Column("sent_at", DateTime(timezone=True)),
     #: GetDiagnostics.conf fileName: the file the station will upload (absent: nothing to upload).
     Column("file_name", String(255)),
-    #: Latest DiagnosticsStatusNotification status ("Requested" until the first one).
+    #: Latest DiagnosticsStatusNotification status ("Requested" until the first one, "CallFailed" when
+    #: the call failed before any).
     Column("status", String(32), nullable=False),
     Column("status_at", DateTime(timezone=True), nullable=False),
+    #: Why the GetDiagnostics call failed ("CALLERROR <code>", "timeout", "offline", "invalid response").
+    Column("call_error", String(64)),
     #: Upload credentials: user name (unique) and the SHA-256 of the random password.
     Column("upload_user", String(64), unique=True),
     Column("upload_secret_sha256", String(64)),
