@@ -58,8 +58,8 @@ def describe(exc: BaseException) -> str:
 
     from csms.plugins import PluginError
 
-    if isinstance(exc, CannotListenError) and exc.socketError is not None:
-        exc = exc.socketError
+    if isinstance(exc, CannotListenError):
+        return f"cannot listen on {exc.interface or '*'}:{exc.port}: {describe(exc.socketError)}"
     orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's own error
     if orig is not None:
         return first_line(orig) or type(orig).__name__
@@ -92,7 +92,10 @@ def listen(reactor, endpoint: str, factory, setting: str) -> defer.Deferred:
         return defer.fail(refused(f"not a usable endpoint ({describe(exc)})"))
 
     def failed(failure):
-        raise refused(describe(failure.value))
+        from twisted.internet.error import CannotListenError
+
+        cause = failure.value.socketError if failure.check(CannotListenError) else failure.value
+        raise refused(describe(cause))
     return d.addErrback(failed)
 
 
@@ -185,8 +188,7 @@ class CSMSService(service.Service):
         yield _labelled(self._start_database(), f"database {display_url(self.app.config.database.url)}")
         for plugin_service in self.plugin_services:
             self._started_services.append(plugin_service)
-            plugin_service.privilegedStartService()
-            yield _labelled(defer.maybeDeferred(plugin_service.startService),
+            yield _labelled(defer.maybeDeferred(_start_plugin_service, plugin_service),
                             f"plugin service {plugin_service.name or type(plugin_service).__name__}")
         self.ports["ocpp"] = yield listen(self.reactor, self.ocpp_endpoint, self.ocpp_factory, "[ocpp] endpoint")
         log.info("OCPP 1.6J endpoint listening on {where} (path {prefix}<chargePointId>)",
@@ -215,10 +217,13 @@ class CSMSService(service.Service):
     def _failed(self, failure):
         error = failure.value if failure.check(StartupError) else StartupError(describe(failure.value))
         log.failure("Start-up failed", failure, level=LogLevel.debug)
-        self._stop_started()
-        # The database last, and at once: twistd exits as soon as startService raises.
+        stopping = self._stop_started()
         self.app.stop()
-        self.ready.errback(error)
+        self._stopped_after_failure(stopping).addCallback(lambda _: self.ready.errback(error))
+
+    def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
+        """Fires when ``ready`` may fail: once what had started has stopped."""
+        return stopping
 
     def _stop_started(self) -> defer.Deferred:
         """Stop the listeners, then the plugin services in reverse order; fires when they have stopped."""
@@ -238,6 +243,12 @@ class CSMSService(service.Service):
             protocol.dropConnection(abort=True)
         yield stopping
         self.app.stop()
+
+
+def _start_plugin_service(plugin_service):
+    # Both halves, as MultiService starts a child added while it runs (strports services listen in the first).
+    plugin_service.privilegedStartService()
+    return plugin_service.startService()
 
 
 def _labelled(d: defer.Deferred, label: str) -> defer.Deferred:
@@ -280,6 +291,11 @@ class TwistdCSMSService(CSMSService):
     def _start_database(self) -> defer.Deferred:
         # Blocking, but the reactor is not running yet: there is nothing to keep waiting.
         return defer.maybeDeferred(self.app.start_blocking)
+
+    def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
+        # At once: ports close only once the reactor runs, and startService must raise before it does
+        # (the process exits, which closes them).
+        return defer.succeed(None)
 
     def _failed_late(self, failure) -> None:
         """A plugin service failed once the reactor ran: stop, then exit 1 after twistd has cleaned up."""

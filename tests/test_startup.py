@@ -323,3 +323,57 @@ async def test_good_start_says_ready_once_everything_listens_serves_and_stops_on
     assert status == -15, process.stdout
     assert "Server Shut Down." in process.stdout
     assert "Traceback" not in process.stdout + process.stderr and process.stderr == ""
+
+
+# -- the service inside a running reactor (tests, embedding) -----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_service_fails_ready_and_stops_what_had_started(tmp_path, database_url, taken_port):
+    from csms.config import load_config
+    from csms.service import CSMSService, StartupError
+
+    config = load_config(write_config(tmp_path, database_url, ocpp=f"tcp:{taken_port}:interface=127.0.0.1"))
+    csms = CSMSService(config, reactor=reactor)
+    csms.startService()
+    with pytest.raises(StartupError, match=r"\(\[ocpp\] endpoint\): address already in use"):
+        await csms.ready.addTimeout(DEADLINE, reactor)
+    servers = csms.app.pm.get_plugin("firmware").servers
+    assert servers.http_port is None and servers.ftp_port is None and not servers.running
+    assert csms.ports == {} and not csms.app.db._started
+    await csms.stopService()  # a supervisor's stop after a failed start is harmless
+
+
+@pytest_twisted.ensureDeferred
+async def test_plugin_service_that_raises_while_starting_fails_start_up_with_its_name(tmp_path, taken_port):
+    """A plain Twisted listening service (strports) raises from its start: start-up fails, naming it."""
+    from twisted.application import strports
+    from zope.interface import implementer
+
+    from csms.config import load_config
+    from csms.hookspecs import hookimpl
+    from csms.interfaces import ICSMSPlugin
+    from csms.service import CSMSService, StartupError
+
+    @implementer(ICSMSPlugin)
+    class StrportsListener:
+        name = "strportslistener"
+        profile = None
+        inbound_actions = ()
+        outbound_actions = ()
+        settings = ()
+
+        @hookimpl
+        def csms_services(self, app):
+            listener = strports.service(f"tcp:{taken_port}:interface=127.0.0.1", protocol.Factory())
+            listener.setName("vendor-listener")
+            return [listener]
+
+    config = load_config(write_config(tmp_path, sqlite_url(tmp_path), enabled="core"))
+    csms = CSMSService(config, reactor=reactor, extra_plugins=[StrportsListener()])
+    csms.startService()
+    with pytest.raises(StartupError) as exc_info:
+        await csms.ready.addTimeout(DEADLINE, reactor)
+    assert str(exc_info.value) == (f"plugin service vendor-listener: cannot listen on 127.0.0.1:{taken_port}: "
+                                   "address already in use")
+    assert csms.ports == {}
