@@ -472,3 +472,11 @@ async def test_twistd_csms_help_lists_the_options():
     for option in ("--config=", "--port=", "--database=", "--log-level=", "--ocpp-endpoint=", "--api-endpoint="):
         assert option in text
     assert "-c, --config=" in text and "-p, --port=" in text
+
+
+def test_firmware_directory_that_cannot_be_created_is_refused_naming_the_setting(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError) as exc_info:
+        central_system(f"[plugin:firmware]\nfirmware_dir = {blocker / 'firmware'}\n", plugins=("core", "firmware"))
+    assert str(exc_info.value) == f"[plugin:firmware] firmware_dir: cannot create {blocker / 'firmware'} (not a directory)"

@@ -139,8 +139,12 @@ class FirmwarePlugin:
             raise ConfigError("[plugin:firmware] ftp_passive_ports must look like 30000-30099") from None
         if self.max_firmware_size <= 0 or self.max_diagnostics_size <= 0 or self.upload_expiry <= 0:
             raise ConfigError("[plugin:firmware] sizes and upload_expiry must be positive")
-        for directory in (self.firmware_dir, self.diagnostics_dir):
-            os.makedirs(directory, exist_ok=True)
+        for key, directory in (("firmware_dir", self.firmware_dir), ("diagnostics_dir", self.diagnostics_dir)):
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"[plugin:firmware] {key}: cannot create {directory} "
+                                  f"({(exc.strerror or str(exc)).lower()})") from None
         self.store = FirmwareStore(app.db)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
         #: CSMS-hosted GetDiagnostics location -> its pre-created request id, while the call is under way.
