@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from csms import ocpp16
 from csms.config import Config
 from csms.db import Database
-from csms.plugins import loaded_plugins, make_plugin_manager
+from csms.plugins import check_settings, loaded_plugins, make_plugin_manager
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
 from csms.stations import StationStore
@@ -66,6 +66,7 @@ class CentralSystem:
         #: station id -> connected OCPPSession
         self.sessions: dict = {}
         self.plugins = loaded_plugins(self.pm)
+        check_settings(config, self.plugins)
         self.inbound_actions: dict[str, str] = {}
         self.outbound_actions: dict[str, str] = {}
         for plugin in self.plugins:
@@ -91,13 +92,18 @@ class CentralSystem:
         self.db.start()
         # Compile every OCPP schema once, off the reactor thread, before the first station arrives.
         yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), schemas.compile_all)
+        yield self.db.run(self.create_tables, desc="create_tables")
 
-        def create_tables(conn):
-            for metadata in self.all_metadata():
-                metadata.create_all(conn)
-        yield self.db.run(create_tables, desc="create_tables")
-        log.info("Central System ready: plugins {plugins}; database {dialect}",
-                 plugins=", ".join(p.name for p in self.plugins), dialect=self.db.dialect_name)
+    def start_blocking(self) -> None:
+        """:meth:`start` on the calling thread, for ``twistd csms``: it starts services before the
+        reactor runs, and only a failure raised then gives the process a non-zero exit status."""
+        self.db.start()
+        schemas.compile_all()
+        self.db.run_sync(self.create_tables)
+
+    def create_tables(self, conn) -> None:
+        for metadata in self.all_metadata():
+            metadata.create_all(conn)
 
     def services(self) -> list:
         out = []

@@ -1,18 +1,25 @@
 """Operator configuration: an INI file (``etc/csms.ini``) read into one object per section.
 
 Every value has a default here, so an empty file is a working configuration; command-line
-options given to ``twistd csms`` override the file.
+options given to ``twistd csms`` override the file. ``[plugin:NAME]`` sections hold the settings each
+plugin declares (:class:`Setting`); they are checked once the plugins are loaded
+(:func:`check_plugin_sections`).
 """
 from __future__ import annotations
 
 import configparser
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_PLUGINS = ("core",)
 UNKNOWN_STATION_POLICIES = ("accept", "pending", "reject")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "plugins")
+#: The database URLs the CSMS works with, as operators are told when they give another one.
+DATABASE_URLS = "sqlite:///path/to/file.sqlite, sqlite:///:memory: or postgresql+psycopg://user:password@host/db"
+#: Schemes taken to mean PostgreSQL through psycopg 3, the driver the CSMS is built and tested with.
+POSTGRESQL_ALIASES = ("postgres", "postgresql")
 
 
 class ConfigError(ValueError):
@@ -65,32 +72,122 @@ class Config:
     enabled_plugins: list[str] = field(default_factory=lambda: list(DEFAULT_PLUGINS))
     blocked_plugins: list[str] = field(default_factory=list)
     plugin_settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Plugin name -> the settings it declares, once the plugins are loaded (see check_plugin_sections).
+    declared_settings: dict[str, tuple] = field(default_factory=dict, compare=False, repr=False)
 
     def plugin(self, name: str) -> "PluginSettings":
-        return PluginSettings(name, self.plugin_settings.get(name, {}))
+        return PluginSettings(name, self.plugin_settings.get(name, {}), self.declared_settings.get(name))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting a plugin declares for its ``[plugin:NAME]`` section.
+
+    ``type`` is ``str``, ``int``, ``float`` or ``bool``; ``default`` is what an absent key means (an
+    empty one too, except for a ``str``, where empty is a value); ``doc`` says what it is for. With ``choices``, the value must be one of them (compared
+    without regard to case; the value read is the choice as declared).
+    """
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    choices: tuple = ()
+
+    TYPES = (str, int, float, bool)
+
+    def __post_init__(self):
+        if self.type not in self.TYPES:
+            raise TypeError(f"setting {self.name!r}: type must be one of str, int, float, bool")
+        if not isinstance(self.default, self.type) and not (self.type is float and type(self.default) is int):
+            raise TypeError(f"setting {self.name!r}: default {self.default!r} is not a {self.type.__name__}")
+        if self.choices and self.default not in self.choices:
+            raise TypeError(f"setting {self.name!r}: default {self.default!r} is not one of its choices")
+
+    def parse(self, raw: str | None, section: str):
+        """The typed value of ``raw`` (None: the key is absent), or ConfigError naming the line."""
+        if raw is None:
+            return self.default
+        if self.type is str:
+            value = raw.strip()  # empty is a value: "empty disables it" is how several settings read
+        elif raw.strip() == "":
+            return self.default
+        elif self.type is bool:
+            return _parse_bool(raw, section, self.name)
+        else:
+            value = _as(self.type, raw, self.default, section, self.name)
+        if self.choices:
+            for choice in self.choices:
+                if str(choice).lower() == str(value).strip().lower():
+                    return choice
+            raise ConfigError(f"[{section}] {self.name} must be one of {', '.join(map(str, self.choices))}, "
+                              f"not {raw!r}")
+        return value
 
 
 class PluginSettings:
-    """Typed access to one ``[plugin:NAME]`` section, with the default given at each read."""
+    """One ``[plugin:NAME]`` section: ``settings[key]`` reads a declared setting, typed.
 
-    def __init__(self, name: str, values: dict[str, str]):
+    ``get/getint/getfloat/getbool(key, default)`` read any key with the caller's default (the way
+    plugins read settings before they declared them; still working for undeclared keys).
+    """
+
+    def __init__(self, name: str, values: dict[str, str], declared: tuple | None = None):
         self.name = name
         self._values = values
+        self._declared = {setting.name: setting for setting in declared} if declared is not None else None
+
+    @property
+    def section(self) -> str:
+        return f"plugin:{self.name}"
+
+    def __getitem__(self, key: str):
+        setting = (self._declared or {}).get(key)
+        if setting is None:
+            raise KeyError(f"plugin {self.name!r} declares no setting {key!r}")
+        return setting.parse(self._values.get(key), self.section)
 
     def get(self, key: str, default: str) -> str:
         return self._values.get(key, default)
 
     def getint(self, key: str, default: int) -> int:
-        return _as(int, self._values.get(key), default, f"plugin:{self.name}", key)
+        return _as(int, self._values.get(key), default, self.section, key)
 
     def getfloat(self, key: str, default: float) -> float:
-        return _as(float, self._values.get(key), default, f"plugin:{self.name}", key)
+        return _as(float, self._values.get(key), default, self.section, key)
 
     def getbool(self, key: str, default: bool) -> bool:
         raw = self._values.get(key)
         if raw is None:
             return default
-        return _parse_bool(raw, f"plugin:{self.name}", key)
+        return _parse_bool(raw, self.section, key)
+
+
+def check_plugin_sections(config: Config, declared: dict, installed) -> None:
+    """Refuse ``[plugin:NAME]`` sections the loaded plugins cannot use, as the core sections are refused.
+
+    ``declared``: each loaded plugin's name -> its settings (a tuple of :class:`Setting`), or None for
+    a plugin that declares none at all (its section is then taken as it is). ``installed``: every
+    plugin name that could be enabled. A section naming no installed plugin is a typo; a section of
+    an installed plugin that is not loaded (disabled, blocked) is kept for when it is enabled. Every
+    declared value of a loaded plugin is parsed now, so a bad one stops start-up even if it is read late.
+    """
+    for name in config.plugin_settings:
+        if name not in installed and name not in declared:
+            raise ConfigError(f"[plugin:{name}] names no installed plugin "
+                              f"(installed: {', '.join(sorted(set(installed) | set(declared))) or 'none'})")
+    for name, settings in declared.items():
+        if settings is None:
+            continue
+        known = {setting.name for setting in settings}
+        values = config.plugin_settings.get(name, {})
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"[plugin:{name}] has no setting {key!r} "
+                                  f"(known: {', '.join(sorted(known)) or 'none'})")
+        for setting in settings:
+            setting.parse(values.get(setting.name), f"plugin:{name}")
+        config.declared_settings[name] = tuple(settings)
 
 
 def _as(kind, raw, default, section, key):
@@ -143,6 +240,11 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
             parser.read_string(text)
     except configparser.Error as exc:  # duplicate keys, a line outside any section ...
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # missing, unreadable, a directory
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read the config file {path}: it is not UTF-8 text ({exc.reason} "
+                          f"at byte {exc.start})") from None
     if parser.defaults():
         raise ConfigError(f"[{parser.default_section}] is not supported: put each setting in its own section")
     # A misspelt section would otherwise be ignored and its settings silently left at their defaults.
@@ -189,8 +291,53 @@ def validate(config: Config) -> None:
     if not 1 <= config.ocpp.max_charge_point_id_length <= 255:
         # csms_stations.id holds at most 255 characters.
         raise ConfigError("[ocpp] max_charge_point_id_length must be between 1 and 255")
+    config.database.url = database_url(config.database.url)
     if config.database.pool_size < 1:
         raise ConfigError("[database] pool_size must be at least 1")
     # Interpolated into a PRAGMA statement: only the four values SQLite knows.
     if config.database.sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
         raise ConfigError(f"[database] sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
+
+
+def database_url(url: str) -> str:
+    """``url`` as the CSMS opens it, or ConfigError naming the URLs that work.
+
+    ``postgres://`` and ``postgresql://`` are taken to mean ``postgresql+psycopg://`` (libpq and most
+    hosting services write them so; SQLAlchemy would otherwise pick whatever driver its version prefers).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    scheme, separator, rest = url.strip().partition("://")
+    if separator and scheme.lower() in POSTGRESQL_ALIASES:
+        url = f"postgresql+psycopg://{rest}"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"[database] url {url if '@' not in url else '(not shown)'!r} is not a database URL; "
+                          f"use {DATABASE_URLS}") from None
+    where = display_url(url)
+    if (parsed.get_backend_name(), parsed.get_driver_name()) not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
+        raise ConfigError(f"[database] url {where}: the CSMS stores its data in SQLite or PostgreSQL; "
+                          f"use {DATABASE_URLS}")
+    if parsed.get_backend_name() == "postgresql":
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"[database] url {where} needs the psycopg package: "
+                              "pip install 'csms[postgresql]'") from None
+    return url
+
+
+def display_url(url: str) -> str:
+    """A database URL fit for a log line: its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return "(a URL that cannot be parsed)"
+    if parsed.password is None:
+        return url
+    return parsed.render_as_string(hide_password=True)

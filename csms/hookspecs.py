@@ -40,7 +40,10 @@ def csms_tables():
 
 @hookspec
 def csms_services(app):
-    """Return a list of ``twisted.application.service.IService`` (timers, listeners) to run with the CSMS."""
+    """Return a list of ``twisted.application.service.IService`` (timers, listeners) to run with the CSMS.
+
+    A service's ``startService`` may return a Deferred: start-up waits for it, and fails when it fails.
+    """
 
 
 @hookspec

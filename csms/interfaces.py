@@ -5,7 +5,10 @@ from zope.interface import Attribute, Interface
 class ICSMSPlugin(Interface):
     """A Central System plugin: one OCPP feature profile, or a vendor's extension.
 
-    Its hook implementations are methods decorated with :data:`csms.hookspecs.hookimpl`.
+    Its hook implementations are methods decorated with :data:`csms.hookspecs.hookimpl`. It declares
+    the settings of its ``[plugin:NAME]`` section in a ``settings`` attribute, a sequence of
+    :class:`csms.config.Setting` (``()`` for none). That attribute is not part of the interface, so
+    that plugins written before it keep loading; their sections are then not checked.
     """
 
     name = Attribute("Short name used in config (``[plugins] enabled``) and as its table prefix")

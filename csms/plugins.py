@@ -2,18 +2,23 @@
 
 Plugins are found through the ``csms.plugins`` entry point group; the built-in profiles are listed
 there exactly like a third-party plugin. Only plugins named in ``[plugins] enabled`` are loaded, so a
-disabled plugin registers no hooks and creates no tables.
+disabled plugin registers no hooks and creates no tables. A plugin declares its ``[plugin:NAME]``
+settings in a ``settings`` attribute (a sequence of :class:`csms.config.Setting`).
 """
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
 import pluggy
+from twisted.logger import Logger
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from csms import hookspecs, ocpp16
+from csms.config import Config, Setting, check_plugin_sections
 from csms.interfaces import ICSMSPlugin
+
+log = Logger(namespace="csms.plugins")
 
 ENTRY_POINT_GROUP = "csms.plugins"
 
@@ -40,6 +45,30 @@ def check_plugin(plugin) -> None:
     unknown += [a for a in plugin.outbound_actions if a not in ocpp16.OUTBOUND]
     if unknown and plugin.profile is not None:
         raise PluginError(f"plugin {plugin.name!r} lists actions OCPP 1.6 does not have: {unknown}")
+    declared_settings(plugin)
+
+
+def declared_settings(plugin) -> tuple | None:
+    """The settings ``plugin`` declares, or None when it has no ``settings`` attribute at all."""
+    settings = getattr(plugin, "settings", None)
+    if settings is None:
+        return None
+    if isinstance(settings, (str, bytes)) or not all(isinstance(s, Setting) for s in settings):
+        raise PluginError(f"plugin {plugin.name!r}: settings must be a sequence of csms.config.Setting")
+    names = [setting.name for setting in settings]
+    if len(set(names)) != len(names):
+        raise PluginError(f"plugin {plugin.name!r} declares a setting twice: {sorted(names)}")
+    return tuple(settings)
+
+
+def check_settings(config: Config, plugins: list) -> None:
+    """Check every ``[plugin:NAME]`` section against the loaded ``plugins`` (see check_plugin_sections)."""
+    declared = {plugin.name: declared_settings(plugin) for plugin in plugins}
+    for name, settings in declared.items():
+        if settings is None and config.plugin_settings.get(name):
+            # Plugins written before settings were declared keep working; their typos go unnoticed.
+            log.warn("Plugin {plugin} declares no settings: [plugin:{plugin}] is not checked", plugin=name)
+    check_plugin_sections(config, declared, available_plugins())
 
 
 def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugins=()) -> pluggy.PluginManager:

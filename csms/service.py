@@ -1,20 +1,102 @@
-"""``twistd csms``: command-line options and the service tree (OCPP listener, API listener, plugin services)."""
+"""``twistd csms``: command-line options and the service tree (database, plugin services, OCPP and API listeners).
+
+Start-up either brings everything up or stops the process with one line saying what failed. twistd
+gives a non-zero exit status to an exception raised by ``startService`` before its reactor runs (and
+tells the parent waiting for a daemon), and to nothing once the reactor runs: it then exits 0 whatever
+happened (Twisted #11335). So ``twistd csms`` opens the database and binds every listener inside
+``startService``, synchronously; only a plugin service whose start is still pending then (an endpoint
+that is not immediate, which no built-in one is) is waited for with the reactor running.
+"""
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
-from csms.config import ConfigError, load_config, validate
+from csms.config import ConfigError, display_url, load_config, validate
 
 log = Logger(namespace="csms.service")
 
 DEFAULT_CONFIG = os.path.join("etc", "csms.ini")
 SWITCH_INTERVAL = 0.0005
+
+
+class StartupError(Exception):
+    """Something the Central System needs could not be started; ``str()`` says what, in one line."""
+
+
+class StartupFailed(SystemExit, Exception):
+    """Stops ``twistd csms`` with exit status 1 and one line, ``csms: <what failed>``.
+
+    A SystemExit, so that Python prints the line alone (no traceback) and exits 1; an Exception too,
+    so that twistd's handler for a service that fails to start still sees it (removes its pid file,
+    reports it to the parent of a daemon). ``logged``: the line is in the log already (twistd's log
+    has begun), so Python is not to print it a second time.
+    """
+
+    def __init__(self, message: str, logged: bool = False):
+        self.message = f"csms: {message}"
+        super().__init__(1 if logged else self.message)
+
+    def __str__(self):
+        return self.message
+
+
+def first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an operator: what went wrong, without a traceback."""
+    from twisted.internet.error import CannotListenError
+
+    from csms.plugins import PluginError
+
+    if isinstance(exc, CannotListenError):
+        return f"cannot listen on {exc.interface or '*'}:{exc.port}: {describe(exc.socketError)}"
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's own error
+    if orig is not None:
+        return first_line(orig) or type(orig).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    if isinstance(exc, OverflowError):  # bind() with a port outside 0-65535
+        return first_line(str(exc).replace("bind(): ", "")).rstrip(".")
+    if isinstance(exc, (ConfigError, PluginError, StartupError)):
+        return first_line(exc)
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc) else type(exc).__name__
+
+
+def listen(reactor, endpoint: str, factory, setting: str) -> defer.Deferred:
+    """Listen on the Twisted endpoint string ``endpoint``; fires with the port, or fails with a
+    StartupError naming the endpoint, the ``setting`` it comes from and why (one line).
+
+    Plugins use it for their own listeners, so that a port already taken stops start-up with a line
+    the operator can act on: ``cannot listen on tcp:8090 ([plugin:firmware] http_endpoint): address
+    already in use``.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    def refused(reason: str) -> StartupError:
+        return StartupError(f"cannot listen on {endpoint} ({setting}): {reason}")
+
+    try:
+        d = serverFromString(reactor, endpoint).listen(factory)
+    except Exception as exc:  # noqa: BLE001 - a malformed string, an unknown type, a missing key file
+        return defer.fail(refused(f"not a usable endpoint ({describe(exc)})"))
+
+    def failed(failure):
+        from twisted.internet.error import CannotListenError
+
+        cause = failure.value.socketError if failure.check(CannotListenError) else failure.value
+        raise refused(describe(cause))
+    return d.addErrback(failed)
 
 
 class Options(usage.Options):
@@ -33,11 +115,8 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        path = self["config"]
-        if path is None and os.path.exists(DEFAULT_CONFIG):
-            path = DEFAULT_CONFIG
         try:
-            config = load_config(path) if path else load_config()
+            config = load_config(config_path(self["config"]))
             if self["ocpp-endpoint"]:
                 config.ocpp.endpoint = self["ocpp-endpoint"]
             if self["port"] is not None:
@@ -49,9 +128,17 @@ class Options(usage.Options):
             if self["log-level"]:
                 config.log_level = self["log-level"].lower()
             validate(config)
-        except (ConfigError, OSError) as exc:
-            raise usage.UsageError(str(exc)) from None
+        except ConfigError as exc:
+            # One line, not twistd's usage text: nothing is wrong with how the command was typed.
+            raise StartupFailed(str(exc)) from None
         self.config = config
+
+
+def config_path(given: str | None) -> str | None:
+    """The config file to read: the one given, else etc/csms.ini when it exists, else none (defaults)."""
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
 def with_port(endpoint: str, port: int) -> str:
@@ -61,11 +148,17 @@ def with_port(endpoint: str, port: int) -> str:
     return ":".join([kind or "tcp", str(port)] + params)
 
 
-class CSMSService(service.MultiService):
-    """Starts the Central System (database, tables), then its listeners and plugin services."""
+class CSMSService(service.Service):
+    """Starts the Central System: database and tables, plugin services, then the OCPP and API listeners.
+
+    ``ready`` fires with this service once all of them are up, or fails with a :class:`StartupError`
+    saying what failed, once what had started is stopped again.
+
+    A plugin service (``csms_services``) may return a Deferred from ``startService``, as it may from
+    ``stopService``: start-up waits for it, and its failure fails start-up (listeners use it).
+    """
 
     def __init__(self, config, reactor=None, clock=None, extra_plugins=()):
-        super().__init__()
         from csms.app import CentralSystem
         from csms.protocol import OCPPServerFactory
 
@@ -77,7 +170,8 @@ class CSMSService(service.MultiService):
         self.ocpp_endpoint = config.ocpp.endpoint
         self.ready: defer.Deferred = defer.Deferred()
         self.ports: dict[str, object] = {}
-        self._children_pending = list(self.app.services())
+        self.plugin_services = list(self.app.services())
+        self._started_services: list = []
 
     def startService(self):
         service.Service.startService(self)
@@ -85,26 +179,27 @@ class CSMSService(service.MultiService):
         # in Python it then waits a whole switch interval (5 ms by default) to get it back, which
         # caps throughput and inflates latency. A shorter interval hands it back sooner.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        d = self.app.start()
-        d.addCallback(lambda _: self._listen())
-        d.addCallbacks(self.ready.callback, self._failed)
+        self._start().addCallbacks(self._started, self._failed)
 
     @defer.inlineCallbacks
-    def _listen(self):
-        from twisted.internet.endpoints import serverFromString
-
-        for child in self._children_pending:
-            child.setServiceParent(self)
-        self._children_pending = []
-        endpoint = serverFromString(self.reactor, self.ocpp_endpoint)
-        self.ports["ocpp"] = yield endpoint.listen(self.ocpp_factory)
+    def _start(self):
+        # inlineCallbacks goes on at once past a Deferred that has already fired: when every step is
+        # immediate, start-up is over (or has failed) by the time startService returns.
+        yield _labelled(self._start_database(), f"database {display_url(self.app.config.database.url)}")
+        for plugin_service in self.plugin_services:
+            self._started_services.append(plugin_service)
+            yield _labelled(defer.maybeDeferred(_start_plugin_service, plugin_service),
+                            f"plugin service {plugin_service.name or type(plugin_service).__name__}")
+        self.ports["ocpp"] = yield listen(self.reactor, self.ocpp_endpoint, self.ocpp_factory, "[ocpp] endpoint")
         log.info("OCPP 1.6J endpoint listening on {where} (path {prefix}<chargePointId>)",
                  where=self.ports["ocpp"].getHost(), prefix=self.app.config.ocpp.path_prefix)
         api_factory = self.api_site()
         if api_factory is not None:
-            self.ports["api"] = yield serverFromString(self.reactor, self.app.config.api.endpoint).listen(api_factory)
+            self.ports["api"] = yield listen(self.reactor, self.app.config.api.endpoint, api_factory, "[api] endpoint")
             log.info("Operator API listening on {where}", where=self.ports["api"].getHost())
-        return self
+
+    def _start_database(self) -> defer.Deferred:
+        return self.app.start()
 
     def api_site(self):
         """The operator HTTP API site, or None when the framework has no API module."""
@@ -114,38 +209,113 @@ class CSMSService(service.MultiService):
             return None
         return make_site(self.app)
 
+    def _started(self, _):
+        log.info("Central System ready: plugins {plugins}; database {dialect}",
+                 plugins=", ".join(p.name for p in self.app.plugins) or "none", dialect=self.app.db.dialect_name)
+        self.ready.callback(self)
+
     def _failed(self, failure):
-        log.failure("The Central System failed to start", failure)
-        self.ready.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        error = failure.value if failure.check(StartupError) else StartupError(describe(failure.value))
+        log.failure("Start-up failed", failure, level=LogLevel.debug)
+        stopping = self._stop_started()
+        self.app.stop()
+        self._stopped_after_failure(stopping).addCallback(lambda _: self.ready.errback(error))
+
+    def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
+        """Fires when ``ready`` may fail: once what had started has stopped."""
+        return stopping
+
+    def _stop_started(self) -> defer.Deferred:
+        """Stop the listeners, then the plugin services in reverse order; fires when they have stopped."""
+        stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
+        self.ports.clear()
+        d = defer.DeferredList(stopping, consumeErrors=True)
+        started, self._started_services = self._started_services, []
+        for plugin_service in reversed(started):
+            d.addCallback(lambda _, s=plugin_service: defer.maybeDeferred(s.stopService))
+        return d.addErrback(lambda failure: log.failure("Stopping a plugin service failed", failure))
 
     @defer.inlineCallbacks
     def stopService(self):
-        for port in self.ports.values():
-            yield port.stopListening()
-        self.ports.clear()
+        service.Service.stopService(self)
+        stopping = self._stop_started()
         for protocol in list(self.ocpp_factory.connections.values()):
             protocol.dropConnection(abort=True)
-        yield service.MultiService.stopService(self)
+        yield stopping
         self.app.stop()
 
 
+def _start_plugin_service(plugin_service):
+    # Both halves, as MultiService starts a child added while it runs (strports services listen in the first).
+    plugin_service.privilegedStartService()
+    return plugin_service.startService()
+
+
+def _labelled(d: defer.Deferred, label: str) -> defer.Deferred:
+    """Failures of ``d`` become a StartupError saying ``label: <why>`` (one that already says it is kept)."""
+    def label_failure(failure):
+        if failure.check(StartupError):
+            return failure
+        raise StartupError(f"{label}: {describe(failure.value)}") from failure.value
+    return d.addErrback(label_failure)
+
+
 def makeService(options) -> service.IService:
-    return TwistdCSMSService(options.config)
+    from csms.plugins import PluginError
+
+    try:
+        return TwistdCSMSService(options.config)
+    except (ConfigError, PluginError, OSError) as exc:  # OSError: a directory that cannot be created
+        raise StartupFailed(describe(exc)) from None
 
 
 class TwistdCSMSService(CSMSService):
-    """The service ``twistd csms`` runs: applies ``log_level`` once twistd's logging has begun."""
+    """The service ``twistd csms`` runs: starts before the reactor, so that a failure is the process's exit status.
+
+    It also applies ``log_level`` once twistd's logging has begun.
+    """
 
     def startService(self):
         _install_level_filter(self.app.config.log_level)
         super().startService()
+        if not self.ready.called:
+            self.ready.addErrback(self._failed_late)
+            return
+        failures: list = []
+        self.ready.addErrback(failures.append)
+        if failures:
+            message = str(failures[0].value)
+            log.critical("csms: {message}", message=message)
+            raise StartupFailed(message, logged=True)
+
+    def _start_database(self) -> defer.Deferred:
+        # Blocking, but the reactor is not running yet: there is nothing to keep waiting.
+        return defer.maybeDeferred(self.app.start_blocking)
+
+    def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
+        # At once: ports close only once the reactor runs, and startService must raise before it does
+        # (the process exits, which closes them).
+        return defer.succeed(None)
+
+    def _failed_late(self, failure) -> None:
+        """A plugin service failed once the reactor ran: stop, then exit 1 after twistd has cleaned up."""
+        log.critical("csms: {message}", message=str(failure.value))
+        atexit.register(_exit_with_status, 1)
+        self.reactor.stop()
+
+
+def _exit_with_status(status: int) -> None:
+    # The last thing the process does, once twistd has removed its pid file and closed its log: left
+    # to itself, twistd would exit 0 here.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os._exit(status)
 
 
 def _install_level_filter(level_name: str) -> None:
     """Filter everything twistd logs below ``level_name`` (twistd itself has no level option)."""
-    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogPublisher
+    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogPublisher
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
     observers = list(globalLogPublisher._observers)

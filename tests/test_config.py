@@ -8,9 +8,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, utils
 from twisted.python import usage
+from zope.interface import implementer
 
-from csms.config import Config, ConfigError, load_config
-from csms.service import Options, with_port
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+
+from csms.config import DATABASE_URLS, Config, ConfigError, Setting, load_config
+from csms.service import Options, StartupFailed, with_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,9 +148,214 @@ def test_bad_values_are_refused(text, message):
     assert message in str(exc_info.value)
 
 
-def test_missing_config_file_raises_os_error(tmp_path):
-    with pytest.raises(OSError):
-        load_config(str(tmp_path / "nope.ini"))
+@pytest.mark.parametrize("problem", ["missing", "directory", "not-utf8"])
+def test_unreadable_config_file_is_a_config_error_naming_it(tmp_path, problem):
+    path = tmp_path / "csms.ini"
+    if problem == "directory":
+        path.mkdir()
+    elif problem == "not-utf8":
+        path.write_bytes(b"[ocpp]\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(str(path))
+    assert str(exc_info.value).startswith(f"cannot read the config file {path}: ")
+
+
+# -- database URLs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///var/csms.sqlite", "sqlite:////var/lib/csms/csms.sqlite", "sqlite:///:memory:", "sqlite://",
+    "sqlite+pysqlite:///var/csms.sqlite", "postgresql+psycopg://csms:secret@db.example.com:5432/csms",
+])
+def test_database_urls_the_csms_works_with_are_kept(url):
+    assert load_config(text=f"[database]\nurl = {url}\n").database.url == url
+
+
+@pytest.mark.parametrize("url", ["postgres://csms:secret@db/csms", "postgresql://csms:secret@db:5433/csms?sslmode=require",
+                                 "POSTGRES://csms@db/csms"])
+def test_postgres_and_postgresql_urls_mean_psycopg(url):
+    rest = url.partition("://")[2]
+    assert load_config(text=f"[database]\nurl = {url}\n").database.url == f"postgresql+psycopg://{rest}"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("mysql://csms:secret@db/csms", "mysql://csms:***@db/csms"),
+    ("mariadb+pymysql://csms@db/csms", "mariadb+pymysql://csms@db/csms"),
+    ("postgresql+psycopg2://csms:secret@db/csms", "postgresql+psycopg2://csms:***@db/csms"),
+    ("postgresql+asyncpg://csms@db/csms", "postgresql+asyncpg://csms@db/csms"),
+    ("sqlite+aiosqlite:///x.sqlite", "sqlite+aiosqlite:///x.sqlite"),
+    ("oracle://scott:tiger@db", "oracle://scott:***@db"),
+    ("var/csms.sqlite", "'var/csms.sqlite' is not a database URL"),
+    ("localhost:5432/csms", "'localhost:5432/csms' is not a database URL"),
+], ids=["mysql", "mariadb", "psycopg2", "asyncpg", "aiosqlite", "oracle", "a-path", "no-scheme"])
+def test_database_url_the_csms_cannot_use_gets_one_line_naming_those_that_work(url, shown):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(text=f"[database]\nurl = {url}\n")
+    message = str(exc_info.value)
+    assert "\n" not in message and message.startswith("[database] url ")
+    assert shown in message and message.endswith(f"use {DATABASE_URLS}")
+    assert "secret" not in message and "tiger" not in message
+
+
+def test_database_option_is_checked_like_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse("--database", "postgres://csms@db/csms").config.database.url == "postgresql+psycopg://csms@db/csms"
+    with pytest.raises(StartupFailed) as exc_info:
+        parse("--database", "mysql://csms:secret@db/csms")
+    assert str(exc_info.value) == f"csms: [database] url mysql://csms:***@db/csms: the CSMS stores its data in " \
+                                  f"SQLite or PostgreSQL; use {DATABASE_URLS}"
+
+
+# -- [plugin:NAME] settings, declared by each plugin ------------------------------------------------------
+
+
+@implementer(ICSMSPlugin)
+class Acme:
+    """A vendor plugin with its own settings, declared the same way as the built-in profiles'."""
+
+    name = "acme"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+    settings = (
+        Setting("greeting", str, "hello", "What DataTransfer answers."),
+        Setting("retries", int, 3, "How often to retry."),
+        Setting("ratio", float, 0.5, "A ratio."),
+        Setting("loud", bool, False, "Shout."),
+        Setting("unit", str, "A", "A unit.", choices=("A", "W")),
+    )
+
+    @hookimpl
+    def csms_configure(self, app):
+        settings = app.config.plugin(self.name)
+        self.read = {setting.name: settings[setting.name] for setting in self.settings}
+
+
+@implementer(ICSMSPlugin)
+class Undeclared:
+    """A plugin written before settings were declared: it reads them with a default at each read."""
+
+    name = "undeclared"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+
+    @hookimpl
+    def csms_configure(self, app):
+        self.retries = app.config.plugin(self.name).getint("retries", 1)
+
+
+def central_system(text: str, plugins=("core",), extra_plugins=()):
+    from csms.app import CentralSystem
+
+    config = load_config(text=f"[database]\nurl = sqlite://\n[plugins]\nenabled = {', '.join(plugins)}\n" + text)
+    return CentralSystem(config, extra_plugins=extra_plugins)
+
+
+def test_declared_plugin_settings_are_read_typed_with_their_defaults():
+    plugin = Acme()
+    central_system("[plugin:acme]\ngreeting = hi\nretries = 5\nloud = yes\nunit = w\n", extra_plugins=[plugin])
+    assert plugin.read == {"greeting": "hi", "retries": 5, "ratio": 0.5, "loud": True, "unit": "W"}
+    plugin = Acme()
+    central_system("", extra_plugins=[plugin])
+    assert plugin.read == {"greeting": "hello", "retries": 3, "ratio": 0.5, "loud": False, "unit": "A"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[plugin:acme]\ngreting = hi\n", "[plugin:acme] has no setting 'greting' (known: greeting, loud, ratio, "
+                                       "retries, unit)"),
+    ("[plugin:acme]\nretries = many\n", "[plugin:acme] retries = 'many' is not a valid int"),
+    ("[plugin:acme]\nloud = very\n", "[plugin:acme] loud = 'very' is not a boolean"),
+    ("[plugin:acme]\nunit = kW\n", "[plugin:acme] unit must be one of A, W, not 'kW'"),
+    ("[plugin:acme]\n[plugin:acmee]\ngreeting = hi\n", "[plugin:acmee] names no installed plugin (installed: "),
+    ("[plugin:core]\nheartbeat_intervall = 60\n", "[plugin:core] has no setting 'heartbeat_intervall'"),
+    ("[plugin:firmware]\nhttp_endpont = tcp:8090\n", "[plugin:firmware] has no setting 'http_endpont'"),
+], ids=["vendor-key", "vendor-int", "vendor-bool", "vendor-choice", "section", "core-key", "firmware-key"])
+def test_unknown_or_bad_plugin_settings_are_refused_with_one_line(text, message):
+    with pytest.raises(ConfigError) as exc_info:
+        central_system(text, plugins=("core", "firmware"), extra_plugins=[Acme()])
+    assert message in str(exc_info.value) and "\n" not in str(exc_info.value)
+
+
+def test_a_bad_value_is_refused_at_start_up_even_if_the_plugin_never_reads_it():
+    class Lazy(Acme):
+        @hookimpl
+        def csms_configure(self, app):
+            pass
+
+    with pytest.raises(ConfigError, match="ratio = 'half' is not a valid float"):
+        central_system("[plugin:acme]\nratio = half\n", extra_plugins=[Lazy()])
+
+
+def test_section_of_an_installed_but_disabled_plugin_is_kept_unchecked():
+    app = central_system("[plugin:firmware]\nsome_future_key = 1\n[plugin:smartcharging]\nvoltage = 110\n",
+                         plugins=("core",))
+    assert [plugin.name for plugin in app.plugins] == ["core"]
+    assert app.config.plugin("smartcharging").getfloat("voltage", 230) == 110
+
+
+def test_plugin_that_declares_no_settings_keeps_reading_them_the_old_way():
+    plugin = Undeclared()
+    central_system("[plugin:undeclared]\nretries = 4\nanything = goes\n", extra_plugins=[plugin])
+    assert plugin.retries == 4
+
+
+def test_old_accessors_still_read_keys_a_plugin_has_not_declared_yet():
+    app = central_system("[plugin:core]\nheartbeat_interval = 120\n")
+    settings = app.config.plugin("core")
+    assert settings["heartbeat_interval"] == 120
+    assert settings.getint("heartbeat_interval", 300) == 120
+    assert settings.getfloat("some_new_limit", 2.5) == 2.5  # the way a setting is read before it is declared
+    with pytest.raises(KeyError):
+        settings["some_new_limit"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("greeting",), "settings must be a sequence of csms.config.Setting"),
+    ((Setting("a", int, 1, "."), Setting("a", int, 2, ".")), "declares a setting twice"),
+], ids=["not-settings", "twice"])
+def test_a_malformed_declaration_stops_loading(settings, message):
+    from csms.plugins import PluginError
+
+    class Broken(Acme):
+        pass
+
+    Broken.settings = settings
+    with pytest.raises(PluginError, match=message):
+        central_system("", extra_plugins=[Broken()])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("x", list, [], "."), "type must be one of str, int, float, bool"),
+    (("x", int, "3", "."), "default '3' is not a int"),
+    (("x", str, "B", ".", ("A", "W")), "default 'B' is not one of its choices"),
+])
+def test_a_setting_declared_with_a_default_of_another_type_is_a_type_error(args, message):
+    with pytest.raises(TypeError, match=message):
+        Setting(*args)
+
+
+def builtin_plugin_classes() -> dict:
+    from csms.plugins import available_plugins
+
+    return {name: entry_point.load() for name, entry_point in available_plugins().items()
+            if entry_point.dist is not None and entry_point.dist.name == "csms"}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_plugin_classes()))
+def test_every_builtin_plugin_declares_its_settings_as_etc_csms_ini_shows_them(name):
+    """etc/csms.ini shows every declared setting with its default, and nothing a plugin does not declare."""
+    import configparser
+
+    plugin = builtin_plugin_classes()[name]
+    assert isinstance(plugin.settings, tuple)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(REPO, "etc", "csms.ini"), encoding="utf-8")
+    shown = dict(parser.items(f"plugin:{name}")) if parser.has_section(f"plugin:{name}") else {}
+    assert sorted(shown) == sorted(setting.name for setting in plugin.settings)
+    for setting in plugin.settings:
+        assert setting.parse(shown[setting.name], f"plugin:{name}") == setting.default, setting.name
+        assert setting.doc.strip()
 
 
 # -- twistd csms options ---------------------------------------------------------------------------------
@@ -218,22 +427,28 @@ def test_without_config_option_the_default_file_is_read(tmp_path, monkeypatch):
     assert parse().config.ocpp.unknown_stations == "reject"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--log-level", "chatty"], "log_level must be one of"),
-    (["--port", "ninety"], "ninety"),
-    (["--config", "/nonexistent/csms.ini"], "No such file"),
-], ids=["log-level", "port", "missing-file"])
-def test_bad_options_are_usage_errors(argv, message, tmp_path, monkeypatch):
+def test_option_that_is_not_what_it_should_be_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(usage.UsageError) as exc_info:
+    with pytest.raises(usage.UsageError, match="ninety"):
+        parse("--port", "ninety")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--log-level", "chatty"], "csms: [csms] log_level must be one of"),
+    (["--config", "/nonexistent/csms.ini"], "csms: cannot read the config file /nonexistent/csms.ini: No such file"),
+], ids=["log-level", "missing-file"])
+def test_unusable_values_stop_with_one_line_not_the_usage_text(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StartupFailed) as exc_info:
         parse(*argv)
-    assert message in str(exc_info.value)
+    assert str(exc_info.value).startswith(message)
+    assert exc_info.value.code == str(exc_info.value)  # Python prints it alone and exits 1
 
 
-def test_bad_config_file_is_a_usage_error(tmp_path):
+def test_bad_config_file_stops_with_one_line(tmp_path):
     path = tmp_path / "bad.ini"
     path.write_text("[ocpp]\nunknown_stations = sometimes\n", encoding="utf-8")
-    with pytest.raises(usage.UsageError, match="unknown_stations"):
+    with pytest.raises(StartupFailed, match="unknown_stations"):
         parse("--config", str(path))
 
 
@@ -257,3 +472,11 @@ async def test_twistd_csms_help_lists_the_options():
     for option in ("--config=", "--port=", "--database=", "--log-level=", "--ocpp-endpoint=", "--api-endpoint="):
         assert option in text
     assert "-c, --config=" in text and "-p, --port=" in text
+
+
+def test_firmware_directory_that_cannot_be_created_is_refused_naming_the_setting(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError) as exc_info:
+        central_system(f"[plugin:firmware]\nfirmware_dir = {blocker / 'firmware'}\n", plugins=("core", "firmware"))
+    assert str(exc_info.value) == f"[plugin:firmware] firmware_dir: cannot create {blocker / 'firmware'} (not a directory)"

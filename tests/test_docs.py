@@ -95,3 +95,20 @@ def test_every_hook_has_the_project_prefix():
     assert all(name.startswith("csms_") for name in HOOKS)
     assert all(not name.startswith("csms_") or name in HOOKS
                for name, function in inspect.getmembers(hookspecs, inspect.isfunction))
+
+
+def test_the_plugin_example_declares_and_reads_its_settings():
+    """The example plugin of docs/hooks.md loads, and its section is checked against what it declares."""
+    from csms.app import CentralSystem
+    from csms.config import ConfigError, load_config
+
+    with open(HOOKS_MD, encoding="utf-8") as f:
+        example = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "docs/hooks.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    plugin = namespace["AcmePlugin"]()
+    base = "[database]\nurl = sqlite://\n[plugins]\nenabled = core\n"
+    CentralSystem(load_config(text=base + "[plugin:acme]\ngreeting = hi\n"), extra_plugins=[plugin])
+    assert plugin.greeting == "hi"
+    with pytest.raises(ConfigError, match=r"\[plugin:acme\] has no setting 'greting'"):
+        CentralSystem(load_config(text=base + "[plugin:acme]\ngreting = hi\n"), extra_plugins=[namespace["AcmePlugin"]()])

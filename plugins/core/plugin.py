@@ -7,6 +7,7 @@ from zope.interface import implementer
 
 from csms import ocpp16
 from csms.app import as_deferred
+from csms.config import Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
@@ -29,18 +30,27 @@ class CorePlugin:
     profile = ocpp16.CORE
     inbound_actions = ocpp16.inbound_of(ocpp16.CORE)
     outbound_actions = ocpp16.outbound_of(ocpp16.CORE)
+    settings = (
+        Setting("heartbeat_interval", int, 300, "Heartbeat interval handed to Accepted stations, in seconds."),
+        Setting("boot_retry_interval", int, 60, "Interval handed to Pending or Rejected stations before they boot "
+                                                "again, in seconds."),
+        Setting("concurrent_tx_check", bool, True, "Answer ConcurrentTx for an id tag that already has a "
+                                                   "transaction running."),
+        Setting("id_tag_cache_seconds", float, 60.0, "Seconds Authorize answers from memory per id tag (0: always "
+                                                     "ask the database)."),
+    )
 
     app = None
     store: CoreStore | None = None
 
     @hookimpl
     def csms_configure(self, app):
-        settings = app.config.plugin("core")
+        settings = app.config.plugin(self.name)
         self.app = app
-        self.heartbeat_interval = settings.getint("heartbeat_interval", 300)
-        self.boot_retry_interval = settings.getint("boot_retry_interval", 60)
-        self.store = CoreStore(app.db, app.clock, concurrent_tx=settings.getbool("concurrent_tx_check", True),
-                               id_tag_cache_seconds=settings.getfloat("id_tag_cache_seconds", 60.0))
+        self.heartbeat_interval = settings["heartbeat_interval"]
+        self.boot_retry_interval = settings["boot_retry_interval"]
+        self.store = CoreStore(app.db, app.clock, concurrent_tx=settings["concurrent_tx_check"],
+                               id_tag_cache_seconds=settings["id_tag_cache_seconds"])
 
     @hookimpl
     def csms_tables(self):

@@ -16,12 +16,11 @@ from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from csms import ocpp16
-from csms.config import ConfigError
+from csms.config import ConfigError, Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import parse_datetime
@@ -45,14 +44,15 @@ class FileServers(service.Service):
         self.plugin = plugin
         self.http_port = None
         self.ftp_port = None
-        self.ready: defer.Deferred = defer.Deferred()
 
     def startService(self):
+        """Fires once both servers listen; the CSMS waits for it and does not start when it fails."""
         super().startService()
-        d = defer.ensureDeferred(self._listen())
-        d.addCallbacks(self.ready.callback, self._failed)
+        return defer.ensureDeferred(self._listen())
 
     async def _listen(self):
+        from csms.service import listen
+
         from .ftp import UploadFTPFactory
         from .http import FileServerSite
 
@@ -60,17 +60,12 @@ class FileServers(service.Service):
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
             site = FileServerSite(plugin.firmware_dir, plugin.uploads, max_ranges=plugin.max_ranges)
-            self.http_port = await serverFromString(reactor, plugin.http_endpoint).listen(site)
+            self.http_port = await listen(reactor, plugin.http_endpoint, site, "[plugin:firmware] http_endpoint")
             log.info("Firmware/diagnostics file server listening on {where}", where=self.http_port.getHost())
         if plugin.ftp_endpoint:
             factory = UploadFTPFactory(plugin.uploads, passive_ports=plugin.ftp_passive_ports)
-            self.ftp_port = await serverFromString(reactor, plugin.ftp_endpoint).listen(factory)
+            self.ftp_port = await listen(reactor, plugin.ftp_endpoint, factory, "[plugin:firmware] ftp_endpoint")
             log.info("Diagnostics FTP upload server listening on {where}", where=self.ftp_port.getHost())
-        return self
-
-    def _failed(self, failure):
-        log.failure("The firmware file servers failed to start", failure)
-        self.ready.errback(failure)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -110,6 +105,29 @@ class FirmwarePlugin:
     profile = ocpp16.FIRMWARE
     inbound_actions = ocpp16.inbound_of(ocpp16.FIRMWARE)
     outbound_actions = ocpp16.outbound_of(ocpp16.FIRMWARE)
+    settings = (
+        Setting("firmware_dir", str, "var/firmware",
+                "Directory of the firmware files served to stations (relative to the working directory; "
+                "created at start-up)."),
+        Setting("diagnostics_dir", str, "var/diagnostics", "Directory diagnostics uploads are stored in."),
+        Setting("max_firmware_size", int, 256 * MiB, "Largest firmware file an operator may upload, in bytes."),
+        Setting("max_diagnostics_size", int, 32 * MiB, "Largest diagnostics upload a station may send, in bytes."),
+        Setting("http_endpoint", str, "tcp:8090",
+                "Endpoint of the station-facing HTTP file server (firmware downloads, diagnostics uploads); "
+                "empty disables it."),
+        Setting("public_url", str, "",
+                "Base URL stations are given for the HTTP file server; empty: built from the listening address."),
+        Setting("ftp_endpoint", str, "tcp:8021", "Endpoint of the diagnostics FTP upload server; empty disables it."),
+        Setting("ftp_public_address", str, "",
+                "host:port stations are given in ftp:// locations; empty: the listening address."),
+        Setting("ftp_passive_ports", str, "", "Passive-mode data ports, e.g. 30000-30099; empty: any free port."),
+        Setting("diagnostics_protocol", str, "ftp",
+                "How stations upload diagnostics when the operator gives no location.", choices=("ftp", "http")),
+        Setting("upload_expiry", int, 86400, "Seconds a diagnostics upload location stays valid."),
+        Setting("history_limit", int, 100, "Entries shown in a station's firmware and diagnostics history."),
+        Setting("max_ranges", int, 8, "Most byte ranges one firmware download request may ask for; more and the "
+                "Range header is ignored (the whole file is sent once)."),
+    )
     #: The test fixtures bind these on loopback ephemeral ports and point these at a temporary directory.
     loopback_settings = ("http_endpoint", "ftp_endpoint")
     directory_settings = ("firmware_dir", "diagnostics_dir")
@@ -120,33 +138,35 @@ class FirmwarePlugin:
 
     @hookimpl
     def csms_configure(self, app):
-        settings = app.config.plugin("firmware")
+        settings = app.config.plugin(self.name)
         self.app = app
-        self.firmware_dir = os.path.abspath(settings.get("firmware_dir", "var/firmware"))
-        self.diagnostics_dir = os.path.abspath(settings.get("diagnostics_dir", "var/diagnostics"))
-        self.max_firmware_size = settings.getint("max_firmware_size", 256 * MiB)
-        self.max_diagnostics_size = settings.getint("max_diagnostics_size", 32 * MiB)
-        self.http_endpoint = settings.get("http_endpoint", "tcp:8090").strip()
-        self.public_url = settings.get("public_url", "").strip().rstrip("/")
-        self.ftp_endpoint = settings.get("ftp_endpoint", "tcp:8021").strip()
-        self.ftp_public_address = settings.get("ftp_public_address", "").strip()
-        self.upload_protocol = settings.get("diagnostics_protocol", "ftp").strip().lower()
-        self.upload_expiry = settings.getint("upload_expiry", 86400)
-        self.history_limit = settings.getint("history_limit", 100)
-        self.max_ranges = settings.getint("max_ranges", 8)
+        self.firmware_dir = os.path.abspath(settings["firmware_dir"])
+        self.diagnostics_dir = os.path.abspath(settings["diagnostics_dir"])
+        self.max_firmware_size = settings["max_firmware_size"]
+        self.max_diagnostics_size = settings["max_diagnostics_size"]
+        self.http_endpoint = settings["http_endpoint"]
+        self.public_url = settings["public_url"].rstrip("/")
+        self.ftp_endpoint = settings["ftp_endpoint"]
+        self.ftp_public_address = settings["ftp_public_address"]
+        self.upload_protocol = settings["diagnostics_protocol"]
+        self.upload_expiry = settings["upload_expiry"]
+        self.history_limit = settings["history_limit"]
+        self.max_ranges = settings["max_ranges"]
         from .ftp import parse_port_range
         try:
-            self.ftp_passive_ports = parse_port_range(settings.get("ftp_passive_ports", ""))
+            self.ftp_passive_ports = parse_port_range(settings["ftp_passive_ports"])
         except ValueError:
             raise ConfigError("[plugin:firmware] ftp_passive_ports must look like 30000-30099") from None
-        if self.upload_protocol not in ("ftp", "http"):
-            raise ConfigError("[plugin:firmware] diagnostics_protocol must be ftp or http")
         if self.max_firmware_size <= 0 or self.max_diagnostics_size <= 0 or self.upload_expiry <= 0:
             raise ConfigError("[plugin:firmware] sizes and upload_expiry must be positive")
         if self.max_ranges <= 0:
             raise ConfigError("[plugin:firmware] max_ranges must be positive")
-        for directory in (self.firmware_dir, self.diagnostics_dir):
-            os.makedirs(directory, exist_ok=True)
+        for key, directory in (("firmware_dir", self.firmware_dir), ("diagnostics_dir", self.diagnostics_dir)):
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"[plugin:firmware] {key}: cannot create {directory} "
+                                  f"({(exc.strerror or str(exc)).lower()})") from None
         self.store = FirmwareStore(app.db)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
         #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.

@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from csms import ocpp16
 from csms.app import as_deferred
+from csms.config import Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
@@ -62,6 +63,15 @@ class LocalAuthListPlugin:
     profile = ocpp16.LOCAL_AUTH
     inbound_actions = ocpp16.inbound_of(ocpp16.LOCAL_AUTH)
     outbound_actions = ocpp16.outbound_of(ocpp16.LOCAL_AUTH)
+    # Both syncs are off by default: during OCTT runs the CSMS must send no call a test case did not ask for.
+    settings = (
+        Setting("auto_sync_on_change", bool, False, "Send a Differential SendLocalList to every connected station "
+                                                    "when an id tag changes."),
+        Setting("auto_sync_on_boot", bool, False, "After an Accepted BootNotification, read GetLocalListVersion "
+                                                  "back and send what the station lacks."),
+        Setting("boot_sync_delay", float, 2.0, "Seconds to wait after the BootNotification before calling the "
+                                               "station."),
+    )
 
     app = None
     store: LocalAuthStore | None = None
@@ -71,11 +81,10 @@ class LocalAuthListPlugin:
         settings = app.config.plugin(self.name)
         self.app = app
         self.store = LocalAuthStore(app.db, app.clock)
-        # Both off by default: during OCTT runs the CSMS must send no call a test case did not ask for.
-        self.auto_sync_on_change = settings.getbool("auto_sync_on_change", False)
-        self.auto_sync_on_boot = settings.getbool("auto_sync_on_boot", False)
+        self.auto_sync_on_change = settings["auto_sync_on_change"]
+        self.auto_sync_on_boot = settings["auto_sync_on_boot"]
         # The BootNotification.conf goes out after csms_on_boot: wait before calling the station.
-        self.boot_sync_delay = settings.getfloat("boot_sync_delay", 2.0)
+        self.boot_sync_delay = settings["boot_sync_delay"]
         self._locks: dict[str, defer.DeferredLock] = {}
         self._boot_timers: dict = {}
         self._background: set = set()

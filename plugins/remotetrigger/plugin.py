@@ -65,6 +65,7 @@ class RemoteTriggerPlugin:
     profile = ocpp16.REMOTE_TRIGGER
     inbound_actions = ocpp16.inbound_of(ocpp16.REMOTE_TRIGGER)
     outbound_actions = ocpp16.outbound_of(ocpp16.REMOTE_TRIGGER)
+    settings = ()
 
     app = None
     store: TriggerStore | None = None

@@ -119,6 +119,7 @@ class ReservationPlugin:
     profile = ocpp16.RESERVATION
     inbound_actions = ocpp16.inbound_of(ocpp16.RESERVATION)
     outbound_actions = ocpp16.outbound_of(ocpp16.RESERVATION)
+    settings = ()
 
     app = None
     store: ReservationStore | None = None

@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from csms import ocpp16
 from csms.app import CallRefused
+from csms.config import ConfigError, Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
@@ -49,23 +50,28 @@ class SmartChargingPlugin:
     profile = ocpp16.SMART_CHARGING
     inbound_actions = ocpp16.inbound_of(ocpp16.SMART_CHARGING)
     outbound_actions = ocpp16.outbound_of(ocpp16.SMART_CHARGING)
+    settings = (
+        Setting("voltage", float, composite.DEFAULT_VOLTAGE,
+                "Mains voltage (phase to neutral, V) for converting charging limits between A and W."),
+        Setting("default_rate_unit", str, "A", "Unit of the composite schedule preview when the request names "
+                                               "none.", choices=("A", "W")),
+        Setting("compare_tolerance", float, composite.DEFAULT_TOLERANCE,
+                "Two limits closer than this count as equal when a station's composite schedule is compared "
+                "with the CSMS's own."),
+    )
 
     app = None
     store: SmartChargingStore | None = None
 
     @hookimpl
     def csms_configure(self, app):
-        settings = app.config.plugin("smartcharging")
+        settings = app.config.plugin(self.name)
         self.app = app
-        self.voltage = settings.getfloat("voltage", composite.DEFAULT_VOLTAGE)
-        self.tolerance = settings.getfloat("compare_tolerance", composite.DEFAULT_TOLERANCE)
-        self.default_rate_unit = settings.get("default_rate_unit", "A").strip()
+        self.voltage = settings["voltage"]
+        self.tolerance = settings["compare_tolerance"]
+        self.default_rate_unit = settings["default_rate_unit"]
         if self.voltage <= 0:
-            from csms.config import ConfigError
             raise ConfigError("[plugin:smartcharging] voltage must be positive")
-        if self.default_rate_unit not in ("A", "W"):
-            from csms.config import ConfigError
-            raise ConfigError("[plugin:smartcharging] default_rate_unit must be A or W")
         self.store = SmartChargingStore(app.db, app.clock)
 
     @hookimpl
