@@ -348,6 +348,19 @@ async def test_close_sent_by_the_central_system_is_recorded_with_its_own_code(cs
     assert await probe.next("disconnected", "CP-1") == "closed by the Central System: code=1000 reason=station deleted"
 
 
+@pytest_twisted.ensureDeferred
+async def test_protocol_error_close_is_recorded_as_closed_by_the_central_system(csms_factory):
+    probe = EventProbe()
+    csms = await csms_factory(config_text="[ocpp]\nmax_message_size = 1024\n", extra_plugins=[probe])
+    station = await csms.connect("CP-1")
+    await probe.next("connected", "CP-1")
+    station.send_raw(b"[" + b" " * 2000 + b"]")
+    _, code, _ = await within(station.closed)
+    assert code == 1009
+    reason = await probe.next("disconnected", "CP-1")
+    assert reason.startswith("closed by the Central System: code=1009 reason="), reason
+
+
 # -- the charge point id ---------------------------------------------------------------------------------
 
 
@@ -499,3 +512,4 @@ def test_release_numbers_are_read_from_the_installed_distributions():
     assert fastpath.release("autobahn") >= (23, 1)
     assert fastpath.release("twisted") >= (23, 10)
     assert fastpath.release("no-such-distribution-here") is None
+
