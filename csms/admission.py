@@ -41,8 +41,8 @@ def charge_point_id_from_path(path: str, prefix: str) -> str | None:
 def charge_point_id_problem(station_id: str, max_length: int) -> str | None:
     """Why ``station_id`` cannot be a charge point id, or None when it can.
 
-    OCPP-J 1.6 §3.1.1 makes the id the last path segment and no more; the Security whitepaper caps it
-    at 48 characters. Besides the length, the CSMS refuses what no id needs and what a database, a log
+    OCPP-J 1.6 §3.1.1 makes the id the last path segment and gives it no type (OCPP 1.6's CiStrings
+    have a length, no character set); OCPP 2.0.1 caps it at 48 characters. Besides the length, the CSMS refuses what no id needs and what a database, a log
     line or an operator's screen cannot show faithfully: control characters (NUL, which PostgreSQL
     cannot store, among them), invisible format characters, surrogates, private-use and unassigned
     code points, and line separators. Letters of any script, digits, punctuation and spaces are kept.
