@@ -184,7 +184,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     # -- the boot deadline -----------------------------------------------------------------------
 
     def _dispatch_watching_boot(self, session, action: str, payload: dict):
-        """``app.dispatch``, watching the answers while the boot deadline runs (one test after that)."""
+        """``app.dispatch``, watching the answers while the boot deadline runs; one attribute test after."""
         result = self.factory.app.dispatch(session, action, payload)
         if self._boot_deadline is None:
             return result
