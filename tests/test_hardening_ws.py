@@ -271,6 +271,7 @@ async def test_connection_over_the_per_address_limit_is_refused_while_the_others
     assert len(warnings_in(logged, "Refused 2 more connections")) == 1
     csms.clock.advance(60)
     assert len(warnings_in(logged, "Refused")) == 2
+    assert len(warnings_in(logged, "")) == 2  # and nothing else went wrong
 
 
 @pytest_twisted.ensureDeferred
@@ -384,7 +385,7 @@ BAD_IDS = {
 
 @pytest.mark.parametrize("segment", list(BAD_IDS.values()), ids=list(BAD_IDS))
 @pytest_twisted.ensureDeferred
-async def test_charge_point_id_that_cannot_be_an_id_is_refused_with_400(csms, segment):
+async def test_charge_point_id_that_cannot_be_an_id_is_refused_with_400(csms, segment, logged):
     client = RawWebSocket(f"/ocpp/{segment}")
     await within(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", csms.port, timeout=5), client))
     head = await within(client.handshake)
@@ -395,6 +396,7 @@ async def test_charge_point_id_that_cannot_be_an_id_is_refused_with_400(csms, se
     total, _ = await csms.app.station_store.list()
     assert total == 0
     assert csms.app.sessions == {}
+    assert warnings_in(logged, "Unexpected exception") == []  # in onConnect: what answered HTTP 500
     # The server is fine: the next station is served.
     station = await csms.connect("CP-1")
     assert set(await station.call("Heartbeat", {})) == {"currentTime"}
