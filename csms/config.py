@@ -33,7 +33,7 @@ class OCPPConfig:
     max_message_size: int = 65536
     max_charge_point_id_length: int = 48
     open_handshake_timeout: float = 30.0
-    boot_timeout: float = 120.0
+    boot_timeout: float = 600.0
     max_connections: int = 10000
     max_connections_per_address: int = 1000
 
