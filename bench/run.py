@@ -131,6 +131,9 @@ log_level = {log_level}
 # at net.core.somaxconn).
 endpoint = tcp:{port}:interface=127.0.0.1:backlog=4096
 unknown_stations = accept
+# Every simulated station connects from 127.0.0.1, and the storm holds 10,000 of them at once.
+max_connections = 0
+max_connections_per_address = 0
 [database]
 url = {db_url}
 [api]

@@ -40,6 +40,9 @@ class OCPPConfig:
     max_message_size: int = 65536
     max_charge_point_id_length: int = 48
     open_handshake_timeout: float = 30.0
+    boot_timeout: float = 600.0
+    max_connections: int = 10000
+    max_connections_per_address: int = 1000
 
 
 @dataclass
@@ -291,6 +294,10 @@ def validate(config: Config) -> None:
     if not 1 <= config.ocpp.max_charge_point_id_length <= 255:
         # csms_stations.id holds at most 255 characters.
         raise ConfigError("[ocpp] max_charge_point_id_length must be between 1 and 255")
+    if not 0 <= config.ocpp.boot_timeout < float("inf"):
+        raise ConfigError("[ocpp] boot_timeout must be 0 (off) or a number of seconds")
+    if config.ocpp.max_connections < 0 or config.ocpp.max_connections_per_address < 0:
+        raise ConfigError("[ocpp] max_connections and max_connections_per_address must be 0 (no limit) or more")
     config.database.url = database_url(config.database.url)
     if config.database.pool_size < 1:
         raise ConfigError("[database] pool_size must be at least 1")

@@ -189,7 +189,8 @@ def csms_on_station_connected(station):
 
 @hookspec
 def csms_on_station_disconnected(station_id, reason):
-    """A station's connection closed (``reason`` is a short text; 'replaced' when a newer one took over)."""
+    """A station's connection closed; ``reason`` says who closed it and how (a close code, none (1005), the
+    TCP connection lost (1006)), or 'replaced' when a newer one took over."""
 
 
 @hookspec

@@ -1,26 +1,32 @@
 """The WebSocket side: Autobahn server protocol and factory, and station admission.
 
 Admission (OCPP-J 1.6 §3; OCPP 1.6 Security whitepaper, profile 1):
-* the path is ``<path_prefix><chargePointId>``; the id is the percent-decoded last segment;
+* at most ``[ocpp] max_connections`` open connections, and ``max_connections_per_address`` from one
+  remote address, counted from TCP accept (handshakes in progress count); one more is aborted at once;
+* the path is ``<path_prefix><chargePointId>``; the id is the percent-decoded (UTF-8) last segment and
+  must be a storable, printable id (see :func:`charge_point_id_problem`), else 400;
 * the client must offer the ``ocpp1.6`` subprotocol, which is echoed back (OCTT TC_088);
 * an unknown station is registered, registered as Pending, or refused, per ``[ocpp] unknown_stations``;
 * a station with a password must present it with HTTP Basic auth, username = its id (OCTT TC_085);
-* a second connection with the same id replaces the first.
+* a second connection with the same id replaces the first;
+* a connection that does not prove itself a working station within ``[ocpp] boot_timeout`` seconds is
+  closed with 1008 (see :meth:`OCPPServerProtocol._boot_answer_seen` for the rule).
 """
 from __future__ import annotations
 
-import base64
-import binascii
-from urllib.parse import unquote, urlsplit
+import inspect
 
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer, tcp, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from csms.admission import (ConnectionLimits, RefusedConnection, charge_point_id_from_path, charge_point_id_problem,
+                            parse_basic_auth, printable)
+from csms.fastpath import FastPathGuard, frame_header, unmask, write_now
 from csms.ocpp16 import utc_from_timestamp
 from csms.passwords import verify_password
 from csms.rpc import OCPPSession
@@ -34,61 +40,11 @@ _autobahn_protocol.pformat = lambda value: value
 
 SUBPROTOCOL = "ocpp1.6"
 CLOSE_REPLACED = 4000
+#: RFC 6455 §7.4.1: the endpoint received a message that violates its policy.
+CLOSE_POLICY_VIOLATION = 1008
+BOOT_TIMEOUT_REASON = "No BootNotification accepted in time"
 _OPEN = WebSocketProtocol.STATE_OPEN
 _TEXT_FIN, _BINARY_FIN = 0x81, 0x82
-
-
-def unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte mask (RFC 6455 §5.3), as one big-integer XOR in C."""
-    n = len(payload)
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-
-
-def frame_header(length: int, opcode_fin: int = _TEXT_FIN) -> bytes:
-    """The header of an unmasked server-to-client frame (RFC 6455 §5.2) carrying ``length`` bytes."""
-    if length < 126:
-        return bytes((opcode_fin, length))
-    if length < 65536:
-        return bytes((opcode_fin, 126)) + length.to_bytes(2, "big")
-    return bytes((opcode_fin, 127)) + length.to_bytes(8, "big")
-
-
-def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, but onto the socket at once when nothing is queued before it.
-
-    Twisted queues every write until the reactor's next turn, which costs two epoll changes and a
-    write event per reply. On a plain TCP connection with an empty buffer the kernel almost always
-    takes a whole OCPP reply, so try that first; whatever is left (or any socket error, which Twisted
-    then reports the usual way) goes through ``transport.write``.
-    """
-    if (type(transport) is tcp.Server and transport.connected and not transport.disconnecting
-            and not transport.dataBuffer and not transport._tempDataBuffer):
-        try:
-            sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-def parse_basic_auth(header: str | None):
-    """(username, password) from an ``Authorization: Basic ...`` header, or None."""
-    if not header:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    username, sep, password = decoded.partition(":")
-    return (username, password) if sep else None
 
 
 def _logged(result, what: str):
@@ -98,22 +54,40 @@ def _logged(result, what: str):
     return None
 
 
+def _code_and_reason(code, reason) -> str:
+    return f"code={code}" + (f" reason={printable(reason)}" if reason else "")
+
+
 class OCPPServerProtocol(WebSocketServerProtocol):
     """One station's WebSocket connection; OCPP-J messages go to its :class:`OCPPSession`."""
 
     station_id: str | None = None
     session: OCPPSession | None = None
+    #: The station's registration status when it was admitted.
+    registration_status: str | None = None
+    #: Whether this connection parses and frames simple messages itself (see :mod:`csms.fastpath`).
+    fast_path = False
+    replaced = False
+    _boot_deadline = None
+    _counted = False
+    _counted_address: str | None = None
 
     @defer.inlineCallbacks
     def onConnect(self, request):
         app = self.factory.app
         ocpp = app.config.ocpp
-        station_id = self.factory.station_id_from_path(request.path)
         peer = request.peer
+        try:
+            station_id = self.factory.station_id_from_path(request.path)
+            problem = None if station_id is None else charge_point_id_problem(
+                station_id, ocpp.max_charge_point_id_length)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            log.info("Refused a connection from {peer}: {problem}", peer=peer, problem=problem)
+            raise ConnectionDeny(400, problem)
         if station_id is None:
             raise ConnectionDeny(404, "Not an OCPP endpoint: connect to " + ocpp.path_prefix + "<chargePointId>")
-        if not station_id or len(station_id) > ocpp.max_charge_point_id_length:
-            raise ConnectionDeny(400, f"chargePointId must be 1 to {ocpp.max_charge_point_id_length} characters")
         if SUBPROTOCOL not in request.protocols:
             log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
                      station=station_id, peer=peer, offered=request.protocols)
@@ -125,7 +99,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             yield app.station_store.record_event(station_id, "refused", peer, "unknown station")
             log.info("Refused unknown station {station} from {peer}", station=station_id, peer=peer)
             raise ConnectionDeny(404, "Unknown charge point")
-        _, password_hash, registered = admission
+        registration_status, password_hash, registered = admission
         if registered:
             log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
         if password_hash is not None:
@@ -144,6 +118,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             yield app.station_store.record_event(station_id, "refused", peer, "no password set")
             raise ConnectionDeny(401, "Unauthorized: this station has no password")
         self.station_id = station_id
+        self.registration_status = registration_status
         return SUBPROTOCOL
 
     def connectionMade(self):
@@ -158,11 +133,28 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             except OSError:
                 pass  # not a TCP socket after all (or already gone)
 
+    def connectionLost(self, reason):
+        try:
+            super().connectionLost(reason)
+        finally:
+            if self._boot_deadline is not None and self._boot_deadline.active():
+                self._boot_deadline.cancel()
+            self._boot_deadline = None
+            if self._counted:
+                self._counted = False
+                self.factory.limits.release(self._counted_address)
+
     def onOpen(self):
         app = self.factory.app
+        ocpp = app.config.ocpp
         station_id = self.station_id
-        self.session = OCPPSession(station_id, app.dispatch, self._send_text, app.clock,
-                                   app.config.ocpp.response_timeout)
+        self.fast_path = self.factory.fast_path.allows(self)
+        dispatch = app.dispatch
+        if ocpp.boot_timeout > 0:
+            dispatch = self._dispatch_watching_boot
+            self._boot_deadline = app.clock.callLater(ocpp.boot_timeout, self._boot_deadline_passed)
+        self.session = OCPPSession(station_id, dispatch, self._send_text if self.fast_path else self._send_message,
+                                   app.clock, ocpp.response_timeout)
         self.session.app = app
         self.session.peer = self.peer
         self.session.protocol = self
@@ -189,6 +181,66 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         d.addBoth(_logged, "connected")
         d.addCallback(lambda _: app.fire("csms_on_station_connected", station=self.session))
 
+    # -- the boot deadline -----------------------------------------------------------------------
+
+    def _dispatch_watching_boot(self, session, action: str, payload: dict):
+        """``app.dispatch``, watching the answers while the boot deadline runs; one attribute test after."""
+        result = self.factory.app.dispatch(session, action, payload)
+        if self._boot_deadline is None:
+            return result
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._boot_answer_seen, action)
+        if inspect.isawaitable(result):
+            return defer.ensureDeferred(result).addCallback(self._boot_answer_seen, action)
+        return self._boot_answer_seen(result, action)
+
+    def _boot_answer_seen(self, answer, action: str):
+        """Stop or move the boot deadline on the answer to one of the station's calls; returns ``answer``.
+
+        The rule: a connection must show within ``boot_timeout`` seconds that a working station is on
+        it. A BootNotification answered Accepted does (OCPP 1.6 §4.2). So does any other call answered
+        with a CALLRESULT when the station's registration is Accepted: a station that reconnects
+        without rebooting does not boot again (§4.2 asks for a BootNotification at each boot, not at
+        each connection). A BootNotification answered Pending or Rejected restarts the deadline with
+        the ``interval`` the answer gave on top, since the station must boot again after it: a
+        station waiting for an operator keeps its connection as long as it keeps retrying.
+        """
+        if self._boot_deadline is None or not isinstance(answer, dict):
+            return answer
+        if action == "BootNotification":
+            status = answer.get("status")
+            if status == "Accepted":
+                self._stop_boot_deadline()
+            elif status in ("Pending", "Rejected"):
+                interval = answer.get("interval")
+                retry = interval if type(interval) is int and interval > 0 else 0
+                self._stop_boot_deadline()
+                self._boot_deadline = self.factory.app.clock.callLater(
+                    self.factory.app.config.ocpp.boot_timeout + retry, self._boot_deadline_passed)
+        elif self.registration_status == "Accepted":
+            self._stop_boot_deadline()
+        return answer
+
+    def _stop_boot_deadline(self) -> None:
+        if self._boot_deadline.active():
+            self._boot_deadline.cancel()
+        self._boot_deadline = None
+
+    def _boot_deadline_passed(self) -> None:
+        self._boot_deadline = None
+        if self.state != _OPEN:
+            return
+        log.info("Closing the connection of {station} from {peer}: no BootNotification accepted in time",
+                 station=self.station_id, peer=self.peer)
+        # 1008 is not one of the codes sendClose lets an application send; sendCloseFrame sends any.
+        self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=BOOT_TIMEOUT_REASON.encode(), isReply=False)
+
+    # -- outgoing messages -----------------------------------------------------------------------
+
+    def _send_message(self, data: bytes) -> None:
+        """Send one text message (UTF-8 bytes) through Autobahn."""
+        self.sendMessage(data, isBinary=False)
+
     def _send_text(self, data: bytes) -> None:
         """Send one text message (UTF-8 bytes): framed here in the steady state, else by Autobahn."""
         if self.state != _OPEN or self._perMessageCompress is not None or self.send_queue or self.autoFragmentSize:
@@ -203,8 +255,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     # everything after it, so the protocol's rules and error handling stay Autobahn's.
 
     def _dataReceived(self, data: bytes) -> None:
-        if (self.state == _OPEN and self.current_frame is None and not self.data and not self.inside_message
-                and self._perMessageCompress is None):
+        if (self.fast_path and self.state == _OPEN and self.current_frame is None and not self.data
+                and not self.inside_message and self._perMessageCompress is None):
             data = self._fast_frames(data)
             if not data:
                 return
@@ -268,17 +320,15 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         self._message_received(payload)
 
     def onClose(self, wasClean, code, reason):
-        if self.session is None:
+        if self.session is None or self.replaced:
             return
         app = self.factory.app
         station_id = self.station_id
-        if getattr(self, "replaced", False):
-            return
         self.session.connection_lost()
         if self.factory.connections.get(station_id) is self:
             del self.factory.connections[station_id]
             app.sessions.pop(station_id, None)
-        detail = f"code={code} reason={reason}" if code is not None else "connection lost"
+        detail = self.close_detail(wasClean, code, reason)
         log.info("{station} disconnected ({detail})", station=station_id, detail=detail)
         last_seen = utc_from_timestamp(self.session.last_seen)
         d = app.station_store.record_event(station_id, "disconnected", self.peer, detail,
@@ -286,6 +336,23 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         d.addCallback(lambda _: app.station_store.touch_last_seen(station_id, last_seen))
         d.addBoth(_logged, "disconnected")
         d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail))
+
+    def close_detail(self, was_clean: bool, code, reason) -> str:
+        """How the connection ended, for the connection event and ``csms_on_station_disconnected``.
+
+        Who closed it and how: the Central System (with the code it sent), the station with a close
+        code, the station with a close frame that has none (1005, RFC 6455 §7.1.5), or nobody: the
+        TCP connection was lost without a closing handshake (1006).
+        """
+        if getattr(self, "closedByMe", False):
+            sent = getattr(self, "localCloseReason", None)
+            return "closed by the Central System: " + _code_and_reason(
+                getattr(self, "localCloseCode", None), sent.decode("utf-8", "replace") if sent else None)
+        if not was_clean:
+            return f"connection lost (1006): {printable(reason or 'no closing handshake')}"
+        if code is None:
+            return "closed by the station without a status code (1005)"
+        return "closed by the station: " + _code_and_reason(code, reason)
 
 
 class OCPPServerFactory(WebSocketServerFactory):
@@ -314,13 +381,23 @@ class OCPPServerFactory(WebSocketServerFactory):
             # the connection while the close frame (and its code) is still queued. 5 s leaves 4.
             closeHandshakeTimeout=5,
         )
+        self.limits = ConnectionLimits(app.clock, ocpp.max_connections, ocpp.max_connections_per_address)
+        self.fast_path = FastPathGuard(self)
+
+    def buildProtocol(self, addr):
+        """A protocol for a connection just accepted, or a :class:`RefusedConnection` over the limits."""
+        address = getattr(addr, "host", None)
+        if not self.limits.admit(address):
+            return RefusedConnection()
+        protocol = super().buildProtocol(addr)
+        protocol._counted = True
+        protocol._counted_address = address
+        return protocol
+
+    def stopFactory(self):
+        self.limits.stop()
+        super().stopFactory()
 
     def station_id_from_path(self, path: str) -> str | None:
-        prefix = self.app.config.ocpp.path_prefix
-        path = urlsplit(path).path
-        if not path.startswith(prefix):
-            return None
-        rest = path[len(prefix):]
-        if "/" in rest.rstrip("/"):
-            rest = rest.rstrip("/").rsplit("/", 1)[1]
-        return unquote(rest.rstrip("/"))
+        """See :func:`charge_point_id_from_path` (ValueError for an id that is not UTF-8)."""
+        return charge_point_id_from_path(path, self.app.config.ocpp.path_prefix)

@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from csms.protocol import frame_header, unmask, write_now
+from csms.fastpath import frame_header, unmask, write_now
 
 WAIT = 5
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -315,6 +315,8 @@ def raw_connect(csms_factory):
         assert headers["sec-websocket-accept"] == expected_accept
         assert headers["sec-websocket-protocol"] == "ocpp1.6"
         server = running.service.ocpp_factory.connections[station_id]
+        # Else the fast path's guard turned it off, and these tests would be testing Autobahn's path.
+        assert server.fast_path, "the WebSocket fast path is off (see the warning logged at start-up)"
         return client, server
 
     yield connect
