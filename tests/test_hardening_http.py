@@ -189,3 +189,82 @@ async def test_every_route_answers_hostile_input_with_a_4xx_json_error_and_write
         assert await sweep(csms, [case for case in cases if not case[-1]]) == []
     assert failures.events == []
     assert (await csms.api("GET", f"/stations/{NAMED['station_id']}"))[0] == 200
+
+
+# -- the issue's reproductions, one by one ------------------------------------------------------------------
+
+RESERVE = {"connector_id": 1, "id_tag": NAMED["id_tag"]}
+REPRODUCTIONS = [
+    # (method, path, JSON body or raw bytes, expected status, expected error code)
+    ("GET", "/transactions?since=0001-01-01T00:00:00%2B01:00", None, 400, "invalid_query_parameter"),
+    ("GET", "/transactions?until=9999-12-31T23:59:59-01:00", None, 400, "invalid_query_parameter"),
+    ("GET", "/stations/CP-SWEEP/composite-schedule/preview?start=9999-12-31T23:59:59-01:00", None, 400,
+     "invalid_query_parameter"),
+    ("GET", "/stations/CP-SWEEP/composite-schedule/preview?start=9999-12-31T23:59:59Z", None, 400,
+     "invalid_query_parameter"),
+    ("POST", "/id-tags", {"id_tag": "T-1", "expiry_date": "0001-01-01T00:00:00+01:00"}, 422, "validation_failed"),
+    ("PATCH", "/id-tags/TAG-SWEEP", {"expiry_date": "9999-12-31T23:59:59-01:00"}, 422, "validation_failed"),
+    ("POST", "/stations/CP-SWEEP/reservations", {**RESERVE, "expiry_date": "9999-12-31T23:59:59-01:00"}, 422,
+     "invalid_expiry_date"),
+    ("POST", "/stations/CP-SWEEP/calls/ReserveNow", {"connectorId": 1, "idTag": "T", "reservationId": 1,
+                                                      "expiryDate": "0001-01-01T00:00:00+01:00"}, 422,
+     "invalid_ocpp_payload"),
+    ("GET", "/transactions/100000000000000000000000", None, 404, "transaction_not_found"),
+    ("GET", "/firmware-files/100000000000000000000000", None, 404, "firmware_file_not_found"),
+    ("GET", "/diagnostics-requests/100000000000000000000000", None, 404, "diagnostics_request_not_found"),
+    ("DELETE", "/stations/CP-SWEEP/charging-profiles/100000000000000000000000", None, 404,
+     "charging_profile_not_found"),
+    ("GET", "/transactions?offset=100000000000000000000000", None, 400, "invalid_query_parameter"),
+    ("GET", "/diagnostics-files?request_id=9223372036854775808", None, 400, "invalid_query_parameter"),
+    ("POST", "/stations/CP-SWEEP/firmware-update", {"firmware_id": 10**23}, 422, "validation_failed"),
+    ("POST", "/transactions/1/stop", {"meter_stop": 10**23}, 422, "validation_failed"),
+    ("POST", "/stations", DEEP_JSON, 400, "json_too_deep"),
+    ("POST", "/stations/CP-SWEEP/calls/DataTransfer", b'{"vendorId":' + DEEP_OBJECT + b"}", 400, "json_too_deep"),
+    ("POST", "/stations", b'{"id": "CP-\\ud800"}', 422, "validation_failed"),
+    ("POST", "/stations/CP-SWEEP/calls/DataTransfer", b'{"vendorId": "V", "data": "\\ud800"}', 422,
+     "validation_failed"),
+    ("POST", "/stations", b'{"id": "CP-\\u0000"}', 422, "validation_failed"),
+    ("POST", "/stations", b'{"id": "CP-1", "description": 1e400}', 400, "invalid_json"),
+    ("GET", "/stations/%00", None, 400, "invalid_path_parameter"),
+    ("GET", "/stations/CP%00SWEEP/events", None, 400, "invalid_path_parameter"),
+    ("GET", "/id-tags/%ED%A0%80", None, 400, "invalid_path_parameter"),
+    ("GET", "/transactions?station_id=%00", None, 400, "invalid_query_parameter"),
+    ("GET", "/reservations?station_id=CP%00", None, 400, "invalid_query_parameter"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,expected_status,expected_code", REPRODUCTIONS,
+                         ids=[f"{m} {p[:60]} {s}" for m, p, _, s, _ in REPRODUCTIONS])
+@pytest_twisted.ensureDeferred
+async def test_issue_12_operator_inputs_are_a_4xx_json_error(csms, method, path, body, expected_status,
+                                                             expected_code):
+    await sweep_state(csms)
+    before = await table_contents(csms)
+    raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    with LoggedFailures() as failures:
+        status, answer, _ = await csms.api(method, path, data=raw, headers={"Content-Type": "application/json"})
+    assert (status, error_of(answer)) == (expected_status, expected_code), answer
+    assert failures.events == []
+    assert await table_contents(csms) == before
+
+
+# -- a form-encoded body is a body --------------------------------------------------------------------------
+
+#: Bytes a form parser would split into "parameters": '=' and '&' among arbitrary binary.
+FORM_LOOKING_FIRMWARE = b"\x00\x01name=evil&\xff\xfe=\x80&limit=5&" + bytes(range(256)) * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_with_curls_default_form_content_type_stores_the_raw_body(csms):
+    import treq
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, body, _ = await csms.api("POST", "/firmware-files?name=fw.bin", data=FORM_LOOKING_FIRMWARE,
+                                     headers=form)
+    assert status == 201, body
+    assert body["size"] == len(FORM_LOOKING_FIRMWARE)
+    response = await within(treq.get(body["url"], reactor=reactor))
+    assert await within(treq.content(response)) == FORM_LOOKING_FIRMWARE
+    # A JSON body sent as curl sends `-d '{...}'` is read as JSON, not as a form field.
+    status, body, _ = await csms.api("POST", "/stations", data=b'{"id": "CP-FORM"}', headers=form)
+    assert (status, body["id"]) == (201, "CP-FORM")
