@@ -268,3 +268,306 @@ async def test_upload_with_curls_default_form_content_type_stores_the_raw_body(c
     # A JSON body sent as curl sends `-d '{...}'` is read as JSON, not as a form field.
     status, body, _ = await csms.api("POST", "/stations", data=b'{"id": "CP-FORM"}', headers=form)
     assert (status, body["id"]) == (201, "CP-FORM")
+
+
+# -- slow and piled-up clients on every HTTP listener ----------------------------------------------------------
+
+LISTENERS = ("api", "firmware")
+#: A request line each listener answers quickly once complete (a JSON 200 or 404).
+REQUEST_LINE = {"api": b"GET /api/v1/nowhere HTTP/1.1\r\n", "firmware": b"GET /firmware/none.bin HTTP/1.1\r\n"}
+#: Where a body goes on each listener (answered 4xx once complete: no credentials, or an unknown station).
+BODY_TARGET = {"api": b"POST /api/v1/stations HTTP/1.1\r\n", "firmware": b"PUT /diagnostics/none.log HTTP/1.1\r\n"}
+#: The config text setting one limit on a listener: [api] name = value, or [plugin:firmware] http_name = value.
+SECTION = {"api": ("[api]", ""), "firmware": ("[plugin:firmware]", "http_")}
+
+
+def limits_config(listener: str, **values) -> str:
+    section, prefix = SECTION[listener]
+    return section + "\n" + "".join(f"{prefix}{name} = {value}\n" for name, value in values.items())
+
+
+def listening_port(csms, listener: str):
+    if listener == "api":
+        return csms.service.ports["api"]
+    return csms.app.pm.get_plugin("firmware").servers.http_port
+
+
+class RawClient(protocol.Protocol):
+    """A TCP client that sends what the test says, when it says, and keeps everything it receives."""
+
+    def __init__(self):
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+async def raw_connection(csms, listener: str, source: str = "127.0.0.1") -> RawClient:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    port = listening_port(csms, listener).getHost().port
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return await within(connectProtocol(endpoint, RawClient()))
+
+
+async def until(condition, what: str):
+    """Let the reactor run until ``condition()`` holds (bytes sent by a test client reached the server)."""
+    from twisted.internet.task import deferLater
+
+    for _ in range(10000):
+        if condition():
+            return
+        await deferLater(reactor, 0.001, lambda: None)
+    raise TimeoutError(what)
+
+
+async def server_channel(csms, listener: str, client: RawClient):
+    """The server's HTTP channel for ``client``'s connection."""
+    factory = listening_port(csms, listener).factory
+    client_port = client.transport.getHost().port
+
+    def find():
+        return next((wrapper.wrappedProtocol for wrapper in factory.protocols
+                     if wrapper.getPeer().port == client_port), None)
+    await until(lambda: find() is not None, "the server accepted the connection")
+    return find()
+
+
+async def send(channel, client: RawClient, data: bytes) -> None:
+    """Send ``data`` and wait until the server has received it."""
+    expected = channel.request_bytes + len(data)
+    client.transport.write(data)
+    await until(lambda: channel.request_bytes >= expected, "the server received the bytes")
+
+
+def responses(received: bytes) -> list[tuple[int, dict]]:
+    """The complete responses in what a raw client received: (status, JSON body), in order."""
+    complete = []
+    while b"\r\n\r\n" in received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        if len(rest) < length:
+            break
+        complete.append((int(head.split(b" ")[1]), json.loads(rest[:length])))
+        received = rest[length:]
+    return complete
+
+
+def timed_out(received: bytes) -> bool:
+    """The last answer is a 408 with the JSON error body."""
+    status, body = responses(received)[-1]
+    return (status, body["error"]["code"]) == (408, "request_timeout")
+
+
+async def answered_normally(csms, listener: str) -> bool:
+    """A well-behaved request on a new connection gets its answer."""
+    if listener == "api":
+        return (await csms.api("GET", "/stations"))[0] == 200
+    import treq
+
+    url = f"http://127.0.0.1:{listening_port(csms, listener).getHost().port}/firmware/none.bin"
+    response = await within(treq.get(url, reactor=reactor, persistent=False))
+    await within(treq.content(response))
+    return response.code == 404
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_deadline(csms_factory, listener):
+    csms = await csms_factory(config_text=limits_config(listener, request_header_timeout=20))
+    client = await raw_connection(csms, listener)
+    channel = await server_channel(csms, listener, client)
+    await send(channel, client, REQUEST_LINE[listener])
+    for header in (b"X-Slow: 1\r\n", b"X-Slow: 2\r\n", b"X-Slow: 3\r\n"):
+        csms.clock.advance(5)  # a byte every 5 s restarted the old idle timeout for ever
+        await send(channel, client, header)
+        assert not client.closed.called
+    csms.clock.advance(4.9)
+    assert not client.closed.called
+    csms.clock.advance(0.1)
+    assert timed_out(await within(client.closed))
+    assert await answered_normally(csms, listener)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_sends_nothing_is_closed_at_the_header_deadline_without_an_answer(
+        csms_factory, listener):
+    csms = await csms_factory(config_text=limits_config(listener, request_header_timeout=20))
+    client = await raw_connection(csms, listener)
+    await server_channel(csms, listener, client)
+    csms.clock.advance(19.9)
+    assert not client.closed.called
+    csms.clock.advance(0.1)
+    assert await within(client.closed) == b""
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_gets_a_new_header_deadline_from_its_next_request(csms_factory, listener):
+    csms = await csms_factory(config_text=limits_config(listener, request_header_timeout=20))
+    client = await raw_connection(csms, listener)
+    channel = await server_channel(csms, listener, client)
+    client.transport.write(REQUEST_LINE[listener] + b"Host: x\r\n\r\n")
+    await until(lambda: responses(client.received), "the first answer")
+    csms.clock.advance(60)  # idle between requests: not this deadline's business (nor a race with reuse)
+    assert not client.closed.called
+    await send(channel, client, REQUEST_LINE[listener])
+    csms.clock.advance(19.9)
+    assert not client.closed.called
+    csms.clock.advance(0.1)
+    assert [status for status, _ in responses(await within(client.closed))] == [404, 408]
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_a_body_slower_than_the_minimum_rate_is_cut_off_and_a_fair_one_finishes(csms_factory, listener):
+    csms = await csms_factory(config_text=limits_config(listener, request_body_timeout=20,
+                                                        request_body_min_rate=500))
+    head = BODY_TARGET[listener] + b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 20001\r\n\r\n"
+
+    # A trickle: 100 bytes now, 100 more after 19 s; 20 s + 200 B / 500 B/s = 20.4 s is all it gets.
+    slow = await raw_connection(csms, listener)
+    channel = await server_channel(csms, listener, slow)
+    await send(channel, slow, head + b" " * 100)
+    csms.clock.advance(19)
+    await send(channel, slow, b" " * 100)
+    csms.clock.advance(1.3)
+    assert not slow.closed.called
+    csms.clock.advance(0.2)
+    assert timed_out(await within(slow.closed))
+
+    # 1,000 bytes/s for 20 s, past the 20 s a total limit would allow: it finishes and gets its answer.
+    fair = await raw_connection(csms, listener)
+    channel = await server_channel(csms, listener, fair)
+    await send(channel, fair, head)
+    for _ in range(20):
+        await send(channel, fair, b" " * 1000)
+        csms.clock.advance(1)
+    assert not fair.closed.called
+    fair.transport.write(b"x")  # not JSON, no credentials: a 4xx, but an answer
+    await until(lambda: responses(fair.received), "the answer")
+    assert responses(fair.received)[0][0] in (400, 401), fair.received
+
+
+async def held_connections(csms, listener: str, count: int, source: str = "127.0.0.1") -> list[RawClient]:
+    """``count`` connections the server has accepted (and that send nothing)."""
+    clients = []
+    for _ in range(count):
+        client = await raw_connection(csms, listener, source)
+        await server_channel(csms, listener, client)
+        clients.append(client)
+    return clients
+
+
+async def refused(csms, listener: str, source: str = "127.0.0.1") -> bool:
+    """A new connection from ``source`` is closed at once, before anything is said (else it is accepted)."""
+    client = await raw_connection(csms, listener, source)
+    factory = listening_port(csms, listener).factory
+    client_port = client.transport.getHost().port
+    await until(lambda: client.closed.called or any(wrapper.getPeer().port == client_port
+                                                    for wrapper in factory.protocols), "refused or accepted")
+    if not client.closed.called:
+        client.transport.loseConnection()
+        return False
+    return await client.closed == b""
+
+
+class RefusalLog:
+    """The lines the listeners log about refused connections."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        if event.get("log_namespace") == "csms.http" and "refused" in event.get("log_format", ""):
+            self.events.append(event)
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_per_address_cap_are_closed_at_once_until_others_close(
+        csms_factory, listener):
+    from twisted.web._newclient import ResponseNeverReceived
+
+    csms = await csms_factory(config_text=limits_config(listener, max_connections_per_address=3))
+    held = await held_connections(csms, listener, 3)
+    assert await refused(csms, listener)
+    if listener == "api":
+        with pytest.raises(ResponseNeverReceived):
+            await csms.api("GET", "/stations")
+    # Another address is still served.
+    assert not await refused(csms, listener, "127.0.0.2")
+
+    factory = listening_port(csms, listener).factory
+    open_before = factory.open_connections()
+    held[0].transport.loseConnection()
+    await until(lambda: factory.open_connections() < open_before, "the server saw the close")
+    assert await answered_normally(csms, listener)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_listener_cap_are_closed_at_once_and_logged_once_a_minute(
+        csms_factory, listener):
+    csms = await csms_factory(config_text=limits_config(listener, max_connections=4, max_connections_per_address=2,
+                                                        request_header_timeout=600))
+    await held_connections(csms, listener, 2, "127.0.0.1")
+    await held_connections(csms, listener, 2, "127.0.0.2")
+    with RefusalLog() as log:
+        for source in ("127.0.0.3", "127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            assert await refused(csms, listener, source)
+        assert [event["count"] for event in log.events] == [1]
+        csms.clock.advance(60)
+        assert await refused(csms, listener, "127.0.0.6")
+        assert [event["count"] for event in log.events] == [1, 5]
+        assert log.events[-1]["address"] == "127.0.0.6"
+
+
+# -- the limits' settings ---------------------------------------------------------------------------------------
+
+
+def test_the_shipped_config_shows_every_listener_limit_at_its_default():
+    import os
+    from dataclasses import fields
+
+    from csms.config import load_config
+    from csms.httplimits import HTTPLimits
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "etc", "csms.ini"))
+    defaults = HTTPLimits()
+    firmware = config.plugin_settings["firmware"]
+    for field in fields(HTTPLimits):
+        assert getattr(config.api, field.name) == getattr(defaults, field.name)
+        assert float(firmware["http_" + field.name]) == getattr(defaults, field.name)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize("setting, value, message", [
+    ("request_header_timeout", 0, "request_header_timeout must be positive"),
+    ("request_body_timeout", -1, "request_body_timeout must be positive"),
+    ("request_body_min_rate", -1, "request_body_min_rate cannot be negative"),
+    ("max_connections", -1, "max_connections cannot be negative"),
+    ("max_connections_per_address", "many", "max_connections_per_address = 'many' is not a valid int"),
+])
+@pytest_twisted.ensureDeferred
+async def test_unusable_listener_limits_are_refused_naming_the_setting(csms_factory, listener, setting, value,
+                                                                      message):
+    from csms.config import ConfigError
+
+    section, prefix = SECTION[listener]
+    with pytest.raises(ConfigError) as raised:
+        await csms_factory(config_text=limits_config(listener, **{setting: value}))
+    assert f"{section} {prefix}{message}" in str(raised.value)

@@ -13,6 +13,7 @@ from csms.api import inputs
 from csms.api.errors import ApiError, bad_request, not_found, unprocessable
 from csms.api.tokens import matches_any, token_known_thd
 from csms.app import as_deferred
+from csms.httplimits import HTTPLimits, LimitedSite
 from csms.ocpp16 import format_datetime
 
 log = Logger(namespace="csms.api")
@@ -247,12 +248,12 @@ class RootResource(resource.Resource):
         return self.api.render(request)
 
 
-class ApiSite(server.Site):
+class ApiSite(LimitedSite):
     requestFactory = LimitedRequest
     noisy = False
 
-    def __init__(self, api_resource, max_body_size: int):
-        super().__init__(RootResource(api_resource))
+    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock):
+        super().__init__(RootResource(api_resource), limits, clock)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 

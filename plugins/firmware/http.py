@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server, static
 
 from csms.api.resource import LimitedRequest
+from csms.httplimits import HTTPLimits, LimitedSite
 
 from .files import firmware_name
 from .uploads import BAD_UPLOAD, TOO_LARGE, UploadRefused, split_path_token
@@ -164,15 +165,15 @@ class UploadRequest(LimitedRequest):
         super().__init__(*args, **kwargs)
 
 
-class FileServerSite(server.Site):
+class FileServerSite(LimitedSite):
     requestFactory = UploadRequest
     noisy = False
 
-    def __init__(self, firmware_dir: str, uploads):
+    def __init__(self, firmware_dir: str, uploads, limits: HTTPLimits, clock):
         root = _Root()
         root.putChild(b"firmware", FirmwareFiles(firmware_dir))
         root.putChild(b"diagnostics", DiagnosticsUpload(uploads))
-        super().__init__(root)
+        super().__init__(root, limits, clock)
         self.max_body_size = uploads.max_size + MULTIPART_OVERHEAD
         self.displayTracebacks = False
 

@@ -51,14 +51,17 @@ class FileServers(service.Service):
         d.addCallbacks(self.ready.callback, self._failed)
 
     async def _listen(self):
+        from csms.httplimits import limited_listener
+
         from .ftp import UploadFTPFactory
         from .http import FileServerSite
 
         plugin = self.plugin
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
-            site = FileServerSite(plugin.firmware_dir, plugin.uploads)
-            self.http_port = await serverFromString(reactor, plugin.http_endpoint).listen(site)
+            site = FileServerSite(plugin.firmware_dir, plugin.uploads, plugin.http_limits, plugin.app.clock)
+            factory = limited_listener(site, "Firmware file server")
+            self.http_port = await serverFromString(reactor, plugin.http_endpoint).listen(factory)
             log.info("Firmware/diagnostics file server listening on {where}", where=self.http_port.getHost())
         if plugin.ftp_endpoint:
             factory = UploadFTPFactory(plugin.uploads, passive_ports=plugin.ftp_passive_ports)
@@ -116,6 +119,13 @@ class FirmwarePlugin:
         self.upload_protocol = settings.get("diagnostics_protocol", "ftp").strip().lower()
         self.upload_expiry = settings.getint("upload_expiry", 86400)
         self.history_limit = settings.getint("history_limit", 100)
+        # The file server's slow-client limits: [plugin:firmware] http_ + the [api] setting's name.
+        from csms.httplimits import HTTPLimits
+
+        def http_limit(name, default):
+            read = settings.getfloat if isinstance(default, float) else settings.getint
+            return read("http_" + name, default)
+        self.http_limits = HTTPLimits.read(http_limit).check("plugin:firmware", "http_")
         from .ftp import parse_port_range
         try:
             self.ftp_passive_ports = parse_port_range(settings.get("ftp_passive_ports", ""))
