@@ -314,15 +314,16 @@ async def raw_connection(csms, listener: str, source: str = "127.0.0.1") -> RawC
     return await within(connectProtocol(endpoint, RawClient()))
 
 
-async def until(condition, what: str):
-    """Let the reactor run until ``condition()`` holds (bytes sent by a test client reached the server)."""
+async def until(condition, what: str, seconds: float = 10):
+    """Let the reactor turn until ``condition()`` holds: bytes a test client wrote reached the server (no
+    event tells that), or the server saw a close."""
     from twisted.internet.task import deferLater
 
-    for _ in range(10000):
-        if condition():
-            return
-        await deferLater(reactor, 0.001, lambda: None)
-    raise TimeoutError(what)
+    give_up_at = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() > give_up_at:
+            raise TimeoutError(what)
+        await deferLater(reactor, 0, lambda: None)
 
 
 async def server_channel(csms, listener: str, client: RawClient):
