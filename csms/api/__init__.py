@@ -5,9 +5,9 @@ document; each plugin adds its own routes through ``csms_api_routes(app, router)
 """
 from csms.api.errors import ApiError
 from csms.api.resource import ApiRequest, ApiResource, ApiSite, Response, paginated
-from csms.api.router import PAGINATION, Query, Router
+from csms.api.router import PAGINATION, Path, Query, Router
 
-__all__ = ["ApiError", "ApiRequest", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
+__all__ = ["ApiError", "ApiRequest", "Path", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
 
 
 def make_router(app) -> Router:

@@ -84,7 +84,7 @@ def _explain(exc: inputs.Invalid) -> str:
 
 
 def _parse_query(route, request) -> dict:
-    """Declared query parameters from the URL (never from a form-encoded body: see ApiRequestFactory)."""
+    """Declared query parameters from the URL (never from a form-encoded body: see LimitedRequest)."""
     declared = {q.name: q for q in route.query}
     out = {}
     for raw_name, values in request.args.items():
