@@ -62,6 +62,12 @@ class APIConfig:
     tokens: list[str] = field(default_factory=list)
     max_body_size: int = 1048576
     public_url: str = ""
+    # Slow and piled-up clients (csms.httplimits): deadlines in seconds, rate in bytes/s, caps in connections.
+    request_header_timeout: float = 20.0
+    request_body_timeout: float = 20.0
+    request_body_min_rate: int = 500
+    max_connections: int = 256
+    max_connections_per_address: int = 32
 
 
 @dataclass
@@ -299,6 +305,8 @@ def validate(config: Config) -> None:
     if config.ocpp.max_connections < 0 or config.ocpp.max_connections_per_address < 0:
         raise ConfigError("[ocpp] max_connections and max_connections_per_address must be 0 (no limit) or more")
     config.database.url = database_url(config.database.url)
+    from csms.httplimits import HTTPLimits
+    HTTPLimits.read(lambda name, default: getattr(config.api, name)).check("api")
     if config.database.pool_size < 1:
         raise ConfigError("[database] pool_size must be at least 1")
     # Interpolated into a PRAGMA statement: only the four values SQLite knows.

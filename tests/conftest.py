@@ -9,6 +9,13 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
 
+def error_of(body) -> str:
+    """The code of the operator API's JSON error body, checking its shape on the way."""
+    assert set(body) == {"error"}, body
+    assert {"status", "code", "message"} <= set(body["error"]), body
+    return body["error"]["code"]
+
+
 class PythonOperator:
     """Drives CSMS-initiated calls through the Python API (``CentralSystem.call``)."""
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import pytest_twisted
-from conftest import EventProbe, db_settled, table_contents
+from conftest import EventProbe, db_settled, error_of, table_contents
 from twisted.internet import defer, reactor, threads
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -15,12 +15,6 @@ from zope.interface import implementer
 from csms.testing.station import StationRefused
 
 WAIT = 10
-
-
-def error_of(body) -> str:
-    assert set(body) == {"error"}, body
-    assert {"status", "code", "message"} <= set(body["error"]), body
-    return body["error"]["code"]
 
 
 async def refused_status(csms, station_id: str, password: str | None) -> int | None:

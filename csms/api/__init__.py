@@ -5,9 +5,9 @@ document; each plugin adds its own routes through ``csms_api_routes(app, router)
 """
 from csms.api.errors import ApiError
 from csms.api.resource import ApiRequest, ApiResource, ApiSite, Response, paginated
-from csms.api.router import PAGINATION, Query, Router
+from csms.api.router import PAGINATION, Path, Query, Router
 
-__all__ = ["ApiError", "ApiRequest", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
+__all__ = ["ApiError", "ApiRequest", "Path", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
 
 
 def make_router(app) -> Router:
@@ -22,7 +22,12 @@ def make_router(app) -> Router:
     return router
 
 
-def make_site(app) -> ApiSite:
+def make_site(app):
+    """The factory the API listens with: its site behind the [api] connection caps and request deadlines."""
+    from csms.httplimits import HTTPLimits, limited_listener
+
     router = make_router(app)
     app.api_router = router
-    return ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size))
+    limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
+    site = ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size), limits, app.clock)
+    return limited_listener(site, "Operator API")

@@ -5,13 +5,19 @@ import csms
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _STANDARD_ERRORS = {
-    "400": "Malformed request (invalid JSON, unknown query parameter)",
+    "400": "Malformed request (invalid JSON, nested too deep, unknown or invalid query or path parameter)",
     "401": "Missing or wrong bearer token",
     "413": "Request body too large",
     "422": "Request body does not validate",
 }
 _KIND = {"string": {"type": "string"}, "integer": {"type": "integer"}, "boolean": {"type": "boolean"},
          "date-time": {"type": "string", "format": "date-time"}}
+
+
+def _schema(param) -> dict:
+    return {**_KIND[param.kind], **({"enum": list(param.enum)} if param.enum else {}),
+            **({"minimum": param.minimum} if param.minimum is not None else {}),
+            **({"maximum": param.maximum} if param.maximum is not None else {})}
 
 
 def build_openapi(router) -> dict:
@@ -22,12 +28,9 @@ def build_openapi(router) -> dict:
             "summary": route.summary,
             "tags": list(route.tags),
             "parameters": [
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.params
+                {"name": p.name, "in": "path", "required": True, "schema": _schema(p)} for p in route.path_params
             ] + [
-                {"name": q.name, "in": "query", "required": False, "description": q.description,
-                 "schema": {**_KIND[q.kind], **({"enum": list(q.enum)} if q.enum else {}),
-                            **({"minimum": q.minimum} if q.minimum is not None else {}),
-                            **({"maximum": q.maximum} if q.maximum is not None else {})}}
+                {"name": q.name, "in": "query", "required": False, "description": q.description, "schema": _schema(q)}
                 for q in route.query
             ],
             "responses": {},

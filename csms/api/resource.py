@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime
+from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from csms.api.errors import ApiError, bad_request, unprocessable
+from csms.api import inputs
+from csms.api.errors import ApiError, bad_request, not_found, unprocessable
 from csms.api.tokens import matches_any, token_known_thd
 from csms.app import as_deferred
-from csms.ocpp16 import format_datetime, parse_datetime
+from csms.httplimits import HTTPLimits, LimitedSite
+from csms.ocpp16 import format_datetime
 
 log = Logger(namespace="csms.api")
 
@@ -61,7 +64,27 @@ def paginated(items: list, total: int, limit: int, offset: int) -> dict:
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
+def _parse_path(route, raw_params: dict) -> dict:
+    out = {}
+    for spec in route.path_params:
+        raw = raw_params[spec.name]
+        try:
+            out[spec.name] = inputs.convert(spec, inputs.to_text(raw))
+        except inputs.Invalid as exc:
+            if spec.resource and spec.kind == "integer":
+                raise not_found(spec.resource, unquote(raw)) from None
+            raise bad_request(f"Path parameter {spec.name}={unquote(raw)!r} {_explain(exc)}",
+                              "invalid_path_parameter") from None
+    return out
+
+
+def _explain(exc: inputs.Invalid) -> str:
+    text = str(exc)
+    return text if text.startswith(("is ", "contains ")) else f"must be {text}"
+
+
 def _parse_query(route, request) -> dict:
+    """Declared query parameters from the URL (never from a form-encoded body: see LimitedRequest)."""
     declared = {q.name: q for q in route.query}
     out = {}
     for raw_name, values in request.args.items():
@@ -70,29 +93,12 @@ def _parse_query(route, request) -> dict:
         if spec is None:
             raise bad_request(f"Unknown query parameter {name!r}", "unknown_query_parameter",
                               allowed=sorted(declared))
-        raw = values[-1].decode("utf-8", "replace")
         try:
-            if spec.kind == "integer":
-                value = int(raw)
-                if (spec.minimum is not None and value < spec.minimum) or \
-                        (spec.maximum is not None and value > spec.maximum):
-                    raise ValueError
-            elif spec.kind == "boolean":
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                value = raw.lower() in ("true", "1")
-            elif spec.kind == "date-time":
-                value = parse_datetime(raw)
-            else:
-                value = raw
-            if spec.enum is not None and value not in spec.enum:
-                raise ValueError
-        except ValueError:
-            expected = f"one of {', '.join(map(str, spec.enum))}" if spec.enum else f"a valid {spec.kind}"
-            if spec.minimum is not None or spec.maximum is not None:
-                expected += f" in [{spec.minimum}, {spec.maximum}]"
-            raise bad_request(f"Query parameter {name}={raw!r} must be {expected}", "invalid_query_parameter")
-        out[name] = value
+            out[name] = inputs.convert(spec, inputs.to_text(values[-1]))
+        except inputs.Invalid as exc:
+            shown = values[-1].decode("utf-8", "replace")
+            raise bad_request(f"Query parameter {name}={shown!r} {_explain(exc)}", "invalid_query_parameter") \
+                from None
     return out
 
 
@@ -109,10 +115,7 @@ def _parse_body(route, request):
         if route.body_required:
             raise bad_request("A JSON request body is required", "missing_body")
         content = b"{}"
-    try:
-        body = json.loads(content)
-    except ValueError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}", "invalid_json")
+    body = inputs.parse_json(content)
     try:
         route.validator(body)
     except Exception as exc:  # fastjsonschema.JsonSchemaValueException
@@ -144,7 +147,7 @@ class ApiResource(resource.Resource):
             if not path.startswith(API_PREFIX):
                 raise ApiError(404, "route_not_found", "The operator API lives under /api/v1")
             path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
-            route, params = self.router.match(request.method.decode("ascii", "replace"), path)
+            route, raw_params = self.router.match(request.method.decode("ascii", "replace"), path)
             if route.auth:
                 await self._authenticate(request)
             if getattr(request, "body_too_large", False) or \
@@ -152,6 +155,7 @@ class ApiResource(resource.Resource):
                 limit = route.max_body or self.app.config.api.max_body_size
                 raise ApiError(413, "body_too_large", f"The request body is larger than {limit} bytes",
                                {"limit": limit})
+            params = _parse_path(route, raw_params)
             query = _parse_query(route, request)
             body = _parse_body(route, request)
             result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body)))
@@ -201,10 +205,19 @@ class ApiResource(resource.Resource):
 
 
 class LimitedRequest(server.Request):
-    """A request that stops storing its body past the site's largest allowed size (413 follows)."""
+    """A request that stops storing its body past the site's largest allowed size (413 follows).
+
+    Its body is never parsed as a form: Twisted would merge an ``application/x-www-form-urlencoded`` body
+    (curl's default Content-Type for ``--data-binary``) into ``request.args``, so the bytes of an upload
+    or of a JSON body would read as query parameters. Query parameters come from the URL only.
+    """
 
     body_too_large = False
     received_body_size = 0
+
+    def __init__(self, *args, **kwargs):
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
     def gotLength(self, length):
         limit = self.channel.site.max_body_size
@@ -235,12 +248,12 @@ class RootResource(resource.Resource):
         return self.api.render(request)
 
 
-class ApiSite(server.Site):
+class ApiSite(LimitedSite):
     requestFactory = LimitedRequest
     noisy = False
 
-    def __init__(self, api_resource, max_body_size: int):
-        super().__init__(RootResource(api_resource))
+    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock):
+        super().__init__(RootResource(api_resource), limits, clock)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 

@@ -2,23 +2,28 @@
 
 Plugins add routes with ``csms_api_routes(app, router)``; each route declares its path parameters,
 query parameters and JSON body schema, so that validation and documentation cannot drift apart.
+Every value is converted and checked in one place (:mod:`csms.api.inputs`) before a handler runs.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import fastjsonschema
 
+from csms.api import inputs
 from csms.api.errors import ApiError
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 
 
 @dataclass
-class Query:
-    """A query parameter: ``kind`` is one of string, integer, boolean, date-time."""
+class Param:
+    """A path or query parameter: ``kind`` is one of string, integer, boolean, date-time.
+
+    An integer without bounds still has to fit a 64-bit column. A path parameter naming a ``resource``
+    ("transaction") answers 404 ``<resource>_not_found`` for a value that cannot name one.
+    """
 
     name: str
     kind: str = "string"
@@ -26,6 +31,10 @@ class Query:
     enum: tuple | None = None
     minimum: int | None = None
     maximum: int | None = None
+    resource: str = ""
+
+
+Query = Path = Param
 
 
 PAGINATION = (
@@ -53,12 +62,21 @@ class Route:
     body_required: bool = True
     auth: bool = True
     operation_id: str = ""
+    #: Path parameters that are not plain strings (ids): ``Path("transaction_id", "integer", ...)``.
+    path: tuple = ()
 
     def __post_init__(self):
         self.params = _PARAM.findall(self.template)
+        declared = {p.name: p for p in self.path}
+        unknown = set(declared) - set(self.params)
+        if unknown:
+            raise ValueError(f"route {self.template} declares path parameters it does not have: {sorted(unknown)}")
+        #: Every path parameter's spec, in template order (undeclared ones are strings).
+        self.path_params = tuple(declared.get(name) or Param(name) for name in self.params)
         pattern = _PARAM.sub(r"(?P<\1>[^/]+)", re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
         self.regex = re.compile("^" + pattern + "$")
-        self.validator = fastjsonschema.compile(self.body) if self.body is not None else None
+        self.validator = fastjsonschema.compile(self.body, formats={"date-time": inputs.is_datetime}) \
+            if self.body is not None else None
         if not self.operation_id:
             self.operation_id = getattr(self.handler, "__name__", "op").strip("_")
 
@@ -80,14 +98,14 @@ class Router:
         return route
 
     def match(self, method: str, path: str):
-        """(route, path params) for a request, or raise ApiError 404 / 405."""
+        """(route, raw path params, still percent-encoded) for a request, or raise ApiError 404 / 405."""
         allowed = []
         for route in self.routes:
             found = route.regex.match(path)
             if found is None:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, {k: unquote(v) for k, v in found.groupdict().items()}
+                return route, found.groupdict()
             allowed.append(route.method)
         if allowed:
             raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}",

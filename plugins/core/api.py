@@ -7,8 +7,9 @@ sensible defaults, and answer with the station's response payload as it sent it 
 from __future__ import annotations
 
 from csms.api.errors import conflict, not_found, unprocessable
+from csms.api.inputs import INT32_MAX
 from csms.api.resource import Response, paginated
-from csms.api.router import PAGINATION, Query
+from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
 from csms.ocpp16 import parse_datetime
 
@@ -39,6 +40,8 @@ OPERATOR_STOP = {
 }
 
 CONNECTOR = {"type": "integer", "minimum": 1}
+#: Transaction ids are OCPP integers (32-bit): anything else cannot name one.
+TRANSACTION_ID = Path("transaction_id", "integer", minimum=0, maximum=INT32_MAX, resource="transaction")
 
 
 def _object(properties: dict, required: tuple = ()) -> dict:
@@ -164,13 +167,6 @@ def add_routes(plugin, app, router):
 
     # -- transactions --------------------------------------------------------------------------
 
-    def transaction_id_param(request) -> int:
-        raw = request.params["transaction_id"]
-        # Transaction ids are OCPP integers (32-bit): anything else cannot name one.
-        if not raw.isdigit() or int(raw) > 2**31 - 1:
-            raise not_found("transaction", raw)
-        return int(raw)
-
     async def list_transactions(request):
         limit, offset = request.page()
         q = request.query
@@ -180,14 +176,14 @@ def add_routes(plugin, app, router):
         return paginated(items, total, limit, offset)
 
     async def get_transaction(request):
-        transaction_id = transaction_id_param(request)
+        transaction_id = request.params["transaction_id"]
         transaction = await store.transaction_with_meter_values(transaction_id)
         if transaction is None:
             raise not_found("transaction", transaction_id)
         return transaction
 
     async def stop_transaction(request):
-        transaction_id = transaction_id_param(request)
+        transaction_id = request.params["transaction_id"]
         body = request.body
         transaction, stopped = await plugin.stop_transaction_by_operator(
             transaction_id, reason=body.get("reason", "Other"), meter_stop=body.get("meter_stop"),
@@ -207,10 +203,10 @@ def add_routes(plugin, app, router):
                                    Query("since", "date-time", "Started at or after"),
                                    Query("until", "date-time", "Started before")))
     router.add("GET", "/transactions/{transaction_id}", get_transaction, "One transaction with all its meter "
-               "values", tags=tags, responses={"200": "OK", "404": "Unknown transaction"})
+               "values", tags=tags, path=(TRANSACTION_ID,), responses={"200": "OK", "404": "Unknown transaction"})
     router.add("POST", "/transactions/{transaction_id}/stop", stop_transaction,
                "Close a transaction the station will never stop (stuck); nothing is sent to the station",
-               tags=tags, body=OPERATOR_STOP, body_required=False,
+               tags=tags, path=(TRANSACTION_ID,), body=OPERATOR_STOP, body_required=False,
                description="Recorded with stopped_by=operator and fires csms_on_transaction_stopped. "
                            "To ask a connected station to stop charging, use /stations/{station_id}/remote-stop.",
                responses={"200": "The stopped transaction", "404": "Unknown transaction",

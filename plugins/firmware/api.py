@@ -8,7 +8,7 @@ from twisted.internet import threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
-from csms.api.router import PAGINATION, Query
+from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
 from csms.ocpp16 import format_datetime
 
@@ -23,6 +23,9 @@ URL_SCHEMES = ("http", "https", "ftp", "ftps", "sftp")
 
 _DATE_TIME = {"type": "string", "format": "date-time"}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2147483647}
+FIRMWARE_FILE_ID = Path("file_id", "integer", resource="firmware file")
+DIAGNOSTICS_FILE_ID = Path("file_id", "integer", resource="diagnostics file")
+DIAGNOSTICS_REQUEST_ID = Path("request_id", "integer", resource="diagnostics request")
 
 FIRMWARE_UPDATE = {
     "type": "object", "additionalProperties": False,
@@ -114,13 +117,13 @@ def add_routes(plugin, app, router):
         return paginated([file_view(r) for r in rows], total, limit, offset)
 
     async def get_firmware(request):
-        row = await store.get_firmware_file(file_id=_int(request.params["file_id"], "firmware file"))
+        row = await store.get_firmware_file(file_id=request.params["file_id"])
         if row is None:
             raise not_found("firmware file", request.params["file_id"])
         return file_view(row)
 
     async def delete_firmware(request):
-        file_id = _int(request.params["file_id"], "firmware file")
+        file_id = request.params["file_id"]
         removed = await store.delete_firmware_file(
             file_id, lambda name: discard(inside(plugin.firmware_dir, name)))
         if not removed:
@@ -214,7 +217,7 @@ def add_routes(plugin, app, router):
         return dict(await store.station_diagnostics(station_id, plugin.history_limit), station_id=station_id)
 
     async def diagnostics_request(request):
-        row = await store.get_diagnostics_request(_int(request.params["request_id"], "diagnostics request"))
+        row = await store.get_diagnostics_request(request.params["request_id"])
         if row is None:
             raise not_found("diagnostics request", request.params["request_id"])
         return row
@@ -226,7 +229,7 @@ def add_routes(plugin, app, router):
         return paginated(rows, total, limit, offset)
 
     async def diagnostics_file_content(request):
-        row = await store.get_diagnostics_file(_int(request.params["file_id"], "diagnostics file"))
+        row = await store.get_diagnostics_file(request.params["file_id"])
         if row is None:
             raise not_found("diagnostics file", request.params["file_id"])
         try:
@@ -251,9 +254,9 @@ def add_routes(plugin, app, router):
                           "422": "Invalid or empty file"})
     router.add("GET", "/firmware-files", list_firmware, "List hosted firmware files", tags=tags, query=PAGINATION)
     router.add("GET", "/firmware-files/{file_id}", get_firmware, "One hosted firmware file", tags=tags,
-               responses={"200": "OK", "404": "Unknown file"})
+               path=(FIRMWARE_FILE_ID,), responses={"200": "OK", "404": "Unknown file"})
     router.add("DELETE", "/firmware-files/{file_id}", delete_firmware, "Delete a hosted firmware file", tags=tags,
-               responses={"204": "Deleted", "404": "Unknown file"})
+               path=(FIRMWARE_FILE_ID,), responses={"204": "Deleted", "404": "Unknown file"})
     router.add("POST", "/stations/{station_id}/firmware-update", update_firmware,
                "Send UpdateFirmware with a hosted firmware file or any URL", tags=("commands",) + tags,
                body=FIRMWARE_UPDATE,
@@ -281,21 +284,13 @@ def add_routes(plugin, app, router):
                "The station's diagnostics status, its requests with uploaded files, and its notifications",
                tags=tags, responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/diagnostics-requests/{request_id}", diagnostics_request,
-               "One diagnostics request with its uploaded files", tags=tags,
+               "One diagnostics request with its uploaded files", tags=tags, path=(DIAGNOSTICS_REQUEST_ID,),
                responses={"200": "OK", "404": "Unknown request"})
     router.add("GET", "/diagnostics-files", list_diagnostics_files, "Uploaded diagnostics files", tags=tags,
                query=PAGINATION + (Query("station_id"), Query("request_id", "integer", minimum=1)))
     router.add("GET", "/diagnostics-files/{file_id}/content", diagnostics_file_content,
-               "Download an uploaded diagnostics file", tags=tags,
+               "Download an uploaded diagnostics file", tags=tags, path=(DIAGNOSTICS_FILE_ID,),
                responses={"200": "The file", "404": "Unknown file", "410": "File removed from disk"})
-
-
-def _int(raw: str, what: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise not_found(what, raw) from None
-    return value
 
 
 def _time(text: str):

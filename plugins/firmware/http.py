@@ -24,6 +24,7 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from csms.api.resource import LimitedRequest
+from csms.httplimits import HTTPLimits, LimitedSite
 
 from .files import firmware_name
 from .ranges import requested_ranges
@@ -355,15 +356,15 @@ class UploadRequest(LimitedRequest):
         super().__init__(*args, **kwargs)
 
 
-class FileServerSite(server.Site):
+class FileServerSite(LimitedSite):
     requestFactory = UploadRequest
     noisy = False
 
-    def __init__(self, firmware_dir: str, uploads, max_ranges: int = 8):
+    def __init__(self, firmware_dir: str, uploads, limits: HTTPLimits, clock, max_ranges: int = 8):
         root = _Root()
         root.putChild(b"firmware", FirmwareFiles(firmware_dir, max_ranges))
         root.putChild(b"diagnostics", DiagnosticsUpload(uploads))
-        super().__init__(root)
+        super().__init__(root, limits, clock)
         self.max_body_size = uploads.max_size + MULTIPART_OVERHEAD
         self.displayTracebacks = False
 

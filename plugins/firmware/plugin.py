@@ -51,6 +51,7 @@ class FileServers(service.Service):
         return defer.ensureDeferred(self._listen())
 
     async def _listen(self):
+        from csms.httplimits import limited_listener
         from csms.service import listen
 
         from .ftp import UploadFTPFactory
@@ -59,8 +60,10 @@ class FileServers(service.Service):
         plugin = self.plugin
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
-            site = FileServerSite(plugin.firmware_dir, plugin.uploads, max_ranges=plugin.max_ranges)
-            self.http_port = await listen(reactor, plugin.http_endpoint, site, "[plugin:firmware] http_endpoint")
+            site = FileServerSite(plugin.firmware_dir, plugin.uploads, plugin.http_limits, plugin.app.clock,
+                                  max_ranges=plugin.max_ranges)
+            factory = limited_listener(site, "Firmware file server")
+            self.http_port = await listen(reactor, plugin.http_endpoint, factory, "[plugin:firmware] http_endpoint")
             log.info("Firmware/diagnostics file server listening on {where}", where=self.http_port.getHost())
         if plugin.ftp_endpoint:
             factory = UploadFTPFactory(plugin.uploads, passive_ports=plugin.ftp_passive_ports)
@@ -127,6 +130,16 @@ class FirmwarePlugin:
         Setting("history_limit", int, 100, "Entries shown in a station's firmware and diagnostics history."),
         Setting("max_ranges", int, 8, "Most byte ranges one firmware download request may ask for; more and the "
                 "Range header is ignored (the whole file is sent once)."),
+        # The HTTP file server's limits against slow and piled-up clients (the [api] settings of the same names).
+        Setting("http_request_header_timeout", float, 20.0,
+                "Seconds a client has to send a request's headers, however slowly the bytes trickle in."),
+        Setting("http_request_body_timeout", float, 20.0,
+                "Seconds a request body may take, plus one second per http_request_body_min_rate bytes received."),
+        Setting("http_request_body_min_rate", int, 500,
+                "Bytes per second that earn a body one more second (0: the body timeout is a total)."),
+        Setting("http_max_connections", int, 256, "Most open connections to the file server (0: no limit)."),
+        Setting("http_max_connections_per_address", int, 32,
+                "Most open connections from one address (0: no limit); stations behind one NAT share it."),
     )
     #: The test fixtures bind these on loopback ephemeral ports and point these at a temporary directory.
     loopback_settings = ("http_endpoint", "ftp_endpoint")
@@ -152,6 +165,11 @@ class FirmwarePlugin:
         self.upload_expiry = settings["upload_expiry"]
         self.history_limit = settings["history_limit"]
         self.max_ranges = settings["max_ranges"]
+        # The file server's slow-client limits: [plugin:firmware] http_ + the [api] setting's name.
+        from csms.httplimits import HTTPLimits
+
+        self.http_limits = HTTPLimits.read(lambda name, _default: settings["http_" + name]).check(
+            "plugin:firmware", "http_")
         from .ftp import parse_port_range
         try:
             self.ftp_passive_ports = parse_port_range(settings["ftp_passive_ports"])

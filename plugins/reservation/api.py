@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
+from csms.api.inputs import INT32_MAX, Invalid, to_datetime
 from csms.api.resource import Response, paginated
-from csms.api.router import PAGINATION, Query
+from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.ocpp16 import format_datetime, parse_datetime
+from csms.ocpp16 import format_datetime
 from csms.schemas import SchemaViolation, schemas
 
 from .store import STATES
@@ -23,6 +24,9 @@ RESERVE = {
     },
 }
 
+#: Reservation ids are OCPP integers (32-bit): anything else cannot name one.
+RESERVATION_ID = Path("reservation_id", "integer", minimum=0, maximum=INT32_MAX, resource="reservation")
+
 LIST_QUERY = PAGINATION + (
     Query("active", "boolean", "Only live reservations (true) or only closed ones (false)"),
     Query("state", enum=STATES),
@@ -36,22 +40,12 @@ def add_routes(plugin, app, router):
         if await app.station_store.get(station_id) is None:
             raise not_found("station", station_id)
 
-    def reservation_id_of(request) -> int:
-        raw = request.params["reservation_id"]
-        try:
-            value = int(raw)
-        except ValueError:
-            raise not_found("reservation", raw)
-        if not 0 <= value <= 2**31 - 1:
-            raise not_found("reservation", raw)
-        return value
-
     async def reserve(request):
         station_id, body = request.params["station_id"], request.body
         await existing_station(station_id)
         try:
-            expiry = parse_datetime(body["expiry_date"])
-        except ValueError:
+            expiry = to_datetime(body["expiry_date"])
+        except Invalid:
             raise unprocessable(f"expiry_date {body['expiry_date']!r} is not an ISO 8601 date-time",
                                 "invalid_expiry_date")
         now = app.now()
@@ -100,7 +94,7 @@ def add_routes(plugin, app, router):
         """Send CancelReservation, also for an id the CSMS does not know (OCTT TC_052)."""
         station_id = request.params["station_id"]
         await existing_station(station_id)
-        reservation_id = reservation_id_of(request)
+        reservation_id = request.params["reservation_id"]
         response = await send_call(app, station_id, "CancelReservation", {"reservationId": reservation_id})
         row = await store.get(station_id, reservation_id)
         return {"reservation_id": reservation_id, "status": response["status"], "known": row is not None,
@@ -117,7 +111,7 @@ def add_routes(plugin, app, router):
     async def one_reservation(request):
         station_id = request.params["station_id"]
         await existing_station(station_id)
-        reservation_id = reservation_id_of(request)
+        reservation_id = request.params["reservation_id"]
         row = await store.get(station_id, reservation_id)
         if row is None:
             raise not_found("reservation", reservation_id)
@@ -156,16 +150,17 @@ def add_routes(plugin, app, router):
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/reservations/{reservation_id}", one_reservation,
                "One reservation of the station", tags=tags, operation_id="get_station_reservation",
+               path=(RESERVATION_ID,),
                responses={"200": "OK", "404": "Unknown station or reservation"})
     router.add("POST", "/stations/{station_id}/reservations/{reservation_id}/cancel", cancel,
                "Send CancelReservation (also for an id the CSMS does not know)", tags=tags,
-               operation_id="cancel_reservation",
+               operation_id="cancel_reservation", path=(RESERVATION_ID,),
                description="200 with the station's answer (`status` Accepted or Rejected), whether the CSMS knew "
                            "the id (`known`) and the reservation as now recorded. Accepted closes a live "
                            "reservation as cancelled.",
                responses=dict(sent, **{"200": "The station's answer"}))
     router.add("DELETE", "/stations/{station_id}/reservations/{reservation_id}", cancel,
-               "Cancel a reservation: the same as POST .../cancel", tags=tags,
+               "Cancel a reservation: the same as POST .../cancel", tags=tags, path=(RESERVATION_ID,),
                responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete")
     router.add("GET", "/reservations", all_reservations, "Reservations of every station, newest first", tags=tags,
                operation_id="list_reservations",

@@ -3,8 +3,9 @@ composite schedule as the CSMS computes it (preview) and as the station reports 
 from __future__ import annotations
 
 from csms.api.errors import not_found
+from csms.api.inputs import INT32_MAX
 from csms.api.resource import paginated
-from csms.api.router import PAGINATION, Query
+from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
 from csms.ocpp16 import format_datetime, parse_datetime
 
@@ -50,6 +51,9 @@ PREVIEW_QUERY = (
     Query("charging_rate_unit", enum=("A", "W"), description="Default: [plugin:smartcharging] default_rate_unit"),
     Query("start", "date-time", "Window start; default now"),
 )
+#: chargingProfileId is an OCPP integer (32-bit).
+CHARGING_PROFILE_ID = Path("charging_profile_id", "integer", minimum=-INT32_MAX - 1, maximum=INT32_MAX,
+                           resource="charging profile")
 TAGS = ("smart charging",)
 COMMAND_RESPONSES = {"200": "The station's answer", "404": "Unknown station", "409": "Station not connected",
                      "422": "Invalid profile; nothing was sent", "502": "The station answered with an error",
@@ -95,12 +99,7 @@ def add_routes(plugin, app, router):
         return {"status": response["status"], "cleared": sorted(before - after)}
 
     async def clear_by_id(request):
-        raw = request.params["charging_profile_id"]
-        try:
-            profile_id = int(raw)
-        except ValueError:
-            raise not_found("charging profile", raw)
-        return await clear(request.params["station_id"], {"id": profile_id})
+        return await clear(request.params["station_id"], {"id": request.params["charging_profile_id"]})
 
     async def clear_by_criteria(request):
         body = request.body or {}
@@ -154,7 +153,7 @@ def add_routes(plugin, app, router):
                query=LIST_QUERY, responses={"200": "OK", "404": "Unknown station"})
     router.add("DELETE", base + "/charging-profiles/{charging_profile_id}", clear_by_id,
                "Clear one charging profile by its chargingProfileId (ClearChargingProfile id)", tags=TAGS,
-               responses=COMMAND_RESPONSES)
+               path=(CHARGING_PROFILE_ID,), responses=COMMAND_RESPONSES)
     router.add("POST", base + "/charging-profiles/clear", clear_by_criteria,
                "Clear charging profiles by id, connector, purpose and stack level; an empty body clears all",
                tags=TAGS, body=CLEAR, body_required=False, responses=COMMAND_RESPONSES)
