@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 
-from sqlalchemy import bindparam, create_engine, event
+from sqlalchemy import BigInteger, Integer, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -40,6 +40,11 @@ MAX_ATTEMPTS = 3
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
 BULK_ROWS = 256
+
+#: The type of an auto-increment key: BIGINT, because OCPP's integers have no bound and some keys are
+#: handed to stations (transaction ids); INTEGER on SQLite, which autoincrements only an
+#: ``INTEGER PRIMARY KEY`` (a 64-bit rowid there).
+BIG_KEY = BigInteger().with_variant(Integer, "sqlite")
 
 
 class TransactionAborted(Exception):
