@@ -19,7 +19,7 @@ import pytest_twisted
 from conftest import EventProbe, booted, clock_now, core_store, db_settled, station_time, within
 from sqlalchemy import BigInteger, Integer, func, select
 from sqlalchemy.dialects import postgresql
-from test_core import put_tags, start_payload, stop_payload, table_rows
+from test_core import Probe, put_tags, start_payload, stop_payload, table_rows
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -209,3 +209,232 @@ async def test_trigger_and_firmware_integers_past_int32(csms):
     triggers, firmware, diagnostics = await within(csms.app.db.run(stored))
     assert (triggers, [tuple(r) for r in firmware], [tuple(r) for r in diagnostics]) == (
         [INT32_END], [(INT32_END, INT32_END)], [(INT32_END, INT32_END)])
+
+
+# -- ConcurrentTx decided atomically; a resent start gets its transaction id -----------------------------
+
+
+def statuses_of(answers) -> list[str]:
+    return sorted(answer["idTagInfo"]["status"] for answer in answers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stations_starting_with_one_tag_at_once_get_one_accepted(csms):
+    """Each try: a fresh Accepted tag, presented at two stations in the same instant."""
+    tags = [f"RACE-{i:02}" for i in range(TRIES)]
+    await put_tags(csms, *tags)
+    stations = [await booted(csms, "CP-RACE-A"), await booted(csms, "CP-RACE-B")]
+    lost = []
+    for tag in tags:
+        answers = await within(defer.gatherResults(
+            [station.call("StartTransaction", start_payload(csms, id_tag=tag)) for station in stations]))
+        if statuses_of(answers) != ["Accepted", "ConcurrentTx"]:
+            lost.append((tag, statuses_of(answers)))
+    assert lost == [], f"{len(lost)} of {TRIES} tries"
+
+
+@pytest.mark.parametrize("concurrent_tx_check", ["true", "false"])
+@pytest_twisted.ensureDeferred
+async def test_start_resent_on_a_new_connection_while_the_first_is_in_flight_gets_the_same_id(
+        csms_factory, concurrent_tx_check):
+    """Each try: a start sent on one connection, and resent at once on the connection that replaces it
+    (the first answer is lost with its connection, or arrives: either way it names the same id). Without
+    the ConcurrentTx check no tag is locked: the insert itself must give way."""
+    csms = await csms_factory(config_text=f"[plugin:core]\nconcurrent_tx_check = {concurrent_tx_check}\n")
+    station_id = "CP-RESEND"
+    tags = [f"RESEND-{i:02}" for i in range(TRIES)]
+    await put_tags(csms, *tags)
+    await (await booted(csms, station_id)).close()
+    lost = []
+    for i, tag in enumerate(tags):
+        payload = start_payload(csms, id_tag=tag, meter_start=i)
+        old = await within(csms.connect(station_id))
+        first_copy = old.call_frame("StartTransaction", payload).addErrback(lambda _: None)  # lost with `old`
+        new = await within(csms.connect(station_id))
+        frame = await new.call_frame("StartTransaction", payload)
+        first = await within(first_copy)
+        rows = await table_rows(csms, core_tables.transactions, station_id=station_id, id_tag=tag)
+        ids = {frame[2].get("transactionId") if frame[0] == 3 else frame[2]} | (
+            {first[2]["transactionId"]} if first is not None and first[0] == 3 else set())
+        stored = [row["id"] for row in rows]
+        if len(stored) != 1 or ids != set(stored):
+            lost.append((tag, ids, stored))
+        await new.close()
+    assert lost == [], f"{len(lost)} of {TRIES} tries"
+
+
+# -- a start that was not Accepted holds no tag; a later boot closes it ------------------------------------
+
+
+@pytest.fixture
+def probe():
+    return Probe()
+
+
+@pytest.fixture
+def probed(csms_factory, probe):
+    """A CSMS whose Core events a Probe records."""
+    return pytest_twisted.blockon(defer.ensureDeferred(csms_factory(extra_plugins=[probe])))
+
+
+async def tag_status_at(csms, station_id: str, id_tag: str) -> dict:
+    """What a third station hears for ``id_tag``: Authorize, then a StartTransaction (connector 1)."""
+    station = await booted(csms, station_id)
+    authorized = (await station.call("Authorize", {"idTag": id_tag}))["idTagInfo"]["status"]
+    started = (await station.call("StartTransaction", start_payload(csms, id_tag=id_tag)))["idTagInfo"]["status"]
+    return {"Authorize": authorized, "StartTransaction": started}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_answered_concurrent_tx_and_never_stopped_does_not_hold_the_tag(csms):
+    await put_tags(csms, "HELD")
+    holder, refused = await booted(csms, "CP-HOLDER"), await booted(csms, "CP-REFUSED")
+    held = await holder.call("StartTransaction", start_payload(csms, id_tag="HELD"))
+    assert held["idTagInfo"]["status"] == "Accepted"
+    assert (await refused.call("StartTransaction", start_payload(csms, id_tag="HELD")))["idTagInfo"]["status"] == \
+        "ConcurrentTx"
+    # The holder stops; the refused station never sends its StopTransaction.
+    assert await holder.call("StopTransaction", stop_payload(csms, held["transactionId"])) == {}
+    assert await tag_status_at(csms, "CP-THIRD", "HELD") == {"Authorize": "Accepted", "StartTransaction": "Accepted"}
+
+
+@pytest.mark.parametrize("refused_as", ["Blocked", "Invalid", "Expired"])
+@pytest_twisted.ensureDeferred
+async def test_a_start_refused_for_its_tag_and_never_stopped_does_not_hold_the_tag(csms, refused_as):
+    expiry = clock_now(csms) - timedelta(days=1) if refused_as == "Expired" else None
+    if refused_as != "Invalid":  # Invalid: the CSMS does not know the tag yet
+        await put_tags(csms, ("LATER-OK", "Accepted" if refused_as == "Expired" else refused_as, expiry))
+    station = await booted(csms, "CP-REFUSED")
+    answer = await station.call("StartTransaction", start_payload(csms, id_tag="LATER-OK"))
+    assert answer["idTagInfo"]["status"] == refused_as
+    await put_tags(csms, "LATER-OK")  # an operator accepts the tag; the station never stops the refused start
+    assert await tag_status_at(csms, "CP-THIRD", "LATER-OK") == {
+        "Authorize": "Accepted", "StartTransaction": "Accepted"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_start_does_not_mark_its_tag_charging_in_the_id_tag_cache(csms):
+    """The cache's notion of an open transaction follows the same rule: a start another plugin refused at
+    one station leaves a tag the Core plugin accepts free."""
+    await put_tags(csms, "CACHED")
+    store = core_store(csms)
+    assert await within(store.id_tag_info("CACHED", check_concurrent=True)) == {"status": "Accepted"}  # cached
+    await within(store.start_transaction("CP-ROAMING", start_payload(csms, id_tag="CACHED"), {"status": "Invalid"}))
+    assert await within(store.id_tag_info("CACHED", check_concurrent=True)) == {"status": "Accepted"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_boot_closes_the_refused_starts_of_that_station_and_fires_their_stop(probed, probe):
+    csms = probed
+    await put_tags(csms, "HELD", "OWN", ("BLOCKED", "Blocked"))
+    holder = await booted(csms, "CP-HOLDER")
+    await holder.call("StartTransaction", start_payload(csms, id_tag="HELD"))
+    station = await booted(csms, "CP-REBOOT", connectors=3)
+    concurrent = await station.call("StartTransaction", start_payload(csms, connector_id=1, id_tag="HELD"))
+    blocked = await station.call("StartTransaction", start_payload(csms, connector_id=2, id_tag="BLOCKED"))
+    accepted = await station.call("StartTransaction", start_payload(csms, connector_id=3, id_tag="OWN"))
+    csms.clock.advance(60)
+    boot = await station.call("BootNotification", {"chargePointVendor": "V", "chargePointModel": "M"})
+    assert boot["status"] == "Accepted"
+
+    store = core_store(csms)
+    closed = [await store.get_transaction(answer["transactionId"]) for answer in (concurrent, blocked)]
+    assert [(t["active"], t["stopped_by"], t["stop_reason"], t["stopped_at"], t["meter_stop"]) for t in closed] == [
+        (False, "boot", "Reboot", clock_now(csms), None)] * 2
+    assert (await store.get_transaction(accepted["transactionId"]))["active"] is True  # its station will stop it
+    assert [(e["station_id"], e["transaction"]["transaction_id"], e["request"]) for e in probe.of("stopped")] == [
+        ("CP-REBOOT", t["transaction_id"], {"transactionId": t["transaction_id"], "meterStop": None,
+                                            "timestamp": station_time(clock_now(csms)), "reason": "Reboot"})
+        for t in closed]
+
+    # The station's own StopTransaction comes after all: its values replace the boot's; no second event.
+    late = stop_payload(csms, concurrent["transactionId"], meter_stop=1234, reason="DeAuthorized")
+    assert await station.call("StopTransaction", late) == {}
+    stopped = await store.get_transaction(concurrent["transactionId"])
+    assert (stopped["stopped_by"], stopped["stop_reason"], stopped["meter_stop"]) == ("station", "DeAuthorized", 1234)
+    assert len(probe.of("stopped")) == 2
+    # A second boot closes nothing more.
+    await station.call("BootNotification", {"chargePointVendor": "V", "chargePointModel": "M"})
+    assert len(probe.of("stopped")) == 2
+
+
+# -- MeterValues are stored once ------------------------------------------------------------------------------
+
+
+def sample_rows(csms, station_id: str):
+    return table_rows(csms, core_tables.meter_values, station_id=station_id)
+
+
+def sample_keys(rows) -> list[tuple]:
+    return sorted((r["transaction_id"] or 0, r["timestamp"], r["measurand"], r["phase"] or "", r["context"], r["value"])
+                  for r in rows)
+
+
+def meter_values_payload(connector_id: int, transaction_id, at) -> dict:
+    """Two timestamps; per timestamp a register with no phase, a per-phase current and a clock-aligned copy."""
+    return {"connectorId": connector_id, **({"transactionId": transaction_id} if transaction_id else {}),
+            "meterValue": [{"timestamp": station_time(at + timedelta(minutes=minute)), "sampledValue": [
+                {"value": f"{1000 + minute}"},
+                {"value": f"{1000 + minute}", "context": "Sample.Clock"},
+                {"value": "16.0", "measurand": "Current.Import", "phase": "L1", "unit": "A"},
+                {"value": "15.5", "measurand": "Current.Import", "phase": "L2", "unit": "A"}]}
+                for minute in (0, 1)]}
+
+
+@pytest.mark.parametrize("in_transaction", [True, False], ids=["transaction", "no-transaction"])
+@pytest_twisted.ensureDeferred
+async def test_meter_values_resent_are_stored_once_and_their_event_fires_again(probed, probe, in_transaction):
+    csms = probed
+    await put_tags(csms, "METERED")
+    station = await booted(csms, "CP-METER")
+    transaction_id = None
+    if in_transaction:
+        transaction_id = (await station.call("StartTransaction", start_payload(csms, id_tag="METERED")))["transactionId"]
+    payload = meter_values_payload(1, transaction_id, clock_now(csms))
+    assert await station.call("MeterValues", payload) == {}
+    once = sample_keys(await sample_rows(csms, "CP-METER"))
+    assert len(once) == 8
+    # The answer was lost: the same request again, on the same connection, then after a reconnect.
+    assert await station.call("MeterValues", payload) == {}
+    await station.close()
+    station = await csms.connect("CP-METER")
+    assert await station.call("MeterValues", payload) == {}
+    assert sample_keys(await sample_rows(csms, "CP-METER")) == once
+    # Each copy was answered after its (nothing new) commit, and told to listeners: at least once.
+    assert [e["transaction_id"] for e in probe.of("meter_values")] == [transaction_id] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_of_meter_values_in_one_group_commit_are_stored_once(csms):
+    """Copies in flight at the same moment (a new connection's resend and the old one's) share a commit."""
+    stations = [await booted(csms, "CP-COPY"), await booted(csms, "CP-OTHER")]
+    payload = meter_values_payload(1, None, clock_now(csms))
+    answers = await within(defer.gatherResults(
+        [stations[0].call("MeterValues", payload) for _ in range(3)] + [stations[1].call("MeterValues", payload)]))
+    assert answers == [{}] * 4
+    assert len(await sample_rows(csms, "CP-COPY")) == 8
+    assert len(await sample_rows(csms, "CP-OTHER")) == 8  # another station's identical samples are its own
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_transaction_data_repeating_samples_is_stored_once(csms):
+    await put_tags(csms, "STOPDATA")
+    station = await booted(csms, "CP-STOPDATA")
+    transaction_id = (await station.call("StartTransaction", start_payload(csms, id_tag="STOPDATA")))["transactionId"]
+    at = clock_now(csms)
+    sent = meter_values_payload(1, transaction_id, at)
+    assert await station.call("MeterValues", sent) == {}
+    end = {"timestamp": station_time(at + timedelta(minutes=2)),
+           "sampledValue": [{"value": "1002", "context": "Transaction.End"}]}
+    stop = stop_payload(csms, transaction_id, meter_stop=1002, transactionData=sent["meterValue"] + [end])
+    assert await station.call("StopTransaction", stop) == {}
+    assert await station.call("StopTransaction", stop) == {}  # retransmitted
+    rows = await sample_rows(csms, "CP-STOPDATA")
+    assert len(rows) == 9
+    assert [r["value"] for r in rows if r["context"] == "Transaction.End"] == ["1002"]
+    # A stop for a transaction the CSMS does not know, resent: kept once, its samples once.
+    unknown = stop_payload(csms, BIG, transactionData=[end])
+    for _ in range(2):
+        assert await station.call("StopTransaction", unknown) == {}
+    assert len(await table_rows(csms, core_tables.unmatched_stops, station_id="CP-STOPDATA")) == 1
+    assert len(await sample_rows(csms, "CP-STOPDATA")) == 10

@@ -78,8 +78,16 @@ meter_values = Table(
     Column("context", String(32)),
     Column("location", String(8)),
     Column("format", String(16)),
-    Index("core_meter_values_station_time", "station_id", "timestamp"),
 )
+# A sample is stored once (OCPP 1.6 §4.7): a MeterValues resent after its answer was lost, or a
+# StopTransaction whose transactionData repeats samples already sent, adds nothing (the inserts skip
+# duplicates). What tells two samples apart is where and when they were taken and what they measure, not
+# their value. NULLs are distinct in a unique index, so nullable columns are compared through coalesce
+# (transaction ids start at 1). Leading with station and time, it also serves lookups by those.
+Index("core_meter_values_sample", meter_values.c.station_id, meter_values.c.timestamp, meter_values.c.connector_id,
+      func.coalesce(meter_values.c.transaction_id, 0), func.coalesce(meter_values.c.measurand, ""),
+      func.coalesce(meter_values.c.phase, ""), func.coalesce(meter_values.c.location, ""),
+      func.coalesce(meter_values.c.context, ""), func.coalesce(meter_values.c.unit, ""), unique=True)
 
 connectors = Table(
     "core_connectors", metadata,
@@ -120,6 +128,8 @@ unmatched_stops = Table(
     Column("timestamp", DateTime(timezone=True), nullable=False),
     Column("reason", String(32)),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    # A stop resent after its answer was lost is kept once.
+    UniqueConstraint("station_id", "transaction_id", "timestamp", "meter_stop", name="core_unmatched_stops_stop"),
 )
 
 configuration = Table(
