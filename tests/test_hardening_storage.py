@@ -438,3 +438,48 @@ async def test_stop_transaction_data_repeating_samples_is_stored_once(csms):
         assert await station.call("StopTransaction", unknown) == {}
     assert len(await table_rows(csms, core_tables.unmatched_stops, station_id="CP-STOPDATA")) == 1
     assert len(await sample_rows(csms, "CP-STOPDATA")) == 10
+
+
+# -- the other profiles' stores ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservations_made_at_the_same_moment_get_distinct_ids(csms):
+    """Each try: two operators reserve at once (at two stations); the allocator hands out two ids."""
+    await put_tags(csms, "RSV-RACE")
+    await booted(csms, "CP-RSV-A")
+    await booted(csms, "CP-RSV-B")
+    expiry = station_time(clock_now(csms) + timedelta(hours=1))
+    body = {"connector_id": 1, "expiry_date": expiry, "id_tag": "RSV-RACE"}
+    clashes = []
+    for _ in range(TRIES):
+        answers = await within(defer.gatherResults(
+            [defer.ensureDeferred(csms.api("POST", f"/stations/{station_id}/reservations", json=body))
+             for station_id in ("CP-RSV-A", "CP-RSV-B")]))
+        assert [status for status, _, _ in answers] == [201, 201]
+        ids = [answer["reservation_id"] for _, answer, _ in answers]
+        if ids[0] == ids[1]:
+            clashes.append(ids)
+    assert clashes == [], f"{len(clashes)} of {TRIES} tries"
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_lists_answered_back_to_back_are_all_recorded(csms):
+    """Each try: three SendLocalList naming the same id tags go to one station at once; the station
+    answers each as it comes, so the CSMS records an answer while it records the one before."""
+    await booted(csms, "CP-LL")
+    entries = [{"idTag": f"LL-{i:02}", "idTagInfo": {"status": "Accepted"}} for i in range(10)]
+    failed = []
+    for version in range(1, TRIES + 1):
+        payload = {"listVersion": version, "updateType": "Differential", "localAuthorizationList": entries}
+        answers = await within(defer.gatherResults(
+            [defer.ensureDeferred(csms.api("POST", "/stations/CP-LL/calls/SendLocalList", json=payload))
+             for _ in range(3)]))
+        if [status for status, _, _ in answers] != [200] * 3:
+            failed.append([body for _, body, _ in answers])
+    assert failed == [], f"{len(failed)} of {TRIES} tries"
+    # A listener's failure is logged, not answered: what was recorded tells.
+    _, updates, _ = await api(csms, "GET", "/stations/CP-LL/local-list/updates?limit=1")
+    assert updates["total"] == 3 * TRIES
+    _, state, _ = await api(csms, "GET", "/stations/CP-LL/local-list")
+    assert (state["acknowledged_version"], state["last_status"]) == (TRIES, "Accepted")

@@ -34,6 +34,13 @@ class LocalAuthStore:
                                                      updated_at=now)
                      .on_conflict_do_nothing(index_elements=["station_id"]))
 
+    @staticmethod
+    def _lock(conn, station_id: str) -> None:
+        """Hold the station's row until the commit (PostgreSQL; SQLite's one writer needs nothing): two
+        answers recorded at the same moment for one station then apply one after the other, each to the
+        list the other left, instead of racing on its entries."""
+        conn.execute(select(stations.c.station_id).where(stations.c.station_id == station_id).with_for_update())
+
     def state(self, station_id: str):
         """Fires with the station's row (defaults when none) plus ``chosen`` (sorted id tags or None)
         and ``entries`` (``{id_tag: idTagInfo}`` as acknowledged)."""
@@ -94,6 +101,7 @@ class LocalAuthStore:
 
         def thd(conn):
             self._ensure(conn, station_id, now)
+            self._lock(conn, station_id)
             current = conn.execute(select(stations.c.sent_version)
                                    .where(stations.c.station_id == station_id)).scalar()
             values = {"sent_version": max(version, current or 0), "last_status": status, "last_status_at": now,
