@@ -483,3 +483,28 @@ async def test_local_lists_answered_back_to_back_are_all_recorded(csms):
     assert updates["total"] == 3 * TRIES
     _, state, _ = await api(csms, "GET", "/stations/CP-LL/local-list")
     assert (state["acknowledged_version"], state["last_status"]) == (TRIES, "Accepted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_charging_profiles_answered_back_to_back_leave_one_installed_per_slot(csms):
+    """Each try: three SetChargingProfile for the same connector, purpose and stack level go to one station
+    at once; each replaces the one before (OCPP 1.6 §5.15), so the record holds the one answered last alone."""
+    station = await booted(csms, "CP-SC-RACE", connectors=1)
+    wrong = []
+    for attempt in range(TRIES):
+        ids = [attempt * 3 + n + 1 for n in range(3)]
+        profiles = [{"chargingProfileId": profile_id, "stackLevel": 1, "chargingProfilePurpose": "TxDefaultProfile",
+                     "chargingProfileKind": "Relative", "chargingSchedule": {
+                         "chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16.0}]}}
+                    for profile_id in ids]
+        answers = await within(defer.gatherResults(
+            [defer.ensureDeferred(csms.api("POST", "/stations/CP-SC-RACE/calls/SetChargingProfile",
+                                           json={"connectorId": 1, "csChargingProfiles": profile}))
+             for profile in profiles]))
+        assert [status for status, _, _ in answers] == [200] * 3
+        _, body, _ = await api(csms, "GET", "/stations/CP-SC-RACE/charging-profiles?state=installed")
+        installed = [p["charging_profile_id"] for p in body["items"]]
+        answered_last = station.received_calls[-1][3]["csChargingProfiles"]["chargingProfileId"]
+        if installed != [answered_last]:
+            wrong.append(installed)
+    assert wrong == [], f"{len(wrong)} of {TRIES} tries"
