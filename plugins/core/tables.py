@@ -72,22 +72,23 @@ meter_values = Table(
     Column("transaction_id", BigInteger, index=True),
     Column("timestamp", DateTime(timezone=True), nullable=False),
     Column("value", Text, nullable=False),
-    Column("measurand", String(48)),
+    # Stored with OCPP's defaults filled in (§7.45), so only the phase may be missing.
+    Column("measurand", String(48), nullable=False),
     Column("phase", String(8)),
-    Column("unit", String(16)),
-    Column("context", String(32)),
-    Column("location", String(8)),
-    Column("format", String(16)),
+    Column("unit", String(16), nullable=False),
+    Column("context", String(32), nullable=False),
+    Column("location", String(8), nullable=False),
+    Column("format", String(16), nullable=False),
 )
 # A sample is stored once (OCPP 1.6 §4.7): a MeterValues resent after its answer was lost, or a
 # StopTransaction whose transactionData repeats samples already sent, adds nothing (the inserts skip
 # duplicates). What tells two samples apart is where and when they were taken and what they measure, not
-# their value. NULLs are distinct in a unique index, so nullable columns are compared through coalesce
+# their value. NULLs are distinct in a unique index, so the nullable columns are compared through coalesce
 # (transaction ids start at 1). Leading with station and time, it also serves lookups by those.
 Index("core_meter_values_sample", meter_values.c.station_id, meter_values.c.timestamp, meter_values.c.connector_id,
-      func.coalesce(meter_values.c.transaction_id, 0), func.coalesce(meter_values.c.measurand, ""),
-      func.coalesce(meter_values.c.phase, ""), func.coalesce(meter_values.c.location, ""),
-      func.coalesce(meter_values.c.context, ""), func.coalesce(meter_values.c.unit, ""), unique=True)
+      func.coalesce(meter_values.c.transaction_id, 0), meter_values.c.measurand,
+      func.coalesce(meter_values.c.phase, ""), meter_values.c.location, meter_values.c.context, meter_values.c.unit,
+      unique=True)
 
 connectors = Table(
     "core_connectors", metadata,
