@@ -16,15 +16,12 @@ from datetime import timedelta
 
 import pytest
 import pytest_twisted
-from conftest import EventProbe, booted, clock_now, core_store, db_settled, station_time, within
-from sqlalchemy import BigInteger, Integer, func, select
+from conftest import booted, clock_now, core_store, station_time, within
+from sqlalchemy import BigInteger, Integer, select
 from sqlalchemy.dialects import postgresql
 from test_core import Probe, put_tags, start_payload, stop_payload, table_rows
 from twisted.internet import defer
-from zope.interface import implementer
 
-from csms.hookspecs import hookimpl
-from csms.interfaces import ICSMSPlugin
 from csms_plugins.core import tables as core_tables
 
 INT32_END = 2 ** 31          # the first integer a PostgreSQL INTEGER cannot hold
@@ -34,6 +31,11 @@ TRIES = 30                   # bounded tries of each race
 
 def api(csms, method, path, json=None):
     return within(csms.api(method, path, json=json))
+
+
+def one_sample(csms, value: str) -> list:
+    """A MeterValues ``meterValue`` list: one Energy.Active.Import.Register reading, taken now."""
+    return [{"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": value}]}]
 
 
 async def generic_call(csms, station_id: str, action: str, payload: dict):
@@ -80,10 +82,9 @@ async def test_start_and_stop_transaction_with_meter_registers_past_int32(csms):
                                      start_payload(csms, connector_id=connector_id, id_tag="BIG-METER",
                                                    meter_start=meter_start))
         transaction_id = started["transactionId"]
-        assert started["idTagInfo"]["status"] in ("Accepted", "ConcurrentTx")
+        assert started["idTagInfo"]["status"] == "Accepted"
         assert await station.call("MeterValues", {"connectorId": connector_id, "transactionId": transaction_id,
-                                                  "meterValue": [{"timestamp": station_time(clock_now(csms)),
-                                                                  "sampledValue": [{"value": str(meter_start)}]}]}) == {}
+                                                  "meterValue": one_sample(csms, str(meter_start))}) == {}
         assert await station.call("StopTransaction",
                                   stop_payload(csms, transaction_id, meter_stop=meter_start + BIG)) == {}
         stored = await core_store(csms).get_transaction(transaction_id)
@@ -109,8 +110,8 @@ async def test_connector_transaction_and_reservation_ids_past_int32(csms):
     stored = await core_store(csms).get_transaction(started["transactionId"])
     assert (stored["connector_id"], stored["reservation_id"]) == (INT32_END, INT32_END)
     # MeterValues naming a transaction id no transaction has: kept, linked to none.
-    assert await station.call("MeterValues", {"connectorId": INT32_END, "transactionId": BIG, "meterValue": [
-        {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": "1"}]}]}) == {}
+    assert await station.call("MeterValues", {"connectorId": INT32_END, "transactionId": BIG,
+                                              "meterValue": one_sample(csms, "1")}) == {}
     samples = await table_rows(csms, core_tables.meter_values, station_id="CP-BIG-IDS")
     assert [(s["connector_id"], s["transaction_id"]) for s in samples] == [(INT32_END, None)]
 
@@ -131,8 +132,8 @@ async def test_transaction_ids_past_int32_are_handed_out_and_used(csms):
     started = await station.call("StartTransaction", start_payload(csms, id_tag="BIG-TX"))
     transaction_id = started["transactionId"]
     assert transaction_id == INT32_END
-    assert await station.call("MeterValues", {"connectorId": 1, "transactionId": transaction_id, "meterValue": [
-        {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": "5"}]}]}) == {}
+    assert await station.call("MeterValues", {"connectorId": 1, "transactionId": transaction_id,
+                                              "meterValue": one_sample(csms, "5")}) == {}
     assert await station.call("StopTransaction", stop_payload(csms, transaction_id)) == {}
     stored = await core_store(csms).transaction_with_meter_values(transaction_id)
     assert stored["active"] is False
@@ -389,7 +390,8 @@ async def test_meter_values_resent_are_stored_once_and_their_event_fires_again(p
     station = await booted(csms, "CP-METER")
     transaction_id = None
     if in_transaction:
-        transaction_id = (await station.call("StartTransaction", start_payload(csms, id_tag="METERED")))["transactionId"]
+        started = await station.call("StartTransaction", start_payload(csms, id_tag="METERED"))
+        transaction_id = started["transactionId"]
     payload = meter_values_payload(1, transaction_id, clock_now(csms))
     assert await station.call("MeterValues", payload) == {}
     once = sample_keys(await sample_rows(csms, "CP-METER"))

@@ -130,8 +130,8 @@ _TAG_ANY_CASE = (select(id_tags).where(func.lower(id_tags.c.id_tag) == func.lowe
                  .order_by(id_tags.c.id_tag).limit(1))
 # Only a start that was Accepted holds its tag (ConcurrentTx): one refused (ConcurrentTx, Invalid, Blocked,
 # Expired) delivers no energy, and its station may never stop it.
-_HOLDS_TAG = and_(func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")), transactions.c.stopped_at.is_(None),
-                  transactions.c.id_tag_status == "Accepted")
+_HOLDS_TAG = and_(func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")),
+                  transactions.c.stopped_at.is_(None), transactions.c.id_tag_status == "Accepted")
 _ACTIVE_FOR_TAG = select(transactions.c.id).where(_HOLDS_TAG).limit(1)
 _ACTIVE_FOR_TAG_ELSEWHERE = (select(transactions.c.id).where(
     _HOLDS_TAG,
@@ -281,8 +281,8 @@ class CoreStore:
         def thd(conn):
             count = conn.execute(select(boot_info.c.boot_count).where(boot_info.c.station_id == station_id)).scalar()
             self.db.upsert(conn, boot_info, {"station_id": station_id}, {**values, "boot_count": (count or 0) + 1})
-            closed = [transaction_dict(row) for row in conn.execute(_CLOSE_REFUSED, {"station": station_id, "b_at": now})]
-            return sorted(closed, key=lambda transaction: transaction["transaction_id"])
+            closed = conn.execute(_CLOSE_REFUSED, {"station": station_id, "b_at": now}).fetchall()
+            return [transaction_dict(row) for row in sorted(closed, key=lambda row: row.id)]
         return self.db.run(thd, desc="core_boot")
 
     def record_status(self, station_id: str, payload: dict):
@@ -463,23 +463,20 @@ class CoreStore:
                 if rows:
                     self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
                 return None, False
-            closed_at_boot = row.stopped_by == STOPPED_BY_BOOT
-            if row.stopped_at is not None and not closed_at_boot:
-                # Retransmitted (or after an operator closed it): the first close stays; samples not yet
-                # stored are kept, those already stored are not stored twice.
-                rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
-                if rows:
-                    self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
-                return transaction_dict(row), False
-            conn.execute(_STOP, {"tx": transaction_id, "b_meter_stop": payload["meterStop"],
-                                 "b_stopped_at": stopped_at, "b_reason": payload.get("reason", "Local"),
-                                 "b_id_tag": payload.get("idTag"), "b_received_at": now,
-                                 "b_stopped_by": stopped_by})
+            newly_stopped = row.stopped_at is None
+            # A retransmitted stop, or one after an operator closed the transaction, leaves the first close;
+            # the station's own stop replaces a boot's (whose event was fired then).
+            if newly_stopped or row.stopped_by == STOPPED_BY_BOOT:
+                conn.execute(_STOP, {"tx": transaction_id, "b_meter_stop": payload["meterStop"],
+                                     "b_stopped_at": stopped_at, "b_reason": payload.get("reason", "Local"),
+                                     "b_id_tag": payload.get("idTag"), "b_received_at": now,
+                                     "b_stopped_by": stopped_by})
+                row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
+            # Samples already stored (a resend) are not stored twice; any others are kept.
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
-            row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
-            return transaction_dict(row), not closed_at_boot  # a boot's close fired the event already
+            return transaction_dict(row), newly_stopped
         # Another transaction with the tag may still be open: unknown until asked again.
         return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
                                      lambda result: (result[0]["id_tag"] if result[0] else None, None))
