@@ -234,6 +234,22 @@ async def test_two_stations_starting_with_one_tag_at_once_get_one_accepted(csms)
     assert lost == [], f"{len(lost)} of {TRIES} tries"
 
 
+@pytest_twisted.ensureDeferred
+async def test_starts_queued_together_get_one_accepted_per_tag_whatever_commits_them(csms):
+    """Forty starts of two tags, from forty stations, queued in one go: group commits on SQLite's single
+    thread, and on PostgreSQL's several threads, whose batches take the two tags' locks in either order
+    (a deadlock is rolled back and run again)."""
+    await put_tags(csms, "GROUP-A", "GROUP-B")
+    store = core_store(csms)
+    info = {"status": "Accepted"}
+    results = await within(defer.gatherResults([
+        store.start_transaction(f"CP-GROUP-{i:02}", start_payload(csms, id_tag=("GROUP-A", "GROUP-B")[i % 2]), info)
+        for i in range(40)]), 30)
+    accepted = sorted(t["id_tag"] for t, created in results if created and t["id_tag_status"] == "Accepted")
+    assert accepted == ["GROUP-A", "GROUP-B"]
+    assert sorted({t["id_tag_status"] for t, _ in results}) == ["Accepted", "ConcurrentTx"]
+
+
 @pytest.mark.parametrize("concurrent_tx_check", ["true", "false"])
 @pytest_twisted.ensureDeferred
 async def test_start_resent_on_a_new_connection_while_the_first_is_in_flight_gets_the_same_id(
