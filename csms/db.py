@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 
-from sqlalchemy import bindparam, create_engine, event
+from sqlalchemy import BigInteger, Integer, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -40,6 +40,11 @@ MAX_ATTEMPTS = 3
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
 BULK_ROWS = 256
+
+#: The type of an auto-increment key: BIGINT, because OCPP's integers have no bound and some keys are
+#: handed to stations (transaction ids); INTEGER on SQLite, which autoincrements only an
+#: ``INTEGER PRIMARY KEY`` (a 64-bit rowid there).
+BIG_KEY = BigInteger().with_variant(Integer, "sqlite")
 
 
 class TransactionAborted(Exception):
@@ -295,8 +300,11 @@ class Database:
         """An INSERT that supports ``on_conflict_do_update`` on both SQLite and PostgreSQL."""
         return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
 
-    def insert_many(self, conn, table, columns: tuple, rows: list) -> None:
+    def insert_many(self, conn, table, columns: tuple, rows: list, skip_duplicates: bool = False) -> None:
         """INSERT ``rows`` (tuples in ``columns`` order) into ``table``: the bulk path for hot inserts.
+
+        With ``skip_duplicates``, a row that a unique index of the table already holds (or that an
+        earlier row of the same batch brings) is left out (ON CONFLICT DO NOTHING), not an error.
 
         Inside :meth:`run` the rows are held and written, with every other function's rows for the same
         table, as multi-row INSERTs just before the next statement on the connection, the end of the
@@ -307,10 +315,10 @@ class Database:
         type's bind processor, as SQLAlchemy would apply them, so what is stored reads back the same.
         No SQL is compiled per call.
         """
-        key = (table.name, columns)
+        key = (table.name, columns, skip_duplicates)
         prepared = self._bulk_inserts.get(key)
         if prepared is None:
-            prepared = self._bulk_inserts[key] = self._prepare_bulk_insert(table, columns)
+            prepared = self._bulk_inserts[key] = self._prepare_bulk_insert(table, columns, skip_duplicates)
         _, processors = prepared
         if processors:
             converted = []
@@ -331,19 +339,21 @@ class Database:
         else:
             held.extend(rows)
 
-    def _prepare_bulk_insert(self, table, columns: tuple):
+    def _prepare_bulk_insert(self, table, columns: tuple, skip_duplicates: bool):
         dialect = self.engine.dialect
         marker = "?" if dialect.paramstyle == "qmark" else "%s"
         preparer = dialect.identifier_preparer
         head = (f"INSERT INTO {preparer.format_table(table)} "
                 f"({', '.join(preparer.quote(name) for name in columns)}) VALUES ")
         group = "(" + ", ".join([marker] * len(columns)) + ")"
+        # The same words on SQLite and PostgreSQL; no conflict target, so every unique index counts.
+        tail = " ON CONFLICT DO NOTHING" if skip_duplicates else ""
         statements: dict[int, str] = {}
 
         def sql_for(count: int) -> str:
             sql = statements.get(count)
             if sql is None:
-                sql = statements[count] = head + ", ".join([group] * count)
+                sql = statements[count] = head + ", ".join([group] * count) + tail
             return sql
         processors = [(i, p) for i, name in enumerate(columns)
                       if (p := table.c[name].type._cached_bind_processor(dialect)) is not None]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, Integer, MetaData, String, Table, Text, bindparam, delete, func,
-                        insert, select, update)
+from sqlalchemy import (Column, DateTime, MetaData, String, Table, Text, bindparam, delete, func, insert, select,
+                        update)
+
+from csms.db import BIG_KEY
 
 metadata = MetaData()
 
@@ -29,7 +31,7 @@ stations = Table(
 
 connection_events = Table(
     "csms_connection_events", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False, index=True),
     Column("event", String(32), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),

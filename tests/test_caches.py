@@ -682,8 +682,9 @@ async def assert_work_is_retried_on_a_new_connection(db: Database, first_stateme
 
 
 def meter_payload(transaction_id, connector: int = 1, value: str = "10") -> dict:
+    """One sample, taken at minute ``value`` (the same sample at the same time would be stored once)."""
     payload = {"connectorId": connector, "meterValue": [
-        {"timestamp": "2024-01-01T00:10:00Z", "sampledValue": [{"value": value}]}]}
+        {"timestamp": f"2024-01-01T00:{int(value):02d}:00Z", "sampledValue": [{"value": value}]}]}
     if transaction_id is not None:
         payload["transactionId"] = transaction_id
     return payload

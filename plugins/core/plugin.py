@@ -22,6 +22,12 @@ def _empty_answer(_) -> dict:
     return {}
 
 
+def _stop_request_of(transaction: dict) -> dict:
+    """A StopTransaction payload for a transaction the CSMS closed itself (csms_on_transaction_stopped)."""
+    return {"transactionId": transaction["transaction_id"], "meterStop": transaction["meter_stop"],
+            "timestamp": format_datetime(transaction["stopped_at"]), "reason": transaction["stop_reason"]}
+
+
 @implementer(ICSMSPlugin)
 class CorePlugin:
     """Handlers are thin: read the request, call the store, fire the event, build the reply."""
@@ -71,7 +77,13 @@ class CorePlugin:
     def _boot(self, station, payload):
         record = yield self.app.station_store.get(station.station_id)
         status = record["registration_status"] if record is not None else "Accepted"
-        yield self.store.record_boot(station.station_id, payload, status)
+        closed = yield self.store.record_boot(station.station_id, payload, status)
+        for transaction in closed:
+            log.info("{station} booted: its transaction {tx} ({status}, never stopped) is closed",
+                     station=station.station_id, tx=transaction["transaction_id"],
+                     status=transaction["id_tag_status"])
+            yield self.app.fire("csms_on_transaction_stopped", station_id=station.station_id,
+                                transaction=transaction, request=_stop_request_of(transaction))
         yield self.app.fire("csms_on_boot", station_id=station.station_id, request=payload, status=status)
         interval = self.heartbeat_interval if status == "Accepted" else self.boot_retry_interval
         return {"status": status, "currentTime": format_datetime(self.app.now()), "interval": interval}

@@ -13,6 +13,10 @@ from .tables import (boot_info, configuration, connectors, id_tags, meter_values
                      transactions, unmatched_stops)
 
 ID_TAG_STATUSES = ("Accepted", "Blocked", "Expired", "Invalid")
+#: ``stopped_by`` and ``stop_reason`` of a refused start that the CSMS closed because its station booted
+#: again (see :meth:`CoreStore.record_boot`).
+STOPPED_BY_BOOT = "boot"
+REBOOT = "Reboot"
 
 
 def _row(row, *time_keys) -> dict:
@@ -27,6 +31,11 @@ def transaction_dict(row) -> dict:
     data["transaction_id"] = data.pop("id")
     data["active"] = data["stopped_at"] is None
     return data
+
+
+def _holds_tag(transaction: dict) -> bool:
+    """Whether a transaction counts for its tag's ConcurrentTx (see _HOLDS_TAG)."""
+    return transaction["active"] and transaction["id_tag_status"] == "Accepted"
 
 
 def id_tag_dict(row) -> dict:
@@ -119,17 +128,25 @@ class IdTagCache:
 _TAG_EXACT = select(id_tags).where(id_tags.c.id_tag == bindparam("tag"))
 _TAG_ANY_CASE = (select(id_tags).where(func.lower(id_tags.c.id_tag) == func.lower(bindparam("tag")))
                  .order_by(id_tags.c.id_tag).limit(1))
-_ACTIVE_FOR_TAG = (select(transactions.c.id).where(func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")),
-                                                  transactions.c.stopped_at.is_(None)).limit(1))
+# Only a start that was Accepted holds its tag (ConcurrentTx): one refused (ConcurrentTx, Invalid, Blocked,
+# Expired) delivers no energy, and its station may never stop it.
+_HOLDS_TAG = and_(func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")),
+                  transactions.c.stopped_at.is_(None), transactions.c.id_tag_status == "Accepted")
+_ACTIVE_FOR_TAG = select(transactions.c.id).where(_HOLDS_TAG).limit(1)
 _ACTIVE_FOR_TAG_ELSEWHERE = (select(transactions.c.id).where(
-    func.lower(transactions.c.id_tag) == func.lower(bindparam("tag")), transactions.c.stopped_at.is_(None),
+    _HOLDS_TAG,
     or_(transactions.c.station_id != bindparam("station"), transactions.c.connector_id != bindparam("connector")))
     .limit(1))
+# PostgreSQL commits on several pool threads at once: two starts with one tag take this lock (on the
+# lower-cased tag, as ConcurrentTx compares) before the check, so the second sees the first's row. It is
+# held until the commit. SQLite has one writer thread, whose functions run one after the other.
+_LOCK_ID_TAG = select(func.pg_advisory_xact_lock(func.hashtext("csms.core.id_tag"),
+                                                 func.hashtext(func.lower(bindparam("tag")))))
 _EXISTING_START = select(transactions).where(
     transactions.c.station_id == bindparam("station"), transactions.c.connector_id == bindparam("connector"),
     transactions.c.id_tag == bindparam("tag"), transactions.c.started_at == bindparam("started_at"),
     transactions.c.meter_start == bindparam("meter_start"))
-_INSERT_TRANSACTION = insert(transactions)
+_START_KEY = ("station_id", "connector_id", "id_tag", "started_at", "meter_start")
 _TRANSACTION_BY_ID = select(transactions).where(transactions.c.id == bindparam("tx"))
 _TRANSACTION_ROW_OF_STATION = select(transactions).where(transactions.c.id == bindparam("tx"),
                                                          transactions.c.station_id == bindparam("station"))
@@ -137,6 +154,13 @@ _STOP = update(transactions).where(transactions.c.id == bindparam("tx")).values(
     meter_stop=bindparam("b_meter_stop"), stopped_at=bindparam("b_stopped_at"),
     stop_reason=bindparam("b_reason"), stop_id_tag=bindparam("b_id_tag"),
     stop_received_at=bindparam("b_received_at"), stopped_by=bindparam("b_stopped_by"))
+# The transactions of a station its BootNotification closes: the open ones that were not Accepted.
+_CLOSE_REFUSED = (update(transactions).where(
+    transactions.c.station_id == bindparam("station"), transactions.c.stopped_at.is_(None),
+    transactions.c.id_tag_status != "Accepted")
+    .values(stopped_at=bindparam("b_at"), stop_reason=REBOOT, stop_received_at=bindparam("b_at"),
+            stopped_by=STOPPED_BY_BOOT)
+    .returning(*transactions.c))
 _TRANSACTION_OF_STATION = select(transactions.c.id).where(transactions.c.id == bindparam("tx"),
                                                           transactions.c.station_id == bindparam("station"))
 _CONNECTOR_STATUS = select(connectors.c.status).where(connectors.c.station_id == bindparam("station"),
@@ -188,6 +212,11 @@ class CoreStore:
         self.tag_cache = IdTagCache(clock, id_tag_cache_seconds)
         #: transaction id -> its station, for transactions seen by this process (MeterValues' link check)
         self._transaction_owner: dict[int, str] = {}
+        # A copy of a start still in flight on another connection (PostgreSQL) makes this insert nothing:
+        # the start is then read back, not refused by the unique key.
+        self._insert_start = (db.insert(transactions).on_conflict_do_nothing(index_elements=list(_START_KEY))
+                              .returning(transactions.c.id))
+        self._lock_id_tags = not db.is_sqlite
 
     def _changing_tag(self, d, id_tag: str):
         """Drop ``id_tag`` from the cache now (the write is queued) and again once it is committed."""
@@ -229,6 +258,14 @@ class CoreStore:
     # -- BootNotification / StatusNotification ------------------------------------------------
 
     def record_boot(self, station_id: str, payload: dict, status: str):
+        """Store a BootNotification; fires the transactions it closed (dicts, oldest first).
+
+        A start that was not Accepted holds no tag (ConcurrentTx), but its station may never stop it; a
+        station that boots has ended every session it had, so those transactions are closed here
+        (``stopped_by`` "boot", reason Reboot, no meter reading). Should the station's own
+        StopTransaction come after all, its values replace these. Accepted transactions stay open: a
+        station sends their StopTransactions after its boot.
+        """
         now = self.now()
         values = {
             "charge_point_vendor": payload["chargePointVendor"],
@@ -244,6 +281,8 @@ class CoreStore:
         def thd(conn):
             count = conn.execute(select(boot_info.c.boot_count).where(boot_info.c.station_id == station_id)).scalar()
             self.db.upsert(conn, boot_info, {"station_id": station_id}, {**values, "boot_count": (count or 0) + 1})
+            closed = conn.execute(_CLOSE_REFUSED, {"station": station_id, "b_at": now}).fetchall()
+            return [transaction_dict(row) for row in sorted(closed, key=lambda row: row.id)]
         return self.db.run(thd, desc="core_boot")
 
     def record_status(self, station_id: str, payload: dict):
@@ -365,34 +404,46 @@ class CoreStore:
     # -- transactions ------------------------------------------------------------------------
 
     def start_transaction(self, station_id: str, payload: dict, info: dict):
-        """Fires (transaction dict, created). A retransmitted start returns the stored one, created=False."""
+        """Fires (transaction dict, created). A retransmitted start returns the stored one, created=False,
+        whichever connection it came on and even while the first copy is still being stored.
+
+        ConcurrentTx is decided here, atomically with the insert (see _LOCK_ID_TAG): an Accepted tag
+        that an Accepted transaction elsewhere holds gets ConcurrentTx.
+        """
         now = self.now()
         started_at = parse_datetime(payload["timestamp"])
         connector_id, id_tag, meter_start = payload["connectorId"], payload["idTag"], payload["meterStart"]
-        concurrent = self.concurrent_tx
+        key = {"station": station_id, "connector": connector_id, "tag": id_tag, "started_at": started_at,
+               "meter_start": meter_start}
+        check_concurrent = self.concurrent_tx and info["status"] == "Accepted"
+        lock = check_concurrent and self._lock_id_tags
 
         def thd(conn):
-            existing = conn.execute(_EXISTING_START, {
-                "station": station_id, "connector": connector_id, "tag": id_tag, "started_at": started_at,
-                "meter_start": meter_start}).first()
+            if lock:
+                conn.execute(_LOCK_ID_TAG, {"tag": id_tag})
+            existing = conn.execute(_EXISTING_START, key).first()
             if existing is not None:
                 return transaction_dict(existing), False
             status = info["status"]
-            if concurrent and status == "Accepted" and _active_for_tag(conn, id_tag, station_id, connector_id):
+            if check_concurrent and _active_for_tag(conn, id_tag, station_id, connector_id):
                 status = "ConcurrentTx"
             values = dict(station_id=station_id, connector_id=connector_id, id_tag=id_tag,
                           id_tag_status=status, parent_id_tag=info.get("parentIdTag"),
                           reservation_id=payload.get("reservationId"), meter_start=meter_start,
                           started_at=started_at, received_at=now)
-            transaction_id = conn.execute(_INSERT_TRANSACTION, values).inserted_primary_key[0]
+            transaction_id = conn.execute(self._insert_start, values).scalar()
+            if transaction_id is None:  # another connection's copy committed it meanwhile
+                return transaction_dict(conn.execute(_EXISTING_START, key).first()), False
             row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
             return transaction_dict(row), True
+
         def started(result):
             self._remember_owner(result[0]["transaction_id"], station_id)
             return result
-        # Whatever its status, the stored transaction is open: the tag has one now.
+        # An Accepted start holds its tag now; a refused one changes nothing the cache can know of.
         return self._changing_active(self.db.run(thd, desc="core_start_transaction"), id_tag,
-                                     lambda result: (id_tag, True)).addCallback(started)
+                                     lambda result: (id_tag, True if _holds_tag(result[0]) else None)
+                                     ).addCallback(started)
 
     def stop_transaction(self, station_id: str, payload: dict, stopped_by: str = "station"):
         """Fires (transaction dict or None, newly_stopped). An unknown transaction is kept in core_unmatched_stops."""
@@ -404,25 +455,28 @@ class CoreStore:
         def thd(conn):
             row = conn.execute(_TRANSACTION_ROW_OF_STATION, {"tx": transaction_id, "station": station_id}).first()
             if row is None:
-                conn.execute(insert(unmatched_stops).values(
+                conn.execute(self.db.insert(unmatched_stops).values(
                     station_id=station_id, transaction_id=transaction_id, id_tag=payload.get("idTag"),
                     meter_stop=payload["meterStop"], timestamp=stopped_at, reason=payload.get("reason"),
-                    received_at=now))
+                    received_at=now).on_conflict_do_nothing())
                 rows = _meter_rows(station_id, 0, None, transaction_data)
                 if rows:
-                    self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
+                    self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
                 return None, False
-            if row.stopped_at is not None:
-                return transaction_dict(row), False  # retransmitted stop: already closed
-            conn.execute(_STOP, {"tx": transaction_id, "b_meter_stop": payload["meterStop"],
-                                 "b_stopped_at": stopped_at, "b_reason": payload.get("reason", "Local"),
-                                 "b_id_tag": payload.get("idTag"), "b_received_at": now,
-                                 "b_stopped_by": stopped_by})
+            newly_stopped = row.stopped_at is None
+            # A retransmitted stop, or one after an operator closed the transaction, leaves the first close;
+            # the station's own stop replaces a boot's (whose event was fired then).
+            if newly_stopped or row.stopped_by == STOPPED_BY_BOOT:
+                conn.execute(_STOP, {"tx": transaction_id, "b_meter_stop": payload["meterStop"],
+                                     "b_stopped_at": stopped_at, "b_reason": payload.get("reason", "Local"),
+                                     "b_id_tag": payload.get("idTag"), "b_received_at": now,
+                                     "b_stopped_by": stopped_by})
+                row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
+            # Samples already stored (a resend) are not stored twice; any others are kept.
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
-                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
-            row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
-            return transaction_dict(row), True
+                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
+            return transaction_dict(row), newly_stopped
         # Another transaction with the tag may still be open: unknown until asked again.
         return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
                                      lambda result: (result[0]["id_tag"] if result[0] else None, None))
@@ -444,7 +498,7 @@ class CoreStore:
                 linked = None
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
-                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows)
+                self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
             return linked
 
         d = self.db.run(thd, desc="core_meter_values")

@@ -1,12 +1,14 @@
 """The Firmware Management profile's tables (all prefixed ``firmware_``)."""
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, Text
+
+from csms.db import BIG_KEY
 
 metadata = MetaData()
 
 #: Firmware images an operator uploaded; the CSMS serves them to stations over HTTP.
 files = Table(
     "firmware_files", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("name", String(128), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
@@ -18,13 +20,13 @@ files = Table(
 #: Every UpdateFirmware sent to a station (OCPP 1.6 §5.16), through either API route.
 updates = Table(
     "firmware_updates", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False),
     Column("location", Text, nullable=False),
-    Column("firmware_file_id", Integer),
+    Column("firmware_file_id", BigInteger),
     Column("retrieve_date", DateTime(timezone=True), nullable=False),
-    Column("retries", Integer),
-    Column("retry_interval", Integer),
+    Column("retries", BigInteger),
+    Column("retry_interval", BigInteger),
     Column("requested_at", DateTime(timezone=True), nullable=False),
     #: Latest FirmwareStatusNotification status for this update ("Requested" until the first one,
     #: "CallFailed" when the call failed before any).
@@ -38,14 +40,14 @@ updates = Table(
 #: Every GetDiagnostics sent (OCPP 1.6 §5.8); a CSMS-hosted location carries one-time upload credentials.
 diagnostics_requests = Table(
     "firmware_diagnostics_requests", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False),
     Column("location", Text, nullable=False),
     Column("protocol", String(8)),
     Column("start_time", DateTime(timezone=True)),
     Column("stop_time", DateTime(timezone=True)),
-    Column("retries", Integer),
-    Column("retry_interval", Integer),
+    Column("retries", BigInteger),
+    Column("retry_interval", BigInteger),
     Column("requested_at", DateTime(timezone=True), nullable=False),
     #: When the GetDiagnostics was sent (None: not yet, for a CSMS-hosted location created just before).
     Column("sent_at", DateTime(timezone=True)),
@@ -68,8 +70,8 @@ diagnostics_requests = Table(
 #: Diagnostics files stations uploaded to the CSMS, each linked to its request.
 diagnostics_files = Table(
     "firmware_diagnostics_files", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", Integer, nullable=False, index=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
+    Column("request_id", BigInteger, nullable=False, index=True),
     Column("station_id", String(255), nullable=False, index=True),
     Column("name", String(255), nullable=False),
     Column("stored_path", Text, nullable=False),
@@ -82,13 +84,13 @@ diagnostics_files = Table(
 #: Every FirmwareStatusNotification and DiagnosticsStatusNotification, in arrival order.
 status_history = Table(
     "firmware_status_history", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False),
     #: "firmware" or "diagnostics"
     Column("kind", String(16), nullable=False),
     Column("status", String(32), nullable=False),
     #: The update or diagnostics request the notification was linked to (the station's latest).
-    Column("request_id", Integer),
+    Column("request_id", BigInteger),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("firmware_status_history_station", "station_id", "kind", "id"),
 )
@@ -99,8 +101,8 @@ station_state = Table(
     Column("station_id", String(255), primary_key=True),
     Column("firmware_status", String(32)),
     Column("firmware_status_at", DateTime(timezone=True)),
-    Column("firmware_update_id", Integer),
+    Column("firmware_update_id", BigInteger),
     Column("diagnostics_status", String(32)),
     Column("diagnostics_status_at", DateTime(timezone=True)),
-    Column("diagnostics_request_id", Integer),
+    Column("diagnostics_request_id", BigInteger),
 )

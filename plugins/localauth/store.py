@@ -5,6 +5,7 @@ import json
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, insert, select, update
+from twisted.internet import defer
 
 from csms.stations import as_utc
 
@@ -24,6 +25,7 @@ class LocalAuthStore:
     def __init__(self, db, clock):
         self.db = db
         self.clock = clock
+        self._station_locks: dict[str, defer.DeferredLock] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -33,6 +35,13 @@ class LocalAuthStore:
         conn.execute(self.db.insert(stations).values(station_id=station_id, selection="all", not_supported=False,
                                                      updated_at=now)
                      .on_conflict_do_nothing(index_elements=["station_id"]))
+
+    def _in_order(self, station_id: str, thd, desc: str) -> defer.Deferred:
+        """Run a write of a station's list state after the ones asked for before it: answers apply in the
+        order the station gave them, each to the list the one before left (PostgreSQL commits on several
+        threads: two answers recorded at the same moment would otherwise race on the same entries)."""
+        lock = self._station_locks.setdefault(station_id, defer.DeferredLock())
+        return lock.run(self.db.run, thd, desc=desc)
 
     def state(self, station_id: str):
         """Fires with the station's row (defaults when none) plus ``chosen`` (sorted id tags or None)
@@ -83,7 +92,7 @@ class LocalAuthStore:
             conn.execute(update(stations).where(stations.c.station_id == station_id).values(
                 sent_version=max(list_version, current or 0), sent_update_type=update_type, sent_at=now,
                 updated_at=now))
-        return self.db.run(thd, desc="localauth_mark_sent")
+        return self._in_order(station_id, thd, desc="localauth_mark_sent")
 
     def record_send_result(self, station_id: str, request: dict, status: str):
         """Record a SendLocalList answer; Accepted applies the request to the acknowledged content."""
@@ -115,7 +124,7 @@ class LocalAuthStore:
             conn.execute(insert(updates).values(station_id=station_id, list_version=version,
                                                 update_type=update_type, entry_count=len(entries),
                                                 status=status, answered_at=now))
-        return self.db.run(thd, desc="localauth_send_result")
+        return self._in_order(station_id, thd, desc="localauth_send_result")
 
     def record_error(self, station_id: str, error: str):
         """A SendLocalList got no valid answer (offline, CALLERROR, timeout): nothing was acknowledged."""
@@ -125,7 +134,7 @@ class LocalAuthStore:
             self._ensure(conn, station_id, now)
             conn.execute(update(stations).where(stations.c.station_id == station_id).values(
                 last_status="Error", last_error=error[:1000], last_status_at=now, updated_at=now))
-        return self.db.run(thd, desc="localauth_send_error")
+        return self._in_order(station_id, thd, desc="localauth_send_error")
 
     def record_version(self, station_id: str, list_version: int):
         now = self.now()
@@ -134,7 +143,7 @@ class LocalAuthStore:
             self._ensure(conn, station_id, now)
             conn.execute(update(stations).where(stations.c.station_id == station_id).values(
                 reported_version=list_version, reported_at=now, updated_at=now))
-        return self.db.run(thd, desc="localauth_version")
+        return self._in_order(station_id, thd, desc="localauth_version")
 
     def history(self, station_id: str, limit: int, offset: int):
         """(total, answered SendLocalList requests newest first)."""
@@ -154,4 +163,10 @@ class LocalAuthStore:
         def thd(conn):
             for table in (stations, selected_tags, list_entries, updates):
                 conn.execute(delete(table).where(table.c.station_id == station_id))
-        return self.db.run(thd, desc="localauth_delete_station")
+
+        def forget_lock(result):
+            lock = self._station_locks.get(station_id)
+            if lock is not None and not lock.locked:
+                del self._station_locks[station_id]
+            return result
+        return self._in_order(station_id, thd, desc="localauth_delete_station").addBoth(forget_lock)

@@ -1,5 +1,7 @@
 """The Local Auth List Management profile's tables (all prefixed ``localauth_``)."""
-from sqlalchemy import Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, String, Table, Text
+
+from csms.db import BIG_KEY
 
 metadata = MetaData()
 
@@ -9,13 +11,13 @@ stations = Table(
     Column("station_id", String(255), primary_key=True),
     # "all": every id tag the CSMS holds; "chosen": the tags in localauth_selected_tags.
     Column("selection", String(8), nullable=False, default="all"),
-    Column("sent_version", Integer),
+    Column("sent_version", BigInteger),
     Column("sent_update_type", String(16)),
     Column("sent_at", DateTime(timezone=True)),
-    Column("acknowledged_version", Integer),
+    Column("acknowledged_version", BigInteger),
     Column("acknowledged_at", DateTime(timezone=True)),
     # What GetLocalListVersion last read back (-1: the station's local list is disabled).
-    Column("reported_version", Integer),
+    Column("reported_version", BigInteger),
     Column("reported_at", DateTime(timezone=True)),
     # The last SendLocalList outcome: a SendLocalList.conf status, or Error (see last_error).
     Column("last_status", String(16)),
@@ -39,17 +41,17 @@ list_entries = Table(
     Column("id_tag", String(20), primary_key=True),
     # The idTagInfo sent, as canonical JSON (sorted keys).
     Column("id_tag_info", Text, nullable=False),
-    Column("list_version", Integer, nullable=False),
+    Column("list_version", BigInteger, nullable=False),
 )
 
 #: Every answered SendLocalList, whoever sent it (a sync or the generic calls endpoint).
 updates = Table(
     "localauth_updates", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False),
-    Column("list_version", Integer, nullable=False),
+    Column("list_version", BigInteger, nullable=False),
     Column("update_type", String(16), nullable=False),
-    Column("entry_count", Integer, nullable=False),
+    Column("entry_count", BigInteger, nullable=False),
     Column("status", String(16), nullable=False),
     Column("answered_at", DateTime(timezone=True), nullable=False),
     Index("localauth_updates_station", "station_id", "id"),

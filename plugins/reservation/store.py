@@ -73,10 +73,14 @@ class ReservationStore:
         now = self.now()
 
         def thd(conn):
-            last = conn.execute(select(id_counter.c.last_id).where(id_counter.c.name == "reservation")).scalar()
+            # The counter's row is held until the commit (PostgreSQL commits on several threads): a
+            # reservation made at the same moment waits, then reads what this one wrote.
+            conn.execute(self.db.insert(id_counter).values(name="reservation", last_id=0).on_conflict_do_nothing())
+            last = conn.execute(select(id_counter.c.last_id).where(id_counter.c.name == "reservation")
+                                .with_for_update()).scalar()
             highest = conn.execute(select(func.max(reservations.c.reservation_id))).scalar()
-            next_id = max(last or 0, highest or 0) + 1
-            self.db.upsert(conn, id_counter, {"name": "reservation"}, {"last_id": next_id})
+            next_id = max(last, highest or 0) + 1
+            conn.execute(update(id_counter).where(id_counter.c.name == "reservation").values(last_id=next_id))
             record_id = conn.execute(insert(reservations).values(
                 reservation_id=next_id, station_id=station_id, connector_id=connector_id, id_tag=id_tag,
                 parent_id_tag=parent_id_tag, expiry_date=expiry_date, source="api", state="requested",

@@ -1,5 +1,7 @@
 """The Reservation profile's tables (all prefixed ``reservation_``)."""
-from sqlalchemy import Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, Text
+
+from csms.db import BIG_KEY
 
 metadata = MetaData()
 
@@ -8,10 +10,10 @@ metadata = MetaData()
 #: station then replaces its reservation, OCPP 1.6 §5.13), so rows have their own key.
 reservations = Table(
     "reservation_reservations", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("reservation_id", Integer, nullable=False),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
+    Column("reservation_id", BigInteger, nullable=False),
     Column("station_id", String(255), nullable=False),
-    Column("connector_id", Integer, nullable=False),
+    Column("connector_id", BigInteger, nullable=False),
     Column("id_tag", String(20), nullable=False),
     Column("parent_id_tag", String(20)),
     Column("expiry_date", DateTime(timezone=True), nullable=False),
@@ -23,7 +25,7 @@ reservations = Table(
     Column("state", String(16), nullable=False),
     # The connector's last StatusNotification while the reservation was live (Reserved, Available ...).
     Column("connector_status", String(16)),
-    Column("transaction_id", Integer),
+    Column("transaction_id", BigInteger),
     # The station's CancelReservation.conf status, when one was sent.
     Column("cancel_status", String(16)),
     Column("error", Text),
@@ -38,16 +40,16 @@ reservations = Table(
 id_counter = Table(
     "reservation_id_counter", metadata,
     Column("name", String(16), primary_key=True),
-    Column("last_id", Integer, nullable=False),
+    Column("last_id", BigInteger, nullable=False),
 )
 
 #: What did not fit the normal course: cancels of unknown ids, reservation ids reused or unknown at
 #: StartTransaction, replaced reservations.
 events = Table(
     "reservation_events", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False, index=True),
-    Column("reservation_id", Integer),
+    Column("reservation_id", BigInteger),
     Column("event", String(32), nullable=False),
     Column("detail", Text),
     Column("at", DateTime(timezone=True), nullable=False),

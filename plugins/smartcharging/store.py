@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from twisted.internet import defer
 
 from csms.ocpp16 import parse_datetime
 from csms.stations import as_utc
@@ -58,6 +59,14 @@ class SmartChargingStore:
         #: Stations that may have an installed profile; None until read at start-up (then: ask the database).
         self._with_profiles: set | None = None
         self._added: set = set()
+        self._station_locks: dict[str, defer.DeferredLock] = {}
+
+    def _in_order(self, station_id: str, thd, desc: str) -> defer.Deferred:
+        """Run a write of a station's profiles after the ones asked for before it: which profile replaces
+        which follows the order the station answered in, and two answers recorded at the same moment
+        (PostgreSQL commits on several threads) cannot each miss the other's profile."""
+        lock = self._station_locks.setdefault(station_id, defer.DeferredLock())
+        return lock.run(self.db.run, thd, desc=desc)
 
     def load_stations_with_profiles(self):
         """At start-up: which stations have installed profiles, so that a transaction at a station with
@@ -100,7 +109,7 @@ class SmartChargingStore:
                 sent_at=now, updated_at=now))
             row_id = result.inserted_primary_key[0]
             return profile_row(conn.execute(select(profiles).where(profiles.c.id == row_id)).one())
-        return self.db.run(thd, desc="smartcharging_record_sent")
+        return self._in_order(station_id, thd, desc="smartcharging_record_sent")
 
     def bind_transaction(self, station_id: str, connector_id: int, transaction_id: int, now):
         """A transaction started: the latest TxProfile a RemoteStartTransaction carried for this
@@ -115,7 +124,7 @@ class SmartChargingStore:
             conn.execute(update(profiles).where(profiles.c.id == row.id).values(
                 connector_id=connector_id, transaction_id=transaction_id, updated_at=now))
             return profile_row(conn.execute(select(profiles).where(profiles.c.id == row.id)).one())
-        return self.db.run(thd, desc="smartcharging_bind_transaction")
+        return self._in_order(station_id, thd, desc="smartcharging_bind_transaction")
 
     def clear(self, station_id: str, criteria: dict, now):
         """Apply an accepted ClearChargingProfile (OCPP 1.6 §5.5) to the record: every installed
@@ -135,7 +144,7 @@ class SmartChargingStore:
             if ids:
                 conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(state=CLEARED, updated_at=now))
             return ids
-        return self.db.run(thd, desc="smartcharging_clear")
+        return self._in_order(station_id, thd, desc="smartcharging_clear")
 
     def end_transaction(self, station_id: str, transaction_id: int, now):
         """A transaction ended: its TxProfiles end with it (OCPP 1.6 §3.13.1). Fires with their ids."""
@@ -146,7 +155,7 @@ class SmartChargingStore:
             if ids:
                 conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(state=ENDED, updated_at=now))
             return ids
-        return self.db.run(thd, desc="smartcharging_end_transaction")
+        return self._in_order(station_id, thd, desc="smartcharging_end_transaction")
 
     def list(self, station_id: str, connector_id=None, states=None, limit=None, offset: int = 0):
         """Fires with (total, rows) for a station, newest first."""
@@ -173,4 +182,11 @@ class SmartChargingStore:
     def delete_station(self, station_id: str):
         def thd(conn):
             conn.execute(delete(profiles).where(profiles.c.station_id == station_id))
-        return self.db.run(thd, desc="smartcharging_delete_station")
+        return self._in_order(station_id, thd, desc="smartcharging_delete_station").addBoth(
+            self._forget_lock, station_id)
+
+    def _forget_lock(self, result, station_id: str):
+        lock = self._station_locks.get(station_id)
+        if lock is not None and not lock.locked:
+            del self._station_locks[station_id]
+        return result

@@ -1,5 +1,7 @@
 """The Smart Charging profile's tables (all prefixed ``smartcharging_``)."""
-from sqlalchemy import Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, Text
+
+from csms.db import BIG_KEY
 
 metadata = MetaData()
 
@@ -9,16 +11,16 @@ metadata = MetaData()
 #: place), cleared (a ClearChargingProfile matched it) or ended (its transaction ended).
 profiles = Table(
     "smartcharging_profiles", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False),
     #: None for a RemoteStartTransaction profile without connectorId, until its transaction starts.
-    Column("connector_id", Integer),
-    Column("charging_profile_id", Integer, nullable=False),
-    Column("stack_level", Integer, nullable=False),
+    Column("connector_id", BigInteger),
+    Column("charging_profile_id", BigInteger, nullable=False),
+    Column("stack_level", BigInteger, nullable=False),
     Column("purpose", String(32), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("recurrency_kind", String(16)),
-    Column("transaction_id", Integer),
+    Column("transaction_id", BigInteger),
     Column("valid_from", DateTime(timezone=True)),
     Column("valid_to", DateTime(timezone=True)),
     #: The csChargingProfiles object exactly as sent (JSON).
