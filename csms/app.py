@@ -1,7 +1,7 @@
 """The Central System: configuration, plugins, storage and connected stations, wired together.
 
 :class:`CentralSystem` is what plugins receive in ``csms_configure(app)``. Its :meth:`call` is the
-Python API for every CSMS-initiated OCPP call.
+Python API for every CSMS-initiated OCPP call (a station session's ``call`` is this one).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csms import ocpp16
-from csms.admission import AdmissionRefused, AdmissionRequest, admission_outcome
+from csms.admission import AdmissionRequest, admission_outcome
 from csms.config import Config
 from csms.db import Database
 from csms.plugins import check_settings, loaded_plugins, make_plugin_manager
@@ -65,7 +65,7 @@ class CentralSystem:
         self.db = Database(config.database.url, reactor, pool_size=config.database.pool_size,
                            sqlite_synchronous=config.database.sqlite_synchronous)
         self.station_store = StationStore(self.db, self.clock)
-        #: station id -> connected OCPPSession
+        #: station id -> connected csms.session.StationSession
         self.sessions: dict = {}
         self.plugins = loaded_plugins(self.pm)
         check_settings(config, self.plugins)
@@ -171,7 +171,7 @@ class CentralSystem:
 
     def admit(self, request: AdmissionRequest) -> defer.Deferred:
         """Ask every ``csms_admit_station`` implementation about a handshake; fires with the request's
-        annotations when the station is admitted, fails with :class:`AdmissionRefused` when it is not.
+        annotations when the station is admitted, fails with :class:`csms.admission.AdmissionRefused` when it is not.
 
         See :func:`csms.admission.admission_outcome` for how the answers combine. An implementation
         that raises at once ends the call there: the ones after it (Core's, last) are not called.

@@ -146,7 +146,8 @@ async def test_with_core_disabled_only_a_plugin_that_admits_lets_a_station_in(cs
 @pytest.mark.parametrize("answer", [RuntimeError("the directory is down"), "yes"], ids=["raises", "not-a-bool"])
 @pytest_twisted.ensureDeferred
 async def test_admission_check_that_fails_refuses_with_500_and_is_logged(csms_factory, logged, answer):
-    csms = await csms_factory(extra_plugins=[Gatekeeper(lambda request: answer if request.station_id == "CP-1" else None)])
+    gatekeeper = Gatekeeper(lambda request: answer if request.station_id == "CP-1" else None)
+    csms = await csms_factory(extra_plugins=[gatekeeper])
     exc = await refused(csms.connect("CP-1"))
     assert exc.status == 500
     assert any("csms_admit_station" in text for _, _, text in logged)
@@ -176,7 +177,8 @@ def certificate_authority():
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
                    .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
@@ -220,8 +222,8 @@ async def test_tls_client_certificate_reaches_the_admission_hook(csms_factory):
         factory = StationFactory(url, protocols=["ocpp1.6"], reactor=reactor)
         factory.reactor = reactor
         factory.opened = defer.Deferred()
-        client_options = ssl.optionsForClientTLS(
-            "localhost", trustRoot=authority, clientCertificate=ssl.PrivateCertificate.loadPEM(client_key + client_cert))
+        client_certificate = ssl.PrivateCertificate.loadPEM(client_key + client_cert)
+        client_options = ssl.optionsForClientTLS("localhost", trustRoot=authority, clientCertificate=client_certificate)
         reactor.connectSSL("127.0.0.1", port.getHost().port, factory, client_options)
         station = await within(factory.opened)
 
