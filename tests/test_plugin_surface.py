@@ -197,6 +197,8 @@ def certificate_authority():
     return issue, ca_cert.public_bytes(serialization.Encoding.PEM)
 
 
+# Twisted's CertificateOptions hands pyOpenSSL objects to pyOpenSSL, which now prefers cryptography's.
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls_client_certificate_reaches_the_admission_hook(csms_factory):
     from cryptography import x509
