@@ -1,5 +1,10 @@
-"""Station admission before the WebSocket opens: the charge point id, and how many connections a
-listener and a remote address may hold (used by :mod:`csms.protocol`)."""
+"""Station admission before the WebSocket opens (used by :mod:`csms.protocol`).
+
+The framework checks what is protocol-level: how many connections a listener and a remote address may
+hold, and the charge point id. Whether a station may connect at all is for the plugins to decide:
+:class:`AdmissionRequest` is what their ``csms_admit_station`` implementations judge, and
+:func:`admission_outcome` combines their answers.
+"""
 from __future__ import annotations
 
 import base64
@@ -7,8 +12,10 @@ import binascii
 import unicodedata
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger(namespace="csms.protocol")
 
@@ -76,6 +83,94 @@ def parse_basic_auth(header: str | None):
         return None
     username, sep, password = decoded.partition(":")
     return (username, password) if sep else None
+
+
+# -- admission: the plugins' decision -------------------------------------------------------------
+
+
+class AdmissionRefused(Exception):
+    """Raise from ``csms_admit_station`` (or fail its Deferred with it) to refuse a handshake.
+
+    ``status`` is the HTTP status the station gets (401, 403, 404 ...) and ``reason`` the text sent
+    with it; ``detail`` is what the ``refused`` connection event and the log say (``reason`` when
+    not given), so that it may name what the station should not be told.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str | None = None):
+        if type(status) is not int or not 400 <= status <= 599:
+            raise ValueError(f"an admission is refused with an HTTP 4xx or 5xx status, not {status!r}")
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail if detail is not None else reason
+
+
+class AdmissionRequest:
+    """A WebSocket handshake whose path, charge point id and subprotocol passed the framework's checks.
+
+    ``csms_admit_station`` implementations read it and may add to :attr:`annotations`, which becomes
+    the station session's ``admission`` dict once the station is admitted.
+    """
+
+    def __init__(self, station_id: str, headers: dict, peer: str, address=None, certificate=None):
+        #: The charge point id, percent-decoded from the path.
+        self.station_id = station_id
+        #: The handshake's HTTP headers, names in lower case (as Autobahn gives them).
+        self.headers = headers
+        #: The remote end as connection events record it, e.g. ``tcp4:127.0.0.1:53211``.
+        self.peer = peer
+        #: The transport's ``getPeer()`` (``.host``, ``.port`` for TCP), or None.
+        self.address = address
+        #: The TLS client certificate (a ``cryptography.x509.Certificate``) when the connection is TLS
+        #: and the station presented one; None otherwise (always None on plain TCP).
+        self.certificate = certificate
+        #: What the plugins note about the station while admitting it; the session's ``admission``.
+        self.annotations: dict = {}
+        credentials = parse_basic_auth(headers.get("authorization"))
+        #: The HTTP Basic auth username and password as presented, or None when there are none (or
+        #: the header is not Basic auth that decodes). Nothing is checked here.
+        self.username, self.password = credentials if credentials is not None else (None, None)
+
+    @classmethod
+    def from_handshake(cls, station_id: str, request, transport) -> AdmissionRequest:
+        """Built from Autobahn's ``ConnectionRequest`` and the connection's transport."""
+        certificate = None
+        if ISSLTransport.providedBy(transport):
+            peer_certificate = transport.getPeerCertificate()  # pyOpenSSL's X509, or None
+            if peer_certificate is not None:
+                certificate = peer_certificate.to_cryptography()
+        get_peer = getattr(transport, "getPeer", None)
+        return cls(station_id, request.headers, request.peer, get_peer() if get_peer is not None else None,
+                   certificate)
+
+
+#: The refusal when no implementation of ``csms_admit_station`` admitted the station.
+NOT_ADMITTED = ("Forbidden", "no plugin admitted the station")
+#: The refusal when an implementation failed with something else than AdmissionRefused.
+ADMISSION_FAILED = ("Internal Server Error", "an admission check failed")
+
+
+def admission_outcome(outcomes: list) -> AdmissionRefused | None:
+    """Combine the answers of ``csms_admit_station`` implementations, in the order they were called:
+    None when the station is admitted, else the refusal to send.
+
+    ``outcomes`` are ``(succeeded, value)`` pairs, as a DeferredList gives them. The first failure
+    decides (an AdmissionRefused is sent as it is; anything else is logged and refused with 500);
+    without one, the station is admitted when at least one implementation answered True.
+    """
+    admitted = False
+    for succeeded, value in outcomes:
+        if not succeeded:
+            if isinstance(value, Failure) and value.check(AdmissionRefused):
+                return value.value
+            log.failure("A csms_admit_station implementation failed", value)
+            return AdmissionRefused(500, *ADMISSION_FAILED)
+        if value is True:
+            admitted = True
+        elif value is not None:
+            log.error("A csms_admit_station implementation answered {value!r}, not True or None", value=value)
+            return AdmissionRefused(500, *ADMISSION_FAILED)
+    return None if admitted else AdmissionRefused(403, *NOT_ADMITTED)
 
 
 # -- admission: how many connections ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Central System: configuration, plugins, storage and connected stations, wired together.
 
 :class:`CentralSystem` is what plugins receive in ``csms_configure(app)``. Its :meth:`call` is the
-Python API for every CSMS-initiated OCPP call.
+Python API for every CSMS-initiated OCPP call (a station session's ``call`` is this one).
 """
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from datetime import datetime, timezone
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from csms import ocpp16
+from csms.admission import AdmissionRequest, admission_outcome
 from csms.config import Config
 from csms.db import Database
 from csms.plugins import check_settings, loaded_plugins, make_plugin_manager
@@ -63,7 +65,7 @@ class CentralSystem:
         self.db = Database(config.database.url, reactor, pool_size=config.database.pool_size,
                            sqlite_synchronous=config.database.sqlite_synchronous)
         self.station_store = StationStore(self.db, self.clock)
-        #: station id -> connected OCPPSession
+        #: station id -> connected csms.session.StationSession
         self.sessions: dict = {}
         self.plugins = loaded_plugins(self.pm)
         check_settings(config, self.plugins)
@@ -142,24 +144,21 @@ class CentralSystem:
         return bool(getattr(self.hook, hook_name).get_hookimpls())
 
     def fire(self, hook_name: str, **kwargs) -> defer.Deferred:
-        """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures."""
+        """Call an event hook on every plugin; wait for returned Deferreds; log (never raise) failures.
+
+        The call goes through pluggy (so ``wrapper=True`` implementations and ``pm.trace`` /
+        ``pm.add_hookcall_monitoring`` see it). Each listener was guarded when it was registered
+        (:class:`csms.plugins.CSMSPluginManager`): one that raises is logged there and the others
+        are still called. With no listener at all, nothing is called and nothing is built.
+        """
         caller = getattr(self.hook, hook_name)
-        impls = caller.get_hookimpls()
-        if not impls:
+        if not caller.get_hookimpls():
             return defer.succeed(None)
-        results = []
-        if any(impl.wrapper or impl.hookwrapper for impl in impls):
-            try:
-                results = caller(**kwargs)
-            except Exception:
-                log.failure("Event {hook} failed", hook=hook_name)
-        else:
-            # One by one, in pluggy's order: a listener that raises must not keep the others uninformed.
-            for impl in reversed(impls):
-                try:
-                    results.append(impl.function(*[kwargs[name] for name in impl.argnames]))
-                except Exception:
-                    log.failure("Event {hook} listener {plugin} failed", hook=hook_name, plugin=impl.plugin_name)
+        try:
+            results = caller(**kwargs)
+        except Exception:  # only a wrapper can raise here: the listeners are guarded
+            log.failure("Event {hook} failed", hook=hook_name)
+            return defer.succeed(None)
         pending = [as_deferred(r) for r in results if r is not None]
         if not pending:
             return defer.succeed(None)
@@ -169,6 +168,26 @@ class CentralSystem:
                 if not ok:
                     log.failure("Event {hook} listener failed", value, hook=hook_name)
         return defer.DeferredList(pending, consumeErrors=True).addCallback(report)
+
+    def admit(self, request: AdmissionRequest) -> defer.Deferred:
+        """Ask every ``csms_admit_station`` implementation about a handshake; fires with the request's
+        annotations when the station is admitted, fails with :class:`csms.admission.AdmissionRefused` when it is not.
+
+        See :func:`csms.admission.admission_outcome` for how the answers combine. An implementation
+        that raises at once ends the call there: the ones after it (Core's, last) are not called.
+        """
+        try:
+            results = self.hook.csms_admit_station(request=request)
+        except Exception:
+            return defer.fail(admission_outcome([(False, Failure())]))
+
+        def decide(outcomes):
+            outcome = admission_outcome(outcomes)
+            if outcome is not None:
+                raise outcome
+            return request.annotations
+        return defer.DeferredList([as_deferred(result) for result in results],
+                                  consumeErrors=True).addCallback(decide)
 
     def lookup(self, hook_name: str, default=None, **kwargs) -> defer.Deferred:
         """Call a firstresult lookup hook; fires with its (awaited) answer, or ``default``."""
@@ -207,7 +226,7 @@ class CentralSystem:
             if session is None:
                 return defer.fail(StationOffline(f"{station_id} is not connected"))
             if not checked:
-                return session.call(action, payload)  # fails with RequestInvalid: nothing is sent
+                return session._send_call(action, payload)  # fails with RequestInvalid: nothing is sent
             sending = self.fire("csms_on_call_sending", station_id=station_id, action=action, request=payload)
             return sending.addCallback(send_now).addCallbacks(completed, failed)
 
@@ -216,7 +235,7 @@ class CentralSystem:
             session = self.sessions.get(station_id)
             if session is None:
                 return defer.fail(StationOffline(f"{station_id} disconnected before the call was sent"))
-            return session.call(action, payload)
+            return session._send_call(action, payload)
 
         def completed(response):
             return self.fire("csms_on_call_completed", station_id=station_id, action=action,

@@ -5,13 +5,15 @@ Three kinds:
 * **Handlers** (``csms_handle_*``), one per inbound OCPP action: ``firstresult=True``. The first plugin
   that returns something other than None answers the CALL: a response payload dict, or a Deferred or
   coroutine of one. Raise :class:`csms.rpc.CallError` to answer with a CALLERROR.
-* **Events** (``csms_on_*``): every plugin is told; results may be Deferreds, which the framework
-  waits for before it sends the confirmation that caused the event. A failing listener is logged and
-  never breaks the confirmation.
-* **Plumbing**: tables, services, routes, configuration, and lookups one plugin offers the others.
+* **Events** (``csms_on_*``): every plugin is told, through pluggy (wrappers and tracing see the call);
+  results may be Deferreds, which the framework waits for before it sends the confirmation that caused
+  the event. A failing listener is logged and never breaks the confirmation nor silences the others.
+* **Plumbing**: tables, services, routes, configuration, admission, and lookups one plugin offers the others.
 
-``station`` arguments are :class:`csms.rpc.OCPPSession` objects: ``station.station_id``,
-``station.call(action, payload)``; ``station.app`` is the :class:`csms.app.CentralSystem`.
+Arguments: handler hooks (and the lookups a handler asks) get ``station``, the station's
+:class:`csms.session.StationSession`: ``station.station_id``, ``station.call(action, payload)`` (which
+is ``app.call``), ``station.admission``; ``station.app`` is the :class:`csms.app.CentralSystem`. Events
+about a station get its id as ``station_id``, a string (``csms_on_station_connected`` the session too).
 """
 import pluggy
 
@@ -49,6 +51,24 @@ def csms_services(app):
 @hookspec
 def csms_api_routes(app, router):
     """Add this plugin's operator HTTP API routes to ``router`` (a :class:`csms.api.Router`)."""
+
+
+# -- admission -------------------------------------------------------------------------------------
+
+
+@hookspec
+def csms_admit_station(request):
+    """A station asks to connect: admit, refuse or annotate its handshake.
+
+    ``request`` is a :class:`csms.admission.AdmissionRequest` (``station_id``, ``username``,
+    ``password``, ``peer``, ``address``, ``headers``, ``certificate``, ``annotations``). Return True (or
+    a Deferred or coroutine of True) to admit the station, None to leave it to the others; raise
+    :class:`csms.admission.AdmissionRefused` (or fail with it) to refuse. Every implementation is
+    called (one raising at once ends the call there); the first refusal in call order wins, and
+    without one the station is admitted only when at least one implementation answered True. The
+    Core plugin implements it ``trylast`` (unknown stations, passwords); with Core disabled, stations
+    are refused unless another plugin admits them.
+    """
 
 
 # -- inbound OCPP actions (CP -> CS) -----------------------------------------------------------
@@ -183,8 +203,9 @@ def csms_before_call(station_id, action, payload):
 
 
 @hookspec
-def csms_on_station_connected(station):
-    """A station completed the WebSocket handshake and is ready for OCPP messages."""
+def csms_on_station_connected(station_id, station):
+    """A station completed the WebSocket handshake and is ready for OCPP messages; ``station`` is its
+    :class:`csms.session.StationSession`."""
 
 
 @hookspec

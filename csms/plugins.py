@@ -71,12 +71,49 @@ def check_settings(config: Config, plugins: list) -> None:
     check_plugin_sections(config, declared, available_plugins())
 
 
+#: Event hooks: every listener is told, and one that raises must not keep the others uninformed.
+EVENT_PREFIX = "csms_on_"
+
+
+class CSMSPluginManager(pluggy.PluginManager):
+    """pluggy's manager, with each event listener guarded as it is registered.
+
+    pluggy stops calling a hook's implementations at the first exception. For an event
+    (``csms_on_*``) that would leave the listeners after a failing one uninformed, so each listener's
+    function is replaced, in its ``pluggy.HookImpl``, by one that logs an exception and returns None.
+    Events are then called through pluggy itself: ``wrapper=True`` implementations see every
+    listener's result, and tracing (``pm.trace``, ``pm.add_hookcall_monitoring``) sees the call.
+    Wrappers are not guarded: they are told of exceptions by design.
+    """
+
+    def register(self, plugin, name=None):
+        name = super().register(plugin, name)
+        if name is not None:
+            for caller in self.get_hookcallers(plugin) or ():
+                if caller.name.startswith(EVENT_PREFIX):
+                    for impl in caller.get_hookimpls():
+                        if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                            impl.function = _guarded_listener(caller.name, impl.plugin_name, impl.function)
+        return name
+
+
+def _guarded_listener(hook_name: str, plugin_name: str, function):
+    def listener(*args):
+        try:
+            return function(*args)
+        except Exception:
+            log.failure("Event {hook} listener {plugin} failed", hook=hook_name, plugin=plugin_name)
+            return None
+    listener.__wrapped__ = function
+    return listener
+
+
 def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugins=()) -> pluggy.PluginManager:
     """A plugin manager with every enabled (and not blocked) installed plugin registered and checked.
 
     ``extra_plugins`` are registered too (objects, not entry points): for tests and embedding.
     """
-    pm = pluggy.PluginManager("csms")
+    pm = CSMSPluginManager("csms")
     pm.add_hookspecs(hookspecs)
     installed = available_plugins()
     for name in enabled:

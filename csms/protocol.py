@@ -1,13 +1,14 @@
 """The WebSocket side: Autobahn server protocol and factory, and station admission.
 
-Admission (OCPP-J 1.6 §3; OCPP 1.6 Security whitepaper, profile 1):
+Admission (OCPP-J 1.6 §3): the framework checks what is protocol-level, the plugins decide the rest:
 * at most ``[ocpp] max_connections`` open connections, and ``max_connections_per_address`` from one
   remote address, counted from TCP accept (handshakes in progress count); one more is aborted at once;
 * the path is ``<path_prefix><chargePointId>``; the id is the percent-decoded (UTF-8) last segment and
   must be a storable, printable id (see :func:`charge_point_id_problem`), else 400;
 * the client must offer the ``ocpp1.6`` subprotocol, which is echoed back (OCTT TC_088);
-* an unknown station is registered, registered as Pending, or refused, per ``[ocpp] unknown_stations``;
-* a station with a password must present it with HTTP Basic auth, username = its id (OCTT TC_085);
+* then the ``csms_admit_station`` implementations admit, refuse or annotate the handshake (the Core
+  plugin's: unknown stations per ``[ocpp] unknown_stations``, HTTP Basic auth passwords (OCTT TC_085));
+  a refusal is recorded as a ``refused`` connection event with its detail;
 * a second connection with the same id replaces the first;
 * a connection that does not prove itself a working station within ``[ocpp] boot_timeout`` seconds is
   closed with 1008 (see :meth:`OCPPServerProtocol._boot_answer_seen` for the rule).
@@ -20,16 +21,15 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from csms.admission import (ConnectionLimits, RefusedConnection, charge_point_id_from_path, charge_point_id_problem,
-                            parse_basic_auth, printable)
+from csms.admission import (AdmissionRefused, AdmissionRequest, ConnectionLimits, RefusedConnection,
+                            charge_point_id_from_path, charge_point_id_problem, printable)
 from csms.fastpath import FastPathGuard, frame_header, unmask, write_now
 from csms.ocpp16 import utc_from_timestamp
-from csms.passwords import verify_password
-from csms.rpc import OCPPSession
+from csms.session import StationSession
 
 log = Logger(namespace="csms.protocol")
 
@@ -59,11 +59,13 @@ def _code_and_reason(code, reason) -> str:
 
 
 class OCPPServerProtocol(WebSocketServerProtocol):
-    """One station's WebSocket connection; OCPP-J messages go to its :class:`OCPPSession`."""
+    """One station's WebSocket connection; OCPP-J messages go to its :class:`StationSession`."""
 
     station_id: str | None = None
-    session: OCPPSession | None = None
-    #: The station's registration status when it was admitted.
+    session: StationSession | None = None
+    #: What the plugins noted while admitting the station (see ``csms_admit_station``).
+    admission: dict | None = None
+    #: The station's registration status when it was admitted (the ``registration_status`` annotation).
     registration_status: str | None = None
     #: Whether this connection parses and frames simple messages itself (see :mod:`csms.fastpath`).
     fast_path = False
@@ -92,33 +94,15 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
                      station=station_id, peer=peer, offered=request.protocols)
             raise ConnectionDeny(400, "The ocpp1.6 WebSocket subprotocol is required")
-        policy = ocpp.unknown_stations
-        register_as = None if policy == "reject" else ("Pending" if policy == "pending" else "Accepted")
-        admission = yield app.station_store.admit(station_id, register_as)
-        if admission is None:
-            yield app.station_store.record_event(station_id, "refused", peer, "unknown station")
-            log.info("Refused unknown station {station} from {peer}", station=station_id, peer=peer)
-            raise ConnectionDeny(404, "Unknown charge point")
-        registration_status, password_hash, registered = admission
-        if registered:
-            log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
-        if password_hash is not None:
-            credentials = parse_basic_auth(request.headers.get("authorization"))
-            ok = False
-            if credentials is not None and credentials[0] == station_id:
-                ok = yield threads.deferToThreadPool(
-                    self.factory.reactor, self.factory.reactor.getThreadPool(),
-                    verify_password, credentials[1], password_hash)
-            if not ok:
-                yield app.station_store.record_event(station_id, "refused", peer, "bad credentials")
-                log.info("Refused {station} from {peer}: missing or wrong Basic auth credentials",
-                         station=station_id, peer=peer)
-                raise ConnectionDeny(401, "Unauthorized")
-        elif ocpp.require_password:
-            yield app.station_store.record_event(station_id, "refused", peer, "no password set")
-            raise ConnectionDeny(401, "Unauthorized: this station has no password")
+        try:
+            annotations = yield app.admit(AdmissionRequest.from_handshake(station_id, request, self.transport))
+        except AdmissionRefused as refusal:
+            log.info("Refused {station} from {peer}: {detail}", station=station_id, peer=peer, detail=refusal.detail)
+            yield app.station_store.record_event(station_id, "refused", peer, refusal.detail)
+            raise ConnectionDeny(refusal.status, refusal.reason) from None
         self.station_id = station_id
-        self.registration_status = registration_status
+        self.admission = annotations
+        self.registration_status = annotations.get("registration_status")
         return SUBPROTOCOL
 
     def connectionMade(self):
@@ -153,11 +137,9 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         if ocpp.boot_timeout > 0:
             dispatch = self._dispatch_watching_boot
             self._boot_deadline = app.clock.callLater(ocpp.boot_timeout, self._boot_deadline_passed)
-        self.session = OCPPSession(station_id, dispatch, self._send_text if self.fast_path else self._send_message,
-                                   app.clock, ocpp.response_timeout)
-        self.session.app = app
-        self.session.peer = self.peer
-        self.session.protocol = self
+        self.session = StationSession(app, station_id, dispatch,
+                                      self._send_text if self.fast_path else self._send_message,
+                                      self.peer, self, self.admission)
         self.session.last_seen = app.clock.seconds()
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
@@ -179,7 +161,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         d.addCallback(lambda _: app.station_store.record_event(station_id, "connected", self.peer,
                                                                touch="last_connected_at"))
         d.addBoth(_logged, "connected")
-        d.addCallback(lambda _: app.fire("csms_on_station_connected", station=self.session))
+        d.addCallback(lambda _: app.fire("csms_on_station_connected", station_id=station_id, station=self.session))
 
     # -- the boot deadline -----------------------------------------------------------------------
 

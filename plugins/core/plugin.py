@@ -1,16 +1,18 @@
 """The Core profile (OCPP 1.6 §4-§6): boot, heartbeat, status, authorization, transactions, meter values."""
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from csms import ocpp16
+from csms.admission import AdmissionRefused
 from csms.app import as_deferred
 from csms.config import Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
+from csms.passwords import verify_password
 
 from .store import CoreStore
 from .tables import metadata
@@ -66,6 +68,40 @@ class CorePlugin:
     def csms_api_routes(self, app, router):
         from .api import add_routes
         add_routes(self, app, router)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @hookimpl(trylast=True)
+    def csms_admit_station(self, request):
+        return self._admit(request)
+
+    @defer.inlineCallbacks
+    def _admit(self, request):
+        """``[ocpp] unknown_stations`` and the station's password (Security whitepaper profile 1:
+        HTTP Basic auth, username = the station's id; OCTT TC_085), in one database round trip."""
+        ocpp = self.app.config.ocpp
+        station_id = request.station_id
+        policy = ocpp.unknown_stations
+        register_as = None if policy == "reject" else ("Pending" if policy == "pending" else "Accepted")
+        known = yield self.app.station_store.admit(station_id, register_as)
+        if known is None:
+            raise AdmissionRefused(404, "Unknown charge point", "unknown station")
+        registration_status, password_hash, registered = known
+        if registered:
+            log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
+        request.annotations["registration_status"] = registration_status
+        if password_hash is not None:
+            ok = False
+            if request.username == station_id and request.password is not None:
+                # scrypt takes tens of milliseconds of CPU: never on the reactor thread.
+                reactor = self.app.reactor
+                ok = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), verify_password,
+                                                     request.password, password_hash)
+            if not ok:
+                raise AdmissionRefused(401, "Unauthorized", "bad credentials")
+        elif ocpp.require_password:
+            raise AdmissionRefused(401, "Unauthorized: this station has no password", "no password set")
+        return True
 
     # -- inbound -----------------------------------------------------------------------------
 
