@@ -22,6 +22,9 @@ from importlib.metadata import entry_points
 
 import pytest
 
+# Helpers assert (booted); pytest explains a failing assert only in modules it rewrites.
+pytest.register_assert_rewrite("csms.testing.helpers")
+
 POSTGRES_ENV = "CSMS_TEST_POSTGRES_URL"
 #: The operator API bearer token every test CSMS accepts.
 TEST_API_TOKEN = "test-token-0123456789abcdef"
