@@ -6,13 +6,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test install clean
 
-# An editable install does not put twisted/plugins/csms_plugin.py where twistd looks; the .pth
-# written below puts the checkout on sys.path so that `twistd csms` finds it (a wheel needs nothing).
-$(STAMP): setup.cfg pyproject.toml
+# twistd finds `twistd csms` through twisted/plugins/csms_plugin.py in a `twisted/plugins` directory on
+# sys.path, which an editable install does not provide (a wheel needs nothing). The .pth written below
+# adds a directory of the venv holding only a link to that file: putting the checkout itself on sys.path
+# would also make its plugins/ importable as a bare `plugins` package, a second copy of csms_plugins
+# (csms-checkout.pth, which earlier versions of this file wrote, did that).
+TWISTD_PLUGINS := $(abspath $(VENV))/twistd-plugins
+
+$(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,postgresql,bench]'
-	$(BIN)/python -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'csms-checkout.pth'), 'w').write(os.getcwd() + '\\n')"
+	mkdir -p $(TWISTD_PLUGINS)/twisted/plugins
+	ln -sf $(CURDIR)/twisted/plugins/csms_plugin.py $(TWISTD_PLUGINS)/twisted/plugins/csms_plugin.py
+	site=$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])') && \
+	    rm -f "$$site/csms-checkout.pth" && \
+	    echo '$(TWISTD_PLUGINS)' > "$$site/csms-twistd-plugins.pth"
 	touch $(STAMP)
 
 install: $(STAMP)

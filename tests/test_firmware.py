@@ -277,7 +277,7 @@ async def test_firmware_file_delete(csms):
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_status_is_refused_and_nothing_is_stored(csms):
-    from tests.conftest import table_contents
+    from conftest import table_contents
 
     station = await csms.connect_booted("BAD1")
     before = await table_contents(csms)

@@ -23,8 +23,8 @@ from twisted.web.client import Agent
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http_headers import Headers
 
-from tests.conftest import within
-from tests.test_firmware import FIRMWARE, dsn, firmware_state, fsn, plugin_of, upload_firmware
+from conftest import within
+from test_firmware import FIRMWARE, dsn, firmware_state, fsn, plugin_of, upload_firmware
 
 SIZE = len(FIRMWARE)
 

@@ -3,7 +3,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from plugins.localauth.lists import (changes, differential_entries, full_entries, id_tag_info, next_version,
+from csms_plugins.localauth.lists import (changes, differential_entries, full_entries, id_tag_info, next_version,
                                      parse_limit, plan_requests)
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

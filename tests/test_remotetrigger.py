@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from conftest import core_store, within
 
-from plugins.remotetrigger.plugin import REQUESTED_MESSAGES
+from csms_plugins.remotetrigger.plugin import REQUESTED_MESSAGES
 
 
 async def trigger(csms, station_id: str, requested_message: str, connector_id: int | None = None):

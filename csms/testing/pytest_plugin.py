@@ -1,25 +1,54 @@
 """pytest fixtures for the CSMS and its plugins: a running Central System on loopback, per database backend.
 
 * ``database_url``: a fresh SQLite file, and (when ``CSMS_TEST_POSTGRES_URL`` is set) a fresh
-  PostgreSQL schema: every test using it runs once per backend.
+  PostgreSQL schema: every test using it runs once per backend (``postgresql_only`` marks a test that
+  means something on PostgreSQL alone).
 * ``csms_factory``: ``await csms_factory(config_text="", extra_plugins=())`` starts a Central System
   listening on ephemeral loopback ports, with a :class:`twisted.internet.task.Clock` for its time.
 * ``csms``: one started with every built-in plugin enabled.
+* ``operator``: plays the operator through the Python API, then (a second run) the HTTP API.
+
+This module is loaded into every pytest run of an environment where csms is installed, so it imports
+nothing beyond csms's own dependencies: the test extras (pytest-twisted, treq) are imported when a
+fixture needs them, and their absence is reported there, naming what to install.
 """
 from __future__ import annotations
 
 import os
 import time
 import uuid
+from importlib import import_module
 from importlib.metadata import entry_points
 
 import pytest
-import pytest_twisted
-from twisted.internet import task
+
+# Helpers assert (booted); pytest explains a failing assert only in modules it rewrites.
+pytest.register_assert_rewrite("csms.testing.helpers")
 
 POSTGRES_ENV = "CSMS_TEST_POSTGRES_URL"
 #: The operator API bearer token every test CSMS accepts.
 TEST_API_TOKEN = "test-token-0123456789abcdef"
+#: What the fixtures need beyond csms's own dependencies: import name -> distribution.
+TEST_EXTRAS = {"pytest_twisted": "pytest-twisted", "treq": "treq"}
+
+
+def require_test_extras(*modules: str) -> list:
+    """The ``modules`` imported, or the test fails with one line saying what to install."""
+    imported, missing = [], []
+    for name in modules:
+        try:
+            imported.append(import_module(name))
+        except ImportError:
+            missing.append(TEST_EXTRAS.get(name, name))
+    if missing:
+        pytest.fail(f"the csms test fixtures need {', '.join(missing)}: pip install 'csms[test]'", pytrace=False)
+    return imported
+
+
+def blockon(d):
+    """Wait for a Deferred from a synchronous fixture, on pytest-twisted's reactor."""
+    (pytest_twisted,) = require_test_extras("pytest_twisted")
+    return pytest_twisted.blockon(d)
 
 
 def database_backends() -> list[str]:
@@ -70,7 +99,7 @@ class RunningCSMS:
         """One operator API request with treq: returns (status, parsed JSON body or None, response)."""
         import json as jsonlib
 
-        import treq
+        (treq,) = require_test_extras("treq")
 
         all_headers = {}
         if token is not None:
@@ -100,6 +129,8 @@ class RunningCSMS:
         return d.addCallback(keep)
 
     async def connect_booted(self, station_id: str, connectors: int = 1, **kwargs):
+        """Fires with a station that has sent BootNotification and StatusNotification(Available) for
+        connector 0 and each of ``connectors`` (see TestStationProtocol.boot; the answers are not checked)."""
         station = await self.connect(station_id, **kwargs)
         await station.boot(connectors)
         return station
@@ -111,20 +142,19 @@ class RunningCSMS:
         await self.service.stopService()
 
 
-def confine_plugin_settings(config, tmp_path) -> None:
-    """Keep enabled plugins' own listeners and directories inside the test.
+def confine_plugin_settings(config, tmp_path, extra_plugins=()) -> None:
+    """Keep the plugins' own listeners and directories inside the test.
 
     A plugin class may list ``loopback_settings`` (endpoint settings: set to an ephemeral loopback
     port) and ``directory_settings`` (set to a fresh directory under ``tmp_path``); a value the test's
-    config text gives is kept.
+    config text gives is kept. Enabled installed plugins and ``extra_plugins`` alike.
     """
     from csms.plugins import available_plugins
 
     installed = available_plugins()
-    for name in config.enabled_plugins:
-        if name not in installed:
-            continue
-        plugin = installed[name].load()
+    plugins = [installed[name].load() for name in config.enabled_plugins if name in installed]
+    for plugin in [*plugins, *extra_plugins]:
+        name = plugin.name
         settings = config.plugin_settings.setdefault(name, {})
         for key in getattr(plugin, "loopback_settings", ()):
             settings.setdefault(key, "tcp:0:interface=127.0.0.1")
@@ -134,7 +164,15 @@ def confine_plugin_settings(config, tmp_path) -> None:
 
 @pytest.fixture
 def csms_factory(database_url, tmp_path):
-    from twisted.internet import reactor
+    """``await csms_factory(config_text="", extra_plugins=(), clock=None, plugins=None)``: a started
+    :class:`RunningCSMS`, stopped after the test.
+
+    ``config_text`` is an INI text as in etc/csms.ini (its endpoints and database are replaced by
+    loopback ports and ``database_url``); without a ``[plugins]`` section, ``plugins`` (default: every
+    built-in plugin) are enabled. ``extra_plugins`` are plugin objects or classes registered besides.
+    """
+    require_test_extras(*TEST_EXTRAS)
+    from twisted.internet import reactor, task
 
     from csms.config import load_config
     from csms.service import CSMSService
@@ -149,7 +187,7 @@ def csms_factory(database_url, tmp_path):
         config.api.endpoint = "tcp:0:interface=127.0.0.1"
         config.database.url = database_url
         config.api.tokens = list(config.api.tokens) + [TEST_API_TOKEN]
-        confine_plugin_settings(config, tmp_path)
+        confine_plugin_settings(config, tmp_path, extra_plugins)
         if clock is None:
             clock = task.Clock()
             clock.advance(time.time())
@@ -164,11 +202,43 @@ def csms_factory(database_url, tmp_path):
     from twisted.internet import defer
 
     for instance in running:
-        pytest_twisted.blockon(defer.ensureDeferred(instance.stop()))
+        blockon(defer.ensureDeferred(instance.stop()))
 
 
 @pytest.fixture
 def csms(csms_factory):
+    """A started :class:`RunningCSMS` with every built-in plugin enabled."""
     from twisted.internet import defer
 
-    return pytest_twisted.blockon(defer.ensureDeferred(csms_factory()))
+    return blockon(defer.ensureDeferred(csms_factory()))
+
+
+@pytest.fixture(params=["python", "http"])
+def operator(request, csms):
+    """How a test plays the operator: ``await operator.call(station_id, action, payload)``.
+
+    Every test using it runs twice: through the Python API and through the operator HTTP API.
+    """
+    from csms.testing.operators import OPERATORS
+
+    return OPERATORS[request.param](csms)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "postgresql_only: a test that only means something on PostgreSQL (deselected for SQLite)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``postgresql_only`` exists for PostgreSQL alone: its SQLite variant is deselected
+    (not skipped: there is nothing on SQLite for it to check)."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("postgresql_only") and params.get("database_url") == "sqlite":
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

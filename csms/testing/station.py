@@ -59,6 +59,8 @@ class CallErrorFrame(Exception):
 class TestStationProtocol(WebSocketClientProtocol):
     """One test station connection. Use :func:`connect_station` to make one."""
 
+    __test__ = False  # not a test class, whatever pytest thinks of its name
+
     def __init__(self):
         super().__init__()
         self._ids = count(1)
@@ -190,6 +192,7 @@ class TestStationProtocol(WebSocketClientProtocol):
 
 
 class TestStationFactory(WebSocketClientFactory):
+    __test__ = False
     protocol = TestStationProtocol
     noisy = False
 
