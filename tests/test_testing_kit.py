@@ -12,6 +12,11 @@ import sys
 import textwrap
 
 import pytest
+# Imported here, before any pytester fixture snapshots sys.modules: a module first imported inside a
+# pytester test is dropped from sys.modules at its teardown, and importing treq a second time registers
+# its Twisted adapters twice (ValueError in every later test that uses it).
+import pytest_twisted  # noqa: F401
+import treq  # noqa: F401
 
 import conftest
 import csms.testing
@@ -135,9 +140,6 @@ def test_runner_without_test_extras_really_hides_them(pytester):
             with pytest.raises(ImportError):
                 importlib.import_module(module)
     '''))
-    import pytest_twisted  # noqa: F401  (installed in this environment)
-    import treq  # noqa: F401
-
     result = pytester.run(sys.executable, str(runner), "-p", "no:cacheprovider", timeout=INNER_RUN_TIMEOUT)
     result.assert_outcomes(passed=2)
 
