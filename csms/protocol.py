@@ -162,7 +162,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         app = self.factory.app
         station_id = self.station_id
         self.session = OCPPSession(station_id, app.dispatch, self._send_text, app.clock,
-                                   app.config.ocpp.response_timeout)
+                                   app.config.ocpp.response_timeout, handler_timeout=app.config.ocpp.handler_timeout)
         self.session.app = app
         self.session.peer = self.peer
         self.session.protocol = self
