@@ -35,6 +35,8 @@ UNREADABLE_ID = "-1"
 _NUL_ESCAPE = "\\u0000"
 _NUL_ESCAPE_BYTES = b"\\u0000"
 _COULD_NOT_HANDLE = "The Central System could not handle this request"
+#: A handler deadline this close is due (the clock's float arithmetic must not make it wait for ever).
+_DEADLINE_SLACK = 0.001
 
 log = Logger(namespace="csms.rpc")
 
@@ -85,12 +87,12 @@ class ResponseInvalid(Exception):
 class _Handling:
     """An inbound CALL whose handler answered with a Deferred that has not fired yet."""
 
-    __slots__ = ("unique_id", "action", "timer", "answered", "timed_out")
+    __slots__ = ("unique_id", "action", "deadline", "answered", "timed_out")
 
     def __init__(self, unique_id: str, action: str):
         self.unique_id = unique_id
         self.action = action
-        self.timer = None
+        self.deadline = 0.0
         self.answered = False
         self.timed_out = False
 
@@ -124,24 +126,14 @@ def encode(message: list) -> bytes:
         raise ValueError(f"not expressible as JSON: {exc}") from None
 
 
-def decode(text: str | bytes) -> tuple:
-    """Parse one OCPP-J message into ``(message, screen)``; ValueError if it is not JSON.
-
-    orjson first. The standard library reads what orjson alone refuses (integers wider than 64 bits,
-    NaN, a lone surrogate), so that such a message still reaches validation and gets its proper
-    CALLERROR code. ``screen`` says whether the message's values must pass
-    :func:`csms.schemas.check_storable`: true for what the standard library read, and for a text
-    holding an escaped NUL. Anything else orjson read is storable once it passes its schema (orjson
-    reads only valid Unicode, and integers only up to 2^64-1, which the schemas bound).
-    """
+def decode_leniently(text: str | bytes):
+    """The standard library's reading of what orjson refused; ValueError if it is not JSON either."""
     try:
-        message = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(text), True
-        except RecursionError:  # nesting deeper than the interpreter's stack
-            raise ValueError("JSON nested too deep") from None
-    return message, (_NUL_ESCAPE in text if type(text) is str else _NUL_ESCAPE_BYTES in text)
+        return json.loads(text)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - RecursionError for nesting deeper than the stack, ...
+        raise ValueError(f"unreadable JSON ({type(exc).__name__})") from None
 
 
 class OCPPSession:
@@ -165,6 +157,10 @@ class OCPPSession:
         #: Inbound CALLs waiting for the one being handled; see :meth:`_call_received`.
         self._inbound_queue: deque = deque()
         self._inbound_busy = False
+        #: The inbound call whose handler has yet to answer (there is at most one), and the timer that
+        #: watches its deadline; see :meth:`_check_handler`.
+        self._handling: _Handling | None = None
+        self._handler_timer = None
         self._queue: deque[_PendingCall] = deque()
         self._in_flight: _PendingCall | None = None
         self.connected = True
@@ -174,37 +170,49 @@ class OCPPSession:
     # -- inbound -----------------------------------------------------------------------------
 
     def text_received(self, text: str | bytes) -> None:
-        try:
-            message, screen = decode(text)
-        except Exception:  # noqa: BLE001 - whatever a parser raises, the text is no OCPP-J message
-            self._send_error(UNREADABLE_ID, "FormationViolation", "Message is not valid JSON")
-            return
-        try:
-            self._message_received(message, screen)
-        except Exception:  # noqa: BLE001 - a bug: log it, and keep the connection
-            log.failure("Reading a message from {station} failed", station=self.station_id)
+        """Read one OCPP-J message and act on it. Never raises.
 
-    def _message_received(self, message, screen: bool) -> None:
-        if not isinstance(message, list) or len(message) < 3:
-            self._send_error(self._readable_id(message), "FormationViolation",
-                             "Message must be a JSON array [MessageTypeId, UniqueId, ...]")
-            return
-        type_id, unique_id = message[0], message[1]
-        if not isinstance(unique_id, str) or not unique_id:
-            self._send_error(UNREADABLE_ID, "FormationViolation", "UniqueId must be a non-empty string")
-            return
-        if len(unique_id) > MAX_UNIQUE_ID_LENGTH:
-            self._send_error(unique_id, "FormationViolation",
-                             f"UniqueId is longer than {MAX_UNIQUE_ID_LENGTH} characters")
-            return
-        if type_id == CALL and not isinstance(type_id, bool):
-            self._call_received(message, screen)
-        elif type_id == CALLRESULT and not isinstance(type_id, bool):
-            self._result_received(message, screen)
-        elif type_id == CALLERROR and not isinstance(type_id, bool):
-            self._error_received(message)
+        orjson parses first. The standard library reads what orjson alone refuses (integers wider than
+        64 bits, NaN, a lone surrogate), so that such a message still reaches validation and gets its
+        proper CALLERROR code. ``screen`` says whether the message's values must also pass
+        :func:`csms.schemas.check_storable`: true for what the standard library read, and for a text
+        holding an escaped NUL. Anything else orjson read is storable once it passes its schema (orjson
+        reads only valid Unicode, and integers up to 2^64-1, which the schemas bound).
+        """
+        try:
+            message = orjson.loads(text)
+        except Exception:  # noqa: BLE001 - orjson.JSONDecodeError, or a TypeError for what is no text
+            try:
+                message = decode_leniently(text)
+            except ValueError:
+                self._send_error(UNREADABLE_ID, "FormationViolation", "Message is not valid JSON")
+                return
+            screen = True
         else:
-            self._send_error(unique_id, "ProtocolError", f"Unknown MessageTypeId {type_id!r}")
+            screen = _NUL_ESCAPE in text if type(text) is str else _NUL_ESCAPE_BYTES in text
+        try:
+            if not isinstance(message, list) or len(message) < 3:
+                self._send_error(self._readable_id(message), "FormationViolation",
+                                 "Message must be a JSON array [MessageTypeId, UniqueId, ...]")
+                return
+            type_id, unique_id = message[0], message[1]
+            if not isinstance(unique_id, str) or not unique_id:
+                self._send_error(UNREADABLE_ID, "FormationViolation", "UniqueId must be a non-empty string")
+                return
+            if len(unique_id) > MAX_UNIQUE_ID_LENGTH:
+                self._send_error(unique_id, "FormationViolation",
+                                 f"UniqueId is longer than {MAX_UNIQUE_ID_LENGTH} characters")
+                return
+            if type_id == CALL and not isinstance(type_id, bool):
+                self._call_received(message, screen)
+            elif type_id == CALLRESULT and not isinstance(type_id, bool):
+                self._result_received(message, screen)
+            elif type_id == CALLERROR and not isinstance(type_id, bool):
+                self._error_received(message)
+            else:
+                self._send_error(unique_id, "ProtocolError", f"Unknown MessageTypeId {type_id!r}")
+        except Exception:  # noqa: BLE001 - a bug: logged, and the connection stays up
+            log.failure("Reading a message from {station} failed", station=self.station_id)
 
     @staticmethod
     def _readable_id(message) -> str:
@@ -287,7 +295,10 @@ class OCPPSession:
         result.addBoth(self._handler_answered, handling)
         if handling.answered:
             return False
-        handling.timer = self._clock.callLater(self._handler_timeout, self._handler_timed_out, handling)
+        handling.deadline = self._clock.seconds() + self._handler_timeout
+        self._handling = handling
+        if self._handler_timer is None:
+            self._handler_timer = self._clock.callLater(self._handler_timeout, self._check_handler)
         return True
 
     def _handler_answered(self, outcome, handling: _Handling) -> None:
@@ -297,16 +308,29 @@ class OCPPSession:
             self._discard_late(outcome, handling)
             return
         handling.answered = True
-        waited = handling.timer is not None
+        waited = handling is self._handling
         if waited:
-            handling.timer.cancel()
-            handling.timer = None
+            self._handling = None
         self._send_answer(outcome, handling.unique_id, handling.action)
         if waited:
             self._call_finished()
 
-    def _handler_timed_out(self, handling: _Handling) -> None:
-        handling.timer = None
+    def _check_handler(self) -> None:
+        """Answer InternalError for a handler past its deadline.
+
+        One timer per session serves every call (they are handled one at a time): rather than set and
+        cancel a timer per call on the hot path, an answered call only forgets its deadline, and the
+        timer, when it fires, moves on to the deadline of the call then waiting, or ends.
+        """
+        self._handler_timer = None
+        handling = self._handling
+        if handling is None:
+            return
+        remaining = handling.deadline - self._clock.seconds()
+        if remaining > _DEADLINE_SLACK:
+            self._handler_timer = self._clock.callLater(remaining, self._check_handler)
+            return
+        self._handling = None
         handling.timed_out = True
         log.warn("The handler for {action} from {station} did not answer within {timeout}s: answered "
                  "InternalError", action=handling.action, station=self.station_id, timeout=self._handler_timeout)

@@ -701,6 +701,27 @@ def test_handler_that_never_answers_gets_internal_error_after_the_handler_timeou
     assert transport.clock.getDelayedCalls() == []
 
 
+def test_each_queued_handler_gets_its_own_full_timeout():
+    answers: list[defer.Deferred] = []
+
+    def dispatch(session, action, payload):
+        answers.append(defer.Deferred())
+        return answers[-1]
+    transport = FakeTransport(dispatch)
+    for unique_id in ("first", "second", "third"):
+        transport.receive([2, unique_id, "Heartbeat", {}])
+    transport.clock.advance(HANDLER_TIMEOUT)  # the first times out; the second is dispatched now
+    assert [frame[:3] for frame in transport.take_sent()] == [[4, "first", "InternalError"]]
+    transport.clock.advance(HANDLER_TIMEOUT / 2)
+    answers[1].callback(HEARTBEAT_ANSWER)  # the third is dispatched, half a timeout later
+    assert transport.take_sent() == [[3, "second", HEARTBEAT_ANSWER]]
+    transport.clock.advance(HANDLER_TIMEOUT - 1)
+    assert transport.sent == []
+    transport.clock.advance(1)
+    assert [frame[:3] for frame in transport.take_sent()] == [[4, "third", "InternalError"]]
+    assert transport.clock.getDelayedCalls() == []
+
+
 @pytest.mark.parametrize("late", [{"status": "Accepted"}, CallError("GenericError", "late"), KeyError("late bug")],
                          ids=["result", "call-error", "exception"])
 def test_late_handler_outcome_is_discarded_and_logged(late):
@@ -744,6 +765,8 @@ def test_handler_timeout_counts_from_dispatch_not_from_arrival():
     assert transport.take_sent() == [[3, "first", HEARTBEAT_ANSWER]]
     answers[1].callback(HEARTBEAT_ANSWER)
     assert transport.sent == [[3, "second", HEARTBEAT_ANSWER]]
+    # The session's one handler timer ends once it finds nothing waiting.
+    transport.clock.advance(HANDLER_TIMEOUT)
     assert transport.clock.getDelayedCalls() == []
 
 
