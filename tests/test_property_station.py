@@ -235,6 +235,17 @@ class Rig:
         assert await self.canary.status(1, "Available") == {}
 
 
+@pytest.fixture(autouse=True)
+def unwrapped_after_each_run(request):
+    """pytest-twisted (1.14.3) wraps a hypothesis test's inner function on the function object itself, so
+    the run for the second database would wrap it twice and block on the reactor from inside it: undo the
+    wrapping after each run."""
+    handle = request.function.hypothesis
+    inner_test = handle.inner_test
+    yield
+    handle.inner_test = inner_test
+
+
 @pytest.fixture
 def rig(csms):
     with capturedLogs() as events:
