@@ -126,7 +126,7 @@ def encode(message: list) -> bytes:
         raise ValueError(f"not expressible as JSON: {exc}") from None
 
 
-def decode_leniently(text: str | bytes):
+def _decode_leniently(text: str | bytes):
     """The standard library's reading of what orjson refused; ValueError if it is not JSON either."""
     try:
         return json.loads(text)
@@ -183,7 +183,7 @@ class OCPPSession:
             message = orjson.loads(text)
         except Exception:  # noqa: BLE001 - orjson.JSONDecodeError, or a TypeError for what is no text
             try:
-                message = decode_leniently(text)
+                message = _decode_leniently(text)
             except ValueError:
                 self._send_error(UNREADABLE_ID, "FormationViolation", "Message is not valid JSON")
                 return
@@ -387,29 +387,27 @@ class OCPPSession:
         self.stats["errors_sent"] += 1
         self._send_frame([CALLERROR, unique_id, code, description, details or {}])
 
-    def _send_frame(self, message: list) -> bool:
-        """Put one frame on the wire; False when it could not be. Never raises.
+    def _send_frame(self, message: list) -> None:
+        """Put one frame on the wire. Never raises.
 
         An answer that cannot be written as JSON (a plugin's bug) is replaced by an InternalError, so
-        the station still hears back about its call.
+        the station still hears back about its call. (A CALL cannot fail so: its payload was validated.)
         """
         if not self.connected:
-            return False
+            return
         try:
             data = encode(message)
         except ValueError as exc:
             log.error("Cannot send {kind} {unique_id!r} to {station}: {error}", kind=message[0],
                       unique_id=message[1], station=self.station_id, error=exc)
             if message[0] == CALL:
-                return False
+                return
             data = encode([CALLERROR, message[1], "InternalError", "The Central System produced an answer "
                            "it cannot encode", {}])
         try:
             self._send(data)
         except Exception:  # noqa: BLE001 - the transport's problem; the connection's close tells the rest
             log.failure("Sending to {station} failed", station=self.station_id)
-            return False
-        return True
 
     # -- outbound ----------------------------------------------------------------------------
 

@@ -579,6 +579,23 @@ def test_send_that_raises_does_not_stop_the_queue(answered_at_once):
     assert len(bad_log_events(events)) == 1
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("answer", [lambda: {"thing": object()}, lambda: {"deep": nested(5000)}],
+                         ids=["not-json", "too-deep"])
+def test_answer_that_cannot_be_written_as_json_is_sent_as_internal_error(answer):
+    transport = FakeTransport(lambda session, action, payload: answer())
+    with capturedLogs() as events:
+        transport.receive([2, "v", "AcmeThing", {}])
+    assert [frame[:3] for frame in transport.sent] == [[4, "v", "InternalError"]]
+    assert len(bad_log_events(events)) == 1
+
+
 def test_json_nested_30000_deep_is_a_formation_violation():
     transport = FakeTransport()
     with capturedLogs() as events:
