@@ -35,6 +35,7 @@ class OCPPConfig:
     unknown_stations: str = "accept"
     require_password: bool = False
     response_timeout: float = 30.0
+    handler_timeout: float = 60.0
     auto_ping_interval: float = 60.0
     auto_ping_timeout: float = 30.0
     max_message_size: int = 65536
@@ -293,6 +294,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"[csms] log_level must be one of {', '.join(LOG_LEVELS)}")
     if config.ocpp.response_timeout <= 0:
         raise ConfigError("[ocpp] response_timeout must be positive")
+    if not 0 < config.ocpp.handler_timeout < float("inf"):  # NaN fails this too
+        raise ConfigError("[ocpp] handler_timeout must be a positive number of seconds")
     if config.ocpp.max_message_size < 1024:
         raise ConfigError("[ocpp] max_message_size must be at least 1024 bytes")
     if not config.ocpp.path_prefix.startswith("/") or not config.ocpp.path_prefix.endswith("/"):

@@ -80,16 +80,19 @@ def parse_datetime(text: str) -> datetime:
     """Any ISO 8601 date-time with an offset (or ``Z``), as an aware UTC datetime.
 
     A value without an offset is read as UTC: OCPP 1.6 asks for UTC and some stations omit the ``Z``.
-    One that falls outside Python's years 1-9999 once in UTC ("0001-01-01T00:00:00+01:00") is a
-    ValueError like any other unusable text.
+    Raises ValueError for text that is not such a date-time, including one that falls outside the years
+    1 to 9999 once converted to UTC (``0001-01-01T00:00:00+01:00``), so callers need catch only that.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"a date-time is a string, not {type(text).__name__}")
     value = datetime.fromisoformat(text.strip().replace("z", "Z"))
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     try:
         return value.astimezone(timezone.utc)
     except OverflowError:
-        raise ValueError(f"{text!r} is out of range once converted to UTC") from None
+        raise ValueError(f"{text!r} is not a representable date-time: in UTC it falls outside the years "
+                         "1 to 9999") from None
 
 
 def utc_from_timestamp(seconds: float) -> datetime:

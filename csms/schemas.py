@@ -2,10 +2,17 @@
 
 Each schema is compiled once by fastjsonschema, on first use, and cached; a violation becomes the
 OCPP-J error code the specification names for it (OCPP-J 1.6 §4.2.3).
+
+The schemas say nothing of what a database can hold, so two rules are added, both answered
+PropertyConstraintViolation: every integer lies in the signed 64-bit range (the BIGINT columns), and
+every string is UTF-8 text without NUL (PostgreSQL refuses NUL; a lone surrogate is no UTF-8 at all).
+The first is compiled into each schema; the second is :func:`check_storable`, which the RPC layer runs
+only on what the JSON text says may need it (see :mod:`csms.rpc`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from importlib import resources
 
@@ -25,6 +32,9 @@ _RULE_CODES = {
 }
 
 
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 class SchemaViolation(Exception):
     """A payload does not match its action's schema."""
 
@@ -40,6 +50,63 @@ def _date_time(value: str) -> bool:
     except (ValueError, TypeError):
         return False
     return "T" in value or "t" in value
+
+
+def _bound_integers(schema):
+    """``schema`` with every integer confined to the signed 64-bit range (bounds it has are kept when
+    narrower)."""
+    if isinstance(schema, list):
+        return [_bound_integers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: value if key == "enum" else _bound_integers(value) for key, value in schema.items()}
+    kind = schema.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        bounded["minimum"] = max(schema.get("minimum", INT64_MIN), INT64_MIN)
+        bounded["maximum"] = min(schema.get("maximum", INT64_MAX), INT64_MAX)
+    return bounded
+
+
+def _unstorable(value) -> str | None:
+    """Why a decoded JSON value cannot be stored, or None when it can."""
+    kind = type(value)
+    if kind is str:
+        if "\x00" in value:
+            return "must not contain NUL (U+0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid Unicode (it holds a lone surrogate)"
+    elif kind is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            return "must be an integer in the signed 64-bit range"
+    elif kind is float:
+        if not math.isfinite(value):
+            return "must be a finite number"
+    return None
+
+
+def check_storable(value, name: str = "data") -> None:
+    """Raise :class:`SchemaViolation` (PropertyConstraintViolation) unless every string (keys too),
+    integer and number in ``value`` can be stored: see the module docstring.
+
+    Iterative, so a document nested as deep as a parser allows cannot exhaust the stack.
+    """
+    pending = [(name, value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                problem = _unstorable(key)
+                if problem is not None:
+                    raise SchemaViolation("PropertyConstraintViolation", f"{where}: a property name {problem}")
+                pending.append((f"{where}.{key}", sub))
+        elif isinstance(item, list):
+            pending.extend((f"{where}[{index}]", sub) for index, sub in enumerate(item))
+        else:
+            problem = _unstorable(item)
+            if problem is not None:
+                raise SchemaViolation("PropertyConstraintViolation", f"{where} {problem}")
 
 
 class SchemaRegistry:
@@ -62,7 +129,7 @@ class SchemaRegistry:
     def _validator(self, name: str):
         validator = self._compiled.get(name)
         if validator is None:
-            schema = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
+            schema = _bound_integers(json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8")))
             validator = fastjsonschema.compile(schema, formats={"date-time": _date_time})
             self._compiled[name] = validator
         return validator
@@ -77,8 +144,16 @@ class SchemaRegistry:
         try:
             self._validator(name)(payload)
         except fastjsonschema.JsonSchemaValueException as exc:
+            if _integer_out_of_range(exc):
+                raise SchemaViolation("PropertyConstraintViolation",
+                                      f"{exc.name} must be an integer in the signed 64-bit range") from None
             code = _RULE_CODES.get(exc.rule, "PropertyConstraintViolation")
-            raise SchemaViolation(code, exc.message) from None
+            raise SchemaViolation(code, _explained(exc)) from None
+        except (ValueError, ArithmeticError, RecursionError) as exc:
+            # A value the validator itself cannot cope with (fastjsonschema's multipleOf on an infinite
+            # number, say) is as bad a value as one it refuses.
+            raise SchemaViolation("PropertyConstraintViolation",
+                                  f"data holds a value that cannot be checked ({exc})") from None
 
     def compile_all(self) -> None:
         """Compile every schema now (at start-up) rather than on each action's first message."""
@@ -86,6 +161,28 @@ class SchemaRegistry:
             name, ext = os.path.splitext(entry.name)
             if ext == ".json":
                 self._validator(name)
+
+
+def _integer_out_of_range(exc) -> bool:
+    """Whether a "must be integer" is about an integer too wide for orjson, which reads it as a float
+    (an integral float within the 64-bit range, 5.0 say, is a type error under draft-04 as before)."""
+    value = exc.value
+    return (exc.rule == "type" and type(value) is float and isinstance(exc.definition, dict)
+            and exc.definition.get("type") == "integer" and value.is_integer()
+            and not INT64_MIN < value <= INT64_MAX)
+
+
+def _explained(exc) -> str:
+    """fastjsonschema's message, plus the reason when a well-formed date-time is out of range."""
+    if exc.rule == "format" and isinstance(exc.definition, dict) and exc.definition.get("format") == "date-time":
+        try:
+            parse_datetime(exc.value)
+        except ValueError as reason:
+            if "not a representable date-time" in str(reason):
+                return f"{exc.message}: {reason}"
+        except TypeError:
+            pass
+    return exc.message
 
 
 schemas = SchemaRegistry()

@@ -16,7 +16,8 @@ class StationSession(OCPPSession):
     """
 
     def __init__(self, app, station_id: str, dispatch, send, peer: str, protocol, admission: dict):
-        super().__init__(station_id, dispatch, send, app.clock, app.config.ocpp.response_timeout)
+        super().__init__(station_id, dispatch, send, app.clock, app.config.ocpp.response_timeout,
+                         handler_timeout=app.config.ocpp.handler_timeout)
         self.app = app
         self.peer = peer
         self.protocol = protocol

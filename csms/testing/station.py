@@ -93,6 +93,9 @@ class TestStationProtocol(WebSocketClientProtocol):
         for d in list(self._pending.values()):
             d.errback(ConnectionError(f"closed: {code} {reason}"))
         self._pending.clear()
+        # No frame can come any more: a waiter fails now rather than at its timeout.
+        while self._unmatched_waiters:
+            self._unmatched_waiters.popleft().errback(ConnectionError(f"closed: {code} {reason}"))
         if not self.closed.called:
             self.closed.callback((wasClean, code, reason))
 
