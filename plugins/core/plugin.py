@@ -36,6 +36,8 @@ class CorePlugin:
     profile = ocpp16.CORE
     inbound_actions = ocpp16.inbound_of(ocpp16.CORE)
     outbound_actions = ocpp16.outbound_of(ocpp16.CORE)
+    # Vendor plugins answer DataTransfer for their own vendorId; Core answers the rest (UnknownVendorId).
+    shared_actions = ("DataTransfer",)
     settings = (
         Setting("heartbeat_interval", int, 300, "Heartbeat interval handed to Accepted stations, in seconds."),
         Setting("boot_retry_interval", int, 60, "Interval handed to Pending or Rejected stations before they boot "
