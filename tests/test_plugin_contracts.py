@@ -1,0 +1,212 @@
+"""What a plugin may rely on, and what it may not do (issue 13, parts 5 and 7).
+
+* Route templates are checked when a route is added: one the router cannot honour stops start-up with
+  one line naming it.
+* A plugin's tables are named ``<plugin name>_...``; ``csms_...`` and another plugin's prefix are refused.
+* An OCPP action belongs to one plugin unless every plugin claiming it declares it in ``shared_actions``.
+* Every event's payload has exactly the keys docs/hooks.md lists, in real scenarios over loopback.
+"""
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from sqlalchemy import Column, Integer, MetaData, Table
+from zope.interface import implementer
+
+from csms.api import Router
+from csms.api.router import RouteError
+from csms.config import load_config
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+from csms.plugins import PluginError, make_plugin_manager
+from tests.test_plugins import install  # noqa: F401 - a fixture
+from tests.test_startup import failed_start, run_twistd, sqlite_url, write_config
+
+
+def handler(request):
+    return {}
+
+
+# -- route templates -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template, why", [
+    ("/stations/{stationId}", "placeholder {stationId}: a path parameter name is snake_case"),
+    ("/stations/{2nd}", "placeholder {2nd}: a path parameter name is snake_case"),
+    ("/stations/{}", "placeholder {}: a path parameter name is snake_case"),
+    ("/stations/{station_id", "segment '{station_id': a placeholder is a whole segment"),
+    ("/stations/station_id}", "segment 'station_id}': a placeholder is a whole segment"),
+    ("/stations/{{station_id}}", "segment '{{station_id}}': a placeholder is a whole segment"),
+    ("/files/{name}.bin", "segment '{name}.bin': a placeholder is a whole segment"),
+    ("/pairs/{a}{b}", "segment '{a}{b}': a placeholder is a whole segment"),
+    ("/stations/{station_id}/peers/{station_id}", "placeholder {station_id} appears twice"),
+    ("stations/{station_id}", "a route path starts with '/'"),
+    ("", "a route path starts with '/'"),
+    ("/stations?active=true", "a route path has no spaces, '?' or '#'"),
+])
+def test_a_template_the_router_cannot_honour_is_refused_naming_the_route(template, why):
+    with pytest.raises(RouteError) as refused:
+        Router().add("GET", template, handler, "A route")
+    assert str(refused.value).startswith(f"operator API route GET {template!r} (from {__name__}): {why}")
+
+
+def test_a_route_error_is_a_plugin_error_and_a_value_error():
+    # PluginError: start-up reports it as one line; ValueError: what the router raised before.
+    assert issubclass(RouteError, PluginError) and issubclass(RouteError, ValueError)
+
+
+def test_two_routes_differing_only_in_parameter_names_are_one_route_defined_twice():
+    router = Router()
+    router.add("GET", "/things/{thing_id}", handler, "One thing")
+    with pytest.raises(RouteError, match=r"route GET '/things/\{id\}' .*is defined twice \(as '/things/\{thing_id\}'\)"):
+        router.add("GET", "/things/{id}", handler, "The same thing")
+    router.add("DELETE", "/things/{thing_id}", handler, "Another method is another route")
+
+
+def test_snake_case_placeholders_with_digits_are_honoured():
+    router = Router()
+    router.add("GET", "/v2/{site_id}/{meter2}", handler, "Nested")
+    route, params = router.match("GET", "/v2/north/m-7")
+    assert params == {"site_id": "north", "meter2": "m-7"}
+
+
+BAD_ROUTE_PLUGIN = '''
+from zope.interface import implementer
+
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+
+
+def station_things(request):
+    return []
+
+
+@implementer(ICSMSPlugin)
+class BadRoutePlugin:
+    name = "badroute"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+    settings = ()
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        router.add("GET", "/stations/{stationId}/things", station_things, "The station's things")
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_route_template_stops_twistd_csms_with_one_line(tmp_path, install):  # noqa: F811
+    install("badroute", {"badroute": BAD_ROUTE_PLUGIN}, {"badroute": "badroute:BadRoutePlugin"})
+    config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, badroute")
+    process = run_twistd(config, str(tmp_path), env={"PYTHONPATH": str(tmp_path)})
+    await failed_start(process, "csms: operator API route GET '/stations/{stationId}/things' (from badroute): "
+                                "placeholder {stationId}: a path parameter name is snake_case "
+                                "(a-z, 0-9 and _, not starting with a digit)")
+
+
+# -- tables are reserved by plugin name ---------------------------------------------------------------
+
+
+def plugin_with_tables(name: str, *table_names: str):
+    metadata = MetaData()
+    for table_name in table_names:
+        Table(table_name, metadata, Column("id", Integer, primary_key=True))
+
+    @implementer(ICSMSPlugin)
+    class TablePlugin:
+        profile = None
+        inbound_actions = ()
+        outbound_actions = ()
+        settings = ()
+
+        @hookimpl
+        def csms_tables(self):
+            return metadata
+
+    plugin = TablePlugin()
+    plugin.name = name
+    return plugin
+
+
+def central_system(*extra_plugins, enabled: str = "core"):
+    from csms.app import CentralSystem
+
+    config = load_config(text=f"[database]\nurl = sqlite://\n[plugins]\nenabled = {enabled}\n")
+    return CentralSystem(config, extra_plugins=list(extra_plugins))
+
+
+@pytest.mark.parametrize("table, why", [
+    ("core_invoices", "that is plugin 'core''s prefix"),
+    ("firmware_images", "that is plugin 'firmware''s prefix"),  # installed, even though not enabled
+    ("csms_stations", "the csms_ prefix is the framework's"),
+    ("csms_acme", "the csms_ prefix is the framework's"),
+    ("invoices", "a plugin's tables are named acme_..."),
+    ("acmeinvoices", "a plugin's tables are named acme_..."),
+])
+def test_a_table_not_named_after_its_plugin_is_refused_at_load(table, why):
+    with pytest.raises(PluginError) as refused:
+        central_system(plugin_with_tables("acme", "acme_sessions", table))
+    assert str(refused.value) == f"plugin 'acme' declares table {table!r}: {why}"
+
+
+def test_tables_named_after_their_plugin_load():
+    app = central_system(plugin_with_tables("acme", "acme_sessions", "acme_invoices"))
+    names = {table.name for metadata in app.all_metadata() for table in metadata.sorted_tables}
+    assert {"acme_sessions", "acme_invoices", "core_transactions", "csms_stations"} <= names
+
+
+def test_a_plugin_whose_name_extends_another_owns_its_longer_prefix():
+    # core_billing's tables start with core_ too: the longest plugin name they start with decides.
+    central_system(plugin_with_tables("core_billing", "core_billing_invoices"))
+    with pytest.raises(PluginError, match="plugin 'core' declares table 'core_billing_x': that is plugin "
+                                          "'core_billing''s prefix"):
+        central_system(plugin_with_tables("core", "core_billing_x"), plugin_with_tables("core_billing"),
+                       enabled="")
+
+
+# -- actions belong to one plugin unless shared ---------------------------------------------------------
+
+
+def vendor(name: str, *, inbound=(), outbound=(), shared=None, answers=()):
+    """A vendor plugin listing ``inbound``/``outbound`` actions and implementing the handler hooks ``answers``."""
+    namespace = {"name": name, "profile": None, "inbound_actions": tuple(inbound),
+                 "outbound_actions": tuple(outbound), "settings": ()}
+    if shared is not None:
+        namespace["shared_actions"] = shared
+    for hook in answers:
+        namespace[hook] = hookimpl(lambda self, station, payload: None)
+    return implementer(ICSMSPlugin)(type(name.title(), (), namespace))()
+
+
+def test_two_plugins_answering_one_action_are_refused():
+    with pytest.raises(PluginError) as refused:
+        make_plugin_manager(["core"], extra_plugins=[vendor("acme", answers=["csms_handle_heartbeat"])])
+    assert str(refused.value) == (
+        "plugins 'core', 'acme' all answer Heartbeat: an action belongs to one plugin unless each of them "
+        "declares it shared (shared_actions = ('Heartbeat',)); not shared by 'core', 'acme'")
+
+
+def test_an_action_listed_by_two_plugins_is_refused_inbound_and_outbound():
+    with pytest.raises(PluginError, match=r"plugins 'core', 'acme' all answer StatusNotification"):
+        make_plugin_manager(["core"], extra_plugins=[vendor("acme", inbound=["StatusNotification"])])
+    with pytest.raises(PluginError, match=r"plugins 'core', 'acme' all offer Reset"):
+        make_plugin_manager(["core"], extra_plugins=[vendor("acme", outbound=["Reset"])])
+
+
+def test_data_transfer_is_shared_only_by_plugins_that_declare_it():
+    with pytest.raises(PluginError, match=r"all answer DataTransfer: .*not shared by 'acme'$"):
+        make_plugin_manager(["core"], extra_plugins=[vendor("acme", answers=["csms_handle_data_transfer"])])
+    make_plugin_manager(["core"], extra_plugins=[
+        vendor("acme", answers=["csms_handle_data_transfer"], shared=("DataTransfer",)),
+        vendor("globex", answers=["csms_handle_data_transfer"], shared=["DataTransfer"])])
+
+
+def test_an_action_nobody_else_claims_needs_no_declaration():
+    # Core disabled: a plugin may answer Heartbeat its own way.
+    make_plugin_manager(["firmware"], extra_plugins=[vendor("acme", answers=["csms_handle_heartbeat"])])
+
+
+def test_shared_actions_must_be_a_sequence_of_names():
+    with pytest.raises(PluginError, match="shared_actions must be a sequence of action names"):
+        make_plugin_manager([], extra_plugins=[vendor("acme", shared="DataTransfer")])
