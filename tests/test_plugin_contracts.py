@@ -8,6 +8,10 @@
 """
 from __future__ import annotations
 
+import inspect
+import re
+from datetime import datetime, timedelta
+
 import pytest
 import pytest_twisted
 from sqlalchemy import Column, Integer, MetaData, Table
@@ -19,8 +23,8 @@ from csms.config import load_config
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.plugins import PluginError, make_plugin_manager
-from tests.test_plugins import install  # noqa: F401 - a fixture
-from tests.test_startup import failed_start, run_twistd, sqlite_url, write_config
+from test_plugins import install  # noqa: F401 - a fixture
+from test_startup import failed_start, run_twistd, sqlite_url, write_config
 
 
 def handler(request):
@@ -210,3 +214,185 @@ def test_an_action_nobody_else_claims_needs_no_declaration():
 def test_shared_actions_must_be_a_sequence_of_names():
     with pytest.raises(PluginError, match="shared_actions must be a sequence of action names"):
         make_plugin_manager([], extra_plugins=[vendor("acme", shared="DataTransfer")])
+
+
+# -- every event's payload is what docs/hooks.md lists ------------------------------------------------------
+
+from conftest import clock_now, station_time, within  # noqa: E402
+from test_docs import HOOKS, documented_hooks  # noqa: E402
+
+from csms.rpc import OCPPSession  # noqa: E402
+from csms.schemas import schemas  # noqa: E402
+
+EVENT_HOOKS = sorted(name for name in HOOKS if name.startswith("csms_on_"))
+_TABLE_HEADER = re.compile(r"^\| (?:argument|`(\w+)`(?: and `(\w+)`)? key) \| type \| meaning \|$")
+_TABLE_ROW = re.compile(r"^\| `(\w+)` \| ([^|]+?) \| .+ \|$")
+_TYPES = {"str": str, "int": int, "bool": bool, "list": list, "dict": dict, "datetime": datetime,
+          "None": type(None), "Exception": Exception, "OCPPSession": OCPPSession}
+
+
+def documented_payload(hook: str) -> dict:
+    """{None: {argument: type text}, argument name: {key: type text}} from the tables of ``hook``'s section."""
+    tables: dict = {}
+    current = None
+    for line in documented_hooks()[hook][1].splitlines():
+        header = _TABLE_HEADER.match(line)
+        if header is not None:
+            names = [name for name in header.groups() if name] or [None]
+            current = {}
+            for name in names:
+                assert name not in tables, f"{hook}: two tables for {name or 'the arguments'}"
+                tables[name] = current
+            continue
+        row = _TABLE_ROW.match(line)
+        if row is not None and current is not None:
+            current[row.group(1)] = row.group(2)
+        elif not line.startswith("|"):
+            current = None
+    return tables
+
+
+def has_type(value, documented: str) -> bool:
+    """Whether ``value`` is of the documented type (``int or None``...); bool is not an int here."""
+    for name in documented.split(" or "):
+        assert name in _TYPES, f"docs/hooks.md uses a type the contract does not know: {name!r}"
+        expected = _TYPES[name]
+        if expected in (int, bool):
+            if type(value) is expected:
+                return True
+        elif expected is datetime:
+            if isinstance(value, datetime) and value.utcoffset() == timedelta(0):
+                return True
+        elif isinstance(value, expected):
+            return True
+    return False
+
+
+def payload_mismatches(hook: str, arguments: dict) -> list[str]:
+    """What differs between one event's actual arguments and docs/hooks.md: names, types, dict keys."""
+    documented = documented_payload(hook)
+    problems = []
+    if list(documented.get(None, {})) != list(arguments):
+        return [f"{hook}: documented arguments {list(documented.get(None, {}))}, passed {list(arguments)}"]
+    for name, value in arguments.items():
+        if not has_type(value, documented[None][name]):
+            problems.append(f"{hook}: {name}={value!r} is not {documented[None][name]}")
+        if name not in documented or value is None:
+            continue
+        keys = documented[name]
+        if set(value) != set(keys):
+            problems.append(f"{hook}: {name} has keys {sorted(value)}, docs/hooks.md lists {sorted(keys)}")
+        problems += [f"{hook}: {name}[{key!r}]={value[key]!r} is not {keys[key]}"
+                     for key in keys if key in value and not has_type(value[key], keys[key])]
+    return problems
+
+
+@implementer(ICSMSPlugin)
+class PayloadRecorder:
+    """Listens to every event hook of csms/hookspecs.py and records the arguments it is called with."""
+
+    name = "payloadrecorder"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+    settings = ()
+
+    def __init__(self):
+        self.seen: list[tuple[str, dict]] = []
+        self._waiting: dict = {}
+        for hook in EVENT_HOOKS:
+            setattr(self, hook, self._recorder(hook))
+
+    def _recorder(self, hook: str):
+        names = list(inspect.signature(HOOKS[hook]).parameters)
+
+        def record(*args):
+            self.seen.append((hook, dict(zip(names, args))))
+            for d in self._waiting.pop(hook, []):
+                d.callback(None)
+        record.__wrapped__ = HOOKS[hook]  # pluggy reads the argument names through it
+        return hookimpl(record)
+
+    def wait(self, hook: str):
+        """A Deferred firing once ``hook`` has been recorded."""
+        from twisted.internet import defer
+
+        if self.of(hook):
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.setdefault(hook, []).append(d)
+        return d
+
+    def of(self, hook: str) -> list[dict]:
+        return [arguments for name, arguments in self.seen if name == hook]
+
+
+def test_every_event_argument_and_dict_key_is_documented_with_a_known_type():
+    for hook in EVENT_HOOKS:
+        documented = documented_payload(hook)
+        assert list(documented.get(None, {})) == list(inspect.signature(HOOKS[hook]).parameters), hook
+        for table in documented.values():
+            for type_text in table.values():
+                for name in type_text.split(" or "):
+                    assert name in _TYPES, f"{hook}: unknown type {name!r}"
+
+
+async def api_ok(csms, method: str, path: str, json=None) -> dict:
+    status, body, _ = await within(csms.api(method, path, json=json))
+    assert status in (200, 201, 204), (method, path, status, body)
+    return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_event_passes_exactly_the_arguments_and_keys_docs_hooks_md_lists(csms_factory):
+    recorder = PayloadRecorder()
+    csms = await csms_factory(extra_plugins=[recorder])
+    now = station_time(clock_now(csms))
+    await api_ok(csms, "POST", "/id-tags", {"id_tag": "TAG-1", "description": "fleet card"})
+    await api_ok(csms, "PATCH", "/id-tags/TAG-1", {"status": "Blocked"})
+    await api_ok(csms, "PATCH", "/id-tags/TAG-1", {"status": "Accepted", "expiry_date": "2099-01-01T00:00:00Z"})
+
+    station = await within(csms.connect("CP-EVENTS"))
+    boot = {"chargePointVendor": "V", "chargePointModel": "M", "firmwareVersion": "1.0"}
+    await within(station.call("BootNotification", boot))
+    status = {"connectorId": 1, "status": "Available", "errorCode": "NoError", "timestamp": now}
+    await within(station.call("StatusNotification", status))
+    await within(station.call("StatusNotification", dict(status, status="Preparing", info="plugged in")))
+    start = {"connectorId": 1, "idTag": "TAG-1", "meterStart": 100, "timestamp": now, "reservationId": 7}
+    tx = (await within(station.call("StartTransaction", start)))["transactionId"]
+    meter_values = {"connectorId": 1, "transactionId": tx,
+                    "meterValue": [{"timestamp": now, "sampledValue": [{"value": "150"}]}]}
+    await within(station.call("MeterValues", meter_values))
+    outside = {"connectorId": 0, "meterValue": [{"timestamp": now, "sampledValue": [{"value": "5", "unit": "kWh"}]}]}
+    await within(station.call("MeterValues", outside))
+    stop = {"transactionId": tx, "idTag": "TAG-1", "meterStop": 200, "timestamp": now, "reason": "EVDisconnected",
+            "transactionData": meter_values["meterValue"]}
+    await within(station.call("StopTransaction", stop))
+    # Closed by the CSMS: an operator's stop, and a boot closing a start that was refused.
+    operator_tx = (await within(station.call("StartTransaction", dict(start, connectorId=1, meterStart=300))))
+    await api_ok(csms, "POST", f"/transactions/{operator_tx['transactionId']}/stop", {})
+    await within(station.call("StartTransaction", dict(start, connectorId=2, idTag="NOBODY")))
+    await within(station.call("BootNotification", boot))
+
+    await api_ok(csms, "POST", "/stations/CP-EVENTS/calls/GetConfiguration", {"key": ["HeartbeatInterval"]})
+    station.responses["ClearCache"] = ("CALLERROR", "InternalError", "cache is busy")
+    status_code, _, _ = await within(csms.api("POST", "/stations/CP-EVENTS/calls/ClearCache", json={}))
+    assert status_code == 502
+    await api_ok(csms, "DELETE", "/id-tags/TAG-1")
+    await api_ok(csms, "DELETE", "/stations/CP-EVENTS")
+    await within(recorder.wait("csms_on_station_disconnected"))
+
+    assert sorted({hook for hook, _ in recorder.seen}) == EVENT_HOOKS, "an event the scenario does not fire"
+    problems = [problem for hook, arguments in recorder.seen for problem in payload_mismatches(hook, arguments)]
+    assert problems == []
+    # A station's payload reaches listeners as the station sent it.
+    assert [e["request"] for e in recorder.of("csms_on_boot")] == [boot, boot]
+    assert recorder.of("csms_on_status_changed")[1]["request"] == dict(status, status="Preparing", info="plugged in")
+    assert recorder.of("csms_on_transaction_started")[0]["request"] == start
+    assert recorder.of("csms_on_transaction_stopped")[0]["request"] == stop
+    assert [e["meter_values"] for e in recorder.of("csms_on_meter_values")] == [meter_values["meterValue"],
+                                                                                outside["meterValue"]]
+    sending = recorder.of("csms_on_call_sending")
+    assert [e["request"] for e in sending] == [{"key": ["HeartbeatInterval"]}, {}]
+    assert recorder.of("csms_on_call_completed")[0]["request"] is sending[0]["request"]
+    assert recorder.of("csms_on_call_failed")[0]["request"] is sending[1]["request"]

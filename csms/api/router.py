@@ -17,7 +17,7 @@ from csms.plugins import PluginError
 
 #: A path parameter: a whole segment ``{name}``, the name in snake_case.
 _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-_SEGMENT_PARAM = re.compile(r"^\{(.*)\}$")
+_SEGMENT_PARAM = re.compile(r"^\{([^{}]*)\}$")
 _SNAKE_CASE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
@@ -25,14 +25,20 @@ class RouteError(PluginError, ValueError):
     """A route the router cannot serve as written: start-up stops with this one line."""
 
 
-def check_template(method: str, template: str) -> None:
+def route_label(method: str, template, handler=None) -> str:
+    """How errors name a route: method, template and, to find the plugin, the handler's module."""
+    module = getattr(handler, "__module__", None)
+    return f"operator API route {method} {template!r}" + (f" (from {module})" if module else "")
+
+
+def check_template(method: str, template: str, handler=None) -> None:
     """Refuse a template whose placeholders the router would not honour (they would match nothing).
 
     A template is a path relative to ``/api/v1`` starting with ``/``; each placeholder is a whole path
     segment ``{name}`` with a snake_case name, used once.
     """
     def refuse(why: str):
-        return RouteError(f"operator API route {method} {template!r}: {why}")
+        return RouteError(f"{route_label(method, template, handler)}: {why}")
 
     if not isinstance(template, str) or not template.startswith("/"):
         raise refuse("a route path starts with '/' (it is relative to /api/v1)")
@@ -109,12 +115,12 @@ class Route:
     path: tuple = ()
 
     def __post_init__(self):
-        check_template(self.method, self.template)
+        check_template(self.method, self.template, self.handler)
         self.params = _PARAM.findall(self.template)
         declared = {p.name: p for p in self.path}
         unknown = set(declared) - set(self.params)
         if unknown:
-            raise RouteError(f"operator API route {self.method} {self.template!r} declares path parameters "
+            raise RouteError(f"{route_label(self.method, self.template, self.handler)} declares path parameters "
                              f"it does not have: {sorted(unknown)}")
         #: Every path parameter's spec, in template order (undeclared ones are strings).
         self.path_params = tuple(declared.get(name) or Param(name) for name in self.params)
@@ -135,7 +141,7 @@ class Router:
         route = Route(method, template, handler, summary, **kwargs)
         for existing in self.routes:
             if existing.method == method and _shape(existing.template) == _shape(template):
-                raise RouteError(f"operator API route {method} {template!r} is defined twice"
+                raise RouteError(f"{route_label(method, template, handler)} is defined twice"
                                  + (f" (as {existing.template!r})" if existing.template != template else ""))
         if any(existing.operation_id == route.operation_id for existing in self.routes):
             # OpenAPI wants unique operationIds; two plugins' handlers may share a name ("history").
