@@ -396,3 +396,57 @@ async def test_every_event_passes_exactly_the_arguments_and_keys_docs_hooks_md_l
     assert [e["request"] for e in sending] == [{"key": ["HeartbeatInterval"]}, {}]
     assert recorder.of("csms_on_call_completed")[0]["request"] is sending[0]["request"]
     assert recorder.of("csms_on_call_failed")[0]["request"] is sending[1]["request"]
+
+
+# -- a stopped transaction's request is a StopTransaction payload, whoever closed it ----------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_stopped_request_is_a_valid_stop_transaction_with_a_meter_reading(csms_factory):
+    recorder = PayloadRecorder()
+    csms = await csms_factory(extra_plugins=[recorder])
+    now = station_time(clock_now(csms))
+    await api_ok(csms, "POST", "/id-tags", {"id_tag": "TAG-1"})
+    station = await within(csms.connect_booted("CP-STOPS", connectors=4))
+
+    async def start(connector_id: int, id_tag: str = "TAG-1", meter_start: int = 1000) -> int:
+        answer = await within(station.call("StartTransaction", {"connectorId": connector_id, "idTag": id_tag,
+                                                                "meterStart": meter_start, "timestamp": now}))
+        return answer["transactionId"]
+
+    by_station, metered, given = await start(1), await start(2), await start(3)
+    refused = await start(4, id_tag="NOBODY", meter_start=77)
+
+    def sampled(value: str, **sample) -> dict:
+        return {"value": value, "measurand": "Energy.Active.Import.Register", **sample}
+    await within(station.call("MeterValues", {"connectorId": 2, "transactionId": metered, "meterValue": [
+        {"timestamp": now, "sampledValue": [sampled("1500", unit="Wh"), sampled("9999", phase="L1"),
+                                            sampled("8888", unit="Wh", location="Inlet"),
+                                            {"value": "7200", "measurand": "Power.Active.Import", "unit": "W"}]},
+        {"timestamp": station_time(clock_now(csms) + timedelta(minutes=1)),
+         "sampledValue": [sampled("2.5", unit="kWh"), sampled("not a number", unit="Wh", context="Other")]}]}))
+
+    await within(station.call("StopTransaction", {"transactionId": by_station, "meterStop": 1200, "timestamp": now,
+                                                  "idTag": "TAG-1", "reason": "Local"}))
+    await api_ok(csms, "POST", f"/transactions/{metered}/stop", {"reason": "PowerLoss"})
+    await api_ok(csms, "POST", f"/transactions/{given}/stop", {"meter_stop": 4200})
+    await within(station.call("BootNotification", {"chargePointVendor": "V", "chargePointModel": "M"}))
+
+    stopped = {event["transaction"]["transaction_id"]: event for event in recorder.of("csms_on_transaction_stopped")}
+    assert sorted(stopped) == sorted([by_station, metered, given, refused])
+    for event in stopped.values():
+        schemas.validate_request("StopTransaction", event["request"])  # raises SchemaViolation if not
+        assert event["request"]["meterStop"] == event["transaction"]["meter_stop"]
+        assert event["request"]["meterStop"] - event["transaction"]["meter_start"] >= 0
+    summary = {tx: (stopped[tx]["transaction"]["stopped_by"], stopped[tx]["request"]["meterStop"],
+                    stopped[tx]["transaction"]["meter_stop_estimated"], stopped[tx]["request"].get("reason"))
+               for tx in stopped}
+    assert summary == {
+        by_station: ("station", 1200, False, "Local"),
+        metered: ("operator", 2500, True, "PowerLoss"),  # the highest register reading, 2.5 kWh
+        given: ("operator", 4200, False, "Other"),
+        refused: ("boot", 77, True, "Reboot"),  # no reading at all: meterStart
+    }
+    assert set(stopped[metered]["request"]) == {"transactionId", "meterStop", "timestamp", "reason"}
+    # What is stored (and shown) stays what was given: no reading.
+    assert (await api_ok(csms, "GET", f"/transactions/{metered}"))["meter_stop"] is None
