@@ -450,3 +450,14 @@ async def test_every_stopped_request_is_a_valid_stop_transaction_with_a_meter_re
     assert set(stopped[metered]["request"]) == {"transactionId", "meterStop", "timestamp", "reason"}
     # What is stored (and shown) stays what was given: no reading.
     assert (await api_ok(csms, "GET", f"/transactions/{metered}"))["meter_stop"] is None
+
+
+def test_the_route_example_of_docs_hooks_md_registers_and_matches():
+    section = documented_hooks()["csms_api_routes"][1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "docs/hooks.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    router = Router()
+    namespace["add_routes"](app=None, router=router)
+    route, params = router.match("GET", "/acme/stations/CP-1/sessions")
+    assert params == {"station_id": "CP-1"} and [q.name for q in route.query] == ["limit", "offset", "since"]
