@@ -17,14 +17,19 @@ import pytest_twisted
 from sqlalchemy import Column, Integer, MetaData, Table
 from zope.interface import implementer
 
+from conftest import clock_now, station_time, within
+from test_docs import HOOKS, documented_hooks
+from test_plugins import install  # noqa: F401 - a fixture
+from test_startup import failed_start, run_twistd, sqlite_url, write_config
+
 from csms.api import Router
 from csms.api.router import RouteError
 from csms.config import load_config
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.plugins import PluginError, make_plugin_manager
-from test_plugins import install  # noqa: F401 - a fixture
-from test_startup import failed_start, run_twistd, sqlite_url, write_config
+from csms.rpc import OCPPSession
+from csms.schemas import schemas
 
 
 def handler(request):
@@ -62,7 +67,8 @@ def test_a_route_error_is_a_plugin_error_and_a_value_error():
 def test_two_routes_differing_only_in_parameter_names_are_one_route_defined_twice():
     router = Router()
     router.add("GET", "/things/{thing_id}", handler, "One thing")
-    with pytest.raises(RouteError, match=r"route GET '/things/\{id\}' .*is defined twice \(as '/things/\{thing_id\}'\)"):
+    twice = r"route GET '/things/\{id\}' .*is defined twice \(as '/things/\{thing_id\}'\)"
+    with pytest.raises(RouteError, match=twice):
         router.add("GET", "/things/{id}", handler, "The same thing")
     router.add("DELETE", "/things/{thing_id}", handler, "Another method is another route")
 
@@ -217,12 +223,6 @@ def test_shared_actions_must_be_a_sequence_of_names():
 
 
 # -- every event's payload is what docs/hooks.md lists ------------------------------------------------------
-
-from conftest import clock_now, station_time, within  # noqa: E402
-from test_docs import HOOKS, documented_hooks  # noqa: E402
-
-from csms.rpc import OCPPSession  # noqa: E402
-from csms.schemas import schemas  # noqa: E402
 
 EVENT_HOOKS = sorted(name for name in HOOKS if name.startswith("csms_on_"))
 _TABLE_HEADER = re.compile(r"^\| (?:argument|`(\w+)`(?: and `(\w+)`)? key) \| type \| meaning \|$")
