@@ -16,7 +16,7 @@ from csms import ocpp16
 from csms.admission import AdmissionRequest, admission_outcome
 from csms.config import Config
 from csms.db import Database
-from csms.plugins import check_settings, loaded_plugins, make_plugin_manager
+from csms.plugins import check_settings, check_table_names, loaded_plugins, make_plugin_manager
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
 from csms.stations import StationStore
@@ -77,6 +77,7 @@ class CentralSystem:
             for action in plugin.outbound_actions:
                 self.outbound_actions[action] = plugin.name
         self.hook.csms_configure(app=self)
+        check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
 
     # -- lifecycle ---------------------------------------------------------------------------
 

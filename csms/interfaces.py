@@ -9,6 +9,11 @@ class ICSMSPlugin(Interface):
     the settings of its ``[plugin:NAME]`` section in a ``settings`` attribute, a sequence of
     :class:`csms.config.Setting` (``()`` for none). That attribute is not part of the interface, so
     that plugins written before it keep loading; their sections are then not checked.
+
+    An OCPP action belongs to one plugin: two enabled plugins that both answer it (list it in
+    ``inbound_actions`` or implement its ``csms_handle_*`` hook) or both offer it (``outbound_actions``)
+    are refused at load, unless each lists it in an optional ``shared_actions`` attribute (e.g.
+    ``("DataTransfer",)``, where each vendor answers its own vendorId and returns None for the others).
     """
 
     name = Attribute("Short name used in config (``[plugins] enabled``) and as its table prefix")

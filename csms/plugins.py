@@ -4,6 +4,10 @@ Plugins are found through the ``csms.plugins`` entry point group; the built-in p
 there exactly like a third-party plugin. Only plugins named in ``[plugins] enabled`` are loaded, so a
 disabled plugin registers no hooks and creates no tables. A plugin declares its ``[plugin:NAME]``
 settings in a ``settings`` attribute (a sequence of :class:`csms.config.Setting`).
+
+What a plugin owns is its own: its tables are named ``<name>_...`` (``csms_...`` is the framework's),
+and an OCPP action has one plugin answering or offering it unless every plugin claiming it declares it
+in ``shared_actions``.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from csms.interfaces import ICSMSPlugin
 log = Logger(namespace="csms.plugins")
 
 ENTRY_POINT_GROUP = "csms.plugins"
+#: Table names starting with this belong to the framework (stations, connection events, API tokens).
+FRAMEWORK_TABLE_PREFIX = "csms_"
 
 
 class PluginError(Exception):
@@ -46,6 +52,83 @@ def check_plugin(plugin) -> None:
     if unknown and plugin.profile is not None:
         raise PluginError(f"plugin {plugin.name!r} lists actions OCPP 1.6 does not have: {unknown}")
     declared_settings(plugin)
+    shared_actions(plugin)
+
+
+def shared_actions(plugin) -> frozenset:
+    """The actions ``plugin`` declares it shares with other plugins (its ``shared_actions``, default none)."""
+    shared = getattr(plugin, "shared_actions", ())
+    if isinstance(shared, (str, bytes)) or not all(isinstance(action, str) for action in shared):
+        raise PluginError(f"plugin {plugin.name!r}: shared_actions must be a sequence of action names, "
+                          "e.g. (\"DataTransfer\",)")
+    return frozenset(shared)
+
+
+def _claims(pm: pluggy.PluginManager, plugins: list) -> dict:
+    """(direction, action) -> names of the plugins claiming it: listing it, or implementing its handler hook."""
+    claims: dict = {}
+    for plugin in plugins:
+        for direction, actions in (("inbound", plugin.inbound_actions), ("outbound", plugin.outbound_actions)):
+            for action in actions:
+                claims.setdefault((direction, action), []).append(plugin.name)
+    for action in ocpp16.INBOUND:
+        for impl in getattr(pm.hook, ocpp16.hook_name(action)).get_hookimpls():
+            claimants = claims.setdefault(("inbound", action), [])
+            if impl.plugin_name not in claimants:
+                claimants.append(impl.plugin_name)
+    return claims
+
+
+def check_action_ownership(pm: pluggy.PluginManager) -> None:
+    """Refuse two plugins answering (or offering) one action, unless each of them declares it shared.
+
+    A shared inbound action's handlers answer in turn until one returns something (DataTransfer: each
+    vendor its own vendorId, Core last with UnknownVendorId).
+    """
+    plugins = {plugin.name: plugin for plugin in loaded_plugins(pm)}
+    for (direction, action), names in sorted(_claims(pm, list(plugins.values())).items()):
+        if len(names) < 2:
+            continue
+        exclusive = [name for name in names if action not in shared_actions(plugins[name])]
+        if exclusive:
+            verb = "answer" if direction == "inbound" else "offer"
+            raise PluginError(
+                f"plugins {', '.join(repr(n) for n in names)} all {verb} {action}: an action belongs to one "
+                f"plugin unless each of them declares it shared (shared_actions = ({action!r},)); "
+                f"not shared by {', '.join(repr(n) for n in exclusive)}")
+
+
+def table_owner(table_name: str, plugin_names) -> str | None:
+    """Whose prefix ``table_name`` has: ``csms`` (the framework), the plugin whose ``<name>_`` is its
+    longest matching prefix, or None."""
+    if table_name.startswith(FRAMEWORK_TABLE_PREFIX):
+        return "csms"
+    owners = [name for name in plugin_names if table_name.startswith(name + "_")]
+    return max(owners, key=len) if owners else None
+
+
+def check_table_names(pm: pluggy.PluginManager) -> None:
+    """Refuse a plugin table not named ``<plugin name>_...``, or named like another plugin's or the framework's.
+
+    Other plugins are every installed or loaded one, so that enabling one later cannot collide.
+    """
+    names = set(available_plugins()) | {plugin.name for plugin in loaded_plugins(pm)}
+    for impl in pm.hook.csms_tables.get_hookimpls():
+        metadata = impl.function()
+        if metadata is None:
+            continue
+        name = impl.plugin_name
+        for table in metadata.tables.values():
+            owner = table_owner(table.name, names)
+            if owner == name:
+                continue
+            if owner == "csms":
+                why = "the csms_ prefix is the framework's"
+            elif owner is not None:
+                why = f"that is plugin {owner!r}'s prefix"
+            else:
+                why = f"a plugin's tables are named {name}_..."
+            raise PluginError(f"plugin {name!r} declares table {table.name!r}: {why}")
 
 
 def declared_settings(plugin) -> tuple | None:
@@ -136,6 +219,7 @@ def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugi
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from None
+    check_action_ownership(pm)
     return pm
 
 

@@ -589,3 +589,128 @@ async def test_idle_notification_keeps_the_update_outcome(csms):
 
 
 
+
+
+# -- files change after the commit, never inside a database function (issue 13) ---------------------------
+
+
+def transiently_failing(csms, monkeypatch, descs: tuple, failures: int = 1):
+    """Make the database functions named ``descs`` raise a transient error after doing their work,
+    ``failures`` times (csms.db then reruns them in a fresh transaction, up to MAX_ATTEMPTS times)."""
+    from sqlalchemy.exc import OperationalError
+
+    run = csms.app.db.run
+
+    def run_flaky(thd, *args, desc: str = "", **kwargs):
+        if desc not in descs:
+            return run(thd, *args, desc=desc, **kwargs)
+        attempts = []
+
+        def thd_then_fail(conn, *thd_args, **thd_kwargs):
+            result = thd(conn, *thd_args, **thd_kwargs)
+            attempts.append(desc)
+            if len(attempts) <= failures:
+                raise OperationalError("COMMIT", {}, Exception("database is locked"))
+            return result
+        return run(thd_then_fail, *args, desc=desc, **kwargs)
+    monkeypatch.setattr(csms.app.db, "run", run_flaky)
+
+
+def files_under(directory) -> list[str]:
+    """Every file below ``directory`` (hidden temporary ones included), as relative paths."""
+    import pathlib
+
+    root = pathlib.Path(directory)
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_file_is_moved_or_removed_on_the_database_pool(csms, monkeypatch):
+    import os
+    import threading
+
+    calls = []
+    for name in ("replace", "rename", "remove", "unlink", "makedirs"):
+        original = getattr(os, name)
+
+        def recording(*args, _name=name, _original=original, **kwargs):
+            calls.append((_name, threading.current_thread().name))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(os, name, recording)
+
+    hosted = await upload_firmware(csms, "moved.bin")
+    assert (await csms.api("DELETE", f"/firmware-files/{hosted['id']}"))[0] == 204
+    location, _ = await http_location(csms, "FX1")
+    code, body = await put(location + "diag.zip", b"zip" * 100)
+    assert code == 201, body
+
+    assert {name for name, _ in calls} >= {"replace", "unlink", "makedirs"}
+    assert [(name, thread) for name, thread in calls if "csms-db" in thread] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rerun_database_function_stores_each_file_once(csms, monkeypatch):
+    transiently_failing(csms, monkeypatch, ("firmware_add_file", "firmware_claim_upload"))
+    hosted = await upload_firmware(csms, "rerun.bin")
+    assert files_under(plugin_of(csms).firmware_dir) == ["rerun.bin"]
+    response = await treq.get(hosted["url"], reactor=reactor)
+    assert (response.code, await treq.content(response)) == (200, FIRMWARE)
+
+    location, request_id = await http_location(csms, "FX2")
+    code, body = await put(location + "diag.zip", b"zip" * 100)
+    assert code == 201, body
+    assert files_under(plugin_of(csms).diagnostics_dir) == [f"{request_id}/diag.zip"]
+    req = (await csms.api("GET", f"/diagnostics-requests/{request_id}"))[1]
+    assert [(f["name"], f["size"]) for f in req["files"]] == [("diag.zip", 300)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deletion_that_never_commits_keeps_the_file(csms, monkeypatch):
+    from csms.db import MAX_ATTEMPTS
+
+    hosted = await upload_firmware(csms, "kept.bin")
+    transiently_failing(csms, monkeypatch, ("firmware_delete_file",), failures=MAX_ATTEMPTS)
+    status, body, _ = await csms.api("DELETE", f"/firmware-files/{hosted['id']}")
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    assert (await csms.api("GET", f"/firmware-files/{hosted['id']}"))[0] == 200
+    assert files_under(plugin_of(csms).firmware_dir) == ["kept.bin"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_cannot_be_put_in_place_leaves_no_row_and_no_file(csms, monkeypatch):
+    import os
+
+    original_replace = os.replace
+
+    def full_disk(source, target):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full_disk)
+    status, body, _ = await csms.api("POST", "/firmware-files?name=nowhere.bin", data=FIRMWARE)
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    assert (await csms.api("GET", "/firmware-files"))[1]["total"] == 0
+
+    location, request_id = await http_location(csms, "FX3")
+    code, body = await put(location + "diag.zip", b"zip")
+    assert code == 500, body
+    req = (await csms.api("GET", f"/diagnostics-requests/{request_id}"))[1]
+    assert (req["files"], req["upload_used_at"]) == ([], None)  # the credentials were given back
+    assert files_under(plugin_of(csms).firmware_dir) == files_under(plugin_of(csms).diagnostics_dir) == []
+
+    monkeypatch.setattr(os, "replace", original_replace)
+    code, body = await put(location + "diag.zip", b"zip")
+    assert code == 201, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_a_crash_interrupted_are_removed_at_start_up(csms_factory, tmp_path):
+    firmware_dir, diagnostics_dir = tmp_path / "fw", tmp_path / "diag"
+    for directory in (firmware_dir, diagnostics_dir / "7"):
+        directory.mkdir(parents=True)
+    (firmware_dir / ".upload-abc123").write_bytes(b"half an image")
+    (firmware_dir / "by-hand.bin").write_bytes(b"an operator's file")
+    (diagnostics_dir / ".upload-def456").write_bytes(b"half a log")
+    (diagnostics_dir / "7" / "diag.zip").write_bytes(b"a stored upload")
+    await csms_factory(config_text=f"[plugin:firmware]\nfirmware_dir = {firmware_dir}\n"
+                                   f"diagnostics_dir = {diagnostics_dir}\n")
+    assert files_under(firmware_dir) == ["by-hand.bin"]
+    assert files_under(diagnostics_dir) == ["7/diag.zip"]

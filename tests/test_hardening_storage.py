@@ -360,7 +360,7 @@ async def test_a_boot_closes_the_refused_starts_of_that_station_and_fires_their_
         (False, "boot", "Reboot", clock_now(csms), None)] * 2
     assert (await store.get_transaction(accepted["transactionId"]))["active"] is True  # its station will stop it
     assert [(e["station_id"], e["transaction"]["transaction_id"], e["request"]) for e in probe.of("stopped")] == [
-        ("CP-REBOOT", t["transaction_id"], {"transactionId": t["transaction_id"], "meterStop": None,
+        ("CP-REBOOT", t["transaction_id"], {"transactionId": t["transaction_id"], "meterStop": t["meter_start"],
                                             "timestamp": station_time(clock_now(csms)), "reason": "Reboot"})
         for t in closed]
 

@@ -37,6 +37,7 @@ class AcmePlugin:
     profile = None
     inbound_actions = ()
     outbound_actions = ()
+    shared_actions = ("DataTransfer",)
 
     @hookimpl
     def csms_handle_data_transfer(self, station, payload):
@@ -278,6 +279,7 @@ class AsyncVendor:
     profile = None
     inbound_actions = ()
     outbound_actions = ()
+    shared_actions = ("DataTransfer",)
 
     def __init__(self):
         self.boots: list = []

@@ -13,8 +13,57 @@ import fastjsonschema
 
 from csms.api import inputs
 from csms.api.errors import ApiError
+from csms.plugins import PluginError
 
-_PARAM = re.compile(r"\{([a-z_]+)\}")
+#: A path parameter: a whole segment ``{name}``, the name in snake_case.
+_PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+_SEGMENT_PARAM = re.compile(r"^\{([^{}]*)\}$")
+_SNAKE_CASE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class RouteError(PluginError, ValueError):
+    """A route the router cannot serve as written: start-up stops with this one line."""
+
+
+def route_label(method: str, template, handler=None) -> str:
+    """How errors name a route: method, template and, to find the plugin, the handler's module."""
+    module = getattr(handler, "__module__", None)
+    return f"operator API route {method} {template!r}" + (f" (from {module})" if module else "")
+
+
+def check_template(method: str, template: str, handler=None) -> None:
+    """Refuse a template whose placeholders the router would not honour (they would match nothing).
+
+    A template is a path relative to ``/api/v1`` starting with ``/``; each placeholder is a whole path
+    segment ``{name}`` with a snake_case name, used once.
+    """
+    def refuse(why: str):
+        return RouteError(f"{route_label(method, template, handler)}: {why}")
+
+    if not isinstance(template, str) or not template.startswith("/"):
+        raise refuse("a route path starts with '/' (it is relative to /api/v1)")
+    if any(c.isspace() or c in "?#" for c in template):
+        raise refuse("a route path has no spaces, '?' or '#' (query parameters are declared with query=...)")
+    names = []
+    for segment in template.split("/"):
+        found = _SEGMENT_PARAM.match(segment)
+        if found is None:
+            if "{" in segment or "}" in segment:
+                raise refuse(f"segment {segment!r}: a placeholder is a whole segment '{{name}}', "
+                             "with balanced braces")
+            continue
+        name = found.group(1)
+        if not _SNAKE_CASE.match(name):
+            raise refuse(f"placeholder {{{name}}}: a path parameter name is snake_case "
+                         "(a-z, 0-9 and _, not starting with a digit)")
+        if name in names:
+            raise refuse(f"placeholder {{{name}}} appears twice")
+        names.append(name)
+
+
+def _shape(template: str) -> str:
+    """The template with its parameter names left out: two routes of one shape match the same paths."""
+    return _PARAM.sub("{}", template)
 
 
 @dataclass
@@ -66,11 +115,13 @@ class Route:
     path: tuple = ()
 
     def __post_init__(self):
+        check_template(self.method, self.template, self.handler)
         self.params = _PARAM.findall(self.template)
         declared = {p.name: p for p in self.path}
         unknown = set(declared) - set(self.params)
         if unknown:
-            raise ValueError(f"route {self.template} declares path parameters it does not have: {sorted(unknown)}")
+            raise RouteError(f"{route_label(self.method, self.template, self.handler)} declares path parameters "
+                             f"it does not have: {sorted(unknown)}")
         #: Every path parameter's spec, in template order (undeclared ones are strings).
         self.path_params = tuple(declared.get(name) or Param(name) for name in self.params)
         pattern = _PARAM.sub(r"(?P<\1>[^/]+)", re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
@@ -87,10 +138,11 @@ class Router:
 
     def add(self, method: str, template: str, handler, summary: str, **kwargs) -> Route:
         method = method.upper()
-        for existing in self.routes:
-            if existing.method == method and existing.template == template:
-                raise ValueError(f"route {method} {template} is defined twice")
         route = Route(method, template, handler, summary, **kwargs)
+        for existing in self.routes:
+            if existing.method == method and _shape(existing.template) == _shape(template):
+                raise RouteError(f"{route_label(method, template, handler)} is defined twice"
+                                 + (f" (as {existing.template!r})" if existing.template != template else ""))
         if any(existing.operation_id == route.operation_id for existing in self.routes):
             # OpenAPI wants unique operationIds; two plugins' handlers may share a name ("history").
             route.operation_id = method.lower() + "_" + "_".join(re.findall(r"[a-z0-9]+", template.lower()))

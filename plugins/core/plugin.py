@@ -25,9 +25,18 @@ def _empty_answer(_) -> dict:
 
 
 def _stop_request_of(transaction: dict) -> dict:
-    """A StopTransaction payload for a transaction the CSMS closed itself (csms_on_transaction_stopped)."""
+    """The StopTransaction payload of a transaction the CSMS closed itself (csms_on_transaction_stopped):
+    the keys a station's would have, with the values recorded; no idTag, no transactionData."""
     return {"transactionId": transaction["transaction_id"], "meterStop": transaction["meter_stop"],
             "timestamp": format_datetime(transaction["stopped_at"]), "reason": transaction["stop_reason"]}
+
+
+def _as_stopped(transaction: dict, estimates: dict) -> dict:
+    """A stopped transaction as csms_on_transaction_stopped tells it: ``meter_stop`` always a number of Wh,
+    ``meter_stop_estimated`` True when no reading was given (then it is the CSMS's estimate)."""
+    if transaction["meter_stop"] is not None:
+        return dict(transaction, meter_stop_estimated=False)
+    return dict(transaction, meter_stop=estimates[transaction["transaction_id"]], meter_stop_estimated=True)
 
 
 @implementer(ICSMSPlugin)
@@ -38,6 +47,8 @@ class CorePlugin:
     profile = ocpp16.CORE
     inbound_actions = ocpp16.inbound_of(ocpp16.CORE)
     outbound_actions = ocpp16.outbound_of(ocpp16.CORE)
+    # Vendor plugins answer DataTransfer for their own vendorId; Core answers the rest (UnknownVendorId).
+    shared_actions = ("DataTransfer",)
     settings = (
         Setting("heartbeat_interval", int, 300, "Heartbeat interval handed to Accepted stations, in seconds."),
         Setting("boot_retry_interval", int, 60, "Interval handed to Pending or Rejected stations before they boot "
@@ -118,8 +129,7 @@ class CorePlugin:
             log.info("{station} booted: its transaction {tx} ({status}, never stopped) is closed",
                      station=station.station_id, tx=transaction["transaction_id"],
                      status=transaction["id_tag_status"])
-            yield self.app.fire("csms_on_transaction_stopped", station_id=station.station_id,
-                                transaction=transaction, request=_stop_request_of(transaction))
+        yield self._closed_by_csms(station.station_id, closed)
         yield self.app.fire("csms_on_boot", station_id=station.station_id, request=payload, status=status)
         interval = self.heartbeat_interval if status == "Accepted" else self.boot_retry_interval
         return {"status": status, "currentTime": format_datetime(self.app.now()), "interval": interval}
@@ -194,7 +204,7 @@ class CorePlugin:
                      station=station.station_id, tx=payload["transactionId"])
         elif stopped:
             yield self.app.fire("csms_on_transaction_stopped", station_id=station.station_id,
-                                transaction=transaction, request=payload)
+                                transaction=dict(transaction, meter_stop_estimated=False), request=payload)
         response = {}
         if payload.get("idTag"):
             info = yield self.authorize(station, payload["idTag"], "StopTransaction")
@@ -287,16 +297,26 @@ class CorePlugin:
             return None, False
         if not transaction["active"]:
             return transaction, False
-        request = {"transactionId": transaction_id, "meterStop": meter_stop,
-                   "timestamp": format_datetime(stopped_at or self.app.now()), "reason": reason}
-        transaction, stopped = yield self.store.stop_transaction(transaction["station_id"], request,
+        # Recorded as given: without a reading meter_stop stays unknown (NULL); the event estimates it.
+        recorded = {"transactionId": transaction_id, "meterStop": meter_stop,
+                    "timestamp": format_datetime(stopped_at or self.app.now()), "reason": reason}
+        transaction, stopped = yield self.store.stop_transaction(transaction["station_id"], recorded,
                                                                  stopped_by="operator")
         if stopped:
             log.info("An operator stopped transaction {tx} of {station} ({reason})", tx=transaction_id,
                      station=transaction["station_id"], reason=reason)
-            yield self.app.fire("csms_on_transaction_stopped", station_id=transaction["station_id"],
-                                transaction=transaction, request=request)
+            yield self._closed_by_csms(transaction["station_id"], [transaction])
         return transaction, stopped
+
+    @defer.inlineCallbacks
+    def _closed_by_csms(self, station_id: str, closed: list[dict]):
+        """Fire csms_on_transaction_stopped for transactions the CSMS closed (boot, operator), each with a
+        StopTransaction payload a listener can use as a station's: see docs/hooks.md."""
+        estimates = yield self.store.meter_stop_estimates([t for t in closed if t["meter_stop"] is None])
+        for transaction in closed:
+            stopped = _as_stopped(transaction, estimates)
+            yield self.app.fire("csms_on_transaction_stopped", station_id=station_id, transaction=stopped,
+                                request=_stop_request_of(stopped))
 
     # -- results of CSMS-initiated calls ---------------------------------------------------------
 

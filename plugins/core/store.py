@@ -1,6 +1,7 @@
 """The Core profile's store: every method returns a Deferred and runs its SQL on the database pool."""
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
@@ -481,6 +482,20 @@ class CoreStore:
         return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
                                      lambda result: (result[0]["id_tag"] if result[0] else None, None))
 
+    def meter_stop_estimates(self, closed: list[dict]):
+        """Fires with {transaction id: Wh} for transactions closed without a meter reading: the highest
+        energy register reading stored for each (see :func:`_energy_readings`), never below its meterStart."""
+        if not closed:
+            return defer.succeed({})
+        meter_start = {transaction["transaction_id"]: transaction["meter_start"] for transaction in closed}
+
+        def thd(conn):
+            estimates = dict(meter_start)
+            for transaction_id, wh in _energy_readings(conn, list(meter_start)):
+                estimates[transaction_id] = max(estimates[transaction_id], wh)
+            return estimates
+        return self.db.run(thd, desc="core_meter_stop_estimates")
+
     def record_meter_values(self, station_id: str, payload: dict):
         """Store MeterValues; fires the transaction id they were linked to.
 
@@ -686,6 +701,25 @@ def _meter_value_dict(row) -> dict:
     for key in ("id", "station_id", "transaction_id"):
         data.pop(key, None)
     return data
+
+
+#: What a meter reading of a transaction's energy looks like (OCPP 1.6 §7.45, §7.31): the connector's
+#: own register (all phases, at the outlet), as a plain number in Wh or kWh.
+_ENERGY_READINGS = select(meter_values.c.transaction_id, meter_values.c.value, meter_values.c.unit).where(
+    meter_values.c.transaction_id.in_(bindparam("txs", expanding=True)),
+    meter_values.c.measurand == "Energy.Active.Import.Register", meter_values.c.phase.is_(None),
+    meter_values.c.location == "Outlet", meter_values.c.format == "Raw", meter_values.c.unit.in_(("Wh", "kWh")))
+
+
+def _energy_readings(conn, transaction_ids: list[int]):
+    """(transaction id, Wh as an int) for each readable energy register sample of those transactions."""
+    for transaction_id, value, unit in conn.execute(_ENERGY_READINGS, {"txs": transaction_ids}):
+        try:
+            wh = float(value) * (1000 if unit == "kWh" else 1)
+        except ValueError:
+            continue  # a station's value that is no number: no reading
+        if math.isfinite(wh):
+            yield transaction_id, int(wh)
 
 
 def _latest_meter_values(conn, transaction_ids: list[int]) -> dict:

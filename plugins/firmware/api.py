@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
@@ -72,6 +72,9 @@ def _in_thread(app, f, *args):
 
 def add_routes(plugin, app, router):
     store = plugin.store
+    # A file is moved or removed after its row's commit: one change at a time, so that a deletion's
+    # removal never hits the image an upload of the same name has just put in place.
+    file_changes = defer.DeferredLock()
 
     async def existing_station(station_id: str):
         if await app.station_store.get(station_id) is None:
@@ -102,13 +105,22 @@ def add_routes(plugin, app, router):
             await _in_thread(app, discard, temp)
             raise unprocessable("The firmware file is empty", "empty_file")
         final = inside(plugin.firmware_dir, name)
-        try:
-            row = await store.add_firmware_file(name, size, sha256, md5, request.query.get("description"),
-                                                app.now(), lambda: os.replace(temp, final))
-        finally:
-            await _in_thread(app, discard, temp)  # already moved when stored
-        if row is None:
-            raise conflict(f"A firmware file named {name!r} exists", "firmware_file_exists")
+        async with file_changes:
+            try:
+                row = await store.add_firmware_file(name, size, sha256, md5, request.query.get("description"),
+                                                    app.now())
+            except Exception:
+                await _in_thread(app, discard, temp)
+                raise
+            if row is None:
+                await _in_thread(app, discard, temp)
+                raise conflict(f"A firmware file named {name!r} exists", "firmware_file_exists")
+            try:
+                await _in_thread(app, os.replace, temp, final)
+            except Exception:
+                await store.delete_firmware_file(row["id"])  # a row must not name a file that is not there
+                await _in_thread(app, discard, temp)
+                raise
         return Response(201, file_view(row), {"Location": f"/api/v1/firmware-files/{row['id']}"})
 
     async def list_firmware(request):
@@ -124,10 +136,12 @@ def add_routes(plugin, app, router):
 
     async def delete_firmware(request):
         file_id = request.params["file_id"]
-        removed = await store.delete_firmware_file(
-            file_id, lambda name: discard(inside(plugin.firmware_dir, name)))
-        if not removed:
-            raise not_found("firmware file", request.params["file_id"])
+        async with file_changes:
+            removed = await store.delete_firmware_file(file_id)
+            if removed is None:
+                raise not_found("firmware file", file_id)
+            # After the commit: a crash right here leaves the image on disk (see docs/firmware.md).
+            await _in_thread(app, discard, inside(plugin.firmware_dir, removed["name"]))
         return Response(204)
 
     # -- firmware updates ----------------------------------------------------------------------------

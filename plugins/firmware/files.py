@@ -13,6 +13,8 @@ import tempfile
 _FIRMWARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 CHUNK = 65536
+#: Uploads are spooled to hidden files named so (the file server never serves a hidden file).
+TEMP_PREFIX = ".upload-"
 
 
 class TooLarge(Exception):
@@ -50,7 +52,7 @@ def spool(directory: str, source, limit: int) -> tuple[str, int, str, str]:
     """
     os.makedirs(directory, exist_ok=True)
     sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    fd, temp_path = tempfile.mkstemp(prefix=".upload-", dir=directory)
+    fd, temp_path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -71,6 +73,20 @@ def spool(directory: str, source, limit: int) -> tuple[str, int, str, str]:
         discard(temp_path)
         raise
     return temp_path, size, sha256.hexdigest(), md5.hexdigest()
+
+
+def remove_leftover_uploads(directory: str) -> list[str]:
+    """Remove the temporary files of uploads a crash interrupted (never served, never in the database).
+
+    At start-up only: while the CSMS runs, such a file may be an upload in progress. Returns their names.
+    """
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                discard(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def discard(path: str | None) -> None:

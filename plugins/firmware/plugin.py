@@ -26,6 +26,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import parse_datetime
 from csms.rpc import CallErrorReceived, CallTimeout, ResponseInvalid, StationOffline
 
+from .files import remove_leftover_uploads
 from .store import FirmwareStore
 from .tables import metadata
 from .uploads import DiagnosticsUploads
@@ -182,9 +183,13 @@ class FirmwarePlugin:
         for key, directory in (("firmware_dir", self.firmware_dir), ("diagnostics_dir", self.diagnostics_dir)):
             try:
                 os.makedirs(directory, exist_ok=True)
+                leftovers = remove_leftover_uploads(directory)
             except OSError as exc:
                 raise ConfigError(f"[plugin:firmware] {key}: cannot create {directory} "
                                   f"({(exc.strerror or str(exc)).lower()})") from None
+            if leftovers:
+                log.warn("Removed {count} unfinished upload(s) from {directory}", count=len(leftovers),
+                         directory=directory)
         self.store = FirmwareStore(app.db)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
         #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.

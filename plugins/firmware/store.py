@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -63,10 +64,11 @@ class FirmwareStore:
 
     # -- firmware files --------------------------------------------------------------------------
 
-    def add_firmware_file(self, name: str, size: int, sha256: str, md5: str, description, now, finalize):
-        """Insert a file row, then ``finalize()`` (move the upload into place) in the same transaction.
+    def add_firmware_file(self, name: str, size: int, sha256: str, md5: str, description, now):
+        """Insert a file row; fires with the row, or None when the name is taken (nothing stored then).
 
-        Fires with the row, or None when the name is taken (nothing stored then).
+        The caller moves the file into place once this has committed (a database function may rerun,
+        so it touches no file).
         """
         def thd(conn):
             if conn.execute(select(files.c.id).where(files.c.name == name)).first() is not None:
@@ -79,7 +81,6 @@ class FirmwareStore:
                         uploaded_at=now)).inserted_primary_key[0]
             except IntegrityError:
                 return None
-            finalize()
             return _dict(conn.execute(select(files).where(files.c.id == new_id)).first())
         return self.db.run(thd, desc="firmware_add_file")
 
@@ -97,15 +98,15 @@ class FirmwareStore:
             return _dict(conn.execute(query).first())
         return self.db.run(thd, desc="firmware_get_file")
 
-    def delete_firmware_file(self, file_id: int, remove):
-        """Delete the row and (in the same transaction) ``remove()`` the file; fires True if it existed."""
+    def delete_firmware_file(self, file_id: int):
+        """Delete the row; fires with the deleted file's dict (its file is the caller's to remove, after
+        the commit), or None when there was none."""
         def thd(conn):
             row = conn.execute(select(files).where(files.c.id == file_id)).first()
             if row is None:
-                return False
+                return None
             conn.execute(delete(files).where(files.c.id == file_id))
-            remove(row.name)
-            return True
+            return _dict(row)
         return self.db.run(thd, desc="firmware_delete_file")
 
     # -- firmware updates and FirmwareStatusNotification ------------------------------------------
@@ -342,13 +343,13 @@ class FirmwareStore:
             return (_request_view(row) if row is not None else None), reason
         return self.db.run(thd, desc="firmware_check_upload")
 
-    def claim_upload(self, user: str, secret: str, now, name: str, size: int, sha256: str, via: str,
-                     target, place):
-        """Use the credentials once: re-check them, mark them used, insert the file row at
-        ``target(request_id) -> stored path``, then ``place(stored path)`` (move the upload there);
-        one transaction, so a failed move stores nothing.
+    def claim_upload(self, user: str, secret: str, now, name: str, size: int, sha256: str, via: str):
+        """Use the credentials once: re-check them, mark them used and insert the file row, stored at
+        ``<request id>/<name>`` under the diagnostics directory.
 
-        Fires with (file dict, None), or (None, reason) and nothing stored.
+        Fires with (file dict with its ``stored_path``, None), or (None, reason) and nothing stored. The
+        caller moves the upload there once this has committed, and calls :meth:`release_upload` if
+        that fails.
         """
         def thd(conn):
             row, reason = _check_credentials(conn, user, secret, now)
@@ -359,14 +360,24 @@ class FirmwareStore:
                 .values(upload_used_at=now)).rowcount
             if claimed != 1:
                 return None, USED
-            stored_path = target(row.id)
             file_id = conn.execute(insert(diagnostics_files).values(
-                request_id=row.id, station_id=row.station_id, name=name, stored_path=stored_path, size=size,
-                sha256=sha256, via=via, uploaded_at=now)).inserted_primary_key[0]
-            place(stored_path)
-            return _file_view(conn.execute(select(diagnostics_files).where(
-                diagnostics_files.c.id == file_id)).first()), None
+                request_id=row.id, station_id=row.station_id, name=name,
+                stored_path=os.path.join(str(row.id), name), size=size, sha256=sha256, via=via,
+                uploaded_at=now)).inserted_primary_key[0]
+            return _dict(conn.execute(select(diagnostics_files).where(diagnostics_files.c.id == file_id)).first()), None
         return self.db.run(thd, desc="firmware_claim_upload")
+
+    def release_upload(self, file_id: int):
+        """Undo :meth:`claim_upload` whose file could not be put in place: the row goes, the credentials
+        may be used again (until they expire)."""
+        def thd(conn):
+            request_id = conn.execute(select(diagnostics_files.c.request_id).where(
+                diagnostics_files.c.id == file_id)).scalar()
+            conn.execute(delete(diagnostics_files).where(diagnostics_files.c.id == file_id))
+            if request_id is not None:
+                conn.execute(update(diagnostics_requests).where(diagnostics_requests.c.id == request_id)
+                             .values(upload_used_at=None))
+        return self.db.run(thd, desc="firmware_release_upload")
 
     def list_diagnostics_files(self, limit: int, offset: int, station_id: str | None = None,
                                request_id: int | None = None):

@@ -111,23 +111,28 @@ class DiagnosticsUploads:
         except TooLarge:
             raise UploadRefused(TOO_LARGE, f"The upload is larger than {self.max_size} bytes")
         safe_name = upload_name(name)
-
-        def target(request_id: int) -> str:
-            folder = os.path.join(self.directory, str(request_id))
-            os.makedirs(folder, exist_ok=True)
-            return os.path.relpath(inside(folder, safe_name), self.directory)
-
-        def place(stored_path: str) -> None:
-            os.replace(temp, os.path.join(self.directory, stored_path))
-
         try:
-            stored, reason = yield self.store.claim_upload(user, secret, self.app.now(), safe_name, size, sha256,
-                                                           via, target, place)
-        finally:
-            yield self._in_thread(discard, temp)  # gone already when it was placed
+            stored, reason = yield self.store.claim_upload(user, secret, self.app.now(), safe_name, size, sha256, via)
+        except Exception:
+            yield self._in_thread(discard, temp)
+            raise
         if stored is None:
+            yield self._in_thread(discard, temp)
             raise UploadRefused(reason)
+        try:
+            yield self._in_thread(self._place, temp, stored["stored_path"])
+        except Exception:
+            yield self.store.release_upload(stored["id"])
+            yield self._in_thread(discard, temp)
+            raise
+        del stored["stored_path"]
         return stored
+
+    def _place(self, temp: str, stored_path: str) -> None:
+        """Move a spooled upload to ``stored_path`` (in a thread, after its row committed)."""
+        folder = os.path.join(self.directory, os.path.dirname(stored_path))
+        os.makedirs(folder, exist_ok=True)
+        os.replace(temp, inside(folder, os.path.basename(stored_path)))
 
     def path_of(self, stored_path: str) -> str:
         return inside(os.path.dirname(os.path.join(self.directory, stored_path)), os.path.basename(stored_path))
