@@ -29,6 +29,7 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.plugins import PluginError, make_plugin_manager
 from csms.rpc import OCPPSession
+from csms.session import StationSession
 from csms.schemas import schemas
 
 
@@ -228,7 +229,7 @@ EVENT_HOOKS = sorted(name for name in HOOKS if name.startswith("csms_on_"))
 _TABLE_HEADER = re.compile(r"^\| (?:argument|`(\w+)`(?: and `(\w+)`)? key) \| type \| meaning \|$")
 _TABLE_ROW = re.compile(r"^\| `(\w+)` \| ([^|]+?) \| .+ \|$")
 _TYPES = {"str": str, "int": int, "bool": bool, "list": list, "dict": dict, "datetime": datetime,
-          "None": type(None), "Exception": Exception, "OCPPSession": OCPPSession}
+          "None": type(None), "Exception": Exception, "OCPPSession": OCPPSession, "StationSession": StationSession}
 
 
 def documented_payload(hook: str) -> dict:
