@@ -218,16 +218,39 @@ class CoreStore:
         self._insert_start = (db.insert(transactions).on_conflict_do_nothing(index_elements=list(_START_KEY))
                               .returning(transactions.c.id))
         self._lock_id_tags = not db.is_sqlite
+        #: lower-cased id tag -> how many writes of it are queued or running. On PostgreSQL the pool runs
+        #: functions on several threads, so a lookup queued after a write could otherwise run before that
+        #: write commits and answer with the tag as it was.
+        self._tag_writes: dict[str, int] = {}
+        self._tag_write_waiters: dict[str, list] = {}
 
     def _changing_tag(self, d, id_tag: str):
-        """Drop ``id_tag`` from the cache now (the write is queued) and again once it is committed."""
+        """Drop ``id_tag`` from the cache now (the write is queued) and again once it is committed; lookups
+        of the tag asked for meanwhile wait for the write (:meth:`_after_tag_writes`)."""
         cache = self.tag_cache
         cache.invalidate(id_tag)
+        key = id_tag.lower()
+        self._tag_writes[key] = self._tag_writes.get(key, 0) + 1
 
         def done(result):
             cache.invalidate(id_tag)
+            left = self._tag_writes.pop(key) - 1
+            if left:
+                self._tag_writes[key] = left
+            else:
+                for waiter in self._tag_write_waiters.pop(key, ()):
+                    waiter.callback(None)
             return result
         return d.addBoth(done)
+
+    def _after_tag_writes(self, id_tag: str):
+        """None when no write of ``id_tag`` is under way, else a Deferred firing once none is."""
+        key = id_tag.lower()
+        if key not in self._tag_writes:
+            return None
+        waiter = defer.Deferred()
+        self._tag_write_waiters.setdefault(key, []).append(waiter)
+        return waiter
 
     def _changing_active(self, d, id_tag: str | None, active_of_result):
         """A transaction write: the tags it touches keep their snapshot, their ConcurrentTx answer
@@ -315,6 +338,9 @@ class CoreStore:
         answer = self.cached_id_tag_info(id_tag, check_concurrent)
         if answer is not None:
             return defer.succeed(answer)
+        pending = self._after_tag_writes(id_tag)
+        if pending is not None:
+            return pending.addCallback(lambda _: self.id_tag_info(id_tag, check_concurrent))
         now = self.now()
         concurrent = check_concurrent and self.concurrent_tx
         cache = self.tag_cache
