@@ -115,6 +115,9 @@ class OCPPSession:
     of) the response payload, or raises :class:`CallError`.
     """
 
+    #: Where action schemas come from; a station's session has its Central System's (plugin actions too).
+    schemas = schemas
+
     def __init__(self, station_id: str, dispatch, send, clock, response_timeout: float):
         """``send(data: bytes)`` puts one UTF-8 JSON text message on the wire."""
         self.station_id = station_id
@@ -207,8 +210,8 @@ class OCPPSession:
     def _handle_call(self, unique_id: str, action: str, payload: dict) -> defer.Deferred | None:
         """Answer one CALL; None when answered already, else a Deferred that fires once it is."""
         try:
-            if schemas.has_request(action):
-                schemas.validate_request(action, payload)
+            if self.schemas.has_request(action):
+                self.schemas.validate_request(action, payload)
         except SchemaViolation as exc:
             self._send_error(unique_id, exc.code, exc.message)
             return None
@@ -251,8 +254,8 @@ class OCPPSession:
             return
         try:
             # Vendor actions answered through csms_handle_call have no OCPP schema to check against.
-            if schemas.has_request(action):
-                schemas.validate_response(action, result)
+            if self.schemas.has_request(action):
+                self.schemas.validate_response(action, result)
         except SchemaViolation as exc:
             log.error("Response to {action} does not match its schema: {message} ({result!r})",
                       action=action, message=exc.message, result=result)
@@ -284,7 +287,7 @@ class OCPPSession:
         if not self.connected:
             return defer.fail(StationOffline(self.station_id))
         try:
-            schemas.validate_request(action, payload)
+            self.schemas.validate_request(action, payload)
         except SchemaViolation as exc:
             return defer.fail(RequestInvalid(action, exc.code, exc.message))
         pending = _PendingCall(action, payload)
@@ -336,7 +339,7 @@ class OCPPSession:
                                                   "CALLRESULT is not [3, UniqueId, Payload]", payload))
             return
         try:
-            schemas.validate_response(pending.action, payload)
+            self.schemas.validate_response(pending.action, payload)
         except SchemaViolation as exc:
             self._finish(pending, ResponseInvalid(pending.action, exc.code, exc.message, payload))
             return

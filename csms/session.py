@@ -18,6 +18,7 @@ class StationSession(OCPPSession):
     def __init__(self, app, station_id: str, dispatch, send, peer: str, protocol, admission: dict):
         super().__init__(station_id, dispatch, send, app.clock, app.config.ocpp.response_timeout)
         self.app = app
+        self.schemas = app.schemas
         self.peer = peer
         self.protocol = protocol
         #: What the plugins noted while admitting the station (``registration_status`` from Core).
