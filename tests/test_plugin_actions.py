@@ -33,14 +33,14 @@ REBOOT = {
 @implementer(ICSMSPlugin)
 class SecurityAndVendor:
     """The security extension's SecurityEventNotification / ExtendedTriggerMessage (schemas from the
-    ocpp package) and a vendor's AcmeHello / AcmeReboot (schemas of its own)."""
+    ocpp package) and a vendor's VendorHello / VendorReboot (schemas of its own)."""
 
     name = "secvendor"
     profile = None
     settings = ()
-    inbound_actions = ("SecurityEventNotification", "AcmeHello")
-    outbound_actions = ("ExtendedTriggerMessage", "AcmeReboot")
-    action_schemas = {"AcmeHello": HELLO, "AcmeReboot": REBOOT}
+    inbound_actions = ("SecurityEventNotification", "VendorHello")
+    outbound_actions = ("ExtendedTriggerMessage", "VendorReboot")
+    action_schemas = {"VendorHello": HELLO, "VendorReboot": REBOOT}
 
     def __init__(self):
         self.received = []
@@ -50,7 +50,7 @@ class SecurityAndVendor:
         self.received.append((station.station_id, action, payload))
         if action == "SecurityEventNotification":
             return {}
-        if action == "AcmeHello":
+        if action == "VendorHello":
             return {"status": "Accepted"} if payload["serial"] != "broken" else {"status": "Maybe"}
         return None
 
@@ -92,19 +92,19 @@ async def test_inbound_plugin_actions_are_validated_and_answered_by_their_plugin
 
     assert await within(station.call("SecurityEventNotification",
                                      {"type": "FirmwareUpdated", "timestamp": TIMESTAMP})) == {}
-    assert await within(station.call("AcmeHello", {"serial": "SN-1"})) == {"status": "Accepted"}
+    assert await within(station.call("VendorHello", {"serial": "SN-1"})) == {"status": "Accepted"}
     assert plugin.received == [
         ("CP-SEC", "SecurityEventNotification", {"type": "FirmwareUpdated", "timestamp": TIMESTAMP}),
-        ("CP-SEC", "AcmeHello", {"serial": "SN-1"})]
+        ("CP-SEC", "VendorHello", {"serial": "SN-1"})]
 
     assert (await call_error(station, "SecurityEventNotification", {"type": "X"})).code == \
         "OccurenceConstraintViolation"
-    assert (await call_error(station, "AcmeHello", {"serial": 7})).code == "TypeConstraintViolation"
-    assert (await call_error(station, "AcmeHello", {"serial": "x" * 21})).code == "PropertyConstraintViolation"
-    assert (await call_error(station, "AcmeHello", {"serial": "SN", "colour": "red"})).code == "FormationViolation"
+    assert (await call_error(station, "VendorHello", {"serial": 7})).code == "TypeConstraintViolation"
+    assert (await call_error(station, "VendorHello", {"serial": "x" * 21})).code == "PropertyConstraintViolation"
+    assert (await call_error(station, "VendorHello", {"serial": "SN", "colour": "red"})).code == "FormationViolation"
     assert len(plugin.received) == 2
     # The plugin's answer is checked against the response schema like a built-in handler's.
-    assert (await call_error(station, "AcmeHello", {"serial": "broken"})).code == "InternalError"
+    assert (await call_error(station, "VendorHello", {"serial": "broken"})).code == "InternalError"
 
 
 @pytest_twisted.ensureDeferred
@@ -112,27 +112,27 @@ async def test_outbound_plugin_actions_go_through_app_call_station_call_and_the_
     csms = await started(csms_factory)
     station = await csms.connect_booted("CP-OUT")
     station.responses["ExtendedTriggerMessage"] = {"status": "Accepted"}
-    station.responses["AcmeReboot"] = lambda payload: {"done": payload["delay"] == 0}
+    station.responses["VendorReboot"] = lambda payload: {"done": payload["delay"] == 0}
     app = csms.app
 
     assert await within(app.call("CP-OUT", "ExtendedTriggerMessage", {"requestedMessage": "Heartbeat"})) == \
         {"status": "Accepted"}
-    assert await within(app.sessions["CP-OUT"].call("AcmeReboot", {"delay": 0})) == {"done": True}
-    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/AcmeReboot", json={"delay": 5})
+    assert await within(app.sessions["CP-OUT"].call("VendorReboot", {"delay": 0})) == {"done": True}
+    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/VendorReboot", json={"delay": 5})
     assert (status, body) == (200, {"done": False})
     status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/ExtendedTriggerMessage",
                                      json={"requestedMessage": "StatusNotification", "connectorId": 1})
     assert (status, body) == (200, {"status": "Accepted"})
     assert [frame[2:] for frame in station.received_calls[-4:]] == [
-        ["ExtendedTriggerMessage", {"requestedMessage": "Heartbeat"}], ["AcmeReboot", {"delay": 0}],
-        ["AcmeReboot", {"delay": 5}], ["ExtendedTriggerMessage", {"requestedMessage": "StatusNotification",
+        ["ExtendedTriggerMessage", {"requestedMessage": "Heartbeat"}], ["VendorReboot", {"delay": 0}],
+        ["VendorReboot", {"delay": 5}], ["ExtendedTriggerMessage", {"requestedMessage": "StatusNotification",
                                                                   "connectorId": 1}]]
 
-    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/AcmeReboot", json={"delay": -1})
+    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/VendorReboot", json={"delay": -1})
     assert status == 422 and body["error"]["code"] == "invalid_ocpp_payload"
     assert body["error"]["details"]["ocpp_error_code"] == "PropertyConstraintViolation"
-    station.responses["AcmeReboot"] = {"done": "yes"}
-    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/AcmeReboot", json={"delay": 1})
+    station.responses["VendorReboot"] = {"done": "yes"}
+    status, body, _ = await csms.api("POST", "/stations/CP-OUT/calls/VendorReboot", json={"delay": 1})
     assert status == 502 and body["error"]["code"] == "station_invalid_response"
 
 
@@ -143,18 +143,18 @@ async def test_openapi_document_lists_plugin_actions_with_their_schemas(csms_fac
     assert status == 200
     operation = document["paths"]["/stations/{station_id}/calls/{action}"]["post"]
     action = next(p for p in operation["parameters"] if p["name"] == "action")
-    assert {"AcmeReboot", "ExtendedTriggerMessage", "Reset"} <= set(action["schema"]["enum"])
-    assert operation["x-ocpp-actions"]["AcmeReboot"]["plugin"] == "secvendor"
+    assert {"VendorReboot", "ExtendedTriggerMessage", "Reset"} <= set(action["schema"]["enum"])
+    assert operation["x-ocpp-actions"]["VendorReboot"]["plugin"] == "secvendor"
     components = document["components"]["schemas"]
-    assert components["AcmeRebootRequest"] == REBOOT["request"]
-    assert components["AcmeRebootResponse"] == REBOOT["response"]
+    assert components["VendorRebootRequest"] == REBOOT["request"]
+    assert components["VendorRebootResponse"] == REBOOT["response"]
     # The ocpp package's draft-06 schema, its definitions inlined for OpenAPI 3.0.
     trigger = components["ExtendedTriggerMessageRequest"]
     assert "$schema" not in trigger and "definitions" not in trigger
     assert "SignChargePointCertificate" in trigger["properties"]["requestedMessage"]["enum"]
-    assert {"$ref": "#/components/schemas/AcmeRebootRequest"} in \
+    assert {"$ref": "#/components/schemas/VendorRebootRequest"} in \
         operation["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
-    assert "AcmeHelloRequest" not in components  # inbound only: not something an operator sends
+    assert "VendorHelloRequest" not in components  # inbound only: not something an operator sends
 
 
 @pytest.fixture
@@ -169,11 +169,11 @@ def installed_but_disabled(monkeypatch):
 async def test_a_disabled_plugins_actions_answer_not_supported(csms_factory, installed_but_disabled):
     csms = await csms_factory()
     station = await csms.connect_booted("CP-OFF")
-    error = await call_error(station, "AcmeHello", {"serial": "SN-1"})
+    error = await call_error(station, "VendorHello", {"serial": "SN-1"})
     assert error.code == "NotSupported" and "secvendor plugin" in error.frame[3]
-    assert (await call_error(station, "AcmeUnheardOf", {})).code == "NotImplemented"
+    assert (await call_error(station, "VendorUnheardOf", {})).code == "NotImplemented"
 
-    status, body, _ = await csms.api("POST", "/stations/CP-OFF/calls/AcmeReboot", json={"delay": 1})
+    status, body, _ = await csms.api("POST", "/stations/CP-OFF/calls/VendorReboot", json={"delay": 1})
     assert status == 404 and body["error"]["code"] == "action_unavailable"
     assert "secvendor plugin, which is not enabled" in body["error"]["message"]
     with pytest.raises(ActionUnavailable, match="secvendor plugin"):
@@ -195,15 +195,15 @@ def vendor(**attributes):
 
 
 @pytest.mark.parametrize("attributes, message", [
-    ({"action_schemas": {}}, "adds AcmeHello without a schema"),
-    ({"action_schemas": {"AcmeHello": HELLO, "AcmeReboot": REBOOT, "AcmeOther": HELLO}},
-     r"neither answers nor offers.*AcmeOther"),
-    ({"action_schemas": {"AcmeHello": HELLO, "AcmeReboot": REBOOT, "Reset": HELLO}}, r"OCPP 1.6 defines.*Reset"),
-    ({"action_schemas": {"AcmeHello": HELLO["request"], "AcmeReboot": REBOOT}}, r'\{"request": schema'),
-    ({"action_schemas": {"AcmeHello": {"request": {"type": "nonsense"}, "response": {}}, "AcmeReboot": REBOOT}},
-     "AcmeHello schema does not compile"),
-    ({"action_schemas": {"AcmeHello": {"request": "/nonexistent/AcmeHello.json", "response": {}},
-                         "AcmeReboot": REBOOT}}, "No such file"),
+    ({"action_schemas": {}}, "adds VendorHello without a schema"),
+    ({"action_schemas": {"VendorHello": HELLO, "VendorReboot": REBOOT, "VendorOther": HELLO}},
+     r"neither answers nor offers.*VendorOther"),
+    ({"action_schemas": {"VendorHello": HELLO, "VendorReboot": REBOOT, "Reset": HELLO}}, r"OCPP 1.6 defines.*Reset"),
+    ({"action_schemas": {"VendorHello": HELLO["request"], "VendorReboot": REBOOT}}, r'\{"request": schema'),
+    ({"action_schemas": {"VendorHello": {"request": {"type": "nonsense"}, "response": {}}, "VendorReboot": REBOOT}},
+     "VendorHello schema does not compile"),
+    ({"action_schemas": {"VendorHello": {"request": "/nonexistent/VendorHello.json", "response": {}},
+                         "VendorReboot": REBOOT}}, "No such file"),
 ])
 def test_plugin_action_declaration_mistakes_stop_the_start(attributes, message):
     with pytest.raises(PluginError, match=message):
@@ -213,8 +213,8 @@ def test_plugin_action_declaration_mistakes_stop_the_start(attributes, message):
 def test_plugin_schemas_belong_to_their_central_system():
     with_plugin = central_system(SecurityAndVendor())
     without = central_system()
-    assert with_plugin.schemas.has_request("AcmeHello")
-    assert not without.schemas.has_request("AcmeHello")
+    assert with_plugin.schemas.has_request("VendorHello")
+    assert not without.schemas.has_request("VendorHello")
     assert without.schemas.has_request("SignCertificate")  # the ocpp package ships the security extension's
 
 
@@ -223,7 +223,7 @@ def test_schema_files_load_from_a_directory(tmp_path):
 
     from csms.schemas import schemas_in
 
-    (tmp_path / "AcmeHello.json").write_text(json.dumps(HELLO["request"]))
-    (tmp_path / "AcmeHelloResponse.json").write_text(json.dumps(HELLO["response"]))
-    app = central_system(vendor(action_schemas={**schemas_in(str(tmp_path), "AcmeHello"), "AcmeReboot": REBOOT}))
-    assert app.schemas.schema("AcmeHello") == HELLO["request"]
+    (tmp_path / "VendorHello.json").write_text(json.dumps(HELLO["request"]))
+    (tmp_path / "VendorHelloResponse.json").write_text(json.dumps(HELLO["response"]))
+    app = central_system(vendor(action_schemas={**schemas_in(str(tmp_path), "VendorHello"), "VendorReboot": REBOOT}))
+    assert app.schemas.schema("VendorHello") == HELLO["request"]
