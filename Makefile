@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test install clean
 
+# The worked example of a vendor plugin (examples/acme-plugin) is installed too: its tests run with ours.
 # twistd finds `twistd csms` through twisted/plugins/csms_plugin.py in a `twisted/plugins` directory on
 # sys.path, which an editable install does not provide (a wheel needs nothing). The .pth written below
 # adds a directory of the venv holding only a link to that file: putting the checkout itself on sys.path
@@ -13,10 +14,11 @@ STAMP  := $(VENV)/.installed
 # (csms-checkout.pth, which earlier versions of this file wrote, did that).
 TWISTD_PLUGINS := $(abspath $(VENV))/twistd-plugins
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+$(STAMP): setup.cfg pyproject.toml Makefile examples/acme-plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,postgresql,bench]'
+	$(BIN)/pip install --quiet -e examples/acme-plugin
 	mkdir -p $(TWISTD_PLUGINS)/twisted/plugins
 	ln -sf $(CURDIR)/twisted/plugins/csms_plugin.py $(TWISTD_PLUGINS)/twisted/plugins/csms_plugin.py
 	site=$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])') && \
@@ -31,7 +33,7 @@ run: $(STAMP)
 	mkdir -p var
 	$(BIN)/twistd --pidfile= -n csms --config etc/csms.ini
 
-## Set everything up and run the tests (PostgreSQL too when CSMS_TEST_POSTGRES_URL is set).
+## Set everything up and run the tests, the example plugin's too (PostgreSQL too when CSMS_TEST_POSTGRES_URL is set).
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csms import ocpp16
+from csms.actions import build_catalogue
 from csms.admission import AdmissionRequest, admission_outcome
 from csms.config import Config
 from csms.db import Database
@@ -69,13 +70,15 @@ class CentralSystem:
         self.sessions: dict = {}
         self.plugins = loaded_plugins(self.pm)
         check_settings(config, self.plugins)
-        self.inbound_actions: dict[str, str] = {}
-        self.outbound_actions: dict[str, str] = {}
-        for plugin in self.plugins:
-            for action in plugin.inbound_actions:
-                self.inbound_actions[action] = plugin.name
-            for action in plugin.outbound_actions:
-                self.outbound_actions[action] = plugin.name
+        #: Who provides each action, enabled or not; see :mod:`csms.actions`.
+        self.actions = build_catalogue(self.plugins, schemas, config.enabled_plugins, config.blocked_plugins)
+        #: The schemas of OCPP 1.6 and of every action the enabled plugins add.
+        self.schemas = self.actions.schemas
+        #: action -> the enabled plugin that answers it / offers it.
+        self.inbound_actions: dict[str, str] = self.actions.inbound
+        self.outbound_actions: dict[str, str] = self.actions.outbound
+        #: Added inbound action -> ``csms_handle_call`` of the plugins declaring it, and of no other.
+        self._added_callers = {action: self._owners_handle_call(action) for action in self.actions.added_inbound()}
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
 
@@ -94,14 +97,14 @@ class CentralSystem:
         """Start the database pool and create every enabled plugin's tables."""
         self.db.start()
         # Compile every OCPP schema once, off the reactor thread, before the first station arrives.
-        yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), schemas.compile_all)
+        yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.schemas.compile_all)
         yield self.db.run(self.create_tables, desc="create_tables")
 
     def start_blocking(self) -> None:
         """:meth:`start` on the calling thread, for ``twistd csms``: it starts services before the
         reactor runs, and only a failure raised then gives the process a non-zero exit status."""
         self.db.start()
-        schemas.compile_all()
+        self.schemas.compile_all()
         self.db.run_sync(self.create_tables)
 
     def create_tables(self, conn) -> None:
@@ -135,10 +138,23 @@ class CentralSystem:
                                 f"{action} belongs to the {ocpp16.INBOUND[action]} profile, "
                                 "which is not enabled on this Central System")
             return result
+        caller = self._added_callers.get(action)
+        if caller is not None:
+            result = caller(station=station, action=action, payload=payload)
+            if result is None:
+                raise CallError("InternalError", f"The {self.inbound_actions[action]} plugin did not answer {action}")
+            return result
+        if action in self.actions.disabled_inbound:
+            raise CallError("NotSupported", f"{action} belongs to the {self.actions.disabled_inbound[action]} "
+                                            "plugin, which is not enabled on this Central System")
         result = self.hook.csms_handle_call(station=station, action=action, payload=payload)
         if result is None:
             raise CallError("NotImplemented", f"Action {action!r} is not implemented by this Central System")
         return result
+
+    def _owners_handle_call(self, action: str):
+        others = [plugin for plugin in self.plugins if action not in plugin.inbound_actions]
+        return self.pm.subset_hook_caller("csms_handle_call", remove_plugins=others)
 
     def listened(self, hook_name: str) -> bool:
         """Whether any plugin implements the event hook ``hook_name`` (to skip building a costly event)."""
@@ -201,12 +217,16 @@ class CentralSystem:
 
     def action_profile(self, action: str) -> str:
         """The enabled plugin that provides a CSMS-initiated ``action``, or raise :class:`ActionUnavailable`."""
-        if action not in ocpp16.OUTBOUND:
-            raise ActionUnavailable(f"{action!r} is not a Central System-initiated OCPP 1.6 action")
-        if action not in self.outbound_actions:
+        if action in self.outbound_actions:
+            return self.outbound_actions[action]
+        if action in ocpp16.OUTBOUND:
             raise ActionUnavailable(f"{action} belongs to the {ocpp16.OUTBOUND[action]} profile, "
                                     "which is not enabled on this Central System")
-        return self.outbound_actions[action]
+        if action in self.actions.disabled_outbound:
+            raise ActionUnavailable(f"{action} belongs to the {self.actions.disabled_outbound[action]} plugin, "
+                                    "which is not enabled on this Central System")
+        raise ActionUnavailable(f"{action!r} is not a Central System-initiated OCPP 1.6 action, nor one "
+                                "an enabled plugin offers")
 
     def call(self, station_id: str, action: str, payload: dict) -> defer.Deferred:
         """Send ``action`` to a connected station; fires with its validated response payload.
@@ -257,7 +277,7 @@ class CentralSystem:
         from csms.schemas import SchemaViolation
 
         try:
-            schemas.validate_request(action, payload)
+            self.schemas.validate_request(action, payload)
         except SchemaViolation:
             return defer.succeed(False)
         try:

@@ -143,6 +143,9 @@ class OCPPSession:
     of) the response payload, or raises :class:`CallError`.
     """
 
+    #: Where action schemas come from; a station's session has its Central System's (plugin actions too).
+    schemas = schemas
+
     def __init__(self, station_id: str, dispatch, send, clock, response_timeout: float, *,
                  handler_timeout: float):
         """``send(data: bytes)`` puts one UTF-8 JSON text message on the wire; ``response_timeout`` is
@@ -265,12 +268,12 @@ class OCPPSession:
         """
         try:
             try:
-                known = schemas.has_request(action)
+                known = self.schemas.has_request(action)
                 if screen or not known:  # a vendor action has no schema to bound its integers
                     check_storable(payload)
                     check_storable(action, "Action")
                 if known:
-                    schemas.validate_request(action, payload)
+                    self.schemas.validate_request(action, payload)
             except SchemaViolation as exc:
                 self._send_error(unique_id, exc.code, exc.message)
                 return False
@@ -365,8 +368,8 @@ class OCPPSession:
             return
         try:
             # Vendor actions answered through csms_handle_call have no OCPP schema to check against.
-            if schemas.has_request(action):
-                schemas.validate_response(action, result)
+            if self.schemas.has_request(action):
+                self.schemas.validate_response(action, result)
         except SchemaViolation as exc:
             log.error("Response to {action!r} does not match its schema: {message} ({result!r})",
                       action=action, message=exc.message, result=result)
@@ -417,7 +420,7 @@ class OCPPSession:
             return defer.fail(StationOffline(self.station_id))
         try:
             check_storable(payload)
-            schemas.validate_request(action, payload)
+            self.schemas.validate_request(action, payload)
         except SchemaViolation as exc:
             return defer.fail(RequestInvalid(action, exc.code, exc.message))
         pending = _PendingCall(action, payload)
@@ -471,7 +474,7 @@ class OCPPSession:
         try:
             if screen:
                 check_storable(payload)
-            schemas.validate_response(pending.action, payload)
+            self.schemas.validate_response(pending.action, payload)
         except SchemaViolation as exc:
             self._finish(pending, ResponseInvalid(pending.action, exc.code, exc.message, payload))
             return

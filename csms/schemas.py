@@ -1,7 +1,12 @@
-"""Validation against the official OCPP 1.6 JSON schemas (shipped by the ``ocpp`` package).
+"""Validation against the official OCPP 1.6 JSON schemas (shipped by the ``ocpp`` package), and
+against the schemas plugins declare for the actions they add.
 
 Each schema is compiled once by fastjsonschema, on first use, and cached; a violation becomes the
-OCPP-J error code the specification names for it (OCPP-J 1.6 §4.2.3).
+OCPP-J error code the specification names for it (OCPP-J 1.6 §4.2.3). The ``ocpp`` package's directory
+also holds the OCPP 1.6 security extension's schemas (SignCertificate, SecurityEventNotification...):
+a plugin declaring one of those actions needs to ship nothing. Plugin schemas live in a registry of
+the Central System's own (:meth:`SchemaRegistry.extended`), so two Central Systems in one process
+(tests) may load different plugins.
 
 The schemas say nothing of what a database can hold, so two rules are added, both answered
 PropertyConstraintViolation: every integer lies in the signed 64-bit range (the BIGINT columns), and
@@ -15,6 +20,7 @@ import json
 import math
 import os
 from importlib import resources
+from pathlib import Path
 
 import fastjsonschema
 
@@ -109,16 +115,76 @@ def check_storable(value, name: str = "data") -> None:
                 raise SchemaViolation("PropertyConstraintViolation", f"{where} {problem}")
 
 
+def load_schema(source) -> dict:
+    """A JSON schema given as a dict, or as the path of a JSON file (a string, an ``os.PathLike`` or an
+    ``importlib.resources`` traversable, as ``files("my_plugin") / "schemas" / "Foo.json"``)."""
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as file:
+            return json.load(file)
+    if hasattr(source, "read_text"):
+        return json.loads(source.read_text(encoding="utf-8"))
+    raise TypeError(f"a schema is a dict or the path of a JSON file, not {source!r}")
+
+
+def schemas_in(directory, *actions: str) -> dict:
+    """``{action: {"request": directory/<action>.json, "response": directory/<action>Response.json}}``,
+    the layout of the ``ocpp`` package, for a plugin's ``action_schemas``."""
+    if isinstance(directory, str):
+        directory = Path(directory)
+    return {action: {"request": directory / f"{action}.json", "response": directory / f"{action}Response.json"}
+            for action in actions}
+
+
+def _compile(schema: dict):
+    return fastjsonschema.compile(_bound_integers(schema), formats={"date-time": _date_time})
+
+
 class SchemaRegistry:
     """Compiled validators for requests and responses, keyed by action name."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: SchemaRegistry | None = None) -> None:
         self._compiled: dict[str, object] = {}
         self._dir = resources.files(_SCHEMA_PACKAGE) / "schemas"
         self._actions: set[str] | None = None
+        self._parent = parent
+        #: Request or response name -> schema, for the actions registered here (not the ``ocpp`` package's).
+        self._registered: dict[str, dict] = {}
+
+    def extended(self) -> SchemaRegistry:
+        """A registry knowing everything this one knows (sharing its compiled validators), where
+        :meth:`register` adds actions without changing this one."""
+        return SchemaRegistry(parent=self)
+
+    def register(self, action: str, request, response) -> None:
+        """Add ``action``'s request and response schemas (dicts or JSON file paths, see :func:`load_schema`),
+        compiled now. Raises ValueError for a schema fastjsonschema cannot compile."""
+        compiled = {}
+        for name, source in ((action, request), (action + "Response", response)):
+            schema = load_schema(source)
+            try:
+                compiled[name] = (schema, _compile(schema))
+            except fastjsonschema.JsonSchemaDefinitionException as exc:
+                raise ValueError(f"{name} schema does not compile: {exc}") from None
+        for name, (schema, validator) in compiled.items():
+            self._registered[name] = schema
+            self._compiled[name] = validator
+
+    def schema(self, name: str) -> dict:
+        """The JSON schema of a request (``"Reset"``) or a response (``"ResetResponse"``)."""
+        if name in self._registered:
+            return self._registered[name]
+        if self._parent is not None:
+            return self._parent.schema(name)
+        return json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
 
     def has_request(self, action: str) -> bool:
-        """Whether OCPP 1.6 defines ``action`` (and so a request schema for it)."""
+        """Whether ``action`` has a request schema: OCPP 1.6 (with the security extension) or registered."""
+        if action in self._registered:
+            return True
+        if self._parent is not None:
+            return self._parent.has_request(action)
         if self._actions is None:
             self._actions = {
                 entry.name[:-5] for entry in self._dir.iterdir()
@@ -129,8 +195,10 @@ class SchemaRegistry:
     def _validator(self, name: str):
         validator = self._compiled.get(name)
         if validator is None:
-            schema = _bound_integers(json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8")))
-            validator = fastjsonschema.compile(schema, formats={"date-time": _date_time})
+            if self._parent is not None:
+                return self._parent._validator(name)
+            schema = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
+            validator = _compile(schema)
             self._compiled[name] = validator
         return validator
 
@@ -157,6 +225,9 @@ class SchemaRegistry:
 
     def compile_all(self) -> None:
         """Compile every schema now (at start-up) rather than on each action's first message."""
+        if self._parent is not None:
+            self._parent.compile_all()  # registered schemas were compiled when registered
+            return
         for entry in self._dir.iterdir():
             name, ext = os.path.splitext(entry.name)
             if ext == ".json":

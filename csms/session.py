@@ -19,6 +19,7 @@ class StationSession(OCPPSession):
         super().__init__(station_id, dispatch, send, app.clock, app.config.ocpp.response_timeout,
                          handler_timeout=app.config.ocpp.handler_timeout)
         self.app = app
+        self.schemas = app.schemas
         self.peer = peer
         self.protocol = protocol
         #: What the plugins noted while admitting the station (``registration_status`` from Core).

@@ -16,7 +16,10 @@ def make_router(app) -> Router:
     router = Router()
     stations.add_routes(app, router)
     app.hook.csms_api_routes(app=app, router=router)
-    router.add("GET", "/openapi.json", lambda request: openapi.build_openapi(router),
+    def document(request):
+        return openapi.build_openapi(router, stations.call_actions(app), stations.CALL_ROUTE)
+
+    router.add("GET", "/openapi.json", document,
                "This document: the OpenAPI 3 description of every route", tags=("meta",), auth=False,
                operation_id="get_openapi")
     return router

@@ -20,8 +20,49 @@ def _schema(param) -> dict:
             **({"maximum": param.maximum} if param.maximum is not None else {})}
 
 
-def build_openapi(router) -> dict:
+def _inlined(schema, definitions: dict):
+    """A JSON schema as OpenAPI 3.0 takes it: local ``#/definitions/...`` references replaced by what
+    they point at, and the draft's own keywords (``$schema``, ``$id``, ``id``, ``definitions``) left out."""
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/definitions/"):
+        return _inlined(definitions[ref[len("#/definitions/"):]], definitions)
+    return {key: _inlined(value, definitions) if key not in ("enum", "required") else value
+            for key, value in schema.items() if key not in ("$schema", "$id", "id", "definitions")}
+
+
+def ocpp_component(schema: dict) -> dict:
+    return _inlined(schema, schema.get("definitions", {}))
+
+
+def _document_calls(operation: dict, components: dict, call_actions: dict) -> None:
+    """The generic call route: its ``action`` one of ``call_actions`` (action -> {"plugin", "request",
+    "response"}), its body and answer that action's schemas (listed under ``x-ocpp-actions``)."""
+    catalogue = {}
+    for action, entry in sorted(call_actions.items()):
+        components[f"{action}Request"] = ocpp_component(entry["request"])
+        components[f"{action}Response"] = ocpp_component(entry["response"])
+        catalogue[action] = {"plugin": entry["plugin"],
+                             "request": {"$ref": f"#/components/schemas/{action}Request"},
+                             "response": {"$ref": f"#/components/schemas/{action}Response"}}
+    for parameter in operation["parameters"]:
+        if parameter["name"] == "action":
+            parameter["schema"] = {"type": "string", "enum": sorted(call_actions)}
+    operation["requestBody"]["content"]["application/json"]["schema"] = {
+        "oneOf": [entry["request"] for entry in catalogue.values()]}
+    operation["responses"]["200"] = {"description": "The station's response payload", "content": {
+        "application/json": {"schema": {"oneOf": [entry["response"] for entry in catalogue.values()]}}}}
+    operation["x-ocpp-actions"] = catalogue
+
+
+def build_openapi(router, call_actions: dict | None = None, call_template: str | None = None) -> dict:
+    """The document for ``router``. ``call_actions`` (action -> {"plugin", "request", "response"}) are
+    the actions the route ``POST call_template`` sends, documented with their OCPP schemas."""
     paths: dict = {}
+    components: dict = {}
     for route in router.routes:
         operation = {
             "operationId": route.operation_id,
@@ -54,6 +95,8 @@ def build_openapi(router) -> dict:
                                                      "content": {"application/json": {"schema": _ERROR}}})
         if not route.auth:
             operation["security"] = []
+        if call_actions and route.method == "POST" and route.template == call_template:
+            _document_calls(operation, components, call_actions)
         paths.setdefault(route.template, {})[route.method.lower()] = operation
     return {
         "openapi": "3.0.3",
@@ -68,7 +111,7 @@ def build_openapi(router) -> dict:
                 "type": "object", "required": ["error"],
                 "properties": {"error": {"type": "object", "required": ["status", "code", "message"], "properties": {
                     "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"},
-                    "details": {"type": "object"}}}}}},
+                    "details": {"type": "object"}}}}}, **components},
         },
         "paths": paths,
     }

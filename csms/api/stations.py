@@ -11,7 +11,7 @@ from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
 from csms.app import ActionUnavailable, CallRefused
 from csms.passwords import hash_password
-from csms.schemas import SchemaViolation, schemas
+from csms.schemas import SchemaViolation
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
 from csms.stations import REGISTRATION_STATUSES
 
@@ -37,6 +37,17 @@ STATION_UPDATE = {
 }
 PASSWORD_SET = {"type": "object", "additionalProperties": False, "required": ["password"],
                 "properties": {"password": PASSWORD}}
+
+
+#: The generic route sending any CSMS-initiated call (the OpenAPI document lists the actions it takes).
+CALL_ROUTE = "/stations/{station_id}/calls/{action}"
+
+
+def call_actions(app) -> dict:
+    """Every action the generic call route sends on ``app``: action -> {"plugin", "request", "response"}."""
+    return {action: {"plugin": plugin, "request": app.schemas.schema(action),
+                     "response": app.schemas.schema(action + "Response")}
+            for action, plugin in app.outbound_actions.items()}
 
 
 def _hash(app, password: str):
@@ -177,8 +188,9 @@ def add_routes(app, router):
     router.add("GET", "/stations/{station_id}/events", station_events,
                "Connection events (connected, disconnected, replaced, refused), newest first", tags=tags,
                query=PAGINATION, responses={"200": "OK", "404": "Unknown station"})
-    router.add("POST", "/stations/{station_id}/calls/{action}", call_action,
-               "Send any CSMS-initiated OCPP 1.6 call; the body is the OCPP request payload",
+    router.add("POST", CALL_ROUTE, call_action,
+               "Send any CSMS-initiated OCPP call (OCPP 1.6's, or one a plugin adds); the body is the OCPP "
+               "request payload",
                tags=("commands",), body={"type": "object"},
                description="Answers with the station's response payload. 404: unknown station or an action no "
                            "enabled plugin provides; 409: station not connected; 422: payload not valid for the "
@@ -196,7 +208,7 @@ async def send_call(app, station_id: str, action: str, payload: dict):
     the station is connected.
     """
     try:
-        schemas.validate_request(action, payload)
+        app.schemas.validate_request(action, payload)
     except SchemaViolation as exc:
         raise unprocessable(f"Invalid {action} payload: {exc.message.replace('data.', '').replace('data ', '')}",
                             "invalid_ocpp_payload", ocpp_error_code=exc.code)

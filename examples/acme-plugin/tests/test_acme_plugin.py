@@ -1,0 +1,94 @@
+"""ACME's plugin, tested with the CSMS's own pytest plugin (``csms.testing``, installed with csms):
+``csms_factory`` starts a real Central System on loopback, on SQLite and (when
+CSMS_TEST_POSTGRES_URL is set) on PostgreSQL; ``connect_booted`` gives a test station that has booted."""
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from csms.testing.station import CallErrorFrame
+
+TIMEOUT = 10
+HELLO = {"serialNumber": "ACME-0042", "moduleCount": 4}
+
+
+async def acme_csms(csms_factory):
+    """Core and ACME (acmehub) enabled by their entry point names, as an operator's [plugins] enabled would."""
+    return await csms_factory(plugins=["core", "acmehub"])
+
+
+def waited(deferred):
+    return deferred.addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_acme_hello_is_recorded_and_listed(csms_factory):
+    csms = await acme_csms(csms_factory)
+    station = await csms.connect_booted("ACME-1")
+    assert await station.call("AcmeHello", HELLO) == {"status": "Accepted"}
+
+    status, body, _ = await csms.api("GET", "/acmehub/stations/ACME-1/hellos")
+    assert status == 200
+    assert [(h["serial_number"], h["module_count"]) for h in body["items"]] == [("ACME-0042", 4)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_acme_hello_outside_its_schema_gets_the_schema_error(csms_factory):
+    csms = await acme_csms(csms_factory)
+    station = await csms.connect_booted("ACME-2")
+    with pytest.raises(CallErrorFrame) as caught:
+        await station.call("AcmeHello", {"serialNumber": "ACME-0042", "moduleCount": 17})
+    assert caught.value.code == "PropertyConstraintViolation"
+    status, body, _ = await csms.api("GET", "/acmehub/stations/ACME-2/hellos")
+    assert (status, body["items"]) == (200, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_reboot_route_sends_acme_reboot(csms_factory):
+    csms = await acme_csms(csms_factory)
+    station = await csms.connect_booted("ACME-3")
+    station.responses["AcmeReboot"] = lambda payload: {"status": "Accepted" if payload["module"] <= 4 else "Rejected"}
+
+    status, body, _ = await csms.api("POST", "/acmehub/stations/ACME-3/reboot", json={"module": 2})
+    assert (status, body) == (200, {"status": "Accepted"})
+    assert await waited(station.wait_for_call("AcmeReboot")) == {"module": 2}
+    # The generic call route takes the vendor action too.
+    status, body, _ = await csms.api("POST", "/stations/ACME-3/calls/AcmeReboot", json={"module": 9})
+    assert (status, body) == (200, {"status": "Rejected"})
+
+    status, body, _ = await csms.api("POST", "/acmehub/stations/ACME-3/reboot", json={"module": 0})
+    assert status == 422
+    status, body, _ = await csms.api("POST", "/acmehub/stations/NOBODY/reboot", json={"module": 1})
+    assert (status, body["error"]["code"]) == (404, "station_not_found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_station_forgets_its_hellos(csms_factory):
+    csms = await acme_csms(csms_factory)
+    station = await csms.connect_booted("ACME-4")
+    await station.call("AcmeHello", HELLO)
+    status, _, _ = await csms.api("DELETE", "/stations/ACME-4")
+    assert status == 204
+    assert await csms.app.db.run(lambda conn: conn.exec_driver_sql(
+        "SELECT count(*) FROM acmehub_hellos WHERE station_id = 'ACME-4'").scalar_one(), desc="test") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_openapi_documents_the_acme_actions_and_routes(csms_factory):
+    csms = await acme_csms(csms_factory)
+    status, document, _ = await csms.api("GET", "/openapi.json", token=None)
+    assert status == 200
+    assert "/acmehub/stations/{station_id}/reboot" in document["paths"]
+    assert document["components"]["schemas"]["AcmeRebootRequest"]["required"] == ["module"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_acme_not_enabled_its_actions_are_not_supported(csms_factory):
+    csms = await csms_factory(plugins=["core"])
+    station = await csms.connect_booted("ACME-5")
+    with pytest.raises(CallErrorFrame) as caught:
+        await station.call("AcmeHello", HELLO)
+    assert caught.value.code == "NotSupported"
+    status, body, _ = await csms.api("POST", "/stations/ACME-5/calls/AcmeReboot", json={"module": 1})
+    assert (status, body["error"]["code"]) == (404, "action_unavailable")
