@@ -15,7 +15,7 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.plugins import PluginError
 from csms.testing.station import CallErrorFrame
-from tests.conftest import within
+from conftest import within
 
 HELLO = {
     "request": {"type": "object", "additionalProperties": False, "required": ["serial"],
