@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, delete, insert, select
+from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, delete, insert, select
 from zope.interface import implementer
 
 from csms.api import Path
@@ -23,7 +23,7 @@ hellos = Table(
     Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False, index=True),
     Column("serial_number", String(25), nullable=False),
-    Column("module_count", Integer, nullable=False),
+    Column("module_count", BigInteger, nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 
