@@ -1,6 +1,6 @@
 """``csms-admin``: operator tasks from the command line (API tokens).
 
-    csms-admin token create --name billing      # prints a new token once
+    csms-admin token create --name billing --scope read   # prints a new token once
     csms-admin token list
     csms-admin token revoke 3
 
@@ -56,7 +56,7 @@ def open_database(args):
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from csms.api import tokens  # noqa: F401  (registers csms_api_tokens in the metadata)
+    from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
     from csms.stations import metadata
 
     url, config_file = _database_url(args)
@@ -97,6 +97,11 @@ def open_database(args):
     return engine
 
 
+def tokens_scopes():
+    from csms.api.tokens import SCOPES
+    return SCOPES
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="csms-admin", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG} when it exists)")
@@ -106,7 +111,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     token = sub.add_parser("token", help="operator API bearer tokens").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", help="create a token and print it (shown only once)")
-    create.add_argument("--name", default="operator", help="what the token is for")
+    create.add_argument("--name", default="operator", help="what the token is for (the audit trail shows it)")
+    create.add_argument("--scope", choices=tokens_scopes(), default="admin",
+                        help="read: GET only; commands: also send stations commands; admin: everything (default)")
     token.add_parser("list", help="list tokens (never their values)")
     revoke = token.add_parser("revoke", help="revoke a token by id")
     revoke.add_argument("id", type=int)
@@ -125,13 +132,15 @@ def main(argv=None) -> int:
     try:
         with engine.begin() as conn:
             if args.action == "create":
-                token_id, value = tokens.create_token_thd(conn, args.name)
+                token_id, value = tokens.create_token_thd(conn, args.name, args.scope)
                 print(value)
-                print(f"token {token_id} ({args.name}) created; it is not shown again", file=sys.stderr)
+                print(f"token {token_id} ({args.name}, scope {args.scope}) created; it is not shown again",
+                      file=sys.stderr)
             elif args.action == "list":
                 for row in tokens.list_tokens_thd(conn):
                     state = "revoked" if row["revoked"] else "active"
-                    print(f"{row['id']}\t{row['name']}\t{row['created_at']:%Y-%m-%dT%H:%M:%SZ}\t{state}")
+                    created = f"{row['created_at']:%Y-%m-%dT%H:%M:%SZ}"
+                    print(f"{row['id']}\t{row['name']}\t{row['scope']}\t{created}\t{state}")
             elif args.action == "revoke":
                 if not tokens.revoke_token_thd(conn, args.id):
                     print(f"csms-admin: no token {args.id}", file=sys.stderr)

@@ -88,7 +88,7 @@ class CentralSystem:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
 
     def all_metadata(self) -> list:
-        from csms.api import tokens  # noqa: F401  (csms_api_tokens lives in the framework metadata)
+        from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
 
         return [framework_metadata] + [m for m in self.hook.csms_tables() if m is not None]
 

@@ -11,10 +11,11 @@ __all__ = ["ApiError", "ApiRequest", "Path", "Query", "PAGINATION", "Response", 
 
 
 def make_router(app) -> Router:
-    from csms.api import openapi, stations
+    from csms.api import audit, openapi, stations
 
     router = Router()
     stations.add_routes(app, router)
+    audit.add_routes(app, router)
     app.hook.csms_api_routes(app=app, router=router)
     def document(request):
         return openapi.build_openapi(router, stations.call_actions(app), stations.CALL_ROUTE)

@@ -88,6 +88,11 @@ def build_openapi(router, call_actions: dict | None = None, call_template: str |
         responses = dict(route.responses) or {"200": "OK"}
         for code, text in responses.items():
             operation["responses"][str(code)] = {"description": text} if isinstance(text, str) else text
+        if route.auth:
+            operation["x-csms-scope"] = route.scope
+            operation["responses"].setdefault("403", {
+                "description": f"The token's scope does not allow this route (it needs {route.scope})",
+                "content": {"application/json": {"schema": _ERROR}}})
         for code, text in _STANDARD_ERRORS.items():
             if code == "401" and not route.auth:
                 continue

@@ -6,12 +6,14 @@ from datetime import date, datetime
 from urllib.parse import unquote
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web import resource, server
+from zope.interface import implementer
 
-from csms.api import inputs
+from csms.api import audit, inputs
 from csms.api.errors import ApiError, bad_request, not_found, unprocessable
-from csms.api.tokens import matches_any, token_known_thd
+from csms.api.tokens import caller_thd, configured_caller, scope_allows
 from csms.app import as_deferred
 from csms.httplimits import HTTPLimits, LimitedSite
 from csms.ocpp16 import format_datetime
@@ -37,24 +39,80 @@ class Response:
     """A handler result other than a plain 200 JSON body."""
 
     def __init__(self, status: int = 200, body=None, headers: dict | None = None, raw: bytes | None = None,
-                 content_type: str = "application/json"):
+                 content_type: str = "application/json", stream=None):
         self.status = status
         self.body = body
         self.headers = headers or {}
         self.raw = raw
         self.content_type = content_type
+        #: An async iterator of ``bytes`` chunks, written as they come (chunked, with back-pressure):
+        #: for bodies of any size. Once the first chunk is out the status cannot change, so a failure
+        #: mid-way aborts the connection: the client sees a truncated body, never a complete-looking one.
+        self.stream = stream
+
+
+@implementer(IPushProducer)
+class _StreamPump:
+    """Writes a streamed response, waiting while the client's connection is not draining."""
+
+    def __init__(self, request, chunks):
+        self.request = request
+        self.chunks = chunks
+        self._resumed = None
+        self.stopped = False
+
+    def pauseProducing(self):
+        if self._resumed is None:
+            self._resumed = defer.Deferred()
+
+    def resumeProducing(self):
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
+
+    def stopProducing(self):
+        self.stopped = True
+        self.resumeProducing()
+
+    async def run(self):
+        self.request.registerProducer(self, True)
+        # A client that hangs up ends the request: stop reading pages for it.
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        try:
+            async for chunk in self.chunks:
+                if self.stopped:
+                    break
+                if chunk:
+                    self.request.write(chunk)
+                if self._resumed is not None:
+                    await self._resumed
+                if self.stopped:
+                    break
+        except Exception:
+            log.failure("Operator API stream {path} failed part-way; connection aborted", path=self.request.path)
+            self.request.unregisterProducer()
+            self.request.channel.transport.abortConnection()
+            return
+        finally:
+            if self.stopped:
+                await self.chunks.aclose()
+        self.request.unregisterProducer()
+        if not self.stopped:
+            self.request.finish()
 
 
 class ApiRequest:
     """What a route handler gets: path params, validated query and JSON body, and the app."""
 
-    def __init__(self, app, request, route, params: dict, query: dict, body):
+    def __init__(self, app, request, route, params: dict, query: dict, body, caller=None):
         self.app = app
         self.request = request
         self.route = route
         self.params = params
         self.query = query
         self.body = body
+        #: The :class:`csms.api.tokens.Caller` (None on a route without authentication).
+        self.caller = caller
 
     def page(self) -> tuple[int, int]:
         return self.query.get("limit", 50), self.query.get("offset", 0)
@@ -142,6 +200,8 @@ class ApiResource(resource.Resource):
         return server.NOT_DONE_YET
 
     async def _handle(self, request):
+        caller = route = None
+        params, body = {}, None
         try:
             path = request.path
             if not path.startswith(API_PREFIX):
@@ -149,7 +209,10 @@ class ApiResource(resource.Resource):
             path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
             route, raw_params = self.router.match(request.method.decode("ascii", "replace"), path)
             if route.auth:
-                await self._authenticate(request)
+                caller = await self._authenticate(request)
+                if not scope_allows(caller.scope, route.scope):
+                    raise ApiError(403, "forbidden", f"This token's scope ({caller.scope}) does not allow this "
+                                   f"route (it needs {route.scope})", {"scope": caller.scope, "required": route.scope})
             if getattr(request, "body_too_large", False) or \
                     (request.received_body_size > (route.max_body or self.app.config.api.max_body_size)):
                 limit = route.max_body or self.app.config.api.max_body_size
@@ -158,25 +221,50 @@ class ApiResource(resource.Resource):
             params = _parse_path(route, raw_params)
             query = _parse_query(route, request)
             body = _parse_body(route, request)
-            result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body)))
+            result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body,
+                                                                caller)))
+            response = result if isinstance(result, Response) else Response(200, result)
         except ApiError as exc:
-            return Response(exc.status, exc.body(), exc.headers)
-        if isinstance(result, Response):
-            return result
-        return Response(200, result)
+            response = Response(exc.status, exc.body(), exc.headers)
+        except Exception:
+            log.failure("Operator API request {method} {path} failed", method=request.method, path=request.path)
+            response = Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
+        if caller is not None and route.method not in audit.READ_METHODS:
+            await self._audit(request, caller, route, params, body, response)
+        return response
 
     async def _authenticate(self, request):
+        """The caller the request's bearer token stands for, or ApiError 401."""
         header = request.getHeader("authorization") or ""
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        ok = False
+        caller = None
         if scheme.lower() == "bearer" and token:
-            ok = matches_any(token, self.configured_tokens)
-            if not ok:
-                ok = await self.app.db.run(token_known_thd, token, desc="api_token")
-        if not ok:
+            caller = configured_caller(token, self.configured_tokens)
+            if caller is None:
+                caller = await self.app.db.run(caller_thd, token, desc="api_token")
+        if caller is None:
             raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
                            headers={"WWW-Authenticate": 'Bearer realm="csms"'})
+        return caller
+
+    async def _audit(self, request, caller, route, params: dict, body, response: Response):
+        """Record a change request once answered; a failure to record is logged, the answer still goes out."""
+        station_id = params.get("station_id")
+        if station_id is None and route.template == "/stations" and isinstance(body, dict):
+            station_id = body.get("id")
+        peer = request.getClientAddress()
+        entry = {"at": self.app.now(), "token_name": caller.name[:100], "token_id": caller.token_id,
+                 "scope": caller.scope, "method": route.method, "route": route.template[:255],
+                 "path": request.path.decode("utf-8", "replace")[:2048],
+                 "station_id": station_id if isinstance(station_id, str) else None,
+                 "status": response.status, "outcome": audit.outcome_of(response.status, response.body),
+                 "remote_address": str(getattr(peer, "host", ""))[:64] or None}
+        try:
+            await self.app.db.run(audit.record_thd, entry, desc="api_audit")
+        except Exception:
+            log.failure("Could not record {method} {route} by {token} in the audit trail",
+                        method=route.method, route=route.template, token=caller.name)
 
     def _unexpected(self, failure, request):
         log.failure("Operator API request {method} {path} failed", failure,
@@ -191,6 +279,13 @@ class ApiResource(resource.Resource):
             request.setHeader(name, value)
         if response.status == 204:
             request.finish()
+            return
+        if response.stream is not None:
+            request.setHeader("content-type", response.content_type)
+            if request.method == b"HEAD":
+                request.finish()
+                return
+            defer.ensureDeferred(_StreamPump(request, response.stream).run())
             return
         if response.raw is not None:
             data = response.raw

@@ -13,6 +13,7 @@ import fastjsonschema
 
 from csms.api import inputs
 from csms.api.errors import ApiError
+from csms.api.tokens import SCOPES
 from csms.plugins import PluginError
 
 #: A path parameter: a whole segment ``{name}``, the name in snake_case.
@@ -113,9 +114,17 @@ class Route:
     operation_id: str = ""
     #: Path parameters that are not plain strings (ids): ``Path("transaction_id", "integer", ...)``.
     path: tuple = ()
+    #: The least token scope allowed to call it (csms.api.tokens.SCOPES): ``read``, ``commands`` (sends a
+    #: station a command) or ``admin``. Default: read for GET, admin for anything that may change data.
+    scope: str = ""
 
     def __post_init__(self):
         check_template(self.method, self.template, self.handler)
+        if not self.scope:
+            self.scope = "read" if self.method in ("GET", "HEAD") else "admin"
+        if self.scope not in SCOPES:
+            raise RouteError(f"{route_label(self.method, self.template, self.handler)}: scope must be one of "
+                             f"{', '.join(SCOPES)}, not {self.scope!r}")
         self.params = _PARAM.findall(self.template)
         declared = {p.name: p for p in self.path}
         unknown = set(declared) - set(self.params)

@@ -198,7 +198,7 @@ def add_routes(app, router):
                            "504: no answer in time.",
                responses={"200": "The station's response payload", "404": "Unknown station or action",
                           "409": "Station not connected", "502": "The station answered with an error",
-                          "504": "The station did not answer in time"})
+                          "504": "The station did not answer in time"}, scope="commands")
 
 
 async def send_call(app, station_id: str, action: str, payload: dict):

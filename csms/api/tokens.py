@@ -2,6 +2,9 @@
 
 Tokens are 32 random bytes, so a plain digest is enough (no KDF needed). They are compared in
 constant time and never logged.
+
+Each token has a name (what the audit trail records: never the token) and a scope: ``read`` (GET
+only), ``commands`` (also the routes that send a station a command) or ``admin`` (everything).
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime, timezone
+
+from dataclasses import dataclass
 
 from sqlalchemy import Boolean, Column, DateTime, Integer, String, Table, insert, select, update
 
@@ -21,9 +26,25 @@ api_tokens = Table(
     Column("token_sha256", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    Column("scope", String(16), nullable=False, default="admin", server_default="admin"),
 )
 
 TOKEN_PREFIX = "csms_"
+#: Scopes from the least to the most a token may do; each includes the ones before it.
+SCOPES = ("read", "commands", "admin")
+
+
+def scope_allows(held: str, needed: str) -> bool:
+    return SCOPES.index(held) >= SCOPES.index(needed)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made an API request: the token's name and scope (``token_id`` None for a configured token)."""
+
+    name: str
+    scope: str
+    token_id: int | None = None
 
 
 def new_token() -> str:
@@ -34,31 +55,39 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def matches_any(token: str, configured: list[str]) -> bool:
-    """Constant-time check of ``token`` against every configured token (no early exit)."""
+def configured_caller(token: str, configured: list[str]) -> Caller | None:
+    """The caller a configured token (``[api] tokens``, scope admin) stands for, named by its position
+    in that list; compared in constant time against every one (no early exit)."""
     presented = digest(token).encode()
-    found = False
-    for candidate in configured:
-        found |= hmac.compare_digest(presented, digest(candidate).encode())
+    found = None
+    for position, candidate in enumerate(configured, start=1):
+        if hmac.compare_digest(presented, digest(candidate).encode()) and found is None:
+            found = Caller(f"[api] tokens #{position}", "admin")
     return found
 
 
-def create_token_thd(conn, name: str) -> tuple[int, str]:
+def create_token_thd(conn, name: str, scope: str = "admin") -> tuple[int, str]:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
     token = new_token()
     result = conn.execute(insert(api_tokens).values(
-        name=name, token_sha256=digest(token), created_at=datetime.now(timezone.utc), revoked=False))
+        name=name, token_sha256=digest(token), created_at=datetime.now(timezone.utc), revoked=False,
+        scope=scope))
     return result.inserted_primary_key[0], token
 
 
-def token_known_thd(conn, token: str) -> bool:
+def caller_thd(conn, token: str) -> Caller | None:
+    """The caller a stored, unrevoked token stands for, or None."""
     wanted = digest(token)
-    row = conn.execute(select(api_tokens.c.token_sha256).where(
-        api_tokens.c.token_sha256 == wanted, api_tokens.c.revoked.is_(False))).first()
-    return row is not None and hmac.compare_digest(row[0].encode(), wanted.encode())
+    row = conn.execute(select(api_tokens.c.token_sha256, api_tokens.c.id, api_tokens.c.name, api_tokens.c.scope)
+                       .where(api_tokens.c.token_sha256 == wanted, api_tokens.c.revoked.is_(False))).first()
+    if row is None or not hmac.compare_digest(row.token_sha256.encode(), wanted.encode()):
+        return None
+    return Caller(row.name, row.scope if row.scope in SCOPES else "read", row.id)
 
 
 def list_tokens_thd(conn) -> list[dict]:
-    rows = conn.execute(select(api_tokens.c.id, api_tokens.c.name, api_tokens.c.created_at,
+    rows = conn.execute(select(api_tokens.c.id, api_tokens.c.name, api_tokens.c.scope, api_tokens.c.created_at,
                                api_tokens.c.revoked).order_by(api_tokens.c.id)).fetchall()
     return [{**dict(r._mapping), "created_at": as_utc(r.created_at)} for r in rows]
 

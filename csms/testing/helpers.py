@@ -46,10 +46,11 @@ async def booted(csms, station_id: str, connectors: int = 1):
     return station
 
 
-def table_contents(csms, exclude=("csms_connection_events",)):
+def table_contents(csms, exclude=("csms_connection_events", "csms_audit")):
     """Fires with {table name: sorted rows} for every table of the running CSMS's enabled plugins.
 
-    Connection events are left out by default: they are an audit log, written on every connect.
+    Connection events and the API's audit trail are left out by default: they are logs, written on
+    every connect and every change request (refused ones too).
     """
     from sqlalchemy import select
 

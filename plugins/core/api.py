@@ -28,6 +28,11 @@ ID_TAG_CREATE = {"type": "object", "additionalProperties": False, "required": ["
                  "properties": {"id_tag": ID_TAG, **ID_TAG_FIELDS}}
 ID_TAG_UPDATE = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": ID_TAG_FIELDS}
 
+TRANSACTION_FILTERS = (Query("station_id"), Query("id_tag"),
+                       Query("active", "boolean", "Only open (true) or closed (false) transactions"),
+                       Query("since", "date-time", "Started at or after"),
+                       Query("until", "date-time", "Started before"))
+
 STOP_REASONS = ("EmergencyStop", "EVDisconnected", "HardReset", "Local", "Other", "PowerLoss", "Reboot", "Remote",
                 "SoftReset", "UnlockCommand", "DeAuthorized")
 OPERATOR_STOP = {
@@ -198,10 +203,9 @@ def add_routes(plugin, app, router):
     tags = ("transactions",)
     router.add("GET", "/transactions", list_transactions, "List transactions, newest first, each with its "
                "latest meter values", tags=tags,
-               query=PAGINATION + (Query("station_id"), Query("id_tag"),
-                                   Query("active", "boolean", "Only open (true) or closed (false) transactions"),
-                                   Query("since", "date-time", "Started at or after"),
-                                   Query("until", "date-time", "Started before")))
+               query=PAGINATION + TRANSACTION_FILTERS)
+    from . import exports
+    exports.add_routes(app, router, TRANSACTION_FILTERS)
     router.add("GET", "/transactions/{transaction_id}", get_transaction, "One transaction with all its meter "
                "values", tags=tags, path=(TRANSACTION_ID,), responses={"200": "OK", "404": "Unknown transaction"})
     router.add("POST", "/transactions/{transaction_id}/stop", stop_transaction,
@@ -323,5 +327,5 @@ def add_routes(plugin, app, router):
         if handler is remote_stop:
             responses["409"] = "Station not connected, or no (or more than one) active transaction"
         router.add(method, "/stations/{station_id}/" + path, handler, summary, tags=tags, body=body,
-                   body_required=required, responses=responses)
+                   body_required=required, responses=responses, scope="commands")
     return None

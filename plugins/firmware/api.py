@@ -276,7 +276,7 @@ def add_routes(plugin, app, router):
                body=FIRMWARE_UPDATE,
                responses={"200": "Accepted by the station", "404": "Unknown station or file",
                           "409": "Station not connected", "422": "Invalid location or body",
-                          "502": "The station answered with an error", "504": "No answer in time"})
+                          "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/firmware", station_firmware,
                "The station's firmware status, its updates and its FirmwareStatusNotifications (newest first)",
                tags=tags, responses={"200": "OK", "404": "Unknown station"})
@@ -293,7 +293,7 @@ def add_routes(plugin, app, router):
                tags=("commands",) + tags, body=DIAGNOSTICS_REQUEST,
                responses={"200": "Accepted by the station", "404": "Unknown station",
                           "409": "Station not connected or upload server off", "422": "Invalid location or body",
-                          "502": "The station answered with an error", "504": "No answer in time"})
+                          "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/diagnostics", station_diagnostics,
                "The station's diagnostics status, its requests with uploaded files, and its notifications",
                tags=tags, responses={"200": "OK", "404": "Unknown station"})

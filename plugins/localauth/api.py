@@ -129,10 +129,10 @@ def add_routes(plugin, app, router):
                responses={"200": "The sync report", **known,
                           "409": "Station not connected, or a Differential with nothing to send",
                           "422": "The list is longer than the station's LocalAuthListMaxLength",
-                          "502": "The station answered with an error", "504": "No answer in time"})
+                          "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("POST", "/stations/{station_id}/local-list/version", read_local_list_version,
                "Read the station's list version back (GetLocalListVersion) and compare it", tags=tags,
-               responses={"200": "OK", **known, "409": "Station not connected"})
+               responses={"200": "OK", **known, "409": "Station not connected"}, scope="commands")
     router.add("GET", "/stations/{station_id}/local-list/updates", list_local_list_updates,
                "Every answered SendLocalList, newest first", tags=tags, query=PAGINATION,
                responses={"200": "OK", **known})

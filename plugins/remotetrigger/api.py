@@ -50,6 +50,6 @@ def add_routes(plugin, app, router):
                            "by its own profile when it arrives.",
                responses={"200": "The station's answer", "404": "Unknown station", "409": "Station not connected",
                           "422": "Unknown requested_message or bad connector_id", "502": "The station answered "
-                          "with an error", "504": "No answer in time"})
+                          "with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/triggers", list_triggers, "Every answered TriggerMessage, newest first",
                tags=tags, query=PAGINATION, responses={"200": "OK", "404": "Unknown station"})

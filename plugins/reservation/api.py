@@ -143,7 +143,7 @@ def add_routes(plugin, app, router):
                            "connected (409).",
                responses=dict(sent, **{"201": "Sent; the station's answer is recorded",
                                        "409": "Connector in a transaction, or station not connected",
-                                       "422": "Expiry in the past, unknown connector"}))
+                                       "422": "Expiry in the past, unknown connector"}), scope="commands")
     router.add("GET", "/stations/{station_id}/reservations", station_reservations,
                "The station's reservations, newest first", tags=tags, operation_id="list_station_reservations",
                query=LIST_QUERY,
@@ -158,10 +158,11 @@ def add_routes(plugin, app, router):
                description="200 with the station's answer (`status` Accepted or Rejected), whether the CSMS knew "
                            "the id (`known`) and the reservation as now recorded. Accepted closes a live "
                            "reservation as cancelled.",
-               responses=dict(sent, **{"200": "The station's answer"}))
+               responses=dict(sent, **{"200": "The station's answer"}), scope="commands")
     router.add("DELETE", "/stations/{station_id}/reservations/{reservation_id}", cancel,
                "Cancel a reservation: the same as POST .../cancel", tags=tags, path=(RESERVATION_ID,),
-               responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete")
+               responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete",
+               scope="commands")
     router.add("GET", "/reservations", all_reservations, "Reservations of every station, newest first", tags=tags,
                operation_id="list_reservations",
                query=LIST_QUERY + (Query("station_id", description="Only this station's"),),

@@ -147,20 +147,20 @@ def add_routes(plugin, app, router):
                description="422 with the list of problems when the profile breaks an OCPP 1.6 rule (see "
                            "docs/smartcharging.md); nothing is sent then. The answer holds the station's status "
                            "and the CSMS's record of the profile (installed, or rejected).",
-               responses=COMMAND_RESPONSES)
+               responses=COMMAND_RESPONSES, scope="commands")
     router.add("GET", base + "/charging-profiles", list_profiles,
                "The charging profiles the CSMS has recorded for a station (installed by default)", tags=TAGS,
                query=LIST_QUERY, responses={"200": "OK", "404": "Unknown station"})
     router.add("DELETE", base + "/charging-profiles/{charging_profile_id}", clear_by_id,
                "Clear one charging profile by its chargingProfileId (ClearChargingProfile id)", tags=TAGS,
-               path=(CHARGING_PROFILE_ID,), responses=COMMAND_RESPONSES)
+               path=(CHARGING_PROFILE_ID,), responses=COMMAND_RESPONSES, scope="commands")
     router.add("POST", base + "/charging-profiles/clear", clear_by_criteria,
                "Clear charging profiles by id, connector, purpose and stack level; an empty body clears all",
-               tags=TAGS, body=CLEAR, body_required=False, responses=COMMAND_RESPONSES)
+               tags=TAGS, body=CLEAR, body_required=False, responses=COMMAND_RESPONSES, scope="commands")
     router.add("GET", base + "/composite-schedule/preview", preview,
                "The composite schedule the CSMS expects the station to apply (computed here, nothing sent)",
                tags=TAGS, query=PREVIEW_QUERY, responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", base + "/composite-schedule", ask_composite,
                "Ask the station for its composite schedule (GetCompositeSchedule) and compare it with the "
-               "CSMS's own computation", tags=TAGS, body=ASK_COMPOSITE, responses=COMMAND_RESPONSES)
+               "CSMS's own computation", tags=TAGS, body=ASK_COMPOSITE, responses=COMMAND_RESPONSES, scope="commands")
 
