@@ -14,6 +14,7 @@ from csms.config import load_config
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.plugins import PluginError
+from csms.testing.pytest_plugin import builtin_plugins
 from csms.testing.station import CallErrorFrame
 from conftest import within
 
@@ -33,7 +34,8 @@ REBOOT = {
 @implementer(ICSMSPlugin)
 class SecurityAndVendor:
     """The security extension's SecurityEventNotification / ExtendedTriggerMessage (schemas from the
-    ocpp package) and a vendor's VendorHello / VendorReboot (schemas of its own)."""
+    ocpp package) and a vendor's VendorHello / VendorReboot (schemas of its own). It stands for a vendor's
+    own security plugin, so the built-in one is disabled wherever it runs (``WITHOUT_SECURITY``)."""
 
     name = "secvendor"
     profile = None
@@ -73,8 +75,12 @@ class Greedy:
 TIMESTAMP = "2026-01-01T00:00:00Z"
 
 
+def without_security():
+    return [name for name in builtin_plugins() if name != "security"]
+
+
 async def started(csms_factory, *plugins):
-    return await csms_factory(extra_plugins=list(plugins) or [SecurityAndVendor()])
+    return await csms_factory(plugins=without_security(), extra_plugins=list(plugins) or [SecurityAndVendor()])
 
 
 async def call_error(station, action, payload) -> CallErrorFrame:
@@ -87,7 +93,7 @@ async def call_error(station, action, payload) -> CallErrorFrame:
 async def test_inbound_plugin_actions_are_validated_and_answered_by_their_plugin(csms_factory):
     plugin = SecurityAndVendor()
     # pluggy calls the last registered first: Greedy would answer, were it offered the action.
-    csms = await csms_factory(extra_plugins=[plugin, Greedy()])
+    csms = await csms_factory(plugins=without_security(), extra_plugins=[plugin, Greedy()])
     station = await csms.connect_booted("CP-SEC")
 
     assert await within(station.call("SecurityEventNotification",
@@ -159,15 +165,16 @@ async def test_openapi_document_lists_plugin_actions_with_their_schemas(csms_fac
 
 @pytest.fixture
 def installed_but_disabled(monkeypatch):
-    """SecurityAndVendor installed under the entry point name "secvendor", not enabled."""
+    """SecurityAndVendor installed under the entry point name "secvendor", not enabled (in place of the
+    built-in security plugin, as a vendor's distribution might ship it)."""
     entry_point = SimpleNamespace(name="secvendor", load=lambda: SecurityAndVendor)
-    installed = actions.available_plugins()
+    installed = {name: ep for name, ep in actions.available_plugins().items() if name != "security"}
     monkeypatch.setattr(actions, "available_plugins", lambda: {**installed, "secvendor": entry_point})
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_disabled_plugins_actions_answer_not_supported(csms_factory, installed_but_disabled):
-    csms = await csms_factory()
+    csms = await csms_factory(plugins=without_security())
     station = await csms.connect_booted("CP-OFF")
     error = await call_error(station, "VendorHello", {"serial": "SN-1"})
     assert error.code == "NotSupported" and "secvendor plugin" in error.frame[3]
