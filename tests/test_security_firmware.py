@@ -335,3 +335,108 @@ async def test_malformed_signed_firmware_status_notification_gets_a_call_error(c
     frame = await station.call_frame("SignedFirmwareStatusNotification", payload)
     assert frame[0] == 4 and frame[2] == code, frame
     assert await transfer_tables(csms) == before
+
+
+# -- interop: the ocpp package's v16 ChargePoint as the station ------------------------------------------
+
+
+@pytest.fixture
+def asyncio_thread():
+    from csms.testing.asyncio_thread import AsyncioThread
+
+    runner = AsyncioThread()
+    yield runner
+    runner.stop()
+
+
+def secure_charge_point_class():
+    from ocpp.routing import on
+    from ocpp.v16 import ChargePoint, call_result
+    from ocpp.v16.enums import Action, LogStatus, UpdateFirmwareStatus
+
+    class SecureChargePoint(ChargePoint):
+        """Checks the CSMS's calls against the ocpp package's security-extension schemas on the way in."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.firmware_requests: list = []
+            self.log_requests: list = []
+
+        @on(Action.signed_update_firmware)
+        def on_signed_update_firmware(self, request_id, firmware, **kwargs):
+            self.firmware_requests.append({"request_id": request_id, "firmware": firmware, **kwargs})
+            return call_result.SignedUpdateFirmware(status=UpdateFirmwareStatus.accepted)
+
+        @on(Action.get_log)
+        def on_get_log(self, log_type, request_id, log, **kwargs):
+            self.log_requests.append({"log_type": log_type, "request_id": request_id, "log": log, **kwargs})
+            return call_result.GetLog(status=LogStatus.accepted, filename="interop-security.log")
+
+    return SecureChargePoint
+
+
+async def open_charge_point(port: int, station_id: str):
+    import asyncio
+
+    from ocpp.v16 import call
+    from websockets.asyncio.client import connect
+
+    connection = await connect(f"ws://127.0.0.1:{port}/ocpp/{station_id}", subprotocols=["ocpp1.6"])
+    charge_point = secure_charge_point_class()(station_id, connection)
+    reader = asyncio.ensure_future(charge_point.start())
+    response = await charge_point.call(call.BootNotification(charge_point_vendor="Interop", charge_point_model="SEC"))
+    assert response.status == "Accepted"
+    return charge_point, reader
+
+
+async def close_charge_point(charge_point, reader):
+    reader.cancel()
+    await charge_point._connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ocpp_charge_point_takes_a_signed_firmware_update_and_uploads_its_security_log(csms, asyncio_thread):
+    from ocpp.v16 import call
+    from ocpp.v16.enums import FirmwareStatus, UploadLogStatus
+
+    hosted = await upload_firmware(csms, name="interop-signed.bin")
+    key, certificate = make_signer("ec")
+    signed = (await add_signed(csms, hosted["id"], sign(key, FIRMWARE), certificate))[1]
+    charge_point, reader = await asyncio_thread.run(open_charge_point(csms.port, "IOP-SEC"))
+    try:
+        status, body, _ = await csms.api("POST", "/stations/IOP-SEC/signed-firmware-update",
+                                         json={"signed_firmware_id": signed["id"], "retries": 1,
+                                               "retrieve_date": "2030-05-01T12:00:00Z"})
+        assert (status, body["status"]) == (200, "Accepted"), body
+        [request] = charge_point.firmware_requests
+        firmware = {"location": request["firmware"]["location"], "signature": request["firmware"]["signature"],
+                    "signingCertificate": request["firmware"]["signing_certificate"]}
+        assert request["firmware"]["retrieve_date_time"] == "2030-05-01T12:00:00Z"
+        data = await download(firmware["location"])
+        assert station_verifies(firmware, data)
+        request_id = request["request_id"]
+        for firmware_status in (FirmwareStatus.downloading, FirmwareStatus.downloaded,
+                                FirmwareStatus.signature_verified, FirmwareStatus.installing,
+                                FirmwareStatus.installed):
+            await asyncio_thread.run(charge_point.call(
+                call.SignedFirmwareStatusNotification(status=firmware_status, request_id=request_id)))
+        view = await signed_view(csms, "IOP-SEC")
+        assert view["requests"][0]["status"] == "Installed" and len(view["history"]) == 5
+
+        status, body, _ = await csms.api("POST", "/stations/IOP-SEC/logs",
+                                         json={"log_type": "SecurityLog", "protocol": "http"})
+        assert (status, body["filename"]) == (200, "interop-security.log"), body
+        [log_request] = charge_point.log_requests
+        assert log_request["log_type"] == "SecurityLog"
+        location = log_request["log"]["remote_location"]
+        await asyncio_thread.run(charge_point.call(
+            call.LogStatusNotification(status=UploadLogStatus.uploading, request_id=log_request["request_id"])))
+        log = b"interop security log\n" * 30
+        response = await treq.put(location + "interop-security.log", data=log, reactor=reactor)
+        assert response.code == 201, await treq.content(response)
+        await asyncio_thread.run(charge_point.call(
+            call.LogStatusNotification(status=UploadLogStatus.uploaded, request_id=log_request["request_id"])))
+        status, _, response = await csms.api("GET", f"/log-requests/{body['request']['id']}/content")
+        assert (status, await treq.content(response)) == (200, log)
+    finally:
+        await asyncio_thread.run(close_charge_point(charge_point, reader))
