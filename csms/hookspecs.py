@@ -186,6 +186,40 @@ def csms_station_details(station_ids):
     """
 
 
+@hookspec(firstresult=True)
+def csms_offer_firmware(firmware_id):
+    """Return (a Deferred of) the hosted firmware file ``firmware_id`` as a dict (``id``, ``name``, ``size``,
+    ``sha256``, ``url``: where stations download it, None while no file server runs), or a Deferred of
+    None when there is no such file. The Firmware plugin answers. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_upload_location(station_id, purpose, protocol):
+    """Return (a Deferred of) a one-time location where ``station_id`` may upload one file: a dict
+    (``upload_id``, ``location`` with its secret, ``shown_location`` with it masked, ``protocol``,
+    ``expires_at``), or a Deferred of None when no server for ``protocol`` ("ftp", "http"; None: the
+    default) runs. ``purpose`` names the call it is for (e.g. "GetLog"). The Firmware plugin answers.
+    Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_withdraw_upload_location(upload_id):
+    """The location ``upload_id`` will not be used (its call was not sent, failed or was refused):
+    unused, it is forgotten; used, its credentials expire and its file stays. Return (a Deferred of)
+    True when it existed. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def csms_uploaded_files(upload_id):
+    """Return (a Deferred of) the files uploaded to location ``upload_id``, oldest first, as dicts
+    (``id``, ``name``, ``size``, ``sha256``, ``via``, ``uploaded_at``, ``path`` on this host).
+    Stops at first non-None result.
+    """
+
+
 # -- checks before a CSMS-initiated call ---------------------------------------------------------
 
 

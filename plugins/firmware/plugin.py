@@ -320,6 +320,43 @@ class FirmwarePlugin:
     def upload_expires_at(self):
         return self.app.now() + timedelta(seconds=self.upload_expiry)
 
+    # -- what other plugins use through hooks: hosted firmware, upload locations ----------------------
+
+    @hookimpl
+    def csms_offer_firmware(self, firmware_id):
+        def offer(row):
+            if row is None:
+                return None
+            return {key: row[key] for key in ("id", "name", "size", "sha256")} | {"url": self.firmware_url(row["name"])}
+        return self.store.get_firmware_file(file_id=firmware_id).addCallback(offer)
+
+    @hookimpl
+    def csms_upload_location(self, station_id, purpose, protocol):
+        from .uploads import new_credentials
+
+        protocol = protocol or self.upload_protocol
+        user, secret = new_credentials()
+        locations = self.upload_location(protocol, user, secret) if protocol in ("ftp", "http") else None
+        if locations is None:
+            return defer.succeed(None)
+        location, shown = locations
+        expires_at = self.upload_expires_at()
+        d = self.store.create_upload_location(station_id, purpose, shown, protocol, user, secret, self.app.now(),
+                                              expires_at)
+        return d.addCallback(lambda upload_id: {"upload_id": upload_id, "location": location,
+                                                "shown_location": shown, "protocol": protocol,
+                                                "expires_at": expires_at})
+
+    @hookimpl
+    def csms_withdraw_upload_location(self, upload_id):
+        return self.store.withdraw_upload_location(upload_id, self.app.now())
+
+    @hookimpl
+    def csms_uploaded_files(self, upload_id):
+        def with_paths(rows):
+            return [dict(row, path=self.uploads.path_of(row.pop("stored_path"))) for row in rows]
+        return self.store.uploaded_files(upload_id).addCallback(with_paths)
+
     # -- other plugins and the station views -----------------------------------------------------------
 
     @hookimpl

@@ -314,7 +314,8 @@ class FirmwareStore:
     def station_diagnostics(self, station_id: str, limit: int):
         def thd(conn):
             state = _dict(conn.execute(select(station_state).where(station_state.c.station_id == station_id)).first())
-            rows = conn.execute(select(diagnostics_requests).where(diagnostics_requests.c.station_id == station_id)
+            rows = conn.execute(select(diagnostics_requests).where(diagnostics_requests.c.station_id == station_id,
+                                                                   diagnostics_requests.c.purpose.is_(None))
                                 .order_by(diagnostics_requests.c.id.desc()).limit(limit)).all()
             requests = []
             for row in rows:
@@ -333,6 +334,38 @@ class FirmwareStore:
                 "history": [_history(r) for r in history],
             }
         return self.db.run(thd, desc="firmware_station_diagnostics")
+
+    # -- upload locations for other plugins (csms_upload_location) -----------------------------------
+
+    def create_upload_location(self, station_id: str, purpose: str, shown_location: str, protocol: str,
+                               user: str, secret: str, now, expires_at):
+        """Upload credentials another plugin hands a station (e.g. in a GetLog); fires with the row id."""
+        def thd(conn):
+            return conn.execute(insert(diagnostics_requests).values(
+                station_id=station_id, location=shown_location, protocol=protocol, requested_at=now,
+                sent_at=now, status=REQUESTED, status_at=now, upload_user=user,
+                upload_secret_sha256=secret_hash(secret), upload_expires_at=expires_at, purpose=purpose,
+            )).inserted_primary_key[0]
+        return self.db.run(thd, desc="firmware_create_upload_location")
+
+    def withdraw_upload_location(self, upload_id: int, now):
+        """The location was never handed out, or the station will not use it: unused, it is forgotten;
+        used, its credentials expire now and its file stays. Fires with True when it existed."""
+        def thd(conn):
+            conditions = (diagnostics_requests.c.id == upload_id, diagnostics_requests.c.purpose.is_not(None))
+            if conn.execute(delete(diagnostics_requests).where(
+                    *conditions, diagnostics_requests.c.upload_used_at.is_(None))).rowcount:
+                return True
+            return conn.execute(update(diagnostics_requests).where(*conditions).values(
+                upload_expires_at=now)).rowcount == 1
+        return self.db.run(thd, desc="firmware_withdraw_upload_location")
+
+    def uploaded_files(self, upload_id: int):
+        """The files uploaded to one location (with ``stored_path``), oldest first."""
+        def thd(conn):
+            return [_dict(r) for r in conn.execute(select(diagnostics_files).where(
+                diagnostics_files.c.request_id == upload_id).order_by(diagnostics_files.c.id))]
+        return self.db.run(thd, desc="firmware_uploaded_files")
 
     # -- diagnostics uploads ---------------------------------------------------------------------
 

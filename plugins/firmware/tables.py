@@ -64,6 +64,9 @@ diagnostics_requests = Table(
     Column("upload_secret_sha256", String(64)),
     Column("upload_expires_at", DateTime(timezone=True)),
     Column("upload_used_at", DateTime(timezone=True)),
+    #: None for a GetDiagnostics; else the purpose another plugin asked an upload location for
+    #: (``csms_upload_location``, e.g. "GetLog"): such rows stay out of the diagnostics views.
+    Column("purpose", String(32)),
     Index("firmware_diagnostics_requests_station", "station_id", "id"),
 )
 
