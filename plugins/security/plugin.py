@@ -10,6 +10,9 @@ from zope.interface import implementer
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
+from .certificate_management import DIRECTORY_SETTINGS as CERTIFICATE_DIRECTORIES
+from .certificate_management import SETTINGS as CERTIFICATE_SETTINGS
+from .certificate_management import CertificateManagement
 from .tables import metadata
 
 #: CP->CS actions of the security extension (their schemas ship with the `ocpp` package).
@@ -26,16 +29,22 @@ class SecurityPlugin:
     profile = None
     inbound_actions = INBOUND
     outbound_actions = OUTBOUND
-    settings = ()
+    settings = (*CERTIFICATE_SETTINGS,)
+    #: The test fixtures point these at a fresh directory under the test's tmp_path.
+    directory_settings = (*CERTIFICATE_DIRECTORIES,)
 
     app = None
     #: action -> callable(station, payload) returning (a Deferred of) the answer; each part adds its own.
     handlers: dict
+    #: The CSMS CA, CSRs, installed certificates and security events (certificate_management.py).
+    certificates: CertificateManagement | None = None
 
     @hookimpl
     def csms_configure(self, app):
         self.app = app
         self.handlers = {}
+        self.certificates = CertificateManagement(app, app.config.plugin(self.name))
+        self.certificates.register(self.handlers)
 
     @hookimpl
     def csms_handle_call(self, station, action, payload):
@@ -45,3 +54,19 @@ class SecurityPlugin:
     @hookimpl
     def csms_tables(self):
         return metadata
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        self.certificates.add_routes(app, router)
+
+    @hookimpl
+    def csms_on_call_completed(self, station_id, action, request, response):
+        return self.certificates.call_completed(station_id, action, request, response)
+
+    @hookimpl
+    def csms_on_call_failed(self, station_id, action, request, error):
+        return self.certificates.call_failed(station_id, action, request, error)
+
+    @hookimpl
+    def csms_on_station_deleted(self, station_id):
+        return self.certificates.station_deleted(station_id)
