@@ -7,6 +7,7 @@ CertID is the whitepaper's issuerNameHash / issuerKeyHash / serialNumber).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import stat
@@ -20,7 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from ocpp.routing import after, on
+from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16.enums import Action
 from OpenSSL import crypto
+from test_localauth_interop import AsyncioThread, close_charge_point, open_charge_point
 
 from csms.config import ConfigError, load_config
 from csms.service import CSMSService
@@ -550,3 +555,82 @@ def test_a_ca_directory_missing_its_key_or_unwritable_stops_start_up(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot create the CA"):
         start_service(f"[plugin:security]\nca_dir = {blocker}/ca\n", f"sqlite:///{tmp_path}/db.sqlite")
+
+
+# -- interop: the ocpp package's ChargePoint ----------------------------------------------------------------------
+
+
+class RenewingChargePoint(ChargePoint):
+    """Answers ExtendedTriggerMessage(SignChargePointCertificate) by sending a CSR for its own id, and
+    keeps the chain CertificateSigned brings (whitepaper A02)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.csr_pem, self.key = make_csr(self.id, rsa_key(2048))
+        self.sign_answers: asyncio.Queue = asyncio.Queue()
+        self.chains: asyncio.Queue = asyncio.Queue()
+        self.installed: list = []
+
+    @on(Action.extended_trigger_message)
+    def on_extended_trigger_message(self, requested_message, connector_id=None, **_):
+        return call_result.ExtendedTriggerMessage(status="Accepted")
+
+    @after(Action.extended_trigger_message)
+    async def send_csr(self, requested_message, connector_id=None, **_):
+        if requested_message == "SignChargePointCertificate":
+            response = await self.call(call.SignCertificate(csr=self.csr_pem))
+            await self.sign_answers.put(response.status)
+
+    @on(Action.certificate_signed)
+    async def on_certificate_signed(self, certificate_chain, **_):
+        await self.chains.put(certificate_chain)
+        return call_result.CertificateSigned(status="Accepted")
+
+    @on(Action.install_certificate)
+    def on_install_certificate(self, certificate_type, certificate, **_):
+        self.installed.append((certificate_type, certificate))
+        return call_result.InstallCertificate(status="Accepted")
+
+    async def next(self, queue):
+        return await asyncio.wait_for(queue.get(), 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ocpp_charge_point_renews_its_certificate_and_installs_a_root(csms):
+    runner = AsyncioThread()
+    try:
+        charge_point, reader = await runner.run(open_charge_point(RenewingChargePoint, csms.port, "CP-INTEROP-SEC"))
+        status, body = await api(csms, "POST", "/stations/CP-INTEROP-SEC/extended-trigger",
+                                 {"requested_message": "SignChargePointCertificate"})
+        assert (status, body["status"]) == (200, "Accepted")
+        assert await runner.run(charge_point.next(charge_point.sign_answers)) == "Accepted"
+        chain_pem = await runner.run(charge_point.next(charge_point.chains))
+        verify_chain(chain_pem, await ca_pem(csms))
+        leaf = x509.load_pem_x509_certificates(chain_pem.encode())[0]
+        assert leaf.public_key().public_numbers() == charge_point.key.public_key().public_numbers()
+        await within(security(csms).requests.settled())
+        assert [r["status"] for r in await requests_of(csms, "CP-INTEROP-SEC")] == ["accepted"]
+
+        # The CSMS CA as the station's CentralSystemRootCertificate: what it needs to trust the CSMS's CA.
+        ca = await ca_pem(csms)
+        status, body = await api(csms, "POST", "/stations/CP-INTEROP-SEC/certificates",
+                                 {"certificate_type": "CentralSystemRootCertificate", "certificate": ca})
+        assert (status, body["status"]) == (200, "Accepted")
+        assert charge_point.installed == [("CentralSystemRootCertificate", ca)]
+        await runner.run(close_charge_point(charge_point, reader))
+    finally:
+        runner.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_with_a_mismatched_ca_key_exits_1_with_one_line(tmp_path):
+    from test_startup import run_twistd, sqlite_url, write_config
+
+    files = bad_ca_files(tmp_path)
+    certificate, key, _ = files["mismatch"]
+    config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, firmware, security",
+                          extra=f"[plugin:security]\nca_certificate_file = {certificate}\nca_key_file = {key}\n")
+    process = run_twistd(config, str(tmp_path))
+    assert await process.finished() == 1
+    assert process.stderr == f"csms: [plugin:security] {key} is not the key of the CA certificate {certificate}\n"
+    assert "Traceback" not in process.stdout

@@ -13,7 +13,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from csms.ocpp16 import parse_datetime
-from csms.rpc import CallError
 from csms.stations import as_utc
 
 from .tables import security_events
@@ -89,12 +88,9 @@ class SecurityEvents:
 
     def handle_notification(self, station, payload) -> defer.Deferred:
         """SecurityEventNotification.req: stored, logged, announced, then answered (an empty conf)."""
-        try:
-            timestamp = parse_datetime(payload["timestamp"])
-        except (ValueError, OverflowError):
-            raise CallError("TypeConstraintViolation", "timestamp is not a date-time the Central System can "
-                                                       "store") from None
-        d = self.record(station.station_id, STATION, payload["type"], timestamp, payload.get("techInfo"))
+        # The RPC layer has refused a timestamp that does not parse or overflows in UTC.
+        d = self.record(station.station_id, STATION, payload["type"], parse_datetime(payload["timestamp"]),
+                        payload.get("techInfo"))
         return d.addCallback(lambda _: {})
 
     def list(self, limit: int, offset: int, station_id: str | None = None, event_type: str | None = None,
