@@ -634,3 +634,19 @@ async def test_twistd_with_a_mismatched_ca_key_exits_1_with_one_line(tmp_path):
     assert await process.finished() == 1
     assert process.stderr == f"csms: [plugin:security] {key} is not the key of the CA certificate {certificate}\n"
     assert "Traceback" not in process.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signing_failure_is_recorded_and_nothing_is_sent(csms, monkeypatch):
+    station = await csms.connect_booted("CP-NOSIGN")
+
+    def broken(*args):
+        raise RuntimeError("the CA key is on a disconnected HSM")
+    monkeypatch.setattr(security(csms).ca, "sign", broken)
+    csr_pem, _ = make_csr("CP-NOSIGN")
+    assert await within(station.call("SignCertificate", {"csr": csr_pem})) == {"status": "Accepted"}
+    await within(security(csms).requests.settled())
+    [request] = await requests_of(csms, "CP-NOSIGN")
+    assert (request["status"], request["reason"], request["certificate_chain"]) == ("send_failed", "signing failed",
+                                                                                     None)
+    assert calls(station, "CertificateSigned") == []

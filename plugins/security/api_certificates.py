@@ -8,7 +8,7 @@ from csms.api.stations import send_call
 
 from .certificates import CERTIFICATE_TYPES, HASH_ALGORITHMS, Refused, hash_data, is_self_signed, parse_certificate
 from .events import CSMS, STATION
-from .signing import AWAITING_CERTIFICATE, SEND_FAILED, STATUSES
+from .signing import AWAITING_CERTIFICATE, SEND_FAILED, STATUSES, failure_text
 
 #: Every requestedMessage of ExtendedTriggerMessage.req (whitepaper MessageTriggerEnumType).
 EXTENDED_TRIGGER_MESSAGES = ("BootNotification", "LogStatusNotification", "FirmwareStatusNotification", "Heartbeat",
@@ -169,7 +169,7 @@ def add_routes(part, app, router):
         try:
             response = await send_call(app, station_id, "CertificateSigned", {"certificateChain": chain})
         except ApiError as exc:
-            await part.requests.unsent(request_id, exc)
+            await part.requests.unsent(request_id, failure_text(exc))
             raise
         return {"station_id": station_id, "request_id": request_id, "status": response["status"]}
 

@@ -26,11 +26,12 @@ log = Logger(namespace="csms.security")
 
 REJECTED = "rejected"
 AWAITING_CERTIFICATE = "awaiting_certificate"
+SIGNING = "signing"
 SIGNED = "signed"
 ACCEPTED = "accepted"
 REJECTED_BY_STATION = "rejected_by_station"
 SEND_FAILED = "send_failed"
-STATUSES = (REJECTED, AWAITING_CERTIFICATE, SIGNED, ACCEPTED, REJECTED_BY_STATION, SEND_FAILED)
+STATUSES = (REJECTED, AWAITING_CERTIFICATE, SIGNING, SIGNED, ACCEPTED, REJECTED_BY_STATION, SEND_FAILED)
 
 
 def failure_text(error) -> str:
@@ -74,7 +75,7 @@ class CertificateRequests:
             check_csr(csr, station_id, self.organization)
         except Refused as exc:
             return self._reject(station_id, pem, exc)
-        status = AWAITING_CERTIFICATE if self.external_ca else SIGNED
+        status = AWAITING_CERTIFICATE if self.external_ca else SIGNING
         answer = defer.Deferred()
 
         def stored(request_id):
@@ -105,9 +106,11 @@ class CertificateRequests:
     # -- signing and CertificateSigned -------------------------------------------------------------------
 
     def _deliver_later(self, request_id: int, station_id: str, csr) -> None:
-        d = self._sign(csr).addCallback(lambda chain: self.send_chain(request_id, station_id, chain))
-        d.addErrback(lambda failure: log.failure("Signing the CSR {id} of {station} failed", failure,
-                                                 id=request_id, station=station_id))
+        def not_signed(failure):
+            log.failure("Signing the CSR {id} of {station} failed", failure, id=request_id, station=station_id)
+            return self.unsent(request_id, "signing failed")
+        d = self._sign(csr).addCallbacks(lambda chain: self.send_chain(request_id, station_id, chain), not_signed)
+        d.addErrback(lambda _: None)  # send_chain logged and recorded its failure
         self._deliveries[request_id] = d
 
         def done(_):
@@ -135,13 +138,13 @@ class CertificateRequests:
                                  reason=None, updated_at=self.app.now()))
         return self.app.db.run(thd, desc="security_store_certificate_chain")
 
-    def unsent(self, request_id: int, error) -> defer.Deferred:
-        """CertificateSigned was never sent (station offline, a check refused it): say so on the request.
+    def unsent(self, request_id: int, reason: str) -> defer.Deferred:
+        """CertificateSigned was never sent (not signed, station offline, a check refused it): say so on the request.
         A call that was sent has its outcome recorded by :meth:`call_completed` / :meth:`call_failed`."""
         def thd(conn):
             conn.execute(update(certificate_requests).where(certificate_requests.c.id == request_id,
-                                                            certificate_requests.c.status == SIGNED)
-                         .values(status=SEND_FAILED, reason=failure_text(error), updated_at=self.app.now()))
+                                                            certificate_requests.c.status.in_((SIGNING, SIGNED)))
+                         .values(status=SEND_FAILED, reason=reason, updated_at=self.app.now()))
         return self.app.db.run(thd, desc="security_certificate_unsent")
 
     def send_chain(self, request_id: int, station_id: str, chain_pem: str) -> defer.Deferred:
@@ -152,7 +155,7 @@ class CertificateRequests:
         def failed(failure):
             log.warn("CertificateSigned for {station} (request {id}) failed: {why}", station=station_id,
                      id=request_id, why=failure_text(failure.value))
-            return self.unsent(request_id, failure.value).addCallback(lambda _: failure)
+            return self.unsent(request_id, failure_text(failure.value)).addCallback(lambda _: failure)
         return d.addErrback(failed)
 
     def call_completed(self, station_id: str, request: dict, response: dict) -> defer.Deferred:

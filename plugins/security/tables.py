@@ -14,7 +14,8 @@ certificate_requests = Table(
     Column("station_id", String(255), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("csr", Text, nullable=False),
-    #: rejected, awaiting_certificate (external CA), signed, accepted, rejected_by_station, send_failed
+    #: rejected, awaiting_certificate (external CA), signing, signed (sent, unanswered), accepted,
+    #: rejected_by_station, send_failed (signing/sending failed: reason says why)
     Column("status", String(32), nullable=False),
     Column("reason_code", String(64)),
     Column("reason", Text),
