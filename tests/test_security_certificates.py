@@ -52,7 +52,8 @@ def name(common_name: str | None, organization: str | None = None) -> x509.Name:
 
 def make_csr(common_name: str | None, key=None, organization: str | None = None) -> tuple[str, object]:
     key = key or ec_key()
-    csr = x509.CertificateSigningRequestBuilder().subject_name(name(common_name, organization)).sign(key, hashes.SHA256())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(name(common_name, organization))
+    csr = builder.sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode(), key
 
 

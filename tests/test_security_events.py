@@ -57,7 +57,8 @@ async def test_notifications_are_stored_announced_and_critical_ones_logged_at_wa
         assert await within(station.call("SecurityEventNotification", notification(
             "AcmeVendorEvent", "2026-03-01T11:00:00Z", "x" * 255))) == {}
 
-    assert [(station_id, e["type"], e["critical"], e["origin"], e["tech_info"]) for station_id, e in listener.events] == [
+    assert [(station_id, e["type"], e["critical"], e["origin"], e["tech_info"])
+            for station_id, e in listener.events] == [
         ("CP-SEC", "TamperDetectionActivated", True, "station", "cover opened"),
         ("CP-SEC", "InvalidMessages", False, "station", None),
         ("CP-SEC", "AcmeVendorEvent", False, "station", "x" * 255)]
