@@ -133,9 +133,16 @@ async def renew(csms, station, station_id: str, csr_pem: str) -> str:
                              {"requested_message": "SignChargePointCertificate"})
     assert (status, body["status"]) == (200, "Accepted")
     assert calls(station, "ExtendedTriggerMessage") == [{"requestedMessage": "SignChargePointCertificate"}]
-    assert await within(station.call("SignCertificate", {"csr": csr_pem})) == {"status": "Accepted"}
+    # The CSMS sends CertificateSigned only once the station has its SignCertificate.conf.
+    order = []
+    answer = station.responses["CertificateSigned"]
+    station.responses["CertificateSigned"] = lambda request: order.append("CertificateSigned.req") or answer
+    signing = station.call("SignCertificate", {"csr": csr_pem})
+    signing.addCallback(lambda conf: order.append("SignCertificate.conf") or conf)
+    assert await within(signing) == {"status": "Accepted"}
     signed = await within(station.wait_for_call("CertificateSigned"))
     await within(security(csms).requests.settled())
+    assert order == ["SignCertificate.conf", "CertificateSigned.req"]
     return signed["certificateChain"]
 
 
