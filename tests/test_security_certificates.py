@@ -299,6 +299,7 @@ def bad_csrs(station_id: str) -> dict:
         "csr_not_pem": "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgQ1NS\n-----END CERTIFICATE REQUEST-----\n",
         "common_name_mismatch": make_csr("CP-SOMEONE-ELSE")[0],
         "weak_key": make_csr(station_id, rsa_key(1024))[0],
+        "weak_ec_key": make_csr(station_id, ec_key(ec.SECP192R1))[0],
         "csr_signature_invalid": broken_signature(good),
         "garbage": "hello",
         "no_common_name": make_csr(None)[0],
@@ -317,7 +318,7 @@ async def test_bad_csrs_are_rejected_recorded_and_leave_other_stations_alone(csm
     station = await csms.connect_booted("CP-BAD")
     bystander = await csms.connect_booted("CP-BYSTANDER")
     expected_codes = {"csr_not_pem": "csr_not_pem", "common_name_mismatch": "common_name_mismatch",
-                      "weak_key": "weak_key", "csr_signature_invalid": "csr_signature_invalid",
+                      "weak_key": "weak_key", "weak_ec_key": "weak_key", "csr_signature_invalid": "csr_signature_invalid",
                       "garbage": "csr_not_pem", "no_common_name": "common_name_mismatch",
                       "der_not_pem": "csr_not_pem"}
     for label, pem in bad_csrs("CP-BAD").items():
