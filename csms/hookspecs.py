@@ -302,3 +302,10 @@ def csms_on_id_tag_changed(id_tag, before, after):
 @hookspec
 def csms_on_station_deleted(station_id):
     """An operator deleted a station: remove what this plugin keeps about it."""
+
+
+@hookspec
+def csms_on_security_event(station_id, event):
+    """A security event about a station was stored: one the station reported (SecurityEventNotification,
+    OCPP 1.6 security whitepaper) or one the Central System found (a rejected certificate signing request).
+    ``event`` is a dict (``id``, ``origin``, ``type``, ``timestamp``, ``tech_info``, ``critical``, ``received_at``)."""

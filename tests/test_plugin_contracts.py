@@ -374,6 +374,10 @@ async def test_every_event_passes_exactly_the_arguments_and_keys_docs_hooks_md_l
     await api_ok(csms, "POST", f"/transactions/{operator_tx['transactionId']}/stop", {})
     await within(station.call("StartTransaction", dict(start, connectorId=2, idTag="NOBODY")))
     await within(station.call("BootNotification", boot))
+    # The security plugin's: one the station reports, one the CSMS finds (a CSR it rejects).
+    security_event = {"type": "TamperDetectionActivated", "timestamp": now, "techInfo": "cover opened"}
+    await within(station.call("SecurityEventNotification", security_event))
+    await within(station.call("SignCertificate", {"csr": "not a CSR"}))
 
     await api_ok(csms, "POST", "/stations/CP-EVENTS/calls/GetConfiguration", {"key": ["HeartbeatInterval"]})
     station.responses["ClearCache"] = ("CALLERROR", "InternalError", "cache is busy")
@@ -393,6 +397,8 @@ async def test_every_event_passes_exactly_the_arguments_and_keys_docs_hooks_md_l
     assert recorder.of("csms_on_transaction_stopped")[0]["request"] == stop
     assert [e["meter_values"] for e in recorder.of("csms_on_meter_values")] == [meter_values["meterValue"],
                                                                                 outside["meterValue"]]
+    assert [(e["event"]["type"], e["event"]["origin"]) for e in recorder.of("csms_on_security_event")] == [
+        ("TamperDetectionActivated", "station"), ("CertificateSigningRequestRejected", "csms")]
     sending = recorder.of("csms_on_call_sending")
     assert [e["request"] for e in sending] == [{"key": ["HeartbeatInterval"]}, {}]
     assert recorder.of("csms_on_call_completed")[0]["request"] is sending[0]["request"]

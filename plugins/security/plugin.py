@@ -5,11 +5,15 @@ and logs); this class only wires them to the framework.
 """
 from __future__ import annotations
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
+from .certificate_management import DIRECTORY_SETTINGS as CERTIFICATE_DIRECTORIES
+from .certificate_management import SETTINGS as CERTIFICATE_SETTINGS
+from .certificate_management import CertificateManagement
 from .tables import metadata
 from .transfers import Transfers
 
@@ -27,16 +31,22 @@ class SecurityPlugin:
     profile = None
     inbound_actions = INBOUND
     outbound_actions = OUTBOUND
-    settings = ()
+    settings = (*CERTIFICATE_SETTINGS,)
+    #: The test fixtures point these at a fresh directory under the test's tmp_path.
+    directory_settings = (*CERTIFICATE_DIRECTORIES,)
 
     app = None
     #: action -> callable(station, payload) returning (a Deferred of) the answer; each part adds its own.
     handlers: dict
+    #: The CSMS CA, CSRs, installed certificates and security events (certificate_management.py).
+    certificates: CertificateManagement | None = None
 
     @hookimpl
     def csms_configure(self, app):
         self.app = app
         self.handlers = {}
+        self.certificates = CertificateManagement(app, app.config.plugin(self.name))
+        self.certificates.register(self.handlers)
         self.transfers = Transfers(app)
         self.transfers.install(self.handlers)
 
@@ -49,7 +59,11 @@ class SecurityPlugin:
     def csms_tables(self):
         return metadata
 
-    # -- signed firmware and logs (transfers.py) ---------------------------------------------------------
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        from .api_transfers import add_routes
+        self.certificates.add_routes(app, router)
+        add_routes(self.transfers, app, router)
 
     @hookimpl
     def csms_on_call_sending(self, station_id, action, request):
@@ -57,17 +71,24 @@ class SecurityPlugin:
 
     @hookimpl
     def csms_on_call_completed(self, station_id, action, request, response):
-        return self.transfers.call_completed(station_id, action, request, response)
+        return _together(self.certificates.call_completed(station_id, action, request, response),
+                         self.transfers.call_completed(station_id, action, request, response))
 
     @hookimpl
     def csms_on_call_failed(self, station_id, action, request, error):
-        return self.transfers.call_failed(station_id, action, request, error)
-
-    @hookimpl
-    def csms_api_routes(self, app, router):
-        from .api_transfers import add_routes
-        add_routes(self.transfers, app, router)
+        return _together(self.certificates.call_failed(station_id, action, request, error),
+                         self.transfers.call_failed(station_id, action, request, error))
 
     @hookimpl
     def csms_on_station_deleted(self, station_id):
-        return self.transfers.store.delete_station(station_id)
+        return _together(self.certificates.station_deleted(station_id),
+                         self.transfers.store.delete_station(station_id))
+
+
+def _together(*results):
+    """One Deferred for what several parts answered an event with (None when none had work to do)."""
+    waiting = [result for result in results if result is not None]
+    if not waiting:
+        return None
+    return defer.gatherResults([result if isinstance(result, defer.Deferred) else defer.succeed(result)
+                                for result in waiting], consumeErrors=True)
