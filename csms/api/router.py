@@ -101,7 +101,14 @@ class Route:
     tags: tuple = ()
     body: dict | None = None
     query: tuple = ()
+    #: Status code -> description: the success status (200 unless given) and the errors this route
+    #: answers besides those every route may (see csms.api.openapi).
     responses: dict = field(default_factory=dict)
+    #: JSON schema of the success body (csms.api.types helps build one); None for a route answering 204
+    #: or ``response_type`` bytes. The test fixtures check every answer against it.
+    response: dict | None = None
+    #: Content type of a success body that is not JSON (a download).
+    response_type: str = "application/json"
     description: str = ""
     #: Largest request body this route takes, in bytes (None: the API's [api] max_body_size).
     max_body: int | None = None
