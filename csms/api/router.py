@@ -1,7 +1,8 @@
 """Routes of the operator API: one table that serves requests and writes the OpenAPI document.
 
 Plugins add routes with ``csms_api_routes(app, router)``; each route declares its path parameters,
-query parameters and JSON body schema, so that validation and documentation cannot drift apart.
+query parameters, JSON body schema and the schema of what it answers, so that validation, answers and
+documentation cannot drift apart (the test fixtures check the answers: :mod:`csms.api.contract`).
 Every value is converted and checked in one place (:mod:`csms.api.inputs`) before a handler runs.
 """
 from __future__ import annotations
@@ -142,6 +143,8 @@ class Route:
 class Router:
     def __init__(self):
         self.routes: list[Route] = []
+        #: () -> the OpenAPI document of these routes, built once (set by :func:`csms.api.make_router`).
+        self.openapi_document = None
 
     def add(self, method: str, template: str, handler, summary: str, **kwargs) -> Route:
         method = method.upper()
