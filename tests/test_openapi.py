@@ -59,6 +59,10 @@ async def test_every_route_of_every_plugin_has_typed_bodies_and_error_answers(cs
     assert document["components"]["schemas"]["RemoteStartBody"] == route.body
     assert set(remote_start["responses"]) >= {"200", "404", "409", "422", "502", "504"}
     assert document["paths"]["/openapi.json"]["get"]["security"] == []
+    # What plugins add to the station views is typed too (Router.extend_schema).
+    station_fields = document["components"]["schemas"]["Station"]["properties"]
+    assert {"boot", "connectors", "active_transaction_ids", "firmware_status"} <= set(station_fields)
+    assert station_fields["connectors"] == {"type": "array", "items": {"$ref": "#/components/schemas/ConnectorState"}}
 
 
 @pytest_twisted.ensureDeferred
@@ -128,4 +132,24 @@ def test_two_different_schemas_under_one_title_are_refused():
     router.add("GET", "/a", lambda request: {}, "A", response=record({"a": INTEGER}, title="Thing"))
     router.add("GET", "/b", lambda request: {}, "B", response=record({"b": INTEGER}, title="Thing"))
     with pytest.raises(RouteError, match="schema 'Thing' differs from the one operator API route GET '/a'"):
+        openapi.build_openapi(router)
+
+
+def test_plugins_extending_a_shared_schema_may_not_clash():
+    from csms.api.router import RouteError, Router
+
+    router = Router()
+    router.add("GET", "/things/{thing_id}", lambda request: {}, "A thing",
+               response=record({"id": INTEGER}, title="Thing", open_ended=True))
+    router.extend_schema("Thing", {"colour": {"type": "string"}}, "painter")
+    assert openapi.build_openapi(router)["components"]["schemas"]["Thing"]["properties"]["colour"] == \
+        {"type": "string"}
+    with pytest.raises(RouteError, match="dyer and painter both add 'colour' to the Thing schema"):
+        router.extend_schema("Thing", {"colour": {"type": "integer"}}, "dyer")
+    router.extend_schema("Thing", {"id": {"type": "string"}}, "renamer")
+    with pytest.raises(RouteError, match="renamer adds 'id' to the Thing schema, which has it already"):
+        openapi.build_openapi(router)
+    router = Router()
+    router.extend_schema("Gadget", {"size": INTEGER}, "painter")
+    with pytest.raises(RouteError, match="painter extends the Gadget schema, which no route answers with"):
         openapi.build_openapi(router)

@@ -124,6 +124,20 @@ def _document_calls(operation: dict, components: _Components, call_actions: dict
     operation["x-ocpp-actions"] = catalogue
 
 
+def _extend(components: _Components, extensions: dict) -> None:
+    """Add the optional properties plugins declare for shared schemas (``Router.extend_schema``)."""
+    for title, properties in extensions.items():
+        target = components.schemas.get(title)
+        if target is None or "properties" not in target:
+            owners = sorted({owner for _, owner in properties.values()})
+            raise RouteError(f"{', '.join(owners)} extend{'s' if len(owners) == 1 else ''} the {title} schema, "
+                             "which no route answers with")
+        for name, (schema, owner) in properties.items():
+            if name in target["properties"]:
+                raise RouteError(f"{owner} adds {name!r} to the {title} schema, which has it already")
+            target["properties"][name] = components.hoist(schema, owner)
+
+
 def success_codes(route) -> list[str]:
     return [str(code) for code in route.responses if str(code).startswith("2")] or ["200"]
 
@@ -196,6 +210,7 @@ def build_openapi(router, call_actions: dict | None = None, call_template: str |
         if calls:
             _document_calls(operation, components, call_actions)
         paths.setdefault(route.template, {})[route.method.lower()] = operation
+    _extend(components, router.schema_extensions)
     return {
         "openapi": "3.1.0",
         "info": {"title": "CSMS operator API", "version": csms.__version__,

@@ -145,6 +145,17 @@ class Router:
         self.routes: list[Route] = []
         #: () -> the OpenAPI document of these routes, built once (set by :func:`csms.api.make_router`).
         self.openapi_document = None
+        #: Component title -> {property: (schema, who added it)}: see :meth:`extend_schema`.
+        self.schema_extensions: dict[str, dict] = {}
+
+    def extend_schema(self, title: str, properties: dict, owner: str) -> None:
+        """Document optional ``properties`` that ``owner`` (a plugin name) adds to the shared response
+        schema ``title``: e.g. the fields a ``csms_station_details`` hook adds to ``Station``."""
+        extension = self.schema_extensions.setdefault(title, {})
+        for name, schema in properties.items():
+            if name in extension and extension[name][1] != owner:
+                raise RouteError(f"{owner} and {extension[name][1]} both add {name!r} to the {title} schema")
+            extension[name] = (schema, owner)
 
     def add(self, method: str, template: str, handler, summary: str, **kwargs) -> Route:
         method = method.upper()

@@ -11,11 +11,12 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, enum, ocpp_response, page, record
+from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, ocpp_response, page, record
 from csms.ocpp16 import parse_datetime
 
 from .store import ID_TAG_STATUSES
-from .tables import configuration, id_tags, meter_values, status_history, transactions, unmatched_stops
+from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history, transactions,
+                     unmatched_stops)
 
 ID_TAG = {"type": "string", "minLength": 1, "maxLength": 20, "description": "OCPP IdToken: 1 to 20 characters"}
 OPTIONAL_ID_TAG = {"type": ["string", "null"], "minLength": 1, "maxLength": 20}
@@ -88,6 +89,14 @@ TRANSACTION = record({**_TRANSACTION, "meter_values": array(METER_VALUE, descrip
 STATUS_NOTIFICATION = record(columns(status_history), title="StatusNotificationRecord")
 CONFIGURATION = record({"items": array(record(columns(configuration), title="ConfigurationKey"))})
 UNMATCHED_STOP = record(columns(unmatched_stops), title="UnmatchedStop")
+#: What csms_station_details adds to each station view (see plugin.py).
+STATION_DETAILS = {
+    "boot": nullable(record(columns(boot_info, *(c.name for c in boot_info.c if c.name != "station_id")),
+                            title="BootInfo", description="The last BootNotification")),
+    "connectors": array(record(columns(connectors, *(c.name for c in connectors.c if c.name != "station_id")),
+                               title="ConnectorState")),
+    "active_transaction_ids": array(INTEGER),
+}
 REMOTE_STOP_RESULT = record({"status": enum(("Accepted", "Rejected")), "transaction_id": INTEGER})
 
 COMMAND_RESPONSES = {"200": "The station's response payload", "404": "Unknown station",
@@ -106,6 +115,7 @@ def _date_time(value, field: str):
 
 def add_routes(plugin, app, router):
     store = plugin.store
+    router.extend_schema("Station", STATION_DETAILS, plugin.name)
 
     def id_tag_view(tag: dict) -> dict:
         expiry = tag.get("expiry_date")

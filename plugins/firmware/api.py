@@ -106,6 +106,9 @@ def _in_thread(app, f, *args):
 
 def add_routes(plugin, app, router):
     store = plugin.store
+    # What csms_station_details adds to the station views (stations that sent a notification).
+    router.extend_schema("Station", {"firmware_status": nullable(TEXT), "diagnostics_status": nullable(TEXT)},
+                         plugin.name)
     # A file is moved or removed after its row's commit: one change at a time, so that a deletion's
     # removal never hits the image an upload of the same name has just put in place.
     file_changes = defer.DeferredLock()
