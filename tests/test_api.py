@@ -359,7 +359,7 @@ async def test_openapi_document_describes_every_route_served(csms):
     assert document["openapi"].startswith("3.")
     assert document["info"]["title"] and document["info"]["version"]
     assert document["servers"] == [{"url": "/api/v1"}]
-    assert document["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer"}
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
     documented = set()
     operation_ids = []
@@ -369,7 +369,8 @@ async def test_openapi_document_describes_every_route_served(csms):
         for method, operation in operations.items():
             assert method in ("get", "post", "put", "patch", "delete")
             assert operation["summary"] and operation["responses"]
-            assert all(code.isdigit() and "description" in r for code, r in operation["responses"].items())
+            assert all((code.isdigit() or code == "default") and "description" in r
+                       for code, r in operation["responses"].items())
             path_params = {p["name"] for p in operation["parameters"] if p["in"] == "path"}
             assert path_params == params_in_template, (template, method)
             if "requestBody" in operation:

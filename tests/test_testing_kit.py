@@ -164,3 +164,45 @@ def test_twistd_finds_csms_from_any_directory(tmp_path):
                           timeout=INNER_RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert re.search(r"^\s+csms\s+An OCPP 1\.6J Central System", done.stdout, re.MULTILINE), done.stdout
+
+
+# -- the fixtures hold API answers to the OpenAPI document ----------------------------------------------
+
+DRIFTING_PLUGIN_TEST = '''
+import pytest_twisted
+from zope.interface import implementer
+
+from csms.api.types import INTEGER, record
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+
+
+@implementer(ICSMSPlugin)
+class Counter:
+    name = "counter"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        router.add("GET", "/counter", lambda request: {"count": 1, "unit": "apples"}, "The count",
+                   response=record({"count": INTEGER}))
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_the_counter(csms_factory):
+    csms = await csms_factory(plugins=[], extra_plugins=[Counter()])
+    status, body, _ = await csms.api("GET", "/counter")
+    assert status == 200 and body["count"] == 1
+'''
+
+
+def test_a_plugin_test_whose_answer_strays_from_its_declared_schema_fails(pytester, monkeypatch):
+    monkeypatch.delenv("CSMS_TEST_POSTGRES_URL", raising=False)  # one backend, one error
+    pytester.makepyfile(test_counter=DRIFTING_PLUGIN_TEST)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=INNER_RUN_TIMEOUT)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*operator API answers that break the OpenAPI document:*",
+                                 "GET /counter answered 200 with a body that breaks its schema at (the body): "
+                                 "Additional properties are not allowed ('unit' was unexpected)*"])

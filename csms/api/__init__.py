@@ -4,7 +4,7 @@ The framework serves stations, connection events, the generic OCPP call endpoint
 document; each plugin adds its own routes through ``csms_api_routes(app, router)``.
 """
 from csms.api.errors import ApiError
-from csms.api.resource import ApiRequest, ApiResource, ApiSite, Response, paginated
+from csms.api.resource import ApiRequest, ApiResource, ApiSite, Response, paginated, to_json
 from csms.api.router import PAGINATION, Path, Query, Router
 
 __all__ = ["ApiError", "ApiRequest", "Path", "Query", "PAGINATION", "Response", "Router", "make_site", "paginated"]
@@ -17,12 +17,23 @@ def make_router(app) -> Router:
     stations.add_routes(app, router)
     audit.add_routes(app, router)
     app.hook.csms_api_routes(app=app, router=router)
-    def document(request):
-        return openapi.build_openapi(router, stations.call_actions(app), stations.CALL_ROUTE)
+    built: list = []
 
+    def openapi_document() -> tuple[dict, bytes]:
+        """The document and its JSON, built on first use: routes and actions are fixed once the API serves."""
+        if not built:
+            document = openapi.build_openapi(router, stations.call_actions(app), stations.CALL_ROUTE)
+            built.append((document, to_json(document)))
+        return built[0]
+
+    def document(request):
+        return Response(raw=openapi_document()[1], content_type="application/json")
+
+    router.openapi_document = lambda: openapi_document()[0]
     router.add("GET", "/openapi.json", document,
-               "This document: the OpenAPI 3 description of every route", tags=("meta",), auth=False,
-               operation_id="get_openapi")
+               "This document: the OpenAPI 3.1 description of every route", tags=("meta",), auth=False,
+               operation_id="get_openapi", response_type="application/json",
+               response={"type": "object", "description": "An OpenAPI 3.1 document"})
     return router
 
 
@@ -32,6 +43,7 @@ def make_site(app):
 
     router = make_router(app)
     app.api_router = router
+    app.api_resource = ApiResource(app, router)
     limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
-    site = ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size), limits, app.clock)
+    site = ApiSite(app.api_resource, router.largest_body(app.config.api.max_body_size), limits, app.clock)
     return limited_listener(site, "Operator API")

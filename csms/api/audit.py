@@ -73,6 +73,7 @@ def outcome_of(status: int, body) -> str:
 def add_routes(app, router):
     from csms.api.resource import paginated
     from csms.api.router import PAGINATION, Query
+    from csms.api.types import columns, page
 
     async def list_audit(request):
         limit, offset = request.page()
@@ -92,4 +93,5 @@ def add_routes(app, router):
                                    Query("outcome", description="ok, or the error code answered"),
                                    Query("since", "date-time", "At or after"),
                                    Query("until", "date-time", "Before")),
+               response=page(columns(audit_log, *[c.name for c in audit_log.columns]), title="AuditPage"),
                responses={"200": "OK"})

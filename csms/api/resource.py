@@ -186,6 +186,9 @@ class ApiResource(resource.Resource):
     """Everything under /api/v1: route, authenticate, validate, run the handler, answer JSON."""
 
     isLeaf = True
+    #: Called as ``response_check(route, response)`` with every answer of a matched route before it is
+    #: written; the test fixtures set it to hold each answer to the route's documented responses.
+    response_check = None
 
     def __init__(self, app, router):
         super().__init__()
@@ -208,6 +211,7 @@ class ApiResource(resource.Resource):
                 raise ApiError(404, "route_not_found", "The operator API lives under /api/v1")
             path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
             route, raw_params = self.router.match(request.method.decode("ascii", "replace"), path)
+            request.api_route = route
             if route.auth:
                 caller = await self._authenticate(request)
                 if not scope_allows(caller.scope, route.scope):
@@ -272,6 +276,9 @@ class ApiResource(resource.Resource):
         return Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
 
     def _write(self, response: Response, request):
+        route = getattr(request, "api_route", None)
+        if self.response_check is not None and route is not None:
+            self.response_check(route, response)
         if request._disconnected:
             return
         request.setResponseCode(response.status)

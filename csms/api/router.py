@@ -1,7 +1,8 @@
 """Routes of the operator API: one table that serves requests and writes the OpenAPI document.
 
 Plugins add routes with ``csms_api_routes(app, router)``; each route declares its path parameters,
-query parameters and JSON body schema, so that validation and documentation cannot drift apart.
+query parameters, JSON body schema and the schema of what it answers, so that validation, answers and
+documentation cannot drift apart (the test fixtures check the answers: :mod:`csms.api.contract`).
 Every value is converted and checked in one place (:mod:`csms.api.inputs`) before a handler runs.
 """
 from __future__ import annotations
@@ -102,7 +103,14 @@ class Route:
     tags: tuple = ()
     body: dict | None = None
     query: tuple = ()
+    #: Status code -> description: the success status (200 unless given) and the errors this route
+    #: answers besides those every route may (see csms.api.openapi).
     responses: dict = field(default_factory=dict)
+    #: JSON schema of the success body (csms.api.types helps build one); None for a route answering 204
+    #: or ``response_type`` bytes. The test fixtures check every answer against it.
+    response: dict | None = None
+    #: Content type of a success body that is not JSON (a download), or a tuple of those it may answer.
+    response_type: str | tuple = "application/json"
     description: str = ""
     #: Largest request body this route takes, in bytes (None: the API's [api] max_body_size).
     max_body: int | None = None
@@ -144,6 +152,19 @@ class Route:
 class Router:
     def __init__(self):
         self.routes: list[Route] = []
+        #: () -> the OpenAPI document of these routes, built once (set by :func:`csms.api.make_router`).
+        self.openapi_document = None
+        #: Component title -> {property: (schema, who added it)}: see :meth:`extend_schema`.
+        self.schema_extensions: dict[str, dict] = {}
+
+    def extend_schema(self, title: str, properties: dict, owner: str) -> None:
+        """Document optional ``properties`` that ``owner`` (a plugin name) adds to the shared response
+        schema ``title``: e.g. the fields a ``csms_station_details`` hook adds to ``Station``."""
+        extension = self.schema_extensions.setdefault(title, {})
+        for name, schema in properties.items():
+            if name in extension and extension[name][1] != owner:
+                raise RouteError(f"{owner} and {extension[name][1]} both add {name!r} to the {title} schema")
+            extension[name] = (schema, owner)
 
     def add(self, method: str, template: str, handler, summary: str, **kwargs) -> Route:
         method = method.upper()

@@ -9,11 +9,12 @@ from csms import ocpp16
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
+from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, page, record
 from csms.app import ActionUnavailable, CallRefused
 from csms.passwords import hash_password
 from csms.schemas import SchemaViolation
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
-from csms.stations import REGISTRATION_STATUSES
+from csms.stations import REGISTRATION_STATUSES, connection_events, stations
 
 STATION_ID = {"type": "string", "minLength": 1, "maxLength": 255}
 PASSWORD = {"type": "string", "minLength": 16, "maxLength": 40,
@@ -37,6 +38,17 @@ STATION_UPDATE = {
 }
 PASSWORD_SET = {"type": "object", "additionalProperties": False, "required": ["password"],
                 "properties": {"password": PASSWORD}}
+
+STATION = record(
+    {**columns(stations, "id", "registration_status", "description", "created_at", "updated_at",
+               "last_connected_at", "last_disconnected_at", "last_seen_at"),
+     "has_password": BOOLEAN, "online": BOOLEAN},
+    title="Station", open_ended=True,
+    description="A station with its live state; enabled plugins add their own fields (csms_station_details)")
+STATION_PASSWORD = record({"id": TEXT, "has_password": BOOLEAN, "password": dict(TEXT, description="Shown once")},
+                          optional=("password",), title="StationPassword")
+CONNECTION_EVENT = record(columns(connection_events), title="ConnectionEvent")
+CONNECTION_EVENTS = record({"items": array(CONNECTION_EVENT), "limit": INTEGER, "offset": INTEGER})
 
 
 #: The generic route sending any CSMS-initiated call (the OpenAPI document lists the actions it takes).
@@ -166,32 +178,35 @@ def add_routes(app, router):
 
     tags = ("stations",)
     router.add("GET", "/stations", list_stations, "List stations with their live state", tags=tags,
-               query=PAGINATION + (Query("online", "boolean", "Only connected (true) or disconnected (false) ones"),
+               response=page(STATION), query=PAGINATION + (Query("online", "boolean", "Only connected (true) or disconnected (false) ones"),
                                    Query("registration_status", enum=REGISTRATION_STATUSES)))
     router.add("POST", "/stations", create_station, "Register a station ahead of its first connection", tags=tags,
-               body=STATION_CREATE, responses={"201": "Created", "409": "A station with that id exists"})
-    router.add("GET", "/stations/{station_id}", get_station, "One station", tags=tags,
+               body=STATION_CREATE, response=STATION, responses={"201": "Created", "409": "A station with that id exists"})
+    router.add("GET", "/stations/{station_id}", get_station, "One station", tags=tags, response=STATION,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("PATCH", "/stations/{station_id}", update_station, "Change a station's registration status or "
-               "description", tags=tags, body=STATION_UPDATE, responses={"200": "OK", "404": "Unknown station"})
+               "description", tags=tags, body=STATION_UPDATE, response=STATION, responses={"200": "OK", "404": "Unknown station"})
     router.add("DELETE", "/stations/{station_id}", delete_station, "Delete a station (and disconnect it)",
                tags=tags, responses={"204": "Deleted", "404": "Unknown station"})
     router.add("PUT", "/stations/{station_id}/password", set_password,
                "Set the station's HTTP Basic auth password (stored hashed)", tags=tags, body=PASSWORD_SET,
+               response=STATION_PASSWORD,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", "/stations/{station_id}/password/rotate", rotate_password,
                "Generate a new random password; the answer is the only time it is shown", tags=tags,
+               response=STATION_PASSWORD,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("DELETE", "/stations/{station_id}/password", clear_password,
                "Remove the station's password (it may then connect without Basic auth)", tags=tags,
+               response=STATION_PASSWORD,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/events", station_events,
                "Connection events (connected, disconnected, replaced, refused), newest first", tags=tags,
-               query=PAGINATION, responses={"200": "OK", "404": "Unknown station"})
+               query=PAGINATION, response=CONNECTION_EVENTS, responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", CALL_ROUTE, call_action,
                "Send any CSMS-initiated OCPP call (OCPP 1.6's, or one a plugin adds); the body is the OCPP "
                "request payload",
-               tags=("commands",), body={"type": "object"},
+               tags=("commands",), body={"type": "object"}, response={"type": "object"},
                description="Answers with the station's response payload. 404: unknown station or an action no "
                            "enabled plugin provides; 409: station not connected; 422: payload not valid for the "
                            "action's schema; 502: the station answered CALLERROR (or an invalid response); "

@@ -30,6 +30,7 @@ _EXPORTS = {
     "TestStationProtocol": "csms.testing.station",
     "RunningCSMS": "csms.testing.pytest_plugin",
     "TEST_API_TOKEN": "csms.testing.pytest_plugin",
+    "untyped_operations": "csms.api.contract",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,8 @@
   means something on PostgreSQL alone).
 * ``csms_factory``: ``await csms_factory(config_text="", extra_plugins=())`` starts a Central System
   listening on ephemeral loopback ports, with a :class:`twisted.internet.task.Clock` for its time.
+  Every operator API answer it gives must match the OpenAPI document (a status code the route lists,
+  a body valid for the schema declared for it: :mod:`csms.api.contract`), or the test fails.
 * ``csms``: one started with every built-in plugin enabled.
 * ``operator``: plays the operator through the Python API, then (a second run) the HTTP API.
 
@@ -29,7 +31,7 @@ POSTGRES_ENV = "CSMS_TEST_POSTGRES_URL"
 #: The operator API bearer token every test CSMS accepts.
 TEST_API_TOKEN = "test-token-0123456789abcdef"
 #: What the fixtures need beyond csms's own dependencies: import name -> distribution.
-TEST_EXTRAS = {"pytest_twisted": "pytest-twisted", "treq": "treq"}
+TEST_EXTRAS = {"pytest_twisted": "pytest-twisted", "treq": "treq", "jsonschema": "jsonschema"}
 
 
 def require_test_extras(*modules: str) -> list:
@@ -196,13 +198,24 @@ def csms_factory(database_url, tmp_path):
         await service.ready.addTimeout(30, reactor)
         instance = RunningCSMS(service, clock, reactor)
         running.append(instance)
+        if getattr(service.app, "api_resource", None) is not None:
+            contract = ResponseContract(service.app.api_router)
+            service.app.api_resource.response_check = contract
+            contracts.append(contract)
         return instance
 
+    from csms.api.contract import ResponseContract
+
+    contracts: list = []
     yield start
     from twisted.internet import defer
 
     for instance in running:
         blockon(defer.ensureDeferred(instance.stop()))
+    problems = [problem for contract in contracts for problem in contract.problems]
+    if problems:
+        pytest.fail("operator API answers that break the OpenAPI document:\n" + "\n".join(dict.fromkeys(problems)),
+                    pytrace=False)
 
 
 @pytest.fixture

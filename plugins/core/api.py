@@ -11,9 +11,12 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
+from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, ocpp_response, page, record
 from csms.ocpp16 import parse_datetime
 
 from .store import ID_TAG_STATUSES
+from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history, transactions,
+                     unmatched_stops)
 
 ID_TAG = {"type": "string", "minLength": 1, "maxLength": 20, "description": "OCPP IdToken: 1 to 20 characters"}
 OPTIONAL_ID_TAG = {"type": ["string", "null"], "minLength": 1, "maxLength": 20}
@@ -75,6 +78,32 @@ DATA_TRANSFER = _object({"vendor_id": {"type": "string", "minLength": 1, "maxLen
                          "message_id": {"type": "string", "maxLength": 50},
                          "data": {"type": "string"}}, ("vendor_id",))
 
+# -- what the routes answer --------------------------------------------------------------------------
+
+ID_TAG_VIEW = record({**columns(id_tags), "effective_status": enum(
+    ID_TAG_STATUSES, description="status, or Expired once expiry_date has passed")}, title="IdTag")
+METER_VALUE = record(columns(meter_values, *(c.name for c in meter_values.c
+                                             if c.name not in ("id", "station_id", "transaction_id"))),
+                     title="MeterValueSample")
+_TRANSACTION = {**columns(transactions, rename={"id": "transaction_id"}),
+                "active": dict(BOOLEAN, description="Not stopped yet")}
+TRANSACTION_SUMMARY = record({**_TRANSACTION, "latest_meter_values": array(
+    METER_VALUE, description="The samples of its most recent meter value timestamp")}, title="TransactionSummary")
+TRANSACTION = record({**_TRANSACTION, "meter_values": array(METER_VALUE, description="Oldest first")},
+                     title="Transaction")
+STATUS_NOTIFICATION = record(columns(status_history), title="StatusNotificationRecord")
+CONFIGURATION = record({"items": array(record(columns(configuration), title="ConfigurationKey"))})
+UNMATCHED_STOP = record(columns(unmatched_stops), title="UnmatchedStop")
+#: What csms_station_details adds to each station view (see plugin.py).
+STATION_DETAILS = {
+    "boot": nullable(record(columns(boot_info, *(c.name for c in boot_info.c if c.name != "station_id")),
+                            title="BootInfo", description="The last BootNotification")),
+    "connectors": array(record(columns(connectors, *(c.name for c in connectors.c if c.name != "station_id")),
+                               title="ConnectorState")),
+    "active_transaction_ids": array(INTEGER),
+}
+REMOTE_STOP_RESULT = record({"status": enum(("Accepted", "Rejected")), "transaction_id": INTEGER})
+
 COMMAND_RESPONSES = {"200": "The station's response payload", "404": "Unknown station",
                      "409": "Station not connected", "502": "The station answered with an error",
                      "504": "The station did not answer in time"}
@@ -91,6 +120,7 @@ def _date_time(value, field: str):
 
 def add_routes(plugin, app, router):
     store = plugin.store
+    router.extend_schema("Station", STATION_DETAILS, plugin.name)
 
     def id_tag_view(tag: dict) -> dict:
         expiry = tag.get("expiry_date")
@@ -158,14 +188,15 @@ def add_routes(plugin, app, router):
 
     tags = ("id tags",)
     router.add("GET", "/id-tags", list_id_tags, "List id tags (ordered by id tag)", tags=tags,
+               response=page(ID_TAG_VIEW),
                query=PAGINATION + (Query("status", enum=ID_TAG_STATUSES),
                                    Query("parent_id_tag", description="Only the members of this group")))
     router.add("POST", "/id-tags", create_id_tag, "Create an id tag (status defaults to Accepted)", tags=tags,
-               body=ID_TAG_CREATE, responses={"201": "Created", "409": "The id tag exists"})
-    router.add("GET", "/id-tags/{id_tag}", get_id_tag, "One id tag", tags=tags,
+               body=ID_TAG_CREATE, response=ID_TAG_VIEW, responses={"201": "Created", "409": "The id tag exists"})
+    router.add("GET", "/id-tags/{id_tag}", get_id_tag, "One id tag", tags=tags, response=ID_TAG_VIEW,
                responses={"200": "OK", "404": "Unknown id tag"})
     router.add("PATCH", "/id-tags/{id_tag}", update_id_tag, "Change an id tag's status, expiry date, parent or "
-               "description (null clears)", tags=tags, body=ID_TAG_UPDATE,
+               "description (null clears)", tags=tags, body=ID_TAG_UPDATE, response=ID_TAG_VIEW,
                responses={"200": "OK", "404": "Unknown id tag"})
     router.add("DELETE", "/id-tags/{id_tag}", delete_id_tag, "Delete an id tag", tags=tags,
                responses={"204": "Deleted", "404": "Unknown id tag"})
@@ -202,15 +233,16 @@ def add_routes(plugin, app, router):
 
     tags = ("transactions",)
     router.add("GET", "/transactions", list_transactions, "List transactions, newest first, each with its "
-               "latest meter values", tags=tags,
-               query=PAGINATION + TRANSACTION_FILTERS)
-    from . import exports
-    exports.add_routes(app, router, TRANSACTION_FILTERS)
+               "latest meter values", tags=tags, response=page(TRANSACTION_SUMMARY),
+               query=PAGINATION + (Query("station_id"), Query("id_tag"),
+                                   Query("active", "boolean", "Only open (true) or closed (false) transactions"),
+                                   Query("since", "date-time", "Started at or after"),
+                                   Query("until", "date-time", "Started before")))
     router.add("GET", "/transactions/{transaction_id}", get_transaction, "One transaction with all its meter "
-               "values", tags=tags, path=(TRANSACTION_ID,), responses={"200": "OK", "404": "Unknown transaction"})
+               "values", tags=tags, path=(TRANSACTION_ID,), response=TRANSACTION, responses={"200": "OK", "404": "Unknown transaction"})
     router.add("POST", "/transactions/{transaction_id}/stop", stop_transaction,
                "Close a transaction the station will never stop (stuck); nothing is sent to the station",
-               tags=tags, path=(TRANSACTION_ID,), body=OPERATOR_STOP, body_required=False,
+               tags=tags, path=(TRANSACTION_ID,), body=OPERATOR_STOP, body_required=False, response=TRANSACTION,
                description="Recorded with stopped_by=operator and fires csms_on_transaction_stopped. "
                            "To ask a connected station to stop charging, use /stations/{station_id}/remote-stop.",
                responses={"200": "The stopped transaction", "404": "Unknown transaction",
@@ -240,15 +272,16 @@ def add_routes(plugin, app, router):
 
     tags = ("stations",)
     router.add("GET", "/stations/{station_id}/status-history", status_history,
-               "StatusNotifications as received, newest first", tags=tags,
+               "StatusNotifications as received, newest first", tags=tags, response=page(STATUS_NOTIFICATION),
                query=PAGINATION + (Query("connector_id", "integer", minimum=0),),
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/configuration", stored_configuration,
                "The station's configuration as last read back (configuration/fetch) or changed; "
-               "known=false marks keys the station reported unknown", tags=tags,
+               "known=false marks keys the station reported unknown", tags=tags, response=CONFIGURATION,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/unmatched-stops", unmatched_stops,
                "StopTransactions for transactions the CSMS never knew, newest first", tags=tags,
+               response=page(UNMATCHED_STOP),
                query=PAGINATION, responses={"200": "OK", "404": "Unknown station"})
 
     # -- friendly commands ----------------------------------------------------------------------
@@ -309,23 +342,26 @@ def add_routes(plugin, app, router):
         return await command(request, "DataTransfer", payload)
 
     tags = ("commands",)
-    for method, path, handler, summary, body, required in (
-            ("POST", "remote-start", remote_start, "RemoteStartTransaction for an id tag", REMOTE_START, True),
+    for method, path, handler, summary, body, required, response in (
+            ("POST", "remote-start", remote_start, "RemoteStartTransaction for an id tag", REMOTE_START, True,
+             ocpp_response("RemoteStartTransaction")),
             ("POST", "remote-stop", remote_stop, "RemoteStopTransaction (default: the station's only active "
-             "transaction); the answer adds transaction_id", REMOTE_STOP, False),
-            ("POST", "reset", reset, "Reset (type Soft unless given)", RESET, False),
-            ("POST", "unlock", unlock, "UnlockConnector", UNLOCK, True),
+             "transaction); the answer adds transaction_id", REMOTE_STOP, False, REMOTE_STOP_RESULT),
+            ("POST", "reset", reset, "Reset (type Soft unless given)", RESET, False, ocpp_response("Reset")),
+            ("POST", "unlock", unlock, "UnlockConnector", UNLOCK, True, ocpp_response("UnlockConnector")),
             ("POST", "availability", availability, "ChangeAvailability (connector_id 0, the whole station, "
-             "unless given)", AVAILABILITY, True),
+             "unless given)", AVAILABILITY, True, ocpp_response("ChangeAvailability")),
             ("POST", "configuration/fetch", fetch_configuration, "GetConfiguration (every key unless given); the "
-             "answer is also stored for GET /stations/{station_id}/configuration", FETCH_CONFIGURATION, False),
+             "answer is also stored for GET /stations/{station_id}/configuration", FETCH_CONFIGURATION, False,
+             ocpp_response("GetConfiguration")),
             ("PUT", "configuration/{key}", change_configuration, "ChangeConfiguration of one key",
-             CHANGE_CONFIGURATION, True),
-            ("POST", "clear-cache", clear_cache, "ClearCache", EMPTY, False),
-            ("POST", "data-transfer", data_transfer, "DataTransfer to the station", DATA_TRANSFER, True)):
+             CHANGE_CONFIGURATION, True, ocpp_response("ChangeConfiguration")),
+            ("POST", "clear-cache", clear_cache, "ClearCache", EMPTY, False, ocpp_response("ClearCache")),
+            ("POST", "data-transfer", data_transfer, "DataTransfer to the station", DATA_TRANSFER, True,
+             ocpp_response("DataTransfer"))):
         responses = dict(COMMAND_RESPONSES)
         if handler is remote_stop:
             responses["409"] = "Station not connected, or no (or more than one) active transaction"
         router.add(method, "/stations/{station_id}/" + path, handler, summary, tags=tags, body=body,
-                   body_required=required, responses=responses, scope="commands")
+                   body_required=required, response=response, responses=responses, scope="commands")
     return None

@@ -171,15 +171,13 @@ def add_routes(app, router, filters: tuple):
     router.add("GET", "/exports/transactions", export_transactions,
                "Every transaction matching the filters of GET /transactions, oldest first, as CSV or JSON lines "
                "(streamed: any number of rows)", tags=tags, query=(fmt,) + filters,
-               responses={"200": {"description": "The export", "content": {
-                   "text/csv": {"schema": {"type": "string"}},
-                   "application/x-ndjson": {"schema": {"type": "string"}}}}})
+               response_type=tuple(kind.split(";")[0] for kind in FORMATS.values()),
+               responses={"200": "The export"})
     router.add("GET", "/exports/meter-values", export_meter_values,
                "Every meter value sample matching the filters, oldest first, as CSV or JSON lines (streamed)",
                tags=tags, query=(fmt, Query("station_id"),
                                  Query("transaction_id", "integer", "Samples of this transaction", minimum=1),
                                  Query("since", "date-time", "Sampled at or after"),
                                  Query("until", "date-time", "Sampled before")),
-               responses={"200": {"description": "The export", "content": {
-                   "text/csv": {"schema": {"type": "string"}},
-                   "application/x-ndjson": {"schema": {"type": "string"}}}}})
+               response_type=tuple(kind.split(";")[0] for kind in FORMATS.values()),
+               responses={"200": "The export"})

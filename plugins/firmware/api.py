@@ -10,10 +10,12 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
+from csms.api.types import (BOOLEAN, DATE_TIME, INTEGER, TEXT, array, columns, enum, nullable, page, record)
 from csms.ocpp16 import format_datetime
 
 from .files import TooLarge, discard, firmware_name, inside, read_bytes, spool
 from .store import CALL_FAILED, FIRMWARE_FAILED, REQUESTED
+from .tables import diagnostics_files, diagnostics_requests, files, status_history, updates
 from .uploads import new_credentials
 
 FIRMWARE_STATUSES = ("Downloaded", "DownloadFailed", "Downloading", "Idle", "InstallationFailed", "Installing",
@@ -52,6 +54,38 @@ DIAGNOSTICS_REQUEST = {
     },
 }
 
+# -- what the routes answer --------------------------------------------------------------------------
+
+FIRMWARE_FILE = record({**columns(files), "url": nullable(dict(TEXT, description="Where stations download it "
+                                                                               "(null: file server off)"))},
+                       title="FirmwareFile")
+FIRMWARE_UPDATE_RECORD = record(columns(updates), title="FirmwareUpdate")
+STATUS_NOTIFICATION = record(columns(status_history, *(c.name for c in status_history.c if c.name != "station_id")),
+                             title="FirmwareStatusRecord")
+_STATE = {"station_id": TEXT, "status": nullable(TEXT), "status_at": nullable(DATE_TIME)}
+STATION_FIRMWARE = record({**_STATE, "current_update": nullable(FIRMWARE_UPDATE_RECORD),
+                           "updates": array(FIRMWARE_UPDATE_RECORD, description="Newest first"),
+                           "history": array(STATUS_NOTIFICATION, description="Newest first")})
+UPDATE_SENT = record({"station_id": TEXT, "request": {"$ref": "#/components/schemas/UpdateFirmwareRequest"},
+                      "update": nullable(FIRMWARE_UPDATE_RECORD)})
+ROLLOUT_ITEM = record({"station_id": TEXT, "status": TEXT, "status_at": DATE_TIME, "failed": BOOLEAN,
+                       "update": nullable(record(
+                           {**columns(updates, "id", "location", "firmware_file_id", "requested_at",
+                                      "retrieve_date")}))}, title="RolloutStation")
+ROLLOUT = page(ROLLOUT_ITEM, counts={"type": "object", "additionalProperties": INTEGER,
+                                     "description": "Matching stations per status"})
+DIAGNOSTICS_FILE = record(columns(diagnostics_files, *(c.name for c in diagnostics_files.c
+                                                       if c.name != "stored_path")), title="DiagnosticsFile")
+DIAGNOSTICS_REQUEST_RECORD = record({
+    **columns(diagnostics_requests, *(c.name for c in diagnostics_requests.c if c.name != "upload_secret_sha256")),
+    "files": array(DIAGNOSTICS_FILE)}, title="DiagnosticsRequest")
+DIAGNOSTICS_SENT = record({"station_id": TEXT, "file_name": nullable(dict(TEXT, description="The file the station "
+                                                                          "will upload (null: nothing to upload)")),
+                           "request": nullable(DIAGNOSTICS_REQUEST_RECORD)})
+STATION_DIAGNOSTICS = record({**_STATE, "current_request_id": nullable(INTEGER),
+                              "requests": array(DIAGNOSTICS_REQUEST_RECORD, description="Newest first"),
+                              "history": array(STATUS_NOTIFICATION, description="Newest first")})
+
 
 def check_location(location: str) -> str:
     """A URL with a scheme stations use and a host; otherwise 422 invalid_location (nothing is sent)."""
@@ -72,6 +106,9 @@ def _in_thread(app, f, *args):
 
 def add_routes(plugin, app, router):
     store = plugin.store
+    # What csms_station_details adds to the station views (stations that sent a notification).
+    router.extend_schema("Station", {"firmware_status": nullable(TEXT), "diagnostics_status": nullable(TEXT)},
+                         plugin.name)
     # A file is moved or removed after its row's commit: one change at a time, so that a deletion's
     # removal never hits the image an upload of the same name has just put in place.
     file_changes = defer.DeferredLock()
@@ -259,29 +296,31 @@ def add_routes(plugin, app, router):
     tags = ("firmware",)
     router.add("POST", "/firmware-files", upload_firmware,
                "Upload a firmware file (raw request body); the CSMS serves it to stations", tags=tags,
-               json_body=False, max_body=plugin.max_firmware_size,
+               json_body=False, max_body=plugin.max_firmware_size, response=FIRMWARE_FILE,
                query=(Query("name", description="File name: A-Z a-z 0-9 . _ + -"),
                       Query("description", description="Free text")),
                description="Stored under [plugin:firmware] firmware_dir with its SHA-256 and MD5. The answer's "
                            "`url` is where stations download it (with HTTP range requests).",
                responses={"201": "Stored", "409": "A file with that name exists", "413": "Too large",
                           "422": "Invalid or empty file"})
-    router.add("GET", "/firmware-files", list_firmware, "List hosted firmware files", tags=tags, query=PAGINATION)
+    router.add("GET", "/firmware-files", list_firmware, "List hosted firmware files", tags=tags, query=PAGINATION,
+               response=page(FIRMWARE_FILE))
     router.add("GET", "/firmware-files/{file_id}", get_firmware, "One hosted firmware file", tags=tags,
-               path=(FIRMWARE_FILE_ID,), responses={"200": "OK", "404": "Unknown file"})
+               path=(FIRMWARE_FILE_ID,), response=FIRMWARE_FILE, responses={"200": "OK", "404": "Unknown file"})
     router.add("DELETE", "/firmware-files/{file_id}", delete_firmware, "Delete a hosted firmware file", tags=tags,
                path=(FIRMWARE_FILE_ID,), responses={"204": "Deleted", "404": "Unknown file"})
     router.add("POST", "/stations/{station_id}/firmware-update", update_firmware,
                "Send UpdateFirmware with a hosted firmware file or any URL", tags=("commands",) + tags,
-               body=FIRMWARE_UPDATE,
+               body=FIRMWARE_UPDATE, response=UPDATE_SENT,
                responses={"200": "Accepted by the station", "404": "Unknown station or file",
                           "409": "Station not connected", "422": "Invalid location or body",
                           "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/firmware", station_firmware,
                "The station's firmware status, its updates and its FirmwareStatusNotifications (newest first)",
-               tags=tags, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, response=STATION_FIRMWARE, responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/firmware/status", rollout,
                "Rollout view: each station's latest firmware status with its current update", tags=tags,
+               response=ROLLOUT,
                query=PAGINATION + (Query("status", enum=FIRMWARE_STATUSES),
                                    Query("failed", "boolean", f"Only {' or '.join(FIRMWARE_FAILED)} (true) or "
                                                               "the others (false)"),
@@ -290,20 +329,22 @@ def add_routes(plugin, app, router):
                description="`counts` gives the number of matching stations per status.")
     router.add("POST", "/stations/{station_id}/diagnostics", get_diagnostics,
                "Send GetDiagnostics; without a location the station uploads to the CSMS (one-time credentials)",
-               tags=("commands",) + tags, body=DIAGNOSTICS_REQUEST,
+               tags=("commands",) + tags, body=DIAGNOSTICS_REQUEST, response=DIAGNOSTICS_SENT,
                responses={"200": "Accepted by the station", "404": "Unknown station",
                           "409": "Station not connected or upload server off", "422": "Invalid location or body",
                           "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/diagnostics", station_diagnostics,
                "The station's diagnostics status, its requests with uploaded files, and its notifications",
-               tags=tags, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, response=STATION_DIAGNOSTICS, responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/diagnostics-requests/{request_id}", diagnostics_request,
                "One diagnostics request with its uploaded files", tags=tags, path=(DIAGNOSTICS_REQUEST_ID,),
+               response=DIAGNOSTICS_REQUEST_RECORD,
                responses={"200": "OK", "404": "Unknown request"})
-    router.add("GET", "/diagnostics-files", list_diagnostics_files, "Uploaded diagnostics files", tags=tags,
+    router.add("GET", "/diagnostics-files", list_diagnostics_files, "Uploaded diagnostics files", tags=tags, response=page(DIAGNOSTICS_FILE),
                query=PAGINATION + (Query("station_id"), Query("request_id", "integer", minimum=1)))
     router.add("GET", "/diagnostics-files/{file_id}/content", diagnostics_file_content,
                "Download an uploaded diagnostics file", tags=tags, path=(DIAGNOSTICS_FILE_ID,),
+               response_type="application/octet-stream",
                responses={"200": "The file", "404": "Unknown file", "410": "File removed from disk"})
 
 

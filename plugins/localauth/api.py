@@ -7,9 +7,11 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION
 from csms.api.stations import send_call
+from csms.api.types import ANY_OBJECT, BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, page, record
 
 from .lists import UPDATE_TYPES
-from .plugin import IdTagsUnavailable, ListTooLong, NothingToSend, version_matches
+from .plugin import MAX_LIST_KEY, MAX_SEND_KEY, IdTagsUnavailable, ListTooLong, NothingToSend, version_matches
+from .tables import stations, updates
 
 SYNC_BODY = {
     "type": "object", "additionalProperties": False, "required": ["update_type"],
@@ -25,6 +27,30 @@ TAGS_BODY = {
                   {"type": "array", "uniqueItems": True, "maxItems": 100000,
                    "items": {"type": "string", "minLength": 1, "maxLength": 20}}]}},
 }
+
+_STATE = columns(stations, "selection", "sent_version", "sent_update_type", "sent_at", "acknowledged_version",
+                 "acknowledged_at", "reported_version", "reported_at", "last_status", "last_status_at", "last_error",
+                 "not_supported")
+CHANGES = record({"added": array(TEXT), "changed": array(TEXT), "removed": array(TEXT)}, title="LocalListChanges")
+LOCAL_LIST = record({
+    "station_id": TEXT, **_STATE,
+    "id_tags": nullable(array(TEXT, description="The chosen id tags; null: every id tag")),
+    "version_matches": nullable(BOOLEAN),
+    "limits": record({MAX_LIST_KEY: nullable(INTEGER), MAX_SEND_KEY: nullable(INTEGER)}, title="LocalListLimits"),
+    "entries": array(record({"idTag": TEXT, "idTagInfo": dict(ANY_OBJECT, description="OCPP IdTagInfo")}),
+                     description="The list as the station acknowledged it"),
+    "pending_changes": nullable(CHANGES),
+}, title="LocalList")
+SYNC_REPORT = record({
+    "station_id": TEXT, "requested_update_type": enum(UPDATE_TYPES), "fallback_to_full": BOOLEAN,
+    "requests": array(record({"list_version": INTEGER, "update_type": enum(UPDATE_TYPES), "entries": INTEGER,
+                              "status": TEXT})),
+    "changes": CHANGES, "status": TEXT, "update_type": enum(UPDATE_TYPES), "list_version": INTEGER,
+    "acknowledged_version": nullable(INTEGER), "entries": INTEGER,
+}, optional=("changes",))
+VERSION_READ = record({"station_id": TEXT, "list_version": INTEGER, "acknowledged_version": nullable(INTEGER),
+                       "sent_version": nullable(INTEGER), "version_matches": nullable(BOOLEAN)})
+UPDATE_RECORD = record(columns(updates), title="LocalListUpdate")
 
 
 def add_routes(plugin, app, router):
@@ -116,12 +142,14 @@ def add_routes(plugin, app, router):
     known = {"404": "Unknown station"}
     router.add("GET", "/stations/{station_id}/local-list", get_local_list,
                "The station's local list: versions sent, acknowledged and read back, the acknowledged "
-               "content and the changes a Differential would send", tags=tags, responses={"200": "OK", **known})
+               "content and the changes a Differential would send", tags=tags, response=LOCAL_LIST, responses={"200": "OK", **known})
     router.add("PUT", "/stations/{station_id}/local-list/tags", choose_local_list_tags,
                "Choose which id tags go onto the station's list (null: all of them)", tags=tags, body=TAGS_BODY,
+               response=LOCAL_LIST,
                responses={"200": "OK", **known, "422": "Unknown id tags"})
     router.add("POST", "/stations/{station_id}/local-list/sync", sync_local_list,
                "Send the list to the station with SendLocalList (Full or Differential)", tags=tags, body=SYNC_BODY,
+               response=SYNC_REPORT,
                description="Lists longer than the station's SendLocalListMaxLength go out in chunks (a Full first "
                            "chunk, then Differential chunks with increasing versions). A Differential answered "
                            "VersionMismatch falls back to a Full update. The answer reports every request and the "
@@ -132,7 +160,8 @@ def add_routes(plugin, app, router):
                           "502": "The station answered with an error", "504": "No answer in time"}, scope="commands")
     router.add("POST", "/stations/{station_id}/local-list/version", read_local_list_version,
                "Read the station's list version back (GetLocalListVersion) and compare it", tags=tags,
+               response=VERSION_READ,
                responses={"200": "OK", **known, "409": "Station not connected"}, scope="commands")
     router.add("GET", "/stations/{station_id}/local-list/updates", list_local_list_updates,
-               "Every answered SendLocalList, newest first", tags=tags, query=PAGINATION,
+               "Every answered SendLocalList, newest first", tags=tags, query=PAGINATION, response=page(UPDATE_RECORD),
                responses={"200": "OK", **known})

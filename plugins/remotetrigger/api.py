@@ -5,8 +5,10 @@ from csms.api.errors import not_found
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION
 from csms.api.stations import send_call
+from csms.api.types import INTEGER, TEXT, array, columns, enum, nullable, page, record
 
 from .plugin import REQUESTED_MESSAGES
+from .tables import requests
 
 TRIGGER_BODY = {
     "type": "object", "additionalProperties": False, "required": ["requested_message"],
@@ -16,6 +18,12 @@ TRIGGER_BODY = {
                          "description": "Sent even when the station has no such connector (flagged in warnings)"},
     },
 }
+
+TRIGGER_RESULT = record({"station_id": TEXT, "requested_message": enum(REQUESTED_MESSAGES),
+                         "connector_id": nullable(INTEGER),
+                         "status": enum(("Accepted", "Rejected", "NotImplemented")),
+                         "warnings": array(TEXT, description="E.g. a connector the station has not reported")})
+TRIGGER_RECORD = record(columns(requests), title="TriggerRecord")
 
 
 def add_routes(plugin, app, router):
@@ -45,6 +53,7 @@ def add_routes(plugin, app, router):
     tags = ("remote trigger",)
     router.add("POST", "/stations/{station_id}/trigger", trigger_message,
                "Ask the station to send a message now (TriggerMessage)", tags=tags, body=TRIGGER_BODY,
+               response=TRIGGER_RESULT,
                description="Answers with the station's status (Accepted, Rejected, NotImplemented) and warnings, "
                            "e.g. for a connector the station has not reported. The triggered message is handled "
                            "by its own profile when it arrives.",
@@ -52,4 +61,5 @@ def add_routes(plugin, app, router):
                           "422": "Unknown requested_message or bad connector_id", "502": "The station answered "
                           "with an error", "504": "No answer in time"}, scope="commands")
     router.add("GET", "/stations/{station_id}/triggers", list_triggers, "Every answered TriggerMessage, newest first",
-               tags=tags, query=PAGINATION, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, query=PAGINATION, response=page(TRIGGER_RECORD),
+               responses={"200": "OK", "404": "Unknown station"})

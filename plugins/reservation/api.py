@@ -6,10 +6,12 @@ from csms.api.inputs import INT32_MAX, Invalid, to_datetime
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
+from csms.api.types import BOOLEAN, INTEGER, columns, enum, nullable, page, record
 from csms.ocpp16 import format_datetime
 from csms.schemas import SchemaViolation, schemas
 
 from .store import STATES
+from .tables import events, reservations
 
 ID_TAG = {"type": "string", "minLength": 1, "maxLength": 20}
 
@@ -31,6 +33,14 @@ LIST_QUERY = PAGINATION + (
     Query("active", "boolean", "Only live reservations (true) or only closed ones (false)"),
     Query("state", enum=STATES),
 )
+
+RESERVATION = record({**columns(reservations, rename={"id": "record_id"}),
+                      "active": dict(BOOLEAN, description="Live: accepted by the station, not yet used, "
+                                                          "cancelled or expired")}, title="Reservation")
+CANCEL_RESULT = record({"reservation_id": INTEGER, "status": enum(("Accepted", "Rejected")),
+                        "known": dict(BOOLEAN, description="Whether the CSMS knew the reservation id"),
+                        "reservation": nullable(RESERVATION)})
+RESERVATION_EVENT = record(columns(events), title="ReservationEvent")
 
 
 def add_routes(plugin, app, router):
@@ -133,7 +143,7 @@ def add_routes(plugin, app, router):
             "502": "The station answered with an error", "504": "The station did not answer in time"}
     router.add("POST", "/stations/{station_id}/reservations", reserve,
                "Reserve a connector (or, with connector_id 0, the whole station) for an id tag", tags=tags,
-               operation_id="create_reservation",
+               operation_id="create_reservation", response=RESERVATION,
                body=RESERVE,
                description="The CSMS allocates the reservation id and sends ReserveNow. 201 with the reservation "
                            "whatever the station answered: its answer is `status` (Accepted, Faulted, Occupied, "
@@ -146,30 +156,30 @@ def add_routes(plugin, app, router):
                                        "422": "Expiry in the past, unknown connector"}), scope="commands")
     router.add("GET", "/stations/{station_id}/reservations", station_reservations,
                "The station's reservations, newest first", tags=tags, operation_id="list_station_reservations",
-               query=LIST_QUERY,
+               query=LIST_QUERY, response=page(RESERVATION),
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/reservations/{reservation_id}", one_reservation,
                "One reservation of the station", tags=tags, operation_id="get_station_reservation",
-               path=(RESERVATION_ID,),
+               path=(RESERVATION_ID,), response=RESERVATION,
                responses={"200": "OK", "404": "Unknown station or reservation"})
     router.add("POST", "/stations/{station_id}/reservations/{reservation_id}/cancel", cancel,
                "Send CancelReservation (also for an id the CSMS does not know)", tags=tags,
-               operation_id="cancel_reservation", path=(RESERVATION_ID,),
+               operation_id="cancel_reservation", path=(RESERVATION_ID,), response=CANCEL_RESULT,
                description="200 with the station's answer (`status` Accepted or Rejected), whether the CSMS knew "
                            "the id (`known`) and the reservation as now recorded. Accepted closes a live "
                            "reservation as cancelled.",
                responses=dict(sent, **{"200": "The station's answer"}), scope="commands")
     router.add("DELETE", "/stations/{station_id}/reservations/{reservation_id}", cancel,
                "Cancel a reservation: the same as POST .../cancel", tags=tags, path=(RESERVATION_ID,),
-               responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete",
-               scope="commands")
+               response=CANCEL_RESULT,
+               responses=dict(sent, **{"200": "The station's answer"}), operation_id="cancel_reservation_delete", scope="commands")
     router.add("GET", "/reservations", all_reservations, "Reservations of every station, newest first", tags=tags,
-               operation_id="list_reservations",
+               operation_id="list_reservations", response=page(RESERVATION),
                query=LIST_QUERY + (Query("station_id", description="Only this station's"),),
                responses={"200": "OK"})
     router.add("GET", "/reservation-events", reservation_events,
                "What did not fit the normal course: cancels of unknown ids, reservation ids unknown or reused "
                "at StartTransaction, replaced reservations; newest first", tags=tags,
-               operation_id="list_reservation_events",
+               operation_id="list_reservation_events", response=page(RESERVATION_EVENT),
                query=PAGINATION + (Query("station_id", description="Only this station's"),),
                responses={"200": "OK"})

@@ -7,10 +7,13 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
+from csms.api.types import (ANY_OBJECT, BOOLEAN, DATE_TIME, INTEGER, NUMBER, array, columns, enum, nullable,
+                            ocpp_response, page, record)
 from csms.ocpp16 import format_datetime, parse_datetime
 
 from . import composite
 from .store import STATES
+from .tables import profiles
 from .validation import PURPOSES
 
 CONNECTOR = {"type": "integer", "minimum": 0}
@@ -58,6 +61,22 @@ TAGS = ("smart charging",)
 COMMAND_RESPONSES = {"200": "The station's answer", "404": "Unknown station", "409": "Station not connected",
                      "422": "Invalid profile; nothing was sent", "502": "The station answered with an error",
                      "504": "The station did not answer in time"}
+
+PROFILE_RECORD = record({**columns(profiles), "profile": dict(ANY_OBJECT, description="The OCPP ChargingProfile "
+                                                                                      "as sent")},
+                        title="ChargingProfileRecord")
+SET_RESULT = record({"status": enum(("Accepted", "Rejected", "NotSupported")), "profile": nullable(PROFILE_RECORD)})
+CLEAR_RESULT = record({"status": enum(("Accepted", "Unknown")),
+                       "cleared": array(INTEGER, description="Records (id) the station's answer closed")})
+SCHEDULE = record({"start": DATE_TIME, "duration": INTEGER, "chargingRateUnit": enum(("A", "W")),
+                   "chargingSchedule": nullable(dict(ANY_OBJECT, description="An OCPP ChargingSchedule; a period "
+                                                     "limit of null marks an unlimited gap"))},
+                  title="CompositeScheduleView")
+PREVIEW = record({**SCHEDULE["properties"], "connectorId": INTEGER})
+DIFFERENCE = record({"from": DATE_TIME, "to": DATE_TIME, "station_limit": nullable(NUMBER),
+                     "csms_limit": nullable(NUMBER)}, title="ScheduleDifference")
+COMPARISON = record({"status": enum(("Accepted", "Rejected")), "station": ocpp_response("GetCompositeSchedule"),
+                     "csms": SCHEDULE, "matches": BOOLEAN, "differences": array(DIFFERENCE)})
 
 
 def schedule_view(schedule: composite.CompositeSchedule) -> dict:
@@ -144,23 +163,26 @@ def add_routes(plugin, app, router):
     base = "/stations/{station_id}"
     router.add("POST", base + "/charging-profiles", set_profile,
                "Send a charging profile (SetChargingProfile), checked first", tags=TAGS, body=SET_PROFILE,
+               response=SET_RESULT,
                description="422 with the list of problems when the profile breaks an OCPP 1.6 rule (see "
                            "docs/smartcharging.md); nothing is sent then. The answer holds the station's status "
                            "and the CSMS's record of the profile (installed, or rejected).",
                responses=COMMAND_RESPONSES, scope="commands")
     router.add("GET", base + "/charging-profiles", list_profiles,
                "The charging profiles the CSMS has recorded for a station (installed by default)", tags=TAGS,
-               query=LIST_QUERY, responses={"200": "OK", "404": "Unknown station"})
+               query=LIST_QUERY, response=page(PROFILE_RECORD), responses={"200": "OK", "404": "Unknown station"})
     router.add("DELETE", base + "/charging-profiles/{charging_profile_id}", clear_by_id,
                "Clear one charging profile by its chargingProfileId (ClearChargingProfile id)", tags=TAGS,
-               path=(CHARGING_PROFILE_ID,), responses=COMMAND_RESPONSES, scope="commands")
+               path=(CHARGING_PROFILE_ID,), response=CLEAR_RESULT, responses=COMMAND_RESPONSES,
+               scope="commands")
     router.add("POST", base + "/charging-profiles/clear", clear_by_criteria,
                "Clear charging profiles by id, connector, purpose and stack level; an empty body clears all",
-               tags=TAGS, body=CLEAR, body_required=False, responses=COMMAND_RESPONSES, scope="commands")
+               tags=TAGS, body=CLEAR, body_required=False, response=CLEAR_RESULT, responses=COMMAND_RESPONSES, scope="commands")
     router.add("GET", base + "/composite-schedule/preview", preview,
                "The composite schedule the CSMS expects the station to apply (computed here, nothing sent)",
-               tags=TAGS, query=PREVIEW_QUERY, responses={"200": "OK", "404": "Unknown station"})
+               tags=TAGS, query=PREVIEW_QUERY, response=PREVIEW, responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", base + "/composite-schedule", ask_composite,
                "Ask the station for its composite schedule (GetCompositeSchedule) and compare it with the "
-               "CSMS's own computation", tags=TAGS, body=ASK_COMPOSITE, responses=COMMAND_RESPONSES, scope="commands")
+               "CSMS's own computation", tags=TAGS, body=ASK_COMPOSITE, response=COMPARISON,
+               responses=COMMAND_RESPONSES, scope="commands")
 

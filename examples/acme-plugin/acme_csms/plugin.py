@@ -9,6 +9,7 @@ from zope.interface import implementer
 from csms.api import Path
 from csms.api.errors import not_found
 from csms.api.stations import send_call
+from csms.api.types import DATE_TIME, INTEGER, TEXT, array, ocpp_response, record
 from csms.db import BIG_KEY
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
@@ -32,6 +33,11 @@ REBOOT = {
     "properties": {"module": {"type": "integer", "minimum": 1, "maximum": 16},
                    "delaySeconds": {"type": "integer", "minimum": 0, "maximum": 3600}},
 }
+
+#: What the hellos route answers: declared with the route, so that the OpenAPI document types it and
+#: the test fixtures hold every answer to it.
+HELLOS = record({"station_id": TEXT, "items": array(record(
+    {"serial_number": TEXT, "module_count": INTEGER, "received_at": DATE_TIME}, title="AcmeHelloRecord"))})
 
 
 class AcmeStore:
@@ -98,10 +104,11 @@ class AcmePlugin:
     def csms_api_routes(self, app, router):
         router.add("GET", "/acmehub/stations/{station_id}/hellos", self.list_hellos,
                    "What an ACME station said in its AcmeHello messages, oldest first", tags=("acmehub",),
+                   response=HELLOS,
                    responses={"200": "OK", "404": "Unknown station"})
         router.add("POST", "/acmehub/stations/{station_id}/reboot", self.reboot,
                    "Reboot one power module of an ACME station (AcmeReboot)", tags=("acmehub",), body=REBOOT,
-                   path=(Path("station_id", description="The station's id"),),
+                   response=ocpp_response("AcmeReboot"), path=(Path("station_id", description="The station's id"),),
                    responses={"200": "The station's AcmeReboot response", "404": "Unknown station",
                               "409": "Station not connected", "502": "The station answered with an error",
                               "504": "The station did not answer in time"})

@@ -7,6 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from csms.testing import untyped_operations
 from csms.testing.station import CallErrorFrame
 
 TIMEOUT = 10
@@ -81,6 +82,9 @@ async def test_openapi_documents_the_acme_actions_and_routes(csms_factory):
     assert status == 200
     assert "/acmehub/stations/{station_id}/reboot" in document["paths"]
     assert document["components"]["schemas"]["AcmeRebootRequest"]["required"] == ["module"]
+    # Every ACME route types its bodies, so a client generated from the document is typed too.
+    assert untyped_operations(document) == []
+    assert "AcmeHelloRecord" in document["components"]["schemas"]
 
 
 @pytest_twisted.ensureDeferred
