@@ -234,12 +234,12 @@ def add_routes(plugin, app, router):
     tags = ("transactions",)
     router.add("GET", "/transactions", list_transactions, "List transactions, newest first, each with its "
                "latest meter values", tags=tags, response=page(TRANSACTION_SUMMARY),
-               query=PAGINATION + (Query("station_id"), Query("id_tag"),
-                                   Query("active", "boolean", "Only open (true) or closed (false) transactions"),
-                                   Query("since", "date-time", "Started at or after"),
-                                   Query("until", "date-time", "Started before")))
+               query=PAGINATION + TRANSACTION_FILTERS)
+    from . import exports
+    exports.add_routes(app, router, TRANSACTION_FILTERS)
     router.add("GET", "/transactions/{transaction_id}", get_transaction, "One transaction with all its meter "
-               "values", tags=tags, path=(TRANSACTION_ID,), response=TRANSACTION, responses={"200": "OK", "404": "Unknown transaction"})
+               "values", tags=tags, path=(TRANSACTION_ID,), response=TRANSACTION,
+               responses={"200": "OK", "404": "Unknown transaction"})
     router.add("POST", "/transactions/{transaction_id}/stop", stop_transaction,
                "Close a transaction the station will never stop (stuck); nothing is sent to the station",
                tags=tags, path=(TRANSACTION_ID,), body=OPERATOR_STOP, body_required=False, response=TRANSACTION,
