@@ -547,3 +547,18 @@ async def test_TC_073_CSMS_a_generated_password_is_shown_once_and_works(tls_csms
     assert station.received_calls[0][3]["value"] == body["password"].encode().hex()
     await station.close()
     await tls_csms.connect("CP-1", password=body["password"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_with_a_weak_server_key_exits_1_with_one_line(pki, tmp_path):
+    from test_startup import failed_start, run_twistd, sqlite_url, write_config
+
+    files = make_certificate(pki.ca, "localhost", key_type="rsa", key_size=1024, server=True).write(tmp_path, "weak")
+    config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, security", extra=f"""
+        [plugin:security]
+        tls_endpoint = tcp:0:interface=127.0.0.1
+        tls_certificate = {files['chain']}
+        tls_private_key = {files['key']}
+        """)
+    await failed_start(run_twistd(config, str(tmp_path)), f"csms: [plugin:security] tls_certificate: {files['chain']} "
+                                                          "has an RSA key of 1024 bits (at least 2048 are required)")
