@@ -109,11 +109,13 @@ async def stored_profile(csms, station_id: str) -> dict:
     return body
 
 
-async def connected_at(csms, station_id: str, profile: int):
-    """Waits until the station's connection is recorded (the floor is written after it opens)."""
+async def connected_at(csms, station_id: str, profile: int, floor: int | None = None):
+    """Waits until the station's connection at ``profile`` is recorded (the floor is written after it
+    opens): its floor ``floor`` if given, else at least ``profile``."""
     for _ in range(200):
         body = await stored_profile(csms, station_id)
-        if body["online"] and body["security_profile"] >= profile:
+        if body["online"] and body["connection_security_profile"] == profile and (
+                body["security_profile"] == floor if floor is not None else body["security_profile"] >= profile):
             return body
         await deferLater(0.01)
     raise AssertionError(f"{station_id} never recorded at profile {profile}: {body}")
@@ -397,6 +399,27 @@ async def test_plain_connections_are_profile_0_without_a_password_and_1_with_one
     await tls_csms.connect("CP-1", password=PASSWORD)
     assert (await connected_at(tls_csms, "CP-1", 1))["connection_security_profile"] == 1
     await station.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_the_password_takes_a_profile_1_station_back_to_profile_0(tls_csms):
+    await with_password(tls_csms, "CP-1")
+    station = await tls_csms.connect("CP-1", password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 1)
+    await station.close()
+    assert (await tls_csms.api("DELETE", "/stations/CP-1/password"))[0] == 200
+    station = await tls_csms.connect("CP-1")
+    await connected_at(tls_csms, "CP-1", 0, floor=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_the_password_does_not_lower_a_tls_profile(tls_csms, pki):
+    await with_password(tls_csms, "CP-1")
+    station = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 2)
+    await station.close()
+    assert (await tls_csms.api("DELETE", "/stations/CP-1/password"))[0] == 200
+    assert (await refused(connect_tls(tls_csms, "CP-1", pki.client_options()))).status == 403
 
 
 @pytest_twisted.ensureDeferred

@@ -9,10 +9,12 @@ A connection's profile is what it proved (OCPP 1.6 Security whitepaper §2):
 * **0**: anything else ("unsecured": plain ws, or TLS, without a password the CSMS checks).
 
 Once a station has connected at profile N, a connection at a lower one is refused with 403 before the
-WebSocket opens (TC_083); an operator may set the floor (``PUT /stations/{id}/security-profile``), lower
-too (a station replaced, its certificate lost). A certificate that names another station, or not the
-configured organization, is refused with 403 whatever the floor; one that does not chain to the CAs or
-is expired fails the TLS handshake itself (:mod:`.tls`).
+WebSocket opens (TC_083). Profile 1 is the password's: a station that has one must send it (the Core
+plugin), and one whose password an operator removed is back at 0. An operator may set the floor
+(``PUT /stations/{id}/security-profile``), lower too (a station replaced, its certificate lost). A
+certificate that names another station, or not the configured organization, is refused with 403
+whatever the floor; one that does not chain to the CAs or is expired fails the TLS handshake itself
+(:mod:`.tls`).
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ from .tls import DEFAULT_CIPHERS, ServerTLSContext, TLSListener, load_ca_certifi
 log = Logger(namespace="csms.security.profiles")
 
 PROFILES = (0, 1, 2, 3)
-#: The annotation (the station session's ``admission``) holding a connection's profile.
+#: The annotations (the station session's ``admission``) holding a connection's profile, and the floor it
+#: was admitted against.
 PROFILE_ANNOTATION = "security_profile"
+FLOOR_ANNOTATION = "security_profile_floor"
 
 SETTINGS = (
     Setting("tls_endpoint", str, "",
@@ -108,20 +112,22 @@ class ProfileStore:
             return {row.station_id: (row.profile, row.last_connection_profile) for row in rows}
         return self.db.run(thd, desc="security_profiles")
 
-    def connected(self, station_id: str, profile: int):
-        """A station connected at ``profile``: it is its floor from now on, unless that is higher already."""
+    def connected(self, station_id: str, profile: int, admitted_floor: int):
+        """A station connected at ``profile``, admitted against ``admitted_floor``: the higher of the two is
+        its floor from now on."""
         now = self.now()
+        floor = max(profile, admitted_floor)
 
         def thd(conn):
-            floor = conn.execute(select(station_profiles.c.profile)
-                                 .where(station_profiles.c.station_id == station_id)).scalar()
-            if floor is None:
-                conn.execute(insert(station_profiles).values(station_id=station_id, profile=profile,
+            stored = conn.execute(select(station_profiles.c.profile)
+                                  .where(station_profiles.c.station_id == station_id)).scalar()
+            if stored is None:
+                conn.execute(insert(station_profiles).values(station_id=station_id, profile=floor,
                                                              last_connection_profile=profile, updated_at=now))
             else:
                 conn.execute(update(station_profiles).where(station_profiles.c.station_id == station_id)
-                             .values(profile=max(floor, profile), last_connection_profile=profile, updated_at=now))
-            return max(floor or 0, profile)
+                             .values(profile=floor, last_connection_profile=profile, updated_at=now))
+            return floor
         return self.db.run(thd, desc="security_profile_connected")
 
     def set_floor(self, station_id: str, profile: int):
@@ -187,18 +193,22 @@ class SecurityProfiles:
 
     def _check_floor(self, state, request, identified: bool):
         floor, has_password = state
+        if floor == 1 and not has_password:
+            floor = 0  # profile 1 is the password's: an operator who removed it took the station back to 0
         profile = connection_profile(request.tls, identified, has_password, request.password is not None)
         if profile < floor:
             raise AdmissionRefused(403, f"Forbidden: security profile {floor} is required",
                                    f"security profile {profile}, below the station's profile {floor}")
         request.annotations[PROFILE_ANNOTATION] = profile
+        request.annotations[FLOOR_ANNOTATION] = floor
         return None
 
     def on_connected(self, station_id: str, station):
-        profile = (station.admission or {}).get(PROFILE_ANNOTATION)
+        admission = station.admission or {}
+        profile = admission.get(PROFILE_ANNOTATION)
         if profile is None:
             return None
-        return self.store.connected(station_id, profile)
+        return self.store.connected(station_id, profile, admission.get(FLOOR_ANNOTATION, 0))
 
     @defer.inlineCallbacks
     def details(self, station_ids):
