@@ -84,7 +84,7 @@ async def test_admission_hook_gets_the_handshake_and_its_annotations_reach_the_s
     assert request.address.host == "127.0.0.1"
     assert request.headers["authorization"].startswith("Basic ")
     assert request.headers["host"] == f"127.0.0.1:{csms.port}"
-    assert request.certificate is None  # plain TCP
+    assert (request.certificate, request.tls, request.authenticated_by) == (None, False, None)  # plain TCP
     session = await probe.next("connected", "CP-1")
     assert session is csms.app.sessions["CP-1"]
     assert session.admission == {"gatekeeper_seen": "CP-1", "registration_status": "Accepted"}

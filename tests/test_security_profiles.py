@@ -12,6 +12,8 @@ from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
 from zope.interface import implementer
 
+from test_hardening_ws import logged  # noqa: F401  (fixture)
+
 from csms.passwords import hash_password
 from csms.service import StartupError
 from csms.testing import StationRefused
@@ -180,11 +182,20 @@ async def outcome_counted(csms, name: str, count: int = 1) -> None:
 # -- TC_086: the TLS server side ------------------------------------------------------------------
 
 
+def tls_lines(logged) -> list[str]:
+    return [text for _, namespace, text in logged if namespace == "csms.security.tls"]
+
+
 @pytest_twisted.ensureDeferred
-async def test_TC_086_CSMS_tls_1_1_client_is_refused(tls_csms):
+async def test_TC_086_CSMS_tls_1_1_client_is_refused(csms_factory, pki, logged):
+    # A suite TLS 1.1 has, at OpenSSL's lowest security level: only the CSMS's TLS 1.2 minimum refuses it.
+    csms = await csms_factory(config_text=tls_config(pki, extra="tls_ciphers = AES128-SHA:@SECLEVEL=0\n"))
     with pytest.raises(SSL.Error):
-        await handshake(tls_csms, RawContext(SSL.TLS1_1_VERSION, SSL.TLS1_1_VERSION, b"DEFAULT:@SECLEVEL=0"))
-    await outcome_counted(tls_csms, "handshake_failed")
+        await handshake(csms, RawContext(SSL.TLS1_1_VERSION, SSL.TLS1_1_VERSION, b"AES128-SHA:@SECLEVEL=0"))
+    await outcome_counted(csms, "handshake_failed")
+    assert any("unsupported protocol" in line for line in tls_lines(logged)), tls_lines(logged)
+    assert (await handshake(csms, RawContext(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, b"AES128-SHA:@SECLEVEL=0"))
+            ) == ("TLSv1.2", "AES128-SHA")
 
 
 @pytest.mark.parametrize("key,cipher", [
@@ -272,11 +283,14 @@ async def test_unusable_tls_settings_fail_start_up_with_one_line(csms_factory, p
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_speaking_no_tls_on_the_tls_port_is_closed_and_counted(tls_csms):
+async def test_a_client_speaking_no_tls_on_the_tls_port_is_closed_and_counted(tls_csms, logged):
     exc = await refused(connect_station(reactor, tls_port(tls_csms), "CP-PLAIN"))
     assert exc.status is None  # no HTTP answer: the TLS layer closed the connection
     await outcome_counted(tls_csms, "handshake_failed")
     assert not tls_csms.app.is_connected("CP-PLAIN")
+    [line] = tls_lines(logged)
+    assert "(handshake_failed): http request" in line, line
+    assert not any("Unhandled" in text or "Traceback" in text for _, _, text in logged)
 
 
 @pytest_twisted.ensureDeferred

@@ -222,8 +222,12 @@ class StationTLSProtocol(TLSMemoryBIOProtocol):
         self._deadline = None
         if not self.handshake_done and not self.handshake_timeout_reported \
                 and not isinstance(self.wrappedProtocol, RefusedConnection):
+            # Why TLS failed (OpenSSL's error) is what Twisted hands the wrapped protocol; the reason this
+            # method gets is the TCP close that followed. Twisted keeps the former in _reason until the
+            # base class runs: read it, guarded, and fall back to the TCP reason.
+            tls_reason = getattr(self, "_reason", None) or reason
             self.factory.outcome("handshake_failed", self.transport.getPeer() if self.transport else None,
-                                 describe_tls_failure(reason))
+                                 describe_tls_failure(tls_reason))
         super().connectionLost(reason)
 
 
