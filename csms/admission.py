@@ -184,7 +184,8 @@ def admission_outcome(outcomes: list) -> AdmissionRefused | None:
 
 
 class ConnectionLimits:
-    """One listener's open connections, in total and per remote address, from TCP accept to close.
+    """The OCPP listeners' open connections, in total and per remote address, from TCP accept to close
+    (one factory's: a plugin's listener serving ``app.ocpp_factory``, such as the TLS one, counts here too).
 
     :meth:`admit` counts a new connection, or refuses it (False) when it would exceed a limit (0: no
     limit). The first refusal is logged at once; later ones are summed up in one line per

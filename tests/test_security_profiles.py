@@ -9,7 +9,7 @@ import pytest_twisted
 from conftest import error_of
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor, ssl
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, ISSLTransport
 from zope.interface import implementer
 
 from test_hardening_ws import logged  # noqa: F401  (fixture)
@@ -317,6 +317,18 @@ async def test_connection_limits_count_tls_connections_with_plain_ones(csms_fact
     assert (await refused(csms.connect("CP-3"))).status is None
     await booted(first)
     assert not csms.app.is_connected("CP-2") and not csms.app.is_connected("CP-3")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_moving_from_ws_to_wss_replaces_its_plain_connection(tls_csms, pki):
+    await with_password(tls_csms, "CP-1")
+    plain = await tls_csms.connect("CP-1", password=PASSWORD)
+    secure = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
+    was_clean, code, reason = await plain.closed.addTimeout(WAIT, reactor)
+    assert code == 4000
+    assert ISSLTransport.providedBy(tls_csms.app.sessions["CP-1"].protocol.transport)  # the TLS one
+    await booted(secure)
+    assert (await connected_at(tls_csms, "CP-1", 2))["connection_security_profile"] == 2
 
 
 # -- TC_085 and TC_088 over TLS (profile 2) -------------------------------------------------------
