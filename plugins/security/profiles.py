@@ -179,7 +179,9 @@ class SecurityProfiles:
         station is marked on the request at once (``authenticated_by``), before the Core plugin's check
         reads it: such a station needs no password.
         """
-        certificate = request.certificate if request.tls else None
+        # Only this plugin's listener checks a certificate's chain: without CAs configured none is asked
+        # for, and one that came some other way identifies nobody.
+        certificate = request.certificate if request.tls and self.client_certificates else None
         identified = False
         if certificate is not None:
             problem = certificate_identity_problem(certificate, request.station_id, self.organization)
