@@ -112,7 +112,7 @@ class AdmissionRequest:
     the station session's ``admission`` dict once the station is admitted.
     """
 
-    def __init__(self, station_id: str, headers: dict, peer: str, address=None, certificate=None):
+    def __init__(self, station_id: str, headers: dict, peer: str, address=None, certificate=None, tls: bool = False):
         #: The charge point id, percent-decoded from the path.
         self.station_id = station_id
         #: The handshake's HTTP headers, names in lower case (as Autobahn gives them).
@@ -124,6 +124,12 @@ class AdmissionRequest:
         #: The TLS client certificate (a ``cryptography.x509.Certificate``) when the connection is TLS
         #: and the station presented one; None otherwise (always None on plain TCP).
         self.certificate = certificate
+        #: Whether the connection is TLS (wss), whichever listener it came through.
+        self.tls = tls
+        #: How a plugin proved the station's identity other than by its Basic auth password (e.g. "client
+        #: certificate"), or None. Set it in ``csms_admit_station`` before returning (not in a callback):
+        #: the Core plugin, called last, then does not ask for the password.
+        self.authenticated_by: str | None = None
         #: What the plugins note about the station while admitting it; the session's ``admission``.
         self.annotations: dict = {}
         credentials = parse_basic_auth(headers.get("authorization"))
@@ -135,13 +141,14 @@ class AdmissionRequest:
     def from_handshake(cls, station_id: str, request, transport) -> AdmissionRequest:
         """Built from Autobahn's ``ConnectionRequest`` and the connection's transport."""
         certificate = None
-        if ISSLTransport.providedBy(transport):
+        tls = ISSLTransport.providedBy(transport)
+        if tls:
             peer_certificate = transport.getPeerCertificate()  # pyOpenSSL's X509, or None
             if peer_certificate is not None:
                 certificate = peer_certificate.to_cryptography()
         get_peer = getattr(transport, "getPeer", None)
         return cls(station_id, request.headers, request.peer, get_peer() if get_peer is not None else None,
-                   certificate)
+                   certificate, tls)
 
 
 #: The refusal when no implementation of ``csms_admit_station`` admitted the station.
@@ -177,7 +184,8 @@ def admission_outcome(outcomes: list) -> AdmissionRefused | None:
 
 
 class ConnectionLimits:
-    """One listener's open connections, in total and per remote address, from TCP accept to close.
+    """The OCPP listeners' open connections, in total and per remote address, from TCP accept to close
+    (one factory's: a plugin's listener serving ``app.ocpp_factory``, such as the TLS one, counts here too).
 
     :meth:`admit` counts a new connection, or refuses it (False) when it would exceed a limit (0: no
     limit). The first refusal is logged at once; later ones are summed up in one line per

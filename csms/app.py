@@ -68,6 +68,10 @@ class CentralSystem:
         self.station_store = StationStore(self.db, self.clock)
         #: station id -> connected csms.session.StationSession
         self.sessions: dict = {}
+        #: The OCPP WebSocket factory (:class:`csms.protocol.OCPPServerFactory`) once the service made it:
+        #: a plugin may serve it on a listener of its own (the security plugin's TLS one), sharing the
+        #: connected stations and the ``[ocpp]`` connection limits with the plain listener.
+        self.ocpp_factory = None
         self.plugins = loaded_plugins(self.pm)
         check_settings(config, self.plugins)
         #: Who provides each action, enabled or not; see :mod:`csms.actions`.

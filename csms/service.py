@@ -167,6 +167,7 @@ class CSMSService(service.Service):
         self.reactor = reactor
         self.app = CentralSystem(config, reactor=reactor, clock=clock, extra_plugins=extra_plugins)
         self.ocpp_factory = OCPPServerFactory(self.app, reactor)
+        self.app.ocpp_factory = self.ocpp_factory
         self.ocpp_endpoint = config.ocpp.endpoint
         self.ready: defer.Deferred = defer.Deferred()
         self.ports: dict[str, object] = {}

@@ -73,7 +73,8 @@ class SlowRefuser:
 @pytest_twisted.ensureDeferred
 async def test_admission_hook_gets_the_handshake_and_its_annotations_reach_the_session(csms_factory):
     gatekeeper, probe = Gatekeeper(), EventProbe()
-    csms = await csms_factory(extra_plugins=[gatekeeper, probe])
+    # Core alone besides the test's plugins: the annotations compared are Core's and the gatekeeper's.
+    csms = await csms_factory(extra_plugins=[gatekeeper, probe], plugins=["core"])
     await csms.app.station_store.create("CP-1", password_hash=hash_password("s3cret-passw0rd!"))
     await csms.connect("CP-1", password="s3cret-passw0rd!")
 
@@ -83,7 +84,7 @@ async def test_admission_hook_gets_the_handshake_and_its_annotations_reach_the_s
     assert request.address.host == "127.0.0.1"
     assert request.headers["authorization"].startswith("Basic ")
     assert request.headers["host"] == f"127.0.0.1:{csms.port}"
-    assert request.certificate is None  # plain TCP
+    assert (request.certificate, request.tls, request.authenticated_by) == (None, False, None)  # plain TCP
     session = await probe.next("connected", "CP-1")
     assert session is csms.app.sessions["CP-1"]
     assert session.admission == {"gatekeeper_seen": "CP-1", "registration_status": "Accepted"}
@@ -91,7 +92,7 @@ async def test_admission_hook_gets_the_handshake_and_its_annotations_reach_the_s
 
 @pytest_twisted.ensureDeferred
 async def test_core_annotates_the_registration_status_it_admitted_with(csms_factory):
-    csms = await csms_factory(config_text="[ocpp]\nunknown_stations = pending\n")
+    csms = await csms_factory(config_text="[ocpp]\nunknown_stations = pending\n", plugins=["core"])
     await csms.connect("CP-NEW")
     assert csms.app.sessions["CP-NEW"].admission == {"registration_status": "Pending"}
 
@@ -404,7 +405,8 @@ async def test_with_a_wrapper_one_failing_listener_silences_no_other(csms_factor
     listener, wrapper = Listener(), EventWrapper()
     plugins = [BrokenListener(), listener] if broken_first else [listener, BrokenListener()]
     probe = EventProbe()  # registered first, so told last (pluggy calls the latest registered first)
-    csms = await csms_factory(extra_plugins=[probe, *plugins, wrapper])
+    # Core alone besides the test's plugins: the results the wrapper counts are the test's listeners'.
+    csms = await csms_factory(extra_plugins=[probe, *plugins, wrapper], plugins=["core"])
     station = await csms.connect("CP-W")
     await probe.next("connected", "CP-W")
     assert listener.connected == ["CP-W"]

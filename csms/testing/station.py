@@ -202,16 +202,23 @@ class TestStationFactory(WebSocketClientFactory):
 
 def connect_station(reactor, port: int, station_id: str, password: str | None = None,
                     protocols=("ocpp1.6",), host: str = "127.0.0.1", path_prefix: str = "/ocpp/",
-                    username: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> defer.Deferred:
-    """Connect a test station; fires with its protocol once open, fails with StationRefused."""
+                    username: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls=None) -> defer.Deferred:
+    """Connect a test station; fires with its protocol once open, fails with StationRefused.
+
+    ``tls``: connect over TLS (wss) with these client options (``twisted.internet.ssl.optionsForClientTLS``,
+    or any Twisted client TLS context factory); a handshake that fails is a StationRefused with status None.
+    """
     headers = {}
     if password is not None:
         token = base64.b64encode(f"{username or station_id}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     from urllib.parse import quote
-    url = f"ws://{host}:{port}{path_prefix}{quote(station_id, safe='')}"
+    url = f"{'wss' if tls is not None else 'ws'}://{host}:{port}{path_prefix}{quote(station_id, safe='')}"
     factory = TestStationFactory(url, protocols=list(protocols) or None, headers=headers, reactor=reactor)
     factory.reactor = reactor
     factory.opened = defer.Deferred()
-    reactor.connectTCP(host, port, factory)
+    if tls is not None:
+        reactor.connectSSL(host, port, factory, tls)
+    else:
+        reactor.connectTCP(host, port, factory)
     return factory.opened.addTimeout(timeout, reactor)

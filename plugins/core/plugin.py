@@ -20,6 +20,11 @@ from .tables import metadata
 log = Logger(namespace="csms.core")
 
 
+#: Configuration keys whose values are secrets (OCPP 1.6 Security whitepaper: AuthorizationKey is write-only):
+#: a ChangeConfiguration of one is not kept in the stored configuration the API shows.
+WRITE_ONLY_KEYS = frozenset(("AuthorizationKey",))
+
+
 def _empty_answer(_) -> dict:
     return {}
 
@@ -101,7 +106,9 @@ class CorePlugin:
         if registered:
             log.info("Registered unknown station {station} ({policy})", station=station_id, policy=policy)
         request.annotations["registration_status"] = registration_status
-        if password_hash is not None:
+        if request.authenticated_by is not None:
+            pass  # another plugin proved who the station is (a TLS client certificate): no password asked
+        elif password_hash is not None:
             ok = False
             if request.username == station_id and request.password is not None:
                 # scrypt takes tens of milliseconds of CPU: never on the reactor thread.
@@ -325,7 +332,8 @@ class CorePlugin:
         if action == "GetConfiguration":
             return self.store.record_configuration(station_id, response.get("configurationKey") or [],
                                                    response.get("unknownKey") or [])
-        if action == "ChangeConfiguration" and response.get("status") in ("Accepted", "RebootRequired"):
+        if action == "ChangeConfiguration" and response.get("status") in ("Accepted", "RebootRequired") \
+                and request["key"] not in WRITE_ONLY_KEYS:
             return self.store.set_configuration_value(station_id, request["key"], request["value"])
         if action == "ChangeAvailability" and response.get("status") in ("Accepted", "Scheduled"):
             return self.store.set_requested_availability(station_id, request["connectorId"], request["type"])

@@ -14,6 +14,7 @@ from csms.interfaces import ICSMSPlugin
 from .certificate_management import DIRECTORY_SETTINGS as CERTIFICATE_DIRECTORIES
 from .certificate_management import SETTINGS as CERTIFICATE_SETTINGS
 from .certificate_management import CertificateManagement
+from . import profiles
 from .tables import metadata
 from .transfers import Transfers
 
@@ -31,7 +32,7 @@ class SecurityPlugin:
     profile = None
     inbound_actions = INBOUND
     outbound_actions = OUTBOUND
-    settings = (*CERTIFICATE_SETTINGS,)
+    settings = (*profiles.SETTINGS, *CERTIFICATE_SETTINGS)
     #: The test fixtures point these at a fresh directory under the test's tmp_path.
     directory_settings = (*CERTIFICATE_DIRECTORIES,)
 
@@ -41,6 +42,9 @@ class SecurityPlugin:
     #: The CSMS CA, CSRs, installed certificates and security events (certificate_management.py).
     certificates: CertificateManagement | None = None
 
+    #: Security profiles and the TLS listener (:mod:`.profiles`).
+    profiles: profiles.SecurityProfiles
+
     @hookimpl
     def csms_configure(self, app):
         self.app = app
@@ -49,6 +53,7 @@ class SecurityPlugin:
         self.certificates.register(self.handlers)
         self.transfers = Transfers(app)
         self.transfers.install(self.handlers)
+        self.profiles = profiles.SecurityProfiles(app, app.config.plugin(self.name))
 
     @hookimpl
     def csms_handle_call(self, station, action, payload):
@@ -60,10 +65,28 @@ class SecurityPlugin:
         return metadata
 
     @hookimpl
+    def csms_services(self, app):
+        return self.profiles.services()
+
+    @hookimpl
+    def csms_admit_station(self, request):
+        return self.profiles.admit(request)
+
+    @hookimpl
+    def csms_on_station_connected(self, station_id, station):
+        return self.profiles.on_connected(station_id, station)
+
+    @hookimpl
+    def csms_station_details(self, station_ids):
+        return self.profiles.details(station_ids)
+
+    @hookimpl
     def csms_api_routes(self, app, router):
-        from .api_transfers import add_routes
+        from .api_profiles import add_routes as add_profile_routes
+        from .api_transfers import add_routes as add_transfer_routes
+        add_profile_routes(self.profiles, app, router)
         self.certificates.add_routes(app, router)
-        add_routes(self.transfers, app, router)
+        add_transfer_routes(self.transfers, app, router)
 
     @hookimpl
     def csms_on_call_sending(self, station_id, action, request):
@@ -81,7 +104,7 @@ class SecurityPlugin:
 
     @hookimpl
     def csms_on_station_deleted(self, station_id):
-        return _together(self.certificates.station_deleted(station_id),
+        return _together(self.profiles.store.delete(station_id), self.certificates.station_deleted(station_id),
                          self.transfers.store.delete_station(station_id))
 
 
