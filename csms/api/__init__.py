@@ -27,10 +27,12 @@ def make_router(app) -> Router:
 
 def make_site(app):
     """The factory the API listens with: its site behind the [api] connection caps and request deadlines."""
+    from csms.api.ops import operations_children
     from csms.httplimits import HTTPLimits, limited_listener
 
     router = make_router(app)
     app.api_router = router
     limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
-    site = ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size), limits, app.clock)
+    site = ApiSite(ApiResource(app, router), router.largest_body(app.config.api.max_body_size), limits, app.clock,
+                   operations_children(app))
     return limited_listener(site, "Operator API")

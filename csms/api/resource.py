@@ -148,6 +148,7 @@ class ApiResource(resource.Resource):
                 raise ApiError(404, "route_not_found", "The operator API lives under /api/v1")
             path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
             route, raw_params = self.router.match(request.method.decode("ascii", "replace"), path)
+            request.route_template = route.template
             if route.auth:
                 await self._authenticate(request)
             if getattr(request, "body_too_large", False) or \
@@ -166,17 +167,7 @@ class ApiResource(resource.Resource):
         return Response(200, result)
 
     async def _authenticate(self, request):
-        header = request.getHeader("authorization") or ""
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        ok = False
-        if scheme.lower() == "bearer" and token:
-            ok = matches_any(token, self.configured_tokens)
-            if not ok:
-                ok = await self.app.db.run(token_known_thd, token, desc="api_token")
-        if not ok:
-            raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": 'Bearer realm="csms"'})
+        await require_bearer_token(self.app, request, self.configured_tokens)
 
     def _unexpected(self, failure, request):
         log.failure("Operator API request {method} {path} failed", failure,
@@ -186,6 +177,7 @@ class ApiResource(resource.Resource):
     def _write(self, response: Response, request):
         if request._disconnected:
             return
+        self.app.metrics.api_request(request.method, getattr(request, "route_template", "unmatched"), response.status)
         request.setResponseCode(response.status)
         for name, value in response.headers.items():
             request.setHeader(name, value)
@@ -202,6 +194,21 @@ class ApiResource(resource.Resource):
         if request.method != b"HEAD":
             request.write(data)
         request.finish()
+
+
+async def require_bearer_token(app, request, configured_tokens) -> None:
+    """Return when the request carries a valid operator API bearer token, else raise ApiError 401."""
+    header = request.getHeader("authorization") or ""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    ok = False
+    if scheme.lower() == "bearer" and token:
+        ok = matches_any(token, configured_tokens)
+        if not ok:
+            ok = await app.db.run(token_known_thd, token, desc="api_token")
+    if not ok:
+        raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
+                       headers={"WWW-Authenticate": 'Bearer realm="csms"'})
 
 
 class LimitedRequest(server.Request):
@@ -235,14 +242,15 @@ class LimitedRequest(server.Request):
 
 
 class RootResource(resource.Resource):
-    """``/``: everything is under /api/v1; other paths answer a JSON 404 too."""
+    """``/``: the API under /api/v1, and ``children`` (/metrics, /healthz, /readyz); other paths answer a JSON 404."""
 
-    def __init__(self, api):
+    def __init__(self, api, children: dict | None = None):
         super().__init__()
         self.api = api
+        self.extra_children = children or {}
 
     def getChild(self, name, request):
-        return self.api
+        return self.extra_children.get(name, self.api)
 
     def render(self, request):
         return self.api.render(request)
@@ -252,8 +260,8 @@ class ApiSite(LimitedSite):
     requestFactory = LimitedRequest
     noisy = False
 
-    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock):
-        super().__init__(RootResource(api_resource), limits, clock)
+    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock, children: dict | None = None):
+        super().__init__(RootResource(api_resource, children), limits, clock)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 
