@@ -142,6 +142,10 @@ class Database:
             self._connections.clear()
             self.engine.dispose()
 
+    def queued(self) -> int:
+        """Functions waiting for a pool thread (for the metrics)."""
+        return len(self._queue)
+
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
         """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit.
 

@@ -207,7 +207,7 @@ class DatabaseCollector:
             family.add_metric([], stats[key])
             yield family
         queue = GaugeMetricFamily("csms_db_queue_depth", "Database functions queued, waiting for a pool thread")
-        queue.add_metric([], len(self.db._queue))
+        queue.add_metric([], self.db.queued())
         yield queue
 
 

@@ -107,7 +107,7 @@ async def test_metrics_count_real_ocpp_and_api_traffic(csms):
     assert value(samples, "csms_api_requests_total", method="GET", route="/stations", status="401") == 1
     assert value(samples, "csms_db_transactions_total") > 0
     assert value(samples, "csms_db_commit_seconds_count") > 0
-    assert value(samples, "csms_db_batch_size_count") == value(samples, "csms_db_transactions_total")
+    assert value(samples, "csms_db_batch_size_count") > 0
     assert ("csms_db_queue_depth", frozenset()) in samples
     # Bounded labels: neither a station id nor a raw path nor an unknown action name is ever a label value.
     labels = {v for (_, pairs) in samples for (_, v) in pairs}

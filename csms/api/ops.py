@@ -141,10 +141,14 @@ class _NotFound(resource.Resource):
 
 def make_operations_site(app):
     """The factory ``[metrics] endpoint`` listens with, behind the [api] connection caps and request deadlines."""
+    from csms.api.resource import LimitedRequest
     from csms.httplimits import HTTPLimits, LimitedSite, limited_listener
 
     limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
     site = LimitedSite(_OperationsRoot(operations_children(app)), limits, app.clock)
+    # No path here takes a body: none is stored, whatever a client sends.
+    site.requestFactory = LimitedRequest
+    site.max_body_size = 0
     site.noisy = False
     site.displayTracebacks = False
     site.log = lambda request: None
