@@ -100,7 +100,7 @@ class OCPPMetrics:
         """A message from a station was answered with a CALLERROR (``action`` None: no readable action)."""
         stats = self.inbound.get(action, self.unknown) if type(action) is str else self.unknown
         stats.errors += 1
-        self.errors_sent[code if code in CALL_ERROR_CODES else OTHER] += 1
+        self.errors_sent[code if type(code) is str and code in CALL_ERROR_CODES else OTHER] += 1
 
     def handled(self, action: str, seconds: float) -> None:
         """A handler answered (or timed out) ``seconds`` after it was called."""
@@ -266,16 +266,25 @@ class Metrics:
         """A ``prometheus_client.Counter`` in this Central System's registry (``_total`` is added to ``name``).
 
         Name it ``csms_<plugin>_...``; label values must come from a small fixed set (never a station id).
+        A name already taken raises :class:`csms.plugins.PluginError` (start-up stops with that one line).
         """
-        return Counter(name, documentation, tuple(labelnames), registry=self.registry)
+        return self._register(Counter, name, documentation, labelnames)
 
     def gauge(self, name: str, documentation: str, labelnames=()) -> Gauge:
         """A ``prometheus_client.Gauge`` in this Central System's registry."""
-        return Gauge(name, documentation, tuple(labelnames), registry=self.registry)
+        return self._register(Gauge, name, documentation, labelnames)
 
     def histogram(self, name: str, documentation: str, labelnames=(), buckets=Histogram.DEFAULT_BUCKETS) -> Histogram:
         """A ``prometheus_client.Histogram`` in this Central System's registry."""
-        return Histogram(name, documentation, tuple(labelnames), registry=self.registry, buckets=buckets)
+        return self._register(Histogram, name, documentation, labelnames, buckets=buckets)
+
+    def _register(self, kind, name: str, documentation: str, labelnames, **kwargs):
+        from csms.plugins import PluginError
+
+        try:
+            return kind(name, documentation, tuple(labelnames), registry=self.registry, **kwargs)
+        except ValueError as exc:  # a duplicate name
+            raise PluginError(f"metric {name!r} cannot be registered: {exc}") from None
 
     def exposition(self) -> bytes:
         """Every metric in the Prometheus text format."""

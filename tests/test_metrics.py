@@ -180,6 +180,18 @@ async def test_a_plugin_registers_its_own_metric_through_app_metrics(csms_factor
     assert value(await scrape(csms), "csms_counting_things_total", kind="apple") == 3
 
 
+def test_a_metric_name_taken_twice_is_a_plugin_error():
+    from csms.metrics import Metrics
+    from csms.plugins import PluginError
+
+    metrics = Metrics()
+    metrics.counter("csms_acme_things", "Things")
+    with pytest.raises(PluginError, match="metric 'csms_acme_things' cannot be registered: Duplicated"):
+        metrics.gauge("csms_acme_things", "Things again")
+    with pytest.raises(PluginError, match="metric 'csms_api_requests' cannot be registered"):
+        metrics.counter("csms_api_requests", "A framework metric's name")
+
+
 # -- who may scrape ----------------------------------------------------------------------------------
 
 
@@ -340,10 +352,11 @@ def test_unknown_actions_and_error_codes_collapse_to_fixed_labels():
     metrics.error_sent("Whatever-1", "FormationViolation")
     metrics.error_sent("Whatever-2", "SomethingElse")
     metrics.error_sent(None, "ProtocolError")
+    metrics.error_sent("Heartbeat", ["a plugin's", "odd code"])  # never raises: the station still gets its answer
     metrics.call_queued()
     metrics.call_ended("Vendor-X", "error", "Weird")
     assert metrics.unknown.errors == 3
-    assert metrics.errors_sent["other"] == 1
+    assert metrics.errors_sent["other"] == 2
     assert metrics.errors_received["other"] == 1
     assert metrics.sent == {("unknown", "error"): 1}
 
