@@ -11,10 +11,7 @@ at most, however many requests arrive).
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-
-log = Logger(namespace="csms.health")
 
 #: Longest problem text a check's failure is reported with.
 MAX_PROBLEM_LENGTH = 200

@@ -22,6 +22,8 @@ from bisect import bisect_left
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from csms import ocpp16
+
 #: The label value of an action the Central System has no schema for, or a message with no readable action.
 UNKNOWN_ACTION = "unknown"
 #: The label value of a CALLERROR code, HTTP method or boot status outside the known ones.
@@ -241,8 +243,6 @@ class Metrics:
         """Start counting what ``app`` does (its actions are known by now)."""
         if not self.enabled:
             return
-        from csms import ocpp16
-
         self.ocpp = OCPPMetrics({*ocpp16.INBOUND, *app.inbound_actions}, {*ocpp16.OUTBOUND, *app.outbound_actions})
         self.registry.register(OCPPCollector(self.ocpp, app.sessions))
         self.registry.register(DatabaseCollector(app.db))
