@@ -152,11 +152,15 @@ async def test_plugin_metrics_firmware_uploads_and_charging_profiles(csms):
             "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}]}}}
     station.responses["SetChargingProfile"] = {"status": "Accepted"}
     assert await within(csms.app.call("CP-SC", "SetChargingProfile", profile)) == {"status": "Accepted"}
+    firmware = csms.app.pm.get_plugin("firmware")
+    upload_url = f"{firmware.http_base_url()}/diagnostics/diagdeadbeef-0123456789abcdef/log.txt"
+    response = await treq.put(upload_url, data=b"log", reactor=reactor, timeout=10)
+    await treq.content(response)
+    assert response.code == 401  # credentials no GetDiagnostics handed out
     samples = await scrape(csms)
     assert value(samples, "csms_firmware_files_uploaded_total") == 1
     assert value(samples, "csms_smartcharging_profiles_sent_total", status="Accepted") == 1
-    assert ("csms_firmware_diagnostics_uploads_total", frozenset({("via", "http"), ("outcome", "stored")})) \
-        not in samples  # labelled children appear once used
+    assert value(samples, "csms_firmware_diagnostics_uploads_total", via="http", outcome="unknown_credentials") == 1
 
 
 @implementer(ICSMSPlugin)

@@ -83,7 +83,8 @@ class DiagnosticsUploads:
         self.max_size = max_size
         self.uploads_counted = app.metrics.counter(
             "csms_firmware_diagnostics_uploads", "Diagnostics uploads stations made, by transport (http, ftp) and "
-            "outcome (stored, or why it was refused: unknown, used, expired, too_large, bad_upload; failed)",
+            "outcome (stored, or why it was refused: unknown_credentials, credentials_used, credentials_expired, "
+            "too_large, bad_upload; failed)",
             ("via", "outcome"))
 
     def count(self, via: str, outcome: str) -> None:
