@@ -119,7 +119,8 @@ class Server:
         stop(self.process)
 
 
-def start_csms(workdir: str, database_url: str | None, log_level: str, profile: str | None) -> Server:
+def start_csms(workdir: str, database_url: str | None, log_level: str, profile: str | None,
+               metrics: bool = True) -> Server:
     port, api_port = free_port(), free_port()
     db_url = database_url or f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
     config = os.path.join(workdir, "csms.ini")
@@ -139,6 +140,9 @@ url = {db_url}
 [api]
 endpoint = tcp:{api_port}:interface=127.0.0.1
 tokens = {secrets.token_hex(16)}
+[metrics]
+# On as shipped; bench/run.py --metrics off measures what counting costs.
+enabled = {"true" if metrics else "false"}
 [plugins]
 enabled = core, firmware, smartcharging, reservation, localauth, remotetrigger
 [plugin:firmware]
@@ -272,7 +276,7 @@ def run_all(args) -> dict:
     started = datetime.now(timezone.utc)
     results = {"generated_at": started.isoformat(timespec="seconds"), "quick": args.quick,
                "command": " ".join([".venv/bin/python", "bench/run.py"] + sys.argv[1:]),
-               "database": "postgresql" if args.postgres else "sqlite",
+               "database": "postgresql" if args.postgres else "sqlite", "metrics": args.metrics,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version(), "loadavg_before": os.getloadavg(),
                            "server_nofile": nofile},
@@ -283,6 +287,8 @@ def run_all(args) -> dict:
         entry["large"] = scenario.get("large", False)
         entry["results"] = {}
         for name in SERVERS:
+            if name == "reference" and args.skip_reference:
+                continue
             workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
             schema = None
             server = None
@@ -292,7 +298,7 @@ def run_all(args) -> dict:
                         schema = PostgresSchema(args.postgres)
                     db_url = schema.url if schema else None
                     profile = os.path.join(args.profile, f"{scenario['name']}.pstats") if args.profile else None
-                    server = start_csms(workdir, db_url, args.log_level, profile)
+                    server = start_csms(workdir, db_url, args.log_level, profile, args.metrics == "on")
                     if scenario["mix"] != "heartbeat":
                         entry["id_tags"] = insert_id_tags(
                             db_url or f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}", scenario["stations"],
@@ -510,6 +516,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-level", default="info", help="our CSMS's log level (default: the shipped 'info')")
     p.add_argument("--profile", metavar="DIR", help="run our CSMS under cProfile, one .pstats per scenario "
                                                     "(numbers then include the profiler's overhead)")
+    p.add_argument("--metrics", choices=("on", "off"), default="on",
+                   help="our CSMS's Prometheus metrics ([metrics] enabled; default: on, as shipped)")
+    p.add_argument("--skip-reference", action="store_true", help="run our CSMS only (no ratios)")
     p.add_argument("--output", default=os.path.join(RESULTS, "latest.json"), help="results JSON")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--keep", action="store_true", help="keep the servers' temporary directories (logs)")

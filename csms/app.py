@@ -17,6 +17,8 @@ from csms.actions import build_catalogue
 from csms.admission import AdmissionRequest, admission_outcome
 from csms.config import Config
 from csms.db import Database
+from csms.health import Readiness, database_check
+from csms.metrics import Metrics
 from csms.plugins import check_settings, check_table_names, loaded_plugins, make_plugin_manager
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
@@ -83,6 +85,12 @@ class CentralSystem:
         self.outbound_actions: dict[str, str] = self.actions.outbound
         #: Added inbound action -> ``csms_handle_call`` of the plugins declaring it, and of no other.
         self._added_callers = {action: self._owners_handle_call(action) for action in self.actions.added_inbound()}
+        #: Prometheus metrics (docs/metrics.md); plugins add theirs in csms_configure.
+        self.metrics = Metrics(enabled=config.metrics.enabled)
+        self.metrics.attach(self)
+        #: The checks /readyz runs; see :meth:`add_readiness_check`.
+        self.readiness = Readiness(self.clock, config.metrics.readiness_timeout)
+        self.add_readiness_check("database", database_check(self.db))
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
 
@@ -90,6 +98,12 @@ class CentralSystem:
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    def add_readiness_check(self, name: str, check) -> None:
+        """Make ``/readyz`` answer 503 unless ``check()`` passes: it returns None (ready) or a short text
+        saying what is wrong, or a Deferred or coroutine of that; raising means not ready. It runs with
+        a timeout, at most once at a time however many requests arrive, so it may query the database."""
+        self.readiness.add(name, check)
 
     def all_metadata(self) -> list:
         from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)

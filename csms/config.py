@@ -15,7 +15,7 @@ DEFAULT_PLUGINS = ("core",)
 UNKNOWN_STATION_POLICIES = ("accept", "pending", "reject")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "plugins")
+KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "plugins")
 #: The database URLs the CSMS works with, as operators are told when they give another one.
 DATABASE_URLS = "sqlite:///path/to/file.sqlite, sqlite:///:memory: or postgresql+psycopg://user:password@host/db"
 #: Schemes taken to mean PostgreSQL through psycopg 3, the driver the CSMS is built and tested with.
@@ -72,6 +72,19 @@ class APIConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics (``/metrics``) and the health endpoints (``/healthz``, ``/readyz``)."""
+
+    enabled: bool = True
+    #: Its own listener besides the API port (a Twisted endpoint string); empty: the API port only.
+    endpoint: str = ""
+    #: Clients that scrape /metrics without a bearer token (and see why /readyz failed).
+    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    #: Seconds /readyz waits for each check (the database query among them) before calling it failed.
+    readiness_timeout: float = 2.0
+
+
+@dataclass
 class Config:
     """The whole configuration; ``plugin_settings`` keeps each ``[plugin:NAME]`` section raw."""
 
@@ -79,6 +92,7 @@ class Config:
     ocpp: OCPPConfig = field(default_factory=OCPPConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: APIConfig = field(default_factory=APIConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     enabled_plugins: list[str] = field(default_factory=lambda: list(DEFAULT_PLUGINS))
     blocked_plugins: list[str] = field(default_factory=list)
     plugin_settings: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -270,6 +284,7 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     _fill(config.ocpp, parser, "ocpp")
     _fill(config.database, parser, "database")
     _fill(config.api, parser, "api")
+    _fill(config.metrics, parser, "metrics")
     if parser.has_section("plugins"):
         for key in parser.options("plugins"):
             if key not in ("enabled", "blocked"):
@@ -310,6 +325,10 @@ def validate(config: Config) -> None:
     config.database.url = database_url(config.database.url)
     from csms.httplimits import HTTPLimits
     HTTPLimits.read(lambda name, default: getattr(config.api, name)).check("api")
+    if not 0 < config.metrics.readiness_timeout < float("inf"):
+        raise ConfigError("[metrics] readiness_timeout must be a positive number of seconds")
+    from csms.netaddr import parse_networks
+    parse_networks(config.metrics.allowed_networks, "[metrics] allowed_networks")
     if config.database.pool_size < 1:
         raise ConfigError("[database] pool_size must be at least 1")
     # Interpolated into a PRAGMA statement: only the four values SQLite knows.

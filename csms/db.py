@@ -118,6 +118,8 @@ class Database:
         self._connections: list = []
         event.listen(self.engine, "before_cursor_execute", self._before_cursor_execute)
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
+        #: ``observe_commit(seconds, functions)``, called on the pool thread after each commit (metrics).
+        self.observe_commit = None
 
     def start(self) -> None:
         if not self._started:
@@ -139,6 +141,10 @@ class Database:
                     log.failure("Closing a database connection at shutdown failed")
             self._connections.clear()
             self.engine.dispose()
+
+    def queued(self) -> int:
+        """Functions waiting for a pool thread (for the metrics)."""
+        return len(self._queue)
 
     def run(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
         """Run ``thd(conn, *args, **kwargs)`` on the pool; fires with its result after commit.
@@ -188,6 +194,7 @@ class Database:
         attempt = 1
         isolate = len(batch) == 1
         while True:
+            started = time.perf_counter()
             self._local.pending = {}
             self._local.held_rows_failed = None
             try:
@@ -210,6 +217,8 @@ class Database:
                     self._check_usable(conn)
                 self.stats["transactions"] += 1
                 self.stats["functions"] += len(batch)
+                if self.observe_commit is not None:
+                    self.observe_commit(time.perf_counter() - started, len(batch))
                 return outcomes
             except DBAPIError as exc:
                 # A connection the server dropped is invalidated: _connection() replaces it on the retry.

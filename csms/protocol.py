@@ -87,17 +87,21 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             problem = str(exc)
         if problem is not None:
             log.info("Refused a connection from {peer}: {problem}", peer=peer, problem=problem)
+            self.factory.count_refusal("invalid_station_id", 400)
             raise ConnectionDeny(400, problem)
         if station_id is None:
+            self.factory.count_refusal("not_ocpp_path", 404)
             raise ConnectionDeny(404, "Not an OCPP endpoint: connect to " + ocpp.path_prefix + "<chargePointId>")
         if SUBPROTOCOL not in request.protocols:
             log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
                      station=station_id, peer=peer, offered=request.protocols)
+            self.factory.count_refusal("no_subprotocol", 400)
             raise ConnectionDeny(400, "The ocpp1.6 WebSocket subprotocol is required")
         try:
             annotations = yield app.admit(AdmissionRequest.from_handshake(station_id, request, self.transport))
         except AdmissionRefused as refusal:
             log.info("Refused {station} from {peer}: {detail}", station=station_id, peer=peer, detail=refusal.detail)
+            self.factory.count_refusal("not_admitted", refusal.status)
             yield app.station_store.record_event(station_id, "refused", peer, refusal.detail)
             raise ConnectionDeny(refusal.status, refusal.reason) from None
         self.station_id = station_id
@@ -370,11 +374,18 @@ class OCPPServerFactory(WebSocketServerFactory):
         """A protocol for a connection just accepted, or a :class:`RefusedConnection` over the limits."""
         address = getattr(addr, "host", None)
         if not self.limits.admit(address):
+            self.count_refusal("connection_limit")
             return RefusedConnection()
         protocol = super().buildProtocol(addr)
         protocol._counted = True
         protocol._counted_address = address
         return protocol
+
+    def count_refusal(self, reason: str, status: int | None = None) -> None:
+        """A handshake refused (``reason``: docs/metrics.md lists them), for ``csms_ocpp_handshakes_refused``."""
+        metrics = self.app.metrics.ocpp
+        if metrics is not None:
+            metrics.handshake_refused(reason, status)
 
     def stopFactory(self):
         self.limits.stop()

@@ -19,6 +19,7 @@ import inspect
 import json
 import uuid
 from collections import deque
+from time import perf_counter
 
 import orjson
 
@@ -87,11 +88,12 @@ class ResponseInvalid(Exception):
 class _Handling:
     """An inbound CALL whose handler answered with a Deferred that has not fired yet."""
 
-    __slots__ = ("unique_id", "action", "deadline", "answered", "timed_out")
+    __slots__ = ("unique_id", "action", "started", "deadline", "answered", "timed_out")
 
-    def __init__(self, unique_id: str, action: str):
+    def __init__(self, unique_id: str, action: str, started: float):
         self.unique_id = unique_id
         self.action = action
+        self.started = started
         self.deadline = 0.0
         self.answered = False
         self.timed_out = False
@@ -145,6 +147,8 @@ class OCPPSession:
 
     #: Where action schemas come from; a station's session has its Central System's (plugin actions too).
     schemas = schemas
+    #: What it counts for Prometheus (:class:`csms.metrics.OCPPMetrics`); None: nothing is counted.
+    _metrics = None
 
     def __init__(self, station_id: str, dispatch, send, clock, response_timeout: float, *,
                  handler_timeout: float):
@@ -234,7 +238,7 @@ class OCPPSession:
             self._send_error(unique_id, "FormationViolation", "Action must be a string")
             return
         if not isinstance(payload, dict):
-            self._send_error(unique_id, "FormationViolation", "Payload must be a JSON object")
+            self._send_error(unique_id, "FormationViolation", "Payload must be a JSON object", action=action)
             return
         self.stats["calls_in"] += 1
         # One inbound call at a time, in arrival order (a StopTransaction never overtakes its
@@ -275,26 +279,32 @@ class OCPPSession:
                 if known:
                     self.schemas.validate_request(action, payload)
             except SchemaViolation as exc:
-                self._send_error(unique_id, exc.code, exc.message)
+                self._send_error(unique_id, exc.code, exc.message, action=action)
                 return False
             return self._dispatch_call(unique_id, action, payload)
         except Exception:  # noqa: BLE001 - a bug in validation or in answering: logged, answered
             log.failure("Handling {action!r} from {station} failed", action=action, station=self.station_id)
-            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE)
+            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE, action=action)
             return False
 
     def _dispatch_call(self, unique_id: str, action: str, payload: dict) -> bool:
+        metrics = self._metrics
+        started = perf_counter() if metrics is not None else 0.0
         try:
             result = self._dispatch(self, action, payload)
         except Exception:  # noqa: BLE001 - CallError or a handler's bug: answered either way
             self._reply_failure(Failure(), unique_id, action)
+            if metrics is not None:
+                metrics.handled(action, perf_counter() - started)
             return False
         if type(result) is dict or not (isinstance(result, defer.Deferred) or inspect.isawaitable(result)):
             self._reply(result, unique_id, action)
+            if metrics is not None:
+                metrics.handled(action, perf_counter() - started)
             return False
         if not isinstance(result, defer.Deferred):
             result = defer.ensureDeferred(result)
-        handling = _Handling(unique_id, action)
+        handling = _Handling(unique_id, action, started)
         result.addBoth(self._handler_answered, handling)
         if handling.answered:
             return False
@@ -315,6 +325,8 @@ class OCPPSession:
         if waited:
             self._handling = None
         self._send_answer(outcome, handling.unique_id, handling.action)
+        if self._metrics is not None:
+            self._metrics.handled(handling.action, perf_counter() - handling.started)
         if waited:
             self._call_finished()
 
@@ -337,7 +349,10 @@ class OCPPSession:
         handling.timed_out = True
         log.warn("The handler for {action} from {station} did not answer within {timeout}s: answered "
                  "InternalError", action=handling.action, station=self.station_id, timeout=self._handler_timeout)
-        self._send_error(handling.unique_id, "InternalError", "The Central System did not answer in time")
+        self._send_error(handling.unique_id, "InternalError", "The Central System did not answer in time",
+                         action=handling.action)
+        if self._metrics is not None:
+            self._metrics.handled(handling.action, perf_counter() - handling.started)
         self._call_finished()
 
     def _discard_late(self, outcome, handling: _Handling) -> None:
@@ -359,12 +374,12 @@ class OCPPSession:
                 self._reply(outcome, unique_id, action)
         except Exception:  # noqa: BLE001 - a bug: logged, and the station still gets an answer
             log.failure("Answering {action!r} from {station} failed", action=action, station=self.station_id)
-            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE)
+            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE, action=action)
 
     def _reply(self, result, unique_id: str, action: str) -> None:
         if not isinstance(result, dict):
             log.error("Handler for {action!r} returned {result!r}, not a dict", action=action, result=result)
-            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE)
+            self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE, action=action)
             return
         try:
             # Vendor actions answered through csms_handle_call have no OCPP schema to check against.
@@ -373,21 +388,28 @@ class OCPPSession:
         except SchemaViolation as exc:
             log.error("Response to {action!r} does not match its schema: {message} ({result!r})",
                       action=action, message=exc.message, result=result)
-            self._send_error(unique_id, "InternalError", "The Central System produced an invalid response")
+            self._send_error(unique_id, "InternalError", "The Central System produced an invalid response",
+                             action=action)
             return
         self._send_frame([CALLRESULT, unique_id, result])
+        if self._metrics is not None:
+            self._metrics.call_answered(action, result)
 
     def _reply_failure(self, failure: Failure, unique_id: str, action: str) -> None:
         if failure.check(CallError):
             exc = failure.value
-            self._send_error(unique_id, exc.code, exc.description, exc.details)
+            self._send_error(unique_id, exc.code, exc.description, exc.details, action=action)
             return
         log.failure("Handler for {action!r} from {station} failed", failure,
                     action=action, station=self.station_id)
-        self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE)
+        self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE, action=action)
 
-    def _send_error(self, unique_id: str, code: str, description: str, details: dict | None = None) -> None:
+    def _send_error(self, unique_id: str, code: str, description: str, details: dict | None = None,
+                    action: str | None = None) -> None:
+        """Answer a station's message with a CALLERROR; ``action``: the CALL's, when it had a readable one."""
         self.stats["errors_sent"] += 1
+        if self._metrics is not None:
+            self._metrics.error_sent(action, code)
         self._send_frame([CALLERROR, unique_id, code, description, details or {}])
 
     def _send_frame(self, message: list) -> None:
@@ -425,6 +447,8 @@ class OCPPSession:
             return defer.fail(RequestInvalid(action, exc.code, exc.message))
         pending = _PendingCall(action, payload)
         self._queue.append(pending)
+        if self._metrics is not None:
+            self._metrics.call_queued()
         self._send_next()
         return pending.deferred
 
@@ -441,6 +465,8 @@ class OCPPSession:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         self._in_flight = None
+        if self._metrics is not None:
+            self._count_sent(pending.action, outcome)
         if isinstance(outcome, Exception):
             pending.deferred.errback(Failure(outcome))
         else:
@@ -494,6 +520,16 @@ class OCPPSession:
         details = message[4] if len(message) > 4 and isinstance(message[4], dict) else {}
         self._finish(pending, CallErrorReceived(code, description, details))
 
+    def _count_sent(self, action: str, outcome) -> None:
+        if isinstance(outcome, CallErrorReceived):
+            self._metrics.call_ended(action, "error", outcome.code)
+        elif isinstance(outcome, ResponseInvalid):
+            self._metrics.call_ended(action, "invalid")
+        elif isinstance(outcome, CallTimeout):
+            self._metrics.call_ended(action, "timeout")
+        else:
+            self._metrics.call_ended(action, "result")
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
@@ -510,4 +546,6 @@ class OCPPSession:
         for call in pending:
             if call.timer is not None and call.timer.active():
                 call.timer.cancel()
+            if self._metrics is not None:
+                self._metrics.call_ended(call.action, "offline")
             call.deferred.errback(Failure(StationOffline(f"{self.station_id} disconnected before answering")))

@@ -173,6 +173,7 @@ class CSMSService(service.Service):
         self.ports: dict[str, object] = {}
         self.plugin_services = list(self.app.services())
         self._started_services: list = []
+        self.app.add_readiness_check("listeners", self._listeners_problem)
 
     def startService(self):
         service.Service.startService(self)
@@ -198,9 +199,23 @@ class CSMSService(service.Service):
         if api_factory is not None:
             self.ports["api"] = yield listen(self.reactor, self.app.config.api.endpoint, api_factory, "[api] endpoint")
             log.info("Operator API listening on {where}", where=self.ports["api"].getHost())
+        if self.app.config.metrics.endpoint:
+            from csms.api.ops import make_operations_site
+
+            self.ports["metrics"] = yield listen(self.reactor, self.app.config.metrics.endpoint,
+                                                 make_operations_site(self.app), "[metrics] endpoint")
+            log.info("Metrics and health endpoint listening on {where}", where=self.ports["metrics"].getHost())
 
     def _start_database(self) -> defer.Deferred:
         return self.app.start()
+
+    def _listeners_problem(self) -> str | None:
+        """Readiness: start-up is over and the OCPP listener is up (and not being stopped)."""
+        if not self.ready.called or not self.running:
+            return "starting" if self.running else "stopped"
+        if "ocpp" not in self.ports:
+            return "the OCPP listener is not listening"
+        return None
 
     def api_site(self):
         """The operator HTTP API site, or None when the framework has no API module."""

@@ -20,6 +20,7 @@ class StationSession(OCPPSession):
                          handler_timeout=app.config.ocpp.handler_timeout)
         self.app = app
         self.schemas = app.schemas
+        self._metrics = app.metrics.ocpp
         self.peer = peer
         self.protocol = protocol
         #: What the plugins noted while admitting the station (``registration_status`` from Core).

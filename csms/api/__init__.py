@@ -39,11 +39,13 @@ def make_router(app) -> Router:
 
 def make_site(app):
     """The factory the API listens with: its site behind the [api] connection caps and request deadlines."""
+    from csms.api.ops import operations_children
     from csms.httplimits import HTTPLimits, limited_listener
 
     router = make_router(app)
     app.api_router = router
     app.api_resource = ApiResource(app, router)
     limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
-    site = ApiSite(app.api_resource, router.largest_body(app.config.api.max_body_size), limits, app.clock)
+    site = ApiSite(app.api_resource, router.largest_body(app.config.api.max_body_size), limits, app.clock,
+                   operations_children(app))
     return limited_listener(site, "Operator API")

@@ -212,6 +212,7 @@ class ApiResource(resource.Resource):
             path = path[len(API_PREFIX):].decode("utf-8", "replace") or "/"
             route, raw_params = self.router.match(request.method.decode("ascii", "replace"), path)
             request.api_route = route
+            request.route_template = route.template
             if route.auth:
                 caller = await self._authenticate(request)
                 if not scope_allows(caller.scope, route.scope):
@@ -239,18 +240,7 @@ class ApiResource(resource.Resource):
 
     async def _authenticate(self, request):
         """The caller the request's bearer token stands for, or ApiError 401."""
-        header = request.getHeader("authorization") or ""
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        caller = None
-        if scheme.lower() == "bearer" and token:
-            caller = configured_caller(token, self.configured_tokens)
-            if caller is None:
-                caller = await self.app.db.run(caller_thd, token, desc="api_token")
-        if caller is None:
-            raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": 'Bearer realm="csms"'})
-        return caller
+        return await require_bearer_token(self.app, request, self.configured_tokens)
 
     async def _audit(self, request, caller, route, params: dict, body, response: Response):
         """Record a change request once answered; a failure to record is logged, the answer still goes out."""
@@ -281,6 +271,7 @@ class ApiResource(resource.Resource):
             self.response_check(route, response)
         if request._disconnected:
             return
+        self.app.metrics.api_request(request.method, getattr(request, "route_template", "unmatched"), response.status)
         request.setResponseCode(response.status)
         for name, value in response.headers.items():
             request.setHeader(name, value)
@@ -304,6 +295,22 @@ class ApiResource(resource.Resource):
         if request.method != b"HEAD":
             request.write(data)
         request.finish()
+
+
+async def require_bearer_token(app, request, configured_tokens):
+    """The :class:`csms.api.tokens.Caller` the request's bearer token stands for, else raise ApiError 401."""
+    header = request.getHeader("authorization") or ""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    caller = None
+    if scheme.lower() == "bearer" and token:
+        caller = configured_caller(token, configured_tokens)
+        if caller is None:
+            caller = await app.db.run(caller_thd, token, desc="api_token")
+    if caller is None:
+        raise ApiError(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer <token>)",
+                       headers={"WWW-Authenticate": 'Bearer realm="csms"'})
+    return caller
 
 
 class LimitedRequest(server.Request):
@@ -337,14 +344,15 @@ class LimitedRequest(server.Request):
 
 
 class RootResource(resource.Resource):
-    """``/``: everything is under /api/v1; other paths answer a JSON 404 too."""
+    """``/``: the API under /api/v1, and ``children`` (/metrics, /healthz, /readyz); other paths answer a JSON 404."""
 
-    def __init__(self, api):
+    def __init__(self, api, children: dict | None = None):
         super().__init__()
         self.api = api
+        self.extra_children = children or {}
 
     def getChild(self, name, request):
-        return self.api
+        return self.extra_children.get(name, self.api)
 
     def render(self, request):
         return self.api.render(request)
@@ -354,8 +362,8 @@ class ApiSite(LimitedSite):
     requestFactory = LimitedRequest
     noisy = False
 
-    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock):
-        super().__init__(RootResource(api_resource), limits, clock)
+    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock, children: dict | None = None):
+        super().__init__(RootResource(api_resource, children), limits, clock)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 

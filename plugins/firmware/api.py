@@ -158,6 +158,7 @@ def add_routes(plugin, app, router):
                 await store.delete_firmware_file(row["id"])  # a row must not name a file that is not there
                 await _in_thread(app, discard, temp)
                 raise
+        plugin.firmware_uploads.inc()
         return Response(201, file_view(row), {"Location": f"/api/v1/firmware-files/{row['id']}"})
 
     async def list_firmware(request):

@@ -311,6 +311,7 @@ class DiagnosticsUpload(resource.Resource):
                                                   "message": "Upload credentials are required"}})
         user, secret, name = found
         if getattr(request, "body_too_large", False):
+            self.uploads.count("http", TOO_LARGE)
             return _json(request, 413, {"error": {"status": 413, "code": TOO_LARGE,
                                                   "message": UploadRefused.MESSAGES[TOO_LARGE]}})
         request.content.seek(0)

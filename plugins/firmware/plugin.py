@@ -192,6 +192,8 @@ class FirmwarePlugin:
                          directory=directory)
         self.store = FirmwareStore(app.db)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
+        self.firmware_uploads = app.metrics.counter("csms_firmware_files_uploaded",
+                                                    "Firmware files operators uploaded (stored)")
         #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.
         self.pending_diagnostics: dict[tuple[str, str], int] = {}
         #: id(request payload) -> (the payload, its update or diagnostics request id), from

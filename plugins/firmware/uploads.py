@@ -12,12 +12,15 @@ import secrets
 from email import message_from_bytes
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from .files import TooLarge, discard, inside, spool, upload_name
 from .store import EXPIRED, UNKNOWN, USED
 
 TOO_LARGE = "too_large"
 BAD_UPLOAD = "bad_upload"
+#: ``csms_firmware_diagnostics_uploads_total``'s outcomes besides the refusal reasons.
+STORED, FAILED = "stored", "failed"
 
 
 class UploadRefused(Exception):
@@ -78,6 +81,14 @@ class DiagnosticsUploads:
         self.store = store
         self.directory = directory
         self.max_size = max_size
+        self.uploads_counted = app.metrics.counter(
+            "csms_firmware_diagnostics_uploads", "Diagnostics uploads stations made, by transport (http, ftp) and "
+            "outcome (stored, or why it was refused: unknown_credentials, credentials_used, credentials_expired, "
+            "too_large, bad_upload; failed)",
+            ("via", "outcome"))
+
+    def count(self, via: str, outcome: str) -> None:
+        self.uploads_counted.labels(via, outcome).inc()
 
     def _in_thread(self, f, *args):
         reactor = self.app.reactor
@@ -91,13 +102,22 @@ class DiagnosticsUploads:
             raise UploadRefused(reason)
         return request
 
-    @defer.inlineCallbacks
     def receive(self, user: str, secret: str, name: str | None, source, via: str,
                 multipart_type: str | None = None):
         """Store one upload (``source``: bytes or a file object) for the request of these credentials.
 
         Fires with the stored file's dict; fails with UploadRefused, and then nothing is kept.
         """
+        def counted(outcome):
+            if isinstance(outcome, Failure):
+                self.count(via, outcome.value.reason if outcome.check(UploadRefused) else FAILED)
+            else:
+                self.count(via, STORED)
+            return outcome
+        return self._receive(user, secret, name, source, via, multipart_type).addBoth(counted)
+
+    @defer.inlineCallbacks
+    def _receive(self, user, secret, name, source, via, multipart_type):
         yield self.check(user, secret)
         if multipart_type is not None:
             body = source if isinstance(source, bytes) else (yield self._in_thread(source.read))

@@ -26,6 +26,10 @@ from .validation import ProfileInvalid, check_remote_start_profile, check_set_ch
 log = Logger(namespace="csms.smartcharging")
 
 
+#: SetChargingProfile.conf's statuses (OCPP 1.6 §7.13), the label values of csms_smartcharging_profiles_sent_total.
+PROFILE_STATUSES = ("Accepted", "Rejected", "NotSupported")
+
+
 def refusal(exc: ProfileInvalid, action: str) -> CallRefused:
     return CallRefused(f"Invalid {action}: {exc}", "invalid_charging_profile", {"problems": exc.problems})
 
@@ -73,6 +77,9 @@ class SmartChargingPlugin:
         if self.voltage <= 0:
             raise ConfigError("[plugin:smartcharging] voltage must be positive")
         self.store = SmartChargingStore(app.db, app.clock)
+        self.profiles_sent = app.metrics.counter(
+            "csms_smartcharging_profiles_sent", "Charging profiles sent to stations (SetChargingProfile), by the "
+            "status they answered: Accepted (installed), Rejected, NotSupported", ("status",))
 
     @hookimpl
     def csms_tables(self):
@@ -145,6 +152,8 @@ class SmartChargingPlugin:
             transaction_id = running[0]["transaction_id"] if running else None
         row = yield self.store.record_sent(station_id, connector_id, profile, "SetChargingProfile",
                                            response.get("status"), transaction_id, self.app.now())
+        status = response.get("status")
+        self.profiles_sent.labels(status if status in PROFILE_STATUSES else "other").inc()
         log.info("{station} answered {status} to charging profile {id} ({purpose}, connector {connector})",
                  station=station_id, status=response.get("status"), id=profile["chargingProfileId"],
                  purpose=profile["chargingProfilePurpose"], connector=connector_id)
