@@ -1,0 +1,233 @@
+"""The webhooks plugin's store: the outbox writer, fan-out and claiming of deliveries, subscriptions."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import orjson
+from sqlalchemy import bindparam, delete, func, insert, select, update
+
+from csms.ocpp16 import format_datetime
+from csms.stations import as_utc
+
+from .tables import deliveries, outbox, subscriptions
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+STATES = (PENDING, DELIVERED, DEAD)
+#: In a subscription's event_types: every event type except the opt-in ones.
+ALL_TYPES = "*"
+OUTBOX_COLUMNS = ("event_id", "event_type", "data", "created_at")
+DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "body", "state", "attempts", "created_at",
+                    "next_attempt_at")
+#: The longest error text kept for a delivery attempt.
+MAX_ERROR_LENGTH = 500
+
+_DUE = (select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.event_id, deliveries.c.event_type,
+               deliveries.c.body, deliveries.c.attempts, deliveries.c.created_at)
+        .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+        .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_at <= bindparam("now"),
+               subscriptions.c.paused.is_(False), deliveries.c.id.not_in(bindparam("busy", expanding=True)),
+               deliveries.c.subscription_id.not_in(bindparam("skip", expanding=True)))
+        .order_by(deliveries.c.id).limit(bindparam("limit")))
+_OUTCOME = update(deliveries).where(deliveries.c.id == bindparam("delivery")).values(
+    state=bindparam("b_state"), attempts=deliveries.c.attempts + 1, next_attempt_at=bindparam("b_next"),
+    last_attempt_at=bindparam("b_at"), last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
+    finished_at=bindparam("b_finished"))
+
+
+def event_body(event_id: str, event_type: str, created_at: datetime, data_json: str) -> str:
+    """The JSON an event is delivered as; ``data_json`` is spliced in as stored (no re-encoding)."""
+    head = orjson.dumps({"id": event_id, "type": event_type, "created_at": format_datetime(created_at)}).decode()
+    return head[:-1] + ',"data":' + data_json + "}"
+
+
+def wants(types: list, event_type: str, opt_in: frozenset) -> bool:
+    return event_type in types or (ALL_TYPES in types and event_type not in opt_in)
+
+
+def subscription_dict(row) -> dict:
+    data = dict(row._mapping)
+    data.pop("secret", None)
+    data["event_types"] = orjson.loads(data["event_types"])
+    for key in ("created_at", "updated_at"):
+        data[key] = as_utc(data[key])
+    return data
+
+
+def delivery_dict(row) -> dict:
+    data = dict(row._mapping)
+    data["event"] = orjson.loads(data.pop("body"))
+    for key in ("created_at", "next_attempt_at", "last_attempt_at", "finished_at"):
+        data[key] = as_utc(data[key])
+    if data["state"] != PENDING:
+        data["next_attempt_at"] = None
+    return data
+
+
+class WebhookStore:
+    def __init__(self, db, clock):
+        self.db = db
+        self.clock = clock
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    # -- the outbox writer (runs inside other stores' thd functions) --------------------------------
+
+    def write_event(self, conn, event_type: str, data: dict) -> None:
+        """``app.outbox``'s writer: one outbox row, held and written with its transaction's others."""
+        row = (str(uuid.uuid4()), event_type, orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode(),
+               self.now())
+        self.db.insert_many(conn, outbox, OUTBOX_COLUMNS, [row])
+
+    # -- the dispatcher's work ------------------------------------------------------------------
+
+    def claim(self, busy: list[int], limit: int, opt_in: frozenset, dead_before: datetime,
+              purge_before: datetime | None, skip_subscriptions: list[int] = ()):
+        """One pass: fan new outbox events out to deliveries, dead-letter pending deliveries older than
+        ``dead_before``, purge finished ones older than ``purge_before``; fires with up to ``limit``
+        due deliveries (not in ``busy``, of subscriptions not paused nor skipped), oldest first, each with its
+        subscription's URL and secret."""
+        now = self.now()
+
+        def thd(conn):
+            fanned_out = self._fan_out(conn, limit, opt_in)
+            dead = conn.execute(update(deliveries).where(
+                deliveries.c.state == PENDING, deliveries.c.created_at < dead_before,
+                deliveries.c.id.not_in(busy)).values(
+                state=DEAD, finished_at=now, next_attempt_at=now,
+                last_error=func.coalesce(deliveries.c.last_error, "never delivered") + " (dead-lettered: too old)"
+            )).rowcount
+            if purge_before is not None:
+                conn.execute(delete(deliveries).where(deliveries.c.state != PENDING,
+                                                      deliveries.c.finished_at < purge_before))
+            rows = conn.execute(_DUE, {"now": now, "busy": busy or [-1], "skip": list(skip_subscriptions) or [-1],
+                                       "limit": limit}).fetchall()
+            due = [dict(row._mapping) for row in rows]
+            targets = {}
+            if due:
+                ids = sorted({row["subscription_id"] for row in due})
+                targets = {row.id: (row.url, row.secret) for row in conn.execute(
+                    select(subscriptions.c.id, subscriptions.c.url, subscriptions.c.secret)
+                    .where(subscriptions.c.id.in_(ids)))}
+            for row in due:
+                row["created_at"] = as_utc(row["created_at"])
+                row["url"], row["secret"] = targets[row["subscription_id"]]
+            return {"fanned_out": fanned_out, "dead": dead, "due": due}
+        return self.db.run(thd, desc="webhooks_claim")
+
+    def _fan_out(self, conn, limit: int, opt_in: frozenset) -> int:
+        events = conn.execute(select(outbox).order_by(outbox.c.id).limit(limit)).fetchall()
+        if not events:
+            return 0
+        subs = [(row.id, orjson.loads(row.event_types)) for row in conn.execute(
+            select(subscriptions.c.id, subscriptions.c.event_types))]
+        rows = []
+        for event in events:
+            created_at = as_utc(event.created_at)
+            body = None
+            for subscription_id, types in subs:
+                if wants(types, event.event_type, opt_in):
+                    if body is None:
+                        body = event_body(event.event_id, event.event_type, created_at, event.data)
+                    rows.append((subscription_id, event.event_id, event.event_type, body, PENDING, 0,
+                                 created_at, created_at))
+        if rows:
+            self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS, rows)
+        conn.execute(delete(outbox).where(outbox.c.id.in_([event.id for event in events])))
+        return len(events)
+
+    def record_outcome(self, delivery_ids: list[int], state: str, next_attempt_at: datetime, attempted_at: datetime,
+                       status_code: int | None, error: str | None):
+        """The outcome of one POST carrying ``delivery_ids``."""
+        finished = attempted_at if state != PENDING else None
+        values = {"b_state": state, "b_next": next_attempt_at, "b_at": attempted_at, "b_code": status_code,
+                  "b_error": None if error is None else error[:MAX_ERROR_LENGTH], "b_finished": finished}
+
+        def thd(conn):
+            conn.execute(_OUTCOME, [dict(values, delivery=delivery_id) for delivery_id in delivery_ids])
+        return self.db.run(thd, desc="webhooks_outcome")
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    def create(self, url: str, event_types: list, secret: str, description: str | None, paused: bool):
+        now = self.now()
+
+        def thd(conn):
+            subscription_id = conn.execute(insert(subscriptions).values(
+                url=url, event_types=orjson.dumps(event_types).decode(), secret=secret, description=description,
+                paused=paused, created_at=now, updated_at=now)).inserted_primary_key[0]
+            return subscription_dict(conn.execute(select(subscriptions).where(
+                subscriptions.c.id == subscription_id)).first())
+        return self.db.run(thd, desc="webhooks_create")
+
+    def count(self):
+        def thd(conn):
+            return conn.execute(select(func.count()).select_from(subscriptions)).scalar_one()
+        return self.db.run(thd, desc="webhooks_count")
+
+    def get(self, subscription_id: int):
+        def thd(conn):
+            row = conn.execute(select(subscriptions).where(subscriptions.c.id == subscription_id)).first()
+            return None if row is None else subscription_dict(row)
+        return self.db.run(thd, desc="webhooks_get")
+
+    def list(self, limit: int, offset: int):
+        def thd(conn):
+            total = conn.execute(select(func.count()).select_from(subscriptions)).scalar_one()
+            rows = conn.execute(select(subscriptions).order_by(subscriptions.c.id).limit(limit).offset(offset))
+            return total, [subscription_dict(row) for row in rows]
+        return self.db.run(thd, desc="webhooks_list")
+
+    def all_event_types(self):
+        """Every subscription's event_types (for the outbox's cache of wanted types)."""
+        def thd(conn):
+            return [orjson.loads(row[0]) for row in conn.execute(select(subscriptions.c.event_types))]
+        return self.db.run(thd, desc="webhooks_event_types")
+
+    def update(self, subscription_id: int, **values):
+        """Change some fields; fires the subscription, or None when there is none."""
+        if "event_types" in values:
+            values["event_types"] = orjson.dumps(values["event_types"]).decode()
+        values["updated_at"] = self.now()
+
+        def thd(conn):
+            if conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
+                            .values(**values)).rowcount == 0:
+                return None
+            return subscription_dict(conn.execute(select(subscriptions).where(
+                subscriptions.c.id == subscription_id)).first())
+        return self.db.run(thd, desc="webhooks_update")
+
+    def delete(self, subscription_id: int):
+        """Delete a subscription and its deliveries (pending ones are never sent); fires True if it existed."""
+        def thd(conn):
+            conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
+            return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
+        return self.db.run(thd, desc="webhooks_delete")
+
+    def add_test_delivery(self, subscription_id: int, event_type: str, data: dict):
+        """A delivery of a test event to one subscription; fires with it, or None without the subscription."""
+        now = self.now()
+        event_id = str(uuid.uuid4())
+        body = event_body(event_id, event_type, now, orjson.dumps(data).decode())
+
+        def thd(conn):
+            if conn.execute(select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)).first() is None:
+                return None
+            delivery_id = conn.execute(insert(deliveries).values(dict(zip(DELIVERY_COLUMNS, (
+                subscription_id, event_id, event_type, body, PENDING, 0, now, now))))).inserted_primary_key[0]
+            return delivery_dict(conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first())
+        return self.db.run(thd, desc="webhooks_test_delivery")
+
+    def deliveries(self, subscription_id: int, limit: int, offset: int, state: str | None = None):
+        """(total, deliveries of a subscription) newest first."""
+        def thd(conn):
+            query = select(deliveries).where(deliveries.c.subscription_id == subscription_id)
+            if state is not None:
+                query = query.where(deliveries.c.state == state)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit).offset(offset))
+            return total, [delivery_dict(row) for row in rows]
+        return self.db.run(thd, desc="webhooks_deliveries")
+
