@@ -22,7 +22,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from csms_plugins.webhooks.guard import AddressPolicy
-from csms_plugins.webhooks.tables import outbox
+from csms_plugins.webhooks.tables import deliveries
 
 ALLOW_LOOPBACK = """
 [plugin:webhooks]
@@ -235,7 +235,7 @@ async def test_events_nobody_subscribes_to_are_not_written(csms_factory, receive
     await core_store(csms).put_id_tag("TAG-1")  # id_tag.changed: nobody wants it
 
     def outbox_rows(conn):
-        return conn.execute(select(func.count()).select_from(outbox)).scalar_one()
+        return conn.execute(select(func.count()).select_from(deliveries)).scalar_one()
     assert await csms.app.db.run(outbox_rows) == 0
     await drain(csms)
     assert receiver.requests == []

@@ -1,7 +1,7 @@
 """Delivery: claims due deliveries, POSTs them with treq beside the OCPP traffic, records the outcome.
 
 Everything here runs on the reactor thread and never inside a database function: a claim is a
-database pass (fan out the outbox, dead-letter what is too old, read what is due); POSTs start after
+database pass (dead-letter what is too old, read what is due); POSTs start after
 it has committed. Claimed deliveries wait in memory, per subscription, and are sent at most
 ``max_concurrent_per_subscription`` at a time for one subscription and ``max_concurrent_deliveries``
 in all. A failed POST holds the whole subscription back until its retry time (exponential backoff with
@@ -17,7 +17,6 @@ import random
 import uuid
 from collections import Counter, deque
 from datetime import datetime, timezone
-from io import BytesIO
 
 import orjson
 from twisted.application import service
@@ -25,9 +24,11 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from csms.ocpp16 import format_datetime
 
@@ -73,6 +74,29 @@ class Job:
     @property
     def ids(self) -> list[int]:
         return [row["id"] for row in self.rows]
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """A request body written at once, in the same reactor turn as the headers: one send() for both.
+    (FileBodyProducer writes it a turn later, and every send costs a GIL hand-off to the database threads.)"""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
 
 
 class _BoundedBody(Protocol):
@@ -152,6 +176,9 @@ class Dispatcher(service.Service):
         if self.jobs:
             yield defer.DeferredList(list(self.jobs))
         yield self.pool.closeCachedConnections()
+        log.info("Webhooks: {delivered} events delivered, {failed} POSTs failed, {dead} dead-lettered, "
+                 "{passes} passes", delivered=self.stats["delivered"], failed=self.stats["failed"],
+                 dead=self.stats["dead"], passes=self.stats["passes"])
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -197,6 +224,7 @@ class Dispatcher(service.Service):
 
     @defer.inlineCallbacks
     def _run_pass(self):
+        self.stats["passes"] += 1
         settings = self.settings
         now = self.clock.seconds()
         room = settings["batch_size"] - len(self.claimed)
@@ -208,8 +236,8 @@ class Dispatcher(service.Service):
         if self._last_purge is None or now - self._last_purge >= 3600:
             self._last_purge = now
             purge_before = _utc(now - settings["history_retention"])
-        result = yield self.store.claim(sorted(self.claimed), room, self.plugin.opt_in_types(),
-                                        _utc(now - settings["dead_letter_after"]), purge_before,
+        result = yield self.store.claim(sorted(self.claimed), room, _utc(now - settings["dead_letter_after"]),
+                                        purge_before,
                                         skip_subscriptions=sorted(set(self.held_until) | full))
         if result["dead"]:
             log.warn("Webhooks: {count} deliveries dead-lettered (older than {age} s)", count=result["dead"],
@@ -217,7 +245,7 @@ class Dispatcher(service.Service):
         self.stats["dead"] += result["dead"]
         added = self._queue(result["due"])
         started = self._start_ready()
-        if result["fanned_out"] >= room or len(result["due"]) >= room:
+        if len(result["due"]) >= room:
             self._again = True  # more is waiting
         return added + started
 
@@ -249,7 +277,7 @@ class Dispatcher(service.Service):
         started = 0
         for subscription_id in list(self.queues):
             queue = self.queues[subscription_id]
-            while queue and len(self.jobs) < settings["max_concurrent_deliveries"] and \
+            while queue and len(self.posting) < settings["max_concurrent_deliveries"] and \
                     self.active[subscription_id] < settings["max_concurrent_per_subscription"]:
                 self._start(queue.popleft())
                 started += 1
@@ -274,7 +302,7 @@ class Dispatcher(service.Service):
             b"Webhook-Signature": [signature(job.secret, timestamp, job.body).encode()],
             b"Webhook-Event-Type": [job.event_type.encode()], b"Webhook-Attempt": [str(job.attempt).encode()],
         }
-        d = self.agent.request(b"POST", job.url.encode("utf-8"), Headers(headers), FileBodyProducer(BytesIO(job.body)))
+        d = self.agent.request(b"POST", job.url.encode("utf-8"), Headers(headers), _Body(job.body))
 
         def read(response):
             done = defer.Deferred()
@@ -284,16 +312,20 @@ class Dispatcher(service.Service):
         return d.addTimeout(self.settings["request_timeout"], self.clock, onTimeoutCancel=_timed_out)
 
     def _finished(self, outcome, job: Job, d):
+        # The POST is over: its slot is free now; its deliveries stay claimed until the outcome is committed.
         del self.posting[job]
+        self.active[job.subscription_id] -= 1
+        if self.active[job.subscription_id] <= 0:
+            del self.active[job.subscription_id]
         now = self.clock.seconds()
         code, error = None, None
         if isinstance(outcome, tuple):
             code, body = outcome
             if not 200 <= code < 300:
                 error = f"HTTP {code}" + (f": {body.decode('utf-8', 'replace')[:200]}" if body else "")
-        elif outcome.check(defer.CancelledError) and not self.running:
+        elif not self.running:
             self._release(job, d)
-            return None  # stopping: the delivery stays pending
+            return None  # cut short by stopping: the delivery stays pending, sent again after the restart
         elif outcome.check(defer.TimeoutError):
             error = f"no answer within {self.settings['request_timeout']:g} s"
         elif outcome.check(ReceiverRefused):
@@ -321,18 +353,15 @@ class Dispatcher(service.Service):
         recorded = self.store.record_outcome(job.ids, state, _utc(next_at), _utc(now), code, error)
         recorded.addErrback(lambda failure: log.failure("Recording a webhook outcome failed", failure))
         recorded.addBoth(lambda _: self._release(job, d))
+        if self.running:
+            self._start_ready()
         return recorded
 
     def _release(self, job: Job, d) -> None:
         self.jobs.discard(d)
-        self.active[job.subscription_id] -= 1
-        if self.active[job.subscription_id] <= 0:
-            del self.active[job.subscription_id]
         self.claimed.difference_update(job.ids)
-        if self.running:
-            self._start_ready()
-            if not self.queues:
-                self.poke()
+        if self.running and not self.queues:
+            self.poke()
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: doubling from retry_initial_delay up to retry_max_delay,

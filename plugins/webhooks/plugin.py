@@ -33,7 +33,7 @@ class WebhooksPlugin:
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
         Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
-        Setting("batch_size", int, 500, "Outbox events fanned out, and deliveries claimed, per pass."),
+        Setting("batch_size", int, 500, "Deliveries claimed per pass (and most held in memory)."),
         Setting("max_concurrent_deliveries", int, 64, "POSTs in flight at once, in all."),
         Setting("max_concurrent_per_subscription", int, 4, "POSTs in flight at once to one subscription."),
         Setting("request_timeout", float, 10.0, "Seconds a receiver has to answer (connection included)."),
@@ -77,9 +77,6 @@ class WebhooksPlugin:
         from .api import add_routes
         add_routes(self, app, router)
 
-    def opt_in_types(self) -> frozenset:
-        return frozenset(name for name, event_type in self.app.outbox.types.items() if event_type.opt_in)
-
     def expand(self, types: list) -> set:
         """The event types a subscription's ``event_types`` stand for."""
         names = set(types) - {ALL_TYPES}
@@ -88,12 +85,15 @@ class WebhooksPlugin:
         return names
 
     def refresh_wanted(self):
-        """Tell the outbox which event types someone subscribes to (after any subscription change)."""
+        """Tell the outbox which event types someone subscribes to, and the writer which subscriptions
+        want each (after any subscription change)."""
         def wanted(all_types):
-            names = set()
-            for types in all_types:
-                names |= self.expand(types)
-            self.app.outbox.want(names)
+            subscribers: dict[str, list] = {}
+            for subscription_id, types in all_types:
+                for name in self.expand(types):
+                    subscribers.setdefault(name, []).append(subscription_id)
+            self.store.subscribers = {name: tuple(ids) for name, ids in subscribers.items()}
+            self.app.outbox.want(subscribers)
         return self.store.all_event_types().addCallback(wanted)
 
 

@@ -1,4 +1,4 @@
-"""The webhooks plugin's store: the outbox writer, fan-out and claiming of deliveries, subscriptions."""
+"""The webhooks plugin's store: the outbox writer, claiming of due deliveries, subscriptions."""
 from __future__ import annotations
 
 import uuid
@@ -10,13 +10,12 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
-from .tables import deliveries, outbox, subscriptions
+from .tables import deliveries, subscriptions
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATES = (PENDING, DELIVERED, DEAD)
 #: In a subscription's event_types: every event type except the opt-in ones.
 ALL_TYPES = "*"
-OUTBOX_COLUMNS = ("event_id", "event_type", "data", "created_at")
 DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "body", "state", "attempts", "created_at",
                     "next_attempt_at")
 #: The longest error text kept for a delivery attempt.
@@ -39,10 +38,6 @@ def event_body(event_id: str, event_type: str, created_at: datetime, data_json: 
     """The JSON an event is delivered as; ``data_json`` is spliced in as stored (no re-encoding)."""
     head = orjson.dumps({"id": event_id, "type": event_type, "created_at": format_datetime(created_at)}).decode()
     return head[:-1] + ',"data":' + data_json + "}"
-
-
-def wants(types: list, event_type: str, opt_in: frozenset) -> bool:
-    return event_type in types or (ALL_TYPES in types and event_type not in opt_in)
 
 
 def subscription_dict(row) -> dict:
@@ -68,6 +63,9 @@ class WebhookStore:
     def __init__(self, db, clock):
         self.db = db
         self.clock = clock
+        #: event type -> ids of the subscriptions wanting it. Replaced whole on the reactor thread when
+        #: subscriptions change, read by the database threads writing events.
+        self.subscribers: dict[str, tuple] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -75,23 +73,30 @@ class WebhookStore:
     # -- the outbox writer (runs inside other stores' thd functions) --------------------------------
 
     def write_event(self, conn, event_type: str, data: dict) -> None:
-        """``app.outbox``'s writer: one outbox row, held and written with its transaction's others."""
-        row = (str(uuid.uuid4()), event_type, orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode(),
-               self.now())
-        self.db.insert_many(conn, outbox, OUTBOX_COLUMNS, [row])
+        """``app.outbox``'s writer: a delivery row per subscription wanting the event, held and written
+        with the other rows of its transaction (one multi-row INSERT per group commit)."""
+        wanting = self.subscribers.get(event_type)
+        if not wanting:
+            return
+        now = self.now()
+        event_id = str(uuid.uuid4())
+        body = event_body(event_id, event_type, now,
+                          orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode())
+        self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS,
+                            [(subscription_id, event_id, event_type, body, PENDING, 0, now, now)
+                             for subscription_id in wanting])
 
     # -- the dispatcher's work ------------------------------------------------------------------
 
-    def claim(self, busy: list[int], limit: int, opt_in: frozenset, dead_before: datetime,
-              purge_before: datetime | None, skip_subscriptions: list[int] = ()):
-        """One pass: fan new outbox events out to deliveries, dead-letter pending deliveries older than
-        ``dead_before``, purge finished ones older than ``purge_before``; fires with up to ``limit``
+    def claim(self, busy: list[int], limit: int, dead_before: datetime, purge_before: datetime | None,
+              skip_subscriptions: list[int] = ()):
+        """One pass: dead-letter pending deliveries older than ``dead_before``, purge finished ones older
+        than ``purge_before`` (and any left by a deleted subscription); fires with up to ``limit``
         due deliveries (not in ``busy``, of subscriptions not paused nor skipped), oldest first, each with its
         subscription's URL and secret."""
         now = self.now()
 
         def thd(conn):
-            fanned_out = self._fan_out(conn, limit, opt_in)
             dead = conn.execute(update(deliveries).where(
                 deliveries.c.state == PENDING, deliveries.c.created_at < dead_before,
                 deliveries.c.id.not_in(busy)).values(
@@ -101,6 +106,9 @@ class WebhookStore:
             if purge_before is not None:
                 conn.execute(delete(deliveries).where(deliveries.c.state != PENDING,
                                                       deliveries.c.finished_at < purge_before))
+                # An event written while its subscription was being deleted.
+                conn.execute(delete(deliveries).where(deliveries.c.subscription_id.not_in(
+                    select(subscriptions.c.id))))
             rows = conn.execute(_DUE, {"now": now, "busy": busy or [-1], "skip": list(skip_subscriptions) or [-1],
                                        "limit": limit}).fetchall()
             due = [dict(row._mapping) for row in rows]
@@ -113,29 +121,8 @@ class WebhookStore:
             for row in due:
                 row["created_at"] = as_utc(row["created_at"])
                 row["url"], row["secret"] = targets[row["subscription_id"]]
-            return {"fanned_out": fanned_out, "dead": dead, "due": due}
+            return {"dead": dead, "due": due}
         return self.db.run(thd, desc="webhooks_claim")
-
-    def _fan_out(self, conn, limit: int, opt_in: frozenset) -> int:
-        events = conn.execute(select(outbox).order_by(outbox.c.id).limit(limit)).fetchall()
-        if not events:
-            return 0
-        subs = [(row.id, orjson.loads(row.event_types)) for row in conn.execute(
-            select(subscriptions.c.id, subscriptions.c.event_types))]
-        rows = []
-        for event in events:
-            created_at = as_utc(event.created_at)
-            body = None
-            for subscription_id, types in subs:
-                if wants(types, event.event_type, opt_in):
-                    if body is None:
-                        body = event_body(event.event_id, event.event_type, created_at, event.data)
-                    rows.append((subscription_id, event.event_id, event.event_type, body, PENDING, 0,
-                                 created_at, created_at))
-        if rows:
-            self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS, rows)
-        conn.execute(delete(outbox).where(outbox.c.id.in_([event.id for event in events])))
-        return len(events)
 
     def record_outcome(self, delivery_ids: list[int], state: str, next_attempt_at: datetime, attempted_at: datetime,
                        status_code: int | None, error: str | None):
@@ -180,9 +167,10 @@ class WebhookStore:
         return self.db.run(thd, desc="webhooks_list")
 
     def all_event_types(self):
-        """Every subscription's event_types (for the outbox's cache of wanted types)."""
+        """(id, event_types) of every subscription (for the writer's cache of who wants what)."""
         def thd(conn):
-            return [orjson.loads(row[0]) for row in conn.execute(select(subscriptions.c.event_types))]
+            return [(row.id, orjson.loads(row.event_types)) for row in conn.execute(
+                select(subscriptions.c.id, subscriptions.c.event_types).order_by(subscriptions.c.id))]
         return self.db.run(thd, desc="webhooks_event_types")
 
     def update(self, subscription_id: int, **values):

@@ -1,19 +1,9 @@
 """The webhooks plugin's tables (all prefixed ``webhooks_``)."""
-from sqlalchemy import Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, String, Table, Text
 
 from csms.db import BIG_KEY
 
 metadata = MetaData()
-
-#: Events as the outbox wrote them, in the transaction of their change; fanned out to deliveries.
-outbox = Table(
-    "webhooks_outbox", metadata,
-    Column("id", BIG_KEY, primary_key=True, autoincrement=True),
-    Column("event_id", String(36), nullable=False),
-    Column("event_type", String(64), nullable=False),
-    Column("data", Text, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
 
 subscriptions = Table(
     "webhooks_subscriptions", metadata,
@@ -29,7 +19,8 @@ subscriptions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-#: One row per (event, subscription): its state, attempts and the last attempt's outcome.
+#: The outbox: one row per (event, subscription), written in the transaction of the change that caused
+#: the event (csms.outbox), then its state, attempts and the last attempt's outcome.
 deliveries = Table(
     "webhooks_deliveries", metadata,
     Column("id", BIG_KEY, primary_key=True, autoincrement=True),
@@ -39,11 +30,11 @@ deliveries = Table(
     #: The event as delivered ({"id", "type", "created_at", "data"}), JSON.
     Column("body", Text, nullable=False),
     Column("state", String(16), nullable=False),  # pending, delivered, dead
-    Column("attempts", Integer, nullable=False, default=0),
+    Column("attempts", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False),
     Column("last_attempt_at", DateTime(timezone=True)),
-    Column("last_status_code", Integer),
+    Column("last_status_code", BigInteger),
     Column("last_error", Text),
     Column("finished_at", DateTime(timezone=True)),
 )
