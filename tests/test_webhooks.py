@@ -417,3 +417,23 @@ def test_address_policy():
     assert policy.refusal("::ffff:10.0.0.1") == "private"
     assert policy.refusal("fe80::1") == "link-local"
     assert policy.refusal("100.64.0.1") is not None  # carrier-grade NAT: not public
+
+
+def test_outbox_registry_and_writer():
+    from csms.outbox import Outbox, UnknownEventType
+
+    outbox = Outbox()
+    outbox.register("acme.rebooted", "An ACME module rebooted.", {"module": 3}, owner="acme")
+    with pytest.raises(ValueError, match="already registered by acme"):
+        outbox.register("acme.rebooted", "again")
+    with pytest.raises(ValueError, match="dotted lower-case"):
+        outbox.register("AcmeRebooted", "not a name")
+    outbox.add(None, "never.registered", {})  # no writer attached: nothing to check, nothing written
+    written = []
+    outbox.attach(lambda conn, event_type, data: written.append((conn, event_type, data)))
+    outbox.add("conn", "acme.rebooted", {"module": 1})  # nobody wants it yet
+    outbox.want({"acme.rebooted"})
+    outbox.add("conn", "acme.rebooted", {"module": 2})
+    assert written == [("conn", "acme.rebooted", {"module": 2})]
+    with pytest.raises(UnknownEventType):
+        outbox.add("conn", "acme.rebootd", {})
