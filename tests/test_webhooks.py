@@ -437,3 +437,20 @@ def test_outbox_registry_and_writer():
     assert written == [("conn", "acme.rebooted", {"module": 2})]
     with pytest.raises(UnknownEventType):
         outbox.add("conn", "acme.rebootd", {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_backoff_doubles_up_to_the_maximum_with_jitter_from_the_injected_random(csms_factory):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    dispatcher = plugin_of(csms).dispatcher
+
+    class Fixed:
+        def __init__(self, value):
+            self.value = value
+
+        def random(self):
+            return self.value
+    dispatcher.random = Fixed(0.0)
+    assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
+    dispatcher.random = Fixed(1.0)
+    assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
