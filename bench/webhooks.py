@@ -4,14 +4,16 @@ Three runs of the same fixed-rate OCPP load (stations sending MeterValues for a 
 one event ``meter_values.received``), each on a fresh CSMS:
 
 * ``baseline``: the webhooks plugin enabled, no subscription (events are not even written);
-* ``webhooks-unbatched``: one subscription to meter values, ``meter_values_batch_size = 1``: one signed
-  POST per event to a receiver process on loopback;
+* ``webhooks-unbatched``: ``--subscriptions`` K subscriptions to meter values,
+  ``meter_values_batch_size = 1``: one signed POST per event and subscription to a receiver process on
+  loopback, K x rate deliveries per second;
 * ``webhooks-batched``: the same with the shipped batch size (100 events per POST).
 
+The OCPP rate is kept at what the machine sustains without webhooks; K multiplies the deliveries.
 Reports OCPP latency (p50/p99, from the load generator), events and POSTs the receiver got during the
 window, and how long the backlog took to drain after it.
 
-    .venv/bin/python bench/webhooks.py [--rate 1000] [--stations 200] [--duration 20] [--postgres URL]
+    .venv/bin/python bench/webhooks.py [--rate 250] [--subscriptions 4] [--stations 100] [--duration 20]
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
         run.insert_id_tags(db_url, args.stations, "LGTAG")
         run.wait_listening(server.api_port, server.process)  # the API listens after the OCPP endpoint
         if batch is not None:
-            http_json("POST", server.api_url + "/webhooks", server.token,
-                      {"url": receiver_url + f"/{name}", "event_types": ["meter_values.received"]})
+            for k in range(args.subscriptions):
+                http_json("POST", server.api_url + "/webhooks", server.token,
+                          {"url": receiver_url + f"/{name}/{k}", "event_types": ["meter_values.received"]})
         before = http_json("GET", receiver_url + "/stats")
         scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
                                                    "--mode", "rate", "--rate", args.rate,
@@ -65,7 +68,7 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
         window_end = time.monotonic()
         after = http_json("GET", receiver_url + "/stats")
         # Drain: wait until the receiver has everything the window produced (at most 60 s).
-        expected = result.get("window", {}).get("messages", 0)
+        expected = result.get("window", {}).get("messages", 0) * args.subscriptions
         drained = None
         if batch is not None:
             deadline = time.monotonic() + 60
@@ -101,8 +104,9 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
 
 
 def markdown(results: dict, args) -> str:
-    lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s "
-             f"({results['database']}; load average before: {results['loadavg_before']}).", "",
+    lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
+             f"{args.subscriptions} subscriptions ({results['database']}; load average before: "
+             f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
              "| run | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
              "drained after the window (s) | CSMS CPU |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
@@ -116,8 +120,9 @@ def markdown(results: dict, args) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Webhook delivery throughput and its cost on OCPP latency.")
-    parser.add_argument("--rate", type=int, default=1000)
-    parser.add_argument("--stations", type=int, default=200)
+    parser.add_argument("--rate", type=int, default=250)
+    parser.add_argument("--subscriptions", type=int, default=4)
+    parser.add_argument("--stations", type=int, default=100)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--postgres", metavar="URL")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
         run.wait_listening(port, receiver)
         receiver_url = f"http://127.0.0.1:{port}"
         results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
-                   "rate": args.rate, "stations": args.stations, "duration": args.duration, "runs": {}}
+                   "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations, "duration": args.duration, "runs": {}}
         for name, batch in RUNS.items():
             if args.only and name not in args.only:
                 continue

@@ -126,16 +126,26 @@ class WebhookStore:
             return {"dead": dead, "due": due}
         return self.db.run(thd, desc="webhooks_claim")
 
-    def record_outcome(self, delivery_ids: list[int], state: str, next_attempt_at: datetime, attempted_at: datetime,
-                       status_code: int | None, error: str | None):
-        """The outcome of one POST carrying ``delivery_ids``."""
-        finished = attempted_at if state != PENDING else None
-        values = {"b_state": state, "b_next": next_attempt_at, "b_at": attempted_at, "b_code": status_code,
-                  "b_error": None if error is None else error[:MAX_ERROR_LENGTH], "b_finished": finished}
+    def record_outcomes(self, outcomes: list[tuple]):
+        """The outcomes of several POSTs, in one transaction: each ``(delivery ids, state, next attempt,
+        attempted at, status code, error)``. Successes with the same status code share one UPDATE."""
+        delivered: dict[int, tuple[list, datetime]] = {}
+        statements = []
+        for ids, state, next_attempt_at, attempted_at, code, error in outcomes:
+            if state == DELIVERED and error is None:
+                grouped, latest = delivered.get(code, ([], attempted_at))
+                delivered[code] = (grouped + list(ids), max(latest, attempted_at))
+                continue
+            statements.append((ids, state, next_attempt_at, attempted_at, code, error))
+        statements += [(ids, DELIVERED, at, at, code, None) for code, (ids, at) in delivered.items()]
 
         def thd(conn):
-            conn.execute(_OUTCOME, dict(values, deliveries=delivery_ids))
-        return self.db.run(thd, desc="webhooks_outcome")
+            for ids, state, next_attempt_at, attempted_at, code, error in statements:
+                conn.execute(_OUTCOME, {
+                    "deliveries": ids, "b_state": state, "b_next": next_attempt_at, "b_at": attempted_at,
+                    "b_code": code, "b_error": None if error is None else error[:MAX_ERROR_LENGTH],
+                    "b_finished": attempted_at if state != PENDING else None})
+        return self.db.run(thd, desc="webhooks_outcomes")
 
     # -- subscriptions ----------------------------------------------------------------------------
 
