@@ -454,3 +454,16 @@ async def test_backoff_doubles_up_to_the_maximum_with_jitter_from_the_injected_r
     assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
     dispatcher.random = Fixed(1.0)
     assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+@pytest_twisted.ensureDeferred
+async def test_firmware_and_diagnostics_status_events(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["firmware.status", "diagnostics.status"])
+    station = await booted(csms, "CP-1")
+    assert await station.call("FirmwareStatusNotification", {"status": "Downloading"}) == {}
+    assert await station.call("DiagnosticsStatusNotification", {"status": "Uploading"}) == {}
+    await drain(csms)
+    events = {event["type"]: event["data"] for event in receiver.events()}
+    assert events["firmware.status"]["status"] == "Downloading" and events["firmware.status"]["station_id"] == "CP-1"
+    assert events["diagnostics.status"]["status"] == "Uploading"
