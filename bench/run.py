@@ -119,9 +119,14 @@ class Server:
         stop(self.process)
 
 
+#: The plugins every scenario runs with (bench/webhooks.py adds the webhooks plugin).
+BENCH_PLUGINS = ("core", "firmware", "smartcharging", "reservation", "localauth", "remotetrigger")
+
+
 def start_csms(workdir: str, database_url: str | None, log_level: str, profile: str | None,
-               metrics: bool = True) -> Server:
+               metrics: bool = True, plugins=BENCH_PLUGINS, extra_config: str = "") -> Server:
     port, api_port = free_port(), free_port()
+    token = secrets.token_hex(16)
     db_url = database_url or f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
     config = os.path.join(workdir, "csms.ini")
     with open(config, "w") as f:
@@ -139,18 +144,18 @@ max_connections_per_address = 0
 url = {db_url}
 [api]
 endpoint = tcp:{api_port}:interface=127.0.0.1
-tokens = {secrets.token_hex(16)}
+tokens = {token}
 [metrics]
 # On as shipped; bench/run.py --metrics off measures what counting costs.
 enabled = {"true" if metrics else "false"}
 [plugins]
-enabled = core, firmware, smartcharging, reservation, localauth, remotetrigger
+enabled = {", ".join(plugins)}
 [plugin:firmware]
 firmware_dir = {os.path.join(workdir, "firmware")}
 diagnostics_dir = {os.path.join(workdir, "diagnostics")}
 http_endpoint = tcp:{free_port()}:interface=127.0.0.1
 ftp_endpoint = tcp:{free_port()}:interface=127.0.0.1
-""")
+""" + extra_config)
     log_path = os.path.join(workdir, "csms.log")
     command = [os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile="]
     if profile:
@@ -159,6 +164,7 @@ ftp_endpoint = tcp:{free_port()}:interface=127.0.0.1
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = Server("csms", process, port, workdir, log_path)
+    server.api_port, server.api_url, server.token = api_port, f"http://127.0.0.1:{api_port}/api/v1", token
     try:
         wait_listening(port, process)
     except RuntimeError:

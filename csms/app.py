@@ -19,6 +19,7 @@ from csms.config import Config
 from csms.db import Database
 from csms.health import Readiness, database_check
 from csms.metrics import Metrics
+from csms.outbox import Outbox, register_framework_types
 from csms.plugins import check_settings, check_table_names, loaded_plugins, make_plugin_manager
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
@@ -67,7 +68,10 @@ class CentralSystem:
         self._inbound_callers = {action: getattr(self.hook, ocpp16.hook_name(action)) for action in ocpp16.INBOUND}
         self.db = Database(config.database.url, reactor, pool_size=config.database.pool_size,
                            sqlite_synchronous=config.database.sqlite_synchronous)
-        self.station_store = StationStore(self.db, self.clock)
+        #: Events written in the transaction of their change (csms.outbox); a delivery plugin attaches to it.
+        self.outbox = Outbox()
+        register_framework_types(self.outbox)
+        self.station_store = StationStore(self.db, self.clock, self.outbox)
         #: station id -> connected csms.session.StationSession
         self.sessions: dict = {}
         #: The OCPP WebSocket factory (:class:`csms.protocol.OCPPServerFactory`) once the service made it:

@@ -50,6 +50,11 @@ _TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).
     {column: bindparam("at")}) for column in ("last_connected_at", "last_disconnected_at", "last_seen_at")}
 
 
+#: Connection events that are announced in the outbox (csms.outbox), as which event type.
+_ANNOUNCED_EVENTS = {"connected": "station.connected", "disconnected": "station.disconnected",
+                     "replaced": "station.disconnected"}
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """A stored time as aware UTC: SQLite hands back naive datetimes (stored as UTC), PostgreSQL
     aware ones in the session's time zone."""
@@ -71,9 +76,12 @@ def station_row(row) -> dict:
 class StationStore:
     """Reads and writes ``csms_stations`` and ``csms_connection_events`` (all methods return Deferreds)."""
 
-    def __init__(self, db, clock):
+    def __init__(self, db, clock, outbox=None):
+        from csms.outbox import Outbox
+
         self.db = db
         self.clock = clock
+        self.outbox = outbox if outbox is not None else Outbox()
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -149,12 +157,18 @@ class StationStore:
                      detail: str | None = None, touch: str | None = None):
         """Append a connection event; ``touch`` names a ``csms_stations`` timestamp column to set too."""
         now = self.now()
+        announced = _ANNOUNCED_EVENTS.get(event)
 
         def thd(conn):
             conn.execute(_INSERT_EVENT, {"station_id": station_id, "event": event, "at": now,
                                          "remote_address": remote_address, "detail": detail})
             if touch is not None:
                 conn.execute(_TOUCH[touch], {"station": station_id, "at": now})
+            if announced == "station.connected":
+                self.outbox.add(conn, announced, {"station_id": station_id, "remote_address": remote_address})
+            elif announced is not None:
+                reason = "replaced" if event == "replaced" else detail  # as csms_on_station_disconnected says
+                self.outbox.add(conn, announced, {"station_id": station_id, "reason": reason})
         return self.db.run(thd, desc="connection_event")
 
     def touch_last_seen(self, station_id: str, seen_at: datetime):

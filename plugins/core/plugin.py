@@ -14,7 +14,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
 from csms.passwords import verify_password
 
-from .store import CoreStore
+from .store import CoreStore, register_event_types
 from .tables import metadata
 
 log = Logger(namespace="csms.core")
@@ -73,8 +73,9 @@ class CorePlugin:
         self.app = app
         self.heartbeat_interval = settings["heartbeat_interval"]
         self.boot_retry_interval = settings["boot_retry_interval"]
+        register_event_types(app.outbox)
         self.store = CoreStore(app.db, app.clock, concurrent_tx=settings["concurrent_tx_check"],
-                               id_tag_cache_seconds=settings["id_tag_cache_seconds"])
+                               id_tag_cache_seconds=settings["id_tag_cache_seconds"], outbox=app.outbox)
 
     @hookimpl
     def csms_tables(self):

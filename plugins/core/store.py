@@ -8,6 +8,7 @@ from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, updat
 from twisted.internet import defer
 
 from csms.ocpp16 import format_datetime, parse_datetime
+from csms.outbox import Outbox, event_data
 from csms.stations import as_utc
 
 from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history,
@@ -205,10 +206,61 @@ def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_
     return rows
 
 
+def transaction_event(transaction: dict) -> dict:
+    """A transaction as the outbox announces it: its columns, times as ISO 8601, and once stopped the
+    energy delivered (Wh, None without a meter reading) and the duration (seconds)."""
+    data = event_data(transaction)
+    if transaction.get("stopped_at") is not None:
+        meter_stop = transaction.get("meter_stop")
+        data["energy_wh"] = None if meter_stop is None else meter_stop - transaction["meter_start"]
+        data["duration_seconds"] = (transaction["stopped_at"] - transaction["started_at"]).total_seconds()
+    return data
+
+
+def id_tag_event(id_tag: str, change: str, tag: dict | None) -> dict:
+    data = {"id_tag": id_tag, "change": change}
+    if tag is not None:
+        data.update(event_data(tag, leave_out=("id_tag",)))
+    return data
+
+
+def register_event_types(outbox: Outbox) -> None:
+    """The Core profile's events (docs/webhooks.md shows each payload)."""
+    register = outbox.register
+    register("station.booted", "A BootNotification was stored; `status` is the answer it gets.",
+             {"station_id": "CP-1", "status": "Accepted", "charge_point_vendor": "ACME", "charge_point_model": "X1",
+              "firmware_version": "1.2.3", "boot_count": 4}, owner="core")
+    register("connector.status_changed", "A StatusNotification changed a connector's status (or reported a "
+             "connector for the first time: `previous_status` null).",
+             {"station_id": "CP-1", "connector_id": 1, "status": "Charging", "previous_status": "Preparing",
+              "error_code": "NoError", "info": None, "timestamp": "2026-12-01T10:00:00.000Z"}, owner="core")
+    register("transaction.started", "A new transaction was stored (not a retransmitted StartTransaction).",
+             {"station_id": "CP-1", "transaction_id": 42, "connector_id": 1, "id_tag": "04A1B2C3",
+              "id_tag_status": "Accepted", "meter_start": 1000, "started_at": "2026-12-01T10:00:00.000Z"},
+             owner="core")
+    register("transaction.stopped", "A transaction was closed (by its station, an operator, or a reboot).",
+             {"station_id": "CP-1", "transaction_id": 42, "connector_id": 1, "id_tag": "04A1B2C3",
+              "meter_start": 1000, "meter_stop": 13500, "energy_wh": 12500, "duration_seconds": 5400.0,
+              "started_at": "2026-12-01T10:00:00.000Z", "stopped_at": "2026-12-01T11:30:00.000Z",
+              "stop_reason": "Local", "stopped_by": "station"}, owner="core")
+    register("meter_values.received", "MeterValues were stored: the request's samples as sent. Opt-in (name it in a "
+             "subscription's event_types) and delivered in batches.",
+             {"station_id": "CP-1", "connector_id": 1, "transaction_id": 42,
+              "meter_value": [{"timestamp": "2026-12-01T10:15:00.000Z",
+                               "sampledValue": [{"value": "3750", "measurand": "Energy.Active.Import.Register",
+                                                 "unit": "Wh"}]}]}, opt_in=True, owner="core")
+    register("id_tag.changed", "An id tag was created, updated or deleted (`change`).",
+             {"id_tag": "04A1B2C3", "change": "updated", "status": "Blocked", "expiry_date": None,
+              "parent_id_tag": None, "description": "Fleet card 17"}, owner="core")
+
+
 class CoreStore:
-    def __init__(self, db, clock, concurrent_tx: bool = True, id_tag_cache_seconds: float = 60.0):
+    def __init__(self, db, clock, concurrent_tx: bool = True, id_tag_cache_seconds: float = 60.0,
+                 outbox: Outbox | None = None):
         self.db = db
         self.clock = clock
+        #: Events are added in the same thd as the change they announce (csms.outbox).
+        self.outbox = outbox if outbox is not None else Outbox()
         self.concurrent_tx = concurrent_tx
         self.tag_cache = IdTagCache(clock, id_tag_cache_seconds)
         #: transaction id -> its station, for transactions seen by this process (MeterValues' link check)
@@ -306,7 +358,14 @@ class CoreStore:
             count = conn.execute(select(boot_info.c.boot_count).where(boot_info.c.station_id == station_id)).scalar()
             self.db.upsert(conn, boot_info, {"station_id": station_id}, {**values, "boot_count": (count or 0) + 1})
             closed = conn.execute(_CLOSE_REFUSED, {"station": station_id, "b_at": now}).fetchall()
-            return [transaction_dict(row) for row in sorted(closed, key=lambda row: row.id)]
+            closed = [transaction_dict(row) for row in sorted(closed, key=lambda row: row.id)]
+            self.outbox.add(conn, "station.booted", {
+                "station_id": station_id, "boot_count": (count or 0) + 1,
+                "status": status,
+                **event_data(values, leave_out=("last_boot_status", "last_boot_at"))})
+            for transaction in closed:
+                self.outbox.add(conn, "transaction.stopped", transaction_event(transaction))
+            return closed
         return self.db.run(thd, desc="core_boot")
 
     def record_status(self, station_id: str, payload: dict):
@@ -325,6 +384,11 @@ class CoreStore:
                            {**values, "status_timestamp": timestamp or now, "updated_at": now})
             conn.execute(_INSERT_STATUS_HISTORY, dict(station_id=station_id, connector_id=connector_id,
                                                       timestamp=timestamp, received_at=now, **values))
+            if previous != values["status"]:
+                self.outbox.add(conn, "connector.status_changed", {
+                    "station_id": station_id, "connector_id": connector_id, "status": values["status"],
+                    "previous_status": previous, "error_code": values["error_code"], "info": values["info"],
+                    "timestamp": format_datetime(timestamp or now)})
             return previous
         return self.db.run(thd, desc="core_status")
 
@@ -388,6 +452,8 @@ class CoreStore:
                 conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values))
             else:
                 conn.execute(insert(id_tags).values(id_tag=id_tag, created_at=now, **values))
+            self.outbox.add(conn, "id_tag.changed",
+                            id_tag_event(id_tag, "updated" if exists else "created", values))
             return not exists
         return self._changing_tag(self.db.run(thd, desc="core_put_id_tag"), id_tag)
 
@@ -398,7 +464,9 @@ class CoreStore:
         def thd(conn):
             if conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values)).rowcount == 0:
                 return None
-            return id_tag_dict(conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first())
+            tag = id_tag_dict(conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first())
+            self.outbox.add(conn, "id_tag.changed", id_tag_event(id_tag, "updated", tag))
+            return tag
         return self._changing_tag(self.db.run(thd, desc="core_update_id_tag"), id_tag)
 
     def get_id_tag(self, id_tag: str):
@@ -409,7 +477,10 @@ class CoreStore:
 
     def delete_id_tag(self, id_tag: str):
         def thd(conn):
-            return conn.execute(delete(id_tags).where(id_tags.c.id_tag == id_tag)).rowcount > 0
+            deleted = conn.execute(delete(id_tags).where(id_tags.c.id_tag == id_tag)).rowcount > 0
+            if deleted:
+                self.outbox.add(conn, "id_tag.changed", id_tag_event(id_tag, "deleted", None))
+            return deleted
         return self._changing_tag(self.db.run(thd, desc="core_delete_id_tag"), id_tag)
 
     def list_id_tags(self, limit: int = 100, offset: int = 0, status: str | None = None,
@@ -461,8 +532,9 @@ class CoreStore:
             transaction_id = conn.execute(self._insert_start, values).scalar()
             if transaction_id is None:  # another connection's copy committed it meanwhile
                 return transaction_dict(conn.execute(_EXISTING_START, key).first()), False
-            row = conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first()
-            return transaction_dict(row), True
+            transaction = transaction_dict(conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first())
+            self.outbox.add(conn, "transaction.started", transaction_event(transaction))
+            return transaction, True
 
         def started(result):
             self._remember_owner(result[0]["transaction_id"], station_id)
@@ -503,7 +575,10 @@ class CoreStore:
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
-            return transaction_dict(row), newly_stopped
+            transaction = transaction_dict(row)
+            if newly_stopped:
+                self.outbox.add(conn, "transaction.stopped", transaction_event(transaction))
+            return transaction, newly_stopped
         # Another transaction with the tag may still be open: unknown until asked again.
         return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),
                                      lambda result: (result[0]["id_tag"] if result[0] else None, None))
@@ -540,6 +615,8 @@ class CoreStore:
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
+            self.outbox.add(conn, "meter_values.received", {"station_id": station_id, "connector_id": payload["connectorId"],
+                                                   "transaction_id": linked, "meter_value": payload["meterValue"]})
             return linked
 
         d = self.db.run(thd, desc="core_meter_values")

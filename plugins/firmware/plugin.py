@@ -190,7 +190,11 @@ class FirmwarePlugin:
             if leftovers:
                 log.warn("Removed {count} unfinished upload(s) from {directory}", count=len(leftovers),
                          directory=directory)
-        self.store = FirmwareStore(app.db)
+        app.outbox.register("firmware.status", "A FirmwareStatusNotification was stored.",
+                            {"station_id": "CP-1", "status": "Installed", "update_id": 7}, owner=self.name)
+        app.outbox.register("diagnostics.status", "A DiagnosticsStatusNotification was stored.",
+                            {"station_id": "CP-1", "status": "Uploaded", "request_id": 3}, owner=self.name)
+        self.store = FirmwareStore(app.db, app.outbox)
         self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
         self.firmware_uploads = app.metrics.counter("csms_firmware_files_uploaded",
                                                     "Firmware files operators uploaded (stored)")

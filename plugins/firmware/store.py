@@ -8,6 +8,7 @@ import os
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from csms.outbox import Outbox
 from csms.stations import as_utc
 
 from .tables import diagnostics_files, diagnostics_requests, files, station_state, status_history, updates
@@ -59,8 +60,9 @@ def _check_credentials(conn, user: str, secret: str, now):
 
 
 class FirmwareStore:
-    def __init__(self, db):
+    def __init__(self, db, outbox: Outbox | None = None):
         self.db = db
+        self.outbox = outbox if outbox is not None else Outbox()
 
     # -- firmware files --------------------------------------------------------------------------
 
@@ -149,6 +151,8 @@ class FirmwareStore:
                 conn.execute(update(updates).where(updates.c.id == update_id).values(status=status, status_at=now))
             self.db.upsert(conn, station_state, {"station_id": station_id},
                            {"firmware_status": status, "firmware_status_at": now})
+            self.outbox.add(conn, "firmware.status", {"station_id": station_id, "status": status,
+                                                      "update_id": update_id})
         return self.db.run(thd, desc="firmware_status")
 
     def get_update(self, update_id: int):
@@ -298,6 +302,8 @@ class FirmwareStore:
                              .values(status=status, status_at=now))
             self.db.upsert(conn, station_state, {"station_id": station_id},
                            {"diagnostics_status": status, "diagnostics_status_at": now})
+            self.outbox.add(conn, "diagnostics.status", {"station_id": station_id, "status": status,
+                                                         "request_id": request_id})
         return self.db.run(thd, desc="firmware_diagnostics_status")
 
     def get_diagnostics_request(self, request_id: int):

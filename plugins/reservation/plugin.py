@@ -127,7 +127,12 @@ class ReservationPlugin:
     @hookimpl
     def csms_configure(self, app):
         self.app = app
-        self.store = ReservationStore(app.db, app.clock)
+        app.outbox.register("reservation.changed", "A reservation was answered by its station, cancelled, "
+                            "expired or consumed by a transaction (`state`).",
+                            {"station_id": "CP-1", "reservation_id": 12, "connector_id": 1, "id_tag": "04A1B2C3",
+                             "state": "consumed", "status": "Accepted", "transaction_id": 42,
+                             "expiry_date": "2026-12-01T12:00:00.000Z"}, owner=self.name)
+        self.store = ReservationStore(app.db, app.clock, app.outbox)
         self.timers = ExpiryTimers(self)
 
     @hookimpl

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import bindparam, case, delete, func, insert, or_, select, update
 
+from csms.outbox import Outbox, event_data
 from csms.stations import as_utc
 
 from .tables import events, id_counter, reservations
@@ -50,9 +51,16 @@ def _by_key(conn, record_id: int):
 
 
 class ReservationStore:
-    def __init__(self, db, clock):
+    def __init__(self, db, clock, outbox: Outbox | None = None):
         self.db = db
         self.clock = clock
+        self.outbox = outbox if outbox is not None else Outbox()
+
+    def _changed(self, conn, row: dict | None) -> dict | None:
+        """Announce a reservation's new state (outbox event ``reservation.changed``); returns ``row``."""
+        if row is not None:
+            self.outbox.add(conn, "reservation.changed", event_data(row, leave_out=("record_id",)))
+        return row
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -138,7 +146,7 @@ class ReservationStore:
                     expiry_date=parse_datetime(request["expiryDate"]), source="call", status=status, state=state,
                     created_at=now, answered_at=now, closed_at=None if state == LIVE else now,
                 )).inserted_primary_key[0]
-            return reservation_dict(_by_key(conn, record_id)), closed
+            return self._changed(conn, reservation_dict(_by_key(conn, record_id))), closed
         return self.db.run(thd, desc="reservation_answer")
 
     # -- closing -----------------------------------------------------------------------------
@@ -166,7 +174,8 @@ class ReservationStore:
                 self._event(conn, station_id, reservation_id, "cancel_closed",
                             f"CancelReservation for a reservation already {row.state}: {status}", now)
             conn.execute(update(reservations).where(reservations.c.id == row.id).values(**values))
-            return reservation_dict(_by_key(conn, row.id)), closed
+            changed = reservation_dict(_by_key(conn, row.id))
+            return (self._changed(conn, changed) if closed else changed), closed
         return self.db.run(thd, desc="reservation_cancel")
 
     def expire(self, record_id: int):
@@ -177,7 +186,7 @@ class ReservationStore:
             changed = conn.execute(update(reservations).where(reservations.c.id == record_id,
                                                               reservations.c.state == LIVE)
                                    .values(state="expired", closed_at=now)).rowcount
-            return reservation_dict(_by_key(conn, record_id)) if changed else None
+            return self._changed(conn, reservation_dict(_by_key(conn, record_id))) if changed else None
         return self.db.run(thd, desc="reservation_expire")
 
     def consume(self, station_id: str, transaction: dict):
@@ -201,7 +210,7 @@ class ReservationStore:
             changed = conn.execute(update(reservations).where(reservations.c.id == record_id,
                                                               reservations.c.state == LIVE).values(
                 state="consumed", transaction_id=transaction_id, closed_at=now)).rowcount
-            return reservation_dict(_by_key(conn, record_id)) if changed else None
+            return self._changed(conn, reservation_dict(_by_key(conn, record_id))) if changed else None
 
         def thd(conn):
             if reservation_id is not None:

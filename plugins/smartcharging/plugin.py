@@ -76,10 +76,16 @@ class SmartChargingPlugin:
         self.default_rate_unit = settings["default_rate_unit"]
         if self.voltage <= 0:
             raise ConfigError("[plugin:smartcharging] voltage must be positive")
-        self.store = SmartChargingStore(app.db, app.clock)
         self.profiles_sent = app.metrics.counter(
             "csms_smartcharging_profiles_sent", "Charging profiles sent to stations (SetChargingProfile), by the "
             "status they answered: Accepted (installed), Rejected, NotSupported", ("status",))
+        app.outbox.register("charging_profile.changed", "A charging profile the station answered was recorded "
+                            "(`change` sent: installed or rejected, see `state`), or profiles were cleared "
+                            "(`change` cleared).",
+                            {"station_id": "CP-1", "change": "sent", "connector_id": 1, "charging_profile_id": 5,
+                             "purpose": "TxDefaultProfile", "stack_level": 0, "state": "installed",
+                             "station_status": "Accepted", "profile": {"chargingProfileId": 5}}, owner=self.name)
+        self.store = SmartChargingStore(app.db, app.clock, app.outbox)
 
     @hookimpl
     def csms_tables(self):

@@ -10,6 +10,7 @@ from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, updat
 from twisted.internet import defer
 
 from csms.ocpp16 import parse_datetime
+from csms.outbox import Outbox, event_data
 from csms.stations import as_utc
 
 from .tables import profiles
@@ -53,9 +54,10 @@ def _replace_matching(conn, station_id: str, connector_id, profile: dict, now, e
 
 
 class SmartChargingStore:
-    def __init__(self, db, clock):
+    def __init__(self, db, clock, outbox: Outbox | None = None):
         self.db = db
         self.clock = clock
+        self.outbox = outbox if outbox is not None else Outbox()
         #: Stations that may have an installed profile; None until read at start-up (then: ask the database).
         self._with_profiles: set | None = None
         self._added: set = set()
@@ -108,7 +110,10 @@ class SmartChargingStore:
                 state=INSTALLED if accepted else REJECTED, station_status=station_status,
                 sent_at=now, updated_at=now))
             row_id = result.inserted_primary_key[0]
-            return profile_row(conn.execute(select(profiles).where(profiles.c.id == row_id)).one())
+            row = profile_row(conn.execute(select(profiles).where(profiles.c.id == row_id)).one())
+            self.outbox.add(conn, "charging_profile.changed", dict(event_data(row, leave_out=("id",)),
+                                                                   change="sent"))
+            return row
         return self._in_order(station_id, thd, desc="smartcharging_record_sent")
 
     def bind_transaction(self, station_id: str, connector_id: int, transaction_id: int, now):
@@ -143,6 +148,8 @@ class SmartChargingStore:
             ids = [row.id for row in conn.execute(query.order_by(profiles.c.id))]
             if ids:
                 conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(state=CLEARED, updated_at=now))
+                self.outbox.add(conn, "charging_profile.changed", {"station_id": station_id, "change": "cleared",
+                                                                   "criteria": criteria, "cleared": len(ids)})
             return ids
         return self._in_order(station_id, thd, desc="smartcharging_clear")
 

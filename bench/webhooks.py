@@ -1,0 +1,154 @@
+"""Webhook delivery beside OCPP traffic: what delivering ~1,000 events/s costs OCPP latency.
+
+Three runs of the same fixed-rate OCPP load (stations sending MeterValues for a running transaction, each
+one event ``meter_values.received``), each on a fresh CSMS:
+
+* ``baseline``: the webhooks plugin enabled, no subscription (events are not even written);
+* ``webhooks-unbatched``: ``--subscriptions`` K subscriptions to meter values,
+  ``meter_values_batch_size = 1``: one signed POST per event and subscription to a receiver process on
+  loopback, K x rate deliveries per second;
+* ``webhooks-batched``: the same with the shipped batch size (100 events per POST).
+
+The OCPP rate is kept at what the machine sustains without webhooks; K multiplies the deliveries.
+Reports OCPP latency (p50/p99, from the load generator), events and POSTs the receiver got during the
+window, and how long the backlog took to drain after it.
+
+    .venv/bin/python bench/webhooks.py [--rate 250] [--subscriptions 4] [--stations 100] [--duration 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import run  # noqa: E402  (bench/run.py: servers, load generator, PostgreSQL schemas)
+
+RUNS = {"baseline": None, "webhooks-unbatched": 1, "webhooks-batched": 100}
+
+
+def http_json(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode())
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
+    workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
+    schema = run.PostgresSchema(args.postgres) if args.postgres else None
+    db_url = schema.url if schema else f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
+    extra = f"[plugin:webhooks]\nallow_private_networks = 127.0.0.0/8\nmeter_values_batch_size = {batch or 1}\n"
+    server = run.start_csms(workdir, schema.url if schema else None, "info", args.profile and os.path.join(
+                                args.profile, f"{name}.pstats"),
+                            plugins=run.BENCH_PLUGINS + ("webhooks",), extra_config=extra)
+    try:
+        run.insert_id_tags(db_url, args.stations, "LGTAG")
+        run.wait_listening(server.api_port, server.process)  # the API listens after the OCPP endpoint
+        if batch is not None:
+            for k in range(args.subscriptions):
+                http_json("POST", server.api_url + "/webhooks", server.token,
+                          {"url": receiver_url + f"/{name}/{k}", "event_types": ["meter_values.received"]})
+        before = http_json("GET", receiver_url + "/stats")
+        scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
+                                                   "--mode", "rate", "--rate", args.rate,
+                                                   "--duration", args.duration]}
+        print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
+        result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), workdir, True)
+        window_end = time.monotonic()
+        after = http_json("GET", receiver_url + "/stats")
+        # Drain: wait until the receiver has everything the window produced (at most 60 s).
+        expected = result.get("window", {}).get("messages", 0) * args.subscriptions
+        drained = None
+        if batch is not None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                now_stats = http_json("GET", receiver_url + "/stats")
+                if now_stats["events"] - before["events"] >= expected:
+                    drained = now_stats["last_at"] - window_end
+                    after_drain = now_stats
+                    break
+                time.sleep(0.2)  # the runner polls a separate process; no test waits here
+            else:
+                after_drain = http_json("GET", receiver_url + "/stats")
+        else:
+            after_drain = after
+        window = result.get("window", {}).get("seconds") or args.duration
+        return {
+            "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
+            "ocpp_messages": expected, "errors": result.get("errors", {}).get("total"),
+            "server_cpu_utilisation": result.get("server", {}).get("cpu_utilisation"),
+            "events_in_window_per_s": (after["events"] - before["events"]) / window,
+            "posts_in_window_per_s": (after["posts"] - before["posts"]) / window,
+            "events_total": after_drain["events"] - before["events"],
+            "seconds_to_drain_after_window": drained,
+        }
+    finally:
+        server.stop()
+        if schema is not None:
+            schema.drop()
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def markdown(results: dict, args) -> str:
+    lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
+             f"{args.subscriptions} subscriptions ({results['database']}; load average before: "
+             f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
+             "| run | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
+             "drained after the window (s) | CSMS CPU |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["runs"].items():
+        lat = r.get("latency_ms") or {}
+        fmt = (lambda v, d=1: "-" if v is None else f"{v:.{d}f}")
+        lines.append(f"| {name} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p99'), 2)} | {fmt(r['throughput'], 0)} | "
+                     f"{fmt(r['events_in_window_per_s'], 0)} | {fmt(r['posts_in_window_per_s'], 0)} | "
+                     f"{fmt(r['seconds_to_drain_after_window'], 2)} | {fmt(r['server_cpu_utilisation'], 2)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Webhook delivery throughput and its cost on OCPP latency.")
+    parser.add_argument("--rate", type=int, default=250)
+    parser.add_argument("--subscriptions", type=int, default=4)
+    parser.add_argument("--stations", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--postgres", metavar="URL")
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
+    parser.add_argument("--profile", metavar="DIR", help="run the CSMS under cProfile, one .pstats per run")
+    parser.add_argument("--keep", action="store_true", help="keep each run's directory (the CSMS log)")
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "webhooks.json"))
+    args = parser.parse_args(argv)
+    port = run.free_port()
+    receiver = subprocess.Popen([sys.executable, os.path.join(HERE, "webhook_receiver.py"), "--port", str(port)])
+    try:
+        run.wait_listening(port, receiver)
+        receiver_url = f"http://127.0.0.1:{port}"
+        results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
+                   "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations, "duration": args.duration, "runs": {}}
+        for name, batch in RUNS.items():
+            if args.only and name not in args.only:
+                continue
+            results["runs"][name] = one_run(name, batch, args, receiver_url)
+        results["loadavg_after"] = os.getloadavg()
+    finally:
+        run.stop(receiver)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(markdown(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

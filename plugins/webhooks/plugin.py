@@ -1,0 +1,110 @@
+"""The webhooks plugin: subscriptions (API), the outbox writer, and the dispatcher service."""
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from csms.config import ConfigError, Setting
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
+
+from .dispatcher import Dispatcher
+from .guard import AddressPolicy, ReceiverGuard, parse_networks
+from .store import ALL_TYPES, WebhookStore
+from .tables import metadata
+
+log = Logger(namespace="csms.webhooks")
+
+POSITIVE = ("poll_interval", "request_timeout", "retry_initial_delay", "retry_max_delay", "dead_letter_after",
+            "history_retention", "batch_size", "max_concurrent_deliveries", "max_concurrent_per_subscription",
+            "max_response_bytes", "meter_values_batch_size", "max_subscriptions")
+
+
+@implementer(ICSMSPlugin)
+class WebhooksPlugin:
+    """Outbox events to operators' HTTP receivers; see docs/webhooks.md."""
+
+    name = "webhooks"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+    settings = (
+        Setting("allow_private_networks", str, "",
+                "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
+        Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
+        Setting("batch_size", int, 500, "Deliveries claimed per pass (and most held in memory)."),
+        Setting("max_concurrent_deliveries", int, 64, "POSTs in flight at once, in all."),
+        Setting("max_concurrent_per_subscription", int, 4, "POSTs in flight at once to one subscription."),
+        Setting("request_timeout", float, 10.0, "Seconds a receiver has to answer (connection included)."),
+        Setting("max_response_bytes", int, 4096, "Most bytes of a receiver's answer read."),
+        Setting("retry_initial_delay", float, 10.0, "Seconds before the first retry (then doubling)."),
+        Setting("retry_max_delay", float, 3600.0, "Longest wait between two attempts, in seconds."),
+        Setting("dead_letter_after", float, 86400.0, "Seconds after its event a delivery is given up (dead)."),
+        Setting("history_retention", float, 604800.0, "Seconds delivered and dead deliveries are kept."),
+        Setting("meter_values_batch_size", int, 100, "Most meter_values events in one POST."),
+        Setting("max_subscriptions", int, 100, "Most subscriptions."),
+    )
+
+    app = None
+    store: WebhookStore | None = None
+    dispatcher: Dispatcher | None = None
+
+    @hookimpl
+    def csms_configure(self, app):
+        self.app = app
+        section = app.config.plugin(self.name)
+        self.settings_values = {setting.name: section[setting.name] for setting in self.settings}
+        for name in POSITIVE:
+            if not self.settings_values[name] > 0:
+                raise ConfigError(f"[plugin:webhooks] {name} must be positive")
+        networks = parse_networks(self.settings_values["allow_private_networks"], "allow_private_networks")
+        self.guard = ReceiverGuard(AddressPolicy(networks), app.reactor.nameResolver)
+        self.store = WebhookStore(app.db, app.clock)
+        app.outbox.attach(self.store.write_event)
+        self.dispatcher = Dispatcher(self, app.reactor, app.clock, self.guard)
+
+    @hookimpl
+    def csms_tables(self):
+        return metadata
+
+    @hookimpl
+    def csms_services(self, app):
+        return [_Starter(self), self.dispatcher]
+
+    @hookimpl
+    def csms_api_routes(self, app, router):
+        from .api import add_routes
+        add_routes(self, app, router)
+
+    def expand(self, types: list) -> set:
+        """The event types a subscription's ``event_types`` stand for."""
+        names = set(types) - {ALL_TYPES}
+        if ALL_TYPES in types:
+            names |= {name for name, event_type in self.app.outbox.types.items() if not event_type.opt_in}
+        return names
+
+    def refresh_wanted(self):
+        """Tell the outbox which event types someone subscribes to, and the writer which subscriptions
+        want each (after any subscription change)."""
+        def wanted(all_types):
+            subscribers: dict[str, list] = {}
+            for subscription_id, types in all_types:
+                for name in self.expand(types):
+                    subscribers.setdefault(name, []).append(subscription_id)
+            self.store.subscribers = {name: tuple(ids) for name, ids in subscribers.items()}
+            self.app.outbox.want(subscribers)
+        return self.store.all_event_types().addCallback(wanted)
+
+
+class _Starter(service.Service):
+    """Loads the subscribed event types before stations connect (services start before the listeners)."""
+
+    name = "webhooks-subscriptions"
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+
+    def startService(self):
+        service.Service.startService(self)
+        return self.plugin.refresh_wanted()

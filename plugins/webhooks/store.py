@@ -1,0 +1,233 @@
+"""The webhooks plugin's store: the outbox writer, claiming of due deliveries, subscriptions."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import orjson
+from sqlalchemy import bindparam, delete, func, insert, select, update
+
+from csms.ocpp16 import format_datetime
+from csms.stations import as_utc
+
+from .tables import deliveries, subscriptions
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+STATES = (PENDING, DELIVERED, DEAD)
+#: In a subscription's event_types: every event type except the opt-in ones.
+ALL_TYPES = "*"
+DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "body", "state", "attempts", "created_at",
+                    "next_attempt_at")
+#: The longest error text kept for a delivery attempt.
+MAX_ERROR_LENGTH = 500
+
+_DUE = (select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.event_id, deliveries.c.event_type,
+               deliveries.c.body, deliveries.c.attempts, deliveries.c.created_at)
+        .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+        .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_at <= bindparam("now"),
+               subscriptions.c.paused.is_(False), deliveries.c.id.not_in(bindparam("busy", expanding=True)),
+               deliveries.c.subscription_id.not_in(bindparam("skip", expanding=True)))
+        .order_by(deliveries.c.id).limit(bindparam("limit")))
+# One statement for every delivery of a POST (a batch of meter values shares one outcome): the sqlite3
+# driver lets go of the GIL at every statement, which costs the reactor thread far more than the update.
+_OUTCOME = update(deliveries).where(deliveries.c.id.in_(bindparam("deliveries", expanding=True))).values(
+    state=bindparam("b_state"), attempts=deliveries.c.attempts + 1, next_attempt_at=bindparam("b_next"),
+    last_attempt_at=bindparam("b_at"), last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
+    finished_at=bindparam("b_finished"))
+
+
+def event_body(event_id: str, event_type: str, created_at: datetime, data_json: str) -> str:
+    """The JSON an event is delivered as; ``data_json`` is spliced in as stored (no re-encoding)."""
+    head = orjson.dumps({"id": event_id, "type": event_type, "created_at": format_datetime(created_at)}).decode()
+    return head[:-1] + ',"data":' + data_json + "}"
+
+
+def subscription_dict(row) -> dict:
+    data = dict(row._mapping)
+    data.pop("secret", None)
+    data["event_types"] = orjson.loads(data["event_types"])
+    for key in ("created_at", "updated_at"):
+        data[key] = as_utc(data[key])
+    return data
+
+
+def delivery_dict(row) -> dict:
+    data = dict(row._mapping)
+    data["event"] = orjson.loads(data.pop("body"))
+    for key in ("created_at", "next_attempt_at", "last_attempt_at", "finished_at"):
+        data[key] = as_utc(data[key])
+    if data["state"] != PENDING:
+        data["next_attempt_at"] = None
+    return data
+
+
+class WebhookStore:
+    def __init__(self, db, clock):
+        self.db = db
+        self.clock = clock
+        #: event type -> ids of the subscriptions wanting it. Replaced whole on the reactor thread when
+        #: subscriptions change, read by the database threads writing events.
+        self.subscribers: dict[str, tuple] = {}
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+
+    # -- the outbox writer (runs inside other stores' thd functions) --------------------------------
+
+    def write_event(self, conn, event_type: str, data: dict) -> None:
+        """``app.outbox``'s writer: a delivery row per subscription wanting the event, held and written
+        with the other rows of its transaction (one multi-row INSERT per group commit)."""
+        wanting = self.subscribers.get(event_type)
+        if not wanting:
+            return
+        now = self.now()
+        event_id = str(uuid.uuid4())
+        body = event_body(event_id, event_type, now,
+                          orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode())
+        self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS,
+                            [(subscription_id, event_id, event_type, body, PENDING, 0, now, now)
+                             for subscription_id in wanting])
+
+    # -- the dispatcher's work ------------------------------------------------------------------
+
+    def claim(self, busy: list[int], limit: int, dead_before: datetime, purge_before: datetime | None,
+              skip_subscriptions: list[int] = ()):
+        """One pass: dead-letter pending deliveries older than ``dead_before``, purge finished ones older
+        than ``purge_before`` (and any left by a deleted subscription); fires with up to ``limit``
+        due deliveries (not in ``busy``, of subscriptions not paused nor skipped), oldest first, each with its
+        subscription's URL and secret."""
+        now = self.now()
+
+        def thd(conn):
+            dead = conn.execute(update(deliveries).where(
+                deliveries.c.state == PENDING, deliveries.c.created_at < dead_before,
+                deliveries.c.id.not_in(busy)).values(
+                state=DEAD, finished_at=now, next_attempt_at=now,
+                last_error=func.coalesce(deliveries.c.last_error, "never delivered") + " (dead-lettered: too old)"
+            )).rowcount
+            if purge_before is not None:
+                conn.execute(delete(deliveries).where(deliveries.c.state != PENDING,
+                                                      deliveries.c.finished_at < purge_before))
+                # An event written while its subscription was being deleted.
+                conn.execute(delete(deliveries).where(deliveries.c.subscription_id.not_in(
+                    select(subscriptions.c.id))))
+            rows = conn.execute(_DUE, {"now": now, "busy": busy or [-1], "skip": list(skip_subscriptions) or [-1],
+                                       "limit": limit}).fetchall()
+            due = [dict(row._mapping) for row in rows]
+            targets = {}
+            if due:
+                ids = sorted({row["subscription_id"] for row in due})
+                targets = {row.id: (row.url, row.secret) for row in conn.execute(
+                    select(subscriptions.c.id, subscriptions.c.url, subscriptions.c.secret)
+                    .where(subscriptions.c.id.in_(ids)))}
+            for row in due:
+                row["created_at"] = as_utc(row["created_at"])
+                row["url"], row["secret"] = targets[row["subscription_id"]]
+            return {"dead": dead, "due": due}
+        return self.db.run(thd, desc="webhooks_claim")
+
+    def record_outcomes(self, outcomes: list[tuple]):
+        """The outcomes of several POSTs, in one transaction: each ``(delivery ids, state, next attempt,
+        attempted at, status code, error)``. Successes with the same status code share one UPDATE."""
+        delivered: dict[int, tuple[list, datetime]] = {}
+        statements = []
+        for ids, state, next_attempt_at, attempted_at, code, error in outcomes:
+            if state == DELIVERED and error is None:
+                grouped, latest = delivered.get(code, ([], attempted_at))
+                delivered[code] = (grouped + list(ids), max(latest, attempted_at))
+                continue
+            statements.append((ids, state, next_attempt_at, attempted_at, code, error))
+        statements += [(ids, DELIVERED, at, at, code, None) for code, (ids, at) in delivered.items()]
+
+        def thd(conn):
+            for ids, state, next_attempt_at, attempted_at, code, error in statements:
+                conn.execute(_OUTCOME, {
+                    "deliveries": ids, "b_state": state, "b_next": next_attempt_at, "b_at": attempted_at,
+                    "b_code": code, "b_error": None if error is None else error[:MAX_ERROR_LENGTH],
+                    "b_finished": attempted_at if state != PENDING else None})
+        return self.db.run(thd, desc="webhooks_outcomes")
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    def create(self, url: str, event_types: list, secret: str, description: str | None, paused: bool):
+        now = self.now()
+
+        def thd(conn):
+            subscription_id = conn.execute(insert(subscriptions).values(
+                url=url, event_types=orjson.dumps(event_types).decode(), secret=secret, description=description,
+                paused=paused, created_at=now, updated_at=now)).inserted_primary_key[0]
+            return subscription_dict(conn.execute(select(subscriptions).where(
+                subscriptions.c.id == subscription_id)).first())
+        return self.db.run(thd, desc="webhooks_create")
+
+    def count(self):
+        def thd(conn):
+            return conn.execute(select(func.count()).select_from(subscriptions)).scalar_one()
+        return self.db.run(thd, desc="webhooks_count")
+
+    def get(self, subscription_id: int):
+        def thd(conn):
+            row = conn.execute(select(subscriptions).where(subscriptions.c.id == subscription_id)).first()
+            return None if row is None else subscription_dict(row)
+        return self.db.run(thd, desc="webhooks_get")
+
+    def list(self, limit: int, offset: int):
+        def thd(conn):
+            total = conn.execute(select(func.count()).select_from(subscriptions)).scalar_one()
+            rows = conn.execute(select(subscriptions).order_by(subscriptions.c.id).limit(limit).offset(offset))
+            return total, [subscription_dict(row) for row in rows]
+        return self.db.run(thd, desc="webhooks_list")
+
+    def all_event_types(self):
+        """(id, event_types) of every subscription (for the writer's cache of who wants what)."""
+        def thd(conn):
+            return [(row.id, orjson.loads(row.event_types)) for row in conn.execute(
+                select(subscriptions.c.id, subscriptions.c.event_types).order_by(subscriptions.c.id))]
+        return self.db.run(thd, desc="webhooks_event_types")
+
+    def update(self, subscription_id: int, **values):
+        """Change some fields; fires the subscription, or None when there is none."""
+        if "event_types" in values:
+            values["event_types"] = orjson.dumps(values["event_types"]).decode()
+        values["updated_at"] = self.now()
+
+        def thd(conn):
+            if conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
+                            .values(**values)).rowcount == 0:
+                return None
+            return subscription_dict(conn.execute(select(subscriptions).where(
+                subscriptions.c.id == subscription_id)).first())
+        return self.db.run(thd, desc="webhooks_update")
+
+    def delete(self, subscription_id: int):
+        """Delete a subscription and its deliveries (pending ones are never sent); fires True if it existed."""
+        def thd(conn):
+            conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
+            return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
+        return self.db.run(thd, desc="webhooks_delete")
+
+    def add_test_delivery(self, subscription_id: int, event_type: str, data: dict):
+        """A delivery of a test event to one subscription; fires with it, or None without the subscription."""
+        now = self.now()
+        event_id = str(uuid.uuid4())
+        body = event_body(event_id, event_type, now, orjson.dumps(data).decode())
+
+        def thd(conn):
+            if conn.execute(select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)).first() is None:
+                return None
+            delivery_id = conn.execute(insert(deliveries).values(dict(zip(DELIVERY_COLUMNS, (
+                subscription_id, event_id, event_type, body, PENDING, 0, now, now))))).inserted_primary_key[0]
+            return delivery_dict(conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first())
+        return self.db.run(thd, desc="webhooks_test_delivery")
+
+    def deliveries(self, subscription_id: int, limit: int, offset: int, state: str | None = None):
+        """(total, deliveries of a subscription) newest first."""
+        def thd(conn):
+            query = select(deliveries).where(deliveries.c.subscription_id == subscription_id)
+            if state is not None:
+                query = query.where(deliveries.c.state == state)
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit).offset(offset))
+            return total, [delivery_dict(row) for row in rows]
+        return self.db.run(thd, desc="webhooks_deliveries")
+

@@ -1,0 +1,469 @@
+"""Webhooks: events from the outbox, delivered to a real twisted.web receiver on loopback, signed.
+
+Delivery and its signature (computed here independently), retries after the receiver fails, undelivered
+events surviving a restart, no event for a rolled-back change, dead-lettering, SSRF refusal (also after
+DNS rebinding), pause, test-fire, meter values batching, and OCPP traffic going on beside a receiver
+that does not answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import pytest
+import pytest_twisted
+from conftest import booted, clock_now, core_store, error_of, station_time, within
+from sqlalchemy import func, select
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from csms_plugins.webhooks.guard import AddressPolicy
+from csms_plugins.webhooks.tables import deliveries
+
+ALLOW_LOOPBACK = """
+[plugin:webhooks]
+allow_private_networks = 127.0.0.0/8, ::1
+retry_initial_delay = 10
+retry_max_delay = 60
+"""
+
+
+class Receiver(resource.Resource):
+    """A webhook receiver: records each POST; answers with the next queued status (200 when none), or
+    never when ``hang`` is set."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests: list[dict] = []
+        self.statuses: list[int] = []
+        self.hang = False
+        self.arrived = defer.DeferredQueue()
+        self.port = None
+
+    def render_POST(self, request):
+        body = request.content.read()
+        received = {"headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
+                    "body": body, "json": json.loads(body)}
+        self.requests.append(received)
+        self.arrived.put(received)
+        if self.hang:
+            return server.NOT_DONE_YET
+        request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
+        return b"ok"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}/hook"
+
+    def events(self, event_type: str | None = None) -> list[dict]:
+        return [r["json"] for r in self.requests if event_type is None or r["json"]["type"] == event_type]
+
+
+@pytest.fixture
+def receiver():
+    hook = Receiver()
+    hook.port = reactor.listenTCP(0, server.Site(hook), interface="127.0.0.1")
+    yield hook
+    if hook.port.connected:
+        pytest_twisted.blockon(defer.maybeDeferred(hook.port.stopListening))
+
+
+def plugin_of(csms):
+    return csms.app.pm.get_plugin("webhooks")
+
+
+def drain(csms):
+    return within(plugin_of(csms).dispatcher.drain())
+
+
+async def subscribe(csms, url: str, event_types=("*",), **extra) -> dict:
+    status, body, _ = await csms.api("POST", "/webhooks", json={"url": url, "event_types": list(event_types), **extra})
+    assert status == 201, body
+    return body
+
+
+async def history(csms, subscription_id: int) -> list[dict]:
+    status, body, _ = await csms.api("GET", f"/webhooks/{subscription_id}/deliveries")
+    assert status == 200, body
+    return body["items"]
+
+
+def expected_signature(secret: str, headers: dict, body: bytes) -> str:
+    signed = headers["webhook-timestamp"].encode() + b"." + body
+    return "v1=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+async def charge(csms, station, id_tag: str = "TAG-1", meter_start: int = 1000, meter_stop: int = 13500,
+                 seconds: int = 5400) -> int:
+    now = clock_now(csms)
+    from datetime import timedelta
+
+    started = await station.call("StartTransaction", {"connectorId": 1, "idTag": id_tag, "meterStart": meter_start,
+                                                      "timestamp": station_time(now)})
+    transaction_id = started["transactionId"]
+    await station.call("StopTransaction", {"transactionId": transaction_id, "meterStop": meter_stop,
+                                           "timestamp": station_time(now + timedelta(seconds=seconds))})
+    return transaction_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_events_are_delivered_signed(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["transaction.started", "transaction.stopped"])
+    await core_store(csms).put_id_tag("TAG-1")
+    station = await booted(csms, "CP-1")
+    transaction_id = await charge(csms, station)
+    await drain(csms)
+
+    assert [event["type"] for event in receiver.events()] == ["transaction.started", "transaction.stopped"]
+    for request in receiver.requests:
+        headers = request["headers"]
+        assert headers["webhook-signature"] == expected_signature(subscription["secret"], headers, request["body"])
+        assert headers["webhook-id"] == request["json"]["id"]
+        assert headers["content-type"] == "application/json"
+    stopped = receiver.events("transaction.stopped")[0]["data"]
+    assert stopped["transaction_id"] == transaction_id and stopped["station_id"] == "CP-1"
+    assert stopped["energy_wh"] == 12500 and stopped["duration_seconds"] == 5400.0
+    assert [d["state"] for d in await history(csms, subscription["id"])] == ["delivered", "delivered"]
+    # Nothing else was subscribed to: the boot and status changes never reached the receiver.
+    assert len(receiver.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_station_and_id_tag_events(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url)
+    station = await booted(csms, "CP-1")
+    status, _, _ = await csms.api("POST", "/id-tags", json={"id_tag": "TAG-9", "status": "Accepted"})
+    assert status == 201
+    station.dropConnection(abort=True)
+    await station.closed
+    await within(_until(lambda: "station.disconnected" in {e["type"] for e in receiver.events()}, csms))
+    types = [event["type"] for event in receiver.events()]
+    # Delivered concurrently: in no promised order.
+    assert {"station.connected", "station.booted", "connector.status_changed", "id_tag.changed",
+            "station.disconnected"} <= set(types)
+    assert "meter_values.received" not in types  # opt-in only
+    booted_event = receiver.events("station.booted")[0]["data"]
+    assert booted_event["status"] == "Accepted" and booted_event["station_id"] == "CP-1"
+    tag = receiver.events("id_tag.changed")[0]["data"]
+    assert tag["id_tag"] == "TAG-9" and tag["change"] == "created" and tag["status"] == "Accepted"
+
+
+async def _until(predicate, csms):
+    """Drain until ``predicate()``: the disconnection is recorded after the socket closes."""
+    while not predicate():
+        await drain(csms)
+        if not predicate():
+            await csms.app.db.run(lambda conn: None, desc="test_wait")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_delivery_is_retried_after_backoff_with_the_same_id(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    receiver.statuses = [500]
+    await core_store(csms).put_id_tag("TAG-1")
+    await drain(csms)
+    [first] = await history(csms, subscription["id"])
+    assert (first["state"], first["attempts"], first["last_status_code"]) == ("pending", 1, 500)
+    assert first["last_error"].startswith("HTTP 500")
+
+    await drain(csms)  # not due yet: nothing is sent
+    assert len(receiver.requests) == 1
+    csms.clock.advance(10)  # the first retry waits between 5 and 10 s (jitter)
+    await drain(csms)
+    assert len(receiver.requests) == 2
+    [delivered] = await history(csms, subscription["id"])
+    assert (delivered["state"], delivered["attempts"], delivered["last_status_code"]) == ("delivered", 2, 200)
+    ids = {request["headers"]["webhook-id"] for request in receiver.requests}
+    assert len(ids) == 1
+    assert [r["headers"]["webhook-attempt"] for r in receiver.requests] == ["1", "2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_undelivered_events_are_delivered_after_a_restart(csms_factory, receiver):
+    port = receiver.port.getHost().port
+    first = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(first, receiver.url, ["id_tag.changed"])
+    await receiver.port.stopListening()  # the receiver is down
+    await core_store(first).put_id_tag("TAG-1")
+    await core_store(first).put_id_tag("TAG-2")
+    await drain(first)
+    assert {d["state"] for d in await history(first, subscription["id"])} == {"pending"}
+    await first.stop()
+
+    receiver.port = reactor.listenTCP(port, server.Site(receiver), interface="127.0.0.1")
+    second = await csms_factory(ALLOW_LOOPBACK)  # the same database
+    second.clock.advance(60)
+    await drain(second)
+    assert sorted(event["data"]["id_tag"] for event in receiver.events()) == ["TAG-1", "TAG-2"]
+    assert {d["state"] for d in await history(second, subscription["id"])} == {"delivered"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_of_a_rolled_back_change_is_never_sent(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["id_tag.changed"])
+    app = csms.app
+
+    def failing(conn):
+        app.outbox.add(conn, "id_tag.changed", {"id_tag": "ROLLED-BACK", "change": "created"})
+        raise RuntimeError("the change fails after its event was written")
+
+    def succeeding(conn):
+        app.outbox.add(conn, "id_tag.changed", {"id_tag": "KEPT", "change": "created"})
+
+    # Queued together, they share one group commit: only the failing function's work is undone.
+    results = await defer.DeferredList([app.db.run(failing, desc="test_failing"),
+                                        app.db.run(succeeding, desc="test_succeeding")], consumeErrors=True)
+    assert [ok for ok, _ in results] == [False, True]
+    await drain(csms)
+    assert [event["data"]["id_tag"] for event in receiver.events()] == ["KEPT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_nobody_subscribes_to_are_not_written(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["transaction.started"])
+    await core_store(csms).put_id_tag("TAG-1")  # id_tag.changed: nobody wants it
+
+    def outbox_rows(conn):
+        return conn.execute(select(func.count()).select_from(deliveries)).scalar_one()
+    assert await csms.app.db.run(outbox_rows) == 0
+    await drain(csms)
+    assert receiver.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_are_dead_lettered_after_their_age(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK + "dead_letter_after = 100\n")
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    receiver.statuses = [500] * 100
+    await core_store(csms).put_id_tag("TAG-1")
+    for _ in range(6):
+        await drain(csms)
+        csms.clock.advance(60)
+    await drain(csms)
+    [dead] = await history(csms, subscription["id"])
+    assert dead["state"] == "dead" and dead["next_attempt_at"] is None
+    attempts = len(receiver.requests)
+    assert 2 <= attempts == dead["attempts"]
+    csms.clock.advance(3600)
+    await drain(csms)
+    assert len(receiver.requests) == attempts  # never tried again
+
+
+@pytest_twisted.ensureDeferred
+async def test_private_receivers_are_refused_unless_allowed(csms_factory, receiver):
+    csms = await csms_factory()
+    for url in (receiver.url, "http://localhost:9/hook", "http://[::1]:9/hook", "http://10.1.2.3/hook",
+                "http://169.254.169.254/latest/meta-data", "http://0.0.0.0:9/", "http://224.0.0.1/"):
+        status, body, _ = await csms.api("POST", "/webhooks", json={"url": url, "event_types": ["*"]})
+        assert (status, error_of(body)) == (422, "receiver_address_refused"), url
+    for url in ("ftp://example.com/hook", "file:///etc/passwd", "http:///nohost", "http://user:pw@example.com/"):
+        status, body, _ = await csms.api("POST", "/webhooks", json={"url": url, "event_types": ["*"]})
+        assert (status, error_of(body)) == (422, "invalid_url"), url
+    status, body, _ = await csms.api("GET", "/webhooks")
+    assert body["total"] == 0
+
+
+@implementer(IHostnameResolver)
+class RebindingResolver:
+    """receiver.example: a public address the first time, then loopback (DNS rebinding)."""
+
+    def __init__(self, port: int):
+        self.answers = ["93.184.216.34", "127.0.0.1"]
+        self.port = port
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        receiver.resolutionBegan(None)
+        receiver.addressResolved(IPv4Address("TCP", self.answers.pop(0) if len(self.answers) > 1
+                                             else self.answers[0], portNumber))
+        receiver.resolutionComplete()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_rebinding_to_loopback_is_refused_at_delivery(csms_factory, receiver):
+    csms = await csms_factory()
+    plugin = plugin_of(csms)
+    plugin.guard.resolver = RebindingResolver(receiver.port.getHost().port)
+    port = receiver.port.getHost().port
+    subscription = await subscribe(csms, f"http://receiver.example:{port}/hook", ["id_tag.changed"])
+    await core_store(csms).put_id_tag("TAG-1")
+    await drain(csms)
+    assert receiver.requests == []
+    [refused] = await history(csms, subscription["id"])
+    assert refused["state"] == "pending" and "127.0.0.1 (loopback)" in refused["last_error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_subscription_keeps_its_events_until_resumed(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"], paused=True)
+    await core_store(csms).put_id_tag("TAG-1")
+    await drain(csms)
+    assert receiver.requests == []
+    status, body, _ = await csms.api("PATCH", f"/webhooks/{subscription['id']}", json={"paused": False})
+    assert status == 200 and body["paused"] is False
+    await drain(csms)
+    assert [event["data"]["id_tag"] for event in receiver.events()] == ["TAG-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_test_fire_sends_a_test_event_and_shows_in_the_history(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["transaction.started"], secret="s" * 32)
+    status, body, _ = await csms.api("POST", f"/webhooks/{subscription['id']}/test")
+    assert status == 202 and body["state"] == "pending" and body["event"]["type"] == "webhook.test"
+    await drain(csms)
+    [request] = receiver.requests
+    assert request["json"]["type"] == "webhook.test"
+    assert request["headers"]["webhook-signature"] == expected_signature("s" * 32, request["headers"],
+                                                                         request["body"])
+    [delivered] = await history(csms, subscription["id"])
+    assert (delivered["state"], delivered["last_status_code"]) == ("delivered", 200)
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_are_opt_in_and_batched(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    everything = await subscribe(csms, receiver.url, ["*"])
+    meters = await subscribe(csms, receiver.url + "?meters", ["meter_values.received"])
+    station = await booted(csms, "CP-1")
+    await drain(csms)
+    receiver.requests.clear()
+    for wh in ("100", "200", "300"):
+        await station.call("MeterValues", {"connectorId": 1, "meterValue": [
+            {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": wh}]}]})
+    await drain(csms)
+    [batch] = receiver.requests
+    assert batch["json"]["type"] == "meter_values.batch"
+    events = batch["json"]["data"]["events"]
+    assert [e["data"]["meter_value"][0]["sampledValue"][0]["value"] for e in events] == ["100", "200", "300"]
+    assert all(e["type"] == "meter_values.received" for e in events)
+    assert len({d["event_id"] for d in await history(csms, meters["id"])}) == 3
+    assert await history(csms, everything["id"]) != []  # boot events; no meter values among them
+    assert all(d["event_type"] != "meter_values.received" for d in await history(csms, everything["id"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_receiver_that_never_answers_does_not_slow_ocpp(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    receiver.hang = True
+    station = await booted(csms, "CP-1")
+    await core_store(csms).put_id_tag("TAG-1")
+    plugin_of(csms).dispatcher.poke()
+    await within(receiver.arrived.get())  # the POST is in flight and will not be answered
+    for _ in range(20):
+        assert "currentTime" in await within(station.call("Heartbeat", {}), 2)
+    csms.clock.advance(10)  # request_timeout
+    await drain(csms)
+    [timed_out] = await history(csms, subscription["id"])
+    assert timed_out["state"] == "pending" and "no answer within 10 s" in timed_out["last_error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscription_api_validation_and_secrecy(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    cases = [({"url": receiver.url, "event_types": ["no.such_type"]}, "unknown_event_type"),
+             ({"url": receiver.url, "event_types": ["*"], "secret": "short"}, "validation_failed"),
+             ({"url": receiver.url, "event_types": []}, "validation_failed")]
+    for body, code in cases:
+        status, answer, _ = await csms.api("POST", "/webhooks", json=body)
+        assert (status, error_of(answer)) == (422, code), body
+    created = await subscribe(csms, receiver.url)
+    assert len(created["secret"]) >= 32
+    status, listed, _ = await csms.api("GET", "/webhooks")
+    assert listed["total"] == 1 and "secret" not in listed["items"][0]
+    status, one, _ = await csms.api("GET", f"/webhooks/{created['id']}")
+    assert status == 200 and "secret" not in one and one["event_types"] == ["*"]
+    for method, path in (("GET", "/webhooks/999"), ("DELETE", "/webhooks/999"), ("POST", "/webhooks/999/test"),
+                         ("GET", "/webhooks/999/deliveries"), ("GET", "/webhooks/abc")):
+        status, answer, _ = await csms.api(method, path)
+        assert (status, error_of(answer)) == (404, "webhook_not_found"), path
+    status, types, _ = await csms.api("GET", "/webhook-event-types")
+    names = {t["name"]: t for t in types["items"]}
+    assert {"station.connected", "transaction.stopped", "meter_values.received"} <= set(names)
+    assert names["meter_values.received"]["opt_in"] is True
+    status, _, _ = await csms.api("DELETE", f"/webhooks/{created['id']}")
+    assert status == 204
+    assert csms.app.outbox.wanted("transaction.started") is False
+
+
+def test_bad_allowed_network_stops_start_up():
+    from csms.app import CentralSystem
+    from csms.config import ConfigError, load_config
+
+    config = load_config(text="[plugins]\nenabled = core, webhooks\n[plugin:webhooks]\n"
+                              "allow_private_networks = 127.0.0.0/8, localhost\n")
+    config.database.url = "sqlite:///:memory:"
+    with pytest.raises(ConfigError, match="'localhost' is not an IP address or network"):
+        CentralSystem(config)
+
+
+def test_address_policy():
+    policy = AddressPolicy()
+    assert policy.refusal("93.184.216.34") is None
+    assert policy.refusal("2606:2800:220:1:248:1893:25c8:1946") is None
+    assert policy.refusal("127.0.0.1") == "loopback"
+    assert policy.refusal("::ffff:10.0.0.1") == "private"
+    assert policy.refusal("fe80::1") == "link-local"
+    assert policy.refusal("100.64.0.1") is not None  # carrier-grade NAT: not public
+
+
+def test_outbox_registry_and_writer():
+    from csms.outbox import Outbox, UnknownEventType
+
+    outbox = Outbox()
+    outbox.register("acme.rebooted", "An ACME module rebooted.", {"module": 3}, owner="acme")
+    with pytest.raises(ValueError, match="already registered by acme"):
+        outbox.register("acme.rebooted", "again")
+    with pytest.raises(ValueError, match="dotted lower-case"):
+        outbox.register("AcmeRebooted", "not a name")
+    outbox.add(None, "never.registered", {})  # no writer attached: nothing to check, nothing written
+    written = []
+    outbox.attach(lambda conn, event_type, data: written.append((conn, event_type, data)))
+    outbox.add("conn", "acme.rebooted", {"module": 1})  # nobody wants it yet
+    outbox.want({"acme.rebooted"})
+    outbox.add("conn", "acme.rebooted", {"module": 2})
+    assert written == [("conn", "acme.rebooted", {"module": 2})]
+    with pytest.raises(UnknownEventType):
+        outbox.add("conn", "acme.rebootd", {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_backoff_doubles_up_to_the_maximum_with_jitter_from_the_injected_random(csms_factory):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    dispatcher = plugin_of(csms).dispatcher
+
+    class Fixed:
+        def __init__(self, value):
+            self.value = value
+
+        def random(self):
+            return self.value
+    dispatcher.random = Fixed(0.0)
+    assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
+    dispatcher.random = Fixed(1.0)
+    assert [dispatcher.backoff(attempt) for attempt in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+@pytest_twisted.ensureDeferred
+async def test_firmware_and_diagnostics_status_events(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["firmware.status", "diagnostics.status"])
+    station = await booted(csms, "CP-1")
+    assert await station.call("FirmwareStatusNotification", {"status": "Downloading"}) == {}
+    assert await station.call("DiagnosticsStatusNotification", {"status": "Uploading"}) == {}
+    await drain(csms)
+    events = {event["type"]: event["data"] for event in receiver.events()}
+    assert events["firmware.status"]["status"] == "Downloading" and events["firmware.status"]["station_id"] == "CP-1"
+    assert events["diagnostics.status"]["status"] == "Uploading"
