@@ -1,5 +1,5 @@
 """The security plugin's tables (all prefixed ``security_``)."""
-from sqlalchemy import Boolean, Column, DateTime, Index, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, DateTime, Index, MetaData, SmallInteger, String, Table, Text
 
 from csms.db import BIG_KEY
 
@@ -60,8 +60,9 @@ security_events = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("security_events_station_time", "station_id", "timestamp"),
     Index("security_events_time", "timestamp"),
+)
 
-from sqlalchemy import Column, DateTime, SmallInteger, String, Table  # noqa: E402
+# -- security profiles (docs/security.md, "Security profiles") -----------------------------------------
 
 #: Security profiles (OCPP 1.6 Security whitepaper §2): the lowest one each station may connect at (the
 #: highest it has connected at, or what an operator set; TC_083), and the one of its latest connection.
