@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 
 from csms.config import ConfigError, display_url, load_config, validate
 from csms.service import DEFAULT_CONFIG, config_path, describe
@@ -226,7 +228,7 @@ def revision_command(args, config) -> int:
     from alembic import command
     from sqlalchemy import create_engine
 
-    from csms.migrations import next_revision_id
+    from csms.migrations import EXPRESSION_INDEX_WARNING, next_revision_id
 
     (history,) = chosen_histories(args, config)
     if history.directory is None:
@@ -236,7 +238,8 @@ def revision_command(args, config) -> int:
     revision_id = next_revision_id(history)
     engine = create_engine(args.against or "sqlite://")
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, warnings.catch_warnings(record=True) as said:
+            warnings.filterwarnings("always", message=EXPRESSION_INDEX_WARNING)
             scratch = conn.begin()
             try:
                 if history.has_revisions:
@@ -247,6 +250,10 @@ def revision_command(args, config) -> int:
                 scratch.rollback()
     finally:
         engine.dispose()
+    skipped = sorted({m.group(1) for w in said if (m := re.search(r"index '([^']+)'", str(w.message)))})
+    if skipped:
+        print(f"csms-admin: SQLite cannot compare expression-based indexes ({', '.join(skipped)}): write changes "
+              "to them by hand, or autogenerate --against an empty PostgreSQL database", file=sys.stderr)
     print(script.path)
     return 0
 

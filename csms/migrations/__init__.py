@@ -12,6 +12,7 @@ revision yet gets its tables from its MetaData (``create_all``), as every plugin
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -76,7 +77,8 @@ class History:
 
     def config(self, connection=None) -> Config:
         """An Alembic config for this history; ``connection`` is the one env.py migrates."""
-        config = Config()
+        # quiet: Alembic's own progress lines would mix with what csms-admin prints.
+        config = Config(cmd_opts=argparse.Namespace(quiet=True))
         config.set_main_option("script_location", ENVIRONMENT_DIR.replace("%", "%%"))
         config.set_main_option("path_separator", "os")
         config.set_main_option("version_locations", (self.directory or "").replace("%", "%%"))
@@ -302,13 +304,17 @@ def widen_integer_columns(conn, history: History) -> list[str]:
     return widened
 
 
+#: What Alembic and SQLAlchemy say about each expression-based index on SQLite, which cannot reflect them.
+EXPRESSION_INDEX_WARNING = ".*expression-based index"
+
+
 def differences(conn, history: History, widen: bool = True) -> list:
     """What Alembic's autogenerate finds between the database and the history's MetaData (empty: they match)."""
     context = MigrationContext.configure(conn, opts=context_options(history, conn.dialect.name))
     with warnings.catch_warnings():
         # SQLite cannot reflect expression-based indexes: Alembic skips them there, saying so each time
         # (PostgreSQL compares them; the test suite runs on both).
-        warnings.filterwarnings("ignore", message=".*expression-based index")
+        warnings.filterwarnings("ignore", message=EXPRESSION_INDEX_WARNING)
         diffs = compare_metadata(context, history.metadata)
     if widen and conn.dialect.name == "sqlite":
         diffs = [d for d in diffs if not (isinstance(d, list) and all(_int_to_bigint(c) for c in d))]
