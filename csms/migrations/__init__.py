@@ -248,13 +248,15 @@ def upgrade(conn, found: Status) -> str:
     heads = ", ".join(found.heads)
     if not found.unversioned_tables:
         return f"{history.name}: upgraded from {', '.join(found.current) or 'an empty schema'} to {heads}"
-    widened = widen_integer_columns(conn, history)
+    repaired = widen_integer_columns(conn, history)
+    if found.heads == (baseline,):
+        repaired += create_missing(conn, history)
     left = differences(conn, history)
     if left:
         raise SchemaError(f"the {history.name} tables made before migrations differ from its baseline {baseline}: "
                           f"{describe_differences(left)}; upgrade them by hand or start from a new database")
     return (f"{history.name}: tables made before migrations adopted as {baseline}"
-            + (f" (widened to BIGINT: {', '.join(widened)})" if widened else "") + f", upgraded to {heads}")
+            + (f" (repaired: {', '.join(repaired)})" if repaired else "") + f", upgraded to {heads}")
 
 
 def adopt(conn, history: History) -> str:
@@ -306,6 +308,31 @@ def widen_integer_columns(conn, history: History) -> list[str]:
 
 #: What Alembic and SQLAlchemy say about each expression-based index on SQLite, which cannot reflect them.
 EXPRESSION_INDEX_WARNING = ".*expression-based index"
+
+
+def create_missing(conn, history: History) -> list[str]:
+    """The tables and indexes of the baseline that a database made before migrations lacks, created as an
+    older release's start-up would have (``create_all`` made missing tables, never an index of an existing
+    table). Only while the baseline is the head: the MetaData is then the baseline's schema. A unique index
+    that the rows already break fails, and with it the whole adoption."""
+    created = []
+    for change in _column_changes(differences(conn, history)):
+        if change[0] == "add_table":
+            # The MetaData's own table, with its indexes (the comparison hands over a copy without them).
+            history.metadata.tables[change[1].name].create(conn)
+            created.append(change[1].name)
+        elif change[0] == "add_index" and change[1].table.name not in created:
+            change[1].create(conn)
+            created.append(change[1].name)
+    if conn.dialect.name == "sqlite":
+        # SQLite cannot reflect expression-based indexes, so the comparison does not see them: look them up.
+        present = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'").scalars())
+        for table in history.metadata.tables.values():
+            for index in table.indexes:
+                if index.name not in present and table.name not in created:
+                    index.create(conn)
+                    created.append(index.name)
+    return created
 
 
 def differences(conn, history: History, widen: bool = True) -> list:
