@@ -78,6 +78,7 @@ class CentralSystem:
         self.outbound_actions: dict[str, str] = self.actions.outbound
         #: Added inbound action -> ``csms_handle_call`` of the plugins declaring it, and of no other.
         self._added_callers = {action: self._owners_handle_call(action) for action in self.actions.added_inbound()}
+        self._histories = None
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
 
@@ -93,7 +94,9 @@ class CentralSystem:
         """The migration histories of the framework and of every enabled plugin (see :mod:`csms.migrations`)."""
         from csms.migrations import histories
 
-        return histories(self.pm)
+        if self._histories is None:
+            self._histories = histories(self.pm)
+        return self._histories
 
     @defer.inlineCallbacks
     def start(self):

@@ -337,3 +337,15 @@ def test_framework_versions_are_packaged_beside_the_environment():
 def test_schema_error_is_one_line():
     assert "\n" not in str(SchemaError("x"))
 
+
+
+def test_every_builtin_history_is_package_data():
+    """A wheel holds only the package data setup.cfg names: a history left out would be missing once installed."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+    package_data = setup["options.package_data"]
+    assert "versions/*.py" in package_data["csms.migrations"] and "script.py.mako" in package_data["csms.migrations"]
+    for history in builtin_histories()[1:]:
+        assert package_data.get(f"csms_plugins.{history.name}", "").strip() == "migrations/*.py", history.name

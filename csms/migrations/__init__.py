@@ -232,9 +232,12 @@ def prepare_schema(conn, histories_: list[History], auto_upgrade: bool) -> list[
     for found_status in found:
         history = found_status.history
         if found_status.state == "unmigrated":
-            if history.metadata.tables:
+            existing = set(inspect(conn).get_table_names())
+            missing = [name for name in history.metadata.tables if name not in existing]
+            if missing:
                 history.metadata.create_all(conn)
-                done.append(f"{history.name}: ships no migrations; its missing tables were created from its MetaData")
+                done.append(f"{history.name}: ships no migrations; tables {', '.join(sorted(missing))} "
+                            "created from its MetaData")
         elif found_status.state == "behind":
             done.append(upgrade(conn, found_status))
     return done
