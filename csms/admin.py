@@ -175,11 +175,14 @@ def db_command(args) -> int:
 
     from csms.migrations import SchemaError, prepare_schema, statuses
 
-    if args.action == "revision":
+    if args.action in ("revision", "history"):
         config, _ = _config(args)
+        # Neither reads the server's database: the Central System built to find the plugins' histories
+        # gets one that leaves nothing behind (a SQLite file's directory would be created).
+        config.database.url = "sqlite://"
+    if args.action == "revision":
         return revision_command(args, config)
     if args.action == "history":
-        config, _ = _config(args)
         for history in chosen_histories(args, config):
             print_history(history)
         return 0

@@ -48,7 +48,8 @@ class History:
     metadata: MetaData
     #: The versions directory, or None for a plugin that ships no migrations.
     directory: str | None
-    #: Names of the other plugins installed or loaded, to tell whose a table is (see csms.plugins.table_owner).
+    #: Names of the other plugins loaded, to tell whose a table is (see csms.plugins.table_owner); the
+    #: installed ones count too.
     plugin_names: frozenset = field(default_factory=frozenset)
 
     @property
@@ -70,7 +71,7 @@ class History:
 
         if table_name.endswith(VERSION_TABLE_SUFFIX):
             return False
-        return table_owner(table_name, self.plugin_names | {self.name}) == self.name
+        return table_owner(table_name, self.plugin_names | _installed_plugin_names() | {self.name}) == self.name
 
     def script(self) -> ScriptDirectory:
         return _script_directory(self.directory, tuple(self.revision_files()))
@@ -92,6 +93,15 @@ class History:
 def _script_directory(directory: str, _files: tuple) -> ScriptDirectory:
     # Parsed once per set of revision files (a new migration file makes a new one).
     return ScriptDirectory(ENVIRONMENT_DIR, version_locations=[directory])
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_plugin_names() -> frozenset:
+    # Read once: scanning every installed distribution's entry points costs tens of milliseconds, and
+    # the CSMS starts once per test in the suite.
+    from csms.plugins import available_plugins
+
+    return frozenset(available_plugins())
 
 
 def plugin_migrations(plugin) -> str | None:
@@ -116,10 +126,10 @@ def framework_history(plugin_names=frozenset()) -> History:
 
 def histories(pm) -> list[History]:
     """The framework's history, then each loaded plugin's that has tables or migrations, in loading order."""
-    from csms.plugins import available_plugins, loaded_plugins
+    from csms.plugins import loaded_plugins
 
     plugins = loaded_plugins(pm)
-    names = frozenset(available_plugins()) | {plugin.name for plugin in plugins}
+    names = frozenset(plugin.name for plugin in plugins)
     tables = {impl.plugin_name: impl.function() for impl in pm.hook.csms_tables.get_hookimpls()}
     out = [framework_history(names)]
     for plugin in plugins:
