@@ -142,6 +142,8 @@ max_connections = 0
 max_connections_per_address = 0
 [database]
 url = {db_url}
+# A fresh database each run: start-up migrates it.
+auto_upgrade = true
 [api]
 endpoint = tcp:{api_port}:interface=127.0.0.1
 tokens = {token}

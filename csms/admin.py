@@ -1,8 +1,12 @@
-"""``csms-admin``: operator tasks from the command line (API tokens).
+"""``csms-admin``: operator tasks from the command line (API tokens, schema migrations).
 
     csms-admin token create --name billing --scope read   # prints a new token once
     csms-admin token list
     csms-admin token revoke 3
+    csms-admin db upgrade                        # every enabled plugin's schema to its head
+    csms-admin db current                        # where each migration history stands
+    csms-admin db history [--plugin core]
+    csms-admin db revision --plugin acmehub -m "hello firmware version" --autogenerate
 
 It reads the server's configuration the way ``twistd csms`` does (``--config``, else etc/csms.ini when
 it exists) and says which database it opened. It creates no database: a token written to a database
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 
 from csms.config import ConfigError, display_url, load_config, validate
 from csms.service import DEFAULT_CONFIG, config_path, describe
@@ -26,14 +32,22 @@ class AdminError(Exception):
     """The command cannot go on; ``str()`` says why, in one line."""
 
 
-def _database_url(args) -> tuple[str, str | None]:
-    """(database URL, config file read or None) as the server would have them."""
+def _config(args):
+    """(config, config file read or None) as the server would have them."""
     path = config_path(args.config)
     config = load_config(path)
     if args.database:
         config.database.url = args.database
         validate(config)
-    return config.database.url, path
+    return config, path
+
+
+def schema_histories(config) -> list:
+    """The migration histories of the plugins ``config`` enables, found as the server finds them (each
+    plugin configured first: a plugin may build its tables then)."""
+    from csms.app import CentralSystem
+
+    return CentralSystem(config).histories()
 
 
 def _sqlite_file(url) -> str | None:
@@ -50,23 +64,40 @@ def _sqlite_file(url) -> str | None:
     return os.path.abspath(database)
 
 
-def open_database(args):
-    """An engine on the server's database, with the framework tables; says which one on stderr."""
+class Opened:
+    """The server's database as csms-admin opened it."""
+
+    def __init__(self, engine, where: str, config, is_csms_database: bool):
+        self.engine = engine
+        self.where = where
+        self.config = config
+        self.is_csms_database = is_csms_database
+
+
+def open_database(args, create: bool | None = None, migrate: bool = True) -> Opened:
+    """The server's database, says which one on stderr.
+
+    ``create``: a database without CSMS tables (a SQLite file that does not exist) is accepted
+    (default: ``--create``). ``migrate``: its schema is brought to its head when it has none yet, and
+    must be current otherwise (the token commands); ``db`` commands pass False and do their own.
+    """
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
-    from csms.stations import metadata
+    from csms.migrations import SchemaError, framework_history, pending, prepare_schema
 
-    url, config_file = _database_url(args)
-    parsed = make_url(url)
+    create = args.create if create is None else create
+    config, config_file = _config(args)
+    parsed = make_url(config.database.url)
     sqlite_file = _sqlite_file(parsed)
     if sqlite_file is not None:
-        url = parsed.set(database=sqlite_file)
+        parsed = parsed.set(database=sqlite_file)
         where = f"sqlite:///{sqlite_file}"
     else:
-        where = display_url(url)
+        where = display_url(config.database.url)
+    # The server's plugins find the database by this URL too (an absolute SQLite path).
+    config.database.url = parsed.render_as_string(hide_password=False)
     if args.database:
         read_from = "given with --database"
     elif config_file:
@@ -74,27 +105,162 @@ def open_database(args):
     else:
         read_from = f"the built-in default: no {DEFAULT_CONFIG} here"
     if sqlite_file is not None and not os.path.exists(sqlite_file):
-        if not args.create:
+        if not create:
             raise AdminError(f"database {where} does not exist ({read_from}); give the server's database "
                              "with --config or --database, or pass --create to create it")
         os.makedirs(os.path.dirname(sqlite_file), exist_ok=True)
-    engine = create_engine(url)
+    engine = create_engine(parsed)
     try:
         with engine.connect() as conn:
             is_csms_database = inspect(conn).has_table(MARKER_TABLE)
-        if not is_csms_database and not args.create:
+        if not is_csms_database and not create:
             raise AdminError(f"database {where} holds no CSMS tables ({read_from}); give the server's database "
                              "with --config or --database, or pass --create to create them")
-        metadata.create_all(engine)
+        if migrate and not is_csms_database:
+            with engine.begin() as conn:
+                prepare_schema(conn, schema_histories(config), auto_upgrade=True)
+        elif migrate:
+            with engine.connect() as conn:
+                if pending(conn, [framework_history()]):
+                    raise AdminError(f"database {where}: its schema is behind this code: run `csms-admin db upgrade`")
+    except SchemaError as exc:
+        engine.dispose()
+        raise AdminError(f"database {where}: {exc}") from None
     except SQLAlchemyError as exc:
         engine.dispose()
         raise AdminError(f"database {where}: {describe(exc)}") from None
     except AdminError:
         engine.dispose()
         raise
-    created = "" if is_csms_database else ", created now"
+    created = "" if is_csms_database or not migrate else ", created now"
     print(f"csms-admin: database {where} ({read_from}{created})", file=sys.stderr)
-    return engine
+    return Opened(engine, where, config, is_csms_database)
+
+
+def token_command(args, opened: Opened) -> int:
+    from csms.api import tokens
+
+    with opened.engine.begin() as conn:
+        if args.action == "create":
+            token_id, value = tokens.create_token_thd(conn, args.name, args.scope)
+            print(value)
+            print(f"token {token_id} ({args.name}, scope {args.scope}) created; it is not shown again",
+                  file=sys.stderr)
+        elif args.action == "list":
+            for row in tokens.list_tokens_thd(conn):
+                state = "revoked" if row["revoked"] else "active"
+                created = f"{row['created_at']:%Y-%m-%dT%H:%M:%SZ}"
+                print(f"{row['id']}\t{row['name']}\t{row['scope']}\t{created}\t{state}")
+        elif args.action == "revoke":
+            if not tokens.revoke_token_thd(conn, args.id):
+                print(f"csms-admin: no token {args.id}", file=sys.stderr)
+                return 1
+            print(f"token {args.id} revoked", file=sys.stderr)
+    return 0
+
+
+def chosen_histories(args, config) -> list:
+    found = schema_histories(config)
+    plugin = getattr(args, "plugin", None)
+    if plugin is None:
+        return found
+    chosen = [history for history in found if history.name == plugin]
+    if not chosen:
+        names = ", ".join(history.name for history in found)
+        raise AdminError(f"no migration history {plugin!r} among the enabled plugins' ({names})")
+    return chosen
+
+
+def db_command(args) -> int:
+    """``db upgrade|current|history|revision``: see docs/migrations.md."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from csms.migrations import SchemaError, prepare_schema, statuses
+
+    if args.action in ("revision", "history"):
+        config, _ = _config(args)
+        # Neither reads the server's database: the Central System built to find the plugins' histories
+        # gets one that leaves nothing behind (a SQLite file's directory would be created).
+        config.database.url = "sqlite://"
+    if args.action == "revision":
+        return revision_command(args, config)
+    if args.action == "history":
+        for history in chosen_histories(args, config):
+            print_history(history)
+        return 0
+    opened = open_database(args, create=args.action == "upgrade", migrate=False)
+    try:
+        histories = chosen_histories(args, opened.config)
+        if args.action == "upgrade":
+            with opened.engine.begin() as conn:
+                done = prepare_schema(conn, histories, auto_upgrade=True)
+            for line in done:
+                print(line)
+            print(f"schema current: {', '.join(h.name for h in histories)}", file=sys.stderr)
+        else:
+            with opened.engine.connect() as conn:
+                found = statuses(conn, histories)
+            for one in found:
+                at = ", ".join(one.current) or ("(tables made before migrations)" if one.unversioned_tables else "-")
+                print(f"{one.history.name}\t{at}\t{one.state}")
+    except SchemaError as exc:
+        raise AdminError(f"database {opened.where}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise AdminError(f"database {opened.where}: {describe(exc)}") from None
+    finally:
+        opened.engine.dispose()
+    return 0
+
+
+def print_history(history) -> None:
+    if not history.has_revisions:
+        print(f"{history.name}: no migrations (tables made from its MetaData)")
+        return
+    script = history.script()
+    for revision in reversed(list(script.walk_revisions())):
+        head = " (head)" if revision.is_head else ""
+        print(f"{history.name}\t{revision.revision}{head}\t{revision.doc}")
+
+
+def revision_command(args, config) -> int:
+    """Write the next migration of one plugin's history into its versions directory.
+
+    With ``--autogenerate`` the change is what Alembic finds between the plugin's MetaData and the schema
+    its migrations make, on a scratch in-memory SQLite database, or on the database ``--against`` names
+    (SQLite cannot reflect expression-based indexes; PostgreSQL can), where everything done is rolled
+    back. The operations come out in batch mode, which SQLite needs and PostgreSQL runs as plain ALTERs.
+    """
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from csms.migrations import EXPRESSION_INDEX_WARNING, next_revision_id
+
+    (history,) = chosen_histories(args, config)
+    if history.directory is None:
+        raise AdminError(f"plugin {history.name} names no versions directory: give it a `migrations` attribute "
+                         "(docs/hooks.md)")
+    os.makedirs(history.directory, exist_ok=True)
+    revision_id = next_revision_id(history)
+    engine = create_engine(args.against or "sqlite://")
+    try:
+        with engine.connect() as conn, warnings.catch_warnings(record=True) as said:
+            warnings.filterwarnings("always", message=EXPRESSION_INDEX_WARNING)
+            scratch = conn.begin()
+            try:
+                if history.has_revisions:
+                    command.upgrade(history.config(conn), "heads")
+                script = command.revision(history.config(conn), message=args.message,
+                                          autogenerate=args.autogenerate, rev_id=revision_id)
+            finally:
+                scratch.rollback()
+    finally:
+        engine.dispose()
+    skipped = sorted({m.group(1) for w in said if (m := re.search(r"index '([^']+)'", str(w.message)))})
+    if skipped:
+        print(f"csms-admin: SQLite cannot compare expression-based indexes ({', '.join(skipped)}): write changes "
+              "to them by hand, or autogenerate --against an empty PostgreSQL database", file=sys.stderr)
+    print(script.path)
+    return 0
 
 
 def tokens_scopes():
@@ -117,38 +283,36 @@ def main(argv=None) -> int:
     token.add_parser("list", help="list tokens (never their values)")
     revoke = token.add_parser("revoke", help="revoke a token by id")
     revoke.add_argument("id", type=int)
+    db = sub.add_parser("db", help="schema migrations (docs/migrations.md)").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="bring every enabled plugin's schema to its head (creates the database)")
+    db.add_parser("current", help="where each enabled plugin's schema stands")
+    history = db.add_parser("history", help="the migrations of every enabled plugin, or of one")
+    history.add_argument("--plugin", help="one plugin's (or csms, the framework's)")
+    revision = db.add_parser("revision", help="write a plugin's next migration into its versions directory")
+    revision.add_argument("--plugin", required=True, help="whose migration (csms: the framework's)")
+    revision.add_argument("-m", "--message", required=True, help="what it changes")
+    revision.add_argument("--autogenerate", action="store_true",
+                          help="fill it with what the plugin's tables changed since its last migration")
+    revision.add_argument("--against", metavar="URL",
+                          help="autogenerate on this database (rolled back) instead of an in-memory SQLite one")
     args = parser.parse_args(argv)
 
-    from csms.api import tokens
+    from csms.plugins import PluginError
 
     try:
-        engine = open_database(args)
-    except ConfigError as exc:
+        if args.command == "db":
+            return db_command(args)
+        opened = open_database(args)
+    except (ConfigError, PluginError) as exc:
         print(f"csms-admin: {exc}", file=sys.stderr)
         return 2
     except AdminError as exc:
         print(f"csms-admin: {exc}", file=sys.stderr)
         return 1
     try:
-        with engine.begin() as conn:
-            if args.action == "create":
-                token_id, value = tokens.create_token_thd(conn, args.name, args.scope)
-                print(value)
-                print(f"token {token_id} ({args.name}, scope {args.scope}) created; it is not shown again",
-                      file=sys.stderr)
-            elif args.action == "list":
-                for row in tokens.list_tokens_thd(conn):
-                    state = "revoked" if row["revoked"] else "active"
-                    created = f"{row['created_at']:%Y-%m-%dT%H:%M:%SZ}"
-                    print(f"{row['id']}\t{row['name']}\t{row['scope']}\t{created}\t{state}")
-            elif args.action == "revoke":
-                if not tokens.revoke_token_thd(conn, args.id):
-                    print(f"csms-admin: no token {args.id}", file=sys.stderr)
-                    return 1
-                print(f"token {args.id} revoked", file=sys.stderr)
+        return token_command(args, opened)
     finally:
-        engine.dispose()
-    return 0
+        opened.engine.dispose()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from csms.plugins import check_settings, check_table_names, loaded_plugins, make
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
 from csms.stations import StationStore
-from csms.stations import metadata as framework_metadata
 
 log = Logger(namespace="csms.app")
 
@@ -95,6 +94,7 @@ class CentralSystem:
         #: The checks /readyz runs; see :meth:`add_readiness_check`.
         self.readiness = Readiness(self.clock, config.metrics.readiness_timeout)
         self.add_readiness_check("database", database_check(self.db))
+        self._histories = None
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
 
@@ -111,27 +111,49 @@ class CentralSystem:
 
     def all_metadata(self) -> list:
         from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
+        return [history.metadata for history in self.histories()]
 
-        return [framework_metadata] + [m for m in self.hook.csms_tables() if m is not None]
+    def histories(self) -> list:
+        """The migration histories of the framework and of every enabled plugin (see :mod:`csms.migrations`)."""
+        from csms.migrations import histories
+
+        if self._histories is None:
+            self._histories = histories(self.pm)
+        return self._histories
 
     @defer.inlineCallbacks
     def start(self):
-        """Start the database pool and create every enabled plugin's tables."""
+        """Start the database pool and bring every enabled plugin's schema to its head (or refuse to)."""
         self.db.start()
         # Compile every OCPP schema once, off the reactor thread, before the first station arrives.
         yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.schemas.compile_all)
-        yield self.db.run(self.create_tables, desc="create_tables")
+        histories = self.histories()
+        done = yield self.db.run(self.prepare_schema, histories, desc="prepare_schema")
+        self._log_schema_changes(done)
 
     def start_blocking(self) -> None:
         """:meth:`start` on the calling thread, for ``twistd csms``: it starts services before the
         reactor runs, and only a failure raised then gives the process a non-zero exit status."""
         self.db.start()
         self.schemas.compile_all()
-        self.db.run_sync(self.create_tables)
+        self._log_schema_changes(self.db.run_sync(self.prepare_schema, self.histories()))
 
-    def create_tables(self, conn) -> None:
-        for metadata in self.all_metadata():
-            metadata.create_all(conn)
+    def prepare_schema(self, conn, histories) -> list:
+        from csms.migrations import prepare_schema
+
+        return prepare_schema(conn, histories, self.config.database.auto_upgrade)
+
+    @staticmethod
+    def _log_schema_changes(done: list) -> None:
+        for line in done:
+            log.info("Schema: {change}", change=line)
+
+    def schema_is_current(self) -> defer.Deferred:
+        """Fires True when every enabled plugin's schema (and the framework's) is at its head: for readiness."""
+        from csms.migrations import pending
+
+        histories = self.histories()
+        return self.db.run(pending, histories, desc="schema_pending").addCallback(lambda behind: not behind)
 
     def services(self) -> list:
         out = []

@@ -53,6 +53,8 @@ class DatabaseConfig:
     url: str = "sqlite:///var/csms.sqlite"
     pool_size: int = 4
     sqlite_synchronous: str = "FULL"
+    #: Apply pending schema migrations at start-up instead of refusing to start (see docs/migrations.md).
+    auto_upgrade: bool = False
 
 
 @dataclass

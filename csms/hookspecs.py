@@ -36,7 +36,8 @@ def csms_configure(app):
 def csms_tables():
     """Return the SQLAlchemy ``MetaData`` holding this plugin's tables (names prefixed with the plugin).
 
-    The framework creates them at start-up; a disabled plugin's tables are never created.
+    The plugin's migrations make them (its ``migrations`` attribute, docs/migrations.md); one that ships
+    none gets them from this MetaData. A disabled plugin's tables are never created.
     """
 
 

@@ -53,6 +53,9 @@ def check_plugin(plugin) -> None:
         raise PluginError(f"plugin {plugin.name!r} lists actions OCPP 1.6 does not have: {unknown}")
     declared_settings(plugin)
     shared_actions(plugin)
+    from csms.migrations import plugin_migrations
+
+    plugin_migrations(plugin)
 
 
 def shared_actions(plugin) -> frozenset:

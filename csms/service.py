@@ -56,6 +56,7 @@ def describe(exc: BaseException) -> str:
     """One line for an operator: what went wrong, without a traceback."""
     from twisted.internet.error import CannotListenError
 
+    from csms.migrations import SchemaError
     from csms.plugins import PluginError
 
     if isinstance(exc, CannotListenError):
@@ -68,7 +69,7 @@ def describe(exc: BaseException) -> str:
         return f"{exc.filename}: {reason}" if exc.filename else reason
     if isinstance(exc, OverflowError):  # bind() with a port outside 0-65535
         return first_line(str(exc).replace("bind(): ", "")).rstrip(".")
-    if isinstance(exc, (ConfigError, PluginError, StartupError)):
+    if isinstance(exc, (ConfigError, PluginError, SchemaError, StartupError)):
         return first_line(exc)
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc) else type(exc).__name__
 

@@ -3,6 +3,7 @@ database it opened, and creates one only when asked (``--create``)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import pytest_twisted
@@ -122,3 +123,108 @@ async def test_token_made_on_the_servers_database_is_accepted_by_the_server(csms
     out, err = capsys.readouterr()
     assert status == 0 and "created now" not in err
     assert (await csms.api("GET", "/stations", token=out.strip()))[0] == 200
+
+
+# -- db: schema migrations -------------------------------------------------------------------------------------
+
+
+def core_only_config(tmp_path, url: str | None = None) -> str:
+    path = tmp_path / "csms.ini"
+    path.write_text(f"[database]\nurl = {url or f'sqlite:///{tmp_path}/csms.sqlite'}\n[plugins]\nenabled = core, reservation\n",
+                    encoding="utf-8")
+    return str(path)
+
+
+def test_db_upgrade_makes_the_schema_and_current_says_where_each_history_stands(tmp_path, capsys):
+    config = core_only_config(tmp_path)
+    status, out, err = admin(capsys, "--config", config, "db", "current")
+    assert status == 1 and "does not exist" in err
+
+    status, out, err = admin(capsys, "--config", config, "db", "upgrade")
+    assert status == 0, err
+    assert out.splitlines() == ["csms: upgraded from an empty schema to csms_0001",
+                                "core: upgraded from an empty schema to core_0001",
+                                "reservation: upgraded from an empty schema to reservation_0001"]
+    assert err.splitlines()[-1] == "schema current: csms, core, reservation"
+
+    status, out, err = admin(capsys, "--config", config, "db", "current")
+    assert status == 0
+    assert out.splitlines() == ["csms\tcsms_0001\tcurrent", "core\tcore_0001\tcurrent",
+                                "reservation\treservation_0001\tcurrent"]
+    status, out, _ = admin(capsys, "--config", config, "db", "upgrade")
+    assert (status, out) == (0, "")  # nothing left to do
+
+
+def test_token_commands_refuse_a_database_behind_the_code(tmp_path, capsys):
+    config = core_only_config(tmp_path)
+    assert admin(capsys, "--config", config, "db", "upgrade")[0] == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "csms.sqlite") as conn:
+        conn.execute("DELETE FROM csms_alembic_version")
+    status, out, err = admin(capsys, "--config", config, "token", "list")
+    assert status == 1
+    assert err.endswith("its schema is behind this code: run `csms-admin db upgrade`\n")
+
+
+def test_db_history_lists_each_plugins_migrations(tmp_path, capsys):
+    status, out, _ = admin(capsys, "--config", core_only_config(tmp_path), "db", "history", "--plugin", "core")
+    assert status == 0
+    assert out.splitlines() == ["core\tcore_0001 (head)\tbaseline: the tables as create_all made them before migrations"]
+    status, _, err = admin(capsys, "--config", core_only_config(tmp_path), "db", "history", "--plugin", "firmware")
+    assert status == 1 and err == ("csms-admin: no migration history 'firmware' among the enabled plugins' "
+                                   "(csms, core, reservation)\n")
+
+
+def test_db_revision_autogenerate_writes_the_plugins_next_migration(tmp_path, capsys, monkeypatch):
+    """A column added to a plugin's table: one command writes the migration, in batch mode, into the
+    plugin's versions directory; upgrading a database with rows in it applies it."""
+    from sqlalchemy import Column, MetaData, String, create_engine, text
+
+    from csms.hookspecs import hookimpl
+    from csms.migrations import differences, histories
+    from csms.plugins import make_plugin_manager
+    from csms_plugins.core.plugin import CorePlugin
+    from csms_plugins.core.tables import metadata as core_metadata
+
+    versions = tmp_path / "core-versions"
+    shutil.copytree(CorePlugin.migrations, versions)
+    changed = MetaData()
+    for table in core_metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["core_id_tags"].append_column(Column("nickname", String(40)))
+
+    @hookimpl
+    def csms_tables(self):
+        return changed
+
+    monkeypatch.setattr(CorePlugin, "migrations", str(versions))
+    monkeypatch.setattr(CorePlugin, "csms_tables", csms_tables)
+    config = core_only_config(tmp_path)
+    assert admin(capsys, "--config", config, "db", "upgrade")[0] == 0  # at core_0001
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "csms.sqlite") as conn:
+        conn.execute("INSERT INTO core_id_tags (id_tag, status, created_at, updated_at) "
+                     "VALUES ('TAG-1', 'Accepted', '2026-01-01', '2026-01-01')")
+
+    status, out, err = admin(capsys, "--config", config, "db", "revision", "--plugin", "core", "-m", "tag nicknames",
+                             "--autogenerate")
+    assert status == 0, err
+    written = versions / "core_0002_tag_nicknames.py"
+    assert out.strip() == str(written)
+    assert err.endswith("csms-admin: SQLite cannot compare expression-based indexes (core_id_tags_id_tag_ci, "
+                        "core_meter_values_sample, core_transactions_id_tag_ci_open): write changes to them by "
+                        "hand, or autogenerate --against an empty PostgreSQL database\n")
+    script = written.read_text()
+    assert "down_revision = 'core_0001'" in script
+    assert "with op.batch_alter_table('core_id_tags'" in script and "add_column(sa.Column('nickname'" in script
+
+    status, out, err = admin(capsys, "--config", config, "db", "upgrade")
+    assert (status, out) == (0, "core: upgraded from core_0001 to core_0002\n"), err
+    engine = create_engine(f"sqlite:///{tmp_path}/csms.sqlite")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id_tag, nickname FROM core_id_tags")).fetchall() == [("TAG-1", None)]
+        (core,) = [h for h in histories(make_plugin_manager(["core"])) if h.name == "core"]
+        assert differences(conn, core) == []
+    engine.dispose()

@@ -79,7 +79,8 @@ def run_twistd(config_file: str, cwd: str, env: dict | None = None) -> TwistdPro
 
 
 def write_config(tmp_path, database_url: str, *, ocpp: str = LOOPBACK, api: str = LOOPBACK,
-                 http: str = LOOPBACK, ftp: str = LOOPBACK, enabled: str = "core, firmware", extra: str = "") -> str:
+                 http: str = LOOPBACK, ftp: str = LOOPBACK, enabled: str = "core, firmware", extra: str = "",
+                 auto_upgrade: bool = True) -> str:
     path = tmp_path / "csms.ini"
     path.write_text(textwrap.dedent(f"""\
         [ocpp]
@@ -88,6 +89,7 @@ def write_config(tmp_path, database_url: str, *, ocpp: str = LOOPBACK, api: str 
         endpoint = {api}
         [database]
         url = {database_url}
+        auto_upgrade = {str(auto_upgrade).lower()}
         [plugins]
         enabled = {enabled}
         [plugin:firmware]
@@ -257,6 +259,34 @@ async def test_wrong_database_password_exits_1_with_one_line(tmp_path, database_
     assert "not-the-password" not in process.stdout + process.stderr
     assert "Traceback" not in process.stdout + process.stderr
     assert "Central System ready" not in process.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_behind_the_code_exits_1_naming_the_command(tmp_path, database_url):
+    from csms.service import display_url
+
+    process = run_twistd(write_config(tmp_path, database_url, auto_upgrade=False), str(tmp_path))
+    await failed_start(process, f"csms: database {display_url(database_url)}: the database schema is behind the "
+                                "code (csms at no schema, code at csms_0001; core at no schema, code at core_0001; "
+                                "firmware at no schema, code at firmware_0001): run `csms-admin db upgrade` with the "
+                                "same config, or set [database] auto_upgrade = true")
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_ahead_of_the_code_exits_1_even_with_auto_upgrade(tmp_path, database_url):
+    from sqlalchemy import create_engine
+
+    from csms.service import display_url
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE core_alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO core_alembic_version VALUES ('core_0999')")
+    engine.dispose()
+    process = run_twistd(write_config(tmp_path, database_url), str(tmp_path))
+    await failed_start(process, f"csms: database {display_url(database_url)}: the database schema is ahead of this "
+                                "code (core at core_0999, code at core_0001): run the CSMS release that upgraded it, "
+                                "or restore a backup taken before")
 
 
 # -- the config cannot be used (before twistd's log begins: the line goes to stderr alone) ----------------

@@ -6,7 +6,10 @@
 * ``csms_factory``: ``await csms_factory(config_text="", extra_plugins=())`` starts a Central System
   listening on ephemeral loopback ports, with a :class:`twisted.internet.task.Clock` for its time.
   Every operator API answer it gives must match the OpenAPI document (a status code the route lists,
-  a body valid for the schema declared for it: :mod:`csms.api.contract`), or the test fails.
+  a body valid for the schema declared for it: :mod:`csms.api.contract`), or the test fails. The
+  schema is made from the plugins' MetaData and stamped at their migrations' heads (one ``create_all``
+  instead of every migration, which tests/test_migrations.py proves equal); ``migrate=True`` leaves the
+  database to the start-up's own migration path.
 * ``csms``: one started with every built-in plugin enabled.
 * ``operator``: plays the operator through the Python API, then (a second run) the HTTP API.
 
@@ -164,6 +167,17 @@ def confine_plugin_settings(config, tmp_path, extra_plugins=()) -> None:
             settings.setdefault(key, str(tmp_path / f"plugin-{name}" / key))
 
 
+def schema_from_metadata(app, reactor):
+    """Fires once every enabled plugin's tables exist, made from its MetaData and stamped at its head."""
+    from twisted.internet import threads
+
+    from csms.migrations import create_from_metadata
+
+    histories = app.histories()
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), app.db.run_sync, create_from_metadata,
+                                     histories)
+
+
 @pytest.fixture
 def csms_factory(database_url, tmp_path):
     """``await csms_factory(config_text="", extra_plugins=(), clock=None, plugins=None)``: a started
@@ -181,7 +195,8 @@ def csms_factory(database_url, tmp_path):
 
     running: list[RunningCSMS] = []
 
-    async def start(config_text: str = "", extra_plugins=(), clock=None, plugins=None) -> RunningCSMS:
+    async def start(config_text: str = "", extra_plugins=(), clock=None, plugins=None,
+                    migrate: bool = False) -> RunningCSMS:
         config = load_config(text=config_text)
         if "[plugins]" not in config_text:
             config.enabled_plugins = list(plugins) if plugins is not None else builtin_plugins()
@@ -194,6 +209,8 @@ def csms_factory(database_url, tmp_path):
             clock = task.Clock()
             clock.advance(time.time())
         service = CSMSService(config, reactor=reactor, clock=clock, extra_plugins=extra_plugins)
+        if not migrate:
+            await schema_from_metadata(service.app, reactor)
         service.startService()
         await service.ready.addTimeout(30, reactor)
         instance = RunningCSMS(service, clock, reactor)

@@ -1,6 +1,8 @@
 """The Core profile (OCPP 1.6 §4-§6): boot, heartbeat, status, authorization, transactions, meter values."""
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -49,6 +51,8 @@ class CorePlugin:
     """Handlers are thin: read the request, call the store, fire the event, build the reply."""
 
     name = "core"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.CORE
     inbound_actions = ocpp16.inbound_of(ocpp16.CORE)
     outbound_actions = ocpp16.outbound_of(ocpp16.CORE)

@@ -106,6 +106,8 @@ class FirmwarePlugin:
     """Handlers are thin: read the request, call the store, build the reply."""
 
     name = "firmware"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.FIRMWARE
     inbound_actions = ocpp16.inbound_of(ocpp16.FIRMWARE)
     outbound_actions = ocpp16.outbound_of(ocpp16.FIRMWARE)

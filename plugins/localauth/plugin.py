@@ -8,6 +8,8 @@ calls endpoint counts exactly like one sent by a sync.
 """
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -60,6 +62,8 @@ def describe_error(exc: Exception) -> str:
 @implementer(ICSMSPlugin)
 class LocalAuthListPlugin:
     name = "localauth"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.LOCAL_AUTH
     inbound_actions = ocpp16.inbound_of(ocpp16.LOCAL_AUTH)
     outbound_actions = ocpp16.outbound_of(ocpp16.LOCAL_AUTH)

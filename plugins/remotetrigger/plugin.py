@@ -6,6 +6,8 @@ the two status notifications), exactly as if the station had sent it unprompted.
 """
 from __future__ import annotations
 
+import os
+
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, insert, select
@@ -62,6 +64,8 @@ class TriggerStore:
 @implementer(ICSMSPlugin)
 class RemoteTriggerPlugin:
     name = "remotetrigger"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.REMOTE_TRIGGER
     inbound_actions = ocpp16.inbound_of(ocpp16.REMOTE_TRIGGER)
     outbound_actions = ocpp16.outbound_of(ocpp16.REMOTE_TRIGGER)

@@ -6,6 +6,8 @@ Talks to the Core plugin only through hooks: ``csms_connector_ids``, ``csms_acti
 """
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -116,6 +118,8 @@ class ReservationPlugin:
     """Records every ReserveNow/CancelReservation answer, however it was sent, and keeps reservations current."""
 
     name = "reservation"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.RESERVATION
     inbound_actions = ocpp16.inbound_of(ocpp16.RESERVATION)
     outbound_actions = ocpp16.outbound_of(ocpp16.RESERVATION)

@@ -5,6 +5,8 @@ and logs); this class only wires them to the framework.
 """
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -29,6 +31,8 @@ OUTBOUND = ("CertificateSigned", "DeleteCertificate", "ExtendedTriggerMessage", 
 @implementer(ICSMSPlugin)
 class SecurityPlugin:
     name = "security"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = None
     inbound_actions = INBOUND
     outbound_actions = OUTBOUND

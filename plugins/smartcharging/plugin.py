@@ -7,6 +7,8 @@ computes the composite schedule a station should apply (:mod:`.composite`).
 """
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -51,6 +53,8 @@ class _KnownProfiles(service.Service):
 @implementer(ICSMSPlugin)
 class SmartChargingPlugin:
     name = "smartcharging"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = ocpp16.SMART_CHARGING
     inbound_actions = ocpp16.inbound_of(ocpp16.SMART_CHARGING)
     outbound_actions = ocpp16.outbound_of(ocpp16.SMART_CHARGING)

@@ -1,6 +1,7 @@
 """The plugin: its actions and their schemas, its table, its routes and its event listener."""
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, delete, insert, select
@@ -23,9 +24,12 @@ hellos = Table(
     "acmehub_hellos", metadata,
     Column("id", BIG_KEY, primary_key=True, autoincrement=True),
     Column("station_id", String(255), nullable=False, index=True),
-    Column("serial_number", String(25), nullable=False),
+    # ACME's second-generation serial numbers are up to 40 characters (migration acmehub_0002).
+    Column("serial_number", String(40), nullable=False),
     Column("module_count", BigInteger, nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    # Sent since firmware 2.0; absent from older stations' hellos (added by migration acmehub_0002).
+    Column("firmware_version", String(50)),
 )
 
 REBOOT = {
@@ -48,7 +52,8 @@ class AcmeStore:
 
     def record_hello(self, station_id: str, payload: dict):
         row = {"station_id": station_id, "serial_number": payload["serialNumber"],
-               "module_count": payload["moduleCount"], "received_at": self.app.now()}
+               "module_count": payload["moduleCount"], "firmware_version": payload.get("firmwareVersion"),
+               "received_at": self.app.now()}
 
         def thd(conn):
             conn.execute(insert(hellos).values(**row))
@@ -56,10 +61,11 @@ class AcmeStore:
 
     def hellos(self, station_id: str):
         def thd(conn):
-            rows = conn.execute(select(hellos.c.serial_number, hellos.c.module_count, hellos.c.received_at)
+            rows = conn.execute(select(hellos.c.serial_number, hellos.c.module_count, hellos.c.firmware_version,
+                                       hellos.c.received_at)
                                 .where(hellos.c.station_id == station_id).order_by(hellos.c.id)).fetchall()
-            return [{"serial_number": serial, "module_count": modules, "received_at": as_utc(at)}
-                    for serial, modules, at in rows]
+            return [{"serial_number": serial, "module_count": modules, "firmware_version": firmware,
+                     "received_at": as_utc(at)} for serial, modules, firmware, at in rows]
         return self.app.db.run(thd, desc="acmehub_hellos")
 
     def forget(self, station_id: str):
@@ -71,6 +77,8 @@ class AcmeStore:
 @implementer(ICSMSPlugin)
 class AcmePlugin:
     name = "acmehub"
+    #: Its own migration history (docs/migrations.md), shipped in the package (see pyproject.toml's package-data).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = None
     settings = ()
     inbound_actions = ("AcmeHello",)
