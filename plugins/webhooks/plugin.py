@@ -1,6 +1,8 @@
 """The webhooks plugin: subscriptions (API), the outbox writer, and the dispatcher service."""
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -26,6 +28,8 @@ class WebhooksPlugin:
     """Outbox events to operators' HTTP receivers; see docs/webhooks.md."""
 
     name = "webhooks"
+    #: Its Alembic migration history (docs/migrations.md).
+    migrations = os.path.join(os.path.dirname(__file__), "migrations")
     profile = None
     inbound_actions = ()
     outbound_actions = ()
