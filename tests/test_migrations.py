@@ -103,7 +103,7 @@ async def refused(csms_factory, **kwargs) -> str:
 @pytest_twisted.ensureDeferred
 async def test_a_fresh_database_is_refused_without_auto_upgrade(csms_factory, engine):
     message = await refused(csms_factory, plugins=["core"])
-    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0001; core at "
+    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0002; core at "
                             "no schema, code at core_0001): run `csms-admin db upgrade` with the same config, or set "
                             "[database] auto_upgrade = true")
     assert table_names(engine) == set()
@@ -161,16 +161,26 @@ async def test_enabling_a_plugin_later_creates_its_tables_and_disabling_leaves_t
 
 
 def create_all_as_before_migrations(conn, histories_, integer_columns: bool = False) -> None:
-    """What every release before migrations made: create_all, no version table; ``integer_columns``: as before
-    issue 12, INTEGER where BIGINT is declared now."""
+    """What every release before migrations made: each history's baseline schema (its first revision, which
+    reproduces it), no version table; ``integer_columns``: as before issue 12, INTEGER where BIGINT is
+    declared now (PostgreSQL; SQLite stores 64 bits either way)."""
+    from alembic import command
+
     for history in histories_:
-        metadata = MetaData()
-        for table in history.metadata.tables.values():
-            copy = table.to_metadata(metadata)
-            for column in copy.columns:
-                if integer_columns and isinstance(column.type, BigInteger):
-                    column.type = Integer()
-        metadata.create_all(conn)
+        if not history.has_revisions:
+            history.metadata.create_all(conn)
+            continue
+        (base,) = history.script().get_bases()
+        command.upgrade(history.config(conn), base)
+        conn.exec_driver_sql(f"DROP TABLE {history.version_table}")
+        if integer_columns and conn.dialect.name == "postgresql":
+            found = inspect(conn)
+            for table in found.get_table_names():
+                if not history.owns(table):
+                    continue
+                for column in found.get_columns(table):
+                    if isinstance(column["type"], BigInteger):
+                        conn.exec_driver_sql(f'ALTER TABLE {table} ALTER COLUMN "{column["name"]}" TYPE INTEGER')
 
 
 @pytest_twisted.ensureDeferred
@@ -179,7 +189,7 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_rows(csms_f
         create_all_as_before_migrations(conn, builtin_histories())
         conn.execute(text("INSERT INTO reservation_id_counter (name, last_id) VALUES ('reservation', 7)"))
     message = await refused(csms_factory, plugins=["core", "reservation"])
-    assert "(csms at tables made before migrations, code at csms_0001; core at tables made" in message
+    assert "(csms at tables made before migrations, code at csms_0002; core at tables made" in message
 
     csms = await csms_factory(AUTO_UPGRADE, migrate=True, plugins=["core", "reservation"])
     assert await csms.app.schema_is_current() is True
