@@ -13,6 +13,15 @@ from csms.admin import main
 from csms.config import DATABASE_URLS
 
 
+def _framework_head() -> str:
+    from csms.migrations import framework_history
+    return framework_history().script().get_current_head()
+
+
+#: The framework history's latest revision (it grows with every framework migration).
+FRAMEWORK_HEAD = _framework_head()
+
+
 def admin(capsys, *argv) -> tuple[int, str, str]:
     """Run ``csms-admin argv``: (exit status, stdout, stderr)."""
     capsys.readouterr()
@@ -142,14 +151,14 @@ def test_db_upgrade_makes_the_schema_and_current_says_where_each_history_stands(
 
     status, out, err = admin(capsys, "--config", config, "db", "upgrade")
     assert status == 0, err
-    assert out.splitlines() == ["csms: upgraded from an empty schema to csms_0001",
+    assert out.splitlines() == [f"csms: upgraded from an empty schema to {FRAMEWORK_HEAD}",
                                 "core: upgraded from an empty schema to core_0001",
                                 "reservation: upgraded from an empty schema to reservation_0001"]
     assert err.splitlines()[-1] == "schema current: csms, core, reservation"
 
     status, out, err = admin(capsys, "--config", config, "db", "current")
     assert status == 0
-    assert out.splitlines() == ["csms\tcsms_0001\tcurrent", "core\tcore_0001\tcurrent",
+    assert out.splitlines() == [f"csms\t{FRAMEWORK_HEAD}\tcurrent", "core\tcore_0001\tcurrent",
                                 "reservation\treservation_0001\tcurrent"]
     status, out, _ = admin(capsys, "--config", config, "db", "upgrade")
     assert (status, out) == (0, "")  # nothing left to do

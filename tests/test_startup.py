@@ -23,6 +23,23 @@ DEADLINE = 60
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
+def head(history: str) -> str:
+    """The latest revision of a built-in migration history."""
+    import os
+
+    from csms.migrations import FRAMEWORK_VERSIONS
+    from csms.migrations import History
+    from sqlalchemy import MetaData
+
+    if history == "csms":
+        directory = FRAMEWORK_VERSIONS
+    else:
+        import importlib
+        directory = os.path.join(os.path.dirname(importlib.import_module(f"csms_plugins.{history}").__file__),
+                                 "migrations")
+    return History(history, MetaData(), directory).script().get_current_head()
+
+
 class TwistdProcess(protocol.ProcessProtocol):
     """One ``twistd csms`` run: its output so far, and ``ended`` (fires with the exit status, or minus
     the signal that ended it)."""
@@ -267,8 +284,8 @@ async def test_database_behind_the_code_exits_1_naming_the_command(tmp_path, dat
 
     process = run_twistd(write_config(tmp_path, database_url, auto_upgrade=False), str(tmp_path))
     await failed_start(process, f"csms: database {display_url(database_url)}: the database schema is behind the "
-                                "code (csms at no schema, code at csms_0001; core at no schema, code at core_0001; "
-                                "firmware at no schema, code at firmware_0001): run `csms-admin db upgrade` with the "
+                                f"code (csms at no schema, code at {head('csms')}; core at no schema, code at {head('core')}; "
+                                f"firmware at no schema, code at {head('firmware')}): run `csms-admin db upgrade` with the "
                                 "same config, or set [database] auto_upgrade = true")
 
 
