@@ -176,8 +176,8 @@ def csms_connector_ids(station_id):
 @hookspec(firstresult=True)
 def csms_stations_with_connectors(status, error):
     """Return (a Deferred of) the ids of the stations having a connector in ``status`` (None: any) that,
-    when ``error`` is true, reports an error code other than NoError (when false, reports none). Stops
-    at first non-None result."""
+    when ``error`` is true, reports an error code other than NoError (when false, reports none).
+    Stops at first non-None result."""
 
 
 @hookspec(firstresult=True)

@@ -289,12 +289,7 @@ class DashboardResource(resource.Resource):
         return Reply(status, page.encode("utf-8"))
 
     def navigation(self) -> list:
-        items = [("Stations", "stations"), ("Transactions", "transactions"), ("Id tags", "id-tags")]
-        if self.has_route("GET", "/reservations"):
-            items.append(("Reservations", "reservations"))
-        if self.has_route("GET", "/firmware-files"):
-            items.append(("Firmware", "firmware"))
-        return items
+        return [("Stations", "stations"), ("Transactions", "transactions"), ("Id tags", "id-tags")]
 
     def error_page(self, session, status: int, message: str) -> Reply:
         ctx = Context(self, None, session, {}, {}) if session is not None else None

@@ -35,7 +35,6 @@
         el.setAttribute("data-status", data.status);
         each(".status", el, function (s) { s.textContent = data.status; });
         each(".error-code", el, function (s) { s.textContent = data.error_code === "NoError" ? "" : data.error_code; });
-        each("td.error-code", el, function (s) { s.textContent = data.error_code; });
         each(".info", el, function (s) { s.textContent = data.info || ""; });
         each(".since", el, function (s) { s.textContent = (data.timestamp || "").replace("T", " ").slice(0, 19); });
         el.classList.add("changed");
@@ -46,7 +45,8 @@
         tr.className = "connector changed";
         tr.setAttribute("data-connector", String(data.connector_id));
         tr.setAttribute("data-status", data.status);
-        [["th", String(data.connector_id)], ["td", data.status, "status"], ["td", data.error_code, "error-code"],
+        [["th", String(data.connector_id)], ["td", data.status, "status"],
+         ["td", data.error_code === "NoError" ? "" : data.error_code, "error-code"],
          ["td", data.info || "", "info"], ["td", (data.timestamp || "").replace("T", " ").slice(0, 19), "since"]]
           .forEach(function (cell) {
             var c = document.createElement(cell[0]);
