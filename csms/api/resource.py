@@ -256,13 +256,20 @@ class ApiResource(resource.Resource):
         scope; ``path`` is relative to /api/v1 (its segments percent-encoded), ``query`` maps names to
         text values, ``body`` is the decoded JSON body (validated here as for an HTTP request). A change
         is audited under the caller's name, as if the caller had sent it to /api/v1. Never raises: every
-        outcome is a :class:`Response` carrying the API's JSON error body.
+        outcome is a :class:`Response` carrying the API's JSON error body. A route taking a raw body
+        (``json_body=False``, an upload) reads ``request``'s own.
         """
         route = None
         params = {}
         try:
             route, raw_params = self.router.match(method, path)
             _authorize(caller, route)
+            limit = route.max_body or self.app.config.api.max_body_size
+            if not route.json_body and (getattr(request, "body_too_large", False) or
+                                        getattr(request, "received_body_size", 0) > limit):
+                # A raw body (an upload) is the request's own: it is as limited as it would be under /api/v1.
+                raise ApiError(413, "body_too_large", f"The request body is larger than {limit} bytes",
+                               {"limit": limit})
             params = _parse_path(route, raw_params)
             args = {name.encode("utf-8"): [str(value).encode("utf-8")] for name, value in (query or {}).items()}
             query = _parse_query(route, args)

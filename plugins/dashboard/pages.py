@@ -163,10 +163,50 @@ async def station(ctx):
     reservations = None
     if resource.has_route("GET", "/stations/{station_id}/reservations"):
         reservations = (await ctx.read(base + "/reservations", {"limit": 10}))["items"]
+    firmware = firmware_files = diagnostics = None
+    if resource.has_route("GET", "/stations/{station_id}/firmware"):
+        firmware = await ctx.read(base + "/firmware")
+        firmware_files = (await ctx.read("/firmware-files", {"limit": 50}))["items"]
+    if resource.has_route("GET", "/stations/{station_id}/diagnostics"):
+        diagnostics = await ctx.read(base + "/diagnostics")
+    smart = await _smart_charging(ctx, base)
     return ctx.render("station.html", station=view, events=events, history=history, configuration=configuration,
                       transactions=transactions, id_tags=id_tags, local_list=local_list, reservations=reservations,
                       can_trigger=resource.has_route("POST", "/stations/{station_id}/trigger"),
-                      trigger_messages=TRIGGER_MESSAGES)
+                      trigger_messages=TRIGGER_MESSAGES, firmware=firmware, firmware_files=firmware_files,
+                      diagnostics=diagnostics, smart=smart,
+                      series_json=json_for_script({"schedule": smart["points"]} if smart else {}))
+
+
+async def _smart_charging(ctx, base: str) -> dict | None:
+    """The station's charging profiles and the composite schedule the CSMS computes, as step points."""
+    if not ctx.resource.has_route("GET", "/stations/{station_id}/composite-schedule/preview"):
+        return None
+    connector = int_or_none(ctx.arg("schedule_connector", "1"), "Connector")
+    connector = 1 if connector is None or connector < 0 else connector
+    profiles = (await ctx.read(base + "/charging-profiles", {"limit": 20}))["items"]
+    status, preview = await ctx.api("GET", base + "/composite-schedule/preview", {"connector_id": connector})
+    points, unit = [], ""
+    if status == 200:
+        points, unit = schedule_points(preview)
+    return {"connector": connector, "profiles": profiles, "points": points, "unit": unit,
+            "problem": None if status == 200 else (preview or {}).get("error", {}).get("message")}
+
+
+def schedule_points(preview: dict) -> tuple[list, str]:
+    """A composite schedule as step-chart points [[iso time, limit]], ending at the window's end."""
+    from datetime import timedelta
+
+    from csms.ocpp16 import parse_datetime
+
+    schedule = preview.get("chargingSchedule") or {}
+    start = parse_datetime(preview["start"])
+    points = [[format_datetime(start + timedelta(seconds=p["startPeriod"])), p["limit"]]
+              for p in schedule.get("chargingSchedulePeriod") or ()]
+    if points:
+        points.append([format_datetime(start + timedelta(seconds=preview.get("duration") or 86400)),
+                       points[-1][1]])
+    return points, preview.get("chargingRateUnit") or schedule.get("chargingRateUnit") or ""
 
 
 def _command_request(ctx, command: str):
@@ -216,6 +256,24 @@ def _command_request(ctx, command: str):
     if command == "cancel-reservation":
         reservation = int_or_none(f("reservation_id"), "Reservation")
         return "Cancel reservation", "POST", f"/reservations/{reservation}/cancel", None
+    if command == "firmware-update":
+        firmware_id = int_or_none(f("firmware_id"), "Firmware file")
+        body = {"firmware_id": firmware_id} if firmware_id is not None else {"location": f("location")}
+        return "Update firmware", "POST", "/firmware-update", body
+    if command == "diagnostics":
+        return "Get diagnostics", "POST", "/diagnostics", {}
+    if command == "charging-profile-set":
+        try:
+            profile = json.loads(f("charging_profile"))
+        except ValueError:
+            raise PageError(400, "The charging profile is not valid JSON") from None
+        return "Set charging profile", "POST", "/charging-profiles", {
+            "connector_id": int_or_none(f("connector_id", "0"), "Connector") or 0, "charging_profile": profile}
+    if command == "charging-profiles-clear":
+        return "Clear charging profiles", "POST", "/charging-profiles/clear", {}
+    if command == "charging-profile-clear":
+        profile_id = int_or_none(f("charging_profile_id"), "Charging profile")
+        return f"Clear charging profile {profile_id}", "DELETE", f"/charging-profiles/{profile_id}", None
     raise PageError(404, f"No command {command!r}")
 
 
@@ -328,6 +386,38 @@ async def id_tag_change(ctx):
     return redirect(safe_return_path(ctx.field("return_to"), PREFIX + "id-tags"))
 
 
+# -- firmware and diagnostics files ---------------------------------------------------------------------
+
+
+async def firmware_page(ctx):
+    size = ctx.resource.plugin.page_size
+    page = page_number(ctx)
+    body = await ctx.read("/firmware-files", {"limit": size, "offset": (page - 1) * size})
+    rollout = await ctx.read("/firmware/status", {"limit": size})
+    return ctx.render("firmware.html", files=body["items"], rollout=rollout,
+                      paging=paging(ctx, body["total"], page, size, {}))
+
+
+async def firmware_upload(ctx):
+    """The page's script posts the file as the raw body (``?name=``), as the API route takes it."""
+    status, answer = await ctx.api("POST", "/firmware-files", {"name": ctx.arg("name")})
+    show_answer(ctx, f"Upload {ctx.arg('name')}", status, answer)
+    return Reply(204 if status < 300 else status, b"", {}, "text/plain; charset=utf-8")
+
+
+firmware_upload.raw_body = True
+
+
+async def diagnostics_download(ctx):
+    response = await ctx.resource.app.api_resource.dispatch(
+        ctx.request, ctx.session.caller, "GET", f"/diagnostics-files/{seg(ctx.params['file_id'])}/content")
+    if response.status != 200:
+        raise PageError(response.status, (response.body or {}).get("error", {}).get("message", "Download failed"))
+    response.headers["Cache-Control"] = "no-store"
+    ctx.resource.app.api_resource.write(response, ctx.request)
+    return Reply(written=True)
+
+
 def routes(resource) -> list:
     """(method, path segments under /ui/, handler, needs a session)."""
     resource.has_connector_filters = resource.has_route("GET", "/stations") and any(
@@ -352,4 +442,9 @@ def routes(resource) -> list:
         ("POST", ("id-tags",), id_tag_create, True),
         ("POST", ("id-tags", "{id_tag}"), id_tag_change, True),
     ]
+    if resource.has_route("POST", "/firmware-files"):
+        table += [("GET", ("firmware",), firmware_page, True),
+                  ("POST", ("firmware-files",), firmware_upload, True)]
+    if resource.has_route("GET", "/diagnostics-files/{file_id}/content"):
+        table.append(("GET", ("diagnostics-files", "{file_id}"), diagnostics_download, True))
     return table

@@ -205,7 +205,8 @@ class DashboardResource(resource.Resource):
             return redirect(PREFIX + "login")
         form = {}
         if method == "POST":
-            form = self._form(request)
+            # A raw upload's body is the file, sent by the page's script: its CSRF token is in the header.
+            form = {} if getattr(handler, "raw_body", False) else self._form(request)
             if form is None:
                 return self.error_page(session, 413, f"The form is larger than {MAX_FORM_SIZE} bytes")
             if signed_in and not session.csrf_matches(form.get("csrf_token") or request.getHeader("x-csrf-token")):
@@ -289,7 +290,10 @@ class DashboardResource(resource.Resource):
         return Reply(status, page.encode("utf-8"))
 
     def navigation(self) -> list:
-        return [("Stations", "stations"), ("Transactions", "transactions"), ("Id tags", "id-tags")]
+        items = [("Stations", "stations"), ("Transactions", "transactions"), ("Id tags", "id-tags")]
+        if self.has_route("GET", "/firmware-files"):
+            items.append(("Firmware", "firmware"))
+        return items
 
     def error_page(self, session, status: int, message: str) -> Reply:
         ctx = Context(self, None, session, {}, {}) if session is not None else None

@@ -186,3 +186,24 @@
     live();
   });
 }());
+
+// The firmware upload: the API takes the file as the raw request body, so the script sends it that way.
+document.addEventListener("DOMContentLoaded", function () {
+  "use strict";
+  var form = document.getElementById("firmware-upload");
+  if (!form) { return; }
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var file = document.getElementById("firmware-upload-file").files[0];
+    var name = document.getElementById("firmware-upload-name").value || (file && file.name) || "";
+    var state = document.getElementById("firmware-upload-state");
+    var token = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
+    if (!file) { return; }
+    state.textContent = "uploading…";
+    fetch("/ui/firmware-files?name=" + encodeURIComponent(name), {
+      method: "POST", body: file, credentials: "same-origin",
+      headers: {"X-CSRF-Token": token, "Content-Type": "application/octet-stream"}
+    }).then(function () { window.location.reload(); },
+            function () { state.textContent = "upload failed"; });
+  });
+});
