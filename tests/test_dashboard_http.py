@@ -3,6 +3,7 @@ audit trail, assets and the event stream's limits. Real loopback sockets with tr
 """
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import urlencode
 
@@ -29,11 +30,10 @@ class UiClient:
         self.set_cookie_headers: list[str] = []
 
     async def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None,
-                      unbuffered: bool = False):
+                      unbuffered: bool = False, data: bytes | None = None):
         all_headers = dict(headers or {})
         if self.cookies:
             all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        data = None
         if form is not None:
             data = urlencode(form).encode()
             all_headers["Content-Type"] = "application/x-www-form-urlencoded"
@@ -344,3 +344,57 @@ def test_a_stream_that_does_not_read_is_dropped_not_buffered():
     assert request.written[-1] == b": keepalive\n\n"
     clock.advance(60)
     assert request.finished and broker.streams == []
+
+
+# -- optional profiles -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_enabled_profiles_show_their_controls_and_act_through_their_routes(csms):
+    station = await csms.connect_booted("CP-P")
+    client = await signed_in(csms)
+    status, page, _ = await client.request("GET", "/ui/stations/CP-P")
+    assert status == 200
+    for section in ("h-firmware", "h-diagnostics", "h-smart", "h-local-list", "h-reservations", "cmd-trigger"):
+        assert section in page, section
+    token = CSRF.search(page).group(1)
+    profile = {"chargingProfileId": 7, "stackLevel": 0, "chargingProfilePurpose": "TxDefaultProfile",
+               "chargingProfileKind": "Absolute", "chargingSchedule": {"chargingRateUnit": "A",
+                                                                      "chargingSchedulePeriod": [
+                                                                          {"startPeriod": 0, "limit": 16},
+                                                                          {"startPeriod": 3600, "limit": 10}]}}
+    status, _, _ = await client.request("POST", "/ui/stations/CP-P/commands/charging-profile-set", form={
+        "csrf_token": token, "connector_id": "1", "charging_profile": json.dumps(profile)})
+    assert status == 303
+    assert station.received_calls[-1][2] == "SetChargingProfile"
+    _, page, _ = await client.request("GET", "/ui/stations/CP-P")
+    assert "Set charging profile: answered" in page
+    series = json.loads(re.search(r'<script type="application/json" id="series">(.*?)</script>', page).group(1))
+    assert [limit for _, limit in series["schedule"]] == [16, 10, 10]
+    # A firmware file goes up as the raw body, the CSRF token in the header (the page's script does that).
+    status, _, _ = await client.request("POST", "/ui/firmware-files?name=fw-1.bin", data=b"\x00firmware")
+    assert status == 403
+    status, body, _ = await client.request("POST", "/ui/firmware-files?name=fw-1.bin", data=b"\x00firmware",
+                                           headers={"X-CSRF-Token": token})
+    assert status == 204, body
+    _, page, _ = await client.request("GET", "/ui/firmware")
+    assert "fw-1.bin" in page and "Upload fw-1.bin: answered" in page
+    assert (await csms.api("GET", "/firmware-files"))[1]["items"][0]["size"] == 9
+    assert (await client.request("GET", "/ui/diagnostics-files/99"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disabled_profile_has_no_page_and_no_control(csms_factory):
+    csms = await csms_factory(plugins=["core", "dashboard"])
+    await csms.connect_booted("CP-C")
+    client = await signed_in(csms)
+    status, page, _ = await client.request("GET", "/ui/stations/CP-C")
+    assert status == 200 and "cmd-reset" in page
+    for absent in ("h-firmware", "h-diagnostics", "h-smart", "h-local-list", "h-reservations", "cmd-trigger",
+                   "/ui/firmware"):
+        assert absent not in page, absent
+    assert (await client.request("GET", "/ui/firmware"))[0] == 404
+    status, page, _ = await client.request("POST", "/ui/stations/CP-C/commands/trigger", form={
+        "csrf_token": CSRF.search(page).group(1), "requested_message": "Heartbeat"})
+    assert status == 303
+    assert "No API route" in (await client.request("GET", "/ui/stations/CP-C"))[1]
