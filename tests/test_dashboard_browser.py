@@ -16,6 +16,7 @@ import pytest_twisted
 from conftest import clock_now, station_time
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 from twisted.internet import threads
@@ -80,6 +81,17 @@ class Page:
         if extra:
             self.driver.save_screenshot(os.path.join(extra, f"dashboard-{name}.png"))
 
+    def phone_shot(self, name: str):
+        size = self.driver.get_window_size()
+        self.driver.set_window_size(390, 844)
+        try:
+            self.shot(name)
+            # Nothing wider than the phone's screen: the page scrolls down, not sideways.
+            assert self.driver.execute_script(
+                "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        finally:
+            self.driver.set_window_size(size["width"], size["height"])
+
     def sign_in(self, token: str = TEST_API_TOKEN):
         self.driver.delete_all_cookies()
         self.open("/ui/login")
@@ -102,6 +114,9 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     await browse(page.attribute_is, 'tr[data-station="CP-2"] .badge', "data-online", "true")
     await station.boot(connectors=2)
     await browse(page.shot, "stations")
+    # One this page does not list (it registers itself on connecting): a notice links to it.
+    await csms.connect("CP-NEW")
+    await browse(page.text_in, "#live-notice", "CP-NEW connected")
 
     # Its page: Reset, and the station's answer shown.
     await browse(page.open, "/ui/stations/CP-2")
@@ -115,6 +130,7 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     await browse(page.text_in, ".flash.ok .answer", '"status": "Accepted"')
     assert station.received_calls[-1][2:] == ["Reset", {"type": "Soft"}]
     await browse(page.shot, "station")
+    await browse(page.phone_shot, "station-phone")
 
     # Remote start for an id tag; the station starts, meters, and the session's chart grows live.
     await station.status(1, "Available")
@@ -162,6 +178,13 @@ async def test_a_station_naming_itself_with_markup_is_shown_as_text(csms, browse
     await browse(page.text_in, 'tr[data-station="CP-X"] .vendor', "<img src=x onerror=")
     await browse(page.open, "/ui/stations/CP-X")
     await browse(page.text_in, "#boot .vendor", "<img src=x onerror=")
+    # The keyboard reaches the skip link first, and it leads to the content.
+    first = await browse(lambda: (browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB),
+                                  browser.switch_to.active_element.text)[1])
+    assert first == "Skip to content"
     images = await browse(lambda: browser.find_elements(By.CSS_SELECTOR, "main img"))
-    scripts = await browse(lambda: [s.get_attribute("src") for s in browser.find_elements(By.TAG_NAME, "script")])
-    assert images == [] and len(scripts) == 1 and scripts[0].split("?")[0].endswith("/ui/static/dashboard.js")
+    scripts = await browse(lambda: [(s.get_attribute("src").split("?")[0], s.get_attribute("type"))
+                                    for s in browser.find_elements(By.TAG_NAME, "script")])
+    # The one script that runs is the dashboard's own; the rest is JSON data for the charts.
+    assert images == [] and [src for src, kind in scripts if kind != "application/json"] == [
+        page.base + "/ui/static/dashboard.js"]

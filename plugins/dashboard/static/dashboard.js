@@ -17,8 +17,24 @@
     return found;
   }
 
+  // A station this page does not list (another page, or new): say so, with a link, rather than reorder rows.
+  function notice(stationId, online) {
+    var note = document.getElementById("live-notice");
+    if (!note) { return; }
+    note.textContent = "";
+    var link = document.createElement("a");
+    link.href = "/ui/stations/" + encodeURIComponent(stationId);
+    link.textContent = stationId;
+    note.appendChild(document.createTextNode("Not on this page: "));
+    note.appendChild(link);
+    note.appendChild(document.createTextNode(online ? " connected." : " disconnected."));
+    note.hidden = false;
+  }
+
   function setOnline(stationId, online) {
-    rowsOf(stationId).forEach(function (row) {
+    var rows = rowsOf(stationId);
+    if (!rows.length) { notice(stationId, online); }
+    rows.forEach(function (row) {
       each(".badge", row, function (badge) {
         badge.setAttribute("data-online", online ? "true" : "false");
         badge.textContent = online ? "online" : "offline";
