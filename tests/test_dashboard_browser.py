@@ -113,6 +113,8 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     station = await csms.connect("CP-2")
     await browse(page.attribute_is, 'tr[data-station="CP-2"] .badge', "data-online", "true")
     await station.boot(connectors=2)
+    await browse(page.css, 'tr[data-station="CP-2"] [data-connector="2"][data-status="Available"]')
+    await browse(page.text_in, 'tr[data-station="CP-2"] td.boot', "TestVendor TestModel")
     await browse(page.shot, "stations")
     # One this page does not list (it registers itself on connecting): a notice links to it.
     await csms.connect("CP-NEW")

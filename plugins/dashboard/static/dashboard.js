@@ -55,6 +55,23 @@
         each(".since", el, function (s) { s.textContent = (data.timestamp || "").replace("T", " ").slice(0, 19); });
         el.classList.add("changed");
       });
+      var cell = row.querySelector("td.connectors");
+      if (!found && cell) {
+        var item = document.createElement("span");
+        item.className = "connector changed";
+        item.setAttribute("data-connector", String(data.connector_id));
+        item.setAttribute("data-status", data.status);
+        item.appendChild(document.createTextNode(data.connector_id + ": "));
+        var status = document.createElement("span");
+        status.className = "status";
+        status.textContent = data.status;
+        item.appendChild(status);
+        var code = document.createElement("span");
+        code.className = "error-code";
+        code.textContent = data.error_code === "NoError" ? "" : " " + data.error_code;
+        item.appendChild(code);
+        cell.appendChild(item);
+      }
       var table = row.querySelector("#connectors");
       if (!found && table) {
         var tr = document.createElement("tr");
@@ -188,6 +205,11 @@
       });
     }
     on("station", function (d) { setOnline(d.station_id, d.online); });
+    on("boot", function (d) {
+      rowsOf(d.station_id).forEach(function (row) {
+        each("td.boot", row, function (c) { c.textContent = (d.vendor || "") + " " + (d.model || ""); });
+      });
+    });
     on("status", setConnector);
     on("meter", addMeter);
     on("transaction", transactionChanged);
