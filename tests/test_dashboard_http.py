@@ -185,8 +185,9 @@ async def test_a_dashboard_action_runs_the_api_route_and_is_audited_under_the_to
     client = await signed_in(csms, await named_token(csms, "alice", "admin"))
     token = await client.csrf("/ui/id-tags")
     status, _, response = await client.request("POST", "/ui/id-tags", form={
-        "csrf_token": token, "id_tag": "NEW-1", "status": "Accepted", "expiry_date": "2031-01-02"})
-    assert (status, location(response)) == (303, "/ui/id-tags")
+        "csrf_token": token, "id_tag": "NEW-1", "status": "Accepted", "expiry_date": "2031-01-02",
+        "return_to": "/ui/id-tags?search=new"})
+    assert (status, location(response)) == (303, "/ui/id-tags?search=new")
     status, body, _ = await csms.api("GET", "/id-tags/NEW-1")
     assert status == 200 and body["expiry_date"].startswith("2031-01-02T00:00:00")
     status, page, _ = await client.request("GET", "/ui/id-tags")
@@ -198,6 +199,11 @@ async def test_a_dashboard_action_runs_the_api_route_and_is_audited_under_the_to
     entries = (await csms.api("GET", "/audit?token_name=alice"))[1]["items"]
     assert [(e["method"], e["route"], e["path"], e["status"]) for e in entries] == [
         ("POST", "/id-tags", "/api/v1/id-tags", 409), ("POST", "/id-tags", "/api/v1/id-tags", 201)]
+    # After a form, back to the page it came from, never elsewhere.
+    for elsewhere in ("//evil.example/", "https://evil.example/ui/", "/api/v1/id-tags"):
+        status, _, response = await client.request("POST", "/ui/id-tags", form={
+            "csrf_token": token, "id_tag": "NEW-2", "return_to": elsewhere})
+        assert (status, location(response)) == (303, "/ui/id-tags")
 
 
 @pytest_twisted.ensureDeferred
@@ -398,3 +404,19 @@ async def test_a_disabled_profile_has_no_page_and_no_control(csms_factory):
         "csrf_token": CSRF.search(page).group(1), "requested_message": "Heartbeat"})
     assert status == 303
     assert "No API route" in (await client.request("GET", "/ui/stations/CP-C"))[1]
+
+
+def test_sessions_end_at_their_maximum_age_and_the_least_recently_used_goes_first_when_full():
+    clock = task.Clock()
+    sessions = SessionStore(clock, idle_timeout=60, max_age=180, max_sessions=2)
+    first, second = sessions.create(Caller("a", "read")), sessions.create(Caller("b", "read"))
+    clock.advance(50)
+    assert sessions.get(first.id) is first  # used: second is now the least recently used
+    third = sessions.create(Caller("c", "read"))
+    assert sessions.get(second.id) is None and len(sessions) == 2
+    for _ in range(2):
+        clock.advance(50)
+        assert sessions.get(first.id) is first and sessions.get(third.id) is third
+    clock.advance(51)  # 201 s after first's sign-in, used every 50 s: too old all the same
+    assert sessions.get(first.id) is None and sessions.get(third.id) is third
+    assert not first.csrf_matches(None) and not first.csrf_matches("") and first.csrf_matches(first.csrf_token)

@@ -286,7 +286,9 @@ class DashboardResource(resource.Resource):
             session=session, caller=session.caller if session else None, flashes=flashes,
             may_command=bool(session) and scope_allows(session.caller.scope, "commands"),
             may_admin=bool(session) and scope_allows(session.caller.scope, "admin"),
-            nav=self.navigation(), current=template, **values)
+            nav=self.navigation(), current=template,
+            here=ctx.request.uri.decode("utf-8", "replace") if ctx is not None and ctx.request is not None else "",
+            **values)
         return Reply(status, page.encode("utf-8"))
 
     def navigation(self) -> list:
