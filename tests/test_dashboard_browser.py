@@ -81,6 +81,13 @@ class Page:
         if extra:
             self.driver.save_screenshot(os.path.join(extra, f"dashboard-{name}.png"))
 
+    def element_shot(self, selector: str, name: str):
+        section = self.css(selector).find_element(By.XPATH, "..")
+        section.screenshot(str(self.shots / f"dashboard-{name}.png"))
+        extra = os.environ.get("CSMS_DASHBOARD_SCREENSHOTS")
+        if extra:
+            section.screenshot(os.path.join(extra, f"dashboard-{name}.png"))
+
     def phone_shot(self, name: str):
         size = self.driver.get_window_size()
         self.driver.set_window_size(390, 844)
@@ -120,8 +127,14 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     await csms.connect("CP-NEW")
     await browse(page.text_in, "#live-notice", "CP-NEW connected")
 
-    # Its page: Reset, and the station's answer shown.
+    # Its page: Reset, and the station's answer shown. (A charging profile first, for the schedule's chart.)
+    assert (await csms.api("POST", "/stations/CP-2/charging-profiles", json={"connector_id": 1, "charging_profile": {
+        "chargingProfileId": 3, "stackLevel": 0, "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Absolute", "chargingSchedule": {"chargingRateUnit": "A", "chargingSchedulePeriod": [
+            {"startPeriod": 0, "limit": 32}, {"startPeriod": 6 * 3600, "limit": 16},
+            {"startPeriod": 18 * 3600, "limit": 24}]}}}))[0] == 200
     await browse(page.open, "/ui/stations/CP-2")
+    await browse(page.attribute_is, "#schedule-chart", "data-points", "4")
     await browse(page.live)
     await browse(page.text_in, "#connectors", "Available")
     await station.status(1, "Faulted", "GroundFailure")
@@ -133,6 +146,7 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     assert station.received_calls[-1][2:] == ["Reset", {"type": "Soft"}]
     await browse(page.shot, "station")
     await browse(page.phone_shot, "station-phone")
+    await browse(page.element_shot, "#h-smart", "schedule")
 
     # Remote start for an id tag; the station starts, meters, and the session's chart grows live.
     await station.status(1, "Available")

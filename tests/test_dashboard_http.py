@@ -7,7 +7,6 @@ import json
 import re
 from urllib.parse import urlencode
 
-import pytest
 import pytest_twisted
 import treq
 from conftest import within

@@ -111,8 +111,10 @@
     return 10 * p;
   }
 
-  function timeLabel(ms) {
-    return new Date(ms).toISOString().slice(11, 19);
+  // UTC, as every time on these pages; with the day when the chart spans more than a few hours.
+  function timeLabel(ms, span) {
+    var iso = new Date(ms).toISOString();
+    return span > 6 * 3600000 ? iso.slice(5, 16).replace("T", " ") : iso.slice(11, 19);
   }
 
   // Draws points [[iso time, value], ...] as a line (or, with step, a step chart) into figure.
@@ -140,8 +142,8 @@
       svg.appendChild(el("text", {x: left - 6, y: sy(v) + 4, "text-anchor": "end", class: "tick"},
                          Math.round(v) + " " + unit));
     }
-    svg.appendChild(el("text", {x: left, y: height - 10, class: "tick"}, timeLabel(x0)));
-    svg.appendChild(el("text", {x: width - right, y: height - 10, "text-anchor": "end", class: "tick"}, timeLabel(x1)));
+    svg.appendChild(el("text", {x: left, y: height - 10, class: "tick"}, timeLabel(x0, x1 - x0)));
+    svg.appendChild(el("text", {x: width - right, y: height - 10, "text-anchor": "end", class: "tick"}, timeLabel(x1, x1 - x0)));
     var d = "";
     points.forEach(function (p, index) {
       var x = sx(xs[index]), y = sy(ys[index]);
