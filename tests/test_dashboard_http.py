@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from csms.api.tokens import Caller, create_token_thd
 from csms.testing.pytest_plugin import TEST_API_TOKEN
 from csms_plugins.dashboard.events import EventBroker
-from csms_plugins.dashboard.sessions import SessionStore
+from csms_plugins.dashboard.sessions import SessionStore, SignInThrottle
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -95,6 +95,22 @@ async def test_pages_need_a_session_and_a_wrong_token_gets_the_sign_in_page(csms
     # A sign-in form that did not come from the sign-in page is refused (login CSRF).
     status, page, _ = await client.request("POST", "/ui/login", form={"login_token": "forged", "token": TEST_API_TOKEN})
     assert status == 403 and "csms_ui_session" not in client.cookies
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_in_attempts_are_limited_per_address_and_in_size(csms_factory):
+    csms = await csms_factory("[plugin:dashboard]\nsign_in_failures_per_minute = 3\n")
+    client = UiClient(csms)
+    for _ in range(3):
+        assert (await client.sign_in("csms_guess"))[0] == 401
+    status, page, response = await client.sign_in()  # even the right token: the address waits first
+    assert status == 429 and "Too many failed sign-ins" in page and "csms_ui_session" not in client.cookies
+    assert response.headers.getRawHeaders("retry-after") == ["60"]
+    csms.clock.advance(61)
+    assert (await client.sign_in())[0] == 303
+    status, _, _ = await UiClient(csms).request("POST", "/ui/login", data=b"token=" + b"x" * 70_000,
+                                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 413
 
 
 @pytest_twisted.ensureDeferred
@@ -419,3 +435,16 @@ def test_sessions_end_at_their_maximum_age_and_the_least_recently_used_goes_firs
     clock.advance(51)  # 201 s after first's sign-in, used every 50 s: too old all the same
     assert sessions.get(first.id) is None and sessions.get(third.id) is third
     assert not first.csrf_matches(None) and not first.csrf_matches("") and first.csrf_matches(first.csrf_token)
+
+
+def test_the_sign_in_throttle_remembers_a_bounded_number_of_addresses():
+    clock = task.Clock()
+    throttle = SignInThrottle(clock, limit=2, window=60, max_addresses=3)
+    for address in ("a", "a", "b", "c", "d"):
+        throttle.failed(address)
+    assert not throttle.refused("a")  # forgotten: the oldest went when d came
+    assert len(throttle._failures) == 3
+    throttle.failed("d")
+    assert throttle.refused("d")
+    clock.advance(61)
+    assert not throttle.refused("d") and "d" not in throttle._failures

@@ -90,8 +90,15 @@ async def login(ctx):
     expected = (ctx.request.getCookie(LOGIN_COOKIE) or b"").decode("ascii", "replace")
     if not presented or not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
         return await login_page(ctx, "The sign-in form expired: try again.", 403)
+    throttle = ctx.resource.plugin.throttle
+    address = str(getattr(ctx.request.getClientAddress(), "host", ""))
+    if throttle.refused(address):
+        reply = await login_page(ctx, "Too many failed sign-ins from this address: wait a minute.", 429)
+        reply.headers["Retry-After"] = str(int(throttle.window))
+        return reply
     caller = await ctx.resource.authenticate(ctx.field("token"))
     if caller is None:
+        throttle.failed(address)
         return await login_page(ctx, "That token is not valid.", 401)
     if ctx.session is not None:  # a new id at every sign-in: never keep one the browser brought
         ctx.resource.plugin.broker.close_session(ctx.session)

@@ -14,7 +14,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
 
 from .events import EventBroker, meter_points, request_samples
-from .sessions import SessionStore
+from .sessions import SessionStore, SignInThrottle
 
 
 @implementer(ICSMSPlugin)
@@ -28,6 +28,8 @@ class DashboardPlugin:
         Setting("session_max_age", float, 43200.0, "Seconds a session lasts however much it is used."),
         Setting("max_sessions", int, 1000, "Signed-in sessions held at most (the least recently used goes)."),
         Setting("page_size", int, 50, "Rows a list page shows."),
+        Setting("sign_in_failures_per_minute", int, 10, "Failed sign-ins from one address in a minute before "
+                                                        "that address must wait (429)."),
         Setting("sse_max_streams", int, 200, "Live event streams open at most, all sessions together."),
         Setting("sse_max_streams_per_session", int, 8, "Live event streams one session may have open."),
         Setting("sse_max_queued", int, 500, "Events held for a stream that does not read; then it is closed."),
@@ -42,7 +44,8 @@ class DashboardPlugin:
     @hookimpl
     def csms_configure(self, app):
         settings = app.config.plugin(self.name)
-        for key in ("session_idle_timeout", "session_max_age", "max_sessions", "page_size", "sse_max_streams",
+        for key in ("session_idle_timeout", "session_max_age", "max_sessions", "page_size",
+                    "sign_in_failures_per_minute", "sse_max_streams",
                     "sse_max_streams_per_session", "sse_max_queued", "sse_keepalive"):
             if settings[key] <= 0:
                 raise ConfigError(f"[plugin:{self.name}] {key} must be positive")
@@ -52,6 +55,7 @@ class DashboardPlugin:
         self.page_size = settings["page_size"]
         self.sessions = SessionStore(app.clock, settings["session_idle_timeout"], settings["session_max_age"],
                                      settings["max_sessions"])
+        self.throttle = SignInThrottle(app.clock, settings["sign_in_failures_per_minute"])
         self.broker = EventBroker(app.clock, self.sessions, settings["sse_max_streams"],
                                   settings["sse_max_streams_per_session"], settings["sse_max_queued"],
                                   settings["sse_keepalive"])

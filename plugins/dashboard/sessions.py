@@ -79,3 +79,35 @@ class SessionStore:
     def expire(self) -> None:
         for session in [s for s in self._sessions.values() if not self.alive(s)]:
             del self._sessions[session.id]
+
+
+class SignInThrottle:
+    """Failed sign-ins per client address: past ``limit`` in ``window`` seconds, that address is refused
+    (429) until the window has passed, before any token is looked up. Remembers at most ``max_addresses``
+    (the oldest forgotten first), so a flood from many addresses cannot grow it without bound."""
+
+    def __init__(self, clock, limit: int, window: float = 60.0, max_addresses: int = 10_000):
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, address: str) -> list[float]:
+        cutoff = self.clock.seconds() - self.window
+        times = [t for t in self._failures.get(address, ()) if t > cutoff]
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def refused(self, address: str) -> bool:
+        return len(self._recent(address)) >= self.limit
+
+    def failed(self, address: str) -> None:
+        times = self._recent(address)
+        if not times:
+            while len(self._failures) >= self.max_addresses:
+                del self._failures[next(iter(self._failures))]
+        self._failures[address] = times + [self.clock.seconds()]
