@@ -158,6 +158,8 @@ async def test_an_operator_watches_a_station_commands_it_and_reads_a_session_cha
     started = await station.call("StartTransaction", {"connectorId": 1, "idTag": "DRIVER-1", "meterStart": 1000,
                                                       "timestamp": station_time(start)})
     transaction_id = started["transactionId"]
+    await browse(page.text_in, f'#station-transactions tr[data-transaction="{transaction_id}"] .stopped', "active")
+    await browse(page.text_in, "#status-history li:first-child", "connector 1 · Available")
     await browse(page.open, f"/ui/transactions/{transaction_id}")
     await browse(page.live)
     await browse(page.attribute_is, "#energy-chart", "data-points", "0")

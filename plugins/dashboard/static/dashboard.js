@@ -184,7 +184,57 @@
     drawCharts();
   }
 
+  function prepend(list, tagName, cells) {
+    if (!list) { return; }
+    var row = document.createElement(tagName);
+    row.className = "changed";
+    cells(row);
+    list.insertBefore(row, list.firstChild);
+  }
+
+  function cell(row, tag, text, href) {
+    var c = document.createElement(tag);
+    if (href) {
+      var a = document.createElement("a");
+      a.href = href;
+      a.textContent = text;
+      c.appendChild(a);
+    } else {
+      c.textContent = text;
+    }
+    row.appendChild(c);
+  }
+
+  function onStationPage(stationId) {
+    var page = document.getElementById("station-page");
+    return page && page.getAttribute("data-station") === stationId;
+  }
+
+  function statusHistory(data) {
+    if (!onStationPage(data.station_id)) { return; }
+    prepend(document.getElementById("status-history"), "li", function (li) {
+      li.textContent = (data.timestamp || "").replace("T", " ").slice(0, 19) + " · connector " + data.connector_id +
+        " · " + data.status + (data.error_code && data.error_code !== "NoError" ? " · " + data.error_code : "");
+    });
+  }
+
   function transactionChanged(data) {
+    each('tr[data-transaction="' + Number(data.transaction_id) + '"] .stopped', document, function (c) {
+      if (!data.active) { c.textContent = (data.stopped_at || "").replace("T", " ").slice(0, 19); }
+    });
+    if (data.active && onStationPage(data.station_id)) {
+      prepend(document.getElementById("station-transactions"), "tr", function (tr) {
+        tr.setAttribute("data-transaction", String(data.transaction_id));
+        cell(tr, "th", String(data.transaction_id), "/ui/transactions/" + Number(data.transaction_id));
+        cell(tr, "td", String(data.connector_id));
+        cell(tr, "td", "");
+        cell(tr, "td", "now");
+        var stopped = document.createElement("td");
+        stopped.className = "stopped";
+        stopped.textContent = "active";
+        tr.appendChild(stopped);
+      });
+    }
     var page = document.getElementById("transaction");
     if (page && page.getAttribute("data-transaction") === String(data.transaction_id) && !data.active) {
       var stopped = document.getElementById("stopped");
@@ -212,7 +262,7 @@
         each("td.boot", row, function (c) { c.textContent = (d.vendor || "") + " " + (d.model || ""); });
       });
     });
-    on("status", setConnector);
+    on("status", function (d) { setConnector(d); statusHistory(d); });
     on("meter", addMeter);
     on("transaction", transactionChanged);
   }
