@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 from urllib.parse import urlencode
 
+import pytest
 import pytest_twisted
 import treq
 from conftest import within
 from twisted.internet import defer, task
 
+from csms.api import web_resources
 from csms.api.tokens import Caller, create_token_thd
+from csms.plugins import PluginError
 from csms.testing.pytest_plugin import TEST_API_TOKEN
 from csms_plugins.dashboard.events import EventBroker
 from csms_plugins.dashboard.sessions import SessionStore, SignInThrottle
@@ -448,3 +452,15 @@ def test_the_sign_in_throttle_remembers_a_bounded_number_of_addresses():
     assert throttle.refused("d")
     clock.advance(61)
     assert not throttle.refused("d") and "d" not in throttle._failures
+
+
+@pytest.mark.parametrize("offers, refusal", [
+    ([{"api": object()}], "/api/ is already served"),
+    ([{"ui": object()}, {"ui": object()}], "/ui/ is already served"),
+    ([{"a/b": object()}], "'a/b' is not a path segment"),
+    ([{"": object()}], "'' is not a path segment"),
+])
+def test_a_plugin_mounts_a_resource_only_at_a_free_path_segment(offers, refusal):
+    app = SimpleNamespace(hook=SimpleNamespace(csms_web_resources=lambda app: offers))
+    with pytest.raises(PluginError, match=re.escape(refusal)):
+        web_resources(app)
