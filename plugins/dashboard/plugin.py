@@ -103,7 +103,8 @@ class DashboardPlugin:
 
     @hookimpl
     def csms_on_meter_values(self, station_id, connector_id, transaction_id, meter_values):
-        if transaction_id is None:
+        # The hot path: nothing is built unless a page is listening.
+        if transaction_id is None or not self.broker.streams:
             return
         self.broker.publish("meter", {"station_id": station_id, "transaction_id": transaction_id,
                                       **meter_points(request_samples(meter_values))})
