@@ -103,11 +103,13 @@ def sign_in(base: str):
     return opener, jar
 
 
-def time_views(opener, base: str, repeat: int) -> list[tuple[str, float, float, int]]:
-    views = [("first page", "/ui/stations"), ("page 150", "/ui/stations?page=150"),
-             ("search by id", "/ui/stations?search=CP-0999"), ("connector status Faulted",
-                                                               "/ui/stations?connector_status=Faulted"),
-             ("offline, page 20", "/ui/stations?online=false&page=20")]
+def time_views(opener, base: str, repeat: int, count: int) -> list[tuple[str, float, float, int]]:
+    pages = max(1, count // 50)
+    deep, middle = max(1, pages * 3 // 4), f"CP-{count // 2:05d}"[:-1]  # 10 stations share that prefix
+    views = [("first page", "/ui/stations"), (f"page {deep}", f"/ui/stations?page={deep}"),
+             ("search by id", f"/ui/stations?search={middle}"), ("connector status Faulted",
+                                                                 "/ui/stations?connector_status=Faulted"),
+             (f"offline, page {max(1, pages // 10)}", f"/ui/stations?online=false&page={max(1, pages // 10)}")]
     rows = []
     for name, path in views:
         timings, size = [], 0
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stations", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--postgres", help="an empty PostgreSQL database URL (default: SQLite in a temp dir)")
+    parser.add_argument("--no-browser", action="store_true", help="server times only")
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="csms-dashboard-bench-")
     url = args.postgres or f"sqlite:///{workdir}/csms.sqlite"
@@ -163,8 +166,8 @@ def main(argv=None) -> int:
     try:
         base = f"http://127.0.0.1:{api_port}"
         opener, jar = sign_in(base)
-        rows = time_views(opener, base, args.repeat)
-        browser = browser_timing(base, jar)
+        rows = time_views(opener, base, args.repeat, args.stations)
+        browser = None if args.no_browser else browser_timing(base, jar)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
