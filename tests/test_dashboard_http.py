@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import pytest
 import pytest_twisted
 import treq
-from conftest import within
+from conftest import clock_now, within
 from twisted.internet import defer, task
 
 from csms.api import web_resources
@@ -464,3 +465,43 @@ def test_a_plugin_mounts_a_resource_only_at_a_free_path_segment(offers, refusal)
     app = SimpleNamespace(hook=SimpleNamespace(csms_web_resources=lambda app: offers))
     with pytest.raises(PluginError, match=re.escape(refusal)):
         web_resources(app)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_station_command_form_sends_its_call_and_shows_the_answer(csms):
+    station = await csms.connect_booted("CP-K", connectors=2)
+    assert (await csms.api("POST", "/id-tags", json={"id_tag": "K-TAG"}))[0] == 201
+    client = await signed_in(csms)
+    token = await client.csrf("/ui/stations/CP-K")
+    until = (clock_now(csms) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for command, form, title, action in (
+            ("unlock", {"connector_id": "2"}, "Unlock connector", "UnlockConnector"),
+            ("availability", {"connector_id": "1", "type": "Inoperative"}, "Change availability",
+             "ChangeAvailability"),
+            ("clear-cache", {}, "Clear cache", "ClearCache"),
+            ("trigger", {"requested_message": "Heartbeat"}, "Trigger message", "TriggerMessage"),
+            ("configuration-fetch", {}, "Read configuration", "GetConfiguration"),
+            ("configuration-change", {"key": "HeartbeatInterval", "value": "60"}, "Change HeartbeatInterval",
+             "ChangeConfiguration"),
+            ("local-list-version", {}, "Read local list version", "GetLocalListVersion"),
+            ("local-list-sync", {"update_type": "Full"}, "Sync local list", "SendLocalList"),
+            ("reserve", {"connector_id": "1", "id_tag": "K-TAG", "expiry_date": until}, "Reserve", "ReserveNow")):
+        status, _, response = await client.request("POST", f"/ui/stations/CP-K/commands/{command}",
+                                                   form={"csrf_token": token, **form})
+        assert (status, location(response)) == (303, "/ui/stations/CP-K"), command
+        _, page, _ = await client.request("GET", "/ui/stations/CP-K")
+        assert f"{title}: answered" in page, (command, re.findall(r'<pre class="answer">(.*?)</pre>', page, re.S))
+        assert station.received_calls[-1][2] == action
+    assert ["ChangeConfiguration", {"key": "HeartbeatInterval", "value": "60"}] in [c[2:] for c in
+                                                                                 station.received_calls]
+    reservation_id = station.received_calls[-1][3]["reservationId"]
+    await client.request("POST", "/ui/stations/CP-K/commands/cancel-reservation",
+                         form={"csrf_token": token, "reservation_id": str(reservation_id)})
+    assert station.received_calls[-1][2:] == ["CancelReservation", {"reservationId": reservation_id}]
+    # A station's refusal or a bad value is an answer too, shown as failed; an unknown command is a 404 page.
+    await client.request("POST", "/ui/stations/CP-K/commands/remote-stop", form={"csrf_token": token})
+    assert "Remote stop: failed" in (await client.request("GET", "/ui/stations/CP-K"))[1]
+    status, page, _ = await client.request("POST", "/ui/stations/CP-K/commands/unlock",
+                                           form={"csrf_token": token, "connector_id": "one"})
+    assert status == 400 and "whole number" in page
+    assert (await client.request("POST", "/ui/stations/CP-K/commands/explode", form={"csrf_token": token}))[0] == 404
