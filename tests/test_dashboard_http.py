@@ -302,6 +302,7 @@ async def test_the_event_stream_needs_a_session_pushes_station_events_and_is_bou
     client = await signed_in(csms)
     broker = dashboard(csms).broker
     broker.max_per_session = 1
+    assert (await client.request("HEAD", "/ui/events"))[0] == 200 and broker.streams == []
     status, _, response = await client.request("GET", "/ui/events", unbuffered=True)
     assert status == 200 and response.headers.getRawHeaders("content-type")[0].startswith("text/event-stream")
     received = []
@@ -366,6 +367,10 @@ def test_a_stream_that_does_not_read_is_dropped_not_buffered():
     # Keepalives go out on the clock; an expired session's stream is closed at the next one.
     request = StreamRequest()
     broker.open(request, session)
+    broker.max_streams = 1
+    other = sessions.create(Caller("y", "read"))
+    assert "as many event streams as it may" in broker.refusal(other)  # the limit over all sessions
+    broker.max_streams = 5
     clock.advance(10)
     assert request.written[-1] == b": keepalive\n\n"
     clock.advance(60)

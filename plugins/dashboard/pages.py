@@ -120,6 +120,8 @@ async def logout(ctx):
 
 
 async def events(ctx):
+    if ctx.request.method == b"HEAD":  # nothing would be sent: no stream to hold open
+        return Reply(200, b"", {"Cache-Control": "no-store"}, "text/event-stream; charset=utf-8")
     broker = ctx.resource.plugin.broker
     refusal = broker.refusal(ctx.session)
     if refusal is not None:
