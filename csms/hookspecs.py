@@ -54,6 +54,16 @@ def csms_api_routes(app, router):
     """Add this plugin's operator HTTP API routes to ``router`` (a :class:`csms.api.Router`)."""
 
 
+@hookspec
+def csms_web_resources(app):
+    """Return ``{name: resource}``: ``twisted.web`` resources served beside ``/api/v1`` on the API's site,
+    each under ``/<name>/`` (e.g. ``{"ui": DashboardResource(...)}``).
+
+    A name is one path segment; ``api`` and a name another plugin mounts are refused at start-up. A
+    resource reaches the API's routes in-process with ``app.api_resource.dispatch(...)``.
+    """
+
+
 # -- admission -------------------------------------------------------------------------------------
 
 
@@ -162,6 +172,13 @@ def csms_active_transactions(station_id):
 @hookspec(firstresult=True)
 def csms_connector_ids(station_id):
     """Return (a Deferred of) the sorted connector ids (>= 1) the station has reported. Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def csms_stations_with_connectors(status, error):
+    """Return (a Deferred of) the ids of the stations having a connector in ``status`` (None: any) that,
+    when ``error`` is true, reports an error code other than NoError (when false, reports none).
+    Stops at first non-None result."""
 
 
 @hookspec(firstresult=True)

@@ -138,10 +138,13 @@ class StationStore:
         return self.db.run(thd, desc="station_delete")
 
     def list(self, limit: int = 100, offset: int = 0, ids: list[str] | None = None,
-             exclude_ids: list[str] | None = None, registration_status: str | None = None):
-        """(total, rows) of stations ordered by id."""
+             exclude_ids: list[str] | None = None, registration_status: str | None = None,
+             search: str | None = None):
+        """(total, rows) of stations ordered by id; ``search``: ids containing that text, ignoring case."""
         def thd(conn):
             query = select(stations)
+            if search:
+                query = query.where(func.lower(stations.c.id).contains(search.lower(), autoescape=True))
             if ids is not None:
                 query = query.where(stations.c.id.in_(ids))
             if exclude_ids:

@@ -136,3 +136,12 @@ def test_run_report_only_plots_latency_against_load_with_matplotlib(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (800, 500)
+
+
+def test_the_dashboard_bench_times_the_station_list_views(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "dashboard.py"), "--stations", "120",
+                           "--repeat", "1", "--no-browser"], cwd=ROOT, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    table = [line for line in done.stdout.decode().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in table[1:]] == ["| first page", "| page 1", "| search by id",
+                                                          "| connector status Faulted", "| offline, page 1"]

@@ -22,6 +22,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.passwords import hash_password
 from csms.plugins import make_plugin_manager
 from csms.rpc import CallErrorReceived
+from csms.testing.pytest_plugin import builtin_plugins
 from csms.testing.station import TestStationFactory as StationFactory
 from test_admission import events_of, refused
 from test_hardening_ws import logged  # noqa: F401  (fixture)
@@ -421,7 +422,8 @@ async def test_with_a_wrapper_one_failing_listener_silences_no_other(csms_factor
 @pytest_twisted.ensureDeferred
 async def test_pluggy_hookcall_monitoring_and_tracing_see_events(csms_factory):
     listener = Listener()
-    csms = await csms_factory(extra_plugins=[listener])
+    # The dashboard listens to meter values (for its live charts): without it, nobody does.
+    csms = await csms_factory(extra_plugins=[listener], plugins=[p for p in builtin_plugins() if p != "dashboard"])
     calls, traced = [], []
     undo = csms.app.pm.add_hookcall_monitoring(
         lambda name, impls, kwargs: calls.append((name, kwargs.get("station_id"))), lambda *args: None)

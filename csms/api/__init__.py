@@ -45,7 +45,23 @@ def make_site(app):
     router = make_router(app)
     app.api_router = router
     app.api_resource = ApiResource(app, router)
+    mounted = web_resources(app)
     limits = HTTPLimits.read(lambda name, default: getattr(app.config.api, name))
     site = ApiSite(app.api_resource, router.largest_body(app.config.api.max_body_size), limits, app.clock,
-                   operations_children(app))
+                   {**operations_children(app), **mounted})
     return limited_listener(site, "Operator API")
+
+
+def web_resources(app) -> dict:
+    """``{name: resource}`` the plugins mount beside /api/v1 (``csms_web_resources``), names checked."""
+    from csms.plugins import PluginError
+
+    mounted: dict = {}
+    for offered in app.hook.csms_web_resources(app=app):
+        for name, child in (offered or {}).items():
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                raise PluginError(f"csms_web_resources: {name!r} is not a path segment to mount a resource at")
+            if name == "api" or name in mounted:
+                raise PluginError(f"csms_web_resources: /{name}/ is already served")
+            mounted[name] = child
+    return mounted

@@ -141,11 +141,12 @@ def _explain(exc: inputs.Invalid) -> str:
     return text if text.startswith(("is ", "contains ")) else f"must be {text}"
 
 
-def _parse_query(route, request) -> dict:
-    """Declared query parameters from the URL (never from a form-encoded body: see LimitedRequest)."""
+def _parse_query(route, args: dict) -> dict:
+    """Declared query parameters from the URL's ``{name: [values]}`` (bytes; never from a form-encoded
+    body: see LimitedRequest)."""
     declared = {q.name: q for q in route.query}
     out = {}
-    for raw_name, values in request.args.items():
+    for raw_name, values in args.items():
         name = raw_name.decode("utf-8", "replace")
         spec = declared.get(name)
         if spec is None:
@@ -173,13 +174,26 @@ def _parse_body(route, request):
         if route.body_required:
             raise bad_request("A JSON request body is required", "missing_body")
         content = b"{}"
-    body = inputs.parse_json(content)
+    return _validate_body(route, inputs.parse_json(content))
+
+
+def _validate_body(route, body):
     try:
         route.validator(body)
     except Exception as exc:  # fastjsonschema.JsonSchemaValueException
         message = getattr(exc, "message", str(exc))
         raise unprocessable(f"Invalid request body: {message.replace('data.', '').replace('data ', 'body ')}")
     return body
+
+
+def _authorize(caller, route) -> None:
+    if not scope_allows(caller.scope, route.scope):
+        raise ApiError(403, "forbidden", f"This token's scope ({caller.scope}) does not allow this "
+                       f"route (it needs {route.scope})", {"scope": caller.scope, "required": route.scope})
+
+
+def _internal_error() -> Response:
+    return Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
 
 
 class ApiResource(resource.Resource):
@@ -215,34 +229,80 @@ class ApiResource(resource.Resource):
             request.route_template = route.template
             if route.auth:
                 caller = await self._authenticate(request)
-                if not scope_allows(caller.scope, route.scope):
-                    raise ApiError(403, "forbidden", f"This token's scope ({caller.scope}) does not allow this "
-                                   f"route (it needs {route.scope})", {"scope": caller.scope, "required": route.scope})
+                _authorize(caller, route)
             if getattr(request, "body_too_large", False) or \
                     (request.received_body_size > (route.max_body or self.app.config.api.max_body_size)):
                 limit = route.max_body or self.app.config.api.max_body_size
                 raise ApiError(413, "body_too_large", f"The request body is larger than {limit} bytes",
                                {"limit": limit})
             params = _parse_path(route, raw_params)
-            query = _parse_query(route, request)
+            query = _parse_query(route, request.args)
             body = _parse_body(route, request)
-            result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body,
-                                                                caller)))
-            response = result if isinstance(result, Response) else Response(200, result)
+            response = await self._run(request, route, params, query, body, caller)
         except ApiError as exc:
             response = Response(exc.status, exc.body(), exc.headers)
         except Exception:
             log.failure("Operator API request {method} {path} failed", method=request.method, path=request.path)
-            response = Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
+            response = _internal_error()
         if caller is not None and route.method not in audit.READ_METHODS:
-            await self._audit(request, caller, route, params, body, response)
+            await self._audit(request, request.path.decode("utf-8", "replace"), caller, route, params, body,
+                              response)
+        return response
+
+    async def _run(self, request, route, params: dict, query: dict, body, caller) -> Response:
+        result = await as_deferred(route.handler(ApiRequest(self.app, request, route, params, query, body, caller)))
+        return result if isinstance(result, Response) else Response(200, result)
+
+    async def dispatch(self, request, caller, method: str, path: str, query: dict | None = None,
+                       body=None) -> Response:
+        """Serve one route in-process for another resource on the API's site (``csms_web_resources``).
+
+        ``caller`` (a :class:`csms.api.tokens.Caller` the resource authenticated) must hold the route's
+        scope; ``path`` is relative to /api/v1 (its segments percent-encoded), ``query`` maps names to
+        text values, ``body`` is the decoded JSON body (validated here as for an HTTP request). A change
+        is audited under the caller's name, as if the caller had sent it to /api/v1. Never raises: every
+        outcome is a :class:`Response` carrying the API's JSON error body. A route taking a raw body
+        (``json_body=False``, an upload) reads ``request``'s own.
+        """
+        route = None
+        params = {}
+        try:
+            route, raw_params = self.router.match(method, path)
+            _authorize(caller, route)
+            limit = route.max_body or self.app.config.api.max_body_size
+            if not route.json_body and (getattr(request, "body_too_large", False) or
+                                        getattr(request, "received_body_size", 0) > limit):
+                # A raw body (an upload) is the request's own: it is as limited as it would be under /api/v1.
+                raise ApiError(413, "body_too_large", f"The request body is larger than {limit} bytes",
+                               {"limit": limit})
+            params = _parse_path(route, raw_params)
+            args = {name.encode("utf-8"): [str(value).encode("utf-8")] for name, value in (query or {}).items()}
+            query = _parse_query(route, args)
+            if route.body is None or not route.json_body:
+                if body is not None:
+                    raise bad_request("This route takes no request body", "unexpected_body")
+            else:
+                if body is None:
+                    if route.body_required:
+                        raise bad_request("A JSON request body is required", "missing_body")
+                    body = {}
+                inputs.check_json(body)
+                body = _validate_body(route, body)
+            response = await self._run(request, route, params, query, body, caller)
+        except ApiError as exc:
+            response = Response(exc.status, exc.body(), exc.headers)
+        except Exception:
+            log.failure("Operator API request {method} {path} (in-process) failed", method=method, path=path)
+            response = _internal_error()
+        if route is not None and route.method not in audit.READ_METHODS:
+            await self._audit(request, API_PREFIX.decode() + path, caller, route, params, body, response)
         return response
 
     async def _authenticate(self, request):
         """The caller the request's bearer token stands for, or ApiError 401."""
         return await require_bearer_token(self.app, request, self.configured_tokens)
 
-    async def _audit(self, request, caller, route, params: dict, body, response: Response):
+    async def _audit(self, request, path: str, caller, route, params: dict, body, response: Response):
         """Record a change request once answered; a failure to record is logged, the answer still goes out."""
         station_id = params.get("station_id")
         if station_id is None and route.template == "/stations" and isinstance(body, dict):
@@ -250,7 +310,7 @@ class ApiResource(resource.Resource):
         peer = request.getClientAddress()
         entry = {"at": self.app.now(), "token_name": caller.name[:100], "token_id": caller.token_id,
                  "scope": caller.scope, "method": route.method, "route": route.template[:255],
-                 "path": request.path.decode("utf-8", "replace")[:2048],
+                 "path": path[:2048],
                  "station_id": station_id if isinstance(station_id, str) else None,
                  "status": response.status, "outcome": audit.outcome_of(response.status, response.body),
                  "remote_address": str(getattr(peer, "host", ""))[:64] or None}
@@ -263,7 +323,11 @@ class ApiResource(resource.Resource):
     def _unexpected(self, failure, request):
         log.failure("Operator API request {method} {path} failed", failure,
                     method=request.method, path=request.path)
-        return Response(500, ApiError(500, "internal_error", "The server failed to handle this request").body())
+        return _internal_error()
+
+    def write(self, response: Response, request):
+        """Send ``response`` on ``request`` as the API does (JSON, raw bytes, or a stream with back-pressure)."""
+        self._write(response, request)
 
     def _write(self, response: Response, request):
         route = getattr(request, "api_route", None)
@@ -344,15 +408,17 @@ class LimitedRequest(server.Request):
 
 
 class RootResource(resource.Resource):
-    """``/``: the API under /api/v1, and ``children`` (/metrics, /healthz, /readyz); other paths answer a JSON 404."""
+    """``/``: the API under /api/v1, the operations resources (/metrics, /healthz, /readyz) and the resources
+    plugins mount (``csms_web_resources``) under their names; other paths answer the API's JSON 404."""
 
-    def __init__(self, api, children: dict | None = None):
+    def __init__(self, api, mounted: dict | None = None):
         super().__init__()
         self.api = api
-        self.extra_children = children or {}
+        self.mounted = {name.encode("utf-8") if isinstance(name, str) else name: child
+                        for name, child in (mounted or {}).items()}
 
     def getChild(self, name, request):
-        return self.extra_children.get(name, self.api)
+        return self.mounted.get(name, self.api)
 
     def render(self, request):
         return self.api.render(request)
@@ -362,8 +428,8 @@ class ApiSite(LimitedSite):
     requestFactory = LimitedRequest
     noisy = False
 
-    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock, children: dict | None = None):
-        super().__init__(RootResource(api_resource, children), limits, clock)
+    def __init__(self, api_resource, max_body_size: int, limits: HTTPLimits, clock, mounted: dict | None = None):
+        super().__init__(RootResource(api_resource, mounted), limits, clock)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 

@@ -10,7 +10,7 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
 from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, page, record
-from csms.app import ActionUnavailable, CallRefused
+from csms.app import ActionUnavailable, CallRefused, as_deferred
 from csms.passwords import hash_password
 from csms.schemas import SchemaViolation
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
@@ -36,6 +36,9 @@ STATION_UPDATE = {
         "description": {"type": ["string", "null"], "maxLength": 1000},
     },
 }
+#: ChargePointStatus (OCPP 1.6 §7.7).
+CONNECTOR_STATUSES = ("Available", "Preparing", "Charging", "SuspendedEVSE", "SuspendedEV", "Finishing",
+                      "Reserved", "Unavailable", "Faulted")
 PASSWORD_SET = {"type": "object", "additionalProperties": False, "required": ["password"],
                 "properties": {"password": PASSWORD}}
 
@@ -108,8 +111,16 @@ def add_routes(app, router):
             ids = sorted(app.sessions)
         elif online is False:
             exclude = sorted(app.sessions)
+        status, error = request.query.get("connector_status"), request.query.get("connector_error")
+        if status is not None or error is not None:
+            found = await as_deferred(app.hook.csms_stations_with_connectors(status=status, error=error))
+            if found is None:
+                raise ApiError(400, "filter_unavailable", "No enabled plugin tracks connectors: the "
+                               "connector_status and connector_error filters are unavailable")
+            ids = sorted(set(found) & set(ids)) if ids is not None else sorted(found)
         total, rows = await store.list(limit=limit, offset=offset, ids=ids, exclude_ids=exclude,
-                                       registration_status=request.query.get("registration_status"))
+                                       registration_status=request.query.get("registration_status"),
+                                       search=request.query.get("search"))
         return paginated((await station_views(app, rows)), total, limit, offset)
 
     async def create_station(request):
@@ -178,8 +189,15 @@ def add_routes(app, router):
 
     tags = ("stations",)
     router.add("GET", "/stations", list_stations, "List stations with their live state", tags=tags,
-               response=page(STATION), query=PAGINATION + (Query("online", "boolean", "Only connected (true) or disconnected (false) ones"),
-                                   Query("registration_status", enum=REGISTRATION_STATUSES)))
+               response=page(STATION),
+               query=PAGINATION + (Query("online", "boolean", "Only connected (true) or disconnected (false) ones"),
+                                   Query("registration_status", enum=REGISTRATION_STATUSES),
+                                   Query("search", description="Only stations whose id contains this text "
+                                                               "(ignoring case)"),
+                                   Query("connector_status", enum=CONNECTOR_STATUSES,
+                                         description="Only stations with a connector in this status"),
+                                   Query("connector_error", "boolean", "Only stations with a connector reporting "
+                                                                       "an error (true) or none (false)")))
     router.add("POST", "/stations", create_station, "Register a station ahead of its first connection", tags=tags,
                body=STATION_CREATE, response=STATION, responses={"201": "Created", "409": "A station with that id exists"})
     router.add("GET", "/stations/{station_id}", get_station, "One station", tags=tags, response=STATION,

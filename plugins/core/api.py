@@ -145,7 +145,8 @@ def add_routes(plugin, app, router):
     async def list_id_tags(request):
         limit, offset = request.page()
         total, tags = await store.list_id_tags(limit=limit, offset=offset, status=request.query.get("status"),
-                                               parent_id_tag=request.query.get("parent_id_tag"))
+                                               parent_id_tag=request.query.get("parent_id_tag"),
+                                               search=request.query.get("search"))
         return paginated([id_tag_view(t) for t in tags], total, limit, offset)
 
     def id_tag_values(body: dict) -> dict:
@@ -190,7 +191,9 @@ def add_routes(plugin, app, router):
     router.add("GET", "/id-tags", list_id_tags, "List id tags (ordered by id tag)", tags=tags,
                response=page(ID_TAG_VIEW),
                query=PAGINATION + (Query("status", enum=ID_TAG_STATUSES),
-                                   Query("parent_id_tag", description="Only the members of this group")))
+                                   Query("parent_id_tag", description="Only the members of this group"),
+                                   Query("search", description="Only id tags containing this text (ignoring "
+                                                               "case)")))
     router.add("POST", "/id-tags", create_id_tag, "Create an id tag (status defaults to Accepted)", tags=tags,
                body=ID_TAG_CREATE, response=ID_TAG_VIEW, responses={"201": "Created", "409": "The id tag exists"})
     router.add("GET", "/id-tags/{id_tag}", get_id_tag, "One id tag", tags=tags, response=ID_TAG_VIEW,

@@ -257,6 +257,10 @@ class CorePlugin:
         return self.store.connector_ids(station_id)
 
     @hookimpl
+    def csms_stations_with_connectors(self, status, error):
+        return self.store.stations_with_connectors(status, error)
+
+    @hookimpl
     def csms_id_tags(self, id_tags):
         return self.store.list_id_tags(limit=None, id_tags_in=id_tags).addCallback(lambda result: result[1])
 

@@ -484,10 +484,13 @@ class CoreStore:
         return self._changing_tag(self.db.run(thd, desc="core_delete_id_tag"), id_tag)
 
     def list_id_tags(self, limit: int = 100, offset: int = 0, status: str | None = None,
-                     parent_id_tag: str | None = None, id_tags_in: list[str] | None = None):
-        """(total, tags) ordered by id tag."""
+                     parent_id_tag: str | None = None, id_tags_in: list[str] | None = None,
+                     search: str | None = None):
+        """(total, tags) ordered by id tag; ``search``: tags containing that text, ignoring case."""
         def thd(conn):
             query = select(id_tags)
+            if search:
+                query = query.where(func.lower(id_tags.c.id_tag).contains(search.lower(), autoescape=True))
             if status is not None:
                 query = query.where(id_tags.c.status == status)
             if parent_id_tag is not None:
@@ -778,6 +781,19 @@ class CoreStore:
             rows = conn.execute(query.order_by(unmatched_stops.c.id.desc()).limit(limit).offset(offset)).fetchall()
             return total, [_row(r, "timestamp", "received_at") for r in rows]
         return self.db.run(thd, desc="core_unmatched_stops")
+
+    def stations_with_connectors(self, status: str | None, error: bool | None):
+        """Ids of the stations with a connector (0, the station itself, too) in ``status`` and with (or
+        without) an error."""
+        def thd(conn):
+            query = select(connectors.c.station_id).distinct()
+            if status is not None:
+                query = query.where(connectors.c.status == status)
+            if error is not None:
+                query = query.where((connectors.c.error_code != "NoError") if error else
+                                    (connectors.c.error_code == "NoError"))
+            return [row[0] for row in conn.execute(query)]
+        return self.db.run(thd, desc="core_stations_with_connectors")
 
     def station_details(self, station_ids: list[str]):
         """{station_id: {"boot": ..., "connectors": [...], "active_transaction_ids": [...]}} for the API."""
