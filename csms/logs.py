@@ -1,8 +1,8 @@
 """Log lines: text or JSON (``[csms] log_format``), secrets redacted, and the per-station OCPP trace.
 
 Everything logs through :mod:`twisted.logger`; this module only decides how an event is written.
-``twistd csms`` keeps the file twistd chose (stdout with ``-n``, else ``twistd.log`` with its rotation)
-and replaces the formatting (:func:`install`). Every line, in either format, goes through
+``twistd csms`` logs to the file twistd's options name (stdout with ``-n``, else ``twistd.log``,
+rotated on SIGUSR1) through :class:`CSMSLogObserver`, from twistd's first line on. Every line, in either format, goes through
 :func:`redact`, so a password, token, Authorization header or private key that reached a log event
 (a handshake dump, an exception message, a payload echoed in an error) is not written.
 
@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
 from datetime import datetime, timezone
 
 import orjson
 from twisted.logger import (FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                             formatEvent, formatEventAsClassicLogText, formatTime)
+from twisted.python.logfile import LogFile
 
 TRACE_NAMESPACE = "csms.trace"
 #: Longest frame a trace line shows, in characters; the rest is cut and counted.
@@ -175,15 +178,43 @@ def level_predicate(level_name: str) -> LogLevelFilterPredicate:
     return predicate
 
 
-def install(publisher, log_level: str, log_format: str) -> None:
-    """Re-plumb the observers twistd installed: our line format for its log file, the level filter for all.
+class CSMSLogObserver(FilteringLogObserver):
+    """Our lines on a log file, behind the level filter: what ``twistd csms`` logs through."""
 
-    twistd's own observer writes through a :class:`FileLogObserver` to the file its options chose;
-    that file (its private ``_outFile``: twistd offers no other way to reach it) gets our lines. An
-    observer that is not one (syslog, ``--logger``) keeps its own format, with messages redacted.
+    def __init__(self, out_file, log_level: str, log_format: str):
+        super().__init__(file_observer(out_file, log_format), [level_predicate(log_level)])
+
+
+def twistd_log_file(server_options):
+    """The file twistd's options say to log to, chosen as twistd's own ``UnixAppLogger`` chooses (and
+    rotated on SIGUSR1 as it does); None when twistd logs elsewhere (syslog, ``--logger``) or refuses
+    the options itself (a daemon logging to stdout)."""
+    if server_options.get("syslog") or server_options.get("logger"):
+        return None
+    name = server_options.get("logfile") or ""
+    if name == "-" or not name and server_options.get("nodaemon"):
+        return sys.stdout if server_options.get("nodaemon") else None
+    log_file = LogFile.fromFullPath(name or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+        def rotate(_number, _frame):
+            from twisted.internet import reactor
+            reactor.callFromThread(log_file.rotate)
+        signal.signal(signal.SIGUSR1, rotate)
+    return log_file
+
+
+def install(publisher, log_level: str, log_format: str) -> None:
+    """Put the level filter and redaction in front of observers twistd made itself (syslog,
+    ``--logger``, or its log file when :func:`twistd_log_file` could not be used).
+
+    A :class:`FileLogObserver` (twistd's log file) gets our lines: twistd offers no way to reach its
+    file but the observer's private ``_outFile``. Any other observer keeps its own format, and is
+    given events whose message is redacted. Our own observer is left as it is.
     """
     predicate = level_predicate(log_level)
     for observer in list(publisher._observers):  # noqa: SLF001 - no public way to list them
+        if isinstance(observer, CSMSLogObserver):
+            continue
         out_file = getattr(observer, "_outFile", None) if isinstance(observer, FileLogObserver) else None
         replacement = file_observer(out_file, log_format) if out_file is not None else redacting_observer(observer)
         publisher.removeObserver(observer)

@@ -244,8 +244,11 @@ class CSMSService(service.Service):
             return
         service.Service.stopService(self)
         listeners = [self.ports.pop(name) for name in ("ocpp", "api") if name in self.ports]
-        yield defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in listeners], consumeErrors=True)
-        yield self._let_stations_go(self.app.config.shutdown_grace)
+        not_listening = defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in listeners],
+                                           consumeErrors=True)
+        stations_gone = self._let_stations_go(self.app.config.shutdown_grace)  # the grace counts from now
+        yield not_listening
+        yield stations_gone
         yield self._stop_started()
         self.app.stop()
 
@@ -284,17 +287,36 @@ def _labelled(d: defer.Deferred, label: str) -> defer.Deferred:
 def makeService(options) -> service.IService:
     from csms.plugins import PluginError
 
+    from csms.logs import CSMSLogObserver, twistd_log_file
+
+    config = options.config
     try:
-        return TwistdCSMSService(options.config)
+        csms_service = TwistdCSMSService(config)
+        server_options = getattr(options, "parent", None)  # twistd's own options
+        out_file = twistd_log_file(server_options) if server_options is not None else None
     except (ConfigError, PluginError, OSError) as exc:  # OSError: a directory that cannot be created
         raise StartupFailed(describe(exc)) from None
+    if out_file is not None:
+        csms_service.log_observer = CSMSLogObserver(out_file, config.log_level, config.log_format)
+    return csms_service
 
 
 class TwistdCSMSService(CSMSService):
     """The service ``twistd csms`` runs: starts before the reactor, so that a failure is the process's exit status.
 
-    It also applies ``log_level`` once twistd's logging has begun.
+    Its ``log_observer`` (``[csms] log_level`` and ``log_format`` on twistd's log file) becomes the
+    application's log observer, which twistd uses from its first line on.
     """
+
+    log_observer = None
+
+    def setServiceParent(self, parent):
+        application = parent  # twistd's Application: a Componentized, adapted to a collection below
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(application, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            application.setComponent(ILogObserver, self.log_observer)
 
     def startService(self):
         from twisted.logger import globalLogPublisher
@@ -330,6 +352,7 @@ class TwistdCSMSService(CSMSService):
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
 
+        log.info("Received SIGTERM: stopping")
         try:
             self.reactor.stop()
         except ReactorNotRunning:  # a second SIGTERM while stopping
