@@ -205,3 +205,45 @@ async def test_no_secret_reaches_the_log_in_either_format(csms_factory):
     assert any(r.get("action") == "ChangeConfiguration" and REDACTED in r["message"] for r in trace), trace
     assert any("authorization" in r["message"] and REDACTED in r["message"] for r in trace), trace
     assert "CP-S received [3," in logs.text
+
+
+# -- twistd's observers ------------------------------------------------------------------------------------
+
+
+def test_install_gives_twistds_log_file_our_lines_and_filters_and_redacts_other_observers():
+    from twisted.logger import FileLogObserver, LogPublisher, textFileLogObserver
+
+    from csms.logs import install
+
+    publisher = LogPublisher()
+    log_file = io.StringIO()
+    seen: list = []
+    publisher.addObserver(textFileLogObserver(log_file))  # as twistd's own log file
+    publisher.addObserver(seen.append)  # as syslog or --logger
+    install(publisher, "info", "json")
+    publisher(event("Authorization: Bearer tok-0123456789", station="CP-1"))
+    publisher(dict(event("noise"), log_level=LogLevel.debug))
+    (record,) = [json.loads(line) for line in log_file.getvalue().splitlines()]
+    assert record["message"] == f"Authorization: {REDACTED}" and record["station_id"] == "CP-1"
+    (other,) = seen
+    from twisted.logger import formatEvent
+    assert formatEvent(other) == f"Authorization: {REDACTED}"
+    assert not any(isinstance(o, FileLogObserver) for o in publisher._observers)  # all behind the filter
+
+
+def test_twistd_log_file_is_the_one_twistd_would_choose(tmp_path, monkeypatch):
+    import signal
+    import sys
+
+    from twisted.python.logfile import LogFile
+
+    from csms.logs import twistd_log_file
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # no SIGUSR1 handler in the test process
+    assert twistd_log_file({"nodaemon": True, "logfile": None}) is sys.stdout
+    assert twistd_log_file({"nodaemon": True, "logfile": "-"}) is sys.stdout
+    assert twistd_log_file({"syslog": True, "nodaemon": True}) is None
+    assert twistd_log_file({"logger": "my.observer", "nodaemon": True}) is None
+    log_file = twistd_log_file({"nodaemon": False, "logfile": str(tmp_path / "csms.log")})
+    assert isinstance(log_file, LogFile) and log_file.path == str(tmp_path / "csms.log")
+    log_file.close()
