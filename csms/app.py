@@ -218,7 +218,7 @@ class CentralSystem:
         try:
             results = caller(**kwargs)
         except Exception:  # only a wrapper can raise here: the listeners are guarded
-            log.failure("Event {hook} failed", hook=hook_name)
+            log.failure("Event {hook} failed", hook=hook_name, station=kwargs.get("station_id"))
             return defer.succeed(None)
         pending = [as_deferred(r) for r in results if r is not None]
         if not pending:
@@ -227,7 +227,8 @@ class CentralSystem:
         def report(outcomes):
             for ok, value in outcomes:
                 if not ok:
-                    log.failure("Event {hook} listener failed", value, hook=hook_name)
+                    log.failure("Event {hook} listener failed", value, hook=hook_name,
+                                station=kwargs.get("station_id"))
         return defer.DeferredList(pending, consumeErrors=True).addCallback(report)
 
     def admit(self, request: AdmissionRequest) -> defer.Deferred:

@@ -14,6 +14,9 @@ from typing import Any
 DEFAULT_PLUGINS = ("core",)
 UNKNOWN_STATION_POLICIES = ("accept", "pending", "reject")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
+#: The settings of ``[csms]``, read onto :class:`Config` itself.
+CSMS_SETTINGS = ("log_level", "log_format", "shutdown_grace")
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "plugins")
 #: The database URLs the CSMS works with, as operators are told when they give another one.
@@ -44,6 +47,8 @@ class OCPPConfig:
     boot_timeout: float = 600.0
     max_connections: int = 10000
     max_connections_per_address: int = 1000
+    #: Stations whose every frame is logged (namespace ``csms.trace``), whatever ``log_level`` says.
+    trace_stations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +96,9 @@ class Config:
     """The whole configuration; ``plugin_settings`` keeps each ``[plugin:NAME]`` section raw."""
 
     log_level: str = "info"
+    log_format: str = "text"
+    #: Seconds a SIGTERM'd CSMS gives in-flight handlers and their commits before it abandons them.
+    shutdown_grace: float = 10.0
     ocpp: OCPPConfig = field(default_factory=OCPPConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: APIConfig = field(default_factory=APIConfig)
@@ -280,9 +288,12 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     config = Config()
     if parser.has_section("csms"):
         for key, raw in parser.items("csms"):
-            if key != "log_level":
+            if key not in CSMS_SETTINGS:
                 raise ConfigError(f"[csms] has no setting {key!r}")
-            config.log_level = raw.strip().lower()
+            if key == "shutdown_grace":
+                config.shutdown_grace = _as(float, raw, config.shutdown_grace, "csms", key)
+            else:
+                setattr(config, key, raw.strip().lower())
     _fill(config.ocpp, parser, "ocpp")
     _fill(config.database, parser, "database")
     _fill(config.api, parser, "api")
@@ -309,6 +320,10 @@ def validate(config: Config) -> None:
         )
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"[csms] log_level must be one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"[csms] log_format must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
+    if not 0 <= config.shutdown_grace < float("inf"):
+        raise ConfigError("[csms] shutdown_grace must be 0 or a number of seconds")
     if config.ocpp.response_timeout <= 0:
         raise ConfigError("[ocpp] response_timeout must be positive")
     if not 0 < config.ocpp.handler_timeout < float("inf"):  # NaN fails this too

@@ -58,6 +58,10 @@ def _is_transient(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) and any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
+def _nothing(conn) -> None:
+    return None
+
+
 class Database:
     """An engine plus its thread pool. ``run(thd, *args)`` -> Deferred firing after commit."""
 
@@ -160,6 +164,20 @@ class Database:
             self._drains += 1
         self.pool.callInThread(self._drain)
         return d
+
+    def barrier(self) -> defer.Deferred:
+        """Fires once what was queued before it has been committed (or has failed); at once when stopped."""
+        if not self._started:
+            return defer.succeed(None)
+        return self.run(_nothing, desc="barrier")
+
+    def discard_queued(self) -> int:
+        """Drop the functions still waiting for a transaction (shutdown, past its grace period); the
+        ones being committed finish. Their Deferreds never fire. Returns how many were dropped."""
+        with self._lock:
+            count = len(self._queue)
+            self._queue.clear()
+        return count
 
     def _drain(self) -> None:
         """On a pool thread: commit what is queued, up to MAX_BATCH functions per transaction, until

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from csms.admission import (AdmissionRefused, AdmissionRequest, ConnectionLimits, RefusedConnection,
                             charge_point_id_from_path, charge_point_id_problem, printable)
 from csms.fastpath import FastPathGuard, frame_header, unmask, write_now
+from csms.logs import trace_frame, trace_handshake
 from csms.ocpp16 import utc_from_timestamp
 from csms.session import StationSession
 
@@ -42,6 +43,9 @@ SUBPROTOCOL = "ocpp1.6"
 CLOSE_REPLACED = 4000
 #: RFC 6455 §7.4.1: the endpoint received a message that violates its policy.
 CLOSE_POLICY_VIOLATION = 1008
+#: RFC 6455 §7.4.1: the endpoint is going away (the Central System is shutting down).
+CLOSE_GOING_AWAY = 1001
+SHUTDOWN_REASON = "The Central System is shutting down"
 BOOT_TIMEOUT_REASON = "No BootNotification accepted in time"
 _OPEN = WebSocketProtocol.STATE_OPEN
 _TEXT_FIN, _BINARY_FIN = 0x81, 0x82
@@ -70,6 +74,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     #: Whether this connection parses and frames simple messages itself (see :mod:`csms.fastpath`).
     fast_path = False
     replaced = False
+    #: Whether every frame of this station is logged (``[ocpp] trace_stations``).
+    traced = False
     _boot_deadline = None
     _counted = False
     _counted_address: str | None = None
@@ -92,6 +98,11 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         if station_id is None:
             self.factory.count_refusal("not_ocpp_path", 404)
             raise ConnectionDeny(404, "Not an OCPP endpoint: connect to " + ocpp.path_prefix + "<chargePointId>")
+        if station_id in self.factory.trace_stations:
+            self.traced = True
+            trace_handshake(station_id, peer, request.path, request.headers)
+        if self.factory.shutting_down:
+            raise ConnectionDeny(503, SHUTDOWN_REASON)
         if SUBPROTOCOL not in request.protocols:
             log.info("Refused {station} from {peer}: subprotocol ocpp1.6 not offered ({offered})",
                      station=station_id, peer=peer, offered=request.protocols)
@@ -111,6 +122,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        self.factory.protocols.add(self)
         # Autobahn applies tcpNoDelay before it copies the factory's options onto the protocol, and
         # swallows the error: Nagle stays on and a small write behind an unacknowledged one waits for
         # the peer's delayed ACK (40 ms). Set it here, on the socket itself.
@@ -131,6 +143,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             if self._counted:
                 self._counted = False
                 self.factory.limits.release(self._counted_address)
+            self.factory.protocol_gone(self)
 
     def onOpen(self):
         app = self.factory.app
@@ -141,9 +154,10 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         if ocpp.boot_timeout > 0:
             dispatch = self._dispatch_watching_boot
             self._boot_deadline = app.clock.callLater(ocpp.boot_timeout, self._boot_deadline_passed)
-        self.session = StationSession(app, station_id, dispatch,
-                                      self._send_text if self.fast_path else self._send_message,
-                                      self.peer, self, self.admission)
+        send = self._send_text if self.fast_path else self._send_message
+        if self.traced:
+            send = self._tracing(send)
+        self.session = StationSession(app, station_id, dispatch, send, self.peer, self, self.admission)
         self.session.last_seen = app.clock.seconds()
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
@@ -166,6 +180,22 @@ class OCPPServerProtocol(WebSocketServerProtocol):
                                                                touch="last_connected_at"))
         d.addBoth(_logged, "connected")
         d.addCallback(lambda _: app.fire("csms_on_station_connected", station_id=station_id, station=self.session))
+        if self.factory.shutting_down:  # admitted while the Central System began to stop
+            self.go_away()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def go_away(self) -> None:
+        """Stop taking the station's calls, let the one being handled be answered, then close with 1001
+        (going away: the station reconnects, to another instance behind the same address if there is one)."""
+        if self.session is None or self.state != _OPEN:
+            return
+        self.session.stop_accepting().addCallback(self._close_going_away)
+
+    def _close_going_away(self, _=None) -> None:
+        if self.state == _OPEN:
+            # 1001 is not one of the codes sendClose lets an application send; sendCloseFrame sends any.
+            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=SHUTDOWN_REASON.encode(), isReply=False)
 
     # -- the boot deadline -----------------------------------------------------------------------
 
@@ -226,6 +256,12 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     def _send_message(self, data: bytes) -> None:
         """Send one text message (UTF-8 bytes) through Autobahn."""
         self.sendMessage(data, isBinary=False)
+
+    def _tracing(self, send):
+        def traced_send(data: bytes) -> None:
+            trace_frame(self.station_id, "sent", data)
+            send(data)
+        return traced_send
 
     def _send_text(self, data: bytes) -> None:
         """Send one text message (UTF-8 bytes): framed here in the steady state, else by Autobahn."""
@@ -288,6 +324,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         if session is None:
             return
         session.last_seen = self.factory.app.clock.seconds()
+        if self.traced:
+            trace_frame(self.station_id, "received", text)
         if type(text) is bytes:
             # OCPP-J uses text frames; some firmwares send JSON in binary ones. Be lenient.
             try:
@@ -369,6 +407,42 @@ class OCPPServerFactory(WebSocketServerFactory):
         )
         self.limits = ConnectionLimits(app.clock, ocpp.max_connections, ocpp.max_connections_per_address)
         self.fast_path = FastPathGuard(self)
+        self.trace_stations = frozenset(ocpp.trace_stations)
+        #: Every connection from TCP accept to its loss, handshakes in progress included.
+        self.protocols: set = set()
+        self.shutting_down = False
+        self._all_gone: list[defer.Deferred] = []
+
+    def shut_down(self) -> defer.Deferred:
+        """Close every station gracefully (see :meth:`OCPPServerProtocol.go_away`); fires once every
+        connection is gone. A handshake still in progress is dropped: the station retries elsewhere."""
+        self.shutting_down = True
+        for protocol in list(self.protocols):
+            if protocol.state == _OPEN and protocol.session is not None:
+                protocol.go_away()
+            else:
+                protocol.dropConnection(abort=True)
+        d = defer.Deferred()
+        self._all_gone.append(d)
+        self._check_all_gone()
+        return d
+
+    def abandon(self) -> int:
+        """Drop every connection still open (the shutdown grace is over); returns how many there were."""
+        remaining = list(self.protocols)
+        for protocol in remaining:
+            protocol.dropConnection(abort=True)
+        return len(remaining)
+
+    def protocol_gone(self, protocol) -> None:
+        self.protocols.discard(protocol)
+        self._check_all_gone()
+
+    def _check_all_gone(self) -> None:
+        if not self.protocols and self._all_gone:
+            waiting, self._all_gone = self._all_gone, []
+            for d in waiting:
+                d.callback(None)
 
     def buildProtocol(self, addr):
         """A protocol for a connection just accepted, or a :class:`RefusedConnection` over the limits."""

@@ -171,6 +171,9 @@ class OCPPSession:
         self._queue: deque[_PendingCall] = deque()
         self._in_flight: _PendingCall | None = None
         self.connected = True
+        #: False once the Central System is stopping: calls not yet being handled are left unanswered.
+        self.accepting = True
+        self._idle_waiters: list[defer.Deferred] = []
         #: Counters an operator (and the benchmark) can read.
         self.stats = {"calls_in": 0, "calls_out": 0, "errors_sent": 0}
 
@@ -240,6 +243,11 @@ class OCPPSession:
         if not isinstance(payload, dict):
             self._send_error(unique_id, "FormationViolation", "Payload must be a JSON object", action=action)
             return
+        if not self.accepting:
+            # Unanswered, the call counts as not received: the station sends it again once reconnected.
+            log.debug("{station} sent {action} while the Central System is stopping: not handled",
+                      station=self.station_id, action=action)
+            return
         self.stats["calls_in"] += 1
         # One inbound call at a time, in arrival order (a StopTransaction never overtakes its
         # StartTransaction). A call answered synchronously (Heartbeat, a cached Authorize) is answered
@@ -264,6 +272,24 @@ class OCPPSession:
         self._inbound_busy = False
         if self._inbound_queue:
             self._run_calls(*self._inbound_queue.popleft())
+        elif self._idle_waiters:
+            waiting, self._idle_waiters = self._idle_waiters, []
+            for d in waiting:
+                d.callback(None)
+
+    def stop_accepting(self) -> defer.Deferred:
+        """Take no more calls; fires once the call being handled, if any, has been answered (or has
+        timed out). The calls queued behind it are dropped unanswered, like those arriving from now on."""
+        self.accepting = False
+        if self._inbound_queue:
+            log.debug("{station}: {count} queued call(s) left unanswered at shutdown", station=self.station_id,
+                      count=len(self._inbound_queue))
+            self._inbound_queue.clear()
+        if not self._inbound_busy:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def _handle_call(self, unique_id: str, action: str, payload: dict, screen: bool) -> bool:
         """Answer one CALL: False when answered already, True while its handler has yet to answer.
@@ -378,7 +404,8 @@ class OCPPSession:
 
     def _reply(self, result, unique_id: str, action: str) -> None:
         if not isinstance(result, dict):
-            log.error("Handler for {action!r} returned {result!r}, not a dict", action=action, result=result)
+            log.error("Handler for {action!r} from {station} returned {result!r}, not a dict", action=action,
+                      station=self.station_id, result=result)
             self._send_error(unique_id, "InternalError", _COULD_NOT_HANDLE, action=action)
             return
         try:
@@ -386,8 +413,8 @@ class OCPPSession:
             if self.schemas.has_request(action):
                 self.schemas.validate_response(action, result)
         except SchemaViolation as exc:
-            log.error("Response to {action!r} does not match its schema: {message} ({result!r})",
-                      action=action, message=exc.message, result=result)
+            log.error("Response to {action!r} from {station} does not match its schema: {message} ({result!r})",
+                      action=action, station=self.station_id, message=exc.message, result=result)
             self._send_error(unique_id, "InternalError", "The Central System produced an invalid response",
                              action=action)
             return

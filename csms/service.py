@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -254,12 +255,35 @@ class CSMSService(service.Service):
 
     @defer.inlineCallbacks
     def stopService(self):
+        """Stop gracefully: no new connections, the calls being handled answered and committed, every
+        station closed with 1001; what is left after ``[csms] shutdown_grace`` seconds is abandoned."""
+        if not self.running:
+            return
         service.Service.stopService(self)
-        stopping = self._stop_started()
-        for protocol in list(self.ocpp_factory.connections.values()):
-            protocol.dropConnection(abort=True)
-        yield stopping
+        listeners = [self.ports.pop(name) for name in ("ocpp", "api") if name in self.ports]
+        not_listening = defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in listeners],
+                                           consumeErrors=True)
+        stations_gone = self._let_stations_go(self.app.config.shutdown_grace)  # the grace counts from now
+        yield not_listening
+        yield stations_gone
+        yield self._stop_started()
         self.app.stop()
+
+    def _let_stations_go(self, grace: float) -> defer.Deferred:
+        """Fires once every station connection is closed and what their handlers wrote is committed, or
+        once ``grace`` seconds (of the app's clock) have passed, whichever comes first."""
+        stations = len(self.ocpp_factory.protocols)
+        if stations:
+            log.info("Stopping: closing {count} station connection(s) once their calls are answered "
+                     "(at most {grace:g} s)", count=stations, grace=grace)
+        settled = self.ocpp_factory.shut_down().addCallback(lambda _: self.app.db.barrier())
+
+        def grace_over(_result, _timeout):
+            dropped = self.ocpp_factory.abandon()
+            discarded = self.app.db.discard_queued()
+            log.warn("Stopping: the {grace:g} s shutdown grace is over; abandoned {dropped} connection(s) and "
+                     "{discarded} queued database function(s)", grace=grace, dropped=dropped, discarded=discarded)
+        return settled.addTimeout(grace, self.app.clock, onTimeoutCancel=grace_over)
 
 
 def _start_plugin_service(plugin_service):
@@ -280,20 +304,44 @@ def _labelled(d: defer.Deferred, label: str) -> defer.Deferred:
 def makeService(options) -> service.IService:
     from csms.plugins import PluginError
 
+    from csms.logs import CSMSLogObserver, twistd_log_file
+
+    config = options.config
     try:
-        return TwistdCSMSService(options.config)
+        csms_service = TwistdCSMSService(config)
+        server_options = getattr(options, "parent", None)  # twistd's own options
+        out_file = twistd_log_file(server_options) if server_options is not None else None
     except (ConfigError, PluginError, OSError) as exc:  # OSError: a directory that cannot be created
         raise StartupFailed(describe(exc)) from None
+    if out_file is not None:
+        csms_service.log_observer = CSMSLogObserver(out_file, config.log_level, config.log_format)
+    return csms_service
 
 
 class TwistdCSMSService(CSMSService):
     """The service ``twistd csms`` runs: starts before the reactor, so that a failure is the process's exit status.
 
-    It also applies ``log_level`` once twistd's logging has begun.
+    Its ``log_observer`` (``[csms] log_level`` and ``log_format`` on twistd's log file) becomes the
+    application's log observer, which twistd uses from its first line on.
     """
 
+    log_observer = None
+
+    def setServiceParent(self, parent):
+        application = parent  # twistd's Application: a Componentized, adapted to a collection below
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(application, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            application.setComponent(ILogObserver, self.log_observer)
+
     def startService(self):
-        _install_level_filter(self.app.config.log_level)
+        from twisted.logger import globalLogPublisher
+
+        from csms.logs import install
+
+        install(globalLogPublisher, self.app.config.log_level, self.app.config.log_format)
+        self.reactor.callWhenRunning(self._take_sigterm)
         super().startService()
         if not self.ready.called:
             self.ready.addErrback(self._failed_late)
@@ -308,6 +356,24 @@ class TwistdCSMSService(CSMSService):
     def _start_database(self) -> defer.Deferred:
         # Blocking, but the reactor is not running yet: there is nothing to keep waiting.
         return defer.maybeDeferred(self.app.start_blocking)
+
+    def _take_sigterm(self) -> None:
+        """SIGTERM stops the reactor (and so this service, gracefully) and the process exits 0.
+
+        Twisted's own handler (installed as the reactor starts, just before this runs) makes twistd
+        end by raising the signal again (status -15, 143 in a shell: Twisted #7225), which container
+        runtimes and scripts read as a failure. A stop that did what it was asked is a success.
+        """
+        signal.signal(signal.SIGTERM, lambda _number, _frame: self.reactor.callFromThread(self._stop_reactor))
+
+    def _stop_reactor(self) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        log.info("Received SIGTERM: stopping")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:  # a second SIGTERM while stopping
+            pass
 
     def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
         # At once: ports close only once the reactor runs, and startService must raise before it does
@@ -328,14 +394,3 @@ def _exit_with_status(status: int) -> None:
         if stream is not None:
             stream.flush()
     os._exit(status)
-
-
-def _install_level_filter(level_name: str) -> None:
-    """Filter everything twistd logs below ``level_name`` (twistd itself has no level option)."""
-    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogPublisher
-
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
-    observers = list(globalLogPublisher._observers)
-    for observer in observers:
-        globalLogPublisher.removeObserver(observer)
-        globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))

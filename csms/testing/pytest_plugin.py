@@ -144,6 +144,8 @@ class RunningCSMS:
         for station in self.stations:
             if not station.closed.called:
                 station.dropConnection(abort=True)
+        # At once, as the test is over: the graceful stop (1001, waiting for handlers) has its own tests.
+        self.service.ocpp_factory.abandon()
         await self.service.stopService()
 
 
