@@ -94,6 +94,7 @@ class CentralSystem:
         #: The checks /readyz runs; see :meth:`add_readiness_check`.
         self.readiness = Readiness(self.clock, config.metrics.readiness_timeout)
         self.add_readiness_check("database", database_check(self.db))
+        self.add_readiness_check("migrations", self._schema_check)
         self._histories = None
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
@@ -147,6 +148,13 @@ class CentralSystem:
     def _log_schema_changes(done: list) -> None:
         for line in done:
             log.info("Schema: {change}", change=line)
+
+    def _schema_check(self):
+        """The readiness check: None when every schema is at its head, else which are behind."""
+        from csms.migrations import pending
+
+        return self.db.run(pending, self.histories(), desc="schema_pending").addCallback(
+            lambda behind: None if not behind else "schema behind the code: " + "; ".join(behind)[:200])
 
     def schema_is_current(self) -> defer.Deferred:
         """Fires True when every enabled plugin's schema (and the framework's) is at its head: for readiness."""

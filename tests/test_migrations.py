@@ -123,8 +123,21 @@ async def test_auto_upgrade_migrates_a_fresh_database(csms_factory, engine):
 async def test_schema_is_current_says_false_once_a_history_is_behind(csms_factory, engine):
     csms = await csms_factory(plugins=["core"])
     assert await csms.app.schema_is_current() is True
+    status, body = await readyz(csms)
+    assert status == 200 and body["checks"]["migrations"] == "ok"
     await csms.app.db.run(lambda conn: conn.execute(text("DELETE FROM core_alembic_version")), desc="test")
     assert await csms.app.schema_is_current() is False
+    status, body = await readyz(csms)
+    assert status == 503 and "migrations" in body["error"]["details"]["failed"], body
+
+
+async def readyz(csms):
+    import json
+
+    import treq
+
+    response = await treq.get(f"http://127.0.0.1:{csms.api_port}/readyz", reactor=csms.reactor, timeout=10)
+    return response.code, json.loads(await treq.content(response))
 
 
 @pytest_twisted.ensureDeferred
