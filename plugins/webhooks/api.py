@@ -6,7 +6,7 @@ import secrets
 from csms.api.errors import ApiError, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
-from csms.api.types import ANY_OBJECT, BOOLEAN, DATE_TIME, TEXT, array, columns, page, record
+from csms.api.types import ANY_OBJECT, BOOLEAN, DATE_TIME, TEXT, array, columns, nullable, page, record
 
 from .guard import MAX_URL_LENGTH, ReceiverRefused, check_url
 from .store import ALL_TYPES, STATES
@@ -40,7 +40,8 @@ SUBSCRIPTION = record(_SUBSCRIPTION_FIELDS, title="WebhookSubscription")
 SUBSCRIPTION_CREATED = record({**_SUBSCRIPTION_FIELDS, "secret": dict(TEXT, description="Shown this once")})
 EVENT = record({"id": dict(TEXT, description="The idempotency id: the same on every attempt"), "type": TEXT,
                 "created_at": DATE_TIME, "data": ANY_OBJECT}, title="WebhookEvent")
-DELIVERY = record({**columns(deliveries, *(c.name for c in deliveries.c if c.name != "body")), "event": EVENT},
+DELIVERY = record({**columns(deliveries, *(c.name for c in deliveries.c if c.name != "body")), "event": EVENT,
+                   "next_attempt_at": nullable(dict(DATE_TIME, description="null once delivered or dead"))},
                   title="WebhookDelivery")
 EVENT_TYPE = record({"name": TEXT, "description": TEXT, "opt_in": dict(BOOLEAN, description="Sent only to "
                      "subscriptions that name it"), "owner": TEXT, "example": ANY_OBJECT}, title="WebhookEventType")
