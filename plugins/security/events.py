@@ -54,8 +54,8 @@ def register_event_type(outbox, owner: str) -> None:
     outbox.register(EVENT_TYPE, "A security event was stored: one a station reported (SecurityEventNotification, "
                     "`origin` station) or one the CSMS found (`origin` csms, e.g. a CSR it rejected).",
                     {"station_id": "CP-1", "id": 12, "origin": STATION, "type": "TamperDetectionActivated",
-                     "timestamp": "2026-12-01T10:00:00Z", "tech_info": "lid opened", "critical": True,
-                     "received_at": "2026-12-01T10:00:01Z"}, owner=owner)
+                     "timestamp": "2026-12-01T10:00:00.000Z", "tech_info": "lid opened", "critical": True,
+                     "received_at": "2026-12-01T10:00:01.000Z"}, owner=owner)
 
 
 def event_view(row) -> dict:
