@@ -50,7 +50,7 @@ async def test_every_route_of_every_plugin_has_typed_bodies_and_error_answers(cs
     station = document["paths"]["/stations/{station_id}"]
     assert station["get"]["responses"]["200"]["content"]["application/json"]["schema"] == \
         {"$ref": "#/components/schemas/Station"}
-    assert set(station["get"]["responses"]) == {"200", "400", "401", "404", "413", "default"}
+    assert set(station["get"]["responses"]) == {"200", "400", "401", "403", "404", "413", "default"}
     # Request bodies are the very schemas the router validates with.
     remote_start = document["paths"]["/stations/{station_id}/remote-start"]["post"]
     assert remote_start["requestBody"]["content"]["application/json"]["schema"] == \

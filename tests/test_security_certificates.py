@@ -19,7 +19,6 @@ import pytest_twisted
 from conftest import error_of, table_contents, within
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
@@ -29,53 +28,25 @@ from test_localauth_interop import AsyncioThread, close_charge_point, open_charg
 
 from csms.config import ConfigError, load_config
 from csms.service import CSMSService
+from csms.testing import pki
+from csms.testing.pki import Credentials, make_ca, make_certificate, make_key, subject
 
-# -- test PKI (small; csms/testing/pki.py will hold the shared one) ----------------------------------------
-
-
-def ec_key(curve=ec.SECP256R1):
-    return ec.generate_private_key(curve())
-
-
-def rsa_key(bits: int = 2048):
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-def name(common_name: str | None, organization: str | None = None) -> x509.Name:
-    attributes = []
-    if common_name is not None:
-        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-    if organization is not None:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attributes)
+# -- test PKI (csms.testing.pki), as the PEM text the API and stations exchange ---------------------------
 
 
 def make_csr(common_name: str | None, key=None, organization: str | None = None) -> tuple[str, object]:
-    key = key or ec_key()
-    builder = x509.CertificateSigningRequestBuilder().subject_name(name(common_name, organization))
-    csr = builder.sign(key, hashes.SHA256())
+    csr, key = pki.make_csr(common_name, organization, key=key)
     return csr.public_bytes(serialization.Encoding.PEM).decode(), key
 
 
 def make_root(common_name: str = "Test Root", key=None, serial: int | None = None) -> tuple[str, object]:
-    key = key or ec_key()
-    now = datetime.now(timezone.utc)
-    subject = name(common_name, "Test Org")
-    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                   .serial_number(serial or x509.random_serial_number())
-                   .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=365))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                   .sign(key, hashes.SHA256()))
-    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key
+    root = make_ca(common_name, "Test Org", key=key, serial=serial, days=365)
+    return root.certificate_pem.decode(), root.key
 
 
 def make_leaf(common_name: str, issuer_pem: str, issuer_key) -> str:
-    issuer = x509.load_pem_x509_certificate(issuer_pem.encode())
-    now = datetime.now(timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(name(common_name)).issuer_name(issuer.subject)
-                   .public_key(ec_key().public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now).not_valid_after(now + timedelta(days=30)).sign(issuer_key, hashes.SHA256()))
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+    issuer = Credentials(x509.load_pem_x509_certificate(issuer_pem.encode()), issuer_key)
+    return make_certificate(issuer, common_name).certificate_pem.decode()
 
 
 def openssl_hash_data(pem: str, algorithm: str, tmp_path) -> dict:
@@ -161,7 +132,7 @@ async def test_TC_074_CSMS(csms):
     key and CN, and verifies against the CSMS CA; the station's Accepted is recorded."""
     station = await csms.connect_booted("CP-74")
     station.responses["CertificateSigned"] = {"status": "Accepted"}
-    csr_pem, key = make_csr("CP-74", rsa_key(2048))
+    csr_pem, key = make_csr("CP-74", make_key("rsa", 2048))
     chain_pem = await renew(csms, station, "CP-74", csr_pem)
 
     chain = x509.load_pem_x509_certificates(chain_pem.encode())
@@ -248,7 +219,7 @@ async def test_TC_076_CSMS(csms, tmp_path, algorithm):
 def test_hash_data_matches_openssl_for_rsa_and_ec_roots(tmp_path, algorithm):
     from csms_plugins.security.certificates import hash_data
 
-    for key in (rsa_key(2048), ec_key(ec.SECP384R1)):
+    for key in (make_key("rsa", 2048), make_key("ec", 384)):
         root, _ = make_root(key=key)
         assert hash_data(x509.load_pem_x509_certificate(root.encode()), algorithm) == \
             openssl_hash_data(root, algorithm, tmp_path)
@@ -298,8 +269,8 @@ def bad_csrs(station_id: str) -> dict:
     return {
         "csr_not_pem": "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgQ1NS\n-----END CERTIFICATE REQUEST-----\n",
         "common_name_mismatch": make_csr("CP-SOMEONE-ELSE")[0],
-        "weak_key": make_csr(station_id, rsa_key(1024))[0],
-        "weak_ec_key": make_csr(station_id, ec_key(ec.SECP192R1))[0],
+        "weak_key": make_csr(station_id, make_key("rsa", 1024))[0],
+        "weak_ec_key": make_csr(station_id, make_key("ec", 192))[0],
         "csr_signature_invalid": broken_signature(good),
         "garbage": "hello",
         "no_common_name": make_csr(None)[0],
@@ -507,7 +478,7 @@ def test_generated_ca_is_private_and_reused(tmp_path):
 
 
 def test_operators_own_ca_is_used(tmp_path):
-    root, key = make_root("Operator CA", rsa_key(2048))
+    root, key = make_root("Operator CA", make_key("rsa", 2048))
     (tmp_path / "ca.pem").write_text(root)
     (tmp_path / "ca.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                         serialization.NoEncryption()))
@@ -521,13 +492,13 @@ def test_operators_own_ca_is_used(tmp_path):
 def bad_ca_files(tmp_path) -> dict:
     root, key = make_root("Operator CA")
     _, other_key = make_root("Another CA")
-    leaf_key = ec_key()
+    leaf_key = make_key("ec")
 
     def key_pem(k, encryption=serialization.NoEncryption()):
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption) \
             if k is key else k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     now = datetime.now(timezone.utc)
-    not_a_ca = (x509.CertificateBuilder().subject_name(name("leaf")).issuer_name(name("leaf"))
+    not_a_ca = (x509.CertificateBuilder().subject_name(subject("leaf")).issuer_name(subject("leaf"))
                 .public_key(leaf_key.public_key()).serial_number(1).not_valid_before(now)
                 .not_valid_after(now + timedelta(days=1)).sign(leaf_key, hashes.SHA256())
                 ).public_bytes(serialization.Encoding.PEM).decode()
@@ -575,7 +546,7 @@ class RenewingChargePoint(ChargePoint):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.csr_pem, self.key = make_csr(self.id, rsa_key(2048))
+        self.csr_pem, self.key = make_csr(self.id, make_key("rsa", 2048))
         self.sign_answers: asyncio.Queue = asyncio.Queue()
         self.chains: asyncio.Queue = asyncio.Queue()
         self.installed: list = []

@@ -13,6 +13,7 @@ from zope.interface import implementer
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from test_rpc import OVERFLOWING_TIMESTAMPS, bad_log_events
+from test_webhooks import ALLOW_LOOPBACK, drain, receiver, subscribe  # noqa: F401  (receiver: a fixture)
 
 
 @implementer(ICSMSPlugin)
@@ -140,3 +141,24 @@ async def test_deleting_a_station_removes_its_security_records(csms):
     contents = await within(table_contents(csms))
     assert [name for name, rows in contents.items() if name.startswith("security_") and rows] == []
     assert body_total(await listed(csms, "/security-events")) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_events_are_webhooks_and_refused_notifications_are_not(csms_factory, receiver):
+    """Issue 17: each stored security event is a ``security.event`` webhook, written with its row."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["security.event"])
+    station = await csms.connect_booted("CP-HOOK")
+    assert await within(station.call("SecurityEventNotification", notification(
+        "TamperDetectionActivated", "2026-12-01T10:00:00Z", "lid opened"))) == {}
+    frame = await within(station.call_frame("SecurityEventNotification", {"type": "ResetOrReboot",
+                                                                         "timestamp": "not a time"}))
+    assert frame[2] == "PropertyConstraintViolation"  # refused: not stored, so never announced
+    assert await within(station.call("SignCertificate", {"csr": "not a CSR"})) == {"status": "Rejected"}
+    await drain(csms)
+
+    stored = (await listed(csms, "/stations/CP-HOOK/security-events"))["items"]
+    delivered = [event["data"] for event in receiver.events("security.event")]
+    assert sorted(delivered, key=lambda e: e["id"]) == sorted(stored, key=lambda e: e["id"])
+    assert {(e["origin"], e["type"], e["critical"]) for e in delivered} == {
+        ("station", "TamperDetectionActivated", True), ("csms", "CertificateSigningRequestRejected", False)}

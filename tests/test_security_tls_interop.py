@@ -42,6 +42,8 @@ class SecureChargePoint(ChargePoint):
 class Session:
     """One library charge point connection over wss, run on the asyncio thread."""
 
+    charge_point_class = SecureChargePoint
+
     def __init__(self, runner: AsyncioThread):
         self.runner = runner
         self.websocket = None
@@ -51,7 +53,7 @@ class Session:
     async def _open(self, url, station_id, context, headers):
         self.websocket = await connect(url, subprotocols=["ocpp1.6"], ssl=context, additional_headers=headers,
                                        open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-        self.cp = SecureChargePoint(station_id, self.websocket)
+        self.cp = self.charge_point_class(station_id, self.websocket)
         self._serving = asyncio.ensure_future(self.cp.start())
         return self.websocket.subprotocol
 

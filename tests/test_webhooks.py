@@ -121,7 +121,8 @@ async def test_transaction_events_are_delivered_signed(csms_factory, receiver):
     transaction_id = await charge(csms, station)
     await drain(csms)
 
-    assert [event["type"] for event in receiver.events()] == ["transaction.started", "transaction.stopped"]
+    # Up to max_concurrent_per_subscription POSTs are in flight at once: arrival order is not promised.
+    assert sorted(event["type"] for event in receiver.events()) == ["transaction.started", "transaction.stopped"]
     for request in receiver.requests:
         headers = request["headers"]
         assert headers["webhook-signature"] == expected_signature(subscription["secret"], headers, request["body"])

@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: Key types :func:`make_key` understands: ("rsa", bits) or ("ec", curve size in bits).
-EC_CURVES = {224: ec.SECP224R1, 256: ec.SECP256R1, 384: ec.SECP384R1, 521: ec.SECP521R1}
+#: Key types :func:`make_key` understands: ("rsa", bits) or ("ec", curve size in bits; 192 is too weak
+#: for the whitepaper, there for tests of its refusal).
+EC_CURVES = {192: ec.SECP192R1, 224: ec.SECP224R1, 256: ec.SECP256R1, 384: ec.SECP384R1, 521: ec.SECP521R1}
 
 
 def make_key(key_type: str = "ec", size: int | None = None):
-    """A new private key: ``"rsa"`` (default 2048 bits) or ``"ec"`` (default P-256; 224, 384, 521)."""
+    """A new private key: ``"rsa"`` (default 2048 bits) or ``"ec"`` (default P-256; 192, 224, 384, 521)."""
     if key_type == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=size or 2048)
     if key_type == "ec":
@@ -35,8 +36,9 @@ def make_key(key_type: str = "ec", size: int | None = None):
     raise ValueError(f"key_type is 'rsa' or 'ec', not {key_type!r}")
 
 
-def subject(common_name: str, organization: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+def subject(common_name: str | None, organization: str | None = None) -> x509.Name:
+    """CN and O (either left out when None)."""
+    attributes = [] if common_name is None else [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization is not None:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     return x509.Name(attributes)
@@ -85,12 +87,15 @@ def _validity(not_before: datetime | None, not_after: datetime | None, days: int
 
 
 def make_ca(common_name: str = "Test Root CA", organization: str | None = "Test CPO", key_type: str = "ec",
-            key_size: int | None = None, issuer: Credentials | None = None, days: int = 30) -> Credentials:
-    """A CA certificate: self-signed, or an intermediate signed by ``issuer``."""
-    key = make_key(key_type, key_size)
+            key_size: int | None = None, issuer: Credentials | None = None, days: int = 30, key=None,
+            serial: int | None = None) -> Credentials:
+    """A CA certificate: self-signed, or an intermediate signed by ``issuer``; ``key`` and ``serial``
+    when the test needs particular ones."""
+    key = key if key is not None else make_key(key_type, key_size)
     name = subject(common_name, organization)
     signer = issuer.key if issuer is not None else key
-    builder = _builder(name, issuer.certificate.subject if issuer is not None else name, key, None, None, days)
+    builder = _builder(name, issuer.certificate.subject if issuer is not None else name, key, None, None, days,
+                       serial)
     builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     builder = builder.add_extension(x509.KeyUsage(
         digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -125,17 +130,17 @@ def make_certificate(ca: Credentials, common_name: str, organization: str | None
     return Credentials(certificate, key, [ca.certificate, *ca.chain])
 
 
-def make_csr(common_name: str, organization: str | None = None, key_type: str = "ec", key_size: int | None = None,
+def make_csr(common_name: str | None, organization: str | None = None, key_type: str = "ec", key_size: int | None = None,
              key=None):
     """(CSR, private key): a certificate signing request as a station sends it in SignCertificate
-    (``csr.public_bytes(serialization.Encoding.PEM)`` is the PEM text)."""
+    (``csr.public_bytes(serialization.Encoding.PEM)`` is the PEM text); no CN when ``common_name`` is None."""
     key = key if key is not None else make_key(key_type, key_size)
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject(common_name, organization)).sign(
         key, hashes.SHA256())
     return csr, key
 
 
-def _builder(name, issuer_name, key, not_before, not_after, days) -> x509.CertificateBuilder:
+def _builder(name, issuer_name, key, not_before, not_after, days, serial=None) -> x509.CertificateBuilder:
     start, end = _validity(not_before, not_after, days)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end))
+            .serial_number(serial if serial is not None else x509.random_serial_number()).not_valid_before(start).not_valid_after(end))

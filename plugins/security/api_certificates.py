@@ -5,10 +5,12 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
+from csms.api.types import BOOLEAN, DATE_TIME, INTEGER, TEXT, array, columns, enum, nullable, page, record
 
 from .certificates import CERTIFICATE_TYPES, HASH_ALGORITHMS, Refused, hash_data, is_self_signed, parse_certificate
 from .events import CSMS, STATION
 from .signing import AWAITING_CERTIFICATE, SEND_FAILED, STATUSES, failure_text
+from .tables import certificate_requests, installed_certificates, security_events
 
 #: Every requestedMessage of ExtendedTriggerMessage.req (whitepaper MessageTriggerEnumType).
 EXTENDED_TRIGGER_MESSAGES = ("BootNotification", "LogStatusNotification", "FirmwareStatusNotification", "Heartbeat",
@@ -58,6 +60,26 @@ EVENT_FILTERS = (Query("type", description="Only events of this type"),
                  Query("origin", enum=(STATION, CSMS), description="Reported by the station, or found by the CSMS"))
 STATION_ANSWERS = {"404": "Unknown station", "409": "Station not connected", "422": "Invalid input (code says what)",
                    "502": "The station answered with an error", "504": "No answer in time"}
+
+# -- what the routes answer --------------------------------------------------------------------------
+
+_STATION_STATUS = {"type": "string", "description": "The station's answer"}
+CA_VIEW = record({"certificate": dict(TEXT, description="PEM"), "subject": TEXT, "not_valid_after": DATE_TIME,
+                  "certificate_path": dict(TEXT, description="The file, e.g. for [plugin:security] tls_ca"),
+                  "external_ca": dict(BOOLEAN, description="CSRs wait for a chain an external CA signs")},
+                 title="SecurityCA")
+INSTALLED_CERTIFICATE = record(columns(installed_certificates), title="InstalledCertificate")
+CERTIFICATE_REQUEST = record(columns(certificate_requests), title="CertificateRequest")
+SECURITY_EVENT = record(columns(security_events), title="SecurityEvent")
+INSTALLED = record({"station_id": TEXT, "certificate_type": CERTIFICATE_TYPE, "status": _STATION_STATUS})
+INVENTORY = record({"items": array(INSTALLED_CERTIFICATE)})
+QUERIED = record({"station_id": TEXT, "certificate_type": CERTIFICATE_TYPE, "status": _STATION_STATUS,
+                  "certificate_hash_data": array(HASH_DATA, description="As the station reported them"),
+                  "items": array(INSTALLED_CERTIFICATE, description="The inventory after this report")})
+DELETED = record({"station_id": TEXT, "certificate_hash_data": HASH_DATA, "status": _STATION_STATUS})
+TRIGGERED = record({"station_id": TEXT, "requested_message": enum(EXTENDED_TRIGGER_MESSAGES),
+                    "connector_id": nullable(INTEGER), "status": _STATION_STATUS})
+CHAIN_SENT = record({"station_id": TEXT, "request_id": INTEGER, "status": _STATION_STATUS})
 
 
 def refused(exc: Refused):
@@ -189,37 +211,41 @@ def add_routes(part, app, router):
 
     tags = ("security",)
     router.add("GET", "/security/ca", ca_certificate, "The CSMS CA certificate (trust anchor of charge point "
-               "certificates)", tags=tags, responses={"200": "OK"})
+               "certificates)", tags=tags, response=CA_VIEW, responses={"200": "OK"})
     router.add("POST", "/stations/{station_id}/certificates", install_certificate,
                "Install a root certificate on the station (InstallCertificate)", tags=tags, body=INSTALL_BODY,
-               max_body=MAX_BODY, responses={"200": "The station's answer", **STATION_ANSWERS})
+               max_body=MAX_BODY, response=INSTALLED, responses={"200": "The station's answer", **STATION_ANSWERS},
+               scope="commands")
     router.add("GET", "/stations/{station_id}/certificates", list_certificates,
                "The station's installed certificates as last reported (or installed since)", tags=tags,
-               query=(Query("certificate_type", enum=CERTIFICATE_TYPES),),
+               query=(Query("certificate_type", enum=CERTIFICATE_TYPES),), response=INVENTORY,
                responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", "/stations/{station_id}/certificates/query", query_certificates,
                "Ask the station for its installed certificates of a type (GetInstalledCertificateIds)", tags=tags,
-               body=QUERY_BODY, responses={"200": "The station's answer and the inventory", **STATION_ANSWERS})
+               body=QUERY_BODY, response=QUERIED,
+               responses={"200": "The station's answer and the inventory", **STATION_ANSWERS}, scope="commands")
     router.add("POST", "/stations/{station_id}/certificates/delete", delete_certificate,
                "Delete a certificate from the station (DeleteCertificate)", tags=tags, body=DELETE_BODY,
-               max_body=MAX_BODY, responses={"200": "The station's answer", **STATION_ANSWERS})
+               max_body=MAX_BODY, response=DELETED, responses={"200": "The station's answer", **STATION_ANSWERS},
+               scope="commands")
     router.add("POST", "/stations/{station_id}/extended-trigger", extended_trigger,
                "Ask the station to send a message now (ExtendedTriggerMessage)", tags=tags, body=TRIGGER_BODY,
-               responses={"200": "The station's answer", **STATION_ANSWERS})
+               response=TRIGGERED, responses={"200": "The station's answer", **STATION_ANSWERS}, scope="commands")
     router.add("GET", "/stations/{station_id}/certificate-requests", list_requests,
                "The station's certificate signing requests (SignCertificate), newest first", tags=tags,
-               query=PAGINATION + (Query("status", enum=STATUSES),),
+               query=PAGINATION + (Query("status", enum=STATUSES),), response=page(CERTIFICATE_REQUEST),
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/certificate-requests/{request_id}", get_request,
-               "One certificate signing request", tags=tags, path=(REQUEST_ID,),
+               "One certificate signing request", tags=tags, path=(REQUEST_ID,), response=CERTIFICATE_REQUEST,
                responses={"200": "OK", "404": "Unknown station or request"})
     router.add("POST", "/stations/{station_id}/certificate-requests/{request_id}/certificate",
                post_signed_certificate, "Send the chain an external CA signed for a request (CertificateSigned)",
-               tags=tags, path=(REQUEST_ID,), body=CHAIN_BODY, max_body=MAX_BODY,
+               tags=tags, path=(REQUEST_ID,), body=CHAIN_BODY, max_body=MAX_BODY, response=CHAIN_SENT,
                responses={"200": "The station's answer", "409": "Not awaiting a certificate, or station not "
                           "connected", **{k: v for k, v in STATION_ANSWERS.items() if k != "409"}})
     router.add("GET", "/security-events", list_events, "Security events of every station, newest first",
-               tags=tags, query=PAGINATION + (Query("station_id"),) + EVENT_FILTERS, responses={"200": "OK"})
+               tags=tags, query=PAGINATION + (Query("station_id"),) + EVENT_FILTERS,
+               response=page(SECURITY_EVENT), responses={"200": "OK"})
     router.add("GET", "/stations/{station_id}/security-events", list_station_events,
-               "The station's security events, newest first", tags=tags, query=PAGINATION + EVENT_FILTERS,
+               "The station's security events, newest first", tags=tags, query=PAGINATION + EVENT_FILTERS, response=page(SECURITY_EVENT),
                responses={"200": "OK", "404": "Unknown station"})

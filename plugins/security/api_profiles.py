@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.stations import send_call
+from csms.api.types import BOOLEAN, INTEGER, TEXT, nullable, record
 from csms.passwords import hash_password
 
 log = Logger(namespace="csms.security.api")
@@ -30,6 +31,26 @@ AUTHORIZATION_KEY = {
                                 "description": "The new Basic auth password, 16 to 20 bytes in UTF-8, printable "
                                                "ASCII recommended. Default: a random one, shown in the answer once"}},
 }
+
+# -- what the routes answer --------------------------------------------------------------------------
+
+_CHANGE_CONFIGURATION = {"type": "string", "description": "The station's ChangeConfiguration status"}
+PROFILE_VIEW = record({
+    "station_id": TEXT,
+    "security_profile": dict(INTEGER, description="The lowest profile the station may connect at"),
+    "connection_security_profile": nullable(dict(INTEGER, description="The profile of its current (or last) "
+                                                                      "connection; null: none seen")),
+    "online": BOOLEAN,
+    "tls_listener": dict(BOOLEAN, description="The TLS listener runs ([plugin:security] tls_endpoint)"),
+    "client_certificates": dict(BOOLEAN, description="The listener checks client certificates (tls_ca)"),
+}, title="SecurityProfile")
+UPGRADE_RESULT = record({"station_id": TEXT, "profile": INTEGER, "change_configuration": _CHANGE_CONFIGURATION,
+                         "reset": nullable(dict(TEXT, description="The station's Reset status; null: not sent"))})
+AUTHORIZATION_KEY_RESULT = record({
+    "station_id": TEXT, "change_configuration": _CHANGE_CONFIGURATION,
+    "stored": dict(BOOLEAN, description="The new password's hash is stored: the old password is refused"),
+    "password": dict(TEXT, description="The generated password, shown this once (absent when one was given)"),
+}, optional=("password",))
 COMMAND_RESPONSES = {"200": "The station's answers", "404": "Unknown station", "409": "Station not connected",
                      "502": "The station answered with an error", "504": "The station did not answer in time"}
 
@@ -122,13 +143,15 @@ def add_routes(profiles, app, router):
     tags = ("security",)
     router.add("GET", "/stations/{station_id}/security-profile", get_profile,
                "The station's security profile: the lowest it may connect at, and its current (or last) "
-               "connection's", tags=tags, responses={"200": "OK", "404": "Unknown station"})
+               "connection's", tags=tags, response=PROFILE_VIEW, responses={"200": "OK", "404": "Unknown station"})
     router.add("PUT", "/stations/{station_id}/security-profile", set_profile,
                "Set the lowest security profile the station may connect at (lower too: a station replaced)",
-               tags=tags, body=PROFILE_SET, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, body=PROFILE_SET, response=PROFILE_VIEW, responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", "/stations/{station_id}/security-profile/upgrade", upgrade_profile,
                "Upgrade the station's security profile: ChangeConfiguration(SecurityProfile), then Reset(Hard) "
-               "once it is accepted (OCTT TC_083)", tags=tags, body=PROFILE_UPGRADE,
+               "once it is accepted (OCTT TC_083)", tags=tags, body=PROFILE_UPGRADE, response=UPGRADE_RESULT,
+               # It changes how the station authenticates: an admin's decision, not a routine command.
+               scope="admin",
                description="Answers with the station's ChangeConfiguration status and, when it applies the change, "
                            "its Reset status (reset is null otherwise). Once the station reconnects at the new "
                            "profile, a connection at a lower one is refused. 409: not higher than the stored "
@@ -137,6 +160,7 @@ def add_routes(profiles, app, router):
     router.add("POST", "/stations/{station_id}/authorization-key", set_authorization_key,
                "Change the station's Basic auth password on the station (ChangeConfiguration AuthorizationKey, "
                "OCTT TC_073), then store it", tags=tags, body=AUTHORIZATION_KEY, body_required=False,
+               response=AUTHORIZATION_KEY_RESULT, scope="admin",  # it changes the station's credentials
                description="The new password's hash is stored only when the station answers Accepted (or "
                            "RebootRequired): from then on the old password is refused. Rejected, NotSupported, an "
                            "error or no answer leave the old one. A generated password is shown in the answer, "

@@ -16,10 +16,12 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path
 from csms.api.stations import send_call
+from csms.api.types import BOOLEAN, DATE_TIME, INTEGER, TEXT, array, columns, nullable, page, record
 from csms.ocpp16 import format_datetime
 
 from .signed_firmware import SIGNATURE_MISMATCH, SignatureProblem, check_signature
 from .transfer_store import FIRMWARE, LOG
+from .transfer_tables import log_requests, signed_firmware, signed_updates, transfer_history
 from .transfers import HISTORY_LIMIT
 
 #: app.lookup's answer when no enabled plugin answers a hook at all.
@@ -71,6 +73,33 @@ LOG_REQUEST = {
         "request_id": _REQUEST_ID,
     },
 }
+
+# -- what the routes answer --------------------------------------------------------------------------
+
+SIGNED_FIRMWARE_RECORD = record(columns(signed_firmware), title="SignedFirmware")
+SIGNED_FIRMWARE_CREATED = record({**columns(signed_firmware), "url": nullable(dict(
+    TEXT, description="Where stations download the file (null: file server off)"))})
+SIGNED_UPDATE_RECORD = record(columns(signed_updates), title="SignedFirmwareUpdate")
+LOG_REQUEST_RECORD = record(columns(log_requests), title="LogRequest")
+TRANSFER_STATUS = record({
+    **columns(transfer_history, *(c.name for c in transfer_history.c if c.name not in ("station_id", "kind"))),
+    "known_request": dict(BOOLEAN, description="Its requestId names a request the CSMS sent (or it has none)")},
+    title="TransferStatusRecord")
+#: What ``csms_uploaded_files`` promises of a file (the hook's implementer may add more).
+UPLOADED_FILE = record({"id": INTEGER, "name": TEXT, "size": INTEGER, "sha256": TEXT, "via": TEXT,
+                        "uploaded_at": DATE_TIME}, open_ended=True, title="UploadedLogFile")
+SIGNED_UPDATE_SENT = record({"station_id": TEXT, "status": dict(TEXT, description="The station's answer"),
+                             "request": {"$ref": "#/components/schemas/SignedUpdateFirmwareRequest"},
+                             "update": nullable(SIGNED_UPDATE_RECORD)})
+STATION_SIGNED_FIRMWARE = record({"station_id": TEXT,
+                                  "requests": array(SIGNED_UPDATE_RECORD, description="Newest first"),
+                                  "history": array(TRANSFER_STATUS, description="Newest first")})
+LOG_SENT = record({"station_id": TEXT, "status": dict(TEXT, description="The station's answer"),
+                   "filename": nullable(dict(TEXT, description="The file the station will upload")),
+                   "request": nullable(LOG_REQUEST_RECORD)})
+STATION_LOGS = record({"station_id": TEXT, "requests": array(LOG_REQUEST_RECORD, description="Newest first"),
+                       "history": array(TRANSFER_STATUS, description="Newest first")})
+LOG_REQUEST_FILES = record({**columns(log_requests), "files": array(UPLOADED_FILE, description="Oldest first")})
 
 
 def check_location(location: str) -> str:
@@ -257,16 +286,17 @@ def add_routes(transfers, app, router):
     tags = ("security",)
     router.add("POST", "/signed-firmware", add_signed_firmware,
                "Give a hosted firmware file its signature and signing certificate; the CSMS checks them",
-               tags=tags, body=SIGNED_FIRMWARE,
+               tags=tags, body=SIGNED_FIRMWARE, response=SIGNED_FIRMWARE_CREATED,
                responses={"201": "Stored (verified, or verify: false)", "404": "Unknown firmware file",
                           "409": "No plugin hosts firmware", "422": "Signature not base64, certificate not PEM, "
                           "key neither RSA nor EC, or the signature does not verify"})
-    router.add("GET", "/signed-firmware", list_signed_firmware, "List signed firmware", tags=tags, query=PAGINATION)
+    router.add("GET", "/signed-firmware", list_signed_firmware, "List signed firmware", tags=tags, query=PAGINATION,
+               response=page(SIGNED_FIRMWARE_RECORD))
     router.add("GET", "/signed-firmware/{signed_firmware_id}", get_signed_firmware, "One signed firmware",
-               tags=tags, path=(SIGNED_FIRMWARE_ID,), responses={"200": "OK", "404": "Unknown signed firmware"})
+               tags=tags, path=(SIGNED_FIRMWARE_ID,), response=SIGNED_FIRMWARE_RECORD, responses={"200": "OK", "404": "Unknown signed firmware"})
     router.add("POST", "/stations/{station_id}/signed-firmware-update", signed_firmware_update,
                "Send SignedUpdateFirmware offering a signed firmware file", tags=("commands",) + tags,
-               body=SIGNED_UPDATE,
+               body=SIGNED_UPDATE, response=SIGNED_UPDATE_SENT, scope="commands",
                responses={"200": "The station answered (status: Accepted, Rejected, AcceptedCanceled, "
                                  "InvalidCertificate, RevokedCertificate)",
                           "404": "Unknown station or signed firmware",
@@ -275,21 +305,22 @@ def add_routes(transfers, app, router):
                           "504": "No answer in time"})
     router.add("GET", "/stations/{station_id}/signed-firmware", station_signed_firmware,
                "The station's SignedUpdateFirmware requests and SignedFirmwareStatusNotifications (newest first)",
-               tags=tags, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, response=STATION_SIGNED_FIRMWARE, responses={"200": "OK", "404": "Unknown station"})
     router.add("POST", "/stations/{station_id}/logs", get_log,
                "Send GetLog; by default the station uploads to a one-time location on the CSMS",
-               tags=("commands",) + tags, body=LOG_REQUEST,
+               tags=("commands",) + tags, body=LOG_REQUEST, response=LOG_SENT, scope="commands",
                responses={"200": "The station answered (status: Accepted, Rejected, AcceptedCanceled)",
                           "404": "Unknown station", "409": "Station not connected or no upload server",
                           "422": "Invalid body or location", "502": "The station answered with an error",
                           "504": "No answer in time"})
     router.add("GET", "/stations/{station_id}/logs", station_logs,
                "The station's GetLog requests and LogStatusNotifications (newest first)",
-               tags=tags, responses={"200": "OK", "404": "Unknown station"})
+               tags=tags, response=STATION_LOGS, responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/log-requests/{log_request_id}", log_request, "One GetLog request with its uploaded files",
-               tags=tags, path=(LOG_REQUEST_ID,), responses={"200": "OK", "404": "Unknown log request"})
+               tags=tags, path=(LOG_REQUEST_ID,), response=LOG_REQUEST_FILES,
+               responses={"200": "OK", "404": "Unknown log request"})
     router.add("GET", "/log-requests/{log_request_id}/content", log_content,
                "The log the station uploaded for a GetLog request (its newest file)", tags=tags,
-               path=(LOG_REQUEST_ID,),
+               path=(LOG_REQUEST_ID,), response_type="application/octet-stream",
                responses={"200": "The file", "404": "Unknown request or nothing uploaded yet",
                           "410": "The file is no longer on disk"})

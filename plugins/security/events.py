@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from csms.ocpp16 import parse_datetime
+from csms.outbox import event_data
 from csms.stations import as_utc
 
 from .tables import security_events
@@ -45,6 +46,17 @@ STATION, CSMS = "station", "csms"
 #: The event the CSMS records about a station whose SignCertificate.req it rejected.
 CSR_REJECTED = "CertificateSigningRequestRejected"
 
+#: The webhook event type of every stored security event (issue 17), written with its row.
+EVENT_TYPE = "security.event"
+
+
+def register_event_type(outbox, owner: str) -> None:
+    outbox.register(EVENT_TYPE, "A security event was stored: one a station reported (SecurityEventNotification, "
+                    "`origin` station) or one the CSMS found (`origin` csms, e.g. a CSR it rejected).",
+                    {"station_id": "CP-1", "id": 12, "origin": STATION, "type": "TamperDetectionActivated",
+                     "timestamp": "2026-12-01T10:00:00.000Z", "tech_info": "lid opened", "critical": True,
+                     "received_at": "2026-12-01T10:00:01.000Z"}, owner=owner)
+
 
 def event_view(row) -> dict:
     event = dict(row._mapping)
@@ -70,8 +82,10 @@ class SecurityEvents:
         def thd(conn):
             event_id = conn.execute(insert(security_events).values(**row)
                                     .returning(security_events.c.id)).scalar_one()
-            return event_view(conn.execute(select(security_events)
-                                           .where(security_events.c.id == event_id)).one())
+            event = event_view(conn.execute(select(security_events).where(security_events.c.id == event_id)).one())
+            # In the event's own transaction: a webhook for it is sent if and only if it is stored.
+            self.app.outbox.add(conn, EVENT_TYPE, event_data({"station_id": station_id, **event}))
+            return event
 
         def announce(event):
             self._log(station_id, event)

@@ -1,5 +1,5 @@
 """The security plugin's tables (all prefixed ``security_``)."""
-from sqlalchemy import Boolean, Column, DateTime, Index, MetaData, SmallInteger, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, String, Table, Text
 
 from csms.db import BIG_KEY
 
@@ -69,7 +69,7 @@ security_events = Table(
 station_profiles = Table(
     "security_station_profiles", metadata,
     Column("station_id", String(255), primary_key=True),
-    Column("profile", SmallInteger, nullable=False),
-    Column("last_connection_profile", SmallInteger),
+    Column("profile", BigInteger, nullable=False),
+    Column("last_connection_profile", BigInteger),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -6,9 +6,11 @@ import secrets
 from csms.api.errors import ApiError, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
+from csms.api.types import ANY_OBJECT, BOOLEAN, DATE_TIME, TEXT, array, columns, nullable, page, record
 
 from .guard import MAX_URL_LENGTH, ReceiverRefused, check_url
 from .store import ALL_TYPES, STATES
+from .tables import deliveries, subscriptions
 
 EVENT_TYPES = {"type": "array", "minItems": 1, "maxItems": 100, "uniqueItems": True,
                "items": {"type": "string", "minLength": 1, "maxLength": 64},
@@ -29,6 +31,21 @@ UPDATE = {
     "properties": {"url": URL, "event_types": EVENT_TYPES, "secret": SECRET, "description": DESCRIPTION,
                    "paused": {"type": "boolean", "description": "true pauses deliveries, false resumes them"}},
 }
+
+# -- what the routes answer --------------------------------------------------------------------------
+
+_SUBSCRIPTION_FIELDS = {**columns(subscriptions, *(c.name for c in subscriptions.c if c.name != "secret")),
+                        "event_types": array(TEXT)}
+SUBSCRIPTION = record(_SUBSCRIPTION_FIELDS, title="WebhookSubscription")
+SUBSCRIPTION_CREATED = record({**_SUBSCRIPTION_FIELDS, "secret": dict(TEXT, description="Shown this once")})
+EVENT = record({"id": dict(TEXT, description="The idempotency id: the same on every attempt"), "type": TEXT,
+                "created_at": DATE_TIME, "data": ANY_OBJECT}, title="WebhookEvent")
+DELIVERY = record({**columns(deliveries, *(c.name for c in deliveries.c if c.name != "body")), "event": EVENT,
+                   "next_attempt_at": nullable(dict(DATE_TIME, description="null once delivered or dead"))},
+                  title="WebhookDelivery")
+EVENT_TYPE = record({"name": TEXT, "description": TEXT, "opt_in": dict(BOOLEAN, description="Sent only to "
+                     "subscriptions that name it"), "owner": TEXT, "example": ANY_OBJECT}, title="WebhookEventType")
+EVENT_TYPE_LIST = record({"items": array(EVENT_TYPE), "total": {"type": "integer"}})
 
 SUBSCRIPTION_ID = Path("subscription_id", "integer", minimum=1, resource="webhook")
 TEST_EVENT = "webhook.test"
@@ -123,19 +140,20 @@ def add_routes(plugin, app, router):
     tags = ("webhooks",)
     one = {"404": "Unknown webhook subscription"}
     router.add("POST", "/webhooks", create, "Subscribe a receiver URL to event types", tags=tags,
-               operation_id="create_webhook", body=CREATE,
+               operation_id="create_webhook", body=CREATE, response=SUBSCRIPTION_CREATED,
                description="201 with the subscription and its `secret`, shown this once (generated when not "
                            "given). 422: an unknown event type, a URL that is not http(s), or a receiver "
                            "resolving to a private, loopback, link-local or multicast address that "
                            "[plugin:webhooks] allow_private_networks does not allow.",
                responses={"201": "Created", "409": "Too many subscriptions", "422": "Refused URL or event type"})
     router.add("GET", "/webhooks", list_webhooks, "Webhook subscriptions (secrets are never shown again)",
-               tags=tags, operation_id="list_webhooks", query=PAGINATION, responses={"200": "OK"})
+               tags=tags, operation_id="list_webhooks", query=PAGINATION, response=page(SUBSCRIPTION),
+               responses={"200": "OK"})
     router.add("GET", "/webhooks/{subscription_id}", get_webhook, "One webhook subscription", tags=tags,
-               operation_id="get_webhook", path=(SUBSCRIPTION_ID,), responses=dict(one, **{"200": "OK"}))
+               operation_id="get_webhook", path=(SUBSCRIPTION_ID,), response=SUBSCRIPTION, responses=dict(one, **{"200": "OK"}))
     router.add("PATCH", "/webhooks/{subscription_id}", update_webhook,
                "Change a subscription: pause (`paused`: true), resume (false), URL, event types, secret",
-               tags=tags, operation_id="update_webhook", path=(SUBSCRIPTION_ID,), body=UPDATE,
+               tags=tags, operation_id="update_webhook", path=(SUBSCRIPTION_ID,), body=UPDATE, response=SUBSCRIPTION,
                description="A paused subscription keeps collecting its events and delivers them once resumed "
                            "(each is dead-lettered once older than [plugin:webhooks] dead_letter_after).",
                responses=dict(one, **{"200": "OK", "422": "Refused URL or event type"}))
@@ -148,10 +166,11 @@ def add_routes(plugin, app, router):
                body_required=False,
                description="202 with the queued delivery: its outcome shows in the delivery history. A "
                            "paused subscription gets it once resumed.",
-               responses=dict(one, **{"202": "Queued"}))
+               response=DELIVERY, responses=dict(one, **{"202": "Queued"}))
     router.add("GET", "/webhooks/{subscription_id}/deliveries", history,
                "The subscription's deliveries, newest first: state, attempts, last status code and error",
                tags=tags, operation_id="list_webhook_deliveries", path=(SUBSCRIPTION_ID,),
-               query=PAGINATION + (Query("state", enum=STATES),), responses=dict(one, **{"200": "OK"}))
+               query=PAGINATION + (Query("state", enum=STATES),), response=page(DELIVERY), responses=dict(one, **{"200": "OK"}))
     router.add("GET", "/webhook-event-types", event_types, "Every event type a subscription may name, with "
-               "an example payload", tags=tags, operation_id="list_webhook_event_types", responses={"200": "OK"})
+               "an example payload", tags=tags, operation_id="list_webhook_event_types", response=EVENT_TYPE_LIST,
+               responses={"200": "OK"})
