@@ -2,7 +2,7 @@
 
 Revision ID: security_0001
 Revises: 
-Create Date: 2026-12-01 18:10:35.570315
+Create Date: 2026-12-01 18:24:36.123841
 """
 from alembic import op
 import sqlalchemy as sa
@@ -119,8 +119,8 @@ def upgrade() -> None:
 
     op.create_table('security_station_profiles',
     sa.Column('station_id', sa.String(length=255), nullable=False),
-    sa.Column('profile', sa.SmallInteger(), nullable=False),
-    sa.Column('last_connection_profile', sa.SmallInteger(), nullable=True),
+    sa.Column('profile', sa.BigInteger(), nullable=False),
+    sa.Column('last_connection_profile', sa.BigInteger(), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('station_id')
     )
