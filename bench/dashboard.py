@@ -43,15 +43,15 @@ def fill(url: str, count: int) -> None:
     sys.path.insert(0, ROOT)
     from sqlalchemy import create_engine, insert
 
-    from csms.stations import metadata, stations
+    from csms.stations import stations
     from csms_plugins.core.tables import boot_info, connectors
-    from csms_plugins.core.tables import metadata as core_metadata
 
+    # The schema as the CSMS's own migrations make it (the server then finds it current).
+    admin = os.path.join(ROOT, ".venv", "bin", "csms-admin")
+    subprocess.run([admin, "--database", url, "--create", "db", "upgrade"], check=True, capture_output=True)
     engine = create_engine(url)
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:
-        metadata.create_all(conn)
-        core_metadata.create_all(conn)
         ids = [f"CP-{n:05d}" for n in range(count)]
         conn.execute(insert(stations), [{"id": i, "registration_status": "Accepted", "created_at": now,
                                          "updated_at": now, "last_seen_at": now} for i in ids])
@@ -67,7 +67,8 @@ def fill(url: str, count: int) -> None:
 def start(workdir: str, url: str, api_port: int, ocpp_port: int) -> subprocess.Popen:
     config = os.path.join(workdir, "csms.ini")
     with open(config, "w") as f:
-        f.write(f"[csms]\n[ocpp]\nendpoint = tcp:{ocpp_port}:interface=127.0.0.1\n[database]\nurl = {url}\n"
+        f.write(f"[csms]\n[ocpp]\nendpoint = tcp:{ocpp_port}:interface=127.0.0.1\n"
+                f"[database]\nurl = {url}\nauto_upgrade = true\n"
                 f"[api]\nendpoint = tcp:{api_port}:interface=127.0.0.1\ntokens = {TOKEN}\n"
                 "[plugins]\nenabled = core, remotetrigger, dashboard\n")
     command = [os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile=", "csms", "--config", config]

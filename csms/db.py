@@ -62,6 +62,10 @@ def _nothing(conn) -> None:
     return None
 
 
+class DatabaseStopped(Exception):
+    """Database work dropped because the Central System stopped before it could run (see discard_queued)."""
+
+
 class Database:
     """An engine plus its thread pool. ``run(thd, *args)`` -> Deferred firing after commit."""
 
@@ -173,11 +177,14 @@ class Database:
 
     def discard_queued(self) -> int:
         """Drop the functions still waiting for a transaction (shutdown, past its grace period); the
-        ones being committed finish. Their Deferreds never fire. Returns how many were dropped."""
+        ones being committed finish. Their Deferreds fail with :class:`DatabaseStopped`, so that nothing
+        waits for them for ever. Returns how many were dropped. On the reactor thread."""
         with self._lock:
-            count = len(self._queue)
+            dropped = list(self._queue)
             self._queue.clear()
-        return count
+        for *_, d in dropped:
+            d.errback(DatabaseStopped("the Central System stopped before this database work ran"))
+        return len(dropped)
 
     def _drain(self) -> None:
         """On a pool thread: commit what is queued, up to MAX_BATCH functions per transaction, until

@@ -55,8 +55,9 @@ def test_every_integer_column_is_bigint_on_postgresql():
     from csms.stations import metadata as framework
 
     # The built-in plugins' tables: a vendor plugin installed beside them (examples/acme-plugin) has its own.
-    metadatas = [framework] + [plugin.load()().csms_tables() for plugin in available_plugins().values()
-                               if plugin.dist is not None and plugin.dist.name == "csms"]
+    plugins = [plugin.load()() for plugin in available_plugins().values()
+               if plugin.dist is not None and plugin.dist.name == "csms"]
+    metadatas = [framework] + [plugin.csms_tables() for plugin in plugins if hasattr(plugin, "csms_tables")]
     dialect = postgresql.dialect()
     narrow = [f"{table.name}.{column.name}" for metadata in metadatas if metadata is not None
               for table in metadata.sorted_tables for column in table.columns

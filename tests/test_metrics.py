@@ -260,7 +260,8 @@ async def test_healthz_and_readyz_answer_json(csms):
     assert (status, json.loads(body), content_type) == (200, {"status": "alive"}, "application/json")
     status, body, _ = await get(csms, "/readyz")
     assert status == 200
-    assert json.loads(body) == {"status": "ready", "checks": {"database": "ok", "listeners": "ok"}}
+    assert json.loads(body) == {"status": "ready", "checks": {"database": "ok", "migrations": "ok",
+                                                                 "listeners": "ok"}}
 
 
 @pytest_twisted.ensureDeferred
@@ -271,7 +272,8 @@ async def test_readyz_fails_while_a_readiness_check_fails_and_recovers(csms):
     assert status == 503
     error = json.loads(body)["error"]
     assert error["code"] == "not_ready" and error["details"]["failed"] == ["schema"]
-    assert error["details"]["checks"] == {"database": "ok", "listeners": "ok", "schema": problem[0]}
+    assert error["details"]["checks"] == {"database": "ok", "migrations": "ok", "listeners": "ok",
+                                          "schema": problem[0]}
     problem[0] = None
     assert (await get(csms, "/readyz"))[0] == 200
 

@@ -1,7 +1,7 @@
 """OCTT TC_074 end to end over mutual TLS: a station gets a certificate from the CSMS CA
 (ExtendedTriggerMessage SignChargePointCertificate, SignCertificate, CertificateSigned), then connects
 to the TLS listener at security profile 3 presenting it. The listener trusts the CSMS CA's own file,
-as the shipped etc/csms.ini sets it (``tls_ca = <ca_dir>/csms-ca.pem``).
+as etc/csms.ini advises for it (``tls_ca = <ca_dir>/csms-ca.pem``).
 
 With the test station (csms.testing) and with the ``ocpp`` package's v16 ChargePoint on ``websockets``.
 """

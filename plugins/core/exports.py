@@ -22,6 +22,7 @@ from csms.api.router import Query
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
+from .store import select_transactions
 from .tables import meter_values, transactions
 
 PAGE_SIZE = 2000
@@ -75,20 +76,8 @@ def _meter_value_row(row) -> dict:
 
 
 def transactions_query(station_id=None, id_tag=None, active=None, since=None, until=None):
-    query = select(transactions)
-    if station_id is not None:
-        query = query.where(transactions.c.station_id == station_id)
-    if id_tag is not None:
-        query = query.where(transactions.c.id_tag == id_tag)
-    if active is True:
-        query = query.where(transactions.c.stopped_at.is_(None))
-    elif active is False:
-        query = query.where(transactions.c.stopped_at.is_not(None))
-    if since is not None:
-        query = query.where(transactions.c.started_at >= since)
-    if until is not None:
-        query = query.where(transactions.c.started_at < until)
-    return query, transactions.c.id, "transaction_id", _transaction_row
+    return select_transactions(station_id, id_tag, active, since, until), transactions.c.id, "transaction_id", \
+        _transaction_row
 
 
 def meter_values_query(station_id=None, transaction_id=None, since=None, until=None):

@@ -28,6 +28,25 @@ def _row(row, *time_keys) -> dict:
     return data
 
 
+def select_transactions(station_id=None, id_tag=None, active=None, since=None, until=None):
+    """The transactions matching the operator API's filters (``since`` inclusive, ``until`` exclusive, on
+    started_at); the list and the exports use the same."""
+    query = select(transactions)
+    if station_id is not None:
+        query = query.where(transactions.c.station_id == station_id)
+    if id_tag is not None:
+        query = query.where(transactions.c.id_tag == id_tag)
+    if active is True:
+        query = query.where(transactions.c.stopped_at.is_(None))
+    elif active is False:
+        query = query.where(transactions.c.stopped_at.is_not(None))
+    if since is not None:
+        query = query.where(transactions.c.started_at >= since)
+    if until is not None:
+        query = query.where(transactions.c.started_at < until)
+    return query
+
+
 def transaction_dict(row) -> dict:
     data = _row(row, "started_at", "received_at", "stopped_at", "stop_received_at")
     data["transaction_id"] = data.pop("id")
@@ -727,19 +746,7 @@ class CoreStore:
         """(total, transactions) newest first; each with ``latest_meter_values`` (the samples of its
         most recent meter value timestamp). ``since`` is inclusive, ``until`` exclusive (on started_at)."""
         def thd(conn):
-            query = select(transactions)
-            if station_id is not None:
-                query = query.where(transactions.c.station_id == station_id)
-            if id_tag is not None:
-                query = query.where(transactions.c.id_tag == id_tag)
-            if active is True:
-                query = query.where(transactions.c.stopped_at.is_(None))
-            elif active is False:
-                query = query.where(transactions.c.stopped_at.is_not(None))
-            if since is not None:
-                query = query.where(transactions.c.started_at >= since)
-            if until is not None:
-                query = query.where(transactions.c.started_at < until)
+            query = select_transactions(station_id, id_tag, active, since, until)
             total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
             rows = conn.execute(query.order_by(transactions.c.id.desc()).limit(limit).offset(offset)).fetchall()
             items = [transaction_dict(r) for r in rows]

@@ -171,7 +171,10 @@ class Dispatcher(service.Service):
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
         if self._pass is not None:
-            yield self._pass
+            try:
+                yield self._pass
+            except Exception:  # its database work dropped at shutdown (DatabaseStopped): nothing to finish
+                pass
         self.queues.clear()
         for request in list(self.posting.values()):
             request.cancel()  # still pending in the database: sent again after the restart
