@@ -10,7 +10,7 @@ from zope.interface import implementer
 from csms.api import Path
 from csms.api.errors import not_found
 from csms.api.stations import send_call
-from csms.api.types import DATE_TIME, INTEGER, TEXT, array, ocpp_response, record
+from csms.api.types import DATE_TIME, INTEGER, TEXT, array, nullable, ocpp_response, record
 from csms.db import BIG_KEY
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
@@ -41,7 +41,8 @@ REBOOT = {
 #: What the hellos route answers: declared with the route, so that the OpenAPI document types it and
 #: the test fixtures hold every answer to it.
 HELLOS = record({"station_id": TEXT, "items": array(record(
-    {"serial_number": TEXT, "module_count": INTEGER, "received_at": DATE_TIME}, title="AcmeHelloRecord"))})
+    {"serial_number": TEXT, "module_count": INTEGER, "firmware_version": nullable(TEXT), "received_at": DATE_TIME},
+    title="AcmeHelloRecord"))})
 
 
 class AcmeStore:
