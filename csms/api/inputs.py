@@ -11,7 +11,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from csms.api.errors import ApiError, bad_request, unprocessable
 from csms.ocpp16 import parse_datetime
@@ -170,3 +170,20 @@ def _check_scalar(item, where: str) -> None:
     if problem:
         # The value itself may be what cannot be shown (a surrogate): only its place is named.
         raise unprocessable(f"Invalid request body: {where.replace('body.', '', 1)} {problem}")
+
+
+#: The URL schemes a station is given for a file to fetch or upload (firmware, diagnostics, logs).
+URL_SCHEMES = ("http", "https", "ftp", "ftps", "sftp")
+
+
+def check_location(location: str) -> str:
+    """A URL with a scheme stations use and a host; otherwise 422 invalid_location (nothing is sent)."""
+    parts = urlsplit(location)
+    try:
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if parts.scheme.lower() not in URL_SCHEMES or not host or any(c.isspace() for c in location):
+        raise unprocessable(f"location {location!r} is not a URL (expected {', '.join(URL_SCHEMES)})",
+                            "invalid_location")
+    return location

@@ -11,7 +11,7 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, ocpp_response, page, record
+from csms.api.types import BOOLEAN, INTEGER, array, columns, enum, nullable, ocpp_response, page, record
 from csms.ocpp16 import parse_datetime
 
 from .store import ID_TAG_STATUSES

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
 
 from twisted.internet import defer, threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
+from csms.api.inputs import check_location
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.api.types import (BOOLEAN, DATE_TIME, INTEGER, TEXT, array, columns, enum, nullable, page, record)
+from csms.api.types import (BOOLEAN, DATE_TIME, INTEGER, TEXT, array, columns, nullable, page, record)
 from csms.ocpp16 import format_datetime
 
 from .files import TooLarge, discard, firmware_name, inside, read_bytes, spool
@@ -21,7 +21,6 @@ from .uploads import new_credentials
 FIRMWARE_STATUSES = ("Downloaded", "DownloadFailed", "Downloading", "Idle", "InstallationFailed", "Installing",
                      "Installed", REQUESTED, CALL_FAILED)
 #: Schemes a station may be handed; anything else is not a location it can fetch from or upload to.
-URL_SCHEMES = ("http", "https", "ftp", "ftps", "sftp")
 
 _DATE_TIME = {"type": "string", "format": "date-time"}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2147483647}
@@ -85,19 +84,6 @@ DIAGNOSTICS_SENT = record({"station_id": TEXT, "file_name": nullable(dict(TEXT, 
 STATION_DIAGNOSTICS = record({**_STATE, "current_request_id": nullable(INTEGER),
                               "requests": array(DIAGNOSTICS_REQUEST_RECORD, description="Newest first"),
                               "history": array(STATUS_NOTIFICATION, description="Newest first")})
-
-
-def check_location(location: str) -> str:
-    """A URL with a scheme stations use and a host; otherwise 422 invalid_location (nothing is sent)."""
-    parts = urlsplit(location)
-    try:
-        host = parts.hostname
-    except ValueError:
-        host = None
-    if parts.scheme.lower() not in URL_SCHEMES or not host or any(c.isspace() for c in location):
-        raise unprocessable(f"location {location!r} is not a URL (expected {', '.join(URL_SCHEMES)})",
-                            "invalid_location")
-    return location
 
 
 def _in_thread(app, f, *args):

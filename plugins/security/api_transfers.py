@@ -8,11 +8,11 @@ servers. Both through hooks (``csms_offer_firmware``, ``csms_upload_location``, 
 from __future__ import annotations
 
 import secrets
-from urllib.parse import urlsplit
 
 from twisted.internet import threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
+from csms.api.inputs import check_location
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path
 from csms.api.stations import send_call
@@ -26,7 +26,6 @@ from .transfers import HISTORY_LIMIT
 
 #: app.lookup's answer when no enabled plugin answers a hook at all.
 _NOBODY = object()
-URL_SCHEMES = ("http", "https", "ftp", "ftps", "sftp")
 _DATE_TIME = {"type": "string", "format": "date-time"}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2147483647}
 _REQUEST_ID = {"type": "integer", "minimum": 1, "maximum": 2147483647,
@@ -100,18 +99,6 @@ LOG_SENT = record({"station_id": TEXT, "status": dict(TEXT, description="The sta
 STATION_LOGS = record({"station_id": TEXT, "requests": array(LOG_REQUEST_RECORD, description="Newest first"),
                        "history": array(TRANSFER_STATUS, description="Newest first")})
 LOG_REQUEST_FILES = record({**columns(log_requests), "files": array(UPLOADED_FILE, description="Oldest first")})
-
-
-def check_location(location: str) -> str:
-    parts = urlsplit(location)
-    try:
-        host = parts.hostname
-    except ValueError:
-        host = None
-    if parts.scheme.lower() not in URL_SCHEMES or not host or any(c.isspace() for c in location):
-        raise unprocessable(f"location {location!r} is not a URL (expected {', '.join(URL_SCHEMES)})",
-                            "invalid_location")
-    return location
 
 
 def _read(path: str) -> bytes:
