@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from csms import ocpp16
 from csms.actions import build_catalogue
 from csms.admission import AdmissionRequest, admission_outcome
+from csms.cluster import SingleNode, default_node_name
 from csms.config import Config
 from csms.db import Database
 from csms.health import Readiness, database_check
@@ -71,8 +72,10 @@ class CentralSystem:
         self.outbox = Outbox()
         register_framework_types(self.outbox)
         self.station_store = StationStore(self.db, self.clock, self.outbox)
-        #: station id -> connected csms.session.StationSession
+        #: station id -> connected csms.session.StationSession (on this node; see ``cluster`` for the others)
         self.sessions: dict = {}
+        #: How this node sees the others (csms.cluster): publish/subscribe, presence, forwarding.
+        self.cluster = SingleNode(self, default_node_name(config.ocpp.endpoint))
         #: The OCPP WebSocket factory (:class:`csms.protocol.OCPPServerFactory`) once the service made it:
         #: a plugin may serve it on a listener of its own (the security plugin's TLS one), sharing the
         #: connected stations and the ``[ocpp]`` connection limits with the plain listener.
@@ -346,7 +349,8 @@ class CentralSystem:
         return defer.gatherResults(pending, consumeErrors=True).addCallbacks(lambda _: True, first_failure)
 
     def is_connected(self, station_id: str) -> bool:
-        return station_id in self.sessions
+        """Whether the station is connected to this node or, in a cluster, to any other."""
+        return station_id in self.sessions or self.cluster.holder(station_id) is not None
 
     def disconnect(self, station_id: str, reason: str) -> bool:
         """Close a station's connection (e.g. it was deleted); True when it was connected."""

@@ -267,6 +267,13 @@ def csms_on_station_disconnected(station_id, reason):
 
 
 @hookspec
+def csms_on_presence_changed(station_id, node, previous_node):
+    """Which node holds a station changed (docs/cluster.md): ``node`` is the name of the node it is now
+    connected to, None when it is connected nowhere; ``previous_node`` the one before (or None). Told on
+    every node of a cluster; on a single node, alongside the connected and disconnected events."""
+
+
+@hookspec
 def csms_on_boot(station_id, request, status):
     """A BootNotification was stored and will be answered with ``status`` (Accepted, Pending, Rejected)."""
 

@@ -1,0 +1,115 @@
+"""Several ``twistd csms`` nodes as one Central System (docs/cluster.md).
+
+``app.cluster`` is always there. On one node (the default, and the only mode on SQLite) it is a
+:class:`SingleNode`: every station is local, nothing is published. With ``[cluster] enabled`` it is
+the PostgreSQL implementation (:mod:`csms.cluster.postgres`): node leases, station presence, calls
+forwarded to the node holding the station, and messages between nodes over LISTEN/NOTIFY.
+
+What plugins use (the same on one node and on many):
+
+* ``app.call(station_id, action, payload)`` sends to a station wherever it is connected;
+  ``app.is_connected(station_id)`` answers for the whole cluster.
+* ``app.cluster.publish(conn, topic, data)`` inside a database function: every *other* node's
+  subscribers of ``topic`` get ``data`` once the transaction commits, and never if it rolls back (a
+  cache invalidation sent with the change that makes it). ``app.cluster.broadcast(topic, data)`` does
+  the same outside a transaction.
+* ``app.cluster.subscribe(topic, callback)``: ``callback(data, origin)`` runs on the reactor thread for
+  each message another node published (``origin`` is its name). A node never hears its own messages:
+  it made the change and updated its own memory already.
+* The ``csms_on_presence_changed`` event: which node holds a station changed.
+
+Topics are the plugin's name, a dot, and a word: ``core.id_tag``, ``reservation.changed``.
+"""
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+log = Logger(namespace="csms.cluster")
+
+
+class ICluster(Interface):
+    """How this node sees the others (see the module docstring)."""
+
+    enabled = Attribute("True when several nodes share the database ([cluster] enabled)")
+    node = Attribute("This node's name ([cluster] node_name, by default host name:OCPP port)")
+
+    def publish(conn, topic, data):
+        """Inside a database function: send ``data`` (a JSON-able dict) to the other nodes' subscribers
+        of ``topic`` when the transaction commits."""
+
+    def broadcast(topic, data):
+        """Outside a transaction: publish in a transaction of its own; a Deferred firing once sent."""
+
+    def subscribe(topic, callback):
+        """Call ``callback(data, origin)`` on the reactor thread for each message of ``topic`` another
+        node sends."""
+
+    def holder(station_id):
+        """The name of the node the station is connected to, or None when it is connected nowhere."""
+
+    def online_ids():
+        """The ids of every station connected to any node (a set)."""
+
+
+def default_node_name(ocpp_endpoint: str) -> str:
+    """Host name and the OCPP listener's port: unique per process on a machine, readable in the API."""
+    port = ""
+    for part in ocpp_endpoint.split(":")[1:]:
+        if part.isdigit():
+            port = part
+            break
+    host = socket.gethostname() or "localhost"
+    return f"{host}:{port}" if port else host
+
+
+class Subscribers:
+    """topic -> callbacks, called for messages of other nodes; a failing callback is logged, not raised."""
+
+    def __init__(self):
+        self._callbacks: dict[str, list] = {}
+
+    def subscribe(self, topic: str, callback) -> None:
+        self._callbacks.setdefault(topic, []).append(callback)
+
+    def deliver(self, topic: str, data: dict, origin: str) -> None:
+        for callback in self._callbacks.get(topic, ()):
+            try:
+                callback(data, origin)
+            except Exception:
+                log.failure("Cluster message {topic} from {origin}: a subscriber failed", topic=topic,
+                            origin=origin)
+
+
+@implementer(ICluster)
+class SingleNode:
+    """One node: every station is local, there is nobody to tell."""
+
+    enabled = False
+
+    def __init__(self, app, node: str):
+        self.app = app
+        self.node = node
+        self.subscribers = Subscribers()
+
+    def publish(self, conn, topic: str, data: dict) -> None:
+        pass
+
+    def broadcast(self, topic: str, data: dict) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def subscribe(self, topic: str, callback) -> None:
+        self.subscribers.subscribe(topic, callback)
+
+    def deliver(self, topic: str, data: dict, origin: str) -> None:
+        """Hand a message from ``origin`` to this node's subscribers (a channel calls this; so can a test)."""
+        self.subscribers.deliver(topic, data, origin)
+
+    def holder(self, station_id: str) -> str | None:
+        return self.node if station_id in self.app.sessions else None
+
+    def online_ids(self) -> set:
+        return set(self.app.sessions)
