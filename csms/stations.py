@@ -44,7 +44,6 @@ connection_events = Table(
 _ADMISSION = select(stations.c.registration_status, stations.c.password_hash).where(
     stations.c.id == bindparam("station"))
 _INSERT_EVENT = insert(connection_events)
-_INSERT_STATION = insert(stations)
 _STATION = select(stations).where(stations.c.id == bindparam("station"))
 _TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).values(
     {column: bindparam("at")}) for column in ("last_connected_at", "last_disconnected_at", "last_seen_at")}
@@ -82,6 +81,7 @@ class StationStore:
         self.db = db
         self.clock = clock
         self.outbox = outbox if outbox is not None else Outbox()
+        self._insert_station = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -97,9 +97,12 @@ class StationStore:
                 return row[0], row[1], False
             if register_as is None:
                 return None
-            conn.execute(_INSERT_STATION, {"id": station_id, "registration_status": register_as,
+            if not self._insert_new(conn, {"id": station_id, "registration_status": register_as,
                                            "password_hash": None, "description": None,
-                                           "created_at": now, "updated_at": now})
+                                           "created_at": now, "updated_at": now}):
+                # Registered meanwhile by a handshake of the same id (another connection, another node).
+                row = conn.execute(_ADMISSION, {"station": station_id}).first()
+                return row[0], row[1], False
             return register_as, None, True
         return self.db.run(thd, desc="station_admit")
 
@@ -115,13 +118,20 @@ class StationStore:
         now = self.now()
 
         def thd(conn):
-            if conn.execute(select(stations.c.id).where(stations.c.id == station_id)).first() is not None:
-                return False
-            conn.execute(insert(stations).values(
-                id=station_id, registration_status=registration_status, password_hash=password_hash,
-                description=description, created_at=now, updated_at=now))
-            return True
+            return self._insert_new(conn, {"id": station_id, "registration_status": registration_status,
+                                           "password_hash": password_hash, "description": description,
+                                           "created_at": now, "updated_at": now})
         return self.db.run(thd, desc="station_create")
+
+    def _insert_new(self, conn, values: dict) -> bool:
+        """Insert a station row unless its id exists; True when inserted. One statement, so two creators
+        of the same id at once (API calls, handshakes, nodes) get True and False, never a unique-key error."""
+        if self._insert_station is None:
+            self._insert_station = self.db.insert(stations).values(
+                {name: bindparam(name) for name in values}).on_conflict_do_nothing(
+                index_elements=["id"]).returning(stations.c.id)
+        # RETURNING, not rowcount: psycopg reports -1 for this statement.
+        return conn.execute(self._insert_station, values).first() is not None
 
     def update(self, station_id: str, **values):
         """Update columns of a station; fires True when it exists."""

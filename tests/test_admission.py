@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from conftest import EventProbe, db_settled
 from csms.passwords import hash_password
@@ -270,3 +270,22 @@ async def test_disconnecting_station_fails_its_pending_csms_calls_with_station_o
             await d.addTimeout(WAIT, reactor)
     with pytest.raises(StationOffline):
         await csms.app.call("CP-1", "ClearCache", {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_handshakes_of_one_new_station_register_it_once(csms):
+    """Handshakes of an unknown id racing each other (a reconnect storm, or two cluster nodes) register
+    it once: every one is admitted, none fails on the unique key (the pool runs them side by side on
+    PostgreSQL)."""
+    outcomes = await defer.gatherResults([csms.app.station_store.admit("CP-RACE", "Accepted") for _ in range(20)])
+    assert [registered for _, _, registered in outcomes].count(True) == 1
+    assert {status for status, _, _ in outcomes} == {"Accepted"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_api_creations_of_one_station_create_it_once(csms):
+    outcomes = await defer.gatherResults([csms.app.station_store.create("CP-RACE") for _ in range(20)])
+    assert outcomes.count(True) == 1
+    answers = await defer.gatherResults([defer.ensureDeferred(csms.api("POST", "/stations", {"id": "CP-RACE-2"}))
+                                         for _ in range(8)])
+    assert sorted(status for status, _, _ in answers) == [201] + [409] * 7
