@@ -125,7 +125,9 @@ class Database:
         self._local = threading.local()
         self._connections: list = []
         event.listen(self.engine, "before_cursor_execute", self._before_cursor_execute)
+        #: Counters for the log and /metrics, updated by every pool thread (under ``_stats_lock``).
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
+        self._stats_lock = threading.Lock()
         #: ``observe_commit(seconds, functions)``, called on the pool thread after each commit (metrics).
         self.observe_commit = None
 
@@ -240,8 +242,7 @@ class Database:
                         outcomes = [self._in_savepoint(conn, work) for work in batch]
                     self._flush(conn)
                     self._check_usable(conn)
-                self.stats["transactions"] += 1
-                self.stats["functions"] += len(batch)
+                self._count(transactions=1, functions=len(batch))
                 if self.observe_commit is not None:
                     self.observe_commit(time.perf_counter() - started, len(batch))
                 return outcomes
@@ -249,12 +250,12 @@ class Database:
                 # A connection the server dropped is invalidated: _connection() replaces it on the retry.
                 if not isolate and not _is_transient(exc):
                     isolate = True  # find out which function failed: rerun each in a SAVEPOINT
-                    self.stats["isolated"] += 1
+                    self._count(isolated=1)
                     continue
                 if attempt >= MAX_ATTEMPTS or not _is_transient(exc):
                     failure = Failure()
                     return [(False, failure)] * len(batch)
-                self.stats["retries"] += 1
+                self._count(retries=1)
                 log.warn("Transient database error in {desc}, retrying: {error}",
                          desc=", ".join(sorted({w[3] or w[0].__name__ for w in batch})), error=exc.orig)
                 attempt += 1
@@ -262,7 +263,7 @@ class Database:
             except Exception:
                 if not isolate:
                     isolate = True
-                    self.stats["isolated"] += 1
+                    self._count(isolated=1)
                     continue
                 # A lone function failed (or the commit did): its transaction is rolled back.
                 failure = Failure()
@@ -270,6 +271,12 @@ class Database:
             finally:
                 self._local.pending = None
                 self._local.held_rows_failed = None
+
+    def _count(self, **increments) -> None:
+        # "+=" on a dict item is a read and a write: two pool threads in between would lose one.
+        with self._stats_lock:
+            for key, amount in increments.items():
+                self.stats[key] += amount
 
     def _check_usable(self, conn) -> None:
         """Raise if the transaction can no longer commit: PostgreSQL turns COMMIT of a transaction in
