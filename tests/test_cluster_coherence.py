@@ -170,3 +170,139 @@ async def test_operator_blocks_a_tag_on_one_node_station_on_the_other_sees_it(cs
     assert await authorize(station) == "Accepted"
     assert bus.flush() == ["core.id_tag"]
     assert await authorize(station) == "Blocked"
+
+
+# -- Reservation: timers and the none_live_at shortcut ----------------------------------------------------
+
+
+def other_reservations(csms, bus) -> ReservationStore:
+    return ReservationStore(csms.app.db, csms.clock, cluster=bus.join(StandIn(), OTHER))
+
+
+def reserve_now(csms, reservation_id: int, seconds: float = 600, connector_id: int = 1) -> dict:
+    return {"connectorId": connector_id, "idTag": TAG, "reservationId": reservation_id,
+            "expiryDate": station_time(clock_now(csms) + timedelta(seconds=seconds))}
+
+
+async def reservation_state(store: ReservationStore, reservation_id: int) -> str:
+    return (await within(store.get(STATION, reservation_id)))["state"]
+
+
+async def reservation_csms(csms_factory, clock=None):
+    csms = await csms_factory(plugins=["core", "reservation"], clock=clock)
+    await within(plugin(csms, "reservation").timers.ready)
+    await within(core_store(csms).put_id_tag(TAG))
+    return csms
+
+
+async def start_transaction(csms, station) -> dict:
+    answer = await within(station.call("StartTransaction", {"connectorId": 1, "idTag": TAG, "meterStart": 0,
+                                                            "timestamp": station_time(clock_now(csms))}))
+    await within(db_settled(csms.app))
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_made_on_another_node_is_consumed_by_a_start_here(csms_factory, bus):
+    csms = await reservation_csms(csms_factory)
+    bus.join(csms.app.cluster, "node-a")
+    other = other_reservations(csms, bus)
+    station = await booted(csms, STATION)
+    timers = plugin(csms, "reservation").timers
+    bus.flush()
+    row, _ = await within(other.record_reserve_answer(STATION, reserve_now(csms, 41), "Accepted"))
+    assert timers.none_live_at(STATION)  # stale until the message arrives
+    assert bus.flush() == ["reservation.live"]
+    assert not timers.none_live_at(STATION) and row["record_id"] in timers.calls
+    await start_transaction(csms, station)
+    assert await reservation_state(other, 41) == "consumed"
+    assert timers.calls == {} and timers.none_live_at(STATION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_closed_on_another_node_loses_its_timer_here(csms_factory, bus):
+    csms = await reservation_csms(csms_factory)
+    bus.join(csms.app.cluster, "node-a")
+    other = other_reservations(csms, bus)
+    timers = plugin(csms, "reservation").timers
+    cancelled, _ = await within(other.record_reserve_answer(STATION, reserve_now(csms, 42), "Accepted"))
+    replaced, _ = await within(other.record_reserve_answer(STATION, reserve_now(csms, 43), "Accepted"))
+    bus.flush()
+    assert set(timers.calls) == {cancelled["record_id"], replaced["record_id"]}
+    await within(other.record_cancel(STATION, 42, "Accepted"))
+    newer, closed = await within(other.record_reserve_answer(STATION, reserve_now(csms, 43, 900), "Accepted"))
+    assert closed == [replaced["record_id"]]
+    assert bus.flush() == ["reservation.live", "reservation.live"]
+    assert set(timers.calls) == {newer["record_id"]}
+    await within(other.delete_station(STATION))
+    bus.flush()
+    assert timers.calls == {} and timers.none_live_at(STATION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_station_connecting_here_rereads_its_reservations(csms_factory, bus):
+    """Messages lost (a node's channel reconnected): the presence event re-reads the station's reservations."""
+    csms = await reservation_csms(csms_factory)
+    bus.join(csms.app.cluster, "node-a")
+    other = other_reservations(csms, bus)
+    timers = plugin(csms, "reservation").timers
+    known, _ = await within(other.record_reserve_answer(STATION, reserve_now(csms, 44), "Accepted"))
+    bus.flush()
+    await within(other.record_cancel(STATION, 44, "Accepted"))
+    live, _ = await within(other.record_reserve_answer(STATION, reserve_now(csms, 45, 300), "Accepted"))
+    bus.sent.clear()  # lost
+    assert set(timers.calls) == {known["record_id"]}
+    await presence_here(csms)
+    assert set(timers.calls) == {live["record_id"]} and not timers.none_live_at(STATION)
+    csms.clock.advance(300)
+    await within(db_settled(csms.app))
+    assert await reservation_state(other, 45) == "expired"
+    assert timers.none_live_at(STATION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_elsewhere_or_on_one_node_reads_nothing(csms_factory, bus):
+    csms = await reservation_csms(csms_factory)
+    functions = csms.app.db.stats["functions"]
+    await within(csms.app.fire("csms_on_presence_changed", station_id=STATION, node=csms.app.cluster.node,
+                               previous_node=None))  # one node: nothing to re-read
+    bus.join(csms.app.cluster, "node-a")
+    await within(csms.app.fire("csms_on_presence_changed", station_id=STATION, node=OTHER, previous_node=None))
+    assert csms.app.db.stats["functions"] == functions
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_each_reservation_expires_exactly_once_when_every_node_fires_its_timer(csms_factory, bus):
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    nodes = [await reservation_csms(csms_factory, clock), await reservation_csms(csms_factory, clock)]
+    for csms, name in zip(nodes, ("node-a", "node-b")):
+        bus.join(csms.app.cluster, name)
+    expired, events = [], []
+    for csms in nodes:
+        store = plugin(csms, "reservation").store
+        expire, add = store.expire, csms.app.outbox.add
+
+        def spy_expire(record_id, expire=expire, name=csms.app.cluster.node):
+            return expire(record_id).addCallback(lambda row: expired.append((name, row is not None)) or row)
+
+        def spy_add(conn, event_type, data, add=add):
+            if event_type == "reservation.changed" and data["state"] == "expired":
+                events.append(data["reservation_id"])
+            return add(conn, event_type, data)
+        store.expire, csms.app.outbox.add = spy_expire, spy_add
+    station = await booted(nodes[0], STATION)
+    status, body, _ = await within(nodes[0].api("POST", f"/stations/{STATION}/reservations", json={
+        "connector_id": 1, "id_tag": TAG, "expiry_date": station_time(clock_now(nodes[0]) + timedelta(seconds=60))}))
+    assert status == 201 and body["state"] == "active"
+    assert "reservation.live" in bus.flush()
+    assert [list(plugin(csms, "reservation").timers.calls) for csms in nodes] == [[body["record_id"]]] * 2
+    clock.advance(60)  # both nodes' timers fire in this tick, their UPDATEs race on two connections
+    for csms in nodes:
+        await within(db_settled(csms.app))
+    assert sorted(won for _, won in expired) == [False, True]
+    assert events == [body["reservation_id"]]
+    assert await reservation_state(plugin(nodes[1], "reservation").store, body["reservation_id"]) == "expired"
+    bus.flush()
+    assert [plugin(csms, "reservation").timers.calls for csms in nodes] == [{}, {}]
