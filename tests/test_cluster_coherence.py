@@ -48,7 +48,7 @@ class Bus:
         cluster.enabled = True
         cluster.node = name
         cluster.publish = lambda conn, topic, data: self._send(cluster, topic, data)
-        cluster.broadcast = lambda topic, data: pytest_twisted.blockon(self._sent_now(cluster, topic, data))
+        cluster.broadcast = lambda topic, data: self._sent_now(cluster, topic, data)
         self.nodes.append(cluster)
         return cluster
 
@@ -306,3 +306,140 @@ async def test_each_reservation_expires_exactly_once_when_every_node_fires_its_t
     assert await reservation_state(plugin(nodes[1], "reservation").store, body["reservation_id"]) == "expired"
     bus.flush()
     assert [plugin(csms, "reservation").timers.calls for csms in nodes] == [{}, {}]
+
+
+# -- Smart Charging: which stations may have installed profiles ---------------------------------------------
+
+TX_PROFILE = {"chargingProfileId": 7, "stackLevel": 0, "chargingProfilePurpose": "TxProfile",
+              "chargingProfileKind": "Relative",
+              "chargingSchedule": {"chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}]}}
+
+
+async def smartcharging_csms(csms_factory, bus):
+    csms = await csms_factory(plugins=["core", "smartcharging"])
+    await within(db_settled(csms.app))  # the stations with profiles are read at start-up
+    await within(core_store(csms).put_id_tag(TAG))
+    bus.join(csms.app.cluster, "node-a")
+    other = SmartChargingStore(csms.app.db, csms.clock, cluster=bus.join(StandIn(), OTHER))
+    return csms, plugin(csms, "smartcharging").store, other
+
+
+async def remote_start_profile_installed(csms, other):
+    """Another node recorded the TxProfile of a RemoteStartTransaction the station accepted."""
+    await within(other.record_sent(STATION, 1, TX_PROFILE, "RemoteStartTransaction", "Accepted", None,
+                                   clock_now(csms)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_profile_installed_on_another_node_is_bound_by_a_start_here(csms_factory, bus):
+    csms, store, other = await smartcharging_csms(csms_factory, bus)
+    station = await booted(csms, STATION)
+    bus.flush()
+    await remote_start_profile_installed(csms, other)
+    assert not store.may_have_profiles(STATION)  # stale until the message arrives
+    assert bus.flush() == ["smartcharging.installed"]
+    assert store.may_have_profiles(STATION)
+    started = await start_transaction(csms, station)
+    _, rows = await within(other.list(STATION))
+    assert [row["transaction_id"] for row in rows] == [started["transactionId"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_station_connecting_here_rereads_whether_it_has_profiles(csms_factory, bus):
+    csms, store, other = await smartcharging_csms(csms_factory, bus)
+    await remote_start_profile_installed(csms, other)
+    bus.sent.clear()  # lost
+    assert not store.may_have_profiles(STATION)
+    await presence_here(csms)
+    assert store.may_have_profiles(STATION)
+    await within(other.clear(STATION, {}, clock_now(csms)))  # nothing installed any more: nothing told
+    assert bus.flush() == []
+    await presence_here(csms)
+    assert not store.may_have_profiles(STATION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_profile_recorded_during_a_reread_is_kept(csms_factory, bus):
+    csms, store, other = await smartcharging_csms(csms_factory, bus)
+    reread = presence_here(csms)
+    assert store.may_have_profiles(STATION)  # while it reads: not certain
+    store.installed_elsewhere({"station_id": STATION}, OTHER)  # arrives before the read answers "none"
+    await reread
+    assert store.may_have_profiles(STATION)
+
+
+# -- Local Authorization List ----------------------------------------------------------------------------
+
+AUTO_SYNC = "[plugin:localauth]\nauto_sync_on_change = true\n"
+
+
+def calls(station, action: str) -> list:
+    return [frame[3] for frame in station.received_calls if frame[2] == action]
+
+
+@pytest_twisted.ensureDeferred
+async def test_id_tag_changed_on_another_node_syncs_the_stations_here(csms_factory, bus):
+    csms = await csms_factory(config_text=AUTO_SYNC, plugins=["core", "localauth"])
+    bus.join(csms.app.cluster, "node-a")
+    other_node = bus.join(StandIn(), OTHER)
+    station = await csms.connect_booted(STATION)
+    await within(CoreStore(csms.app.db, csms.clock, cluster=other_node).put_id_tag(TAG))
+    other_node.publish(None, "localauth.id_tag", {"id_tag": TAG})  # what the other node's plugin tells
+    assert calls(station, "SendLocalList") == []
+    bus.flush()
+    sent = await within(station.wait_for_call("SendLocalList"))
+    assert sent["localAuthorizationList"] == [{"idTag": TAG, "idTagInfo": {"status": "Accepted"}}]
+    await within(plugin(csms, "localauth").idle())
+
+
+@pytest_twisted.ensureDeferred
+async def test_id_tag_changed_here_is_told_to_the_other_nodes_only_in_a_cluster(csms_factory, bus):
+    csms = await csms_factory(config_text=AUTO_SYNC, plugins=["core", "localauth"])
+    broadcast = []
+    csms.app.cluster.broadcast = lambda topic, data: broadcast.append(topic)  # on one node: never asked
+    await within(plugin(csms, "core").put_id_tag(TAG))
+    assert broadcast == []
+    bus.join(csms.app.cluster, "node-a")
+    await within(plugin(csms, "core").put_id_tag(TAG, status="Blocked"))
+    assert "localauth.id_tag" in bus.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_boot_sync_waiting_here_is_dropped_when_the_station_moves(csms_factory, bus):
+    csms = await csms_factory(config_text="[plugin:localauth]\nauto_sync_on_boot = true\nboot_sync_delay = 5\n",
+                              plugins=["core", "localauth"])
+    bus.join(csms.app.cluster, "node-a")
+    station = await csms.connect_booted(STATION)
+    await within(csms.app.fire("csms_on_presence_changed", station_id=STATION, node=OTHER,
+                               previous_node=csms.app.cluster.node))
+    csms.clock.advance(5)
+    await within(plugin(csms, "localauth").idle())
+    assert calls(station, "GetLocalListVersion") == []
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_local_list_versions_are_read_from_the_database_on_every_node(csms_factory, bus):
+    """Nothing of a station's list is held in memory: a node sees the versions another node recorded,
+    and an automatic sync started by a change on one node reaches the station on the other."""
+    node_a = await csms_factory(config_text=AUTO_SYNC, plugins=["core", "localauth"])
+    node_b = await csms_factory(config_text=AUTO_SYNC, plugins=["core", "localauth"])
+    bus.join(node_a.app.cluster, "node-a")
+    bus.join(node_b.app.cluster, "node-b")
+    station = await node_b.connect_booted(STATION)
+    status, _, _ = await within(node_a.api("POST", "/id-tags", json={"id_tag": TAG}))
+    assert status == 201
+    await within(plugin(node_a, "localauth").idle())
+    assert calls(station, "SendLocalList") == []  # node A holds no station
+    assert "localauth.id_tag" in bus.flush()
+    assert (await within(station.wait_for_call("SendLocalList")))["listVersion"] == 1
+    await within(plugin(node_b, "localauth").idle())
+    status, state, _ = await within(node_a.api("GET", f"/stations/{STATION}/local-list"))
+    assert (status, state["acknowledged_version"], state["sent_version"]) == (200, 1, 1)
+    status, _, _ = await within(node_a.api("PATCH", f"/id-tags/{TAG}", json={"status": "Blocked"}))
+    pending = await within(plugin(node_b, "localauth").pending_changes(STATION))
+    assert any(TAG in tags for tags in pending.values())
+    assert await within(plugin(node_a, "localauth").pending_changes(STATION)) == pending
+    bus.flush()
+    sent = await within(station.wait_for_call("SendLocalList"))
+    assert (sent["listVersion"], sent["updateType"]) == (2, "Differential")
