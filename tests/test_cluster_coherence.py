@@ -443,3 +443,26 @@ async def test_local_list_versions_are_read_from_the_database_on_every_node(csms
     bus.flush()
     sent = await within(station.wait_for_call("SendLocalList"))
     assert (sent["listVersion"], sent["updateType"]) == (2, "Differential")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_starting_fails_only_reserve_requests_too_old_to_be_in_flight(csms_factory, bus):
+    """At start-up a ``requested`` reservation is an orphan on one node; in a cluster a young one may be
+    another node's ReserveNow still waiting for its answer."""
+    csms = await reservation_csms(csms_factory)
+    timeout = csms.app.config.ocpp.response_timeout
+    other_clock = task.Clock()
+    other_clock.advance(csms.clock.seconds() - 2 * timeout - 1)
+    other = ReservationStore(csms.app.db, other_clock)
+    expiry = clock_now(csms) + timedelta(hours=1)
+    orphan = await within(other.create(STATION, 1, TAG, None, expiry))
+    other_clock.advance(2 * timeout)
+    waiting = await within(other.create(STATION, 1, TAG, None, expiry))
+    timers = plugin(csms, "reservation").timers
+    bus.join(csms.app.cluster, "node-a")
+    await within(timers._rearm())  # what a node starting in the cluster does
+    assert [await reservation_state(other, row["reservation_id"]) for row in (orphan, waiting)] == \
+        ["failed", "requested"]
+    csms.app.cluster.enabled = False
+    await within(timers._rearm())  # one node: nobody else can be waiting
+    assert await reservation_state(other, waiting["reservation_id"]) == "failed"
