@@ -24,12 +24,12 @@ from datetime import timedelta
 import pytest
 import pytest_twisted
 from conftest import booted, clock_now, core_store, db_settled, station_time, within
-from twisted.internet import task
-
-from csms.cluster import Subscribers
 from csms_plugins.core.store import CoreStore
 from csms_plugins.reservation.store import ReservationStore
 from csms_plugins.smartcharging.store import SmartChargingStore
+from twisted.internet import task
+
+from csms.cluster import Subscribers
 
 STATION = "CLU-1"
 TAG = "CLU-TAG-01"
@@ -292,7 +292,7 @@ async def test_each_reservation_expires_exactly_once_when_every_node_fires_its_t
                 events.append(data["reservation_id"])
             return add(conn, event_type, data)
         store.expire, csms.app.outbox.add = spy_expire, spy_add
-    station = await booted(nodes[0], STATION)
+    await booted(nodes[0], STATION)
     status, body, _ = await within(nodes[0].api("POST", f"/stations/{STATION}/reservations", json={
         "connector_id": 1, "id_tag": TAG, "expiry_date": station_time(clock_now(nodes[0]) + timedelta(seconds=60))}))
     assert status == 201 and body["state"] == "active"
@@ -360,7 +360,7 @@ async def test_station_connecting_here_rereads_whether_it_has_profiles(csms_fact
 
 @pytest_twisted.ensureDeferred
 async def test_profile_recorded_during_a_reread_is_kept(csms_factory, bus):
-    csms, store, other = await smartcharging_csms(csms_factory, bus)
+    csms, store, _ = await smartcharging_csms(csms_factory, bus)
     reread = presence_here(csms)
     assert store.may_have_profiles(STATION)  # while it reads: not certain
     store.installed_elsewhere({"station_id": STATION}, OTHER)  # arrives before the read answers "none"

@@ -7,7 +7,6 @@ Talks to the Core plugin only through hooks: ``csms_connector_ids``, ``csms_acti
 from __future__ import annotations
 
 import os
-
 from datetime import timedelta
 
 from twisted.application import service
