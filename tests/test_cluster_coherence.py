@@ -188,8 +188,8 @@ async def reservation_state(store: ReservationStore, reservation_id: int) -> str
     return (await within(store.get(STATION, reservation_id)))["state"]
 
 
-async def reservation_csms(csms_factory, clock=None):
-    csms = await csms_factory(plugins=["core", "reservation"], clock=clock)
+async def reservation_csms(csms_factory, clock=None, plugins=("core", "reservation")):
+    csms = await csms_factory(plugins=plugins, clock=clock)
     await within(plugin(csms, "reservation").timers.ready)
     await within(core_store(csms).put_id_tag(TAG))
     return csms
@@ -262,7 +262,8 @@ async def test_station_connecting_here_rereads_its_reservations(csms_factory, bu
 
 @pytest_twisted.ensureDeferred
 async def test_presence_elsewhere_or_on_one_node_reads_nothing(csms_factory, bus):
-    csms = await reservation_csms(csms_factory)
+    csms = await reservation_csms(csms_factory, plugins=("core", "reservation", "smartcharging", "localauth"))
+    await within(db_settled(csms.app))
     functions = csms.app.db.stats["functions"]
     await within(csms.app.fire("csms_on_presence_changed", station_id=STATION, node=csms.app.cluster.node,
                                previous_node=None))  # one node: nothing to re-read
