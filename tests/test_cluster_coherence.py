@@ -154,6 +154,17 @@ async def test_a_refused_start_elsewhere_tells_nobody(csms, bus):
     assert bus.flush() == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_message_naming_no_tag_clears_the_whole_cache(csms):
+    store = core_store(csms)
+    for tag in (TAG, "CLU-TAG-02"):
+        await within(store.put_id_tag(tag))
+        await within(store.id_tag_info(tag, False))
+    assert store.cached_id_tag_info(TAG, False) == {"status": "Accepted"}
+    csms.app.cluster.deliver("core.id_tag", {"id_tag": None}, origin=OTHER)
+    assert [store.cached_id_tag_info(tag, False) for tag in (TAG, "CLU-TAG-02")] == [None, None]
+
+
 @pytest.mark.postgresql_only
 @pytest_twisted.ensureDeferred
 async def test_operator_blocks_a_tag_on_one_node_station_on_the_other_sees_it(csms_factory, bus):
