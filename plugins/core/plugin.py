@@ -16,7 +16,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
 from csms.passwords import verify_password
 
-from .store import CoreStore, register_event_types
+from .store import ID_TAG_TOPIC, CoreStore, register_event_types
 from .tables import metadata
 
 log = Logger(namespace="csms.core")
@@ -79,7 +79,9 @@ class CorePlugin:
         self.boot_retry_interval = settings["boot_retry_interval"]
         register_event_types(app.outbox)
         self.store = CoreStore(app.db, app.clock, concurrent_tx=settings["concurrent_tx_check"],
-                               id_tag_cache_seconds=settings["id_tag_cache_seconds"], outbox=app.outbox)
+                               id_tag_cache_seconds=settings["id_tag_cache_seconds"], outbox=app.outbox,
+                               cluster=app.cluster)
+        app.cluster.subscribe(ID_TAG_TOPIC, self.store.tag_changed_elsewhere)
 
     @hookimpl
     def csms_tables(self):

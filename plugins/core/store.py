@@ -90,8 +90,9 @@ class IdTagCache:
     open transaction (for ConcurrentTx). Every change this process makes through :class:`CoreStore`
     (id tags written, transactions started or stopped) drops the entries of that tag, case-insensitively,
     both when the write is queued and when it is committed; a lookup that was in flight across a change
-    is not cached. Entries also age out after ``ttl`` seconds, which bounds how long a change made by
-    anything else (another process on the same database, hand-written SQL) can go unseen; ``ttl = 0``
+    is not cached. In a cluster the other nodes' changes arrive as ``core.id_tag`` messages and drop the
+    tag the same way. Entries also age out after ``ttl`` seconds, which bounds how long a change made by
+    anything else (hand-written SQL, a message lost with a node's channel) can go unseen; ``ttl = 0``
     turns the cache off.
     """
 
@@ -142,6 +143,14 @@ class IdTagCache:
         self.generation += 1
         self._entries.clear()
         self._by_lower.clear()
+
+
+class _Alone:
+    """No other node to tell (a store made without ``cluster``, as in unit tests)."""
+
+    @staticmethod
+    def publish(conn, topic: str, data: dict) -> None:
+        pass
 
 
 # Hot-path statements are built once, with bind parameters: building a SQLAlchemy statement per
@@ -273,11 +282,19 @@ def register_event_types(outbox: Outbox) -> None:
               "parent_id_tag": None, "description": "Fleet card 17"}, owner="core")
 
 
+#: The cluster topic telling the other nodes an id tag's cached answer is stale: ``{"id_tag": tag}``
+#: (the tag was written, or a transaction holding it started or stopped), ``{"id_tag": None}`` for all.
+ID_TAG_TOPIC = "core.id_tag"
+
+
 class CoreStore:
     def __init__(self, db, clock, concurrent_tx: bool = True, id_tag_cache_seconds: float = 60.0,
-                 outbox: Outbox | None = None):
+                 outbox: Outbox | None = None, cluster=None):
         self.db = db
         self.clock = clock
+        #: The other nodes hear of every change that makes their IdTagCache stale (csms.cluster); on one
+        #: node publishing does nothing.
+        self.cluster = cluster if cluster is not None else _Alone()
         #: Events are added in the same thd as the change they announce (csms.outbox).
         self.outbox = outbox if outbox is not None else Outbox()
         self.concurrent_tx = concurrent_tx
@@ -345,6 +362,18 @@ class CoreStore:
             unknown(id_tag)
             return failure
         return d.addCallbacks(committed, failed)
+
+    def _tag_changed(self, conn, id_tag: str | None) -> None:
+        """Inside the change's transaction: the other nodes drop the tag from their cache once it commits."""
+        self.cluster.publish(conn, ID_TAG_TOPIC, {"id_tag": id_tag})
+
+    def tag_changed_elsewhere(self, data: dict, origin: str) -> None:
+        """A ``core.id_tag`` message from another node: what this node holds of the tag is stale."""
+        id_tag = data.get("id_tag")
+        if id_tag is None:
+            self.tag_cache.clear()
+        else:
+            self.tag_cache.invalidate(id_tag)
 
     def now(self) -> datetime:
         from datetime import timezone
@@ -473,6 +502,7 @@ class CoreStore:
                 conn.execute(insert(id_tags).values(id_tag=id_tag, created_at=now, **values))
             self.outbox.add(conn, "id_tag.changed",
                             id_tag_event(id_tag, "updated" if exists else "created", values))
+            self._tag_changed(conn, id_tag)
             return not exists
         return self._changing_tag(self.db.run(thd, desc="core_put_id_tag"), id_tag)
 
@@ -485,6 +515,7 @@ class CoreStore:
                 return None
             tag = id_tag_dict(conn.execute(select(id_tags).where(id_tags.c.id_tag == id_tag)).first())
             self.outbox.add(conn, "id_tag.changed", id_tag_event(id_tag, "updated", tag))
+            self._tag_changed(conn, id_tag)
             return tag
         return self._changing_tag(self.db.run(thd, desc="core_update_id_tag"), id_tag)
 
@@ -499,6 +530,7 @@ class CoreStore:
             deleted = conn.execute(delete(id_tags).where(id_tags.c.id_tag == id_tag)).rowcount > 0
             if deleted:
                 self.outbox.add(conn, "id_tag.changed", id_tag_event(id_tag, "deleted", None))
+                self._tag_changed(conn, id_tag)
             return deleted
         return self._changing_tag(self.db.run(thd, desc="core_delete_id_tag"), id_tag)
 
@@ -556,6 +588,8 @@ class CoreStore:
                 return transaction_dict(conn.execute(_EXISTING_START, key).first()), False
             transaction = transaction_dict(conn.execute(_TRANSACTION_BY_ID, {"tx": transaction_id}).first())
             self.outbox.add(conn, "transaction.started", transaction_event(transaction))
+            if status == "Accepted":  # it holds the tag now: ConcurrentTx elsewhere
+                self._tag_changed(conn, id_tag)
             return transaction, True
 
         def started(result):
@@ -600,6 +634,8 @@ class CoreStore:
             transaction = transaction_dict(row)
             if newly_stopped:
                 self.outbox.add(conn, "transaction.stopped", transaction_event(transaction))
+                if transaction["id_tag_status"] == "Accepted":  # it held its tag until now
+                    self._tag_changed(conn, transaction["id_tag"])
             return transaction, newly_stopped
         # Another transaction with the tag may still be open: unknown until asked again.
         return self._changing_active(self.db.run(thd, desc="core_stop_transaction"), payload.get("idTag"),

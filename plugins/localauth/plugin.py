@@ -27,6 +27,10 @@ from .tables import metadata
 
 log = Logger(namespace="csms.localauth")
 
+#: The cluster topic of an id tag change, for the nodes whose stations an automatic sync must reach:
+#: ``{"id_tag"}``. Each node syncs the stations connected to it, so a station's syncs stay on one node.
+ID_TAG_TOPIC = "localauth.id_tag"
+
 MAX_LIST_KEY = "LocalAuthListMaxLength"
 MAX_SEND_KEY = "SendLocalListMaxLength"
 
@@ -92,6 +96,7 @@ class LocalAuthListPlugin:
         self._locks: dict[str, defer.DeferredLock] = {}
         self._boot_timers: dict = {}
         self._background: set = set()
+        app.cluster.subscribe(ID_TAG_TOPIC, self._id_tag_changed_elsewhere)
 
     @hookimpl
     def csms_tables(self):
@@ -241,9 +246,20 @@ class LocalAuthListPlugin:
     def csms_on_id_tag_changed(self, id_tag, before, after):
         if not self.auto_sync_on_change:
             return None
+        self._sync_connected_here(id_tag)
+        if self.app.cluster.enabled:
+            self.app.cluster.broadcast(ID_TAG_TOPIC, {"id_tag": id_tag}).addErrback(
+                lambda failure: log.failure("Telling the other nodes of id tag {tag}'s change failed", failure,
+                                            tag=id_tag))
+        return None  # the change itself does not wait for the stations
+
+    def _id_tag_changed_elsewhere(self, data: dict, origin: str) -> None:
+        if self.auto_sync_on_change:
+            self._sync_connected_here(data["id_tag"])
+
+    def _sync_connected_here(self, id_tag: str) -> None:
         for station_id in sorted(self.app.sessions):
             self._spawn(self._auto_sync(station_id, "id tag change", id_tag))
-        return None  # the change itself does not wait for the stations
 
     @hookimpl
     def csms_on_boot(self, station_id, request, status):
@@ -257,11 +273,20 @@ class LocalAuthListPlugin:
 
     def _boot_sync(self, station_id: str) -> None:
         self._boot_timers.pop(station_id, None)
-        if self.app.is_connected(station_id):
+        if station_id in self.app.sessions:  # a station's automatic syncs belong to the node holding it
             self._spawn(self._auto_sync(station_id, "boot"))
 
     @hookimpl
     def csms_on_station_disconnected(self, station_id, reason):
+        self._cancel_boot_sync(station_id)
+
+    @hookimpl
+    def csms_on_presence_changed(self, station_id, node, previous_node):
+        # The station's syncs belong to the node holding it: a boot sync waiting here is that node's now.
+        if node != self.app.cluster.node:
+            self._cancel_boot_sync(station_id)
+
+    def _cancel_boot_sync(self, station_id: str) -> None:
         timer = self._boot_timers.pop(station_id, None)
         if timer is not None and timer.active():
             timer.cancel()

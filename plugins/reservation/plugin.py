@@ -7,6 +7,7 @@ Talks to the Core plugin only through hooks: ``csms_connector_ids``, ``csms_acti
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from twisted.application import service
 from twisted.internet import defer
@@ -16,8 +17,9 @@ from zope.interface import implementer
 from csms import ocpp16
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
+from csms.ocpp16 import parse_datetime
 
-from .store import LIVE, ReservationStore
+from .store import LIVE, LIVE_TOPIC, ReservationStore
 from .tables import metadata
 
 log = Logger(namespace="csms.reservation")
@@ -27,6 +29,9 @@ class ExpiryTimers(service.Service):
     """One ``clock.callLater`` per live reservation, firing at its expiry date; re-armed at start-up.
 
     No polling: a reservation closed otherwise (cancelled, consumed, replaced) has its timer cancelled.
+    In a cluster every node keeps a timer for every live reservation, learning of the other nodes'
+    changes from ``reservation.live`` messages and re-reading a station's when it connects here; the
+    expiry itself is a conditional UPDATE, so whichever nodes are up, each reservation expires once.
     """
 
     name = "reservation-expiry"
@@ -39,6 +44,8 @@ class ExpiryTimers(service.Service):
         self.live: dict[str, int] = {}
         #: True once every live reservation found at start-up has its timer
         self.rearmed = False
+        #: Stations whose live reservations are being re-read (none_live_at cannot answer for them)
+        self.refreshing: dict[str, int] = {}
         #: Fires once the live reservations found at start-up have their timers.
         self.ready = defer.Deferred()
 
@@ -51,7 +58,11 @@ class ExpiryTimers(service.Service):
     @defer.inlineCallbacks
     def _rearm(self):
         store = self.plugin.store
-        yield store.fail_interrupted()
+        app = self.plugin.app
+        # Another node's ReserveNow may still be waiting for its answer: only older requests are orphans.
+        made_before = app.now() - timedelta(seconds=2 * app.config.ocpp.response_timeout) \
+            if app.cluster.enabled else None
+        yield store.fail_interrupted(made_before)
         _, rows = yield store.list(active=True, limit=None)
         for row in rows:
             self.arm(row)
@@ -96,9 +107,37 @@ class ExpiryTimers(service.Service):
 
     def none_live_at(self, station_id: str) -> bool:
         """True when this station certainly has no live reservation: every live reservation has a timer
-        once start-up re-armed them, and reservations are made through the process the station is
-        connected to."""
-        return self.rearmed and station_id not in self.live
+        once start-up re-armed them, and the other nodes tell of the ones they record."""
+        return self.rearmed and station_id not in self.live and station_id not in self.refreshing
+
+    def changed_elsewhere(self, data: dict, origin: str) -> None:
+        """A ``reservation.live`` message: another node made reservations live or closed them."""
+        if not self.running:
+            return  # start-up reads them all; after the stop nothing may be armed
+        for record_id in data["closed"]:
+            self.disarm(record_id)
+        for live in data["live"]:
+            self.arm({"record_id": live["record_id"], "station_id": data["station_id"],
+                      "expiry_date": parse_datetime(live["expiry_date"])})
+
+    @defer.inlineCallbacks
+    def refresh(self, station_id: str):
+        """Re-read the station's live reservations (it connected here: messages may have been missed)."""
+        armed_before = {record_id for record_id, station in self.stations.items() if station == station_id}
+        self.refreshing[station_id] = self.refreshing.get(station_id, 0) + 1
+        try:
+            _, rows = yield self.plugin.store.list(station_id, active=True, limit=None)
+        finally:
+            left = self.refreshing.pop(station_id) - 1
+            if left:
+                self.refreshing[station_id] = left
+        if not self.running:
+            return
+        # A row live before the read and not in it was closed for good; ones armed meanwhile stay.
+        for record_id in armed_before - {row["record_id"] for row in rows}:
+            self.disarm(record_id)
+        for row in rows:
+            self.arm(row)
 
     def _expire(self, record_id: int):
         self.calls.pop(record_id, None)
@@ -136,8 +175,9 @@ class ReservationPlugin:
                             {"station_id": "CP-1", "reservation_id": 12, "connector_id": 1, "id_tag": "04A1B2C3",
                              "state": "consumed", "status": "Accepted", "transaction_id": 42,
                              "expiry_date": "2026-12-01T12:00:00.000Z"}, owner=self.name)
-        self.store = ReservationStore(app.db, app.clock, app.outbox)
+        self.store = ReservationStore(app.db, app.clock, app.outbox, app.cluster)
         self.timers = ExpiryTimers(self)
+        app.cluster.subscribe(LIVE_TOPIC, self.timers.changed_elsewhere)
 
     @hookimpl
     def csms_tables(self):
@@ -198,6 +238,15 @@ class ReservationPlugin:
     @hookimpl
     def csms_on_status_changed(self, station_id, connector_id, status, error_code, previous_status, request):
         return self.store.status_changed(station_id, connector_id, status)
+
+    @hookimpl
+    def csms_on_presence_changed(self, station_id, node, previous_node):
+        # On one node the timers already know every change; in a cluster the station's new node re-reads.
+        if not self.app.cluster.enabled or node != self.app.cluster.node or not self.timers.running:
+            return None
+        return self.timers.refresh(station_id).addErrback(
+            lambda failure: log.failure("Re-reading the reservations of {station} failed", failure,
+                                        station=station_id))
 
     @hookimpl
     def csms_on_station_deleted(self, station_id):

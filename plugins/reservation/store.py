@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import bindparam, case, delete, func, insert, or_, select, update
 
+from csms.ocpp16 import format_datetime
 from csms.outbox import Outbox, event_data
 from csms.stations import as_utc
 
@@ -50,11 +51,36 @@ def _by_key(conn, record_id: int):
     return conn.execute(select(reservations).where(reservations.c.id == record_id)).first()
 
 
+#: The cluster topic of the reservations' timers: ``{"station_id", "live": [{"record_id", "expiry_date"}],
+#: "closed": [record ids]}``, published with every change that makes a reservation live or ends one.
+LIVE_TOPIC = "reservation.live"
+
+
+def live_message(station_id: str, live: list[dict] = (), closed: list[int] = ()) -> dict:
+    return {"station_id": station_id, "closed": list(closed),
+            "live": [{"record_id": row["record_id"], "expiry_date": format_datetime(row["expiry_date"])}
+                     for row in live]}
+
+
+class _Alone:
+    """No other node to tell (a store made without ``cluster``)."""
+
+    @staticmethod
+    def publish(conn, topic: str, data: dict) -> None:
+        pass
+
+
 class ReservationStore:
-    def __init__(self, db, clock, outbox: Outbox | None = None):
+    def __init__(self, db, clock, outbox: Outbox | None = None, cluster=None):
         self.db = db
         self.clock = clock
         self.outbox = outbox if outbox is not None else Outbox()
+        #: Every node keeps a timer per live reservation: each change is published to the others.
+        self.cluster = cluster if cluster is not None else _Alone()
+
+    def _tell_nodes(self, conn, station_id: str, live: list[dict] = (), closed: list[int] = ()) -> None:
+        if live or closed:
+            self.cluster.publish(conn, LIVE_TOPIC, live_message(station_id, live, closed))
 
     def _changed(self, conn, row: dict | None) -> dict | None:
         """Announce a reservation's new state (outbox event ``reservation.changed``); returns ``row``."""
@@ -146,7 +172,9 @@ class ReservationStore:
                     expiry_date=parse_datetime(request["expiryDate"]), source="call", status=status, state=state,
                     created_at=now, answered_at=now, closed_at=None if state == LIVE else now,
                 )).inserted_primary_key[0]
-            return self._changed(conn, reservation_dict(_by_key(conn, record_id))), closed
+            row = self._changed(conn, reservation_dict(_by_key(conn, record_id)))
+            self._tell_nodes(conn, station_id, [row] if row["state"] == LIVE else [], closed)
+            return row, closed
         return self.db.run(thd, desc="reservation_answer")
 
     # -- closing -----------------------------------------------------------------------------
@@ -175,18 +203,28 @@ class ReservationStore:
                             f"CancelReservation for a reservation already {row.state}: {status}", now)
             conn.execute(update(reservations).where(reservations.c.id == row.id).values(**values))
             changed = reservation_dict(_by_key(conn, row.id))
+            self._tell_nodes(conn, station_id, closed=closed)
             return (self._changed(conn, changed) if closed else changed), closed
         return self.db.run(thd, desc="reservation_cancel")
 
     def expire(self, record_id: int):
-        """Close a live reservation whose expiry date has come; fires the row, or None when it was not live."""
+        """Close a live reservation whose expiry date has come; fires the row, or None when it was not live.
+
+        Every node of a cluster has a timer for it: the UPDATE is conditional on the row still being live,
+        so one node's wins (PostgreSQL re-checks the condition once the winner's commit frees the row)
+        and only that node announces it.
+        """
         now = self.now()
 
         def thd(conn):
             changed = conn.execute(update(reservations).where(reservations.c.id == record_id,
                                                               reservations.c.state == LIVE)
                                    .values(state="expired", closed_at=now)).rowcount
-            return self._changed(conn, reservation_dict(_by_key(conn, record_id))) if changed else None
+            if not changed:
+                return None
+            row = self._changed(conn, reservation_dict(_by_key(conn, record_id)))
+            self._tell_nodes(conn, row["station_id"], closed=[record_id])
+            return row
         return self.db.run(thd, desc="reservation_expire")
 
     def consume(self, station_id: str, transaction: dict):
@@ -210,7 +248,10 @@ class ReservationStore:
             changed = conn.execute(update(reservations).where(reservations.c.id == record_id,
                                                               reservations.c.state == LIVE).values(
                 state="consumed", transaction_id=transaction_id, closed_at=now)).rowcount
-            return self._changed(conn, reservation_dict(_by_key(conn, record_id))) if changed else None
+            if not changed:
+                return None
+            self._tell_nodes(conn, station_id, closed=[record_id])
+            return self._changed(conn, reservation_dict(_by_key(conn, record_id)))
 
         def thd(conn):
             if reservation_id is not None:
@@ -251,12 +292,19 @@ class ReservationStore:
                 .values(connector_status=status)).rowcount
         return self.db.run(thd, desc="reservation_status")
 
-    def fail_interrupted(self):
-        """At start-up: requests whose answer was lost with the previous process never became reservations."""
+    def fail_interrupted(self, made_before: datetime | None = None):
+        """At start-up: requests whose answer was lost with the previous process never became reservations.
+
+        ``made_before``: only requests made before then (in a cluster, younger ones may be another
+        node's calls still waiting for their answer).
+        """
         now = self.now()
 
         def thd(conn):
-            return conn.execute(update(reservations).where(reservations.c.state == "requested").values(
+            query = update(reservations).where(reservations.c.state == "requested")
+            if made_before is not None:
+                query = query.where(reservations.c.created_at < made_before)
+            return conn.execute(query.values(
                 state="failed", error="interrupted: the Central System stopped before the station answered",
                 closed_at=now)).rowcount
         return self.db.run(thd, desc="reservation_fail_interrupted")
@@ -305,5 +353,6 @@ class ReservationStore:
                                                                 reservations.c.state == LIVE)).scalars().all()
             conn.execute(delete(reservations).where(reservations.c.station_id == station_id))
             conn.execute(delete(events).where(events.c.station_id == station_id))
+            self._tell_nodes(conn, station_id, closed=live)
             return list(live)
         return self.db.run(thd, desc="reservation_delete_station")

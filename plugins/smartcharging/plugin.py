@@ -21,7 +21,7 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
 from . import composite
-from .store import SmartChargingStore
+from .store import INSTALLED_TOPIC, SmartChargingStore
 from .tables import metadata
 from .validation import ProfileInvalid, check_remote_start_profile, check_set_charging_profile
 
@@ -89,7 +89,8 @@ class SmartChargingPlugin:
                             {"station_id": "CP-1", "change": "sent", "connector_id": 1, "charging_profile_id": 5,
                              "purpose": "TxDefaultProfile", "stack_level": 0, "state": "installed",
                              "station_status": "Accepted", "profile": {"chargingProfileId": 5}}, owner=self.name)
-        self.store = SmartChargingStore(app.db, app.clock, app.outbox)
+        self.store = SmartChargingStore(app.db, app.clock, app.outbox, app.cluster)
+        app.cluster.subscribe(INSTALLED_TOPIC, self.store.installed_elsewhere)
 
     @hookimpl
     def csms_tables(self):
@@ -181,6 +182,15 @@ class SmartChargingPlugin:
         if not self.store.may_have_profiles(station_id):
             return None
         return self.store.end_transaction(station_id, transaction["transaction_id"], self.app.now())
+
+    @hookimpl
+    def csms_on_presence_changed(self, station_id, node, previous_node):
+        # On one node every profile was recorded here; in a cluster the station's new node re-reads.
+        if not self.app.cluster.enabled or node != self.app.cluster.node:
+            return None
+        return self.store.refresh(station_id).addErrback(
+            lambda failure: log.failure("Re-reading the charging profiles of {station} failed", failure,
+                                        station=station_id))
 
     @hookimpl
     def csms_on_station_deleted(self, station_id):

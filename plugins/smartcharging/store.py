@@ -53,14 +53,31 @@ def _replace_matching(conn, station_id: str, connector_id, profile: dict, now, e
     conn.execute(query.values(state=REPLACED, updated_at=now))
 
 
+#: The cluster topic telling the other nodes a station now has an installed profile: ``{"station_id"}``.
+INSTALLED_TOPIC = "smartcharging.installed"
+
+
+class _Alone:
+    """No other node to tell (a store made without ``cluster``)."""
+
+    @staticmethod
+    def publish(conn, topic: str, data: dict) -> None:
+        pass
+
+
 class SmartChargingStore:
-    def __init__(self, db, clock, outbox: Outbox | None = None):
+    def __init__(self, db, clock, outbox: Outbox | None = None, cluster=None):
         self.db = db
         self.clock = clock
         self.outbox = outbox if outbox is not None else Outbox()
+        #: The other nodes' :meth:`may_have_profiles` hear of every profile installed here.
+        self.cluster = cluster if cluster is not None else _Alone()
         #: Stations that may have an installed profile; None until read at start-up (then: ask the database).
         self._with_profiles: set | None = None
         self._added: set = set()
+        #: station -> re-reads of it running; changes of it since the oldest began (see :meth:`refresh`)
+        self._refreshing: dict[str, int] = {}
+        self._changed_while_refreshing: set = set()
         self._station_locks: dict[str, defer.DeferredLock] = {}
 
     def _in_order(self, station_id: str, thd, desc: str) -> defer.Deferred:
@@ -83,18 +100,55 @@ class SmartChargingStore:
         return self.db.run(thd, desc="smartcharging_stations_with_profiles").addCallback(loaded)
 
     def may_have_profiles(self, station_id: str) -> bool:
-        """False only when this station certainly has no installed profile. Profiles are installed
-        through the process the station is connected to, which marks it here before the write."""
-        return self._with_profiles is None or station_id in self._with_profiles
+        """False only when this station certainly has no installed profile. A profile recorded here marks
+        its station before the write; one recorded by another node arrives as a ``smartcharging.installed``
+        message; a station connecting here is re-read (:meth:`refresh`)."""
+        return self._with_profiles is None or station_id in self._with_profiles or station_id in self._refreshing
+
+    def _mark(self, station_id: str) -> None:
+        self._added.add(station_id)
+        if self._with_profiles is not None:
+            self._with_profiles.add(station_id)
+        if station_id in self._refreshing:
+            self._changed_while_refreshing.add(station_id)
+
+    def installed_elsewhere(self, data: dict, origin: str) -> None:
+        """A ``smartcharging.installed`` message: another node recorded a profile the station accepted."""
+        self._mark(data["station_id"])
+
+    def refresh(self, station_id: str) -> defer.Deferred:
+        """Re-read whether the station has installed profiles (it connected to this node: messages may
+        have been missed). Until the answer it counts as having some; a profile marked meanwhile stays."""
+        self._refreshing[station_id] = self._refreshing.get(station_id, 0) + 1
+
+        def thd(conn):
+            return conn.execute(select(profiles.c.id).where(profiles.c.station_id == station_id,
+                                                            profiles.c.state == INSTALLED).limit(1)).first() is not None
+
+        def read(has_profiles):
+            if has_profiles:
+                self._mark(station_id)
+            elif station_id not in self._changed_while_refreshing and self._refreshing[station_id] == 1:
+                self._added.discard(station_id)
+                if self._with_profiles is not None:
+                    self._with_profiles.discard(station_id)
+            return has_profiles
+
+        def done(result):
+            left = self._refreshing.pop(station_id) - 1
+            if left:
+                self._refreshing[station_id] = left
+            else:
+                self._changed_while_refreshing.discard(station_id)
+            return result
+        return self.db.run(thd, desc="smartcharging_station_has_profiles").addCallback(read).addBoth(done)
 
     def record_sent(self, station_id: str, connector_id, profile: dict, source: str, station_status: str,
                     transaction_id, now):
         """Record a profile the station answered: installed when Accepted (replacing what it replaces),
         rejected otherwise. Fires with the new row."""
         if station_status == "Accepted":
-            self._added.add(station_id)
-            if self._with_profiles is not None:
-                self._with_profiles.add(station_id)
+            self._mark(station_id)
 
         def thd(conn):
             accepted = station_status == "Accepted"
@@ -109,6 +163,8 @@ class SmartChargingStore:
                 profile=json.dumps(profile, separators=(",", ":")), source=source,
                 state=INSTALLED if accepted else REJECTED, station_status=station_status,
                 sent_at=now, updated_at=now))
+            if accepted:
+                self.cluster.publish(conn, INSTALLED_TOPIC, {"station_id": station_id})
             row_id = result.inserted_primary_key[0]
             row = profile_row(conn.execute(select(profiles).where(profiles.c.id == row_id)).one())
             self.outbox.add(conn, "charging_profile.changed", dict(event_data(row, leave_out=("id",)),
