@@ -83,6 +83,15 @@ def connection_cap() -> int:
     return 1_000_000 if hard == resource.RLIM_INFINITY else max(100, (hard - 200) // 2)
 
 
+def raise_open_files_limit() -> None:
+    """This process's open-files soft limit up to its hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def haproxy_config(template: str, ocpp_port: int, api_port: int, nodes: list["Node"],
                    max_connections: int | None = None) -> str:
     """``template`` (the shipped etc/haproxy.cfg) with its frontends bound to these loopback ports, its
@@ -200,6 +209,7 @@ class Cluster:
 
     async def start(self) -> None:
         """Start the nodes (the first alone: it applies the migrations), then HAProxy in front of them."""
+        raise_open_files_limit()  # the nodes and HAProxy inherit it: each connection is a file descriptor
         first, *others = self.nodes
         await self.start_node(first)
         await defer.gatherResults([defer.ensureDeferred(self.start_node(n)) for n in others], consumeErrors=True)
