@@ -270,6 +270,16 @@ class Cluster:
         """Stop HAProxy and every node still running; bounded, whatever state the run left them in."""
         processes = [p for p in [self.haproxy] + [n.process for n in self.nodes] if p is not None]
         await defer.DeferredList([p.stop() for p in processes], consumeErrors=True)
+        self.write_logs()
+
+    def write_logs(self) -> None:
+        """Each process's output to a file in its directory (``node1/twistd.log``, ``haproxy.log``)."""
+        named = [(os.path.join(n.directory, "twistd.log"), n.process) for n in self.nodes]
+        named.append((os.path.join(self.directory, "haproxy.log"), self.haproxy))
+        for path, process in named:
+            if process is not None:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(process.stdout + process.stderr)
 
     # -- asking the nodes ------------------------------------------------------------------------------
 
