@@ -84,6 +84,7 @@ class ReconnectingStation:
             try:
                 self.protocol = await connect_station(reactor, self.cluster.ocpp_port, self.station_id, timeout=5)
                 self.connections += 1
+                assert self.protocol.subprotocol == "ocpp1.6"  # HAProxy passed Sec-WebSocket-Protocol through
                 return
             except (StationRefused, ConnectError, ConnectionError, defer.TimeoutError):
                 if reactor.seconds() > deadline:
@@ -123,6 +124,7 @@ class ReconnectingLibraryStation:
         while True:
             try:
                 self.websocket = await connect(self.url, subprotocols=["ocpp1.6"], open_timeout=5, close_timeout=5)
+                assert self.websocket.subprotocol == "ocpp1.6"
                 break
             except (OSError, InvalidHandshake, asyncio.TimeoutError):
                 if asyncio.get_running_loop().time() > deadline:
