@@ -4,7 +4,8 @@ N stations with a mixed load, one node killed with SIGKILL mid-run (docs/benchma
 
 1. Starts the cluster (csms.testing.cluster: loopback only) on a fresh schema of ``--database``.
 2. Times operator API calls (``POST /stations/{id}/calls/GetConfiguration``) for probe stations, sent
-   to the node holding the station (local) and to another node (forwarded; 409 without cluster mode).
+   to the node holding the station (local) and to another node (forwarded; 409 without cluster mode),
+   on the idle cluster and again under load (from the window's start until the kill).
 3. Runs bench/loadgen.py through HAProxy: ``--stations`` stations, the ``cluster`` mix (Heartbeat,
    Authorize, StatusNotification, transactions with MeterValues) at ``--rate`` messages/s for
    ``--duration`` seconds; stations reconnect by themselves; ``--kill-at`` seconds into the window the
@@ -82,42 +83,46 @@ def fresh_schema(url: str):
 # -- forwarded against local API calls ---------------------------------------------------------------------
 
 
-async def time_api_calls(cluster, samples: int) -> dict:
-    """Probe stations (one per node, through HAProxy) and GetConfiguration sent to their node and to another."""
+async def connect_probes(cluster) -> list:
+    """Test stations (they answer GetConfiguration) through HAProxy until one is on each node:
+    [(station id, node, station)]."""
     from twisted.internet import reactor
 
     from csms.testing.station import connect_station
 
     probes = []
-    try:
-        for i in range(len(cluster.nodes) * 3):
-            if len({p[1].name for p in probes}) == len(cluster.nodes):
-                break
-            station = await connect_station(reactor, cluster.ocpp_port, f"PROBE-{i}", timeout=30)
-            await station.boot()
-            node = await cluster.holder(f"PROBE-{i}")
-            if node is not None and node.name not in {p[1].name for p in probes}:
-                probes.append((f"PROBE-{i}", node, station))
-            else:
-                await station.close()
-        timings: dict[str, list] = {"local": [], "forwarded": []}
-        codes: dict[str, dict] = {"local": {}, "forwarded": {}}
-        for n in range(samples):
-            station_id, holder, _ = probes[n % len(probes)]
-            other = cluster.nodes[(cluster.nodes.index(holder) + 1 + n) % len(cluster.nodes)]
-            if other is holder:
-                other = cluster.nodes[(cluster.nodes.index(holder) + 1) % len(cluster.nodes)]
-            for kind, node in (("local", holder), ("forwarded", other)):
-                started = time.perf_counter()
-                code, _ = await cluster.api("POST", f"/stations/{station_id}/calls/GetConfiguration", json={},
-                                            node=node, timeout=60)
-                timings[kind].append(int((time.perf_counter() - started) * 1e6))
-                codes[kind][str(code)] = codes[kind].get(str(code), 0) + 1
-        return {kind: {"latency_ms": loadgen.latency_summary(timings[kind]), "status_codes": codes[kind]}
-                for kind in timings} | {"probes": {sid: node.name for sid, node, _ in probes}}
-    finally:
-        for _, _, station in probes:
-            await station.close().addTimeout(10, reactor)
+    for i in range(len(cluster.nodes) * 4):
+        if len(probes) == len(cluster.nodes):
+            break
+        station = await connect_station(reactor, cluster.ocpp_port, f"PROBE-{i}", timeout=60)
+        await station.boot()
+        node = await cluster.holder(f"PROBE-{i}")
+        if node is not None and node.name not in {p[1].name for p in probes}:
+            probes.append((f"PROBE-{i}", node, station))
+        else:
+            await station.close()
+    return probes
+
+
+async def time_api_calls(cluster, probes: list, samples: int, until: float | None = None) -> dict:
+    """GetConfiguration for the probe stations, sent to the node holding each (local) and to another
+    (forwarded), ``samples`` of each or as many as fit before ``until`` (time.monotonic())."""
+    timings: dict[str, list] = {"local": [], "forwarded": []}
+    codes: dict[str, dict] = {"local": {}, "forwarded": {}}
+    for n in range(samples):
+        if until is not None and time.monotonic() > until:
+            break
+        station_id, holder, _ = probes[n % len(probes)]
+        others = [node for node in cluster.nodes if node is not holder and node.alive]
+        other = others[n % len(others)]
+        for kind, node in (("local", holder), ("forwarded", other)):
+            started = time.perf_counter()
+            code, _ = await cluster.api("POST", f"/stations/{station_id}/calls/GetConfiguration", json={},
+                                        node=node, timeout=60)
+            timings[kind].append(int((time.perf_counter() - started) * 1e6))
+            codes[kind][str(code)] = codes[kind].get(str(code), 0) + 1
+    return {kind: {"latency_ms": loadgen.latency_summary(timings[kind]), "status_codes": codes[kind]}
+            for kind in timings}
 
 
 # -- what was confirmed against what is stored -----------------------------------------------------------
@@ -161,19 +166,28 @@ def compare_with_database(url: str, confirmed: dict) -> dict:
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-async def run_loadgen(args, cluster, victim, confirmed_path: str, result_path: str) -> tuple[int, str]:
-    from twisted.internet import reactor, utils
+async def run_loadgen(args, cluster, victim, confirmed_path: str, result_path: str, during_window) -> tuple[int, str]:
+    """Run the load generator; ``during_window()`` (async) runs once its window opens."""
+    from twisted.internet import reactor
 
-    argv = [LOADGEN, "--quiet", "--url", cluster.ocpp_url, "--stations", str(args.stations), "--mix", "cluster",
-            "--mode", "rate", "--rate", str(args.rate), "--duration", str(args.duration), "--max-messages", "0",
-            "--reconnect", "--call-timeout", "30", "--connect-timeout", "600", "--drain-timeout", "30",
-            "--workers", str(args.workers), "--id-prefix", "CL-", "--confirmed", confirmed_path, "--json", result_path]
+    from csms.testing.processes import WatchedProcess
+
+    argv = [sys.executable, LOADGEN, "--quiet", "--announce", "--url", cluster.ocpp_url, "--stations",
+            str(args.stations), "--mix", "cluster", "--mode", "rate", "--rate", str(args.rate), "--duration",
+            str(args.duration), "--max-messages", "0", "--reconnect", "--call-timeout", "30", "--connect-timeout", "600",
+            "--drain-timeout", "30", "--workers", str(args.workers), "--id-prefix", "CL-", "--confirmed", confirmed_path,
+            "--json", result_path]
     if victim is not None:
         argv += ["--kill-pid", str(victim.process.transport.pid), "--kill-at", str(args.kill_at)]
-    timeout = 600 + args.duration + 200
-    out, err, code = await utils.getProcessOutputAndValue(sys.executable, argv, env=dict(os.environ), path=ROOT,
-                                                          reactor=reactor).addTimeout(timeout, reactor)
-    return code, err.decode("utf-8", "replace")
+    process = WatchedProcess(reactor, deadline=600 + args.duration + 200)
+    reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ), path=ROOT)
+    try:
+        await process.logged("loadgen: window open")
+        await during_window()
+        code = await process.finished()
+    finally:
+        process.signal("KILL")  # only if it is still running (the run failed)
+    return code, process.stderr
 
 
 async def bench(args) -> dict:
@@ -187,14 +201,23 @@ async def bench(args) -> dict:
                          "kill_at": None if args.no_kill else args.kill_at, "workers": args.workers,
                          "pool_size": args.pool_size, "cluster_mode": cluster_mode_available(), "nodes": 3},
               "load_average_before": os.getloadavg(), "cpu_count": os.cpu_count()}
+    probes = []
     try:
         await cluster.start()
-        result["api_calls"] = await time_api_calls(cluster, args.forward_samples)
+        probes = await connect_probes(cluster)
+        result["api_calls"] = await time_api_calls(cluster, probes, args.forward_samples)
+        result["api_calls"]["probes"] = {sid: node.name for sid, node, _ in probes}
         victim = None if args.no_kill else cluster.nodes[-1]
         before = {n.name: loadgen.read_proc(n.process.transport.pid) for n in cluster.nodes}
         confirmed_path = os.path.join(directory, "confirmed.json")
         load_path = os.path.join(directory, "loadgen.json")
-        code, err = await run_loadgen(args, cluster, victim, confirmed_path, load_path)
+
+        async def under_load():
+            # Before the kill, and with the probes of the nodes that survive it.
+            until = time.monotonic() + (args.duration if args.no_kill else args.kill_at) - 1
+            survivors = [p for p in probes if p[1] is not victim]
+            result["api_calls_under_load"] = await time_api_calls(cluster, survivors, args.forward_samples, until)
+        code, err = await run_loadgen(args, cluster, victim, confirmed_path, load_path, under_load)
         after = {n.name: loadgen.read_proc(n.process.transport.pid) for n in cluster.alive_nodes()}
         if not os.path.exists(load_path):
             raise RuntimeError(f"the load generator failed ({code}): {err}")
@@ -211,6 +234,8 @@ async def bench(args) -> dict:
         from twisted.internet import threads
         result["database_check"] = await threads.deferToThread(compare_with_database, url, confirmed)
     finally:
+        for _, _, station in probes:
+            station.close()
         await cluster.stop()
         result["load_average_after"] = os.getloadavg()
         drop()
@@ -234,6 +259,11 @@ def human(result: dict) -> str:
         f"{fmt(api['local']['latency_ms']['p99'])} {api['local']['status_codes']}, forwarded "
         f"{fmt(api['forwarded']['latency_ms']['p50'])}/{fmt(api['forwarded']['latency_ms']['p99'])} "
         f"{api['forwarded']['status_codes']}",
+        f"under load: local {fmt(result['api_calls_under_load']['local']['latency_ms']['p50'])}/"
+        f"{fmt(result['api_calls_under_load']['local']['latency_ms']['p99'])}, forwarded "
+        f"{fmt(result['api_calls_under_load']['forwarded']['latency_ms']['p50'])}/"
+        f"{fmt(result['api_calls_under_load']['forwarded']['latency_ms']['p99'])} "
+        f"{result['api_calls_under_load']['forwarded']['status_codes']}",
         f"killed {result['killed_node']}: {reconnect.get('count', 0)} reconnects, all back "
         f"{fmt(reconnect.get('seconds_from_kill_to_last_back'))} s after the kill; errors {load['errors']['by_kind']}",
         f"confirmed and checked {check['checked']}, lost {check['lost']}; node CPU s {result['node_cpu_seconds']}; "

@@ -558,6 +558,8 @@ def parse_args(argv):
                    help="write what the CSMS confirmed (transactions, MeterValues timestamps, stops) here as JSON")
     p.add_argument("--kill-pid", type=int, help="fault injection: SIGKILL this process (a loopback CSMS node) ...")
     p.add_argument("--kill-at", type=float, default=None, help="... this many seconds into the window")
+    p.add_argument("--announce", action="store_true",
+                   help="print 'loadgen: window open' on stdout when the window opens (with --json; for a driver)")
     p.add_argument("--json", dest="json_path", help="write the result JSON here (default: stdout)")
     p.add_argument("--quiet", action="store_true", help="no human summary on stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -658,6 +660,9 @@ class Coordinator:
             ready = self.expect("ready")
             go_at = time.monotonic() + 0.3
             self.send({"cmd": "go", "t": go_at})
+            if args.announce:
+                sys.stdout.write("loadgen: window open\n")
+                sys.stdout.flush()
             if args.kill_pid is not None:
                 self.fault = threading.Timer(max(0.0, go_at + args.kill_at - time.monotonic()), self._kill)
                 self.fault.daemon = True

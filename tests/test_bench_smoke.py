@@ -172,3 +172,4 @@ async def test_the_cluster_bench_kills_a_node_and_checks_nothing_confirmed_was_l
     for kind in ("local", "forwarded"):
         assert sum(result["api_calls"][kind]["status_codes"].values()) == 3
     assert result["api_calls"]["local"]["status_codes"] == {"200": 3}
+    assert set(result["api_calls_under_load"]) == {"local", "forwarded"}  # sampled from the window's start
