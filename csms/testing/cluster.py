@@ -302,7 +302,7 @@ class Cluster:
         """The node the station is connected to: the ``node`` its station view names where the CSMS
         has cluster mode, else the only node whose API reaches it (the others answer 409)."""
         code, body = await self.api("GET", f"/stations/{station_id}", node=self.alive_nodes()[0])
-        if code == 200 and body.get("node"):
+        if code == 200 and "node" in body:  # cluster mode: every node would answer the probe below
             return next((n for n in self.nodes if n.name == body["node"]), None)
         for node in self.alive_nodes():
             code, _ = await self.api("POST", f"/stations/{station_id}/calls/{probe_action}", json={}, node=node)
