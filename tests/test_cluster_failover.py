@@ -249,7 +249,8 @@ async def test_killed_node_stations_reconnect_elsewhere_and_lose_nothing_confirm
             await session.start()
         holders = {sid: await cluster.holder(sid) for sid in sessions}
         assert all(holders.values()), holders
-        assert len({n.name for n in holders.values()}) == 3, "HAProxy spread six stations over the three nodes"
+        # leastconn spreads them (all three nodes unless one was slow to pass a health check)
+        assert len({n.name for n in holders.values()}) >= 2, holders
         victim = holders["CP-LIB"]
         moved = [sid for sid, node in holders.items() if node is victim]
         stayed = [sid for sid in sessions if sid not in moved]
