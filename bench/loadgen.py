@@ -27,7 +27,9 @@ import asyncio
 import ipaddress
 import json
 import os
+import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +56,9 @@ MIXES = {
                     "MeterValues", "StopTransaction"],
     "mix": ["Heartbeat", "Authorize", "StartTransaction", "MeterValues", "MeterValues", "Heartbeat",
             "MeterValues", "MeterValues", "StopTransaction"],
+    # bench/cluster.py: the mix with the connector's status changes around each transaction
+    "cluster": ["Heartbeat", "Authorize", "StatusNotification", "StartTransaction", "MeterValues", "MeterValues",
+                "Heartbeat", "MeterValues", "StopTransaction", "StatusNotification"],
 }
 
 
@@ -153,9 +158,11 @@ def latency_summary(samples_us: list) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 class CallFailed(Exception):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, connection_lost: bool = False):
         super().__init__(kind)
         self.kind = kind
+        #: the connection is gone (closed, reset, silent past --call-timeout): a station reconnects
+        self.connection_lost = connection_lost
 
 
 class Worker:
@@ -180,6 +187,11 @@ class Worker:
         self.window_start = self.window_end = None
         self.stopping = False
         self.timestamp = ""
+        #: with --reconnect: seconds each lost connection took to come back, and when it came back
+        self.reconnect_seconds: list[float] = []
+        self.reconnected_at: list[float] = []
+        #: with --confirmed: transaction id -> what the CSMS confirmed of it (see Station.record)
+        self.confirmed: dict[int, dict] = {}
         self._commands: asyncio.Queue | None = None
 
     def error(self, kind: str) -> None:
@@ -259,7 +271,9 @@ class Worker:
         clock.cancel()
         self.emit({"event": "done", "window_closed": window_closed, "window_messages": self.window_messages,
                    "late_sends": self.late_sends, "errors": self.errors, "samples": self.samples,
-                   "stations": len(stations), "connected": len(ready)})
+                   "stations": len(stations), "connected": len(ready),
+                   "reconnect_seconds": self.reconnect_seconds, "reconnected_at": self.reconnected_at,
+                   "confirmed": self.confirmed if self.spec.get("record_confirmed") else None})
 
     def count(self, action: str, sent: float, received: float) -> None:
         if self.window_start <= sent < self.window_end:
@@ -321,12 +335,16 @@ class Station:
         self.next_id += 1
         message_id = str(self.next_id)
         self.outstanding = True
-        await self.ws.send(fastjson.dumps([2, message_id, action, payload]))
+        call_timeout = self.worker.spec.get("call_timeout") or None
+        try:
+            await self.ws.send(fastjson.dumps([2, message_id, action, payload]))
+        except Exception as exc:  # noqa: BLE001 - a closed connection is one error kind
+            raise CallFailed(f"{action}: connection closed ({type(exc).__name__})", True) from None
         while True:
             try:
-                raw = await self.ws.recv()
-            except Exception as exc:  # noqa: BLE001 - a closed connection is one error kind
-                raise CallFailed(f"{action}: connection closed ({type(exc).__name__})") from None
+                raw = await asyncio.wait_for(self.ws.recv(), call_timeout)
+            except Exception as exc:  # noqa: BLE001 - a closed (or silent) connection is one error kind
+                raise CallFailed(f"{action}: connection closed ({type(exc).__name__})", True) from None
             try:
                 frame = fastjson.loads(raw)
                 kind = frame[0]
@@ -350,6 +368,8 @@ class Station:
             return {}
         if action == "Authorize":
             return {"idTag": self.id_tag}
+        if action == "StatusNotification":
+            return {"connectorId": 1, "errorCode": "NoError", "timestamp": ts, "status": "Available"}
         if action == "StartTransaction":
             return {"connectorId": 1, "idTag": self.id_tag, "meterStart": self.meter, "timestamp": ts}
         if action == "MeterValues":
@@ -367,7 +387,8 @@ class Station:
         raise ValueError(action)
 
     async def send(self, action: str) -> dict:
-        reply = await self.call(action, self.payload(action))
+        payload = self.payload(action)
+        reply = await self.call(action, payload)
         if action == "StartTransaction":
             self.transaction_id = reply.get("transactionId")
             if not isinstance(self.transaction_id, int):
@@ -376,7 +397,49 @@ class Station:
             self.transaction_id = None
         elif action == "Authorize" and "idTagInfo" not in reply:
             raise CallFailed("Authorize: no idTagInfo")
+        if self.worker.spec.get("record_confirmed"):
+            self.record(action, payload, reply)
         return reply
+
+    def record(self, action: str, payload: dict, reply: dict) -> None:
+        """What the CSMS confirmed, to compare with its database afterwards: each transaction's station,
+        the timestamps of its confirmed MeterValues samples, and whether its StopTransaction was confirmed."""
+        confirmed = self.worker.confirmed
+        if action == "StartTransaction":
+            confirmed.setdefault(reply["transactionId"], {"station": self.station_id, "samples": [], "stopped": False})
+        elif action == "MeterValues" and "transactionId" in payload:
+            entry = confirmed.get(payload["transactionId"])
+            if entry is not None:
+                entry["samples"].append(payload["meterValue"][0]["timestamp"])
+        elif action == "StopTransaction":
+            entry = confirmed.get(payload["transactionId"])
+            if entry is not None:
+                entry["stopped"] = True
+
+    async def reconnect(self) -> bool:
+        """Connect again after losing the connection (no BootNotification: the station did not reboot),
+        backing off between attempts like a charge point; False when the window ends first."""
+        from websockets.asyncio.client import connect
+
+        worker = self.worker
+        lost = time.monotonic()
+        backoff = 0.2
+        while not worker.stopping:
+            try:
+                self.ws = await connect(worker.url + self.station_id, subprotocols=["ocpp1.6"], compression=None,
+                                        proxy=None, ping_interval=None, open_timeout=worker.spec["connect_timeout"],
+                                        close_timeout=2, max_queue=None, user_agent_header=None)
+            except Exception:  # noqa: BLE001 - refused, reset, 503 from the balancer: try again
+                worker.error("reconnect attempt failed")
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+                continue
+            worker.connections.append(self.ws)
+            now = time.monotonic()
+            worker.reconnect_seconds.append(now - lost)
+            worker.reconnected_at.append(now)
+            return True
+        return False
 
     async def setup(self) -> None:
         """Unmeasured: the metervalues mix needs a running transaction."""
@@ -406,29 +469,34 @@ class Station:
             # spread the stations' first sends evenly over one interval
             due = worker.window_start + interval * (self.position / len(worker.indices))
         now = time.monotonic
-        try:
-            while not worker.stopping:
-                action = cycle[position]
-                position = (position + 1) % len(cycle)
-                if rate_mode:
-                    delay = due - now()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                        if worker.stopping:
-                            break
-                    elif delay < -0.001:
-                        worker.late_sends += 1
-                    # latency counts from the intended send time (no coordinated omission)
-                    sent = due
-                    due += interval
-                else:
-                    sent = now()
+        while not worker.stopping:
+            action = cycle[position]
+            position = (position + 1) % len(cycle)
+            if rate_mode:
+                delay = due - now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    if worker.stopping:
+                        break
+                elif delay < -0.001:
+                    worker.late_sends += 1
+                # latency counts from the intended send time (no coordinated omission)
+                sent = due
+                due += interval
+            else:
+                sent = now()
+            try:
                 await self.send(action)
-                worker.count(action, sent, now())
-        except CallFailed as exc:
-            worker.error(exc.kind)
-            self.outstanding = False
-            await self.close()
+            except CallFailed as exc:
+                worker.error(exc.kind)
+                self.outstanding = False
+                await self.close()
+                if not (exc.connection_lost and worker.spec.get("reconnect") and await self.reconnect()):
+                    return
+                # Unanswered, the call was not confirmed: the station sends it again (OCPP-J §4.1.1 retries).
+                position = (position - 1) % len(cycle)
+                continue
+            worker.count(action, sent, now())
 
     async def close(self) -> None:
         ws, self.ws = self.ws, None
@@ -482,6 +550,16 @@ def parse_args(argv):
     p.add_argument("--server-pid", type=int, help="measure this process's CPU and memory from /proc")
     p.add_argument("--id-prefix", default="LG-", help="station id prefix (default %(default)s)")
     p.add_argument("--tag-prefix", default="LGTAG", help="id tag prefix; station i uses PREFIX+i")
+    p.add_argument("--reconnect", action="store_true",
+                   help="a station whose connection drops reconnects (backing off) and goes on, instead of stopping")
+    p.add_argument("--call-timeout", type=float, default=0,
+                   help="seconds without a reply after which a connection counts as lost (0: wait; default %(default)s)")
+    p.add_argument("--confirmed", dest="confirmed_path",
+                   help="write what the CSMS confirmed (transactions, MeterValues timestamps, stops) here as JSON")
+    p.add_argument("--kill-pid", type=int, help="fault injection: SIGKILL this process (a loopback CSMS node) ...")
+    p.add_argument("--kill-at", type=float, default=None, help="... this many seconds into the window")
+    p.add_argument("--announce", action="store_true",
+                   help="print 'loadgen: window open' on stdout when the window opens (with --json; for a driver)")
     p.add_argument("--json", dest="json_path", help="write the result JSON here (default: stdout)")
     p.add_argument("--quiet", action="store_true", help="no human summary on stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -493,6 +571,8 @@ def parse_args(argv):
             raise Refused("--rate must be positive")
         if args.duration > 3600 or args.connect_timeout > 600:
             raise Refused("runs are bounded: --duration at most 3600 s, --connect-timeout at most 600 s")
+        if (args.kill_pid is None) != (args.kill_at is None) or (args.kill_at is not None and args.kill_at < 0):
+            raise Refused("--kill-pid and --kill-at go together (--kill-at seconds into the window, >= 0)")
     return args
 
 
@@ -502,6 +582,16 @@ class Coordinator:
         self.url = url
         self.addresses = addresses
         self.processes: list[subprocess.Popen] = []
+        self.fault: threading.Timer | None = None
+        self.killed_at: float | None = None
+
+    def _kill(self) -> None:
+        try:
+            os.kill(self.args.kill_pid, signal.SIGKILL)
+        except OSError as exc:
+            self.say(f"loadgen: could not kill {self.args.kill_pid}: {exc}")
+            return
+        self.killed_at = time.monotonic()
 
     def kill_workers(self) -> None:
         for process in self.processes:
@@ -552,7 +642,9 @@ class Coordinator:
         base = {"url": self.url, "mode": args.mode, "mix": args.mix, "duration": args.duration,
                 "connect_timeout": args.connect_timeout, "drain_timeout": args.drain_timeout,
                 "connect_concurrency": 0 if args.storm else args.connect_concurrency,
-                "id_prefix": args.id_prefix, "tag_prefix": args.tag_prefix, "deadline": deadline}
+                "id_prefix": args.id_prefix, "tag_prefix": args.tag_prefix, "deadline": deadline,
+                "reconnect": args.reconnect, "call_timeout": args.call_timeout,
+                "record_confirmed": args.confirmed_path is not None}
         for w in range(workers):
             mine = indices[w::workers]
             spec = dict(base, indices=mine, rate=args.rate * len(mine) / stations,
@@ -568,18 +660,35 @@ class Coordinator:
             ready = self.expect("ready")
             go_at = time.monotonic() + 0.3
             self.send({"cmd": "go", "t": go_at})
+            if args.announce:
+                sys.stdout.write("loadgen: window open\n")
+                sys.stdout.flush()
+            if args.kill_pid is not None:
+                self.fault = threading.Timer(max(0.0, go_at + args.kill_at - time.monotonic()), self._kill)
+                self.fault.daemon = True
+                self.fault.start()
             time.sleep(max(0.0, go_at - time.monotonic()))
             server_start = self.server()
             self.expect("stopped")  # at the window's end, or sooner when --max-messages is reached
             server_end = self.server()
             done = self.expect("done")
         finally:
+            if self.fault is not None:
+                self.fault.cancel()
             self.kill_workers()
             for process in self.processes:
                 process.wait()
             watchdog.cancel()
         return self.summarise(requested, stations, limits, workers, ready, done, connect_at, go_at,
                               server_before_connect, server_start, server_end)
+
+    def reconnect_summary(self, done: list, go_at: float) -> dict:
+        seconds = sorted(s for d in done for s in d["reconnect_seconds"])
+        back = [t for d in done for t in d["reconnected_at"]]
+        killed = self.killed_at
+        return {"count": len(seconds), "seconds_p50": percentile(seconds, 0.5), "seconds_max": seconds[-1] if seconds else None,
+                "killed_pid": self.args.kill_pid, "killed_at_window_seconds": (killed - go_at) if killed else None,
+                "seconds_from_kill_to_last_back": (max(back) - killed) if killed and back else None}
 
     def _watchdog(self) -> None:
         sys.stderr.write("loadgen: watchdog deadline reached; stopping the workers\n")
@@ -631,6 +740,17 @@ class Coordinator:
             "late_sends": sum(d["late_sends"] for d in done),
             "errors": {"total": sum(errors.values()), "by_kind": errors},
         }
+        if args.reconnect or args.kill_pid is not None:
+            result["reconnect"] = self.reconnect_summary(done, go_at)
+        if args.confirmed_path:
+            confirmed = {}
+            for d in done:
+                confirmed.update(d["confirmed"] or {})
+            with open(args.confirmed_path, "w") as f:
+                json.dump(confirmed, f)
+            result["confirmed"] = {"transactions": len(confirmed), "stopped": sum(e["stopped"] for e in confirmed.values()),
+                                   "meter_values": sum(len(e["samples"]) for e in confirmed.values()),
+                                   "path": args.confirmed_path}
         if server_start and server_end:
             cpu = server_end["cpu_seconds"] - server_start["cpu_seconds"]
             connected = result["connect"]["connected"]

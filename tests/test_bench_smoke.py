@@ -145,3 +145,31 @@ def test_the_dashboard_bench_times_the_station_list_views(tmp_path):
     table = [line for line in done.stdout.decode().splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in table[1:]] == ["| first page", "| page 1", "| search by id",
                                                           "| connector status Faulted", "| offline, page 1"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_the_cluster_bench_kills_a_node_and_checks_nothing_confirmed_was_lost(tmp_path, database_url):
+    from twisted.internet import reactor, utils
+
+    output = tmp_path / "cluster.json"
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable, [os.path.join(ROOT, "bench", "cluster.py"), "--quiet", "--database", database_url,
+                         "--stations", "30", "--duration", "6", "--kill-at", "2", "--rate", "30",
+                         "--forward-samples", "3", "--workers", "1", "--output", str(output)],
+        env=dict(os.environ), path=ROOT, reactor=reactor).addTimeout(300, reactor)
+    assert code == 0, err.decode()
+    result = json.loads(output.read_text())
+    load = result["load"]
+    assert load["connect"]["accepted"] == 30
+    assert load["window"]["messages"] > 0
+    # The killed node's stations (leastconn: about a third) came back through HAProxy to the others.
+    assert result["killed_node"] == "node3" and set(result["node_cpu_seconds"]) == {"node1", "node2"}
+    assert load["reconnect"]["count"] >= 5 and load["reconnect"]["seconds_from_kill_to_last_back"] is not None
+    check = result["database_check"]
+    assert check["checked"]["transactions"] > 0 and check["checked"]["meter_values"] > 0
+    assert check["lost_total"] == 0
+    for kind in ("local", "forwarded"):
+        assert sum(result["api_calls"][kind]["status_codes"].values()) == 3
+    assert result["api_calls"]["local"]["status_codes"] == {"200": 3}
+    assert set(result["api_calls_under_load"]) == {"local", "forwarded"}  # sampled from the window's start

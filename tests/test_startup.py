@@ -8,18 +8,16 @@ ready"; a good start serves until SIGTERM.
 from __future__ import annotations
 
 import os
-import re
 import socket
-import sys
 import textwrap
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-#: Seconds a start-up, or its failure, may take on a loaded CI machine.
-DEADLINE = 60
+from csms.testing.processes import (DEADLINE, TwistdProcess, listening_port,  # noqa: F401 - used by other tests
+                                    run_twistd)
+
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
@@ -38,61 +36,6 @@ def head(history: str) -> str:
         directory = os.path.join(os.path.dirname(importlib.import_module(f"csms_plugins.{history}").__file__),
                                  "migrations")
     return History(history, MetaData(), directory).script().get_current_head()
-
-
-class TwistdProcess(protocol.ProcessProtocol):
-    """One ``twistd csms`` run: its output so far, and ``ended`` (fires with the exit status, or minus
-    the signal that ended it)."""
-
-    def __init__(self):
-        self.out = b""
-        self.err = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self._waiting: list = []
-
-    @property
-    def stdout(self) -> str:
-        return self.out.decode("utf-8", "replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err.decode("utf-8", "replace")
-
-    def childDataReceived(self, fd, data):
-        if fd == 1:
-            self.out += data
-        else:
-            self.err += data
-        for text, d in list(self._waiting):
-            if text in self.stdout:
-                self._waiting.remove((text, d))
-                d.callback(self.stdout)
-
-    def processEnded(self, reason):
-        status = reason.value.exitCode if reason.value.signal is None else -reason.value.signal
-        for _, d in self._waiting:
-            d.errback(AssertionError(f"twistd ended ({status}) before logging what was awaited:\n{self.stdout}"))
-        self._waiting.clear()
-        self.ended.callback(status)
-
-    def logged(self, text: str) -> defer.Deferred:
-        """Fires once ``text`` appears in the log (twistd -n logs to stdout)."""
-        d = defer.Deferred()
-        if text in self.stdout:
-            d.callback(self.stdout)
-        else:
-            self._waiting.append((text, d))
-        return d.addTimeout(DEADLINE, reactor)
-
-    def finished(self) -> defer.Deferred:
-        return self.ended.addTimeout(DEADLINE, reactor)
-
-
-def run_twistd(config_file: str, cwd: str, env: dict | None = None) -> TwistdProcess:
-    process = TwistdProcess()
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "--pidfile=", "csms", "--config", config_file],
-                         env=dict(os.environ, **(env or {})), path=cwd)
-    return process
 
 
 def write_config(tmp_path, database_url: str, *, ocpp: str = LOOPBACK, api: str = LOOPBACK,
@@ -335,12 +278,6 @@ async def test_unusable_config_exits_1_with_one_line_on_stderr(tmp_path, case):
 
 
 # -- a good start ------------------------------------------------------------------------------------------
-
-
-def listening_port(log: str, what: str) -> int:
-    match = re.search(what + r" listening on IPv4Address\(type='TCP', host='127.0.0.1', port=(\d+)\)", log)
-    assert match is not None, log
-    return int(match.group(1))
 
 
 @pytest_twisted.ensureDeferred
