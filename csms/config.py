@@ -383,7 +383,11 @@ def _validate_cluster(config: Config) -> None:
         raise ConfigError("[cluster] forward_timeout must be 0 (response_timeout + 5) or a number of seconds")
     if len(cluster.node_name) > 255 or not cluster.node_name.isprintable():
         raise ConfigError("[cluster] node_name must be at most 255 printable characters")
-    if cluster.enabled and not config.database.url.startswith("postgresql"):
+
+
+def check_cluster_database(config: Config) -> None:
+    """Cluster mode needs PostgreSQL: checked once the command line had its say on the database URL."""
+    if config.cluster.enabled and not config.database.url.startswith("postgresql"):
         raise ConfigError("[cluster] enabled needs PostgreSQL: the nodes share its database and talk through "
                           "LISTEN/NOTIFY; set [database] url to postgresql+psycopg://...")
 

@@ -207,6 +207,9 @@ class SingleNode:
 
 def make_cluster(app):
     """``app.cluster``: PostgreSQL-backed with ``[cluster] enabled``, else :class:`SingleNode`."""
+    from csms.config import check_cluster_database
+
+    check_cluster_database(app.config)
     settings = app.config.cluster
     node = settings.node_name or default_node_name(app.config.ocpp.endpoint)
     if not settings.enabled:
