@@ -167,3 +167,33 @@ async def test_plugins_hear_each_others_messages_small_and_large(csms_factory):
     await b.app.cluster.broadcast("test.hello", big)
     assert await within(heard["A"]) == (big, "B")
     assert await within(heard["C"]) == (big, "B")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_single_node_lists_itself_and_tells_presence_on_connect_and_disconnect(csms_factory):
+    probe = EventProbe()
+    node = await csms_factory(extra_plugins=[probe], plugins=["core"])
+    station = await node.connect_booted("CP-1")
+    assert await probe.next("presence", "CP-1") == (node.app.cluster.node, None)
+    status, body, _ = await within(node.api("GET", "/nodes"))
+    assert status == 200
+    [listed] = body["items"]
+    assert (listed["name"], listed["alive"], listed["stations"]) == (node.app.cluster.node, True, 1)
+    status, body, _ = await within(node.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (True, node.app.cluster.node)
+    await within(station.close())
+    assert await probe.next("presence", "CP-1") == (None, node.app.cluster.node)
+    status, body, _ = await within(node.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (False, None)
+
+
+def test_cluster_settings_are_checked():
+    from csms.config import ConfigError, load_config
+
+    assert load_config(text="[cluster]\nenabled = true\nnode_name = east-1\n").cluster.node_name == "east-1"
+    for text, message in [("lease_seconds = 5\nheartbeat_seconds = 5", "lease_seconds must be"),
+                          ("heartbeat_seconds = 0", "heartbeat_seconds must be"),
+                          ("forward_timeout = -1", "forward_timeout must be"),
+                          ("nodes = 3", "has no setting 'nodes'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(text="[cluster]\n" + text + "\n")
