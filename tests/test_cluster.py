@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from sqlalchemy import text
 
 from conftest import EventProbe, error_of, within
 from csms.rpc import CallTimeout, StationOffline
@@ -167,6 +168,34 @@ async def test_plugins_hear_each_others_messages_small_and_large(csms_factory):
     await b.app.cluster.broadcast("test.hello", big)
     assert await within(heard["A"]) == (big, "B")
     assert await within(heard["C"]) == (big, "B")
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_calls_and_answers_larger_than_notify_allows_go_through_the_table(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    station = await connected_to(a, (b, c), "CP-1")
+    station.responses["DataTransfer"] = {"status": "Accepted", "data": "y" * 20000}
+    request = {"vendorId": "acme", "data": "x" * 20000}
+    status, body, _ = await within(c.api("POST", "/stations/CP-1/calls/DataTransfer", json=request))
+    assert (status, body) == (200, {"status": "Accepted", "data": "y" * 20000})
+    assert station.received_calls[-1][3] == request
+    rows = await a.app.db.run(lambda conn: conn.execute(text("SELECT count(*) FROM csms_cluster_messages"))
+                              .scalar_one())
+    assert rows == 0  # each read once by its one reader, and deleted
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_listen_connection_drops_listens_again(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    listening_again = a.app.cluster.when_listening()
+    pid = a.app.cluster.channel.backend_pid
+    await b.app.db.run(lambda conn: conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}))
+    await within(listening_again)
+    assert a.app.cluster.channel.backend_pid != pid
+    await connected_to(b, (a, c), "CP-1")  # A hears the presence again
+    assert a.app.cluster.holder("CP-1") == "B"
 
 
 @pytest_twisted.ensureDeferred

@@ -29,10 +29,11 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from csms.cluster import ICluster, Subscribers
-from csms.cluster.routing import DISCONNECT, EVICT, TOPICS, Router
+from csms.cluster.routing import DISCONNECT, EVICT, REPLY, TOPICS, Router
 from csms.cluster.tables import messages, nodes, presence
 from csms.stations import as_utc
 
@@ -70,7 +71,11 @@ class PostgresChannel:
         self.instance = instance
         self.deliver = deliver
         self.schema = "public"
-        self._locks: dict[str, defer.DeferredLock] = {}
+        #: target -> messages waiting for the transaction sending to it to commit; targets being sent to.
+        self._outbox: dict[str, list] = {}
+        self._sending: set = set()
+        #: The LISTEN connection's server process (for the reconnection test).
+        self.backend_pid: int | None = None
         self._inbox: deque = deque()
         self._reading = False
         self._stopping = threading.Event()
@@ -93,10 +98,34 @@ class PostgresChannel:
         conn.execute(_NOTIFY, {"channel": channel_name(self.schema, target), "payload": payload})
 
     def send(self, target: str | None, topic: str, data: dict) -> defer.Deferred:
-        """Outside a transaction: a transaction of its own. Messages to one target are sent one after
-        the other, so that they arrive in the order they were sent (the pool's threads commit in any order)."""
-        lock = self._locks.setdefault(target or "*", defer.DeferredLock())
-        return lock.run(self.app.db.run, self.notify, target, topic, data, desc="cluster_send")
+        """Outside a transaction: fires once sent. Messages to one target arrive in the order they were
+        sent (the pool's threads may commit in any order): while one transaction sends, the messages
+        that come meanwhile wait, and go together in the next. Replies need no order."""
+        if topic == REPLY:
+            return self.app.db.run(self.notify, target, topic, data, desc="cluster_send")
+        key = target or "*"
+        d = defer.Deferred()
+        self._outbox.setdefault(key, []).append((topic, data, d))
+        if key not in self._sending:
+            self._send_batch(key, target)
+        return d
+
+    def _send_batch(self, key: str, target: str | None) -> None:
+        batch = self._outbox.pop(key, None)
+        if not batch:
+            self._sending.discard(key)
+            return
+        self._sending.add(key)
+
+        def thd(conn):
+            for topic, data, _ in batch:
+                self.notify(conn, target, topic, data)
+
+        def sent(result):
+            for *_, d in batch:
+                d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            self._send_batch(key, target)
+        self.app.db.run(thd, desc="cluster_send").addBoth(sent)
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -123,6 +152,7 @@ class PostgresChannel:
         conn = psycopg.connect(*args, **kwargs, autocommit=True)
         for channel in (channel_name(self.schema, None), channel_name(self.schema, self.node)):
             conn.execute(f'LISTEN "{channel}"')
+        self.backend_pid = conn.info.backend_pid
         return conn
 
     def _listen_loop(self) -> None:
@@ -146,7 +176,8 @@ class PostgresChannel:
                     if failures == 1:
                         log.warn("Cluster: the LISTEN connection to PostgreSQL failed ({error}); reconnecting",
                                  error=str(exc).strip() or type(exc).__name__)
-                    self._stopping.wait(RECONNECT_DELAY)
+                    else:  # the first retry at once: a dropped connection usually comes back straight away
+                        self._stopping.wait(RECONNECT_DELAY)
             finally:
                 if conn is not None:
                     try:
@@ -238,6 +269,9 @@ class PostgresCluster:
         self._connections = count(1)
         self._heartbeat: task.LoopingCall | None = None
         self.started_at: datetime | None = None
+        #: While the presence map reloads: the changes that arrived meanwhile, to apply again after it.
+        self._arrived_while_loading: list | None = None
+        self._listen_waiters: list = []
 
     # -- ICluster ----------------------------------------------------------------------------------
 
@@ -389,14 +423,36 @@ class PostgresCluster:
                      node=self.node)
 
     def _listening(self) -> None:
-        """LISTEN is (re)established: notifications may have been missed; reload the presence map."""
+        """LISTEN is (re)established: notifications may have been missed; reload the presence map.
+
+        The presence messages that arrive while it loads are applied again on top of what it read: they
+        come in commit order, so the map ends as the database is whether the read saw them or not.
+        """
+        now = self.app.now()
+        self._arrived_while_loading = []
+
         def thd(conn):
-            return self._live_presence(conn, self.app.now())
+            return self._live_presence(conn, now)
 
         def loaded(holders):
             self._holders = {station: node for station, node in holders.items() if node != self.node}
-        self.app.db.run(thd, desc="cluster_presence").addCallback(loaded).addErrback(
-            lambda failure: log.failure("Cluster: reloading presence failed", failure))
+            arrived, self._arrived_while_loading = self._arrived_while_loading, None
+            for apply, data in arrived:
+                apply(data)
+            waiting, self._listen_waiters = self._listen_waiters, []
+            for d in waiting:
+                d.callback(None)
+
+        def failed(failure):
+            self._arrived_while_loading = None
+            log.failure("Cluster: reloading presence failed", failure)
+        self.app.db.run(thd, desc="cluster_presence").addCallbacks(loaded, failed)
+
+    def when_listening(self) -> defer.Deferred:
+        """Fires the next time this node starts listening (again) and has reloaded the presence map."""
+        d = defer.Deferred()
+        self._listen_waiters.append(d)
+        return d
 
     # -- presence ----------------------------------------------------------------------------------
 
@@ -468,15 +524,10 @@ class PostgresCluster:
             self.subscribers.deliver(topic, data, origin)
 
     def _presence_changed(self, data: dict, own: bool) -> None:
-        station_id, node = data["station"], data["node"]
-        # In commit order: the map ends as the database does. This node's own stations are in app.sessions.
-        if node is None or node == self.node:
-            self._holders.pop(station_id, None)
-        else:
-            self._holders[station_id] = node
+        self._apply(self._set_holder, data)
         if not own:
-            self.router.station_moved(station_id, node)
-            self.app.fire("csms_on_presence_changed", station_id=station_id, node=node,
+            self.router.station_moved(data["station"], data["node"])
+            self.app.fire("csms_on_presence_changed", station_id=data["station"], node=data["node"],
                           previous_node=data["previous"])
 
     def _node_gone(self, data: dict, own: bool) -> None:
@@ -484,12 +535,27 @@ class PostgresCluster:
         if node == self.node:
             return  # this node's previous instance, or this one leaving
         self.router.node_gone(node)
-        for station_id in data["stations"]:
-            if self._holders.get(station_id) == node:
-                del self._holders[station_id]
-                self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=node)
+        told = [station_id for station_id in data["stations"] if self._holders.get(station_id) == node]
+        self._apply(self._clear_holder, node)
+        for station_id in told:
+            self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=node)
+
+    def _apply(self, change, data) -> None:
+        change(data)
+        if self._arrived_while_loading is not None:
+            self._arrived_while_loading.append((change, data))
+
+    def _set_holder(self, data: dict) -> None:
+        # In commit order: the map ends as the database does. This node's own stations are in app.sessions.
+        station_id, node = data["station"], data["node"]
+        if node is None or node == self.node:
+            self._holders.pop(station_id, None)
+        else:
+            self._holders[station_id] = node
+
+    def _clear_holder(self, node: str) -> None:
         for station_id in [s for s, holder in self._holders.items() if holder == node]:
-            del self._holders[station_id]  # arrived after the sweep read the rows: gone all the same
+            del self._holders[station_id]
 
     # -- the nodes, for the API --------------------------------------------------------------------
 
