@@ -49,6 +49,9 @@ async def test_a_command_sent_to_any_node_reaches_the_station_on_its_node(csms_f
     status, body, _ = await within(c.api("POST", "/stations/CP-1/calls/Reset", json=RESET))
     assert (status, body) == (200, {"status": "Accepted"})
     assert station.received_calls[-1][2:] == ["Reset", RESET]
+    status, body, _ = await within(b.api("POST", "/stations/CP-1/reset", json={"type": "Hard"}))  # a friendly route
+    assert (status, body) == (200, {"status": "Accepted"})
+    assert station.received_calls[-1][2:] == ["Reset", {"type": "Hard"}]
     status, body, _ = await within(b.api("GET", "/stations/CP-1"))
     assert (status, body["online"], body["node"]) == (200, True, "A")
     status, body, _ = await within(c.api("GET", "/stations?online=true"))
@@ -126,7 +129,9 @@ async def test_an_expired_lease_clears_the_nodes_presence_and_ends_its_forwarded
 async def test_a_holder_that_stops_answering_ends_the_call_with_a_timeout(csms_factory):
     a, b, c = await three_nodes(csms_factory)
     await connected_to(a, (b, c), "CP-1")
+    assert (await within(a.app.readiness.run()))["cluster"] is None
     await a.app.cluster.stop_listening()
+    assert "not listening" in (await within(a.app.readiness.run()))["cluster"]  # /readyz: 503, no new stations
     waiting = c.app.call("CP-1", "Reset", RESET)
     c.clock.advance(c.app.config.cluster.forward_deadline(c.app.config.ocpp.response_timeout))
     with pytest.raises(CallTimeout):

@@ -76,6 +76,8 @@ class PostgresChannel:
         self._sending: set = set()
         #: The LISTEN connection's server process (for the reconnection test).
         self.backend_pid: int | None = None
+        #: Whether the LISTEN connection is up (readiness).
+        self.listening = False
         self._inbox: deque = deque()
         self._reading = False
         self._stopping = threading.Event()
@@ -171,6 +173,7 @@ class PostgresChannel:
                     for notification in conn.notifies(timeout=LISTEN_POLL):
                         reactor.callFromThread(self._received, notification.payload)
             except Exception as exc:  # noqa: BLE001 - the connection dropped: say so, wait, reconnect
+                reactor.callFromThread(setattr, self, "listening", False)
                 if not self._stopping.is_set():
                     failures += 1
                     if failures == 1:
@@ -184,9 +187,11 @@ class PostgresChannel:
                         conn.close()
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
+        reactor.callFromThread(setattr, self, "listening", False)
         reactor.callFromThread(self._stopped.callback, None)
 
     def _listening(self) -> None:
+        self.listening = True
         if self.on_listening is not None:
             self.on_listening()
 
@@ -269,6 +274,7 @@ class PostgresCluster:
         self._connections = count(1)
         self._heartbeat: task.LoopingCall | None = None
         self.started_at: datetime | None = None
+        self._lease_expires = 0.0
         #: While the presence map reloads: the changes that arrived meanwhile, to apply again after it.
         self._arrived_while_loading: list | None = None
         self._listen_waiters: list = []
@@ -328,7 +334,18 @@ class PostgresCluster:
         self.channel.notify(conn, None, NODE_GONE, {"node": node, "stations": stations})
         return stations
 
+    def _readiness_problem(self) -> str | None:
+        """Readiness (/readyz): a node that hears no cluster messages, or whose lease lapsed, is not to get
+        stations: the others would take its stations for gone, and it would miss forwarded calls."""
+        if not self.channel.listening:
+            return "not listening for cluster messages (PostgreSQL LISTEN connection down)"
+        if self.app.clock.seconds() > self._lease_expires:
+            return "this node's cluster lease has not been renewed in time"
+        return None
+
     def _registered(self, outcome) -> None:
+        self._lease_expires = self.app.clock.seconds() + self.lease_seconds
+        self.app.add_readiness_check("cluster", self._readiness_problem)
         took_over, holders = outcome
         if took_over:
             log.warn("Cluster: node {node} took over its name from a previous instance (that process is gone, "
@@ -393,7 +410,7 @@ class PostgresCluster:
         if not renewed:
             holder = conn.execute(select(nodes.c.instance).where(nodes.c.name == self.node)).first()
             if holder is not None:
-                return "duplicate", []
+                return "duplicate", [], None
             self._register(conn, now)
             rejoined = True
             for station_id, connection in local.items():
@@ -411,10 +428,12 @@ class PostgresCluster:
                      count=len(stations))
         # Large-message bodies of broadcasts nobody deletes, and targeted ones for a node that died.
         conn.execute(delete(messages).where(messages.c.created_at < now - timedelta(seconds=4 * self.lease_seconds)))
-        return ("rejoined" if rejoined else "renewed"), expired
+        return ("rejoined" if rejoined else "renewed"), expired, lease.timestamp()
 
     def _beaten(self, outcome) -> None:
-        state, _ = outcome
+        state, _, lease_expires = outcome
+        if state != "duplicate":
+            self._lease_expires = lease_expires
         if state == "duplicate":
             log.error("Cluster: another process runs as node {node} ([cluster] node_name): give each node its "
                       "own name", node=self.node)
