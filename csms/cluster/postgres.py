@@ -90,24 +90,32 @@ class PostgresChannel:
 
     def notify(self, conn, target: str | None, topic: str, data: dict) -> None:
         """Inside a database function: send when its transaction commits (never if it rolls back)."""
-        envelope = {"o": self.node, "i": self.instance, "t": topic, "d": data}
-        payload = json.dumps(envelope, separators=(",", ":"))
-        if len(payload.encode()) > MAX_NOTIFY_BYTES:
+        self._notify(conn, target, topic, self._envelope(topic, data))
+
+    def _envelope(self, topic: str, data: dict) -> str:
+        return json.dumps({"o": self.node, "i": self.instance, "t": topic, "d": data}, separators=(",", ":"))
+
+    def _notify(self, conn, target: str | None, topic: str, envelope: str) -> None:
+        if len(envelope.encode()) > MAX_NOTIFY_BYTES:
             row_id = conn.execute(insert(messages).values(
-                target=target or "*", body=payload, created_at=_utc(self.app.clock.seconds()))
+                target=target or "*", body=envelope, created_at=_utc(self.app.clock.seconds()))
                 .returning(messages.c.id)).scalar_one()
-            payload = json.dumps({"o": self.node, "i": self.instance, "t": topic, "ref": row_id})
-        conn.execute(_NOTIFY, {"channel": channel_name(self.schema, target), "payload": payload})
+            envelope = json.dumps({"o": self.node, "i": self.instance, "t": topic, "ref": row_id})
+        conn.execute(_NOTIFY, {"channel": channel_name(self.schema, target), "payload": envelope})
 
     def send(self, target: str | None, topic: str, data: dict) -> defer.Deferred:
         """Outside a transaction: fires once sent. Messages to one target arrive in the order they were
         sent (the pool's threads may commit in any order): while one transaction sends, the messages
         that come meanwhile wait, and go together in the next. Replies need no order."""
+        try:
+            envelope = self._envelope(topic, data)
+        except (TypeError, ValueError) as exc:  # not JSON: this caller's mistake alone
+            return defer.fail(exc)
         if topic == REPLY:
-            return self.app.db.run(self.notify, target, topic, data, desc="cluster_send")
+            return self.app.db.run(self._notify, target, topic, envelope, desc="cluster_send")
         key = target or "*"
         d = defer.Deferred()
-        self._outbox.setdefault(key, []).append((topic, data, d))
+        self._outbox.setdefault(key, []).append((topic, envelope, d))
         if key not in self._sending:
             self._send_batch(key, target)
         return d
@@ -120,8 +128,8 @@ class PostgresChannel:
         self._sending.add(key)
 
         def thd(conn):
-            for topic, data, _ in batch:
-                self.notify(conn, target, topic, data)
+            for topic, envelope, _ in batch:
+                self._notify(conn, target, topic, envelope)
 
         def sent(result):
             for *_, d in batch:
