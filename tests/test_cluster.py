@@ -60,6 +60,13 @@ async def test_a_command_sent_to_any_node_reaches_the_station_on_its_node(csms_f
     assert (await within(c.api("POST", "/stations", json={"id": "CP-2"})))[0] == 201
     status, body, _ = await within(c.api("POST", "/stations/CP-2/calls/Reset", json=RESET))
     assert (status, error_of(body)) == (409, "station_offline")
+    # The station leaves A: every node hears it.
+    await within(station.close())
+    assert await c.probe.next("presence", "CP-1") == (None, "A")
+    status, body, _ = await within(c.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (False, None)
+    status, body, _ = await within(b.api("GET", "/stations?online=false"))
+    assert [item["id"] for item in body["items"]] == ["CP-1", "CP-2"]
 
 
 @pytest.mark.postgresql_only
@@ -147,6 +154,22 @@ async def test_a_clean_stop_removes_the_node_and_its_stations(csms_factory):
     assert await b.probe.next("presence", "CP-1") == (None, "A")
     status, body, _ = await within(b.api("GET", "/nodes"))
     assert [node["name"] for node in body["items"]] == ["B", "C"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_node_started_again_under_its_name_takes_it_over(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await a.app.cluster.stop_listening()  # the process died without leaving
+    again = await start_node(csms_factory, "A")
+    assert await b.probe.next("presence", "CP-1") == (None, "A")
+    assert not b.app.is_connected("CP-1")
+    await connected_to(again, (b, c), "CP-2")
+    await a.stop()  # the old instance, stopping late, leaves the new one's stations alone
+    status, body, _ = await within(c.api("GET", "/nodes"))
+    assert [(node["name"], node["stations"]) for node in body["items"]] == [("A", 1), ("B", 0), ("C", 0)]
+    assert c.app.cluster.holder("CP-2") == "A"
 
 
 @pytest.mark.postgresql_only

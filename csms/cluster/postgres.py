@@ -393,10 +393,11 @@ class PostgresCluster:
         yield listening
 
     def _leave(self, conn):
-        conn.execute(delete(presence).where(presence.c.node == self.node))
         owned = conn.execute(delete(nodes).where(nodes.c.name == self.node, nodes.c.instance == self.instance))
-        if owned.rowcount:
-            self.channel.notify(conn, None, NODE_GONE, {"node": self.node, "stations": []})
+        if owned.rowcount:  # else a newer instance took the name over: its stations are its own
+            stations = [row[0] for row in conn.execute(
+                delete(presence).where(presence.c.node == self.node).returning(presence.c.station_id))]
+            self.channel.notify(conn, None, NODE_GONE, {"node": self.node, "stations": stations})
 
     # -- heartbeat and sweep -----------------------------------------------------------------------
 
