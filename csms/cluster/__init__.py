@@ -18,6 +18,9 @@ What plugins use (the same on one node and on many):
   it made the change and updated its own memory already.
 * The ``csms_on_presence_changed`` event: which node holds a station changed.
 
+Messages are JSON; one over 7000 bytes travels through the ``csms_cluster_messages`` table (any size
+works, small ones cost less). Messages from one node arrive in the order it committed them.
+
 Topics are the plugin's name, a dot, and a word: ``core.id_tag``, ``reservation.changed``.
 """
 from __future__ import annotations
