@@ -254,3 +254,31 @@ def test_cluster_settings_are_checked():
                           ("nodes = 3", "has no setting 'nodes'")]:
         with pytest.raises(ConfigError, match=message):
             load_config(text="[cluster]\n" + text + "\n")
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_message_published_in_a_transaction_that_rolls_back_is_never_sent(csms_factory):
+    from twisted.internet import defer
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    heard, first = [], defer.Deferred()
+
+    def hear(data, origin):
+        heard.append((data, origin))
+        if not first.called:
+            first.callback(None)
+    b.app.cluster.subscribe("test.changed", hear)
+    a.app.cluster.subscribe("test.changed", hear)  # a node does not hear its own messages
+
+    def rolled_back(conn):
+        a.app.cluster.publish(conn, "test.changed", {"n": 1})
+        raise ValueError("the change failed")
+
+    def committed(conn):
+        a.app.cluster.publish(conn, "test.changed", {"n": 2})
+    with pytest.raises(ValueError):
+        await a.app.db.run(rolled_back)
+    await a.app.db.run(committed)
+    await within(first)  # messages come in commit order: the first heard would be the rolled-back one
+    assert heard == [({"n": 2}, "A")]
