@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from csms import ocpp16
 from csms.actions import build_catalogue
 from csms.admission import AdmissionRequest, admission_outcome
-from csms.cluster import SingleNode, default_node_name
+from csms.cluster import make_cluster
 from csms.config import Config
 from csms.db import Database
 from csms.health import Readiness, database_check
@@ -75,7 +75,7 @@ class CentralSystem:
         #: station id -> connected csms.session.StationSession (on this node; see ``cluster`` for the others)
         self.sessions: dict = {}
         #: How this node sees the others (csms.cluster): publish/subscribe, presence, forwarding.
-        self.cluster = SingleNode(self, default_node_name(config.ocpp.endpoint))
+        self.cluster = make_cluster(self)
         #: The OCPP WebSocket factory (:class:`csms.protocol.OCPPServerFactory`) once the service made it:
         #: a plugin may serve it on a listener of its own (the security plugin's TLS one), sharing the
         #: connected stations and the ``[ocpp]`` connection limits with the plain listener.
@@ -115,6 +115,7 @@ class CentralSystem:
 
     def all_metadata(self) -> list:
         from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
+        from csms.cluster import tables  # noqa: F401  (so do the cluster's)
         return [history.metadata for history in self.histories()]
 
     def histories(self) -> list:
@@ -134,6 +135,7 @@ class CentralSystem:
         histories = self.histories()
         done = yield self.db.run(self.prepare_schema, histories, desc="prepare_schema")
         self._log_schema_changes(done)
+        yield self.cluster.start()
 
     def start_blocking(self) -> None:
         """:meth:`start` on the calling thread, for ``twistd csms``: it starts services before the
@@ -141,6 +143,7 @@ class CentralSystem:
         self.db.start()
         self.schemas.compile_all()
         self._log_schema_changes(self.db.run_sync(self.prepare_schema, self.histories()))
+        self.cluster.start_blocking()
 
     def prepare_schema(self, conn, histories) -> list:
         from csms.migrations import prepare_schema
@@ -287,6 +290,8 @@ class CentralSystem:
     def call(self, station_id: str, action: str, payload: dict) -> defer.Deferred:
         """Send ``action`` to a connected station; fires with its validated response payload.
 
+        A station connected to another node of a cluster is called through that node (``csms.cluster``).
+
         Fails with ActionUnavailable, StationOffline, RequestInvalid (nothing sent), CallErrorReceived,
         ResponseInvalid or CallTimeout. A call that passed its checks fires ``csms_on_call_sending``
         (waited for) before it is queued, then ``csms_on_call_completed`` for a valid answer or
@@ -297,6 +302,11 @@ class CentralSystem:
             self.action_profile(action)
         except ActionUnavailable as exc:
             return defer.fail(exc)
+        if station_id not in self.sessions:
+            holder = self.cluster.holder(station_id)
+            if holder is not None and holder != self.cluster.node:
+                # The holder runs its own checks and events, and its session keeps the station's order.
+                return self.cluster.forward(holder, station_id, action, payload)
 
         def send(checked):
             session = self.sessions.get(station_id)
@@ -353,9 +363,17 @@ class CentralSystem:
         return station_id in self.sessions or self.cluster.holder(station_id) is not None
 
     def disconnect(self, station_id: str, reason: str) -> bool:
-        """Close a station's connection (e.g. it was deleted); True when it was connected."""
+        """Close a station's connection (e.g. it was deleted), on whichever node it is; True when it was connected."""
         session = self.sessions.get(station_id)
-        if session is None or getattr(session, "protocol", None) is None:
+        if session is None:
+            holder = self.cluster.holder(station_id)
+            if holder is None or holder == self.cluster.node:
+                return False
+            self.cluster.disconnect_remote(holder, station_id, reason).addErrback(
+                lambda failure: log.failure("Could not ask node {node} to disconnect {station}", failure,
+                                            node=holder, station=station_id))
+            return True
+        if getattr(session, "protocol", None) is None:
             return False
         session.protocol.sendClose(1000, reason[:120])
         return True

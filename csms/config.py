@@ -18,7 +18,7 @@ LOG_FORMATS = ("text", "json")
 #: The settings of ``[csms]``, read onto :class:`Config` itself.
 CSMS_SETTINGS = ("log_level", "log_format", "shutdown_grace")
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "plugins")
+KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "cluster", "plugins")
 #: The database URLs the CSMS works with, as operators are told when they give another one.
 DATABASE_URLS = "sqlite:///path/to/file.sqlite, sqlite:///:memory: or postgresql+psycopg://user:password@host/db"
 #: Schemes taken to mean PostgreSQL through psycopg 3, the driver the CSMS is built and tested with.
@@ -92,6 +92,23 @@ class MetricsConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """``[cluster]``: several nodes sharing one PostgreSQL database (docs/cluster.md)."""
+
+    enabled: bool = False
+    #: This node's name, unique in the cluster; empty: host name and OCPP port.
+    node_name: str = ""
+    #: Seconds a node counts as alive after its last heartbeat.
+    lease_seconds: float = 15.0
+    heartbeat_seconds: float = 5.0
+    #: Seconds a node waits for the answer to a call it forwarded; 0: [ocpp] response_timeout + 5.
+    forward_timeout: float = 0.0
+
+    def forward_deadline(self, response_timeout: float) -> float:
+        return self.forward_timeout or response_timeout + 5.0
+
+
+@dataclass
 class Config:
     """The whole configuration; ``plugin_settings`` keeps each ``[plugin:NAME]`` section raw."""
 
@@ -103,6 +120,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: APIConfig = field(default_factory=APIConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     enabled_plugins: list[str] = field(default_factory=lambda: list(DEFAULT_PLUGINS))
     blocked_plugins: list[str] = field(default_factory=list)
     plugin_settings: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -298,6 +316,7 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     _fill(config.database, parser, "database")
     _fill(config.api, parser, "api")
     _fill(config.metrics, parser, "metrics")
+    _fill(config.cluster, parser, "cluster")
     if parser.has_section("plugins"):
         for key in parser.options("plugins"):
             if key not in ("enabled", "blocked"):
@@ -346,11 +365,31 @@ def validate(config: Config) -> None:
         raise ConfigError("[metrics] readiness_timeout must be a positive number of seconds")
     from csms.netaddr import parse_networks
     parse_networks(config.metrics.allowed_networks, "[metrics] allowed_networks")
+    _validate_cluster(config)
     if config.database.pool_size < 1:
         raise ConfigError("[database] pool_size must be at least 1")
     # Interpolated into a PRAGMA statement: only the four values SQLite knows.
     if config.database.sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
         raise ConfigError(f"[database] sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
+
+
+def _validate_cluster(config: Config) -> None:
+    cluster = config.cluster
+    if not 0 < cluster.heartbeat_seconds < float("inf"):
+        raise ConfigError("[cluster] heartbeat_seconds must be a positive number of seconds")
+    if not cluster.heartbeat_seconds < cluster.lease_seconds < float("inf"):
+        raise ConfigError("[cluster] lease_seconds must be a number of seconds above heartbeat_seconds")
+    if not 0 <= cluster.forward_timeout < float("inf"):
+        raise ConfigError("[cluster] forward_timeout must be 0 (response_timeout + 5) or a number of seconds")
+    if len(cluster.node_name) > 255 or not cluster.node_name.isprintable():
+        raise ConfigError("[cluster] node_name must be at most 255 printable characters")
+
+
+def check_cluster_database(config: Config) -> None:
+    """Cluster mode needs PostgreSQL: checked once the command line had its say on the database URL."""
+    if config.cluster.enabled and not config.database.url.startswith("postgresql"):
+        raise ConfigError("[cluster] enabled needs PostgreSQL: the nodes share its database and talk through "
+                          "LISTEN/NOTIFY; set [database] url to postgresql+psycopg://...")
 
 
 def database_url(url: str) -> str:

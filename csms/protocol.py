@@ -76,6 +76,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     replaced = False
     #: Whether every frame of this station is logged (``[ocpp] trace_stations``).
     traced = False
+    #: Which of the station's connections this is (presence rows name it; see csms.cluster).
+    connection_id: str | None = None
     _boot_deadline = None
     _counted = False
     _counted_address: str | None = None
@@ -159,6 +161,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             send = self._tracing(send)
         self.session = StationSession(app, station_id, dispatch, send, self.peer, self, self.admission)
         self.session.last_seen = app.clock.seconds()
+        self.connection_id = app.cluster.new_connection_id()
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
         app.sessions[station_id] = self.session
@@ -176,12 +179,35 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id,
                                              reason="replaced"))
         log.info("{station} connected from {peer}", station=station_id, peer=self.peer)
+        # In a cluster the presence row is written with the event; it knows the node that held the station.
+        claim = app.cluster.presence_claim(station_id, self.connection_id)
+        held_here = app.cluster.node if previous is not None else None
         d.addCallback(lambda _: app.station_store.record_event(station_id, "connected", self.peer,
-                                                               touch="last_connected_at"))
-        d.addBoth(_logged, "connected")
+                                                               touch="last_connected_at", also=claim))
+        d.addCallbacks(lambda held_before: held_before if claim is not None else held_here,
+                       lambda failure: _logged(failure, "connected") or held_here)
+        d.addCallback(lambda previous_node: app.cluster.station_arrived(station_id, previous_node))
         d.addCallback(lambda _: app.fire("csms_on_station_connected", station_id=station_id, station=self.session))
         if self.factory.shutting_down:  # admitted while the Central System began to stop
             self.go_away()
+
+    def replaced_elsewhere(self, node: str) -> None:
+        """The station connected to another node of the cluster: close this older connection as a
+        newer one on the same node would (its presence now names the other node: left alone)."""
+        if self.session is None or self.replaced:
+            return
+        app = self.factory.app
+        station_id = self.station_id
+        log.info("{station} connected to node {node}; closing its connection here", station=station_id, node=node)
+        self.replaced = True
+        self.session.connection_lost()
+        if self.factory.connections.get(station_id) is self:
+            del self.factory.connections[station_id]
+            app.sessions.pop(station_id, None)
+        self.sendClose(CLOSE_REPLACED, "Replaced by a newer connection")
+        d = app.station_store.record_event(station_id, "replaced", self.peer, f"connected to node {node}")
+        d.addBoth(_logged, "replaced")
+        d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id, reason="replaced"))
 
     # -- shutdown ---------------------------------------------------------------------------------
 
@@ -349,16 +375,21 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         app = self.factory.app
         station_id = self.station_id
         self.session.connection_lost()
-        if self.factory.connections.get(station_id) is self:
+        current = self.factory.connections.get(station_id) is self
+        if current:
             del self.factory.connections[station_id]
             app.sessions.pop(station_id, None)
         detail = self.close_detail(wasClean, code, reason)
         log.info("{station} disconnected ({detail})", station=station_id, detail=detail)
         last_seen = utc_from_timestamp(self.session.last_seen)
+        release = app.cluster.presence_release(station_id, self.connection_id)
         d = app.station_store.record_event(station_id, "disconnected", self.peer, detail,
-                                           touch="last_disconnected_at")
-        d.addCallback(lambda _: app.station_store.touch_last_seen(station_id, last_seen))
-        d.addBoth(_logged, "disconnected")
+                                           touch="last_disconnected_at", also=release)
+        d.addCallback(lambda released: released if release is not None else current)
+        d.addCallback(lambda released: app.station_store.touch_last_seen(station_id, last_seen).addCallback(
+            lambda _: released))
+        d.addErrback(lambda failure: _logged(failure, "disconnected") or current)
+        d.addCallback(lambda released: app.cluster.station_left(station_id, released))
         d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id, reason=detail))
 
     def close_detail(self, was_clean: bool, code, reason) -> str:

@@ -236,6 +236,7 @@ class CSMSService(service.Service):
         error = failure.value if failure.check(StartupError) else StartupError(describe(failure.value))
         log.failure("Start-up failed", failure, level=LogLevel.debug)
         stopping = self._stop_started()
+        self.app.cluster.stop_listening()
         self.app.stop()
         self._stopped_after_failure(stopping).addCallback(lambda _: self.ready.errback(error))
 
@@ -267,6 +268,7 @@ class CSMSService(service.Service):
         yield not_listening
         yield stations_gone
         yield self._stop_started()
+        yield self.app.cluster.stop()  # after the stations' own presence rows went with their disconnection
         self.app.stop()
 
     def _let_stations_go(self, grace: float) -> defer.Deferred:

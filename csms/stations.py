@@ -167,8 +167,11 @@ class StationStore:
         return self.db.run(thd, desc="station_list")
 
     def record_event(self, station_id: str, event: str, remote_address: str | None = None,
-                     detail: str | None = None, touch: str | None = None):
-        """Append a connection event; ``touch`` names a ``csms_stations`` timestamp column to set too."""
+                     detail: str | None = None, touch: str | None = None, also=None):
+        """Append a connection event; ``touch`` names a ``csms_stations`` timestamp column to set too.
+
+        ``also(conn)``: more work in the same transaction (the cluster's presence); fires with its result.
+        """
         now = self.now()
         announced = _ANNOUNCED_EVENTS.get(event)
 
@@ -182,6 +185,7 @@ class StationStore:
             elif announced is not None:
                 reason = "replaced" if event == "replaced" else detail  # as csms_on_station_disconnected says
                 self.outbox.add(conn, announced, {"station_id": station_id, "reason": reason})
+            return None if also is None else also(conn)
         return self.db.run(thd, desc="connection_event")
 
     def touch_last_seen(self, station_id: str, seen_at: datetime):

@@ -103,7 +103,7 @@ async def refused(csms_factory, **kwargs) -> str:
 @pytest_twisted.ensureDeferred
 async def test_a_fresh_database_is_refused_without_auto_upgrade(csms_factory, engine):
     message = await refused(csms_factory, plugins=["core"])
-    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0002; core at "
+    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0003; core at "
                             "no schema, code at core_0001): run `csms-admin db upgrade` with the same config, or set "
                             "[database] auto_upgrade = true")
     assert table_names(engine) == set()
@@ -202,7 +202,7 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_rows(csms_f
         create_all_as_before_migrations(conn, builtin_histories())
         conn.execute(text("INSERT INTO reservation_id_counter (name, last_id) VALUES ('reservation', 7)"))
     message = await refused(csms_factory, plugins=["core", "reservation"])
-    assert "(csms at tables made before migrations, code at csms_0002; core at tables made" in message
+    assert "(csms at tables made before migrations, code at csms_0003; core at tables made" in message
 
     csms = await csms_factory(AUTO_UPGRADE, migrate=True, plugins=["core", "reservation"])
     assert await csms.app.schema_is_current() is True

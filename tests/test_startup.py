@@ -252,7 +252,7 @@ async def test_database_ahead_of_the_code_exits_1_even_with_auto_upgrade(tmp_pat
 # -- the config cannot be used (before twistd's log begins: the line goes to stderr alone) ----------------
 
 
-@pytest.mark.parametrize("case", ["missing-file", "not-utf8", "plugin-section-typo", "mysql-url"])
+@pytest.mark.parametrize("case", ["missing-file", "not-utf8", "plugin-section-typo", "mysql-url", "cluster-on-sqlite"])
 @pytest_twisted.ensureDeferred
 async def test_unusable_config_exits_1_with_one_line_on_stderr(tmp_path, case):
     config = write_config(tmp_path, sqlite_url(tmp_path))
@@ -266,6 +266,10 @@ async def test_unusable_config_exits_1_with_one_line_on_stderr(tmp_path, case):
         with open(config, "a", encoding="utf-8") as f:
             f.write("[plugin:firmwre]\nhttp_endpoint = tcp:8090\n")
         expected = "[plugin:firmwre] names no installed plugin"
+    elif case == "cluster-on-sqlite":
+        with open(config, "a", encoding="utf-8") as f:
+            f.write("[cluster]\nenabled = true\n")
+        expected = "[cluster] enabled needs PostgreSQL"
     else:
         write_config(tmp_path, "mysql://csms:secret@127.0.0.1/csms")
         expected = "[database] url mysql://csms:***@127.0.0.1/csms: the CSMS stores its data in SQLite or PostgreSQL"

@@ -11,10 +11,11 @@ __all__ = ["ApiError", "ApiRequest", "Path", "Query", "PAGINATION", "Response", 
 
 
 def make_router(app) -> Router:
-    from csms.api import audit, openapi, stations
+    from csms.api import audit, nodes, openapi, stations
 
     router = Router()
     stations.add_routes(app, router)
+    nodes.add_routes(app, router)
     audit.add_routes(app, router)
     app.hook.csms_api_routes(app=app, router=router)
     built: list = []

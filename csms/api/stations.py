@@ -9,7 +9,7 @@ from csms import ocpp16
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
-from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, page, record
+from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, nullable, page, record
 from csms.app import ActionUnavailable, CallRefused, as_deferred
 from csms.passwords import hash_password
 from csms.schemas import SchemaViolation
@@ -45,7 +45,8 @@ PASSWORD_SET = {"type": "object", "additionalProperties": False, "required": ["p
 STATION = record(
     {**columns(stations, "id", "registration_status", "description", "created_at", "updated_at",
                "last_connected_at", "last_disconnected_at", "last_seen_at"),
-     "has_password": BOOLEAN, "online": BOOLEAN},
+     "has_password": BOOLEAN, "online": dict(BOOLEAN, description="Connected to any node"),
+     "node": dict(nullable(TEXT), description="The node it is connected to (GET /nodes), null when offline")},
     title="Station", open_ended=True,
     description="A station with its live state; enabled plugins add their own fields (csms_station_details)")
 STATION_PASSWORD = record({"id": TEXT, "has_password": BOOLEAN, "password": dict(TEXT, description="Shown once")},
@@ -85,7 +86,8 @@ def station_views(app, rows: list[dict]):
     for row in rows:
         session = app.sessions.get(row["id"])
         view = dict(row)
-        view["online"] = session is not None
+        view["node"] = app.cluster.holder(row["id"])
+        view["online"] = view["node"] is not None
         if session is not None and getattr(session, "last_seen", None) is not None:
             view["last_seen_at"] = ocpp16.utc_from_timestamp(session.last_seen)
         view.update(extras.get(row["id"], {}))
@@ -108,9 +110,9 @@ def add_routes(app, router):
         online = request.query.get("online")
         ids = exclude = None
         if online is True:
-            ids = sorted(app.sessions)
+            ids = sorted(app.cluster.online_ids())
         elif online is False:
-            exclude = sorted(app.sessions)
+            exclude = sorted(app.cluster.online_ids())
         status, error = request.query.get("connector_status"), request.query.get("connector_error")
         if status is not None or error is not None:
             found = await as_deferred(app.hook.csms_stations_with_connectors(status=status, error=error))

@@ -18,11 +18,16 @@ What plugins use (the same on one node and on many):
   it made the change and updated its own memory already.
 * The ``csms_on_presence_changed`` event: which node holds a station changed.
 
+Messages are JSON; one over 7000 bytes travels through the ``csms_cluster_messages`` table (any size
+works, small ones cost less). Messages from one node arrive in the order it committed them.
+
 Topics are the plugin's name, a dot, and a word: ``core.id_tag``, ``reservation.changed``.
 """
 from __future__ import annotations
 
 import socket
+
+from itertools import count
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -53,6 +58,46 @@ class ICluster(Interface):
 
     def online_ids():
         """The ids of every station connected to any node (a set)."""
+
+    # What the framework itself uses (csms.app, csms.protocol, csms.service, csms.api.nodes):
+
+    def start():
+        """Register this node (after the schema is ready); a Deferred."""
+
+    def start_blocking():
+        """:meth:`start` on the calling thread, before the reactor runs (``twistd csms``)."""
+
+    def stop():
+        """Leave the cluster cleanly (this node's presence and registration removed); a Deferred."""
+
+    def stop_listening():
+        """Stop timers and listening without touching the database (a failed start); a Deferred."""
+
+    def new_connection_id():
+        """An id for a new station connection on this node (presence rows name it)."""
+
+    def presence_claim(station_id, connection):
+        """None, or a database function recording the connection here (run with the connected event),
+        returning the node that held the station before."""
+
+    def presence_release(station_id, connection):
+        """None, or a database function recording the disconnection, returning True when this
+        connection still held the station."""
+
+    def station_arrived(station_id, previous_node):
+        """After a connection was recorded: fire ``csms_on_presence_changed``; a Deferred."""
+
+    def station_left(station_id, released):
+        """After a disconnection was recorded: fire ``csms_on_presence_changed`` if it was released."""
+
+    def forward(holder, station_id, action, payload):
+        """Send a call through node ``holder``; fails as ``app.call`` does."""
+
+    def disconnect_remote(holder, station_id, reason):
+        """Ask node ``holder`` to close the station's connection; a Deferred."""
+
+    def nodes():
+        """A Deferred firing with the nodes as ``GET /api/v1/nodes`` lists them."""
 
 
 def default_node_name(ocpp_endpoint: str) -> str:
@@ -94,6 +139,8 @@ class SingleNode:
         self.app = app
         self.node = node
         self.subscribers = Subscribers()
+        self.started_at = None
+        self._connections = count(1)
 
     def publish(self, conn, topic: str, data: dict) -> None:
         pass
@@ -113,3 +160,63 @@ class SingleNode:
 
     def online_ids(self) -> set:
         return set(self.app.sessions)
+
+    def start(self) -> defer.Deferred:
+        self.started_at = self.app.now()
+        return defer.succeed(None)
+
+    def start_blocking(self) -> None:
+        self.started_at = self.app.now()
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def stop_listening(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def new_connection_id(self) -> str:
+        return str(next(self._connections))
+
+    def presence_claim(self, station_id: str, connection: str):
+        return None
+
+    def presence_release(self, station_id: str, connection: str):
+        return None
+
+    def station_arrived(self, station_id: str, previous_node: str | None) -> defer.Deferred:
+        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=self.node,
+                             previous_node=previous_node)
+
+    def station_left(self, station_id: str, released: bool) -> defer.Deferred:
+        if not released:
+            return defer.succeed(None)
+        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=self.node)
+
+    def forward(self, holder: str, station_id: str, action: str, payload: dict) -> defer.Deferred:
+        from csms.rpc import StationOffline
+
+        return defer.fail(StationOffline(f"{station_id} is not connected"))
+
+    def disconnect_remote(self, holder: str, station_id: str, reason: str) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def nodes(self) -> defer.Deferred:
+        now = self.app.now()
+        config = self.app.config
+        return defer.succeed([{"name": self.node, "alive": True, "started_at": self.started_at or now,
+                               "heartbeat_at": now, "lease_expires_at": None, "stations": len(self.app.sessions),
+                               "ocpp_endpoint": config.ocpp.endpoint, "api_endpoint": config.api.endpoint}])
+
+
+def make_cluster(app):
+    """``app.cluster``: PostgreSQL-backed with ``[cluster] enabled``, else :class:`SingleNode`."""
+    from csms.config import check_cluster_database
+
+    check_cluster_database(app.config)
+    settings = app.config.cluster
+    node = settings.node_name or default_node_name(app.config.ocpp.endpoint)
+    if not settings.enabled:
+        return SingleNode(app, node)
+    from csms.cluster.postgres import PostgresCluster
+
+    return PostgresCluster(app, node)

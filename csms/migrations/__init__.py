@@ -119,6 +119,7 @@ def plugin_migrations(plugin) -> str | None:
 
 def framework_history(plugin_names=frozenset()) -> History:
     from csms.api import audit, tokens  # noqa: F401  (their tables live in the framework metadata)
+    from csms.cluster import tables  # noqa: F401  (so do the cluster's)
     from csms.stations import metadata
 
     return History(FRAMEWORK, metadata, FRAMEWORK_VERSIONS, frozenset(plugin_names))

@@ -36,7 +36,8 @@ class EventProbe:
             self._seen[key].append(value)
 
     def next(self, event: str, station_id: str, timeout: float = DEFAULT_TIMEOUT):
-        """Fires with the next ``event`` ('connected': the session, 'disconnected': the reason) of a station."""
+        """Fires with the next ``event`` of a station: 'connected' (the session), 'disconnected' (the
+        reason), 'presence' ((node, previous_node) from ``csms_on_presence_changed``)."""
         from twisted.internet import defer, reactor
 
         key = (event, station_id)
@@ -57,3 +58,7 @@ class EventProbe:
     @hookimpl
     def csms_on_station_disconnected(self, station_id, reason):
         self._record(("disconnected", station_id), reason)
+
+    @hookimpl
+    def csms_on_presence_changed(self, station_id, node, previous_node):
+        self._record(("presence", station_id), (node, previous_node))

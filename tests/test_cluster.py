@@ -1,0 +1,284 @@
+"""Three nodes on one PostgreSQL database, in one reactor, each on its own ports and task.Clock: presence,
+commands sent through any node, the newer connection winning across nodes, node leases (issue 16)."""
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from sqlalchemy import text
+
+from conftest import EventProbe, error_of, within
+from csms.rpc import CallTimeout, StationOffline
+
+RESET = {"type": "Soft"}
+LEASE, HEARTBEAT = 15, 5
+
+
+async def start_node(csms_factory, name: str):
+    probe = EventProbe()
+    node = await csms_factory(f"[cluster]\nenabled = true\nnode_name = {name}\nlease_seconds = {LEASE}\n"
+                              f"heartbeat_seconds = {HEARTBEAT}\n", extra_plugins=[probe],
+                              plugins=["core"])
+    node.probe = probe
+    return node
+
+
+async def three_nodes(csms_factory):
+    return [await start_node(csms_factory, name) for name in ("A", "B", "C")]
+
+
+async def connected_to(node, others, station_id: str):
+    """A booted station on ``node``, once every other node has heard where it is."""
+    station = await node.connect_booted(station_id)
+    for other in others:
+        assert await other.probe.next("presence", station_id) == (node.app.cluster.node, None)
+    return station
+
+
+async def renew(node, seconds: float) -> None:
+    """Move a node's clock on and renew its lease (sweeping the nodes whose lease expired)."""
+    node.clock.advance(seconds)
+    await node.app.cluster.heartbeat()
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_command_sent_to_any_node_reaches_the_station_on_its_node(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    station = await connected_to(a, (b, c), "CP-1")
+    station.responses["Reset"] = {"status": "Accepted"}
+    status, body, _ = await within(c.api("POST", "/stations/CP-1/calls/Reset", json=RESET))
+    assert (status, body) == (200, {"status": "Accepted"})
+    assert station.received_calls[-1][2:] == ["Reset", RESET]
+    status, body, _ = await within(b.api("POST", "/stations/CP-1/reset", json={"type": "Hard"}))  # a friendly route
+    assert (status, body) == (200, {"status": "Accepted"})
+    assert station.received_calls[-1][2:] == ["Reset", {"type": "Hard"}]
+    status, body, _ = await within(b.api("GET", "/stations/CP-1"))
+    assert (status, body["online"], body["node"]) == (200, True, "A")
+    status, body, _ = await within(c.api("GET", "/stations?online=true"))
+    assert [item["id"] for item in body["items"]] == ["CP-1"]
+    # A station known to all but connected nowhere: 409 from any node.
+    assert (await within(c.api("POST", "/stations", json={"id": "CP-2"})))[0] == 201
+    status, body, _ = await within(c.api("POST", "/stations/CP-2/calls/Reset", json=RESET))
+    assert (status, error_of(body)) == (409, "station_offline")
+    # The station leaves A: every node hears it.
+    await within(station.close())
+    assert await c.probe.next("presence", "CP-1") == (None, "A")
+    status, body, _ = await within(c.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (False, None)
+    status, body, _ = await within(b.api("GET", "/stations?online=false"))
+    assert [item["id"] for item in body["items"]] == ["CP-1", "CP-2"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_station_that_does_not_answer_a_forwarded_call_is_504(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    station = await connected_to(a, (b, c), "CP-1")
+    station.responses["Reset"] = None  # silence
+    answer = within(c.api("POST", "/stations/CP-1/calls/Reset", json=RESET))
+    await within(station.wait_for_call("Reset"))
+    a.clock.advance(a.app.config.ocpp.response_timeout)  # the holder's own timeout: its CallTimeout travels back
+    status, body, _ = await answer
+    assert (status, error_of(body)) == (504, "station_timeout")
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_the_newer_connection_on_another_node_closes_the_older_one(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    older = await connected_to(a, (b, c), "CP-1")
+    newer = await b.connect_booted("CP-1")
+    was_clean, code, reason = await within(older.closed)
+    assert (code, reason) == (4000, "Replaced by a newer connection")
+    assert await a.probe.next("disconnected", "CP-1") == "replaced"
+    assert await c.probe.next("presence", "CP-1") == ("B", "A")
+    assert "CP-1" not in a.app.sessions and "CP-1" in b.app.sessions
+    status, body, _ = await within(c.api("GET", "/stations/CP-1"))
+    assert body["node"] == "B"
+    newer.responses["Reset"] = {"status": "Accepted"}
+    status, body, _ = await within(a.api("POST", "/stations/CP-1/calls/Reset", json=RESET))
+    assert (status, body) == (200, {"status": "Accepted"})
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_nodes_are_listed_with_their_station_counts(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await connected_to(a, (b, c), "CP-2")
+    await connected_to(c, (a, b), "CP-3")
+    status, body, _ = await within(b.api("GET", "/nodes"))
+    assert status == 200
+    assert [(node["name"], node["alive"], node["stations"]) for node in body["items"]] == [
+        ("A", True, 2), ("B", True, 0), ("C", True, 1)]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_an_expired_lease_clears_the_nodes_presence_and_ends_its_forwarded_calls(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await a.app.cluster.stop_listening()  # A hangs: no heartbeat, hears nothing
+    waiting = c.app.call("CP-1", "Reset", RESET)
+    await renew(c, LEASE + HEARTBEAT)
+    await renew(b, LEASE + HEARTBEAT)  # B finds A's lease expired and clears it
+    assert await b.probe.next("presence", "CP-1") == (None, "A")
+    assert await c.probe.next("presence", "CP-1") == (None, "A")
+    with pytest.raises(StationOffline):
+        await within(waiting)  # at once, well before the forward timeout
+    assert not c.app.is_connected("CP-1")
+    status, body, _ = await within(c.api("GET", "/nodes"))
+    assert [node["name"] for node in body["items"]] == ["B", "C"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_holder_that_stops_answering_ends_the_call_with_a_timeout(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    assert (await within(a.app.readiness.run()))["cluster"] is None
+    await a.app.cluster.stop_listening()
+    assert "not listening" in (await within(a.app.readiness.run()))["cluster"]  # /readyz: 503, no new stations
+    waiting = c.app.call("CP-1", "Reset", RESET)
+    c.clock.advance(c.app.config.cluster.forward_deadline(c.app.config.ocpp.response_timeout))
+    with pytest.raises(CallTimeout):
+        await within(waiting)
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_clean_stop_removes_the_node_and_its_stations(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await a.stop()
+    assert await b.probe.next("presence", "CP-1") == (None, "A")
+    status, body, _ = await within(b.api("GET", "/nodes"))
+    assert [node["name"] for node in body["items"]] == ["B", "C"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_node_started_again_under_its_name_takes_it_over(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await a.app.cluster.stop_listening()  # the process died without leaving
+    again = await start_node(csms_factory, "A")
+    assert await b.probe.next("presence", "CP-1") == (None, "A")
+    assert not b.app.is_connected("CP-1")
+    await connected_to(again, (b, c), "CP-2")
+    await a.stop()  # the old instance, stopping late, leaves the new one's stations alone
+    status, body, _ = await within(c.api("GET", "/nodes"))
+    assert [(node["name"], node["stations"]) for node in body["items"]] == [("A", 1), ("B", 0), ("C", 0)]
+    assert c.app.cluster.holder("CP-2") == "A"
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_station_on_one_node_closes_its_connection_on_another(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    station = await connected_to(a, (b, c), "CP-1")
+    assert (await within(c.api("DELETE", "/stations/CP-1")))[0] == 204
+    was_clean, code, reason = await within(station.closed)
+    assert code == 1000 and "deleted" in reason
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_plugins_hear_each_others_messages_small_and_large(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    from twisted.internet import defer
+
+    heard = {name: defer.Deferred() for name in ("A", "C")}
+    for node in (a, c):
+        node.app.cluster.subscribe("test.hello", lambda data, origin, n=node: heard[n.app.cluster.node].callback(
+            (data, origin)))
+    big = {"text": "x" * 20000}
+    await b.app.cluster.broadcast("test.hello", big)
+    assert await within(heard["A"]) == (big, "B")
+    assert await within(heard["C"]) == (big, "B")
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_calls_and_answers_larger_than_notify_allows_go_through_the_table(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    station = await connected_to(a, (b, c), "CP-1")
+    station.responses["DataTransfer"] = {"status": "Accepted", "data": "y" * 20000}
+    request = {"vendorId": "acme", "data": "x" * 20000}
+    status, body, _ = await within(c.api("POST", "/stations/CP-1/calls/DataTransfer", json=request))
+    assert (status, body) == (200, {"status": "Accepted", "data": "y" * 20000})
+    assert station.received_calls[-1][3] == request
+    rows = await a.app.db.run(lambda conn: conn.execute(text("SELECT count(*) FROM csms_cluster_messages"))
+                              .scalar_one())
+    assert rows == 0  # each read once by its one reader, and deleted
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_listen_connection_drops_listens_again(csms_factory):
+    a, b, c = await three_nodes(csms_factory)
+    listening_again = a.app.cluster.when_listening()
+    pid = a.app.cluster.channel.backend_pid
+    await b.app.db.run(lambda conn: conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}))
+    await within(listening_again)
+    assert a.app.cluster.channel.backend_pid != pid
+    await connected_to(b, (a, c), "CP-1")  # A hears the presence again
+    assert a.app.cluster.holder("CP-1") == "B"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_single_node_lists_itself_and_tells_presence_on_connect_and_disconnect(csms_factory):
+    probe = EventProbe()
+    node = await csms_factory(extra_plugins=[probe], plugins=["core"])
+    station = await node.connect_booted("CP-1")
+    assert await probe.next("presence", "CP-1") == (node.app.cluster.node, None)
+    status, body, _ = await within(node.api("GET", "/nodes"))
+    assert status == 200
+    [listed] = body["items"]
+    assert (listed["name"], listed["alive"], listed["stations"]) == (node.app.cluster.node, True, 1)
+    status, body, _ = await within(node.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (True, node.app.cluster.node)
+    await within(station.close())
+    assert await probe.next("presence", "CP-1") == (None, node.app.cluster.node)
+    status, body, _ = await within(node.api("GET", "/stations/CP-1"))
+    assert (body["online"], body["node"]) == (False, None)
+
+
+def test_cluster_settings_are_checked():
+    from csms.config import ConfigError, load_config
+
+    assert load_config(text="[cluster]\nenabled = true\nnode_name = east-1\n").cluster.node_name == "east-1"
+    for text, message in [("lease_seconds = 5\nheartbeat_seconds = 5", "lease_seconds must be"),
+                          ("heartbeat_seconds = 0", "heartbeat_seconds must be"),
+                          ("forward_timeout = -1", "forward_timeout must be"),
+                          ("nodes = 3", "has no setting 'nodes'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(text="[cluster]\n" + text + "\n")
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_message_published_in_a_transaction_that_rolls_back_is_never_sent(csms_factory):
+    from twisted.internet import defer
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    heard, first = [], defer.Deferred()
+
+    def hear(data, origin):
+        heard.append((data, origin))
+        if not first.called:
+            first.callback(None)
+    b.app.cluster.subscribe("test.changed", hear)
+    a.app.cluster.subscribe("test.changed", hear)  # a node does not hear its own messages
+
+    def rolled_back(conn):
+        a.app.cluster.publish(conn, "test.changed", {"n": 1})
+        raise ValueError("the change failed")
+
+    def committed(conn):
+        a.app.cluster.publish(conn, "test.changed", {"n": 2})
+    with pytest.raises(ValueError):
+        await a.app.db.run(rolled_back)
+    await a.app.db.run(committed)
+    await within(first)  # messages come in commit order: the first heard would be the rolled-back one
+    assert heard == [({"n": 2}, "A")]
