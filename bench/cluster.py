@@ -191,7 +191,7 @@ async def run_loadgen(args, cluster, victim, confirmed_path: str, result_path: s
 
 
 async def bench(args) -> dict:
-    from csms.testing.cluster import Cluster, cluster_mode_available, cluster_settings
+    from csms.testing.cluster import Cluster, cluster_settings
 
     url, drop = fresh_schema(args.database)
     directory = tempfile.mkdtemp(prefix="csms-bench-cluster-")
@@ -199,7 +199,7 @@ async def bench(args) -> dict:
                       plugins="core", deadline=120)
     result = {"config": {"stations": args.stations, "duration": args.duration, "rate": args.rate, "mix": "cluster",
                          "kill_at": None if args.no_kill else args.kill_at, "workers": args.workers,
-                         "pool_size": args.pool_size, "cluster_mode": cluster_mode_available(), "nodes": 3},
+                         "pool_size": args.pool_size, "nodes": 3},
               "load_average_before": os.getloadavg(), "cpu_count": os.cpu_count()}
     probes = []
     try:

@@ -32,6 +32,8 @@ RECONNECT_DEADLINE = 60
 #: An API call during the failover must be answered within the station response timeout plus this.
 API_DEADLINE = 45
 TAG = "FAILOVER-TAG"
+#: The nodes' lease in this test, seconds.
+LEASE = 5
 CLEAR_ANSWERS = {200, 409, 502, 503, 504}
 
 
@@ -218,6 +220,21 @@ class Session:
                                             "timestamp": timestamp(), "idTag": TAG, "reason": "Local"})
 
 
+async def node_reported_gone(cluster: Cluster, victim) -> None:
+    """GET /nodes on a survivor lists the killed node as not alive once its lease ran out, with no station."""
+    deadline = reactor.seconds() + RECONNECT_DEADLINE
+    while True:
+        code, body = await cluster.api("GET", "/nodes", node=cluster.alive_nodes()[0])
+        assert code == 200, body
+        listed = {node["name"]: node for node in body["items"]}
+        gone = listed.get(victim.name)
+        if gone is None or (not gone["alive"] and gone["stations"] == 0):
+            assert sum(node["stations"] for node in listed.values()) == 6, listed
+            return
+        assert reactor.seconds() < deadline, f"{victim.name} still listed alive: {listed}"
+        await task.deferLater(reactor, 0.5, lambda: None)  # another process's lease: nothing to wait on here
+
+
 async def api_during_failover(cluster: Cluster, station_id: str):
     """An operator call for a station while its node is dead: a clear status within the deadline."""
     started = reactor.seconds()
@@ -237,7 +254,9 @@ def asyncio_thread():
 @pytest_twisted.ensureDeferred
 async def test_killed_node_stations_reconnect_elsewhere_and_lose_nothing_confirmed(tmp_path, database_url,
                                                                                     asyncio_thread):
-    cluster = Cluster(tmp_path, database_url, nodes=3, extra_config=cluster_settings())
+    # A short lease, so the dead node is declared gone within the test (the default is 15 s).
+    cluster = Cluster(tmp_path, database_url, nodes=3,
+                      extra_config=cluster_settings(f"lease_seconds = {LEASE}\nheartbeat_seconds = 1\n"))
     stations = []
     try:
         await cluster.start()
@@ -269,6 +288,13 @@ async def test_killed_node_stations_reconnect_elsewhere_and_lose_nothing_confirm
             assert sessions[sid].station.connections == 1
         for sid in moved:
             assert sessions[sid].station.connections == 2
+        # Every surviving node reaches every station, wherever it is now (forwarded or local).
+        for sid in sessions:
+            for node in cluster.alive_nodes():
+                code, body = await cluster.api("POST", f"/stations/{sid}/calls/GetConfiguration", json={},
+                                               node=node, timeout=API_DEADLINE)
+                assert code == 200, (sid, node.name, code, body)
+        await node_reported_gone(cluster, victim)
         for session in sessions.values():
             await session.stop()
 

@@ -42,18 +42,8 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
 
 
-def cluster_mode_available() -> bool:
-    """Whether this CSMS has the ``[cluster]`` section (node leases, presence, forwarded calls)."""
-    from csms.config import Config
-
-    return "cluster" in {f.name for f in dataclasses.fields(Config)}
-
-
 def cluster_settings(extra: str = "") -> str:
-    """The ``[cluster]`` section for each node where the CSMS has one (``{name}`` is the node's name), else
-    nothing: the nodes then share the database only, and a call for a station on another node answers 409."""
-    if not cluster_mode_available():
-        return ""
+    """The ``[cluster]`` section for each node (``{name}`` is the node's name); ``extra``: more of its settings."""
     return "[cluster]\nenabled = true\nnode_name = {name}\n" + extra
 
 
@@ -298,17 +288,12 @@ class Cluster:
         body = jsonlib.loads(content) if content and content.lstrip()[:1] in (b"{", b"[") else None
         return response.code, body
 
-    async def holder(self, station_id: str, probe_action: str = "GetConfiguration") -> Node | None:
-        """The node the station is connected to: the ``node`` its station view names where the CSMS
-        has cluster mode, else the only node whose API reaches it (the others answer 409)."""
+    async def holder(self, station_id: str) -> Node | None:
+        """The node the station is connected to, as a live node's API says (its station view's ``node``)."""
         code, body = await self.api("GET", f"/stations/{station_id}", node=self.alive_nodes()[0])
-        if code == 200 and "node" in body:  # cluster mode: every node would answer the probe below
-            return next((n for n in self.nodes if n.name == body["node"]), None)
-        for node in self.alive_nodes():
-            code, _ = await self.api("POST", f"/stations/{station_id}/calls/{probe_action}", json={}, node=node)
-            if code == 200:
-                return node
-        return None
+        if code != 200 or body.get("node") is None:
+            return None
+        return next((n for n in self.nodes if n.name == body["node"]), None)
 
     def alive_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.alive]
@@ -320,5 +305,5 @@ def pids(cluster: Cluster) -> list[int]:
     return [p.transport.pid for p in processes if p is not None and p.status is None and p.transport.pid]
 
 
-__all__ = ["Cluster", "Node", "TOKEN", "TEMPLATE", "cluster_settings", "cluster_mode_available", "haproxy_config",
+__all__ = ["Cluster", "Node", "TOKEN", "TEMPLATE", "cluster_settings", "haproxy_config",
            "haproxy_binary", "pids"]
