@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
+import treq
 from ocpp.v16 import call
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectError
@@ -23,7 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from csms.testing.asyncio_thread import AsyncioThread
-from csms.testing.cluster import (TEMPLATE, Cluster, cluster_settings, haproxy_binary, haproxy_config, pids)
+from csms.testing.cluster import (TEMPLATE, TOKEN, Cluster, cluster_settings, haproxy_binary, haproxy_config, pids)
 from csms.testing.station import StationRefused, connect_station
 from test_interop_ocpp import LibraryChargePoint
 
@@ -62,7 +64,7 @@ def test_generated_haproxy_config_is_the_template_with_other_addresses(tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     lines = [line.strip() for line in generated.splitlines()]
     assert "bind 127.0.0.1:19000" in lines and "bind 127.0.0.1:19001" in lines
-    assert "server node1 127.0.0.1:20001 port 21001" in lines and "server node2 127.0.0.1:21002" in lines
+    assert "server node1 127.0.0.1:20001 port 21001" in lines and "server node2 127.0.0.1:21002 cookie node2" in lines
     assert not any(":900" in line or ":808" in line for line in lines if not line.startswith("#"))
     # What makes it WebSocket-aware and healthy is the template's, kept as is.
     for kept in ("timeout tunnel 1h", "option httpchk GET /readyz", "balance leastconn", "option redispatch",
@@ -317,5 +319,36 @@ async def test_killed_node_stations_reconnect_elsewhere_and_lose_nothing_confirm
                 await station.close()
             except Exception:  # noqa: BLE001 - closing after a failure is best effort
                 pass
+        await cluster.stop()
+    assert pids(cluster) == []
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_dashboard_browser_stays_on_the_node_that_signed_it_in(tmp_path, database_url):
+    """Dashboard sessions live in the node that made them: through HAProxy, the cookie etc/haproxy.cfg
+    sets keeps a browser on that node, so its pages stay signed in although the API is balanced round
+    robin (without it, every other page lands on a node that never saw the session)."""
+    from test_dashboard_http import UiClient, location
+
+    cluster = Cluster(tmp_path, database_url, nodes=2, extra_config=cluster_settings(), plugins="core, dashboard")
+    try:
+        await cluster.start()
+        browser = UiClient(SimpleNamespace(api_port=cluster.api_port, reactor=reactor))
+        status, _, response = await browser.sign_in(TOKEN)
+        assert (status, location(response)) == (303, "/ui/stations")
+        assert "csms_node" in browser.cookies
+        for _ in range(4):
+            status, page, _ = await browser.request("GET", "/ui/stations")
+            assert status == 200, page
+        # An API client sending no cookie is still spread over the nodes.
+        served = set()
+        for _ in range(4):
+            response = await treq.get(cluster.api_url + "/nodes", headers={"Authorization": [f"Bearer {TOKEN}"]},
+                                      reactor=reactor, timeout=30)
+            served.add(response.headers.getRawHeaders("set-cookie", [""])[0].split(";")[0])
+            await treq.content(response)
+        assert len(served) == 2, served
+    finally:
         await cluster.stop()
     assert pids(cluster) == []

@@ -91,7 +91,7 @@ def haproxy_config(template: str, ocpp_port: int, api_port: int, nodes: list["No
     binds = {f"frontend {OCPP_FRONTEND}": ocpp_port, f"frontend {API_FRONTEND}": api_port}
     servers = {
         f"backend {OCPP_BACKEND}": [f"    server {n.name} 127.0.0.1:{n.ocpp_port} port {n.api_port}" for n in nodes],
-        f"backend {API_BACKEND}": [f"    server {n.name} 127.0.0.1:{n.api_port}" for n in nodes],
+        f"backend {API_BACKEND}": [f"    server {n.name} 127.0.0.1:{n.api_port} cookie {n.name}" for n in nodes],
     }
     out, seen = [], set()
     for header, body in sections(template):
