@@ -282,3 +282,31 @@ async def test_a_message_published_in_a_transaction_that_rolls_back_is_never_sen
     await a.app.db.run(committed)
     await within(first)  # messages come in commit order: the first heard would be the rolled-back one
     assert heard == [({"n": 2}, "A")]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_one_node_leads_and_the_next_takes_over_when_its_lease_expires(csms_factory):
+    """The cluster's one-at-a-time work (webhook delivery) has exactly one node at a time: the alive node
+    with the smallest name; when it dies, the next one once the dead node's lease has expired."""
+    a, b, c = await three_nodes(csms_factory)
+    for node in (a, b, c):
+        await renew(node, 0)
+    assert [node.app.cluster.leads() for node in (a, b, c)] == [True, False, False]
+    told = []
+    b.app.cluster.watch_leadership(told.append)
+    await a.app.cluster.stop_listening()  # A hangs: no heartbeat
+    await renew(b, HEARTBEAT)
+    assert not b.app.cluster.leads() and told == []  # A's lease still runs
+    for _ in range((LEASE + HEARTBEAT) // HEARTBEAT):  # B and C go on beating; A's lease runs out
+        await renew(c, HEARTBEAT)
+        await renew(b, HEARTBEAT)
+    assert [b.app.cluster.leads(), c.app.cluster.leads()] == [True, False]
+    assert told == [True]
+    a.clock.advance(LEASE + HEARTBEAT)  # A's own lease lapsed: it leads no more, whatever it last read
+    assert not a.app.cluster.leads()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_single_node_always_leads(csms):
+    assert csms.app.cluster.leads()

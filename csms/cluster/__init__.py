@@ -17,6 +17,8 @@ What plugins use (the same on one node and on many):
   each message another node published (``origin`` is its name). A node never hears its own messages:
   it made the change and updated its own memory already.
 * The ``csms_on_presence_changed`` event: which node holds a station changed.
+* ``app.cluster.leads()``: whether this node does the work only one node may do at a time (webhook
+  delivery); ``app.cluster.watch_leadership(callback)`` tells when that changes.
 
 Messages are JSON; one over 7000 bytes travels through the ``csms_cluster_messages`` table (any size
 works, small ones cost less). Messages from one node arrive in the order it committed them.
@@ -55,6 +57,13 @@ class ICluster(Interface):
 
     def holder(station_id):
         """The name of the node the station is connected to, or None when it is connected nowhere."""
+
+    def leads():
+        """Whether this node does the cluster's one-at-a-time work (webhook delivery): the alive node with
+        the smallest name, as its last heartbeat saw; always True on a single node."""
+
+    def watch_leadership(callback):
+        """Call ``callback(leading)`` on the reactor thread when :meth:`leads` changes."""
 
     def online_ids():
         """The ids of every station connected to any node (a set)."""
@@ -157,6 +166,12 @@ class SingleNode:
 
     def holder(self, station_id: str) -> str | None:
         return self.node if station_id in self.app.sessions else None
+
+    def leads(self) -> bool:
+        return True
+
+    def watch_leadership(self, callback) -> None:
+        pass  # one node leads for ever
 
     def online_ids(self) -> set:
         return set(self.app.sessions)

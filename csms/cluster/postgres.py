@@ -286,6 +286,9 @@ class PostgresCluster:
         #: While the presence map reloads: the changes that arrived meanwhile, to apply again after it.
         self._arrived_while_loading: list | None = None
         self._listen_waiters: list = []
+        #: The alive node with the smallest name, as this node's last heartbeat read it (see leads()).
+        self._leader: str | None = None
+        self._leadership_watchers: list = []
 
     # -- ICluster ----------------------------------------------------------------------------------
 
@@ -297,6 +300,26 @@ class PostgresCluster:
 
     def subscribe(self, topic: str, callback) -> None:
         self.subscribers.subscribe(topic, callback)
+
+    def leads(self) -> bool:
+        # A node whose own lease lapsed may already be taken for gone, and another node lead instead.
+        return self._leader == self.node and self.app.clock.seconds() <= self._lease_expires
+
+    def watch_leadership(self, callback) -> None:
+        self._leadership_watchers.append(callback)
+
+    def _set_leader(self, leader: str | None) -> None:
+        leading_before = self._leader == self.node
+        self._leader = leader
+        if (leader == self.node) == leading_before:
+            return
+        log.info("Cluster: node {node} {now} the cluster's one-at-a-time work (webhook delivery)", node=self.node,
+                 now="now does" if leader == self.node else "no longer does")
+        for callback in self._leadership_watchers:
+            try:
+                callback(leader == self.node)
+            except Exception:
+                log.failure("Cluster: a leadership watcher failed")
 
     def holder(self, station_id: str) -> str | None:
         if station_id in self.app.sessions:
@@ -328,6 +351,14 @@ class PostgresCluster:
                                                  "api_endpoint": config.api.endpoint}))
         return previous is not None, self._live_presence(conn, now)
 
+    def _start(self, conn, now: datetime):
+        return self._register(conn, now), self._leader_at(conn, now)
+
+    @staticmethod
+    def _leader_at(conn, now: datetime) -> str | None:
+        """The node doing the cluster's one-at-a-time work: the alive node with the smallest name."""
+        return conn.execute(select(func.min(nodes.c.name)).where(nodes.c.lease_expires_at >= now)).scalar()
+
     @staticmethod
     def _live_presence(conn, now: datetime) -> dict:
         rows = conn.execute(select(presence.c.station_id, presence.c.node).join(
@@ -354,7 +385,7 @@ class PostgresCluster:
     def _registered(self, outcome) -> None:
         self._lease_expires = self.app.clock.seconds() + self.lease_seconds
         self.app.add_readiness_check("cluster", self._readiness_problem)
-        took_over, holders = outcome
+        (took_over, holders), leader = outcome
         if took_over:
             log.warn("Cluster: node {node} took over its name from a previous instance (that process is gone, "
                      "or another process runs under the same [cluster] node_name)", node=self.node)
@@ -365,14 +396,15 @@ class PostgresCluster:
         self._heartbeat.start(self.heartbeat_seconds, now=False)
         log.info("Cluster: node {node} registered ({count} station(s) on other nodes)", node=self.node,
                  count=len(self._holders))
+        self._set_leader(leader)
 
     def start(self) -> defer.Deferred:
         self.started_at = self.app.now()
-        return self.app.db.run(self._register, self.started_at, desc="cluster_register").addCallback(self._registered)
+        return self.app.db.run(self._start, self.started_at, desc="cluster_register").addCallback(self._registered)
 
     def start_blocking(self) -> None:
         self.started_at = self.app.now()
-        self._registered(self.app.db.run_sync(self._register, self.started_at))
+        self._registered(self.app.db.run_sync(self._start, self.started_at))
 
     def stop_listening(self) -> defer.Deferred:
         """Stop the heartbeat and the listening thread, leaving the database alone (a failed start)."""
@@ -419,7 +451,7 @@ class PostgresCluster:
         if not renewed:
             holder = conn.execute(select(nodes.c.instance).where(nodes.c.name == self.node)).first()
             if holder is not None:
-                return "duplicate", [], None
+                return "duplicate", [], None, None
             self._register(conn, now)
             rejoined = True
             for station_id, connection in local.items():
@@ -437,12 +469,13 @@ class PostgresCluster:
                      count=len(stations))
         # Large-message bodies of broadcasts nobody deletes, and targeted ones for a node that died.
         conn.execute(delete(messages).where(messages.c.created_at < now - timedelta(seconds=4 * self.lease_seconds)))
-        return ("rejoined" if rejoined else "renewed"), expired, lease.timestamp()
+        return ("rejoined" if rejoined else "renewed"), expired, lease.timestamp(), self._leader_at(conn, now)
 
     def _beaten(self, outcome) -> None:
-        state, _, lease_expires = outcome
+        state, _, lease_expires, leader = outcome
         if state != "duplicate":
             self._lease_expires = lease_expires
+        self._set_leader(leader)
         if state == "duplicate":
             log.error("Cluster: another process runs as node {node} ([cluster] node_name): give each node its "
                       "own name", node=self.node)
