@@ -74,6 +74,8 @@ class CentralSystem:
         self.station_store = StationStore(self.db, self.clock, self.outbox)
         #: station id -> connected csms.session.StationSession (on this node; see ``cluster`` for the others)
         self.sessions: dict = {}
+        #: Prometheus metrics (docs/metrics.md); plugins add theirs in csms_configure.
+        self.metrics = Metrics(enabled=config.metrics.enabled)
         #: How this node sees the others (csms.cluster): publish/subscribe, presence, forwarding.
         self.cluster = make_cluster(self)
         #: The OCPP WebSocket factory (:class:`csms.protocol.OCPPServerFactory`) once the service made it:
@@ -91,8 +93,6 @@ class CentralSystem:
         self.outbound_actions: dict[str, str] = self.actions.outbound
         #: Added inbound action -> ``csms_handle_call`` of the plugins declaring it, and of no other.
         self._added_callers = {action: self._owners_handle_call(action) for action in self.actions.added_inbound()}
-        #: Prometheus metrics (docs/metrics.md); plugins add theirs in csms_configure.
-        self.metrics = Metrics(enabled=config.metrics.enabled)
         self.metrics.attach(self)
         #: The checks /readyz runs; see :meth:`add_readiness_check`.
         self.readiness = Readiness(self.clock, config.metrics.readiness_timeout)

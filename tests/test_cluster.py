@@ -34,6 +34,13 @@ async def connected_to(node, others, station_id: str):
     return station
 
 
+def forwarded(node) -> dict:
+    """outcome -> count of the calls ``node`` forwarded (its csms_cluster_forwarded_calls_total)."""
+    return {sample.labels["outcome"]: sample.value
+            for family in node.app.metrics.registry.collect() if family.name == "csms_cluster_forwarded_calls"
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
 async def renew(node, seconds: float) -> None:
     """Move a node's clock on and renew its lease (sweeping the nodes whose lease expired)."""
     node.clock.advance(seconds)
@@ -60,6 +67,7 @@ async def test_a_command_sent_to_any_node_reaches_the_station_on_its_node(csms_f
     assert (await within(c.api("POST", "/stations", json={"id": "CP-2"})))[0] == 201
     status, body, _ = await within(c.api("POST", "/stations/CP-2/calls/Reset", json=RESET))
     assert (status, error_of(body)) == (409, "station_offline")
+    assert forwarded(c) == {"answered": 1.0} and forwarded(b) == {"answered": 1.0} and forwarded(a) == {}
     # The station leaves A: every node hears it.
     await within(station.close())
     assert await c.probe.next("presence", "CP-1") == (None, "A")
@@ -80,6 +88,7 @@ async def test_a_station_that_does_not_answer_a_forwarded_call_is_504(csms_facto
     a.clock.advance(a.app.config.ocpp.response_timeout)  # the holder's own timeout: its CallTimeout travels back
     status, body, _ = await answer
     assert (status, error_of(body)) == (504, "station_timeout")
+    assert forwarded(c) == {"timeout": 1.0}
 
 
 @pytest.mark.postgresql_only

@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import defer, task
 from zope.interface import implementer
 
+from csms.metrics import Metrics
 from csms.app import ActionUnavailable, CallRefused
 from csms.cluster.routing import CALL, EVICT, REPLY, IChannel, RemoteCallFailed, Router
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
@@ -49,7 +50,7 @@ class FakeProtocol:
 
 
 class FakeApp:
-    """What the router uses of a CentralSystem: sessions, call, ocpp_factory.connections, disconnect."""
+    """What the router uses of a CentralSystem: sessions, call, ocpp_factory.connections, disconnect, metrics."""
 
     def __init__(self):
         self.sessions: dict = {}
@@ -57,6 +58,7 @@ class FakeApp:
         self.outcome = None
         self.ocpp_factory = type("Factory", (), {"connections": {}})()
         self.disconnected: list = []
+        self.metrics = Metrics(enabled=True)
 
     def call(self, station_id, action, payload):
         self.calls.append((station_id, action, payload))

@@ -78,6 +78,21 @@ def outcome_result(message: dict):
     raise known[2](message)
 
 
+def _outcome_label(result) -> str:
+    """A forwarded call's outcome as one of a few metric label values."""
+    if not isinstance(result, Failure):
+        return "answered"
+    from csms.rpc import CallErrorReceived, CallTimeout, ResponseInvalid, StationOffline
+
+    if result.check(CallErrorReceived, ResponseInvalid):
+        return "answered"
+    if result.check(CallTimeout):
+        return "timeout"
+    if result.check(StationOffline):
+        return "offline"
+    return "error"
+
+
 class _Forwarded:
     __slots__ = ("deferred", "holder", "station_id", "action", "deadline")
 
@@ -101,6 +116,11 @@ class Router:
         self.clock = clock
         self.timeout = timeout
         self._pending: dict[str, _Forwarded] = {}
+        self.forwarded = app.metrics.counter(
+            "csms_cluster_forwarded_calls", "Calls this node forwarded to the node holding the station, by outcome",
+            ("outcome",))
+        self.forward_seconds = app.metrics.histogram(
+            "csms_cluster_forward_seconds", "Seconds from forwarding a call to the holding node's answer")
 
     # -- the asking side ---------------------------------------------------------------------------
 
@@ -116,6 +136,13 @@ class Router:
                 f"{action} to {station_id}: node {holder} did not answer within {self.timeout:g}s")))
         pending = _Forwarded(d, holder, station_id, action, self.clock.callLater(self.timeout, deadline_passed))
         self._pending[call_id] = pending
+        started = self.clock.seconds()
+
+        def measured(result):
+            self.forward_seconds.observe(self.clock.seconds() - started)
+            self.forwarded.labels(_outcome_label(result)).inc()
+            return result
+        d.addBoth(measured)
 
         def not_sent(failure):
             log.failure("Could not forward {action} for {station} to node {holder}", failure, action=action,
