@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from conftest import booted, clock_now, core_store, error_of, station_time, within
 from sqlalchemy import func, select
+from test_security_logs import get_log
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
@@ -468,3 +469,44 @@ async def test_firmware_and_diagnostics_status_events(csms_factory, receiver):
     events = {event["type"]: event["data"] for event in receiver.events()}
     assert events["firmware.status"]["status"] == "Downloading" and events["firmware.status"]["station_id"] == "CP-1"
     assert events["diagnostics.status"]["status"] == "Uploading"
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_and_signed_firmware_status_events(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["log.status", "signed_firmware.status"])
+    station, status, body = await get_log(csms, "CP-1", protocol="http")
+    assert status == 200, body
+    log_request = body["request"]
+    assert await station.call("LogStatusNotification", {"status": "Uploading",
+                                                        "requestId": log_request["request_id"]}) == {}
+    # A requestId the CSMS never sent: stored unlinked, announced unlinked.
+    assert await station.call("SignedFirmwareStatusNotification", {"status": "Downloading", "requestId": 77}) == {}
+    await drain(csms)
+    events = {event["type"]: event["data"] for event in receiver.events()}
+    assert events["log.status"] == {"station_id": "CP-1", "status": "Uploading",
+                                    "request_id": log_request["request_id"], "log_request_id": log_request["id"]}
+    assert events["signed_firmware.status"] == {"station_id": "CP-1", "status": "Downloading", "request_id": 77,
+                                                "signed_update_id": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_event_is_rolled_back_with_its_notification(csms_factory, receiver, monkeypatch):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["log.status"])
+    outbox = csms.app.pm.get_plugin("security").transfers.store.outbox
+    real_add = outbox.add
+
+    def add_then_fail(conn, event_type, data):
+        real_add(conn, event_type, data)
+        if event_type == "log.status":
+            raise RuntimeError("the notification's transaction fails after its event was written")
+    station = await booted(csms, "CP-1")
+    monkeypatch.setattr(outbox, "add", add_then_fail)
+    frame = await station.call_frame("LogStatusNotification", {"status": "Uploading"})
+    assert frame[0] == 4 and frame[2] == "InternalError", frame
+    monkeypatch.setattr(outbox, "add", real_add)
+    assert await station.call("LogStatusNotification", {"status": "Uploaded"}) == {}
+    await drain(csms)
+    assert [event["data"]["status"] for event in receiver.events()] == ["Uploaded"]
+    assert [row["status"] for row in (await csms.api("GET", "/stations/CP-1/logs"))[1]["history"]] == ["Uploaded"]
