@@ -23,7 +23,8 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from csms_plugins.webhooks.guard import AddressPolicy
-from csms_plugins.webhooks.tables import deliveries
+from csms.migrations import prepare_schema
+from csms_plugins.webhooks.tables import deliveries, events
 
 ALLOW_LOOPBACK = """
 [plugin:webhooks]
@@ -510,3 +511,55 @@ async def test_status_event_is_rolled_back_with_its_notification(csms_factory, r
     await drain(csms)
     assert [event["data"]["status"] for event in receiver.events()] == ["Uploaded"]
     assert [row["status"] for row in (await csms.api("GET", "/stations/CP-1/logs"))[1]["history"]] == ["Uploaded"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_pending_before_the_event_table_migration_are_delivered_after_it(
+        csms_factory, receiver, database_url):
+    """webhooks_0002 moves each event's body (one copy per subscription before) to one webhooks_events row;
+    its downgrade puts the copies back."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+    from test_migrations import builtin_histories
+
+    found = builtin_histories()
+    webhooks = next(history for history in found if history.name == "webhooks")
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        prepare_schema(conn, found, auto_upgrade=True)
+        command.downgrade(webhooks.config(conn), "webhooks_0001")
+        for k in (1, 2):
+            conn.execute(text("INSERT INTO webhooks_subscriptions (id, url, event_types, secret, paused, created_at, "
+                              "updated_at) VALUES (:id, :url, '[\"id_tag.changed\"]', 'a-secret-of-16-chars', false, "
+                              ":now, :now)"), {"id": k, "url": f"{receiver.url}?{k}", "now": clock_now_utc()})
+            conn.execute(text("INSERT INTO webhooks_deliveries (subscription_id, event_id, event_type, body, state, "
+                              "attempts, created_at, next_attempt_at) VALUES (:k, 'legacy-1', 'id_tag.changed', :body, "
+                              "'pending', 0, :now, :now)"),
+                         {"k": k, "body": LEGACY_BODY, "now": clock_now_utc()})
+    engine.dispose()
+    csms = await csms_factory(ALLOW_LOOPBACK + "[database]\nauto_upgrade = true\n", migrate=True)
+
+    def stored(conn):
+        return conn.execute(select(events.c.event_id, events.c.body)).fetchall()
+    assert await csms.app.db.run(stored) == [("legacy-1", LEGACY_BODY)]
+    await drain(csms)
+    assert sorted(r["headers"]["webhook-id"] for r in receiver.requests) == ["legacy-1", "legacy-1"]
+    assert {r["body"] for r in receiver.requests} == {LEGACY_BODY.encode()}
+    [delivered] = await history(csms, 1)
+    assert delivered["state"] == "delivered" and delivered["event"]["data"] == {"id_tag": "OLD"}
+    await csms.stop()
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        command.downgrade(webhooks.config(conn), "webhooks_0001")
+        assert conn.execute(text("SELECT subscription_id, body FROM webhooks_deliveries ORDER BY 1")).fetchall() == \
+            [(1, LEGACY_BODY), (2, LEGACY_BODY)]
+    engine.dispose()
+
+
+LEGACY_BODY = '{"id":"legacy-1","type":"id_tag.changed","created_at":"2026-12-01T10:00:00.000Z","data":{"id_tag":"OLD"}}'
+
+
+def clock_now_utc():
+    from datetime import datetime, timezone
+    return datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
