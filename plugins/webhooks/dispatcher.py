@@ -44,6 +44,8 @@ BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
 USER_AGENT = b"csms-webhooks/1"
 #: Seconds (on the app's clock) between two looks for deliveries too old to keep trying.
 SWEEP_INTERVAL = 60.0
+#: Seconds between a POST's outcome and the pass it starts (see Dispatcher._poke_after_a_while).
+REPASS_DELAY = 0.1
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -207,6 +209,8 @@ class Dispatcher(service.Service):
         self._pass = None
         if self._again and self.running:
             self._again = False
+            if self._soon is not None and self._soon.active():
+                self._soon.cancel()
             self._soon = self.reactor.callLater(0, self.poke)
 
     def drain(self) -> defer.Deferred:
@@ -405,7 +409,13 @@ class Dispatcher(service.Service):
         if self._settled is not None:
             self._settled.update(job.ids)
         if self.running and not self.queues:
-            self.poke()
+            self._poke_after_a_while()
+
+    def _poke_after_a_while(self) -> None:
+        """A pass a moment later: the events written meanwhile go in one read and in fuller batches, instead
+        of a pass (a read, a POST, an outcome write) per few events at once."""
+        if self._soon is None or not self._soon.active():
+            self._soon = self.reactor.callLater(REPASS_DELAY, self.poke)
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: doubling from retry_initial_delay up to retry_max_delay,
