@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
+from alembic import command
 from conftest import booted, clock_now, core_store, error_of, station_time, within
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
+from test_migrations import builtin_histories
 from test_security_logs import get_log
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
@@ -22,9 +25,9 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from csms_plugins.webhooks.guard import AddressPolicy
 from csms.migrations import prepare_schema
 from csms_plugins.webhooks.dispatcher import Job
+from csms_plugins.webhooks.guard import AddressPolicy
 from csms_plugins.webhooks.tables import deliveries, events
 
 ALLOW_LOOPBACK = """
@@ -514,15 +517,16 @@ async def test_status_event_is_rolled_back_with_its_notification(csms_factory, r
     assert [row["status"] for row in (await csms.api("GET", "/stations/CP-1/logs"))[1]["history"]] == ["Uploaded"]
 
 
+#: A delivery as webhooks_0001 kept it, body included.
+LEGACY_BODY = '{"id":"legacy-1","type":"id_tag.changed","created_at":"2026-12-01T10:00:00.000Z","data":{"id_tag":"OLD"}}'
+LEGACY_AT = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+
+
 @pytest_twisted.ensureDeferred
 async def test_deliveries_pending_before_the_event_table_migration_are_delivered_after_it(
         csms_factory, receiver, database_url):
     """webhooks_0002 moves each event's body (one copy per subscription before) to one webhooks_events row;
     its downgrade puts the copies back."""
-    from alembic import command
-    from sqlalchemy import create_engine, text
-    from test_migrations import builtin_histories
-
     found = builtin_histories()
     webhooks = next(history for history in found if history.name == "webhooks")
     engine = create_engine(database_url)
@@ -532,11 +536,11 @@ async def test_deliveries_pending_before_the_event_table_migration_are_delivered
         for k in (1, 2):
             conn.execute(text("INSERT INTO webhooks_subscriptions (id, url, event_types, secret, paused, created_at, "
                               "updated_at) VALUES (:id, :url, '[\"id_tag.changed\"]', 'a-secret-of-16-chars', false, "
-                              ":now, :now)"), {"id": k, "url": f"{receiver.url}?{k}", "now": clock_now_utc()})
+                              ":now, :now)"), {"id": k, "url": f"{receiver.url}?{k}", "now": LEGACY_AT})
             conn.execute(text("INSERT INTO webhooks_deliveries (subscription_id, event_id, event_type, body, state, "
                               "attempts, created_at, next_attempt_at) VALUES (:k, 'legacy-1', 'id_tag.changed', :body, "
                               "'pending', 0, :now, :now)"),
-                         {"k": k, "body": LEGACY_BODY, "now": clock_now_utc()})
+                         {"k": k, "body": LEGACY_BODY, "now": LEGACY_AT})
     engine.dispose()
     csms = await csms_factory(ALLOW_LOOPBACK + "[database]\nauto_upgrade = true\n", migrate=True)
 
@@ -556,14 +560,6 @@ async def test_deliveries_pending_before_the_event_table_migration_are_delivered
         assert conn.execute(text("SELECT subscription_id, body FROM webhooks_deliveries ORDER BY 1")).fetchall() == \
             [(1, LEGACY_BODY), (2, LEGACY_BODY)]
     engine.dispose()
-
-
-LEGACY_BODY = '{"id":"legacy-1","type":"id_tag.changed","created_at":"2026-12-01T10:00:00.000Z","data":{"id_tag":"OLD"}}'
-
-
-def clock_now_utc():
-    from datetime import datetime, timezone
-    return datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
 
 @pytest_twisted.ensureDeferred
