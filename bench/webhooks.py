@@ -44,6 +44,13 @@ def http_json(method: str, url: str, token: str | None = None, body: dict | None
         return json.loads(response.read() or b"null")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), robust to what else the machine runs."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
@@ -64,6 +71,8 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
                                                    "--mode", "rate", "--rate", args.rate,
                                                    "--duration", args.duration]}
         print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
+        loadavg = os.getloadavg()
+        cpu_before = process_cpu_seconds(server.process.pid)
         result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), workdir, True)
         window_end = time.monotonic()
         after = http_json("GET", receiver_url + "/stats")
@@ -83,6 +92,7 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
                 after_drain = http_json("GET", receiver_url + "/stats")
         else:
             after_drain = after
+        cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
         window = result.get("window", {}).get("seconds") or args.duration
         return {
             "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
@@ -92,6 +102,8 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
             "posts_in_window_per_s": (after["posts"] - before["posts"]) / window,
             "events_total": after_drain["events"] - before["events"],
             "seconds_to_drain_after_window": drained,
+            "loadavg": loadavg, "server_cpu_seconds": cpu_seconds,
+            "ocpp_replies": result.get("window", {}).get("messages", 0),
         }
     finally:
         server.stop()
@@ -108,13 +120,21 @@ def markdown(results: dict, args) -> str:
              f"{args.subscriptions} subscriptions ({results['database']}; load average before: "
              f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
              "| run | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
-             "drained after the window (s) | CSMS CPU |", "|---|---|---|---|---|---|---|---|"]
+             "drained after the window (s) | CSMS CPU | load average | CSMS CPU s | CPU µs per delivered event |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = results["runs"].get("baseline")
+    base_per_message = base and base["server_cpu_seconds"] / max(base["ocpp_replies"], 1)
     for name, r in results["runs"].items():
+        per_event = None
+        if base_per_message is not None and r["events_total"]:
+            # What the CSMS spent beyond the same OCPP traffic without webhooks, per event delivered.
+            per_event = (r["server_cpu_seconds"] - base_per_message * r["ocpp_replies"]) / r["events_total"] * 1e6
         lat = r.get("latency_ms") or {}
         fmt = (lambda v, d=1: "-" if v is None else f"{v:.{d}f}")
         lines.append(f"| {name} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p99'), 2)} | {fmt(r['throughput'], 0)} | "
                      f"{fmt(r['events_in_window_per_s'], 0)} | {fmt(r['posts_in_window_per_s'], 0)} | "
-                     f"{fmt(r['seconds_to_drain_after_window'], 2)} | {fmt(r['server_cpu_utilisation'], 2)} |")
+                     f"{fmt(r['seconds_to_drain_after_window'], 2)} | {fmt(r['server_cpu_utilisation'], 2)} | "
+                     f"{r['loadavg'][0]:.1f} | {fmt(r['server_cpu_seconds'], 1)} | {fmt(per_event, 0)} |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import StaticPool
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -112,6 +112,12 @@ class Database:
                 conn.exec_driver_sql("BEGIN")
 
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
+        # SQLite's one writer thread commits the OCPP traffic: reads that may take a while and need no
+        # write (read()) get a thread and a connection of their own, which WAL lets read beside the writer.
+        # Not for an in-memory database, whose one connection every thread shares.
+        self._reader = None
+        if self.is_sqlite and kwargs.get("poolclass") is not StaticPool:
+            self._reader = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-read")
         self._started = False
         self._queue: deque = deque()
         # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy
@@ -134,6 +140,8 @@ class Database:
     def start(self) -> None:
         if not self._started:
             self.pool.start()
+            if self._reader is not None:
+                self._reader.start()
             self._started = True
 
     def stop(self) -> None:
@@ -143,6 +151,8 @@ class Database:
                      "({retries} retried, {isolated} rerun in savepoints)", **stats)
             self._started = False
             self.pool.stop()
+            if self._reader is not None:
+                self._reader.stop()
             # The pool's threads have ended: close the connections they kept.
             for conn in self._connections:
                 try:
@@ -170,6 +180,25 @@ class Database:
             self._drains += 1
         self.pool.callInThread(self._drain)
         return d
+
+    def read(self, thd, *args, desc: str = "", **kwargs) -> defer.Deferred:
+        """Run a function that only reads, ``thd(conn, *args, **kwargs)``; fires with its result.
+
+        On SQLite (a file) it runs on a thread and connection of its own, in a read transaction that sees
+        what was committed before it began, beside the writer instead of inside its group commits, which
+        the OCPP traffic waits for. Elsewhere it is :meth:`run` (PostgreSQL's pool has several threads).
+        A function given here must not write.
+        """
+        if self._reader is None:
+            return self.run(thd, *args, desc=desc, **kwargs)
+        if not self._started:
+            return defer.fail(DatabaseStopped("the Central System stopped before this database work ran"))
+
+        def in_thread():
+            conn = self._connection()  # the reader thread's own
+            with conn.begin():
+                return thd(conn, *args, **kwargs)
+        return threads.deferToThreadPool(self.reactor, self._reader, in_thread)
 
     def barrier(self) -> defer.Deferred:
         """Fires once what was queued before it has been committed (or has failed); at once when stopped."""

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import pytest_twisted
+from conftest import within
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet import reactor, threads
@@ -245,3 +246,25 @@ async def test_a_group_that_succeeds_commits_once_without_savepoints(db, databas
     assert not [s for s in statements if "SAVEPOINT" in s.upper()]
     if db.pool.max == 1:
         assert db.stats["transactions"] - before == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_runs_beside_a_busy_writer_and_sees_only_what_was_committed(db):
+    """Database.read: on SQLite on a connection of its own, not queued behind the one writer thread (whose
+    group commits the OCPP traffic waits for); PostgreSQL's pool has threads to spare."""
+    await db.run(lambda conn: conn.execute(probe.insert().values(key="committed", value=1)), desc="first")
+    writing_started, release = threading.Event(), threading.Event()
+
+    def busy_writer(conn):
+        conn.execute(probe.insert().values(key="in-progress", value=2))
+        writing_started.set()
+        release.wait(10)
+    writing = db.run(busy_writer, desc="busy_writer")
+    try:
+        await within(threads.deferToThread(writing_started.wait, 10))
+        keys = await within(db.read(lambda conn: [row.key for row in conn.execute(select(probe.c.key))],
+                                    desc="read_beside"), 5)
+    finally:
+        release.set()
+    await writing
+    assert keys == ["committed"]

@@ -10,19 +10,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
+from alembic import command
 from conftest import booted, clock_now, core_store, error_of, station_time, within
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
+from test_migrations import builtin_histories
+from test_security_logs import get_log
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.web import resource, server
 from zope.interface import implementer
 
+from csms.migrations import prepare_schema
+from csms_plugins.webhooks.dispatcher import Job
 from csms_plugins.webhooks.guard import AddressPolicy
-from csms_plugins.webhooks.tables import deliveries
+from csms_plugins.webhooks.tables import deliveries, events
 
 ALLOW_LOOPBACK = """
 [plugin:webhooks]
@@ -468,3 +474,109 @@ async def test_firmware_and_diagnostics_status_events(csms_factory, receiver):
     events = {event["type"]: event["data"] for event in receiver.events()}
     assert events["firmware.status"]["status"] == "Downloading" and events["firmware.status"]["station_id"] == "CP-1"
     assert events["diagnostics.status"]["status"] == "Uploading"
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_and_signed_firmware_status_events(csms_factory, receiver):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["log.status", "signed_firmware.status"])
+    station, status, body = await get_log(csms, "CP-1", protocol="http")
+    assert status == 200, body
+    log_request = body["request"]
+    assert await station.call("LogStatusNotification", {"status": "Uploading",
+                                                        "requestId": log_request["request_id"]}) == {}
+    # A requestId the CSMS never sent: stored unlinked, announced unlinked.
+    assert await station.call("SignedFirmwareStatusNotification", {"status": "Downloading", "requestId": 77}) == {}
+    await drain(csms)
+    events = {event["type"]: event["data"] for event in receiver.events()}
+    assert events["log.status"] == {"station_id": "CP-1", "status": "Uploading",
+                                    "request_id": log_request["request_id"], "log_request_id": log_request["id"]}
+    assert events["signed_firmware.status"] == {"station_id": "CP-1", "status": "Downloading", "request_id": 77,
+                                                "signed_update_id": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_event_is_rolled_back_with_its_notification(csms_factory, receiver, monkeypatch):
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["log.status"])
+    outbox = csms.app.pm.get_plugin("security").transfers.store.outbox
+    real_add = outbox.add
+
+    def add_then_fail(conn, event_type, data):
+        real_add(conn, event_type, data)
+        if event_type == "log.status":
+            raise RuntimeError("the notification's transaction fails after its event was written")
+    station = await booted(csms, "CP-1")
+    monkeypatch.setattr(outbox, "add", add_then_fail)
+    frame = await station.call_frame("LogStatusNotification", {"status": "Uploading"})
+    assert frame[0] == 4 and frame[2] == "InternalError", frame
+    monkeypatch.setattr(outbox, "add", real_add)
+    assert await station.call("LogStatusNotification", {"status": "Uploaded"}) == {}
+    await drain(csms)
+    assert [event["data"]["status"] for event in receiver.events()] == ["Uploaded"]
+    assert [row["status"] for row in (await csms.api("GET", "/stations/CP-1/logs"))[1]["history"]] == ["Uploaded"]
+
+
+#: A delivery as webhooks_0001 kept it, body included.
+LEGACY_BODY = '{"id":"legacy-1","type":"id_tag.changed","created_at":"2026-12-01T10:00:00.000Z","data":{"id_tag":"OLD"}}'
+LEGACY_AT = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_pending_before_the_event_table_migration_are_delivered_after_it(
+        csms_factory, receiver, database_url):
+    """webhooks_0002 moves each event's body (one copy per subscription before) to one webhooks_events row;
+    its downgrade puts the copies back."""
+    found = builtin_histories()
+    webhooks = next(history for history in found if history.name == "webhooks")
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        prepare_schema(conn, found, auto_upgrade=True)
+        command.downgrade(webhooks.config(conn), "webhooks_0001")
+        for k in (1, 2):
+            conn.execute(text("INSERT INTO webhooks_subscriptions (id, url, event_types, secret, paused, created_at, "
+                              "updated_at) VALUES (:id, :url, '[\"id_tag.changed\"]', 'a-secret-of-16-chars', false, "
+                              ":now, :now)"), {"id": k, "url": f"{receiver.url}?{k}", "now": LEGACY_AT})
+            conn.execute(text("INSERT INTO webhooks_deliveries (subscription_id, event_id, event_type, body, state, "
+                              "attempts, created_at, next_attempt_at) VALUES (:k, 'legacy-1', 'id_tag.changed', :body, "
+                              "'pending', 0, :now, :now)"),
+                         {"k": k, "body": LEGACY_BODY, "now": LEGACY_AT})
+    engine.dispose()
+    csms = await csms_factory(ALLOW_LOOPBACK + "[database]\nauto_upgrade = true\n", migrate=True)
+
+    def stored(conn):
+        return conn.execute(select(events.c.event_id, events.c.body)).fetchall()
+    assert await csms.app.db.run(stored) == [("legacy-1", LEGACY_BODY)]
+    await drain(csms)
+    assert sorted(r["headers"]["webhook-id"] for r in receiver.requests) == ["legacy-1", "legacy-1"]
+    assert {r["body"] for r in receiver.requests} == {LEGACY_BODY.encode()}
+    [delivered] = await history(csms, 1)
+    assert delivered["state"] == "delivered" and delivered["event"]["data"] == {"id_tag": "OLD"}
+    await csms.stop()
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        command.downgrade(webhooks.config(conn), "webhooks_0001")
+        assert conn.execute(text("SELECT subscription_id, body FROM webhooks_deliveries ORDER BY 1")).fetchall() == \
+            [(1, LEGACY_BODY), (2, LEGACY_BODY)]
+    engine.dispose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_recorded_while_a_pass_reads_is_not_sent_again(csms_factory, monkeypatch):
+    """The pass's read may have begun before an outcome committed (on SQLite it runs beside the writer):
+    a delivery released meanwhile is left out of what it read, not sent a second time."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    dispatcher = plugin_of(csms).dispatcher
+    await drain(csms)
+    row = {"id": 7, "subscription_id": 1, "url": "http://127.0.0.1:9/hook", "secret": "s" * 16, "attempts": 0,
+           "created_at": clock_now(csms), "event_id": "e-7", "event_type": "id_tag.changed", "body": "{}"}
+    reading = defer.Deferred()
+    reads = iter([reading])
+    monkeypatch.setattr(dispatcher.store, "due", lambda *args, **kwargs: next(reads, defer.succeed([])))
+    monkeypatch.setattr(dispatcher.store, "expire", lambda *args, **kwargs: defer.succeed(0))
+    dispatcher.claimed.add(7)  # its POST is over and its outcome being recorded
+    dispatcher.poke()  # a pass starts reading
+    dispatcher._release(Job([row]), None)  # the outcome committed: no longer claimed
+    reading.callback([row])  # what the read saw: still pending
+    assert dispatcher.queues == {} and dispatcher.posting == {} and 7 not in dispatcher.claimed

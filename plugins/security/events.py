@@ -48,14 +48,26 @@ CSR_REJECTED = "CertificateSigningRequestRejected"
 
 #: The webhook event type of every stored security event (issue 17), written with its row.
 EVENT_TYPE = "security.event"
+#: The webhook event types of the stored SignedFirmwareStatusNotification and LogStatusNotification
+#: (written with their history row by transfer_store.TransferStore.record_status).
+SIGNED_FIRMWARE_STATUS = "signed_firmware.status"
+LOG_STATUS = "log.status"
 
 
-def register_event_type(outbox, owner: str) -> None:
+def register_event_types(outbox, owner: str) -> None:
     outbox.register(EVENT_TYPE, "A security event was stored: one a station reported (SecurityEventNotification, "
                     "`origin` station) or one the CSMS found (`origin` csms, e.g. a CSR it rejected).",
                     {"station_id": "CP-1", "id": 12, "origin": STATION, "type": "TamperDetectionActivated",
                      "timestamp": "2026-12-01T10:00:00.000Z", "tech_info": "lid opened", "critical": True,
                      "received_at": "2026-12-01T10:00:01.000Z"}, owner=owner)
+    outbox.register(SIGNED_FIRMWARE_STATUS, "A SignedFirmwareStatusNotification was stored; `signed_update_id` is "
+                    "the SignedUpdateFirmware it reports on (null when its `request_id` names none the CSMS sent).",
+                    {"station_id": "CP-1", "status": "Installed", "request_id": 7, "signed_update_id": 3},
+                    owner=owner)
+    outbox.register(LOG_STATUS, "A LogStatusNotification was stored; `log_request_id` is the GetLog it reports on "
+                    "(null when its `request_id` names none the CSMS sent).",
+                    {"station_id": "CP-1", "status": "Uploaded", "request_id": 9, "log_request_id": 4},
+                    owner=owner)
 
 
 def event_view(row) -> dict:

@@ -17,7 +17,7 @@ from .certificate_management import DIRECTORY_SETTINGS as CERTIFICATE_DIRECTORIE
 from .certificate_management import SETTINGS as CERTIFICATE_SETTINGS
 from .certificate_management import CertificateManagement
 from . import profiles
-from .events import register_event_type
+from .events import register_event_types
 from .tables import metadata
 from .transfers import Transfers
 
@@ -54,7 +54,7 @@ class SecurityPlugin:
     def csms_configure(self, app):
         self.app = app
         self.handlers = {}
-        register_event_type(app.outbox, self.name)
+        register_event_types(app.outbox, self.name)
         self.certificates = CertificateManagement(app, app.config.plugin(self.name))
         self.certificates.register(self.handlers)
         self.transfers = Transfers(app)

@@ -4,14 +4,18 @@ from __future__ import annotations
 from sqlalchemy import delete, func, insert, select, update
 
 from csms.ocpp16 import parse_datetime
+from csms.outbox import Outbox
 from csms.stations import as_utc
 
+from .events import LOG_STATUS, SIGNED_FIRMWARE_STATUS
 from .transfer_tables import log_requests, signed_firmware, signed_updates, transfer_history
 
 #: A request's status before the station's first notification about it.
 REQUESTED = "Requested"
 FIRMWARE, LOG = "firmware", "log"
 _TABLES = {FIRMWARE: signed_updates, LOG: log_requests}
+#: Per kind: the webhook event type of a status notification, and the name of its request row's id there.
+_STATUS_EVENTS = {FIRMWARE: (SIGNED_FIRMWARE_STATUS, "signed_update_id"), LOG: (LOG_STATUS, "log_request_id")}
 _TIME_KEYS = ("created_at", "retrieve_date", "install_date", "requested_at", "status_at", "oldest_timestamp",
               "latest_timestamp", "received_at")
 
@@ -31,8 +35,9 @@ def _time(value):
 
 
 class TransferStore:
-    def __init__(self, db):
+    def __init__(self, db, outbox: Outbox | None = None):
         self.db = db
+        self.outbox = outbox if outbox is not None else Outbox()
 
     # -- signed firmware -------------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class TransferStore:
         station's latest request with that requestId. Fires with that request's row id, or None when
         the notification named no request of ours."""
         table = _TABLES[kind]
+        event_type, row_key = _STATUS_EVENTS[kind]
 
         def thd(conn):
             row_id = None
@@ -114,6 +120,9 @@ class TransferStore:
                                                          request_id=request_id, row_id=row_id, received_at=now))
             if row_id is not None and status != "Idle":
                 conn.execute(update(table).where(table.c.id == row_id).values(status=status, status_at=now))
+            # With the history row: a webhook for the notification is sent if and only if it is stored.
+            self.outbox.add(conn, event_type, {"station_id": station_id, "status": status, "request_id": request_id,
+                                               row_key: row_id})
             return row_id
         return self.db.run(thd, desc=f"security_{kind}_status")
 

@@ -35,7 +35,7 @@ def call_error_text(error) -> str:
 class Transfers:
     def __init__(self, app):
         self.app = app
-        self.store = TransferStore(app.db)
+        self.store = TransferStore(app.db, app.outbox)
         #: (station id, requestId) -> what the route knows about the call it is sending: for
         #: SignedUpdateFirmware ``{"signed_firmware_id"}``, for GetLog the upload location dict.
         self.pending: dict[tuple[str, int], dict] = {}

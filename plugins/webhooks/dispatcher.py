@@ -42,6 +42,10 @@ METER_VALUES_BATCH = "meter_values.batch"
 #: uuid5 namespace of batch ids: the same events in the same batch get the same id.
 BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
 USER_AGENT = b"csms-webhooks/1"
+#: Seconds (on the app's clock) between two looks for deliveries too old to keep trying.
+SWEEP_INTERVAL = 60.0
+#: Seconds between a POST's outcome and the pass it starts (see Dispatcher._poke_after_a_while).
+REPASS_DELAY = 0.1
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -154,6 +158,9 @@ class Dispatcher(service.Service):
         self._again = False
         self._soon = None
         self._last_purge = None
+        self._last_sweep = None
+        #: While a pass reads: the deliveries released since it began (see _run_pass).
+        self._settled: set | None = None
         self._loop = task.LoopingCall(self.poke)
         self._loop.clock = clock
 
@@ -202,6 +209,8 @@ class Dispatcher(service.Service):
         self._pass = None
         if self._again and self.running:
             self._again = False
+            if self._soon is not None and self._soon.active():
+                self._soon.cancel()
             self._soon = self.reactor.callLater(0, self.poke)
 
     def drain(self) -> defer.Deferred:
@@ -237,28 +246,38 @@ class Dispatcher(service.Service):
             return 0
         self.held_until = {sub: until for sub, until in self.held_until.items() if until > now}
         full = {sub for sub, count in self.active.items() if count >= settings["max_concurrent_per_subscription"]}
-        purge_before = None
-        if self._last_purge is None or now - self._last_purge >= 3600:
-            self._last_purge = now
-            purge_before = _utc(now - settings["history_retention"])
-        result = yield self.store.claim(sorted(self.claimed), room, _utc(now - settings["dead_letter_after"]),
-                                        purge_before,
-                                        skip_subscriptions=sorted(set(self.held_until) | full))
-        if result["dead"]:
-            log.warn("Webhooks: {count} deliveries dead-lettered (older than {age} s)", count=result["dead"],
-                     age=settings["dead_letter_after"])
-        self.stats["dead"] += result["dead"]
-        added = self._queue(result["due"])
+        if self._last_sweep is None or now - self._last_sweep >= SWEEP_INTERVAL:
+            # A write, and rarely needed (a failed POST dead-letters its own deliveries): not every pass.
+            self._last_sweep = now
+            purge_before = None
+            if self._last_purge is None or now - self._last_purge >= 3600:
+                self._last_purge = now
+                purge_before = _utc(now - settings["history_retention"])
+            dead = yield self.store.expire(sorted(self.claimed), _utc(now - settings["dead_letter_after"]),
+                                           purge_before)
+            if dead:
+                log.warn("Webhooks: {count} deliveries dead-lettered (older than {age} s)", count=dead,
+                         age=settings["dead_letter_after"])
+            self.stats["dead"] += dead
+        # Deliveries recorded from here on were read by this pass as still pending, if its read began
+        # before their outcome committed: _queue leaves them out.
+        self._settled = set()
+        try:
+            due = yield self.store.due(sorted(self.claimed), room,
+                                       skip_subscriptions=sorted(set(self.held_until) | full))
+        finally:
+            settled, self._settled = self._settled, None
+        added = self._queue(due, settled)
         started = self._start_ready()
-        if len(result["due"]) >= room:
+        if len(due) >= room:
             self._again = True  # more is waiting
         return added + started
 
-    def _queue(self, rows: list[dict]) -> int:
+    def _queue(self, rows: list[dict], settled=frozenset()) -> int:
         batch = self.settings["meter_values_batch_size"]
         by_subscription: dict[int, list] = {}
         for row in rows:
-            if row["id"] in self.claimed or row["subscription_id"] in self.held_until:
+            if row["id"] in self.claimed or row["id"] in settled or row["subscription_id"] in self.held_until:
                 continue
             self.claimed.add(row["id"])
             by_subscription.setdefault(row["subscription_id"], []).append(row)
@@ -387,8 +406,16 @@ class Dispatcher(service.Service):
     def _release(self, job: Job, d) -> None:
         self.jobs.discard(d)
         self.claimed.difference_update(job.ids)
+        if self._settled is not None:
+            self._settled.update(job.ids)
         if self.running and not self.queues:
-            self.poke()
+            self._poke_after_a_while()
+
+    def _poke_after_a_while(self) -> None:
+        """A pass a moment later: the events written meanwhile go in one read and in fuller batches, instead
+        of a pass (a read, a POST, an outcome write) per few events at once."""
+        if self._soon is None or not self._soon.active():
+            self._soon = self.reactor.callLater(REPASS_DELAY, self.poke)
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: doubling from retry_initial_delay up to retry_max_delay,

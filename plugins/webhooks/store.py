@@ -5,35 +5,42 @@ import uuid
 from datetime import datetime, timezone
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
-from .tables import deliveries, subscriptions
+from .tables import deliveries, events, subscriptions
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATES = (PENDING, DELIVERED, DEAD)
 #: In a subscription's event_types: every event type except the opt-in ones.
 ALL_TYPES = "*"
-DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "body", "state", "attempts", "created_at",
+DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attempts", "created_at",
                     "next_attempt_at")
+EVENT_COLUMNS = ("event_id", "body", "created_at")
 #: The longest error text kept for a delivery attempt.
 MAX_ERROR_LENGTH = 500
 
 _DUE = (select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.event_id, deliveries.c.event_type,
-               deliveries.c.body, deliveries.c.attempts, deliveries.c.created_at)
+               events.c.body, deliveries.c.attempts, deliveries.c.created_at)
         .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+        .join(events, events.c.event_id == deliveries.c.event_id)
         .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_at <= bindparam("now"),
                subscriptions.c.paused.is_(False), deliveries.c.id.not_in(bindparam("busy", expanding=True)),
                deliveries.c.subscription_id.not_in(bindparam("skip", expanding=True)))
-        .order_by(deliveries.c.id).limit(bindparam("limit")))
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.id).limit(bindparam("limit")))
 # One statement for every delivery of a POST (a batch of meter values shares one outcome): the sqlite3
 # driver lets go of the GIL at every statement, which costs the reactor thread far more than the update.
 _OUTCOME = update(deliveries).where(deliveries.c.id.in_(bindparam("deliveries", expanding=True))).values(
     state=bindparam("b_state"), attempts=deliveries.c.attempts + 1, next_attempt_at=bindparam("b_next"),
     last_attempt_at=bindparam("b_at"), last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
     finished_at=bindparam("b_finished"))
+
+#: Deliveries with their event's body (the delivery history).
+_HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
+#: Events none of whose deliveries are left (purged or their subscription deleted).
+_ORPHAN_EVENTS = delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
 
 
 def event_body(event_id: str, event_type: str, created_at: datetime, data_json: str) -> str:
@@ -75,8 +82,8 @@ class WebhookStore:
     # -- the outbox writer (runs inside other stores' thd functions) --------------------------------
 
     def write_event(self, conn, event_type: str, data: dict) -> None:
-        """``app.outbox``'s writer: a delivery row per subscription wanting the event, held and written
-        with the other rows of its transaction (one multi-row INSERT per group commit)."""
+        """``app.outbox``'s writer: the event's body once, and a small delivery row per subscription wanting
+        it, held and written with the other rows of its transaction (multi-row INSERTs per group commit)."""
         wanting = self.subscribers.get(event_type)
         if not wanting:
             return
@@ -84,18 +91,16 @@ class WebhookStore:
         event_id = str(uuid.uuid4())
         body = event_body(event_id, event_type, now,
                           orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode())
+        self.db.insert_many(conn, events, EVENT_COLUMNS, [(event_id, body, now)])
         self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS,
-                            [(subscription_id, event_id, event_type, body, PENDING, 0, now, now)
+                            [(subscription_id, event_id, event_type, PENDING, 0, now, now)
                              for subscription_id in wanting])
 
     # -- the dispatcher's work ------------------------------------------------------------------
 
-    def claim(self, busy: list[int], limit: int, dead_before: datetime, purge_before: datetime | None,
-              skip_subscriptions: list[int] = ()):
-        """One pass: dead-letter pending deliveries older than ``dead_before``, purge finished ones older
-        than ``purge_before`` (and any left by a deleted subscription); fires with up to ``limit``
-        due deliveries (not in ``busy``, of subscriptions not paused nor skipped), oldest first, each with its
-        subscription's URL and secret."""
+    def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
+        """Dead-letter pending deliveries older than ``dead_before`` (not in ``busy``), purge finished ones
+        older than ``purge_before`` (and any left by a deleted subscription); fires with how many died."""
         now = self.now()
 
         def thd(conn):
@@ -111,6 +116,17 @@ class WebhookStore:
                 # An event written while its subscription was being deleted.
                 conn.execute(delete(deliveries).where(deliveries.c.subscription_id.not_in(
                     select(subscriptions.c.id))))
+                conn.execute(_ORPHAN_EVENTS)
+            return dead
+        return self.db.run(thd, desc="webhooks_expire")
+
+    def due(self, busy: list[int], limit: int, skip_subscriptions: list[int] = ()):
+        """Up to ``limit`` due deliveries (not in ``busy``, of subscriptions not paused nor skipped), longest
+        due first, each with its subscription's URL and secret. Only reads: on SQLite it runs beside the
+        writer (Database.read), so it sees what was committed before it began."""
+        now = self.now()
+
+        def thd(conn):
             rows = conn.execute(_DUE, {"now": now, "busy": busy or [-1], "skip": list(skip_subscriptions) or [-1],
                                        "limit": limit}).fetchall()
             due = [dict(row._mapping) for row in rows]
@@ -123,8 +139,8 @@ class WebhookStore:
             for row in due:
                 row["created_at"] = as_utc(row["created_at"])
                 row["url"], row["secret"] = targets[row["subscription_id"]]
-            return {"dead": dead, "due": due}
-        return self.db.run(thd, desc="webhooks_claim")
+            return due
+        return self.db.read(thd, desc="webhooks_due")
 
     def record_outcomes(self, outcomes: list[tuple]):
         """The outcomes of several POSTs, in one transaction: each ``(delivery ids, state, next attempt,
@@ -203,6 +219,7 @@ class WebhookStore:
         """Delete a subscription and its deliveries (pending ones are never sent); fires True if it existed."""
         def thd(conn):
             conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
+            conn.execute(_ORPHAN_EVENTS)
             return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
         return self.db.run(thd, desc="webhooks_delete")
 
@@ -215,15 +232,16 @@ class WebhookStore:
         def thd(conn):
             if conn.execute(select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)).first() is None:
                 return None
+            conn.execute(insert(events).values(dict(zip(EVENT_COLUMNS, (event_id, body, now)))))
             delivery_id = conn.execute(insert(deliveries).values(dict(zip(DELIVERY_COLUMNS, (
-                subscription_id, event_id, event_type, body, PENDING, 0, now, now))))).inserted_primary_key[0]
-            return delivery_dict(conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first())
+                subscription_id, event_id, event_type, PENDING, 0, now, now))))).inserted_primary_key[0]
+            return delivery_dict(conn.execute(_HISTORY.where(deliveries.c.id == delivery_id)).first())
         return self.db.run(thd, desc="webhooks_test_delivery")
 
     def deliveries(self, subscription_id: int, limit: int, offset: int, state: str | None = None):
         """(total, deliveries of a subscription) newest first."""
         def thd(conn):
-            query = select(deliveries).where(deliveries.c.subscription_id == subscription_id)
+            query = _HISTORY.where(deliveries.c.subscription_id == subscription_id)
             if state is not None:
                 query = query.where(deliveries.c.state == state)
             total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()

@@ -19,6 +19,15 @@ subscriptions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Each event as delivered ({"id", "type", "created_at", "data"}, JSON), once however many subscriptions
+#: want it; written with its deliveries, purged with the last of them.
+events = Table(
+    "webhooks_events", metadata,
+    Column("event_id", String(36), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 #: The outbox: one row per (event, subscription), written in the transaction of the change that caused
 #: the event (csms.outbox), then its state, attempts and the last attempt's outcome.
 deliveries = Table(
@@ -27,8 +36,6 @@ deliveries = Table(
     Column("subscription_id", BIG_KEY, nullable=False),
     Column("event_id", String(36), nullable=False),
     Column("event_type", String(64), nullable=False),
-    #: The event as delivered ({"id", "type", "created_at", "data"}), JSON.
-    Column("body", Text, nullable=False),
     Column("state", String(16), nullable=False),  # pending, delivered, dead
     Column("attempts", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -39,5 +46,7 @@ deliveries = Table(
     Column("finished_at", DateTime(timezone=True)),
 )
 
-Index("webhooks_deliveries_due", deliveries.c.state, deliveries.c.next_attempt_at)
+#: Walked in order by the dispatcher's read of due deliveries, which stops at its limit: no sort of the backlog.
+Index("webhooks_deliveries_due", deliveries.c.state, deliveries.c.next_attempt_at, deliveries.c.id)
 Index("webhooks_deliveries_of_subscription", deliveries.c.subscription_id, deliveries.c.id)
+Index("webhooks_deliveries_of_event", deliveries.c.event_id)
