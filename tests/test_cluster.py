@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from sqlalchemy import text
 
 from conftest import EventProbe, error_of, within
+from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401 (a fixture)
 from csms.rpc import CallTimeout, StationOffline
 
 RESET = {"type": "Soft"}
 LEASE, HEARTBEAT = 15, 5
 
 
-async def start_node(csms_factory, name: str):
+async def start_node(csms_factory, name: str, plugins=("core",), extra: str = ""):
     probe = EventProbe()
     node = await csms_factory(f"[cluster]\nenabled = true\nnode_name = {name}\nlease_seconds = {LEASE}\n"
-                              f"heartbeat_seconds = {HEARTBEAT}\n", extra_plugins=[probe],
-                              plugins=["core"])
+                              f"heartbeat_seconds = {HEARTBEAT}\n" + extra, extra_plugins=[probe],
+                              plugins=list(plugins))
     node.probe = probe
     return node
 
@@ -319,3 +321,28 @@ async def test_one_node_leads_and_the_next_takes_over_when_its_lease_expires(csm
 @pytest_twisted.ensureDeferred
 async def test_a_single_node_always_leads(csms):
     assert csms.app.cluster.leads()
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_webhooks_subscribed_on_one_node_are_written_by_every_node_and_sent_by_the_leader(csms_factory,
+                                                                                                 receiver):
+    """Every node writes events for a subscription made on another (a message refreshes its writer); only
+    the leading node delivers, so each event is POSTed once."""
+    a, b, c = [await start_node(csms_factory, name, plugins=("core", "webhooks"), extra=ALLOW_LOOPBACK)
+               for name in ("A", "B", "C")]
+    assert [node.app.cluster.leads() for node in (a, b, c)] == [True, False, False]
+    refreshed = defer.Deferred()
+    writer_of_c = plugin_of(c)
+    refresh = writer_of_c.refresh_wanted
+    writer_of_c.refresh_wanted = lambda: refresh().addCallback(lambda _: refreshed.callback(None))
+    await subscribe(b, receiver.url, ["station.connected"])
+    await within(refreshed)
+    await c.connect_booted("CP-1")  # C writes station.connected to the outbox
+    for node in (a, b, c):  # each node's clock began a little later than the one before: A catches up on C
+        node.clock.advance(HEARTBEAT)
+    delivered = await within(receiver.arrived.get())
+    assert (delivered["json"]["type"], delivered["json"]["data"]["station_id"]) == ("station.connected", "CP-1")
+    await drain(a)
+    assert [plugin_of(node).dispatcher.stats["passes"] for node in (b, c)] == [0, 0]
+    assert len(receiver.requests) == 1

@@ -84,7 +84,7 @@ def add_routes(plugin, app, router):
         secret = body.get("secret") or secrets.token_urlsafe(32)
         row = await store.create(body["url"], body["event_types"], secret, body.get("description"),
                                  body.get("paused", False))
-        await plugin.refresh_wanted()
+        await plugin.subscriptions_changed()
         return Response(201, dict(row, secret=secret), {"Location": f"/api/v1/webhooks/{row['id']}"})
 
     async def list_webhooks(request):
@@ -105,7 +105,7 @@ def add_routes(plugin, app, router):
         row = await store.update(subscription_id, **body)
         if row is None:
             raise not_found("webhook", subscription_id)
-        await plugin.refresh_wanted()
+        await plugin.subscriptions_changed()
         if body.get("paused") is False:
             plugin.dispatcher.poke()
         return row
@@ -114,7 +114,7 @@ def add_routes(plugin, app, router):
         subscription_id = request.params["subscription_id"]
         if not await store.delete(subscription_id):
             raise not_found("webhook", subscription_id)
-        await plugin.refresh_wanted()
+        await plugin.subscriptions_changed()
         return Response(204)
 
     async def test_fire(request):

@@ -195,8 +195,9 @@ class Dispatcher(service.Service):
     # -- passes ----------------------------------------------------------------------------------
 
     def poke(self) -> None:
-        """Run a pass now, or right after the one running."""
-        if not self.running:
+        """Run a pass now, or right after the one running. In a cluster only the leading node delivers
+        (docs/cluster.md): the others' outbox rows wait for it, as its claims live in its memory."""
+        if not self.running or not self.plugin.app.cluster.leads():
             return
         if self._pass is not None:
             self._again = True

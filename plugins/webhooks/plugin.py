@@ -18,6 +18,8 @@ from .tables import metadata
 
 log = Logger(namespace="csms.webhooks")
 
+#: The cluster topic telling the other nodes a subscription was made, changed or deleted.
+SUBSCRIPTIONS_CHANGED = "webhooks.subscriptions"
 POSITIVE = ("poll_interval", "request_timeout", "retry_initial_delay", "retry_max_delay", "dead_letter_after",
             "history_retention", "batch_size", "max_concurrent_deliveries", "max_concurrent_per_subscription",
             "max_response_bytes", "meter_values_batch_size", "max_subscriptions")
@@ -67,6 +69,9 @@ class WebhooksPlugin:
         self.store = WebhookStore(app.db, app.clock)
         app.outbox.attach(self.store.write_event)
         self.dispatcher = Dispatcher(self, app.reactor, app.clock, self.guard)
+        # Another node's subscription change: this node's outbox writer must store events for it too.
+        app.cluster.subscribe(SUBSCRIPTIONS_CHANGED, lambda data, origin: self.refresh_wanted())
+        app.cluster.watch_leadership(lambda leading: self.dispatcher.poke() if leading else None)
 
     @hookimpl
     def csms_tables(self):
@@ -87,6 +92,10 @@ class WebhooksPlugin:
         if ALL_TYPES in types:
             names |= {name for name, event_type in self.app.outbox.types.items() if not event_type.opt_in}
         return names
+
+    def subscriptions_changed(self):
+        """After a subscription change here: this node's writer, then every other node's, know of it."""
+        return self.refresh_wanted().addCallback(lambda _: self.app.cluster.broadcast(SUBSCRIPTIONS_CHANGED, {}))
 
     def refresh_wanted(self):
         """Tell the outbox which event types someone subscribes to, and the writer which subscriptions
