@@ -289,3 +289,13 @@ async def test_many_api_creations_of_one_station_create_it_once(csms):
     answers = await defer.gatherResults([defer.ensureDeferred(csms.api("POST", "/stations", {"id": "CP-RACE-2"}))
                                          for _ in range(8)])
     assert sorted(status for status, _, _ in answers) == [201] + [409] * 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_api_creations_of_one_id_tag_create_it_once(csms):
+    """The id tag's insert is the check: concurrent POSTs of one tag make one 201 and 409s, never a 500."""
+    answers = await defer.gatherResults([defer.ensureDeferred(csms.api("POST", "/id-tags", {"id_tag": "RACE"}))
+                                         for _ in range(8)])
+    assert sorted(status for status, _, _ in answers) == [201] + [409] * 7
+    status, tag, _ = await csms.api("GET", "/id-tags/RACE")
+    assert (status, tag["status"]) == (200, "Accepted")

@@ -161,9 +161,9 @@ def add_routes(plugin, app, router):
         values = id_tag_values(body)
         if values.get("parent_id_tag") == id_tag:
             raise unprocessable("Invalid request body: an id tag cannot be its own parent_id_tag")
-        if await store.get_id_tag(id_tag) is not None:
+        tag, created = await plugin.put_id_tag(id_tag, replace=False, **{"status": "Accepted", **values})
+        if not created:  # checked by the insert itself: two creations at once make one tag and one 409
             raise conflict(f"Id tag {id_tag!r} already exists", "id_tag_exists")
-        tag, _ = await plugin.put_id_tag(id_tag, **{"status": "Accepted", **values})
         return Response(201, id_tag_view(tag), {"Location": f"/api/v1/id-tags/{id_tag}"})
 
     async def get_id_tag(request):

@@ -278,12 +278,16 @@ class CorePlugin:
     # -- id tags, for the API and anything else that changes them: every change fires an event ----
 
     @defer.inlineCallbacks
-    def put_id_tag(self, id_tag: str, **values):
+    def put_id_tag(self, id_tag: str, replace: bool = True, **values):
+        """Create or replace an id tag: fires (the tag, whether it was created); with ``replace=False`` an
+        existing tag is left alone and (None, False) fires."""
         before = yield self.store.get_id_tag(id_tag)
-        yield self.store.put_id_tag(id_tag, **values)
+        created = yield self.store.put_id_tag(id_tag, replace=replace, **values)
+        if not created and not replace:
+            return None, False
         after = yield self.store.get_id_tag(id_tag)
         yield self.app.fire("csms_on_id_tag_changed", id_tag=id_tag, before=before, after=after)
-        return after, before is None
+        return after, created
 
     @defer.inlineCallbacks
     def update_id_tag(self, id_tag: str, **values):

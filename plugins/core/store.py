@@ -488,18 +488,24 @@ class CoreStore:
         return info
 
     def put_id_tag(self, id_tag: str, status: str = "Accepted", expiry_date: datetime | None = None,
-                   parent_id_tag: str | None = None, description: str | None = None):
-        """Create or replace an id tag; fires True when it was created."""
+                   parent_id_tag: str | None = None, description: str | None = None, replace: bool = True):
+        """Create or replace an id tag; fires True when it was created. ``replace=False``: leave an existing
+        one as it is (fires False)."""
         now = self.now()
 
         def thd(conn):
-            exists = conn.execute(select(id_tags.c.id_tag).where(id_tags.c.id_tag == id_tag)).first() is not None
             values = {"status": status, "expiry_date": expiry_date, "parent_id_tag": parent_id_tag,
                       "description": description, "updated_at": now}
+            # Insert unless it exists, in one statement: two puts of a new tag at once (two operators, two
+            # nodes) make one "created" and one "updated", never a unique-key error.
+            created = conn.execute(self.db.insert(id_tags).values(id_tag=id_tag, created_at=now, **values)
+                                   .on_conflict_do_nothing(index_elements=["id_tag"])
+                                   .returning(id_tags.c.id_tag)).first() is not None
+            exists = not created
+            if exists and not replace:
+                return False
             if exists:
                 conn.execute(update(id_tags).where(id_tags.c.id_tag == id_tag).values(**values))
-            else:
-                conn.execute(insert(id_tags).values(id_tag=id_tag, created_at=now, **values))
             self.outbox.add(conn, "id_tag.changed",
                             id_tag_event(id_tag, "updated" if exists else "created", values))
             self._tag_changed(conn, id_tag)
