@@ -19,11 +19,11 @@ fixture needs them, and their absence is reported there, naming what to install.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
 from importlib import import_module
-from importlib.metadata import entry_points
 
 import pytest
 
@@ -61,7 +61,16 @@ def database_backends() -> list[str]:
 
 
 def builtin_plugins() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group="csms.plugins") if ep.dist and ep.dist.name == "csms")
+    return list(_builtin_plugins())
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_plugins() -> tuple[str, ...]:
+    # The csms distribution's own entry points cannot change during a run; reading them costs a scan
+    # of every installed distribution, and every test starting a CSMS asks.
+    from csms.plugins import available_plugins
+
+    return tuple(sorted(name for name, ep in available_plugins().items() if ep.dist and ep.dist.name == "csms"))
 
 
 @pytest.fixture(params=database_backends())
