@@ -78,17 +78,30 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/csms.sqlite"
         return
-    from sqlalchemy import create_engine
-
     base = os.environ[POSTGRES_ENV]
+    # Unique across pytest-xdist workers and concurrent runs sharing the database.
     schema = "test_" + uuid.uuid4().hex[:12]
-    engine = create_engine(base)
+    engine = _schema_engine(base)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    yield base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}"
+    yield base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}%20{NO_COMMIT_WAIT}"
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    engine.dispose()
+
+
+#: A test's commits need not wait for the server's WAL flush: what they check is what other sessions
+#: see, which is the same; only a crash of the PostgreSQL server could lose them. Every test writes,
+#: and waiting for each flush was a large part of a PostgreSQL run.
+NO_COMMIT_WAIT = "-csynchronous_commit%3Doff"
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_engine(url: str):
+    """One engine per run creating and dropping the tests' schemas (a connection each test would cost
+    a PostgreSQL backend start)."""
+    from sqlalchemy import create_engine
+
+    return create_engine(url, pool_size=1, connect_args={"options": "-csynchronous_commit=off"})
 
 
 class RunningCSMS:
