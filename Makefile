@@ -34,8 +34,12 @@ run: $(STAMP)
 	$(BIN)/twistd --pidfile= -n csms --config etc/csms.ini
 
 ## Set everything up and run the tests, the example plugin's too (PostgreSQL too when CSMS_TEST_POSTGRES_URL is set).
+# In parallel (pytest-xdist): one worker per core, as the suite is CPU-bound (more workers measured
+# slower); worksteal keeps every worker busy to the end, test durations ranging from milliseconds to a
+# minute. PYTEST_WORKERS=0 runs serially, as `pytest` alone does.
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

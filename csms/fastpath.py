@@ -9,6 +9,7 @@ public) path and says so once.
 """
 from __future__ import annotations
 
+import functools
 import re
 from importlib.metadata import PackageNotFoundError, version
 
@@ -75,8 +76,11 @@ def write_now(transport, data: bytes) -> None:
     transport.write(data)
 
 
+@functools.lru_cache(maxsize=None)
 def release(distribution: str) -> tuple[int, ...] | None:
-    """The installed release of ``distribution`` as numbers ((26, 10) for 26.10.0rc1), None if unknown."""
+    """The installed release of ``distribution`` as numbers ((26, 10) for 26.10.0rc1), None if unknown.
+
+    Read once: the library imported into this process does not change, and each factory asks."""
     try:
         text = version(distribution)
     except PackageNotFoundError:

@@ -11,6 +11,8 @@ in ``shared_actions``.
 """
 from __future__ import annotations
 
+import os
+import sys
 from importlib.metadata import entry_points
 
 import pluggy
@@ -35,7 +37,28 @@ class PluginError(Exception):
 
 def available_plugins() -> dict:
     """Entry point name -> entry point, for every installed plugin."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    key = _installation_state()
+    if _available.get("key") != key:
+        _available.update(key=key, plugins={ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return dict(_available["plugins"])
+
+
+#: The last scan and what it depended on. Scanning reads every installed distribution's metadata (tens
+#: of milliseconds) and a start asks several times; the test suite starts a CSMS per test.
+_available: dict = {}
+
+
+def _installation_state() -> tuple:
+    """What the installed distributions depend on: the path searched and the modification time of each
+    entry, which adding or removing a distribution there changes (importlib.metadata relies on the same)."""
+    state = []
+    for entry in sys.path:
+        path = entry or os.getcwd()
+        try:
+            state.append((path, os.stat(path).st_mtime_ns))
+        except OSError:
+            state.append((path, None))
+    return tuple(state)
 
 
 def _instantiate(obj):

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 import pytest_twisted
-from conftest import booted, core_store, error_of, table_contents, within
+from conftest import booted, core_store, db_settled, error_of, table_contents, within
 from twisted.internet import defer, protocol, reactor
 from twisted.logger import globalLogPublisher
 
@@ -160,6 +160,9 @@ async def sweep_state(csms):
     await csms.api("POST", "/stations", json={"id": NAMED["station_id"]})
     station = await booted(csms, NAMED["station_id"])
     await core_store(csms).put_id_tag(NAMED["id_tag"], status="Accepted")
+    # The connection's own write (last_connected_at) is not awaited by anything: let it land before a
+    # test takes its "before" snapshot of the tables.
+    await db_settled(csms.app)
     return station
 
 

@@ -7,6 +7,7 @@ Every value is converted and checked in one place (:mod:`csms.api.inputs`) befor
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -21,6 +22,27 @@ from csms.plugins import PluginError
 _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 _SEGMENT_PARAM = re.compile(r"^\{([^{}]*)\}$")
 _SNAKE_CASE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+#: Canonical JSON of a body schema -> its compiled validator (compiled functions keep no state). A CSMS
+#: builds its router once, but a process starting many (the test suite starts one per test) would
+#: otherwise compile the same hundred schemas each time, most of a start's cost.
+_body_validators: dict[str, object] = {}
+
+
+def body_validator(schema: dict):
+    """fastjsonschema's validator for a route body, compiled once per distinct schema."""
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        return _compile_body(schema)
+    if key not in _body_validators:
+        _body_validators[key] = _compile_body(schema)
+    return _body_validators[key]
+
+
+def _compile_body(schema: dict):
+    return fastjsonschema.compile(schema, formats={"date-time": inputs.is_datetime})
 
 
 class RouteError(PluginError, ValueError):
@@ -143,8 +165,7 @@ class Route:
         self.path_params = tuple(declared.get(name) or Param(name) for name in self.params)
         pattern = _PARAM.sub(r"(?P<\1>[^/]+)", re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
         self.regex = re.compile("^" + pattern + "$")
-        self.validator = fastjsonschema.compile(self.body, formats={"date-time": inputs.is_datetime}) \
-            if self.body is not None else None
+        self.validator = body_validator(self.body) if self.body is not None else None
         if not self.operation_id:
             self.operation_id = getattr(self.handler, "__name__", "op").strip("_")
 

@@ -19,11 +19,11 @@ fixture needs them, and their absence is reported there, naming what to install.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
 from importlib import import_module
-from importlib.metadata import entry_points
 
 import pytest
 
@@ -61,7 +61,16 @@ def database_backends() -> list[str]:
 
 
 def builtin_plugins() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group="csms.plugins") if ep.dist and ep.dist.name == "csms")
+    return list(_builtin_plugins())
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_plugins() -> tuple[str, ...]:
+    # The csms distribution's own entry points cannot change during a run; reading them costs a scan
+    # of every installed distribution, and every test starting a CSMS asks.
+    from csms.plugins import available_plugins
+
+    return tuple(sorted(name for name, ep in available_plugins().items() if ep.dist and ep.dist.name == "csms"))
 
 
 @pytest.fixture(params=database_backends())
@@ -69,17 +78,30 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/csms.sqlite"
         return
-    from sqlalchemy import create_engine
-
     base = os.environ[POSTGRES_ENV]
+    # Unique across pytest-xdist workers and concurrent runs sharing the database.
     schema = "test_" + uuid.uuid4().hex[:12]
-    engine = create_engine(base)
+    engine = _schema_engine(base)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    yield base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}"
+    yield base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}%20{NO_COMMIT_WAIT}"
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    engine.dispose()
+
+
+#: A test's commits need not wait for the server's WAL flush: what they check is what other sessions
+#: see, which is the same; only a crash of the PostgreSQL server could lose them. Every test writes,
+#: and waiting for each flush was a large part of a PostgreSQL run.
+NO_COMMIT_WAIT = "-csynchronous_commit%3Doff"
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_engine(url: str):
+    """One engine per run creating and dropping the tests' schemas (a connection each test would cost
+    a PostgreSQL backend start)."""
+    from sqlalchemy import create_engine
+
+    return create_engine(url, pool_size=1, connect_args={"options": "-csynchronous_commit=off"})
 
 
 class RunningCSMS:
