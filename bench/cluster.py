@@ -117,9 +117,13 @@ async def time_api_calls(cluster, probes: list, samples: int, until: float | Non
         other = others[n % len(others)]
         for kind, node in (("local", holder), ("forwarded", other)):
             started = time.perf_counter()
-            code, _ = await cluster.api("POST", f"/stations/{station_id}/calls/GetConfiguration", json={},
-                                        node=node, timeout=60)
-            timings[kind].append(int((time.perf_counter() - started) * 1e6))
+            try:
+                code, _ = await cluster.api("POST", f"/stations/{station_id}/calls/GetConfiguration", json={},
+                                            node=node, timeout=60)
+            except Exception as exc:  # noqa: BLE001 - a node killed mid-call: counted, not fatal
+                code = f"no answer ({type(exc).__name__})"
+            else:
+                timings[kind].append(int((time.perf_counter() - started) * 1e6))
             codes[kind][str(code)] = codes[kind].get(str(code), 0) + 1
     return {kind: {"latency_ms": loadgen.latency_summary(timings[kind]), "status_codes": codes[kind]}
             for kind in timings}

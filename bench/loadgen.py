@@ -512,8 +512,15 @@ def worker_main(spec_json: str) -> int:
     raise_nofile_limit(len(spec["indices"]) + FD_RESERVE)
     deadline = spec["deadline"]
 
+    coordinator = os.getppid()
+
     def watchdog():
-        time.sleep(max(0.0, deadline - time.monotonic()))
+        # Ends the worker at its deadline, or at once when its coordinator is gone (killed by a failed run).
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if os.getppid() != coordinator:
+                sys.stderr.write("loadgen worker: the coordinator is gone, exiting\n")
+                os._exit(EXIT_WATCHDOG)
         sys.stderr.write("loadgen worker: watchdog deadline reached, exiting\n")
         os._exit(EXIT_WATCHDOG)
     threading.Thread(target=watchdog, daemon=True).start()
