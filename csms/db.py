@@ -134,6 +134,8 @@ class Database:
         #: Counters for the log and /metrics, updated by every pool thread (under ``_stats_lock``).
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0}
         self._stats_lock = threading.Lock()
+        #: Set by stop(): later work fails at once (DatabaseStopped) instead of waiting for threads that are gone.
+        self._stopped = False
         #: ``observe_commit(seconds, functions)``, called on the pool thread after each commit (metrics).
         self.observe_commit = None
 
@@ -150,6 +152,10 @@ class Database:
             log.info("Database: {functions} functions in {transactions} transactions "
                      "({retries} retried, {isolated} rerun in savepoints)", **stats)
             self._started = False
+            self._stopped = True
+            # Work still queued would never run once the pool's threads are gone: fail it instead of
+            # leaving its callers waiting for ever (a start-up that failed while a plugin service read).
+            self.discard_queued()
             self.pool.stop()
             if self._reader is not None:
                 self._reader.stop()
@@ -172,6 +178,8 @@ class Database:
         Work queued while every pool thread is busy is taken by the drains already running, and
         shares their next commit.
         """
+        if self._stopped:
+            return defer.fail(DatabaseStopped("the Central System stopped before this database work ran"))
         d = defer.Deferred()
         with self._lock:
             self._queue.append((thd, args, kwargs, desc, d))

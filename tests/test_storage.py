@@ -268,3 +268,16 @@ async def test_a_read_runs_beside_a_busy_writer_and_sees_only_what_was_committed
         release.set()
     await writing
     assert keys == ["committed"]
+
+
+def test_work_given_after_stop_fails_at_once_instead_of_waiting_for_ever(database_url):
+    """A plugin service still reading while a failed start stops the database: its work fails with
+    DatabaseStopped (it used to wait for pool threads that were gone, and hung the start-up's failure)."""
+    from csms.db import DatabaseStopped
+
+    database = Database(database_url, reactor)
+    database.start()
+    database.stop()
+    outcomes = []
+    database.run(lambda conn: 1, desc="late").addBoth(outcomes.append)
+    assert len(outcomes) == 1 and outcomes[0].check(DatabaseStopped)
