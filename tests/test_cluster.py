@@ -251,6 +251,38 @@ async def test_a_node_whose_listen_connection_drops_listens_again(csms_factory):
     assert a.app.cluster.holder("CP-1") == "B"
 
 
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_what_a_node_missed_while_not_listening_is_told_once_it_listens_again(csms_factory, monkeypatch):
+    import threading
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    waiting = await connected_to(b, (a,), "CP-1")
+    waiting.responses["Reset"] = None  # never answers: the call forwarded from A waits
+    forwarded_call = a.app.call("CP-1", "Reset", RESET)
+    await within(waiting.wait_for_call("Reset"))
+    channel, gate = a.app.cluster.channel, threading.Event()
+    connect = channel.connect
+
+    def held_connect():
+        gate.wait(10)
+        return connect()
+    monkeypatch.setattr(channel, "connect", held_connect)
+    listening_again = a.app.cluster.when_listening()
+    await b.app.db.run(lambda conn: conn.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                                 {"pid": channel.backend_pid}))
+    await within(waiting.close())  # CP-1 leaves B while A hears nothing
+    await connected_to(b, (), "CP-2")
+    assert await b.probe.next("disconnected", "CP-1")  # recorded
+    gate.set()
+    await within(listening_again)
+    assert await a.probe.next("presence", "CP-1") == (None, "B")
+    assert await a.probe.next("presence", "CP-2") == ("B", None)
+    with pytest.raises(StationOffline):
+        await within(forwarded_call)  # at once, not after the forward deadline
+    assert (a.app.cluster.holder("CP-1"), a.app.cluster.holder("CP-2")) == (None, "B")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_single_node_lists_itself_and_tells_presence_on_connect_and_disconnect(csms_factory):
     probe = EventProbe()

@@ -546,10 +546,12 @@ class PostgresCluster:
             return self._live_presence(conn, now)
 
         def loaded(holders):
+            heard = self._holders
             self._holders = {station: node for station, node in holders.items() if node != self.node}
             arrived, self._arrived_while_loading = self._arrived_while_loading, None
             for apply, data in arrived:
                 apply(data)
+            self._tell_missed_moves(heard)
             waiting, self._listen_waiters = self._listen_waiters, []
             for d in waiting:
                 d.callback(None)
@@ -558,6 +560,16 @@ class PostgresCluster:
             self._arrived_while_loading = None
             log.failure("Cluster: reloading presence failed", failure)
         self.app.db.run(thd, desc="cluster_presence").addCallbacks(loaded, failed)
+
+    def _tell_missed_moves(self, heard: dict) -> None:
+        """After a reload: what the presence messages lost while not listening would have told (plugins'
+        event, and an end to calls forwarded to a station's former node)."""
+        for station_id in set(heard) | set(self._holders):
+            before, now = heard.get(station_id), self._holders.get(station_id)
+            if before == now or (now is None and station_id in self.app.sessions):
+                continue  # the same; or held here now, which this node told itself
+            self.router.station_moved(station_id, now)
+            self.app.fire("csms_on_presence_changed", station_id=station_id, node=now, previous_node=before)
 
     def when_listening(self) -> defer.Deferred:
         """Fires the next time this node starts listening (again) and has reloaded the presence map."""
