@@ -11,9 +11,10 @@
 * **Messages**: ``NOTIFY`` on one channel per node (forwarded calls, replies, evictions) and one shared
   channel (presence, plugins' topics). A body too large for NOTIFY is a row of
   ``csms_cluster_messages``, written in the same transaction; the notification carries its id. A
-  dedicated thread holds the LISTEN connection (psycopg 3, autocommit), waits for notifications with
-  a short timeout so that it can stop, hands each to the reactor thread, and reconnects after the
-  connection drops; it reloads the presence map then, as notifications sent meanwhile are lost.
+  dedicated thread holds the LISTEN connection (psycopg 3, autocommit), opened before the node
+  registers, waits for notifications with a short timeout so that it can stop, hands each to the
+  reactor thread, and reconnects after the connection drops; the presence map is reloaded then, as
+  notifications sent meanwhile are lost, and the moves missed are told as they would have been.
 """
 from __future__ import annotations
 
