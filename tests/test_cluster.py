@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from sqlalchemy import text
 
-from conftest import EventProbe, error_of, within
+from conftest import EventProbe, db_settled, error_of, within
 from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401 (a fixture)
 from csms.rpc import CallTimeout, StationOffline
 
@@ -483,3 +483,26 @@ async def test_a_heartbeat_under_way_when_the_node_stops_does_not_register_it_ag
     await within(beating)
     status, body, _ = await within(b.api("GET", "/nodes"))
     assert [node["name"] for node in body["items"]] == ["B"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_listening_again_twice_in_a_row_applies_the_later_reload(csms_factory):
+    """The LISTEN connection may drop again while the presence map reloads after the first drop."""
+    import gc
+
+    from test_hardening_http import LoggedFailures
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    await connected_to(b, (a,), "CP-1")
+    cluster = a.app.cluster
+    with LoggedFailures() as failures:
+        listening = [cluster.when_listening()]
+        cluster._listening()
+        listening.append(cluster.when_listening())
+        cluster._listening()  # before the first reload's read has come back
+        await within(defer.gatherResults(listening))
+        await within(db_settled(a.app))  # both reloads' reads have come back
+        gc.collect()  # a failure nobody handled is logged when its Deferred goes
+    assert failures.events == []
+    assert cluster.holder("CP-1") == "B"

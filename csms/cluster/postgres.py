@@ -262,6 +262,8 @@ class PostgresChannel:
             return None if row is None else row.body
 
         def got(body):
+            if self._thread is None:
+                return  # stopped while it was read
             if body is None:
                 log.warn("Cluster: the body of a {topic} message from {origin} is gone", topic=envelope["t"],
                          origin=envelope["o"])
@@ -541,15 +543,17 @@ class PostgresCluster:
         come in commit order, so the map ends as the database is whether the read saw them or not.
         """
         now = self.app.now()
-        self._arrived_while_loading = []
+        arrived = self._arrived_while_loading = []
 
         def thd(conn):
             return self._live_presence(conn, now)
 
         def loaded(holders):
+            if self._arrived_while_loading is not arrived:
+                return  # listening again meanwhile (another drop): the later reload is the one to apply
             heard = self._holders
             self._holders = {station: node for station, node in holders.items() if node != self.node}
-            arrived, self._arrived_while_loading = self._arrived_while_loading, None
+            self._arrived_while_loading = None
             for apply, data in arrived:
                 apply(data)
             self._tell_missed_moves(heard)
@@ -558,7 +562,8 @@ class PostgresCluster:
                 d.callback(None)
 
         def failed(failure):
-            self._arrived_while_loading = None
+            if self._arrived_while_loading is arrived:
+                self._arrived_while_loading = None
             log.failure("Cluster: reloading presence failed", failure)
         self.app.db.run(thd, desc="cluster_presence").addCallbacks(loaded, failed)
 
