@@ -2,12 +2,14 @@
 commands sent through any node, the newer connection winning across nodes, node leases (issue 16)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from sqlalchemy import text
 
-from conftest import EventProbe, error_of, within
+from conftest import EventProbe, db_settled, error_of, within
 from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401 (a fixture)
 from csms.rpc import CallTimeout, StationOffline
 
@@ -15,11 +17,23 @@ RESET = {"type": "Soft"}
 LEASE, HEARTBEAT = 15, 5
 
 
+def synchronised_clock(csms_factory) -> task.Clock:
+    """A node's own clock, reading at its start what the test's first node's read at its own: a cluster's
+    nodes compare lease times, so their clocks must agree (docs/cluster.md), however long the real time
+    between two nodes' starts on a loaded machine (a lease's worth of seconds would have one node take
+    the other for gone)."""
+    if not hasattr(csms_factory, "cluster_epoch"):
+        csms_factory.cluster_epoch = time.time()
+    clock = task.Clock()
+    clock.advance(csms_factory.cluster_epoch)
+    return clock
+
+
 async def start_node(csms_factory, name: str, plugins=("core",), extra: str = ""):
     probe = EventProbe()
     node = await csms_factory(f"[cluster]\nenabled = true\nnode_name = {name}\nlease_seconds = {LEASE}\n"
                               f"heartbeat_seconds = {HEARTBEAT}\n" + extra, extra_plugins=[probe],
-                              plugins=list(plugins))
+                              plugins=list(plugins), clock=synchronised_clock(csms_factory))
     node.probe = probe
     return node
 
@@ -72,7 +86,8 @@ async def test_a_command_sent_to_any_node_reaches_the_station_on_its_node(csms_f
     assert forwarded(c) == {"answered": 1.0} and forwarded(b) == {"answered": 1.0} and forwarded(a) == {}
     # The station leaves A: every node hears it.
     await within(station.close())
-    assert await c.probe.next("presence", "CP-1") == (None, "A")
+    for node in (b, c):  # each node hears it on its own connection, in no set order between them
+        assert await node.probe.next("presence", "CP-1") == (None, "A")
     status, body, _ = await within(c.api("GET", "/stations/CP-1"))
     assert (body["online"], body["node"]) == (False, None)
     status, body, _ = await within(b.api("GET", "/stations?online=false"))
@@ -237,6 +252,38 @@ async def test_a_node_whose_listen_connection_drops_listens_again(csms_factory):
     assert a.app.cluster.holder("CP-1") == "B"
 
 
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_what_a_node_missed_while_not_listening_is_told_once_it_listens_again(csms_factory, monkeypatch):
+    import threading
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    waiting = await connected_to(b, (a,), "CP-1")
+    waiting.responses["Reset"] = None  # never answers: the call forwarded from A waits
+    forwarded_call = a.app.call("CP-1", "Reset", RESET)
+    await within(waiting.wait_for_call("Reset"))
+    channel, gate = a.app.cluster.channel, threading.Event()
+    connect = channel.connect
+
+    def held_connect():
+        gate.wait(10)
+        return connect()
+    monkeypatch.setattr(channel, "connect", held_connect)
+    listening_again = a.app.cluster.when_listening()
+    await b.app.db.run(lambda conn: conn.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                                 {"pid": channel.backend_pid}))
+    await within(waiting.close())  # CP-1 leaves B while A hears nothing
+    await connected_to(b, (), "CP-2")
+    assert await b.probe.next("disconnected", "CP-1")  # recorded
+    gate.set()
+    await within(listening_again)
+    assert await a.probe.next("presence", "CP-1") == (None, "B")
+    assert await a.probe.next("presence", "CP-2") == ("B", None)
+    with pytest.raises(StationOffline):
+        await within(forwarded_call)  # at once, not after the forward deadline
+    assert (a.app.cluster.holder("CP-1"), a.app.cluster.holder("CP-2")) == (None, "B")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_single_node_lists_itself_and_tells_presence_on_connect_and_disconnect(csms_factory):
     probe = EventProbe()
@@ -338,11 +385,125 @@ async def test_webhooks_subscribed_on_one_node_are_written_by_every_node_and_sen
     writer_of_c.refresh_wanted = lambda: refresh().addCallback(lambda _: refreshed.callback(None))
     await subscribe(b, receiver.url, ["station.connected"])
     await within(refreshed)
-    await c.connect_booted("CP-1")  # C writes station.connected to the outbox
-    for node in (a, b, c):  # each node's clock began a little later than the one before: A catches up on C
-        node.clock.advance(HEARTBEAT)
+    # C writes station.connected to the outbox with the presence row: once A hears it, A's pass finds it.
+    await connected_to(c, (a, b), "CP-1")
+    a.clock.advance(HEARTBEAT)  # A's next look at the outbox
     delivered = await within(receiver.arrived.get())
     assert (delivered["json"]["type"], delivered["json"]["data"]["station_id"]) == ("station.connected", "CP-1")
     await drain(a)
     assert [plugin_of(node).dispatcher.stats["passes"] for node in (b, c)] == [0, 0]
     assert len(receiver.requests) == 1
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_started_node_hears_every_message_sent_after_its_start(csms_factory):
+    """A node listens before start-up ends: a change another node makes right after is never missed."""
+    a = await start_node(csms_factory, "A")
+    heard = defer.Deferred()
+    b = await start_node(csms_factory, "B")
+    b.app.cluster.subscribe("test.hello", lambda data, origin: heard.callback((data, origin)))
+    assert b.app.cluster.channel.listening
+    await a.app.cluster.broadcast("test.hello", {"n": 1})
+    await a.connect_booted("CP-1")
+    assert await within(heard) == ({"n": 1}, "A")
+    assert await b.probe.next("presence", "CP-1") == ("A", None)
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_node_taken_for_gone_records_no_presence_until_it_registers_again(csms_factory):
+    """A presence row naming a node the others already cleared would never be swept: a station would stay
+    'connected' to a dead node for ever. The node's heartbeat, registering it again, records it."""
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    await a.app.cluster.stop_listening()  # A hangs, its listener on: B takes it for gone
+    await renew(b, LEASE + HEARTBEAT)
+    await a.connect_booted("CP-1")
+    assert await a.probe.next("presence", "CP-1") == ("A", None)  # A's own view: recorded as far as it can
+    heard = defer.Deferred()
+    b.app.cluster.subscribe("test.after", lambda data, origin: heard.callback(None))
+    await a.app.cluster.broadcast("test.after", {})  # committed after A's connection event
+    await within(heard)
+    assert b.app.cluster.holder("CP-1") is None
+    rows = await b.app.db.run(lambda conn: conn.execute(text("SELECT count(*) FROM csms_presence")).scalar_one())
+    assert rows == 0
+    await a.app.cluster.heartbeat()  # A comes back: registered again with its stations
+    assert await b.probe.next("presence", "CP-1") == ("A", None)
+    assert b.app.cluster.holder("CP-1") == "A"
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_node_handles_no_message_its_listener_read_last(csms_factory):
+    """The listening thread may have handed messages to the reactor just before the node stopped."""
+    import json
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    await b.app.cluster.stop_listening()
+    late = {"o": "A", "i": a.app.cluster.instance, "t": "cluster.presence",
+            "d": {"station": "CP-1", "node": "A", "previous": None, "connection": "x"}}
+    b.app.cluster.channel._received(json.dumps(late))
+    assert b.app.cluster.holder("CP-1") is None and b.probe.unclaimed("presence", "CP-1") == 0
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_heartbeat_under_way_when_the_node_stops_does_not_register_it_again(csms_factory, monkeypatch):
+    """A renewal that commits after the node left would find its row gone and register it again: a stopped
+    node listed (and leading) for a whole lease."""
+    import threading
+
+    from twisted.internet import reactor, threads
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    cluster = a.app.cluster
+    beat, at_gate, gate = cluster._beat, threading.Event(), threading.Event()
+
+    def held_beat(conn, now, local):
+        at_gate.set()
+        gate.wait(10)
+        return beat(conn, now, local)
+    monkeypatch.setattr(cluster, "_beat", held_beat)
+    run, leaving = a.app.db.run, []
+
+    def watched_run(function, *args, desc="", **kwargs):
+        d = run(function, *args, desc=desc, **kwargs)
+        if desc == "cluster_leave":
+            leaving.append(d)
+        return d
+    monkeypatch.setattr(a.app.db, "run", watched_run)
+    beating = cluster.heartbeat()
+    await within(threads.deferToThreadPool(reactor, reactor.getThreadPool(), at_gate.wait, 10))
+    stopping = cluster.stop()
+    # The renewal goes on once the leave, if it was sent already, has committed: the worst order.
+    if leaving:
+        leaving[0].addBoth(lambda _: gate.set())
+    else:
+        gate.set()
+    await within(stopping)
+    await within(beating)
+    status, body, _ = await within(b.api("GET", "/nodes"))
+    assert [node["name"] for node in body["items"]] == ["B"]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_listening_again_twice_in_a_row_applies_the_later_reload(csms_factory):
+    """The LISTEN connection may drop again while the presence map reloads after the first drop."""
+    import gc
+
+    from test_hardening_http import LoggedFailures
+
+    a, b = await start_node(csms_factory, "A"), await start_node(csms_factory, "B")
+    await connected_to(b, (a,), "CP-1")
+    cluster = a.app.cluster
+    with LoggedFailures() as failures:
+        listening = [cluster.when_listening()]
+        cluster._listening()
+        listening.append(cluster.when_listening())
+        cluster._listening()  # before the first reload's read has come back
+        await within(defer.gatherResults(listening))
+        await within(db_settled(a.app))  # both reloads' reads have come back
+        gc.collect()  # a failure nobody handled is logged when its Deferred goes
+    assert failures.events == []
+    assert cluster.holder("CP-1") == "B"

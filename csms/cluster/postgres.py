@@ -11,9 +11,10 @@
 * **Messages**: ``NOTIFY`` on one channel per node (forwarded calls, replies, evictions) and one shared
   channel (presence, plugins' topics). A body too large for NOTIFY is a row of
   ``csms_cluster_messages``, written in the same transaction; the notification carries its id. A
-  dedicated thread holds the LISTEN connection (psycopg 3, autocommit), waits for notifications with
-  a short timeout so that it can stop, hands each to the reactor thread, and reconnects after the
-  connection drops; it reloads the presence map then, as notifications sent meanwhile are lost.
+  dedicated thread holds the LISTEN connection (psycopg 3, autocommit), opened before the node
+  registers, waits for notifications with a short timeout so that it can stop, hands each to the
+  reactor thread, and reconnects after the connection drops; the presence map is reloaded then, as
+  notifications sent meanwhile are lost, and the moves missed are told as they would have been.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from itertools import count
 
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -139,11 +140,14 @@ class PostgresChannel:
 
     # -- receiving ---------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, conn) -> None:
+        """Read notifications from ``conn`` (made by :meth:`connect`, already listening) on a thread of
+        their own. Those that arrived since it began to listen come first."""
         self._stopping.clear()
         self._stopped = defer.Deferred()
-        self._thread = threading.Thread(target=self._listen_loop, name=f"csms-cluster-listen-{self.node}",
-                                        daemon=True)
+        self.listening = True
+        self._thread = threading.Thread(target=self._listen_loop, args=(conn,),
+                                        name=f"csms-cluster-listen-{self.node}", daemon=True)
         self._thread.start()
 
     def stop(self) -> defer.Deferred:
@@ -154,29 +158,36 @@ class PostgresChannel:
         self._stopping.set()
         return self._stopped
 
-    def _connect(self):
+    def connect(self):
+        """A new connection listening on this node's channels (blocking: not on the reactor thread)."""
         import psycopg
 
         engine = self.app.db.engine
         args, kwargs = engine.dialect.create_connect_args(engine.url)
         conn = psycopg.connect(*args, **kwargs, autocommit=True)
-        for channel in (channel_name(self.schema, None), channel_name(self.schema, self.node)):
-            conn.execute(f'LISTEN "{channel}"')
+        try:
+            self.schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            for channel in (channel_name(self.schema, None), channel_name(self.schema, self.node)):
+                conn.execute(f'LISTEN "{channel}"')
+        except BaseException:
+            conn.close()
+            raise
         self.backend_pid = conn.info.backend_pid
         return conn
 
-    def _listen_loop(self) -> None:
-        """On its own thread: (re)connect, LISTEN, hand notifications to the reactor until told to stop."""
+    def _listen_loop(self, conn) -> None:
+        """On its own thread: hand notifications to the reactor until told to stop; after the connection
+        drops, connect and LISTEN again (the reactor thread is told: notifications were missed)."""
         reactor = self.app.reactor
         failures = 0
         while not self._stopping.is_set():
-            conn = None
             try:
-                conn = self._connect()
-                if failures:
-                    log.info("Cluster: listening again after the connection to PostgreSQL was lost")
-                failures = 0
-                reactor.callFromThread(self._listening)
+                if conn is None:
+                    conn = self.connect()
+                    if failures:
+                        log.info("Cluster: listening again after the connection to PostgreSQL was lost")
+                    failures = 0
+                    reactor.callFromThread(self._listening)
                 while not self._stopping.is_set():
                     for notification in conn.notifies(timeout=LISTEN_POLL):
                         reactor.callFromThread(self._received, notification.payload)
@@ -195,15 +206,20 @@ class PostgresChannel:
                         conn.close()
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
+                conn = None
         reactor.callFromThread(setattr, self, "listening", False)
         reactor.callFromThread(self._stopped.callback, None)
 
     def _listening(self) -> None:
+        if self._thread is None:
+            return  # stopped meanwhile
         self.listening = True
         if self.on_listening is not None:
             self.on_listening()
 
     def _received(self, payload: str) -> None:
+        if self._thread is None:
+            return  # stopped: what the thread read last is for nobody (the node left, or never finished starting)
         try:
             envelope = json.loads(payload)
             envelope["o"], envelope["i"], envelope["t"]
@@ -230,6 +246,9 @@ class PostgresChannel:
     def _fetched(self, _):
         self._reading = False
         self._inbox.popleft()
+        if self._thread is None:
+            self._inbox.clear()
+            return
         self._read_inbox()
 
     def _fetch(self, envelope: dict) -> defer.Deferred:
@@ -243,6 +262,8 @@ class PostgresChannel:
             return None if row is None else row.body
 
         def got(body):
+            if self._thread is None:
+                return  # stopped while it was read
             if body is None:
                 log.warn("Cluster: the body of a {topic} message from {origin} is gone", topic=envelope["t"],
                          origin=envelope["o"])
@@ -281,6 +302,8 @@ class PostgresCluster:
         self._holders: dict[str, str] = {}
         self._connections = count(1)
         self._heartbeat: task.LoopingCall | None = None
+        #: The heartbeat being written, if one is.
+        self._beating: defer.Deferred | None = None
         self.started_at: datetime | None = None
         self._lease_expires = 0.0
         #: While the presence map reloads: the changes that arrived meanwhile, to apply again after it.
@@ -367,9 +390,11 @@ class PostgresCluster:
 
     def _clear_node(self, conn, node: str) -> list:
         """Delete a gone node's presence and row, telling every node (this one too)."""
+        # The node row first: its lock waits for a presence claim of that node to commit (see
+        # _still_registered), so the claim's row is among those deleted next.
+        conn.execute(delete(nodes).where(nodes.c.name == node))
         stations = [row[0] for row in conn.execute(
             delete(presence).where(presence.c.node == node).returning(presence.c.station_id))]
-        conn.execute(delete(nodes).where(nodes.c.name == node))
         self.channel.notify(conn, None, NODE_GONE, {"node": node, "stations": stations})
         return stations
 
@@ -382,7 +407,7 @@ class PostgresCluster:
             return "this node's cluster lease has not been renewed in time"
         return None
 
-    def _registered(self, outcome) -> None:
+    def _registered(self, outcome, listener) -> None:
         self._lease_expires = self.app.clock.seconds() + self.lease_seconds
         self.app.add_readiness_check("cluster", self._readiness_problem)
         (took_over, holders), leader = outcome
@@ -390,7 +415,7 @@ class PostgresCluster:
             log.warn("Cluster: node {node} took over its name from a previous instance (that process is gone, "
                      "or another process runs under the same [cluster] node_name)", node=self.node)
         self._holders = {station: node for station, node in holders.items() if node != self.node}
-        self.channel.start()
+        self.channel.start(listener)
         self._heartbeat = task.LoopingCall(self.heartbeat)
         self._heartbeat.clock = self.app.clock
         self._heartbeat.start(self.heartbeat_seconds, now=False)
@@ -398,13 +423,32 @@ class PostgresCluster:
                  count=len(self._holders))
         self._set_leader(leader)
 
-    def start(self) -> defer.Deferred:
+    # The node listens before it registers and reads where the stations are: every change committed
+    # after that read is heard, and once start() has fired, so is every message (a cache invalidation,
+    # a presence change). The notifications that arrive meanwhile wait in the listening connection and
+    # are applied after the read: in commit order, on top of it, the map ends as the database is.
+
+    @defer.inlineCallbacks
+    def start(self):
         self.started_at = self.app.now()
-        return self.app.db.run(self._start, self.started_at, desc="cluster_register").addCallback(self._registered)
+        reactor = self.app.reactor
+        listener = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.channel.connect)
+        try:
+            outcome = yield self.app.db.run(self._start, self.started_at, desc="cluster_register")
+        except BaseException:
+            listener.close()
+            raise
+        self._registered(outcome, listener)
 
     def start_blocking(self) -> None:
         self.started_at = self.app.now()
-        self._registered(self.app.db.run_sync(self._start, self.started_at))
+        listener = self.channel.connect()
+        try:
+            outcome = self.app.db.run_sync(self._start, self.started_at)
+        except BaseException:
+            listener.close()
+            raise
+        self._registered(outcome, listener)
 
     def stop_listening(self) -> defer.Deferred:
         """Stop the heartbeat and the listening thread, leaving the database alone (a failed start)."""
@@ -417,6 +461,9 @@ class PostgresCluster:
     def stop(self):
         """A clean stop: this node's presence and row deleted, the other nodes told."""
         listening = self.stop_listening()
+        if self._beating is not None:
+            # A renewal committed after the leave would find the row gone and register the node again.
+            yield self._beating
         try:
             yield self.app.db.run(self._leave, desc="cluster_leave")
         except Exception:  # noqa: BLE001 - the others will sweep us when the lease expires
@@ -439,8 +486,14 @@ class PostgresCluster:
                  for station_id, session in self.app.sessions.items()}
         d = self.app.db.run(self._beat, now, local, desc="cluster_heartbeat")
         d.addCallback(self._beaten)
-        return d.addErrback(lambda failure: log.failure("Cluster: heartbeat of node {node} failed", failure,
-                                                        node=self.node))
+        d.addErrback(lambda failure: log.failure("Cluster: heartbeat of node {node} failed", failure, node=self.node))
+        self._beating = d
+
+        def done(_):
+            if self._beating is d:
+                self._beating = None
+        d.addCallback(done)
+        return d
 
     def _beat(self, conn, now: datetime, local: dict):
         """Renew the lease (registering again if the others swept this node), clear expired nodes."""
@@ -490,24 +543,39 @@ class PostgresCluster:
         come in commit order, so the map ends as the database is whether the read saw them or not.
         """
         now = self.app.now()
-        self._arrived_while_loading = []
+        arrived = self._arrived_while_loading = []
 
         def thd(conn):
             return self._live_presence(conn, now)
 
         def loaded(holders):
+            if self._arrived_while_loading is not arrived:
+                return  # listening again meanwhile (another drop): the later reload is the one to apply
+            heard = self._holders
             self._holders = {station: node for station, node in holders.items() if node != self.node}
-            arrived, self._arrived_while_loading = self._arrived_while_loading, None
+            self._arrived_while_loading = None
             for apply, data in arrived:
                 apply(data)
+            self._tell_missed_moves(heard)
             waiting, self._listen_waiters = self._listen_waiters, []
             for d in waiting:
                 d.callback(None)
 
         def failed(failure):
-            self._arrived_while_loading = None
+            if self._arrived_while_loading is arrived:
+                self._arrived_while_loading = None
             log.failure("Cluster: reloading presence failed", failure)
         self.app.db.run(thd, desc="cluster_presence").addCallbacks(loaded, failed)
+
+    def _tell_missed_moves(self, heard: dict) -> None:
+        """After a reload: what the presence messages lost while not listening would have told (plugins'
+        event, and an end to calls forwarded to a station's former node)."""
+        for station_id in set(heard) | set(self._holders):
+            before, now = heard.get(station_id), self._holders.get(station_id)
+            if before == now or (now is None and station_id in self.app.sessions):
+                continue  # the same; or held here now, which this node told itself
+            self.router.station_moved(station_id, now)
+            self.app.fire("csms_on_presence_changed", station_id=station_id, node=now, previous_node=before)
 
     def when_listening(self) -> defer.Deferred:
         """Fires the next time this node starts listening (again) and has reloaded the presence map."""
@@ -522,6 +590,10 @@ class PostgresCluster:
         now = self.app.now()
 
         def claim(conn):
+            if not self._still_registered(conn):
+                # Taken for gone (its presence cleared, the others told): a row written now would name a
+                # node nobody sweeps any more. The heartbeat that registers it again claims its stations.
+                return None
             current = select(presence.c.node, presence.c.connection).where(
                 presence.c.station_id == station_id).with_for_update()
             row = conn.execute(current).first()
@@ -541,6 +613,12 @@ class PostgresCluster:
                                                         "previous": previous, "connection": connection})
             return previous
         return claim
+
+    def _still_registered(self, conn) -> bool:
+        """Whether this instance's node row is there, locked against a sweep until the transaction ends
+        (KEY SHARE: the heartbeat's renewal goes on; a sweep that locked it first has committed)."""
+        return conn.execute(select(nodes.c.name).where(nodes.c.name == self.node, nodes.c.instance == self.instance)
+                            .with_for_update(key_share=True, read=True)).first() is not None
 
     def presence_release(self, station_id: str, connection: str):
         """The database function recording a disconnection here; True when this connection held the station."""
