@@ -10,7 +10,7 @@ from twisted.internet import defer, task
 from sqlalchemy import text
 
 from conftest import EventProbe, db_settled, error_of, within
-from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401 (a fixture)
+from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401, F811 (a fixture)
 from csms.rpc import CallTimeout, StationOffline
 
 RESET = {"type": "Soft"}

@@ -138,8 +138,21 @@ class Subscribers:
                             origin=origin)
 
 
+class LocalPresenceEvents:
+    """``csms_on_presence_changed`` for this node's own connections (the others' come as messages)."""
+
+    def station_arrived(self, station_id: str, previous_node: str | None) -> defer.Deferred:
+        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=self.node,
+                             previous_node=previous_node)
+
+    def station_left(self, station_id: str, released: bool) -> defer.Deferred:
+        if not released:
+            return defer.succeed(None)
+        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=self.node)
+
+
 @implementer(ICluster)
-class SingleNode:
+class SingleNode(LocalPresenceEvents):
     """One node: every station is local, there is nobody to tell."""
 
     enabled = False
@@ -197,15 +210,6 @@ class SingleNode:
 
     def presence_release(self, station_id: str, connection: str):
         return None
-
-    def station_arrived(self, station_id: str, previous_node: str | None) -> defer.Deferred:
-        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=self.node,
-                             previous_node=previous_node)
-
-    def station_left(self, station_id: str, released: bool) -> defer.Deferred:
-        if not released:
-            return defer.succeed(None)
-        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=self.node)
 
     def forward(self, holder: str, station_id: str, action: str, payload: dict) -> defer.Deferred:
         from csms.rpc import StationOffline

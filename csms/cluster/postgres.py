@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from csms.cluster import ICluster, Subscribers
+from csms.cluster import ICluster, LocalPresenceEvents, Subscribers
 from csms.cluster.routing import DISCONNECT, EVICT, REPLY, TOPICS, Router
 from csms.cluster.tables import messages, nodes, presence
 from csms.stations import as_utc
@@ -281,7 +281,7 @@ class PostgresChannel:
 
 
 @implementer(ICluster)
-class PostgresCluster:
+class PostgresCluster(LocalPresenceEvents):
     """``app.cluster`` with ``[cluster] enabled`` (see the module docstring)."""
 
     enabled = True
@@ -632,15 +632,6 @@ class PostgresCluster:
                                                         "previous": self.node, "connection": connection})
             return True
         return release
-
-    def station_arrived(self, station_id: str, previous_node: str | None) -> defer.Deferred:
-        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=self.node,
-                             previous_node=previous_node)
-
-    def station_left(self, station_id: str, released: bool) -> defer.Deferred:
-        if not released:
-            return defer.succeed(None)
-        return self.app.fire("csms_on_presence_changed", station_id=station_id, node=None, previous_node=self.node)
 
     # -- forwarding --------------------------------------------------------------------------------
 
