@@ -36,6 +36,8 @@ log = Logger(namespace="csms.db")
 
 _TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
 MAX_ATTEMPTS = 3
+#: In a connection's ``info``: it is a pool thread's, whose transactions write (see _sqlite_begin).
+_WRITER = "csms_writer"
 #: Most functions committed together in one group commit.
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
@@ -109,7 +111,11 @@ class Database:
 
             @event.listens_for(self.engine, "begin")
             def _sqlite_begin(conn):
-                conn.exec_driver_sql("BEGIN")
+                # The pool's writer takes the write lock at once (IMMEDIATE), waiting for it under the busy
+                # timeout: another process writing the same file (the webhook delivery worker) then makes
+                # it wait, where a deferred transaction that had read first would fail at its first write
+                # (SQLITE_BUSY_SNAPSHOT, no waiting). Readers and every other connection begin deferred.
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITER) else "BEGIN")
 
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_max, name="csms-db")
         # SQLite's one writer thread commits the OCPP traffic: reads that may take a while and need no
@@ -203,7 +209,7 @@ class Database:
             return defer.fail(DatabaseStopped("the Central System stopped before this database work ran"))
 
         def in_thread():
-            conn = self._connection()  # the reader thread's own
+            conn = self._connection(writer=False)  # the reader thread's own
             with conn.begin():
                 return thd(conn, *args, **kwargs)
         return threads.deferToThreadPool(self.reactor, self._reader, in_thread)
@@ -328,7 +334,7 @@ class Database:
         if status is not None and getattr(status, "name", "") == "INERROR":
             raise TransactionAborted("a statement failed and the transaction can no longer commit")
 
-    def _connection(self):
+    def _connection(self, writer: bool = True):
         """This pool thread's own connection, kept across transactions: a pool checkout, its reset
         and its return cost more than a small transaction's own statements. One that was invalidated
         (the server went away) or closed is replaced."""
@@ -340,6 +346,7 @@ class Database:
             conn = None
         if conn is None:
             conn = self._local.conn = self.engine.connect()
+            conn.info[_WRITER] = writer
             with self._lock:
                 self._connections.append(conn)
         return conn

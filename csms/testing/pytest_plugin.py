@@ -189,6 +189,8 @@ def confine_plugin_settings(config, tmp_path, extra_plugins=()) -> None:
             settings.setdefault(key, "tcp:0:interface=127.0.0.1")
         for key in getattr(plugin, "directory_settings", ()):
             settings.setdefault(key, str(tmp_path / f"plugin-{name}" / key))
+        for key, value in getattr(plugin, "in_test_settings", {}).items():
+            settings.setdefault(key, value)
 
 
 def schema_from_metadata(app, reactor):

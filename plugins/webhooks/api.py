@@ -107,7 +107,7 @@ def add_routes(plugin, app, router):
             raise not_found("webhook", subscription_id)
         await plugin.subscriptions_changed()
         if body.get("paused") is False:
-            plugin.dispatcher.poke()
+            plugin.poke()
         return row
 
     async def delete_webhook(request):
@@ -122,7 +122,7 @@ def add_routes(plugin, app, router):
         delivery = await store.add_test_delivery(subscription_id, TEST_EVENT, {"subscription_id": subscription_id})
         if delivery is None:
             raise not_found("webhook", subscription_id)
-        plugin.dispatcher.poke()
+        plugin.poke()
         return Response(202, delivery)
 
     async def history(request):

@@ -132,10 +132,15 @@ class Dispatcher(service.Service):
 
     name = "webhooks-dispatcher"
 
-    def __init__(self, plugin, reactor, clock, guard, rng: random.Random | None = None):
-        self.plugin = plugin
-        self.store = plugin.store
-        self.settings = plugin.settings_values
+    def __init__(self, store, settings: dict, reactor, clock, guard, may_deliver, rng: random.Random | None = None,
+                 count=None):
+        self.store = store
+        self.settings = settings
+        #: Whether this process may deliver now: the cluster's leader (in the CSMS process), or the holder
+        #: of the delivery lock (in the delivery worker, csms_plugins.webhooks.worker).
+        self.may_deliver = may_deliver
+        #: ``count(outcome, n)``: deliveries ``delivered`` or ``dead``, POSTs ``failed`` (the metrics).
+        self.count = count or (lambda outcome, n: None)
         self.reactor = reactor
         self.clock = clock
         self.random = rng or random.Random()
@@ -195,9 +200,9 @@ class Dispatcher(service.Service):
     # -- passes ----------------------------------------------------------------------------------
 
     def poke(self) -> None:
-        """Run a pass now, or right after the one running. In a cluster only the leading node delivers
-        (docs/cluster.md): the others' outbox rows wait for it, as its claims live in its memory."""
-        if not self.running or not self.plugin.app.cluster.leads():
+        """Run a pass now, or right after the one running, if this process may deliver: one process
+        delivers for the whole database (docs/webhooks.md), as its claims live in its memory."""
+        if not self.running or not self.may_deliver():
             return
         if self._pass is not None:
             self._again = True
@@ -260,6 +265,7 @@ class Dispatcher(service.Service):
                 log.warn("Webhooks: {count} deliveries dead-lettered (older than {age} s)", count=dead,
                          age=settings["dead_letter_after"])
             self.stats["dead"] += dead
+            self.count("dead", dead)
         # Deliveries recorded from here on were read by this pass as still pending, if its read began
         # before their outcome committed: _queue leaves them out.
         self._settled = set()
@@ -361,6 +367,7 @@ class Dispatcher(service.Service):
             state, next_at = DELIVERED, now
             self.held_until.pop(job.subscription_id, None)
             self.stats["delivered"] += len(job.rows)
+            self.count("delivered", len(job.rows))
         else:
             delay = self.backoff(job.attempt)
             next_at = now + delay
@@ -368,7 +375,9 @@ class Dispatcher(service.Service):
             if next_at - job.created_at.timestamp() >= self.settings["dead_letter_after"]:
                 state = DEAD
                 self.stats["dead"] += len(job.rows)
+                self.count("dead", len(job.rows))
             self.stats["failed"] += 1
+            self.count("failed", 1)
             # Hold the subscription back: its other events would meet the same receiver.
             self.held_until[job.subscription_id] = next_at
             for dropped in self.queues.pop(job.subscription_id, ()):

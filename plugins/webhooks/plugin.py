@@ -15,11 +15,13 @@ from .dispatcher import Dispatcher
 from .guard import AddressPolicy, ReceiverGuard, parse_networks
 from .store import ALL_TYPES, WebhookStore
 from .tables import metadata
+from .worker import WorkerProcess, worker_spec
 
 log = Logger(namespace="csms.webhooks")
 
 #: The cluster topic telling the other nodes a subscription was made, changed or deleted.
 SUBSCRIPTIONS_CHANGED = "webhooks.subscriptions"
+DELIVERY_MODES = ("worker", "in-process", "external")
 POSITIVE = ("poll_interval", "request_timeout", "retry_initial_delay", "retry_max_delay", "dead_letter_after",
             "history_retention", "batch_size", "max_concurrent_deliveries", "max_concurrent_per_subscription",
             "max_response_bytes", "meter_values_batch_size", "max_subscriptions")
@@ -36,6 +38,9 @@ class WebhooksPlugin:
     inbound_actions = ()
     outbound_actions = ()
     settings = (
+        Setting("delivery", str, "worker",
+                "Where events are sent from: worker (a process the CSMS starts beside it), in-process (on the "
+                "OCPP reactor), external (`csms-admin webhooks deliver`, run by the operator)."),
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
         Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
@@ -52,9 +57,16 @@ class WebhooksPlugin:
         Setting("max_subscriptions", int, 100, "Most subscriptions."),
     )
 
+    #: For csms_factory (csms.testing), which runs the CSMS in the test process on the test's clock: the
+    #: dispatcher goes with it, where the test can drain it and its clock drives the retries.
+    in_test_settings = {"delivery": "in-process"}
+
     app = None
     store: WebhookStore | None = None
+    #: The in-process dispatcher (``delivery = in-process``), else None.
     dispatcher: Dispatcher | None = None
+    #: The delivery worker's supervisor (``delivery = worker``), else None.
+    worker: WorkerProcess | None = None
 
     @hookimpl
     def csms_configure(self, app):
@@ -65,13 +77,34 @@ class WebhooksPlugin:
             if not self.settings_values[name] > 0:
                 raise ConfigError(f"[plugin:webhooks] {name} must be positive")
         networks = parse_networks(self.settings_values["allow_private_networks"], "allow_private_networks")
+        delivery = self.settings_values["delivery"]
+        if delivery not in DELIVERY_MODES:
+            raise ConfigError(f"[plugin:webhooks] delivery must be one of {', '.join(DELIVERY_MODES)}, not {delivery!r}")
+        if delivery != "in-process" and app.db.is_sqlite and (app.db.url.database or ":memory:") == ":memory:":
+            raise ConfigError(f"[plugin:webhooks] delivery = {delivery} needs a database another process can open "
+                              "(an SQLite file or PostgreSQL): this one is in memory; use delivery = in-process")
         self.guard = ReceiverGuard(AddressPolicy(networks), app.reactor.nameResolver)
         self.store = WebhookStore(app.db, app.clock)
         app.outbox.attach(self.store.write_event)
-        self.dispatcher = Dispatcher(self, app.reactor, app.clock, self.guard)
+        metrics = app.metrics
+        self.deliveries_metric = metrics.counter(
+            "csms_webhook_deliveries", "Webhook deliveries ended, by outcome (delivered, dead)", ["outcome"])
+        self.failed_posts_metric = metrics.counter(
+            "csms_webhook_failed_posts", "Webhook POSTs that failed (each is retried later, or dead-lettered)")
+        self.worker_up_metric = metrics.gauge(
+            "csms_webhook_worker_up", "1 while this node's webhook delivery worker runs (delivery = worker)")
+        self.worker_delivering_metric = metrics.gauge(
+            "csms_webhook_worker_delivering", "1 while this node's worker holds the delivery lock and delivers")
+        self.worker_restarts_metric = metrics.counter(
+            "csms_webhook_worker_restarts", "Times this node restarted its webhook delivery worker after it ended")
+        if delivery == "in-process":
+            self.dispatcher = Dispatcher(self.store, self.settings_values, app.reactor, app.clock, self.guard,
+                                         app.cluster.leads, count=self.count)
+            app.cluster.watch_leadership(lambda leading: self.dispatcher.poke() if leading else None)
+        elif delivery == "worker":
+            self.worker = WorkerProcess(self, app.reactor, app.clock, worker_spec(app.config, self.settings_values))
         # Another node's subscription change: this node's outbox writer must store events for it too.
         app.cluster.subscribe(SUBSCRIPTIONS_CHANGED, lambda data, origin: self.refresh_wanted())
-        app.cluster.watch_leadership(lambda leading: self.dispatcher.poke() if leading else None)
 
     @hookimpl
     def csms_tables(self):
@@ -79,12 +112,33 @@ class WebhooksPlugin:
 
     @hookimpl
     def csms_services(self, app):
-        return [_Starter(self), self.dispatcher]
+        return [_Starter(self)] + [service for service in (self.dispatcher, self.worker) if service is not None]
 
     @hookimpl
     def csms_api_routes(self, app, router):
         from .api import add_routes
         add_routes(self, app, router)
+
+    def poke(self) -> None:
+        """Look at the outbox now (a test-fire, a resumed subscription) rather than at the next poll."""
+        if self.dispatcher is not None:
+            self.dispatcher.poke()
+        elif self.worker is not None:
+            self.worker.poke()
+
+    def count(self, outcome: str, n: int) -> None:
+        """Delivery outcomes for the metrics, from the in-process dispatcher or from the worker's reports."""
+        if outcome == "failed":
+            self.failed_posts_metric.inc(n)
+        elif outcome in ("delivered", "dead") and n:
+            self.deliveries_metric.labels(outcome).inc(n)
+
+    def worker_state(self, up: bool, delivering: bool = False) -> None:
+        self.worker_up_metric.set(1 if up else 0)
+        self.worker_delivering_metric.set(1 if delivering else 0)
+
+    def worker_restarted(self) -> None:
+        self.worker_restarts_metric.inc()
 
     def expand(self, types: list) -> set:
         """The event types a subscription's ``event_types`` stand for."""
