@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,9 @@ sys.path.insert(0, HERE)
 
 import run  # noqa: E402  (bench/run.py: servers, load generator, PostgreSQL schemas)
 
-RUNS = {"baseline": None, "webhooks-unbatched": 1, "webhooks-batched": 100}
+#: run -> (meter_values_batch_size or None for no subscription, [plugin:webhooks] delivery)
+RUNS = {"baseline": (None, "worker"), "outbox-only": (100, "external"), "webhooks-unbatched": (1, "worker"),
+        "webhooks-batched": (100, "worker"), "webhooks-in-process": (100, "in-process")}
 
 
 def http_json(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
@@ -51,11 +54,28 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's children still running (the webhook delivery worker)."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        return 0.0
+    for child in children:
+        try:
+            total += process_cpu_seconds(child)
+        except OSError:
+            pass
+    return total
+
+
+def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
     db_url = schema.url if schema else f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
-    extra = f"[plugin:webhooks]\nallow_private_networks = 127.0.0.0/8\nmeter_values_batch_size = {batch or 1}\n"
+    extra = (f"[plugin:webhooks]\nallow_private_networks = 127.0.0.0/8\nmeter_values_batch_size = {batch or 1}\n"
+             f"delivery = {delivery}\n")
     server = run.start_csms(workdir, schema.url if schema else None, "info", args.profile and os.path.join(
                                 args.profile, f"{name}.pstats"),
                             plugins=run.BENCH_PLUGINS + ("webhooks",), extra_config=extra)
@@ -73,13 +93,14 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
         print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
         loadavg = os.getloadavg()
         cpu_before = process_cpu_seconds(server.process.pid)
+        worker_cpu_before = children_cpu_seconds(server.process.pid)
         result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), workdir, True)
         window_end = time.monotonic()
         after = http_json("GET", receiver_url + "/stats")
         # Drain: wait until the receiver has everything the window produced (at most 60 s).
         expected = result.get("window", {}).get("messages", 0) * args.subscriptions
         drained = None
-        if batch is not None:
+        if batch is not None and delivery != "external":  # external: nobody delivers (the outbox's cost alone)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 now_stats = http_json("GET", receiver_url + "/stats")
@@ -93,6 +114,7 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
         else:
             after_drain = after
         cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
+        worker_cpu_seconds = children_cpu_seconds(server.process.pid) - worker_cpu_before
         window = result.get("window", {}).get("seconds") or args.duration
         return {
             "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
@@ -102,7 +124,8 @@ def one_run(name: str, batch: int | None, args, receiver_url: str) -> dict:
             "posts_in_window_per_s": (after["posts"] - before["posts"]) / window,
             "events_total": after_drain["events"] - before["events"],
             "seconds_to_drain_after_window": drained,
-            "loadavg": loadavg, "server_cpu_seconds": cpu_seconds,
+            "loadavg": loadavg, "server_cpu_seconds": cpu_seconds, "worker_cpu_seconds": worker_cpu_seconds,
+            "delivery": delivery,
             "ocpp_replies": result.get("window", {}).get("messages", 0),
         }
     finally:
@@ -119,22 +142,35 @@ def markdown(results: dict, args) -> str:
     lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
              f"{args.subscriptions} subscriptions ({results['database']}; load average before: "
              f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
-             "| run | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
-             "drained after the window (s) | CSMS CPU | load average | CSMS CPU s | CPU µs per delivered event |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = results["runs"].get("baseline")
-    base_per_message = base and base["server_cpu_seconds"] / max(base["ocpp_replies"], 1)
-    for name, r in results["runs"].items():
+             "| run | delivery | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
+             "drained after the window (s) | load average | CSMS CPU s | worker CPU s | CPU µs per delivered event |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    baselines = [r for r in results["runs"] if r["name"] == "baseline"]
+    base_per_message = None
+    if baselines:
+        base_per_message = (sum(r["server_cpu_seconds"] for r in baselines)
+                            / max(sum(r["ocpp_replies"] for r in baselines), 1))
+    fmt = (lambda v, d=1: "-" if v is None else f"{v:.{d}f}")
+    for r in results["runs"]:
         per_event = None
         if base_per_message is not None and r["events_total"]:
-            # What the CSMS spent beyond the same OCPP traffic without webhooks, per event delivered.
-            per_event = (r["server_cpu_seconds"] - base_per_message * r["ocpp_replies"]) / r["events_total"] * 1e6
+            # What the CSMS and its worker spent beyond the same OCPP traffic without webhooks, per event.
+            extra = r["server_cpu_seconds"] + r.get("worker_cpu_seconds", 0) - base_per_message * r["ocpp_replies"]
+            per_event = extra / r["events_total"] * 1e6
         lat = r.get("latency_ms") or {}
-        fmt = (lambda v, d=1: "-" if v is None else f"{v:.{d}f}")
-        lines.append(f"| {name} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p99'), 2)} | {fmt(r['throughput'], 0)} | "
-                     f"{fmt(r['events_in_window_per_s'], 0)} | {fmt(r['posts_in_window_per_s'], 0)} | "
-                     f"{fmt(r['seconds_to_drain_after_window'], 2)} | {fmt(r['server_cpu_utilisation'], 2)} | "
-                     f"{r['loadavg'][0]:.1f} | {fmt(r['server_cpu_seconds'], 1)} | {fmt(per_event, 0)} |")
+        lines.append(f"| {r['name']} | {r.get('delivery', '-')} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p99'), 2)} | "
+                     f"{fmt(r['throughput'], 0)} | {fmt(r['events_in_window_per_s'], 0)} | "
+                     f"{fmt(r['posts_in_window_per_s'], 0)} | {fmt(r['seconds_to_drain_after_window'], 2)} | "
+                     f"{r['loadavg'][0]:.1f} | {fmt(r['server_cpu_seconds'], 1)} | "
+                     f"{fmt(r.get('worker_cpu_seconds'), 1)} | {fmt(per_event, 0)} |")
+    names = list(dict.fromkeys(r["name"] for r in results["runs"]))
+    if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):
+        lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median |", "|---|---|---|---|---|---|"]
+        for name in names:
+            p99 = sorted((r.get("latency_ms") or {}).get("p99") or 0 for r in results["runs"] if r["name"] == name)
+            p50 = sorted((r.get("latency_ms") or {}).get("p50") or 0 for r in results["runs"] if r["name"] == name)
+            lines.append(f"| {name} | {len(p99)} | {statistics.median(p99):.1f} | {p99[0]:.1f} | {p99[-1]:.1f} | "
+                         f"{statistics.median(p50):.1f} |")
     return "\n".join(lines)
 
 
@@ -146,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--postgres", metavar="URL")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the chosen runs this many times, interleaved (baseline, X, baseline, X ...)")
     parser.add_argument("--profile", metavar="DIR", help="run the CSMS under cProfile, one .pstats per run")
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (the CSMS log)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "webhooks.json"))
@@ -156,11 +194,15 @@ def main(argv=None) -> int:
         run.wait_listening(port, receiver)
         receiver_url = f"http://127.0.0.1:{port}"
         results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
-                   "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations, "duration": args.duration, "runs": {}}
-        for name, batch in RUNS.items():
-            if args.only and name not in args.only:
-                continue
-            results["runs"][name] = one_run(name, batch, args, receiver_url)
+                   "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations,
+                   "duration": args.duration, "runs": []}
+        for _ in range(max(args.repeat, 1)):
+            for name, (batch, delivery) in RUNS.items():
+                if args.only and name not in args.only:
+                    continue
+                outcome = one_run(name, batch, delivery, args, receiver_url)
+                outcome["name"] = name
+                results["runs"].append(outcome)
         results["loadavg_after"] = os.getloadavg()
     finally:
         run.stop(receiver)

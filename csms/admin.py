@@ -268,6 +268,47 @@ def tokens_scopes():
     return SCOPES
 
 
+def webhooks_command(args) -> int:
+    """``webhooks deliver``: the delivery worker in the foreground, from the config file (see
+    csms_plugins.webhooks.worker); logs as the server does, exits 0 once stopped."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from csms.config import PluginSettings
+    from csms.migrations import pending
+
+    opened = open_database(args, create=False, migrate=False)
+    config = opened.config
+    try:
+        if "webhooks" not in config.enabled_plugins:
+            raise AdminError("the webhooks plugin is not enabled in [plugins] enabled")
+        try:
+            with opened.engine.connect() as conn:
+                behind = pending(conn, schema_histories(config))
+        except SQLAlchemyError as exc:
+            raise AdminError(f"database {opened.where}: {describe(exc)}") from None
+        if behind:
+            raise AdminError(f"database {opened.where}: its schema is behind this code ({'; '.join(behind)}): "
+                             "start the CSMS once or run `csms-admin db upgrade`")
+    finally:
+        opened.engine.dispose()
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from csms.logs import CSMSLogObserver
+    from csms_plugins.webhooks.plugin import WebhooksPlugin
+    from csms_plugins.webhooks.worker import run, worker_spec
+
+    declared = {setting.name for setting in WebhooksPlugin.settings}
+    given = config.plugin_settings.get("webhooks", {})
+    unknown = sorted(set(given) - declared)
+    if unknown:
+        raise ConfigError(f"[plugin:webhooks] has no setting {unknown[0]!r}")
+    settings = WebhooksPlugin.read_settings(PluginSettings("webhooks", given, WebhooksPlugin.settings))
+    globalLogBeginner.beginLoggingTo([CSMSLogObserver(sys.stdout, config.log_level, config.log_format)],
+                                     redirectStandardIO=False)
+    return run(reactor, worker_spec(config, settings))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="csms-admin", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG} when it exists)")
@@ -295,6 +336,10 @@ def main(argv=None) -> int:
                           help="fill it with what the plugin's tables changed since its last migration")
     revision.add_argument("--against", metavar="URL",
                           help="autogenerate on this database (rolled back) instead of an in-memory SQLite one")
+    webhooks = sub.add_parser("webhooks", help="webhook delivery (docs/webhooks.md)").add_subparsers(
+        dest="action", required=True)
+    webhooks.add_parser("deliver", help="deliver the outbox's webhook events until stopped (SIGTERM, Ctrl-C); "
+                                        "for [plugin:webhooks] delivery = external")
     args = parser.parse_args(argv)
 
     from csms.plugins import PluginError
@@ -302,6 +347,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "db":
             return db_command(args)
+        if args.command == "webhooks":
+            return webhooks_command(args)
         opened = open_database(args)
     except (ConfigError, PluginError) as exc:
         print(f"csms-admin: {exc}", file=sys.stderr)

@@ -40,7 +40,8 @@ class WebhooksPlugin:
     settings = (
         Setting("delivery", str, "worker",
                 "Where events are sent from: worker (a process the CSMS starts beside it), in-process (on the "
-                "OCPP reactor), external (`csms-admin webhooks deliver`, run by the operator)."),
+                "OCPP reactor), external (`csms-admin webhooks deliver`, run by the operator).",
+                choices=DELIVERY_MODES),
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
         Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
@@ -71,15 +72,9 @@ class WebhooksPlugin:
     @hookimpl
     def csms_configure(self, app):
         self.app = app
-        section = app.config.plugin(self.name)
-        self.settings_values = {setting.name: section[setting.name] for setting in self.settings}
-        for name in POSITIVE:
-            if not self.settings_values[name] > 0:
-                raise ConfigError(f"[plugin:webhooks] {name} must be positive")
+        self.settings_values = self.read_settings(app.config.plugin(self.name))
         networks = parse_networks(self.settings_values["allow_private_networks"], "allow_private_networks")
         delivery = self.settings_values["delivery"]
-        if delivery not in DELIVERY_MODES:
-            raise ConfigError(f"[plugin:webhooks] delivery must be one of {', '.join(DELIVERY_MODES)}, not {delivery!r}")
         if delivery != "in-process" and app.db.is_sqlite and (app.db.url.database or ":memory:") == ":memory:":
             raise ConfigError(f"[plugin:webhooks] delivery = {delivery} needs a database another process can open "
                               "(an SQLite file or PostgreSQL): this one is in memory; use delivery = in-process")
@@ -105,6 +100,15 @@ class WebhooksPlugin:
             self.worker = WorkerProcess(self, app.reactor, app.clock, worker_spec(app.config, self.settings_values))
         # Another node's subscription change: this node's outbox writer must store events for it too.
         app.cluster.subscribe(SUBSCRIPTIONS_CHANGED, lambda data, origin: self.refresh_wanted())
+
+    @classmethod
+    def read_settings(cls, section) -> dict:
+        """The typed ``[plugin:webhooks]`` values (a :class:`csms.config.PluginSettings`), or ConfigError."""
+        values = {setting.name: section[setting.name] for setting in cls.settings}
+        for name in POSITIVE:
+            if not values[name] > 0:
+                raise ConfigError(f"[plugin:webhooks] {name} must be positive")
+        return values
 
     @hookimpl
     def csms_tables(self):

@@ -1,6 +1,7 @@
 """The webhooks plugin's store: the outbox writer, claiming of due deliveries, subscriptions."""
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime, timezone
 
@@ -41,6 +42,17 @@ _OUTCOME = update(deliveries).where(deliveries.c.id.in_(bindparam("deliveries", 
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
 #: Events none of whose deliveries are left (purged or their subscription deleted).
 _ORPHAN_EVENTS = delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
+
+
+def time_ordered_uuid(now_ms: int) -> str:
+    """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then random bits. Ids written one after
+    another sort one after another, so the event table's key and the deliveries' event index grow at
+    their end (a few pages per transaction) instead of at random places (a page per event), which is
+    what the OCPP transactions writing them pay for. (Python 3.14's uuid.uuid7 makes the same.)"""
+    value = (now_ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big") & ((1 << 80) - 1)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # variant 10
+    return str(uuid.UUID(int=value))
 
 
 def event_body(event_id: str, event_type: str, created_at: datetime, data_json: str) -> str:
@@ -88,7 +100,7 @@ class WebhookStore:
         if not wanting:
             return
         now = self.now()
-        event_id = str(uuid.uuid4())
+        event_id = time_ordered_uuid(int(self.clock.seconds() * 1000))
         body = event_body(event_id, event_type, now,
                           orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode())
         self.db.insert_many(conn, events, EVENT_COLUMNS, [(event_id, body, now)])
@@ -226,7 +238,7 @@ class WebhookStore:
     def add_test_delivery(self, subscription_id: int, event_type: str, data: dict):
         """A delivery of a test event to one subscription; fires with it, or None without the subscription."""
         now = self.now()
-        event_id = str(uuid.uuid4())
+        event_id = time_ordered_uuid(int(self.clock.seconds() * 1000))
         body = event_body(event_id, event_type, now, orjson.dumps(data).decode())
 
         def thd(conn):

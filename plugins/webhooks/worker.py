@@ -45,8 +45,10 @@ SPEC_VARIABLE = "CSMS_WEBHOOKS_WORKER"
 LOCK_RETRY = 2.0
 #: Seconds between two reports of the delivery counts to the CSMS.
 REPORT_INTERVAL = 1.0
-#: The advisory lock's key on PostgreSQL (any fixed 64-bit number; this one reads "csmswhk1").
-ADVISORY_KEY = 0x63736D7377686B31
+#: The advisory lock's first key on PostgreSQL (any fixed 32-bit number; this one reads "cswh"); the
+#: second is a hash of the schema, so that CSMS installations sharing a database in schemas of their
+#: own each have their delivery lock.
+ADVISORY_CLASS = 0x63737768
 #: Restarts of a worker that died: first after this many seconds, doubling up to RESTART_MAX.
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 #: A worker that ran this long before dying is restarted after RESTART_FIRST again.
@@ -57,8 +59,13 @@ STOP_TIMEOUT = 10.0
 
 def worker_spec(config, settings: dict) -> dict:
     """What the CSMS hands its worker: the database, the webhooks settings and the log level (from the
-    configuration as resolved, command-line overrides included)."""
-    return {"database": {"url": config.database.url, "sqlite_synchronous": config.database.sqlite_synchronous},
+    configuration as resolved, command-line overrides included).
+
+    On SQLite the worker commits without waiting for the disk (``synchronous = NORMAL``; WAL keeps the
+    file consistent): all it writes is how deliveries went, and an outcome lost to a power cut leaves
+    its deliveries pending, sent again (at least once, as promised). Its commits then hold the write
+    lock, which the OCPP writer waits for, for far less time."""
+    return {"database": {"url": config.database.url, "sqlite_synchronous": "NORMAL"},
             "settings": settings, "log_level": config.log_level}
 
 
@@ -266,7 +273,8 @@ class AdvisoryLock:
         def acquire():
             conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             try:
-                got = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
+                got = conn.execute(text("SELECT pg_try_advisory_lock(:class, hashtext(current_schema()))"),
+                                   {"class": ADVISORY_CLASS}).scalar()
             except Exception:
                 conn.close()
                 raise

@@ -1,0 +1,319 @@
+"""Webhook delivery in a process of its own (``[plugin:webhooks] delivery = worker``, the default).
+
+Real processes throughout: ``twistd csms`` starting its delivery worker, a twisted.web receiver on
+loopback in the test, stations over real sockets, ``csms-admin webhooks deliver`` for ``delivery =
+external``, on SQLite and on PostgreSQL. The worker is restarted when it dies, ends with the CSMS
+(even after a ``kill -9`` of the CSMS), and only one process delivers for a database at a time: the
+others stand by and take over when it ends.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import sys
+import textwrap
+
+import pytest
+import pytest_twisted
+import treq
+from test_webhooks import Receiver, expected_signature, receiver  # noqa: F401 (a fixture)
+from twisted.internet import defer, reactor, task
+
+from csms.testing.processes import WatchedProcess, die_with_parent, listening_port, run_twistd
+from csms.testing.station import connect_station
+
+TOKEN = "worker-test-token-0123456789"
+TIMEOUT = 60
+
+
+def write_config(tmp_path, database_url: str, delivery: str = "worker") -> str:
+    path = tmp_path / "csms.ini"
+    path.write_text(textwrap.dedent(f"""\
+        [ocpp]
+        endpoint = tcp:0:interface=127.0.0.1
+        [api]
+        endpoint = tcp:0:interface=127.0.0.1
+        tokens = {TOKEN}
+        [database]
+        url = {database_url}
+        auto_upgrade = true
+        [plugins]
+        enabled = core, webhooks
+        [plugin:webhooks]
+        delivery = {delivery}
+        allow_private_networks = 127.0.0.0/8
+        poll_interval = 0.2
+        """), encoding="utf-8")
+    return str(path)
+
+
+class Node:
+    """A ``twistd csms`` process and its ports."""
+
+    def __init__(self, process: WatchedProcess, output: str):
+        self.process = process
+        self.ocpp_port = listening_port(output, "OCPP 1.6J endpoint")
+        self.api_port = listening_port(output, "Operator API")
+
+    async def api(self, method: str, path: str, json=None):
+        response = await treq.request(method, f"http://127.0.0.1:{self.api_port}{path}", json=json,
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+        body = await response.text()
+        return response.code, body
+
+    async def metric(self, line_start: str) -> float | None:
+        code, body = await self.api("GET", "/metrics")
+        assert code == 200, body
+        for line in body.splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.split()[-1])
+        return None
+
+    def worker_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"Webhook delivery worker started \(pid (\d+)\)", self.process.stdout)]
+
+
+async def start_node(tmp_path, database_url: str, delivery: str = "worker") -> Node:
+    process = run_twistd(write_config(tmp_path, database_url, delivery), str(tmp_path))
+    output = await process.logged("Central System ready")
+    return Node(process, output)
+
+
+async def subscribe(node: Node, url: str, event_types=("station.booted", "station.connected")) -> dict:
+    import json
+
+    code, body = await node.api("POST", "/api/v1/webhooks", {"url": url, "event_types": list(event_types)})
+    assert code == 201, body
+    return json.loads(body)
+
+
+async def boot(node: Node, station_id: str):
+    station = await connect_station(reactor, node.ocpp_port, station_id)
+    answer = await station.call("BootNotification", {"chargePointVendor": "Acme", "chargePointModel": "W1"})
+    assert answer["status"] == "Accepted", answer
+    return station
+
+
+def next_event(receiver, seconds: float = TIMEOUT):
+    return receiver.arrived.get().addTimeout(seconds, reactor)
+
+
+async def until(check, seconds: float = TIMEOUT, every: float = 0.1):
+    """Awaits ``check()`` (a coroutine function) until it is truthy; bounded. For what another process
+    reports through its pipes and the metrics, which no Deferred here fires for."""
+    for _ in range(int(seconds / every)):
+        value = await check()
+        if value:
+            return value
+        await task.deferLater(reactor, every, lambda: None)
+    raise AssertionError(f"not true within {seconds} s: {check}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A child of ours that ended but was not reaped yet is gone too.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_csms_starts_its_worker_which_delivers_is_restarted_and_ends_with_it(tmp_path, database_url,
+                                                                                       receiver):
+    node = await start_node(tmp_path, database_url)
+    try:
+        await node.process.logged("holds the delivery lock: delivering")
+        subscription = await subscribe(node, receiver.url)
+        station = await boot(node, "CP-W1")
+        event = await next_event(receiver)
+        assert event["json"]["type"] in ("station.connected", "station.booted")
+        assert event["headers"]["webhook-signature"] == expected_signature(
+            subscription["secret"], event["headers"], event["body"])
+        assert await node.metric("csms_webhook_worker_up") == 1
+        assert await node.metric("csms_webhook_worker_delivering") == 1
+        await until(lambda: node.metric('csms_webhook_deliveries_total{outcome="delivered"}'))
+        # The CSMS's own reactor sent nothing: the worker process did.
+        [first_worker] = node.worker_pids()
+        assert first_worker != node.process.transport.pid
+
+        # The worker dies: the CSMS restarts it, and delivery goes on.
+        os.kill(first_worker, 9)
+        await node.process.logged("restarting it in 1 s")
+        await until(lambda: defer.succeed(len(node.worker_pids()) == 2))
+        second_worker = node.worker_pids()[1]
+        await until(lambda: defer.succeed(node.process.stdout.count("holds the delivery lock: delivering") == 2))
+        assert await node.metric("csms_webhook_worker_restarts_total") == 1
+        while receiver.arrived.pending:
+            receiver.arrived.pending.pop()
+        await station.close()
+        await boot(node, "CP-W2")
+        event = await next_event(receiver)
+        assert event["json"]["data"]["station_id"] in ("CP-W1", "CP-W2")
+
+        # The CSMS is killed: its worker notices its pipe close and ends by itself.
+        node.process.signal("KILL")
+        await node.process.finished()
+        await until(lambda: defer.succeed(gone(second_worker)))
+    finally:
+        await node.process.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_csms_stops_its_worker_which_says_what_it_did(tmp_path, receiver):
+    node = await start_node(tmp_path, f"sqlite:///{tmp_path}/csms.sqlite")
+    await node.process.logged("holds the delivery lock: delivering")
+    await subscribe(node, receiver.url)
+    station = await boot(node, "CP-S1")
+    await next_event(receiver)
+    await station.close()
+    [worker] = node.worker_pids()
+    assert await node.process.stop() == 0
+    output = node.process.stdout
+    assert re.search(r"\[webhook worker\] Webhooks: \d+ events delivered", output), output
+    assert "Traceback" not in output and "Unhandled" not in output, output
+    assert gone(worker)
+
+
+def run_deliver(tmp_path, config: str) -> WatchedProcess:
+    """``csms-admin webhooks deliver``, watched."""
+    process = WatchedProcess(reactor, TIMEOUT)
+    admin = os.path.join(os.path.dirname(sys.executable), "csms-admin")
+    argv = die_with_parent([admin, "--config", config, "webhooks", "deliver"])
+    reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ), path=str(tmp_path))
+    return process
+
+
+@pytest_twisted.ensureDeferred
+async def test_external_delivery_by_csms_admin_with_one_deliverer_and_a_standby_taking_over(tmp_path, database_url,
+                                                                                            receiver):
+    node = await start_node(tmp_path, database_url, delivery="external")
+    first = second = None
+    try:
+        assert node.worker_pids() == []
+        await subscribe(node, receiver.url)
+        station = await boot(node, "CP-E1")
+        await station.close()
+        assert receiver.requests == []  # written to the outbox; nobody here delivers
+
+        config = str(tmp_path / "csms.ini")
+        first = run_deliver(tmp_path, config)
+        await first.logged("holds the delivery lock: delivering")
+        event = await next_event(receiver)  # what waited in the outbox
+        assert event["json"]["data"]["station_id"] == "CP-E1"
+
+        second = run_deliver(tmp_path, config)
+        await second.logged("Another process holds the webhook delivery lock: standing by")
+
+        first.signal("KILL")  # its lock goes with it (the flock with the process, the advisory lock
+        await first.finished()  # with its connection)
+        await second.logged("holds the delivery lock: delivering")
+        while receiver.arrived.pending:
+            receiver.arrived.pending.pop()
+        station = await boot(node, "CP-E2")
+        event = await next_event(receiver)
+        assert event["json"]["data"]["station_id"] == "CP-E2"
+        await station.close()
+        assert await second.stop() == 0
+        assert "Traceback" not in second.stdout + second.stderr
+    finally:
+        for process in (first, second):
+            if process is not None:
+                await process.stop()
+        await node.process.stop()
+
+
+def test_csms_admin_deliver_refuses_a_config_without_webhooks_and_typos(tmp_path):
+    import subprocess
+
+    admin = os.path.join(os.path.dirname(sys.executable), "csms-admin")
+    url = f"sqlite:///{tmp_path}/csms.sqlite"
+    config = write_config(tmp_path, url, delivery="external")
+    created = subprocess.run([admin, "--config", config, "--create", "db", "upgrade"], capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    text = (tmp_path / "csms.ini").read_text()
+    (tmp_path / "typo.ini").write_text(text.replace("poll_interval", "pol_interval"))
+    (tmp_path / "off.ini").write_text(text.replace("enabled = core, webhooks", "enabled = core"))
+    for name, expected in (("typo.ini", "[plugin:webhooks] has no setting 'pol_interval'"),
+                           ("off.ini", "the webhooks plugin is not enabled")):
+        run = subprocess.run([admin, "--config", str(tmp_path / name), "webhooks", "deliver"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=TIMEOUT)
+        assert run.returncode != 0
+        assert expected in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_delivery_mode_stops_start_up_with_one_line(tmp_path):
+    from test_startup import failed_start
+
+    path = write_config(tmp_path, f"sqlite:///{tmp_path}/csms.sqlite", delivery="sideways")
+    process = run_twistd(path, str(tmp_path))
+    await failed_start(process, "[plugin:webhooks] delivery must be one of worker, in-process, external, "
+                                "not 'sideways'")
+
+
+def test_worker_delivery_needs_a_database_another_process_can_open():
+    from csms.app import CentralSystem
+    from csms.config import ConfigError, load_config
+
+    config = load_config(text="[plugins]\nenabled = core, webhooks\n")
+    config.database.url = "sqlite:///:memory:"
+    with pytest.raises(ConfigError, match="delivery = worker needs a database another process can open"):
+        CentralSystem(config)
+    config = load_config(text="[plugins]\nenabled = core, webhooks\n[plugin:webhooks]\ndelivery = in-process\n")
+    config.database.url = "sqlite:///:memory:"
+    CentralSystem(config)  # in-process needs no other process
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_file_lock_is_held_by_one_holder_at_a_time(tmp_path):
+    from csms_plugins.webhooks.worker import FileLock
+
+    path = str(tmp_path / "csms.sqlite-webhooks.lock")
+    one, other = FileLock(path), FileLock(path)
+    assert await one.try_acquire() is True
+    assert await other.try_acquire() is False
+    assert not other.held
+    one.release()
+    assert await other.try_acquire() is True
+    other.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_writer_takes_the_write_lock_when_its_transaction_begins(tmp_path):
+    """Another process writing the same file (the worker) must make the CSMS's writer wait, never fail
+    it: a deferred transaction that read first, then met a write committed meanwhile, would fail at
+    its own first write (SQLITE_BUSY_SNAPSHOT) instead of waiting."""
+    from sqlalchemy import text
+
+    from csms.db import Database
+
+    path = tmp_path / "lock.sqlite"
+    db = Database(f"sqlite:///{path}", reactor)
+    db.run_sync(lambda conn: conn.execute(text("CREATE TABLE t (n INTEGER)")))
+    db.start()
+    try:
+        def read_then_write(conn):
+            conn.execute(text("SELECT count(*) FROM t")).scalar()
+            other = sqlite3.connect(str(path), timeout=0.05, isolation_level=None)
+            try:
+                other.execute("INSERT INTO t VALUES (2)")  # another process's write, meanwhile
+                others_write = "committed"
+            except sqlite3.OperationalError as exc:
+                others_write = str(exc)
+            finally:
+                other.close()
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+            return others_write
+        outcome = await db.run(read_then_write).addTimeout(TIMEOUT, reactor)
+        assert outcome == "database is locked"  # it waited for our writer, which held the lock from BEGIN
+        assert db.stats["retries"] == 0
+    finally:
+        db.stop()
