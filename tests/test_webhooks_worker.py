@@ -260,16 +260,16 @@ async def test_an_unknown_delivery_mode_stops_start_up_with_one_line(tmp_path):
 
 
 def test_worker_delivery_needs_a_database_another_process_can_open():
-    from csms.app import CentralSystem
     from csms.config import ConfigError, load_config
+    from csms.service import CSMSService
 
     config = load_config(text="[plugins]\nenabled = core, webhooks\n")
     config.database.url = "sqlite:///:memory:"
     with pytest.raises(ConfigError, match="delivery = worker needs a database another process can open"):
-        CentralSystem(config)
+        CSMSService(config)
     config = load_config(text="[plugins]\nenabled = core, webhooks\n[plugin:webhooks]\ndelivery = in-process\n")
     config.database.url = "sqlite:///:memory:"
-    CentralSystem(config)  # in-process needs no other process
+    CSMSService(config)  # in-process needs no other process
 
 
 @pytest_twisted.ensureDeferred

@@ -44,6 +44,8 @@ BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
 USER_AGENT = b"csms-webhooks/1"
 #: Seconds (on the app's clock) between two looks for deliveries too old to keep trying.
 SWEEP_INTERVAL = 60.0
+#: Most outbox events a pass turns into deliveries (webhooks_outbox: see WebhookStore.fan_out).
+FAN_OUT_LIMIT = 1000
 #: Seconds between a POST's outcome and the pass it starts (see Dispatcher._poke_after_a_while).
 REPASS_DELAY = 0.1
 
@@ -266,6 +268,10 @@ class Dispatcher(service.Service):
                          age=settings["dead_letter_after"])
             self.stats["dead"] += dead
             self.count("dead", dead)
+        # Events written since the last pass become deliveries (webhooks_outbox -> webhooks_deliveries).
+        moved = yield self.store.fan_out(FAN_OUT_LIMIT)
+        if moved >= FAN_OUT_LIMIT:
+            self._again = True  # more is waiting
         # Deliveries recorded from here on were read by this pass as still pending, if its read began
         # before their outcome committed: _queue leaves them out.
         self._settled = set()

@@ -75,9 +75,6 @@ class WebhooksPlugin:
         self.settings_values = self.read_settings(app.config.plugin(self.name))
         networks = parse_networks(self.settings_values["allow_private_networks"], "allow_private_networks")
         delivery = self.settings_values["delivery"]
-        if delivery != "in-process" and app.db.is_sqlite and (app.db.url.database or ":memory:") == ":memory:":
-            raise ConfigError(f"[plugin:webhooks] delivery = {delivery} needs a database another process can open "
-                              "(an SQLite file or PostgreSQL): this one is in memory; use delivery = in-process")
         self.guard = ReceiverGuard(AddressPolicy(networks), app.reactor.nameResolver)
         self.store = WebhookStore(app.db, app.clock)
         app.outbox.attach(self.store.write_event)
@@ -116,6 +113,11 @@ class WebhooksPlugin:
 
     @hookimpl
     def csms_services(self, app):
+        # Here, not in csms_configure: `csms-admin db revision` configures an app on an in-memory database.
+        delivery = self.settings_values["delivery"]
+        if delivery != "in-process" and app.db.is_sqlite and (app.db.url.database or ":memory:") == ":memory:":
+            raise ConfigError(f"[plugin:webhooks] delivery = {delivery} needs a database another process can open "
+                              "(an SQLite file or PostgreSQL): this one is in memory; use delivery = in-process")
         return [_Starter(self)] + [service for service in (self.dispatcher, self.worker) if service is not None]
 
     @hookimpl

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
-from .tables import deliveries, events, subscriptions
+from .tables import deliveries, events, outbox, subscriptions
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATES = (PENDING, DELIVERED, DEAD)
@@ -20,6 +20,7 @@ ALL_TYPES = "*"
 DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attempts", "created_at",
                     "next_attempt_at")
 EVENT_COLUMNS = ("event_id", "body", "created_at")
+OUTBOX_COLUMNS = ("event_id", "event_type", "subscribers", "body", "created_at")
 #: The longest error text kept for a delivery attempt.
 MAX_ERROR_LENGTH = 500
 
@@ -94,8 +95,8 @@ class WebhookStore:
     # -- the outbox writer (runs inside other stores' thd functions) --------------------------------
 
     def write_event(self, conn, event_type: str, data: dict) -> None:
-        """``app.outbox``'s writer: the event's body once, and a small delivery row per subscription wanting
-        it, held and written with the other rows of its transaction (multi-row INSERTs per group commit)."""
+        """``app.outbox``'s writer: one ``webhooks_outbox`` row naming the subscriptions that want the event,
+        held and written with the other rows of its transaction (multi-row INSERTs per group commit)."""
         wanting = self.subscribers.get(event_type)
         if not wanting:
             return
@@ -103,12 +104,37 @@ class WebhookStore:
         event_id = time_ordered_uuid(int(self.clock.seconds() * 1000))
         body = event_body(event_id, event_type, now,
                           orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode())
-        self.db.insert_many(conn, events, EVENT_COLUMNS, [(event_id, body, now)])
-        self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS,
-                            [(subscription_id, event_id, event_type, PENDING, 0, now, now)
-                             for subscription_id in wanting])
+        self.db.insert_many(conn, outbox, OUTBOX_COLUMNS,
+                            [(event_id, event_type, ",".join(map(str, wanting)), body, now)])
 
     # -- the dispatcher's work ------------------------------------------------------------------
+
+    def fan_out(self, limit: int):
+        """Move up to ``limit`` events from the outbox, oldest first: each into ``webhooks_events`` with a
+        pending delivery per subscription it names that still exists, in one transaction that deletes
+        them from the outbox (rerun whole, or not at all). Fires with how many were moved."""
+        def thd(conn):
+            query = select(outbox).order_by(outbox.c.seq).limit(limit)
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)  # a second deliverer, in a lock hand-over
+            rows = conn.execute(query).fetchall()
+            if not rows:
+                return 0
+            existing = set(conn.execute(select(subscriptions.c.id)).scalars())
+            event_rows, delivery_rows = [], []
+            for row in rows:
+                wanting = [int(part) for part in row.subscribers.split(",") if part and int(part) in existing]
+                if not wanting:
+                    continue  # its subscriptions were deleted meanwhile
+                event_rows.append((row.event_id, row.body, row.created_at))
+                delivery_rows += [(subscription_id, row.event_id, row.event_type, PENDING, 0, row.created_at,
+                                   row.created_at) for subscription_id in wanting]
+            if event_rows:
+                self.db.insert_many(conn, events, EVENT_COLUMNS, event_rows)
+                self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS, delivery_rows)
+            conn.execute(delete(outbox).where(outbox.c.seq.in_([row.seq for row in rows])))
+            return len(rows)
+        return self.db.run(thd, desc="webhooks_fan_out")
 
     def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
         """Dead-letter pending deliveries older than ``dead_before`` (not in ``busy``), purge finished ones

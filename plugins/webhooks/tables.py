@@ -19,6 +19,22 @@ subscriptions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+#: The outbox proper, what the transactions of the changes write: one row per event, appended (its one
+#: index is the sequence), naming the subscriptions that wanted it then. The delivering process moves
+#: each into ``webhooks_events`` and a ``webhooks_deliveries`` row per subscription, in one transaction
+#: that deletes it here, so that the OCPP transactions write one small row per event, not 1 + N with
+#: four indexes to keep.
+outbox = Table(
+    "webhooks_outbox", metadata,
+    Column("seq", BIG_KEY, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    #: The ids of the subscriptions that wanted the event when it was written, comma separated.
+    Column("subscribers", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 #: Each event as delivered ({"id", "type", "created_at", "data"}, JSON), once however many subscriptions
 #: want it; written with its deliveries, purged with the last of them.
 events = Table(
@@ -28,8 +44,8 @@ events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-#: The outbox: one row per (event, subscription), written in the transaction of the change that caused
-#: the event (csms.outbox), then its state, attempts and the last attempt's outcome.
+#: One row per (event, subscription), made from its ``webhooks_outbox`` row, then its state, attempts and
+#: the last attempt's outcome.
 deliveries = Table(
     "webhooks_deliveries", metadata,
     Column("id", BIG_KEY, primary_key=True, autoincrement=True),
