@@ -36,6 +36,11 @@ log = Logger(namespace="csms.db")
 
 _TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
 MAX_ATTEMPTS = 3
+#: SQLite: seconds between two checkpoints of the write-ahead log, on the checkpoint thread.
+CHECKPOINT_INTERVAL = 1.0
+#: SQLite: WAL pages after which a committing connection checkpoints by itself (SQLite's default is
+#: 1,000), in case the checkpoint thread falls behind.
+AUTOCHECKPOINT_PAGES = 20000
 #: In a connection's ``info``: it is a pool thread's, whose transactions write (see _sqlite_begin).
 _WRITER = "csms_writer"
 #: Most functions committed together in one group commit.
@@ -104,6 +109,9 @@ class Database:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.execute(f"PRAGMA synchronous={synchronous}")
+                # Checkpoints run on a thread of their own (_checkpoint), not inside a commit that OCPP
+                # calls wait for; this is only the safety net should that fall behind.
+                cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
                 cursor.close()
                 # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin, so that
                 # SAVEPOINTs (group commit) behave (SQLAlchemy's documented pysqlite recipe).
@@ -122,8 +130,12 @@ class Database:
         # write (read()) get a thread and a connection of their own, which WAL lets read beside the writer.
         # Not for an in-memory database, whose one connection every thread shares.
         self._reader = None
+        #: SQLite (a file): the thread checkpointing the WAL every CHECKPOINT_INTERVAL seconds, and its loop.
+        self._checkpointer = None
+        self._checkpoints = None
         if self.is_sqlite and kwargs.get("poolclass") is not StaticPool:
             self._reader = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-read")
+            self._checkpointer = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-checkpoint")
         self._started = False
         self._queue: deque = deque()
         # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy
@@ -150,6 +162,13 @@ class Database:
             self.pool.start()
             if self._reader is not None:
                 self._reader.start()
+            if self._checkpointer is not None:
+                from twisted.internet import task
+
+                self._checkpointer.start()
+                self._checkpoints = task.LoopingCall(self._checkpoint)
+                self._checkpoints.clock = self.reactor
+                self._checkpoints.start(CHECKPOINT_INTERVAL, now=False)
             self._started = True
 
     def stop(self) -> None:
@@ -165,6 +184,10 @@ class Database:
             self.pool.stop()
             if self._reader is not None:
                 self._reader.stop()
+            if self._checkpoints is not None and self._checkpoints.running:
+                self._checkpoints.stop()
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
             # The pool's threads have ended: close the connections they kept.
             for conn in self._connections:
                 try:
@@ -213,6 +236,32 @@ class Database:
             with conn.begin():
                 return thd(conn, *args, **kwargs)
         return threads.deferToThreadPool(self.reactor, self._reader, in_thread)
+
+    def _checkpoint(self) -> defer.Deferred:
+        """Copy the WAL's committed pages into the database file (SQLite), beside the writer.
+
+        SQLite's own automatic checkpoint runs inside the commit that crosses its threshold, and every
+        call waiting for that group commit waits for the copy and its fsync too: with it, the slowest
+        OCPP answers were mostly those. A PASSIVE checkpoint waits for nobody and blocks nobody: it
+        copies what no reader still needs, and the WAL starts again from its beginning once all of it
+        was copied. One at a time; a failure is logged and the next round tries again."""
+        def in_thread():
+            conn = getattr(self._local, "raw", None)
+            if conn is None:
+                conn = self._local.raw = self.engine.raw_connection()
+                with self._lock:
+                    self._connections.append(conn)
+            cursor = conn.cursor()
+            try:
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                cursor.fetchall()
+            finally:
+                cursor.close()
+
+        def failed(failure):
+            log.warn("WAL checkpoint failed (tried again in {interval:g} s): {error}", interval=CHECKPOINT_INTERVAL,
+                     error=failure.getErrorMessage())
+        return threads.deferToThreadPool(self.reactor, self._checkpointer, in_thread).addErrback(failed)
 
     def barrier(self) -> defer.Deferred:
         """Fires once what was queued before it has been committed (or has failed); at once when stopped."""
