@@ -281,3 +281,35 @@ def test_work_given_after_stop_fails_at_once_instead_of_waiting_for_ever(databas
     outcomes = []
     database.run(lambda conn: 1, desc="late").addBoth(outcomes.append)
     assert len(outcomes) == 1 and outcomes[0].check(DatabaseStopped)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_checkpoints_run_beside_the_writer_not_in_its_commits(tmp_path):
+    """The writer's connections leave the WAL to the checkpoint thread (a commit that checkpoints makes
+    every call waiting for it wait for the copy and its fsync), which copies it all back each round."""
+    import os
+
+    from sqlalchemy import text
+    from twisted.internet import reactor
+
+    from csms.db import AUTOCHECKPOINT_PAGES, Database
+
+    path = tmp_path / "wal.sqlite"
+    db = Database(f"sqlite:///{path}", reactor)
+    db.run_sync(lambda conn: conn.execute(text("CREATE TABLE t (n INTEGER, pad TEXT)")))
+    db.start()
+    db._checkpoints.stop()  # rounds only when this test says (its writes may take longer than one interval)
+    try:
+        def write(conn, start):
+            for n in range(start, start + 500):
+                conn.execute(text("INSERT INTO t VALUES (:n, :pad)"), {"n": n, "pad": "x" * 2000})
+            return conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+        for start in range(0, 3000, 500):  # ~6 MB: past SQLite's default threshold of 1,000 pages
+            assert await db.run(write, start).addTimeout(30, reactor) == AUTOCHECKPOINT_PAGES
+        # Nothing has checkpointed yet: the rows are in the WAL, the database file has not grown.
+        assert os.path.getsize(f"{path}-wal") > 5_000_000
+        assert os.path.getsize(path) < 100_000
+        await db._checkpoint().addTimeout(30, reactor)
+        assert os.path.getsize(path) > 5_000_000
+    finally:
+        db.stop()

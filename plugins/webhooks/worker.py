@@ -351,6 +351,8 @@ class Worker:
         self._lock_loop = task.LoopingCall(self._look_at_lock)
         self._report_loop = task.LoopingCall(self._report_counts)
         self._stopping = None
+        self._said_standby = False
+        self._last_lock_error = None
 
     def _count(self, outcome: str, n: int) -> None:
         self.counts[outcome] += n
@@ -372,8 +374,13 @@ class Worker:
         try:
             held = yield (self.lock.check() if held_before else self.lock.try_acquire())
         except Exception as exc:  # noqa: BLE001 - the database is away: try again at the next round
-            log.warn("Webhook delivery lock: {error}", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            error = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            if error != self._last_lock_error:  # once per kind of trouble, not every round
+                log.warn("Webhook delivery lock: {error} (trying again every {every:g} s)", error=error,
+                         every=LOCK_RETRY)
+            self._last_lock_error = error
             return
+        self._last_lock_error = None
         if held and not held_before:
             log.info("Webhook delivery worker holds the delivery lock: delivering")
             self.report({"delivering": True})
@@ -381,7 +388,7 @@ class Worker:
         elif held_before and not held:
             log.warn("Webhook delivery worker lost the delivery lock: standing by")
             self.report({"delivering": False})
-        elif not held and not held_before and not getattr(self, "_said_standby", False):
+        elif not held and not held_before and not self._said_standby:
             self._said_standby = True
             log.info("Another process holds the webhook delivery lock: standing by")
             self.report({"delivering": False})
