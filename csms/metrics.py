@@ -204,7 +204,9 @@ class DatabaseCollector:
         for key, help_text in (("transactions", "Database transactions committed (group commits)"),
                                ("functions", "Database functions committed"),
                                ("retries", "Group commits retried after a transient error"),
-                               ("isolated", "Group commits rerun with each function in its own SAVEPOINT")):
+                               ("isolated", "Group commits rerun with each function in its own SAVEPOINT"),
+                               ("lock_waits", "SQLite transactions that waited for the write lock another "
+                                              "process (the webhook delivery worker) held")):
             family = CounterMetricFamily(f"csms_db_{key}", help_text)
             family.add_metric([], stats[key])
             yield family

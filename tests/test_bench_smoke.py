@@ -147,6 +147,22 @@ def test_the_dashboard_bench_times_the_station_list_views(tmp_path):
                                                           "| connector status Faulted", "| offline, page 1"]
 
 
+def test_the_webhooks_bench_delivers_through_the_worker_and_reports_each_run(tmp_path):
+    output = tmp_path / "webhooks.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "webhooks.py"), "--rate", "20",
+                           "--stations", "4", "--duration", "2", "--subscriptions", "2", "--only", "baseline",
+                           "webhooks-batched", "--output", str(output)], cwd=ROOT, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stderr.decode()
+    runs = {run["name"]: run for run in json.loads(output.read_text())["runs"]}
+    assert runs["baseline"]["events_total"] == 0
+    batched = runs["webhooks-batched"]
+    assert batched["delivery"] == "worker"
+    # Every MeterValues answered in the window reached the receiver once per subscription, sent by the
+    # worker process (which spent CPU on it), not by the CSMS's reactor.
+    assert batched["events_total"] >= batched["ocpp_replies"] * 2 > 0
+    assert batched["worker_cpu_seconds"] > 0
+
+
 @pytest.mark.postgresql_only
 @pytest_twisted.ensureDeferred
 async def test_the_cluster_bench_kills_a_node_and_checks_nothing_confirmed_was_lost(tmp_path, database_url):

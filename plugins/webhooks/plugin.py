@@ -42,6 +42,9 @@ class WebhooksPlugin:
                 "Where events are sent from: worker (a process the CSMS starts beside it), in-process (on the "
                 "OCPP reactor), external (`csms-admin webhooks deliver`, run by the operator).",
                 choices=DELIVERY_MODES),
+        Setting("worker_nice", int, 10,
+                "How much lower the worker's CPU priority is than the CSMS's (0-19, as nice(1)): on a busy "
+                "machine the OCPP process gets the CPU first, and delivery what is left."),
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
         Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
@@ -105,6 +108,8 @@ class WebhooksPlugin:
         for name in POSITIVE:
             if not values[name] > 0:
                 raise ConfigError(f"[plugin:webhooks] {name} must be positive")
+        if not 0 <= values["worker_nice"] <= 19:
+            raise ConfigError("[plugin:webhooks] worker_nice must be from 0 to 19")
         return values
 
     @hookimpl

@@ -495,6 +495,8 @@ def main() -> int:
               "(or run `csms-admin webhooks deliver`)", file=sys.stderr)
         return 2
     spec = json.loads(raw)
+    # A lower CPU priority than the CSMS's: when both want the CPU, OCPP answers come first.
+    os.nice(int(spec["settings"].get("worker_nice", 0)))
     pipe = _Pipe(reactor)
     stdio.StandardIO(pipe, reactor=reactor)
     globalLogBeginner.beginLoggingTo([json_log_observer(pipe.send, spec.get("log_level", "info"))],
