@@ -124,7 +124,7 @@ BENCH_PLUGINS = ("core", "firmware", "smartcharging", "reservation", "localauth"
 
 
 def start_csms(workdir: str, database_url: str | None, log_level: str, profile: str | None,
-               metrics: bool = True, plugins=BENCH_PLUGINS, extra_config: str = "") -> Server:
+               metrics: bool = True, plugins=BENCH_PLUGINS, extra_config: str = "", prefix=()) -> Server:
     port, api_port = free_port(), free_port()
     token = secrets.token_hex(16)
     db_url = database_url or f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
@@ -159,7 +159,7 @@ http_endpoint = tcp:{free_port()}:interface=127.0.0.1
 ftp_endpoint = tcp:{free_port()}:interface=127.0.0.1
 """ + extra_config)
     log_path = os.path.join(workdir, "csms.log")
-    command = [os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile="]
+    command = [*prefix, os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile="]
     if profile:
         command += ["--profile", profile, "--profiler", "cprofile", "--savestats"]
     command += ["csms", "--config", config]

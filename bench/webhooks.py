@@ -70,15 +70,31 @@ def children_cpu_seconds(pid: int) -> float:
     return total
 
 
+def pin_children(pid: int, cpus: set) -> None:
+    """Move a process's children (the delivery worker), every thread of them, to ``cpus``."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        return
+    for child in children:
+        for task in os.listdir(f"/proc/{child}/task"):
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except OSError:
+                pass
+
+
 def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
     db_url = schema.url if schema else f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
     extra = (f"[plugin:webhooks]\nallow_private_networks = 127.0.0.0/8\nmeter_values_batch_size = {batch or 1}\n"
-             f"delivery = {delivery}\n")
+             f"delivery = {delivery}\nworker_nice = {args.worker_nice}\n")
     server = run.start_csms(workdir, schema.url if schema else None, "info", args.profile and os.path.join(
                                 args.profile, f"{name}.pstats"),
-                            plugins=run.BENCH_PLUGINS + ("webhooks",), extra_config=extra)
+                            plugins=run.BENCH_PLUGINS + ("webhooks",), extra_config=extra,
+                            prefix=("taskset", "-c", "0") if args.pin else ())
     try:
         run.insert_id_tags(db_url, args.stations, "LGTAG")
         run.wait_listening(server.api_port, server.process)  # the API listens after the OCPP endpoint
@@ -87,6 +103,8 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
                 http_json("POST", server.api_url + "/webhooks", server.token,
                           {"url": receiver_url + f"/{name}/{k}", "event_types": ["meter_values.received"]})
         before = http_json("GET", receiver_url + "/stats")
+        if args.pin:
+            pin_children(server.process.pid, {1})
         scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
                                                    "--mode", "rate", "--rate", args.rate,
                                                    "--duration", args.duration]}
@@ -181,6 +199,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stations", type=int, default=100)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--postgres", metavar="URL")
+    parser.add_argument("--pin", action="store_true",
+                        help="the CSMS on CPU 0; its delivery worker, the load generator and the receiver on "
+                             "CPU 1 (a machine whose CSMS has a core to itself; 2 CPUs or more)")
+    parser.add_argument("--worker-nice", type=int, default=10, help="[plugin:webhooks] worker_nice")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the chosen runs this many times, interleaved (baseline, X, baseline, X ...)")
@@ -188,6 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (the CSMS log)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "webhooks.json"))
     args = parser.parse_args(argv)
+    if args.pin:
+        os.sched_setaffinity(0, {1})  # this process and what it starts: the receiver, the load generator
     port = run.free_port()
     receiver = subprocess.Popen([sys.executable, os.path.join(HERE, "webhook_receiver.py"), "--port", str(port)])
     try:

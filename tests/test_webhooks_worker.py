@@ -110,6 +110,11 @@ async def until(check, seconds: float = TIMEOUT, every: float = 0.1):
     raise AssertionError(f"not true within {seconds} s: {check}")
 
 
+def niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -141,6 +146,8 @@ async def test_the_csms_starts_its_worker_which_delivers_is_restarted_and_ends_w
         # The CSMS's own reactor sent nothing: the worker process did.
         [first_worker] = node.worker_pids()
         assert first_worker != node.process.transport.pid
+        # ... at a lower CPU priority (worker_nice, 10 by default): OCPP answers get the CPU first.
+        assert niceness(first_worker) == min(niceness(node.process.transport.pid) + 10, 19)
 
         # The worker dies: the CSMS restarts it, and delivery goes on.
         os.kill(first_worker, 9)

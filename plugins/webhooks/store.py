@@ -6,7 +6,8 @@ import uuid
 from datetime import datetime, timezone
 
 import orjson
-from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import (String, bindparam, cast, delete, exists, func, insert, literal, literal_column, select,
+                        update)
 
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
@@ -38,6 +39,13 @@ _OUTCOME = update(deliveries).where(deliveries.c.id.in_(bindparam("deliveries", 
     state=bindparam("b_state"), attempts=deliveries.c.attempts + 1, next_attempt_at=bindparam("b_next"),
     last_attempt_at=bindparam("b_at"), last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
     finished_at=bindparam("b_finished"))
+
+#: An outbox row names a subscription: ",1,4," has ",4," in it (subscribers is "1,4").
+_NAMES_SUBSCRIPTION = (literal(",") + outbox.c.subscribers + literal(",")).like(
+    literal("%,") + cast(subscriptions.c.id, String) + literal(",%"))
+#: The seq of the last outbox row a fan-out of ``limit`` rows takes.
+_FAN_OUT_LAST = select(func.max(literal_column("seq"))).select_from(
+    select(outbox.c.seq).order_by(outbox.c.seq).limit(bindparam("limit")).subquery())
 
 #: Deliveries with their event's body (the delivery history).
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
@@ -112,28 +120,35 @@ class WebhookStore:
     def fan_out(self, limit: int):
         """Move up to ``limit`` events from the outbox, oldest first: each into ``webhooks_events`` with a
         pending delivery per subscription it names that still exists, in one transaction that deletes
-        them from the outbox (rerun whole, or not at all). Fires with how many were moved."""
+        them from the outbox (rerun whole, or not at all). Fires with how many were moved.
+
+        In SQL statements only, rows never coming up into Python: on SQLite this transaction holds the
+        database's one write lock, which the OCPP writer of the CSMS waits for meanwhile."""
         def thd(conn):
-            query = select(outbox).order_by(outbox.c.seq).limit(limit)
-            if not self.db.is_sqlite:
-                query = query.with_for_update(skip_locked=True)  # a second deliverer, in a lock hand-over
-            rows = conn.execute(query).fetchall()
-            if not rows:
-                return 0
-            existing = set(conn.execute(select(subscriptions.c.id)).scalars())
-            event_rows, delivery_rows = [], []
-            for row in rows:
-                wanting = [int(part) for part in row.subscribers.split(",") if part and int(part) in existing]
-                if not wanting:
-                    continue  # its subscriptions were deleted meanwhile
-                event_rows.append((row.event_id, row.body, row.created_at))
-                delivery_rows += [(subscription_id, row.event_id, row.event_type, PENDING, 0, row.created_at,
-                                   row.created_at) for subscription_id in wanting]
-            if event_rows:
-                self.db.insert_many(conn, events, EVENT_COLUMNS, event_rows)
-                self.db.insert_many(conn, deliveries, DELIVERY_COLUMNS, delivery_rows)
-            conn.execute(delete(outbox).where(outbox.c.seq.in_([row.seq for row in rows])))
-            return len(rows)
+            if self.db.is_sqlite:
+                # One writer at a time, and a row's seq is given when it is written: the rows up to the
+                # limit's are exactly those committed, and no other can come in below it meanwhile.
+                last = conn.execute(_FAN_OUT_LAST, {"limit": limit}).scalar()
+                if last is None:
+                    return 0
+                chosen = outbox.c.seq <= last
+            else:
+                # PostgreSQL hands out seqs at INSERT and commits in any order: exactly the rows read
+                # (and locked: a second deliverer, in a lock hand-over, skips them).
+                seqs = list(conn.execute(select(outbox.c.seq).order_by(outbox.c.seq).limit(limit)
+                                         .with_for_update(skip_locked=True)).scalars())
+                if not seqs:
+                    return 0
+                chosen = outbox.c.seq.in_(seqs)
+            conn.execute(insert(events).from_select(
+                list(EVENT_COLUMNS), select(outbox.c.event_id, outbox.c.body, outbox.c.created_at)
+                .where(chosen, exists().where(_NAMES_SUBSCRIPTION))))
+            conn.execute(insert(deliveries).from_select(
+                list(DELIVERY_COLUMNS), select(subscriptions.c.id, outbox.c.event_id, outbox.c.event_type,
+                                               literal(PENDING), literal(0), outbox.c.created_at,
+                                               outbox.c.created_at)
+                .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(chosen)))
+            return conn.execute(delete(outbox).where(chosen)).rowcount
         return self.db.run(thd, desc="webhooks_fan_out")
 
     def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
