@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import pytest_twisted
 import treq
-from test_webhooks import Receiver, expected_signature, receiver  # noqa: F401 (a fixture)
+from test_webhooks import expected_signature, receiver  # noqa: F401, F811 (a fixture)
 from twisted.internet import defer, reactor, task
 
 from csms.testing.processes import WatchedProcess, die_with_parent, listening_port, run_twistd
@@ -95,8 +95,8 @@ async def boot(node: Node, station_id: str):
     return station
 
 
-def next_event(receiver, seconds: float = TIMEOUT):
-    return receiver.arrived.get().addTimeout(seconds, reactor)
+def next_event(hook, seconds: float = TIMEOUT):
+    return hook.arrived.get().addTimeout(seconds, reactor)
 
 
 async def until(check, seconds: float = TIMEOUT, every: float = 0.1):
