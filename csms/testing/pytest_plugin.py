@@ -175,8 +175,10 @@ def confine_plugin_settings(config, tmp_path, extra_plugins=()) -> None:
     """Keep the plugins' own listeners and directories inside the test.
 
     A plugin class may list ``loopback_settings`` (endpoint settings: set to an ephemeral loopback
-    port) and ``directory_settings`` (set to a fresh directory under ``tmp_path``); a value the test's
-    config text gives is kept. Enabled installed plugins and ``extra_plugins`` alike.
+    port) and ``directory_settings`` (set to a fresh directory under ``tmp_path``), and give
+    ``in_test_settings``, a dict of values for a CSMS running inside the test process on the test's
+    clock (the webhooks plugin's ``delivery = in-process``); a value the test's config text gives is
+    kept. Enabled installed plugins and ``extra_plugins`` alike.
     """
     from csms.plugins import available_plugins
 
