@@ -103,12 +103,20 @@ class WorkerProcess(service.Service):
         self._restart = None
         env = dict(os.environ)
         env[SPEC_VARIABLE] = json.dumps(self.spec)
-        self.protocol = _WorkerProtocol(self)
+        protocol = _WorkerProtocol(self)
         self._started_at = self.clock.seconds()
-        self.reactor.spawnProcess(self.protocol, self.executable,
-                                  [self.executable, "-m", "csms_plugins.webhooks"],
-                                  env=env, childFDs={0: "w", 1: "r", 2: "r"})
-        log.info("Webhook delivery worker started (pid {pid})", pid=self.protocol.transport.pid)
+        try:
+            self.reactor.spawnProcess(protocol, self.executable, [self.executable, "-m", "csms_plugins.webhooks"],
+                                      env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as exc:  # no process could be made (a limit, memory): try again later
+            log.error("Webhook delivery worker could not be started: {error}; trying again in {delay:g} s",
+                      error=exc, delay=self._delay)
+            self._restart = self.clock.callLater(self._delay, self._spawn)
+            self._delay = min(self._delay * 2, RESTART_MAX)
+            return
+        self.protocol = protocol
+        self.plugin.worker_state(True, False)
+        log.info("Webhook delivery worker started (pid {pid})", pid=protocol.transport.pid)
 
     def poke(self) -> None:
         """Ask the worker to look at the outbox now (it also looks every ``poll_interval`` seconds)."""
