@@ -68,6 +68,11 @@ def _is_transient(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) and any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
+def _is_locked(exc: Exception) -> bool:
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _nothing(conn) -> None:
     return None
 
@@ -250,29 +255,27 @@ class Database:
         another process holds it: tries again after 0.2 ms, growing to 2 ms steps, for up to
         SQLITE_LOCK_TIMEOUT seconds. SQLite's own busy handler sleeps 1, 2, 5, 10 ms ... between tries,
         so that a lock held for 1.5 ms could cost an OCPP commit 8 ms. Time waited is in ``stats``."""
-        raw = conn.connection.dbapi_connection
         try:
-            raw.execute("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # errors as SQLAlchemy reports them: a dead connection too
             return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise  # let SQLAlchemy report it (below, as the statement's error) - nothing to wait for
+        except OperationalError as exc:
+            if not _is_locked(exc):
+                raise
+        raw = conn.connection.dbapi_connection
         started = time.perf_counter()
-        deadline, delay = started + SQLITE_LOCK_TIMEOUT, 0.0002
-        while time.perf_counter() < deadline:
+        deadline, delay, began = started + SQLITE_LOCK_TIMEOUT, 0.0002, False
+        while not began and time.perf_counter() < deadline:
             time.sleep(delay)
             try:
                 raw.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                began = True
+            except sqlite3.Error as exc:
+                if not _is_locked(exc):
                     break
             delay = min(delay * 1.5, 0.002)
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # raises "database is locked", as SQLAlchemy reports it
-            return
-        if not raw.in_transaction:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # another error: raised as SQLAlchemy reports it
+        if not began:
+            # Locked past the timeout, or another error: raised as SQLAlchemy reports a statement's error.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
             return
         self._count(lock_waits=1, lock_wait_ms=int((time.perf_counter() - started) * 1000))
 

@@ -324,3 +324,33 @@ async def test_the_sqlite_writer_takes_the_write_lock_when_its_transaction_begin
         assert db.stats["retries"] == 0
     finally:
         db.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_writer_waits_for_a_lock_another_process_holds_and_counts_it(tmp_path):
+    import threading
+
+    from sqlalchemy import text
+
+    from csms.db import Database
+
+    path = tmp_path / "wait.sqlite"
+    db = Database(f"sqlite:///{path}", reactor)
+    db.run_sync(lambda conn: conn.execute(text("CREATE TABLE t (n INTEGER)")))
+    db.start()
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction, under way
+        other.execute("INSERT INTO t VALUES (2)")
+        holder = threading.Timer(0.2, other.execute, ("COMMIT",))  # it commits a moment later
+        holder.start()
+        written = db.run(lambda conn: conn.execute(text("INSERT INTO t VALUES (1)")).rowcount)
+        assert await written.addTimeout(TIMEOUT, reactor) == 1
+        holder.join()
+        assert db.stats["lock_waits"] == 1 and db.stats["lock_wait_ms"] >= 100, db.stats
+        assert db.stats["retries"] == 0  # it waited; nothing failed and was retried
+        rows = db.run_sync(lambda conn: sorted(conn.execute(text("SELECT n FROM t")).scalars()))
+        assert rows == [1, 2]
+    finally:
+        other.close()
+        db.stop()
