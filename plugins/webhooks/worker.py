@@ -61,10 +61,11 @@ def worker_spec(config, settings: dict) -> dict:
     """What the CSMS hands its worker: the database, the webhooks settings and the log level (from the
     configuration as resolved, command-line overrides included).
 
-    On SQLite the worker commits without waiting for the disk (``synchronous = NORMAL``; WAL keeps the
-    file consistent): all it writes is how deliveries went, and an outcome lost to a power cut leaves
-    its deliveries pending, sent again (at least once, as promised). Its commits then hold the write
-    lock, which the OCPP writer waits for, for far less time."""
+    On SQLite the worker commits without waiting for the disk (``synchronous = NORMAL``): a power cut
+    may undo its last transactions, each whole (WAL), never a later one of the CSMS's, whose sync covers
+    everything before it in the log. Events moved out of the outbox are then moved again, and lost
+    outcomes leave their deliveries pending, sent again (at least once, as promised). Its commits then
+    hold the write lock, which the OCPP writer waits for, for far less time."""
     return {"database": {"url": config.database.url, "sqlite_synchronous": "NORMAL"},
             "settings": settings, "log_level": config.log_level}
 
