@@ -581,3 +581,20 @@ async def test_a_delivery_recorded_while_a_pass_reads_is_not_sent_again(csms_fac
     dispatcher._release(Job([row]), None)  # the outcome committed: no longer claimed
     reading.callback([row])  # what the read saw: still pending
     assert dispatcher.queues == {} and dispatcher.posting == {} and 7 not in dispatcher.claimed
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_pass_writes_nothing(csms_factory, receiver):
+    """A pass over an empty outbox only reads (on SQLite beside the writer): it takes no write
+    transaction, hence never the file's write lock the OCPP writer needs."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["id_tag.changed"])
+    await core_store(csms).put_id_tag("TAG-1")
+    await drain(csms)  # the event moved out of the outbox and delivered
+    assert len(receiver.requests) == 1
+    db = csms.app.db
+    transactions, passes = db.stats["transactions"], plugin_of(csms).dispatcher.stats["passes"]
+    for _ in range(3):
+        await drain(csms)
+    assert plugin_of(csms).dispatcher.stats["passes"] >= passes + 3
+    assert db.stats["transactions"] == transactions

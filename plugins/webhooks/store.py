@@ -188,7 +188,12 @@ class WebhookStore:
                                                outbox.c.created_at)
                 .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(chosen)))
             return conn.execute(delete(outbox).where(chosen)).rowcount
-        return self.db.run(thd, desc="webhooks_fan_out")
+
+        def anything(conn):
+            return conn.execute(select(outbox.c.seq).limit(1)).first() is not None
+        # A look first, beside the writer: an idle pass takes no write lock (on SQLite, the file's).
+        return self.db.read(anything, desc="webhooks_outbox_waiting").addCallback(
+            lambda waiting: self.db.run(thd, desc="webhooks_fan_out") if waiting else 0)
 
     def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
         """Dead-letter pending deliveries older than ``dead_before`` (not in ``busy``), purge finished ones
