@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from urllib.parse import quote
 
 from sqlalchemy import BigInteger, Integer, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -73,6 +74,21 @@ def _is_locked(exc: Exception) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _attach_readonly(cursor, schema: str, path: str) -> None:
+    """ATTACH an SQLite file read only (a ``mode=ro`` URI): BEGIN IMMEDIATE takes the write lock of every
+    attached database that can be written, and this one must never be. Refused if this SQLite did not
+    read the name as a URI (it would have made a new file of that name)."""
+    if not schema.isidentifier():
+        raise ValueError(f"not a schema name: {schema!r}")
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"cannot attach {path}: no such database file")
+    cursor.execute(f"ATTACH DATABASE ? AS {schema}", ("file:" + quote(path) + "?mode=ro",))
+    attached = {row[1]: row[2] for row in cursor.execute("PRAGMA database_list").fetchall()}
+    if os.path.realpath(attached.get(schema) or "") != os.path.realpath(path):
+        raise RuntimeError(f"SQLite did not attach {path} read only (URI filenames are not enabled)")
+
+
 def _nothing(conn) -> None:
     return None
 
@@ -84,7 +100,11 @@ class DatabaseStopped(Exception):
 class Database:
     """An engine plus its thread pool. ``run(thd, *args)`` -> Deferred firing after commit."""
 
-    def __init__(self, url: str, reactor, pool_size: int = 4, sqlite_synchronous: str = "FULL"):
+    def __init__(self, url: str, reactor, pool_size: int = 4, sqlite_synchronous: str = "FULL",
+                 attach_readonly: dict | None = None):
+        """``attach_readonly`` (SQLite): {schema name: path} of database files every connection attaches
+        read only. Their tables are then found by their plain names wherever this database has none of
+        that name, and a write transaction here never takes their write lock."""
         self.url = make_url(url)
         self.reactor = reactor
         self.dialect_name = self.url.get_backend_name()
@@ -120,6 +140,8 @@ class Database:
                 # Checkpoints run on a thread of their own (_checkpoint), not inside a commit that OCPP
                 # calls wait for; this is only the safety net should that fall behind.
                 cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+                for schema, path in (attach_readonly or {}).items():
+                    _attach_readonly(cursor, schema, path)
                 cursor.close()
                 # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin, so that
                 # SAVEPOINTs (group commit) behave (SQLAlchemy's documented pysqlite recipe).
@@ -295,7 +317,7 @@ class Database:
                     self._connections.append(conn)
             cursor = conn.cursor()
             try:
-                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                cursor.execute("PRAGMA main.wal_checkpoint(PASSIVE)")  # not the read-only attached ones
                 cursor.fetchall()
             finally:
                 cursor.close()

@@ -23,6 +23,12 @@ from csms.testing.pytest_plugin import builtin_plugins
 AUTO_UPGRADE = "[database]\nauto_upgrade = true\n"
 
 
+def delivery_history():
+    from csms_plugins.webhooks.delivery_db import history
+
+    return history()
+
+
 def builtin_histories() -> list:
     return histories(make_plugin_manager(builtin_plugins()))
 
@@ -69,6 +75,17 @@ def test_on_sqlite_the_migrated_schema_is_the_create_all_schema_statement_for_st
     created = schema(f"sqlite:///{tmp_path}/created.sqlite",
                      lambda conn: [h.metadata.create_all(conn) for h in found])
     assert migrated == created
+    # The webhooks plugin's delivery file (SQLite only) has a history of its own.
+    delivery = delivery_history()
+    migrated = schema(f"sqlite:///{tmp_path}/delivery-migrated.sqlite",
+                      lambda conn: prepare_schema(conn, [delivery], True))
+    assert migrated == schema(f"sqlite:///{tmp_path}/delivery-created.sqlite", delivery.metadata.create_all)
+    assert {name for _, name in migrated} >= {"webhooks_events", "webhooks_deliveries", "webhooks_delivery_state"}
+    engine = create_engine(f"sqlite:///{tmp_path}/delivery-migrated.sqlite")
+    with engine.connect() as conn:
+        assert differences(conn, delivery) == []
+        assert current_revisions(conn, delivery) == tuple(delivery.script().get_heads())
+    engine.dispose()
 
 
 def test_a_table_changed_without_a_migration_is_found(engine):
@@ -371,4 +388,6 @@ def test_every_builtin_history_is_package_data():
     package_data = setup["options.package_data"]
     assert "versions/*.py" in package_data["csms.migrations"] and "script.py.mako" in package_data["csms.migrations"]
     for history in builtin_histories()[1:]:
-        assert package_data.get(f"csms_plugins.{history.name}", "").strip() == "migrations/*.py", history.name
+        assert "migrations/*.py" in package_data.get(f"csms_plugins.{history.name}", "").split(", "), history.name
+    assert "delivery_migrations/*.py" in package_data["csms_plugins.webhooks"].split(", ")
+    assert os.path.basename(delivery_history().directory) == "delivery_migrations"

@@ -11,6 +11,7 @@ from csms.config import ConfigError, Setting
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 
+from .delivery_db import open_delivery_database, prepare
 from .dispatcher import Dispatcher
 from .guard import AddressPolicy, ReceiverGuard, parse_networks
 from .store import ALL_TYPES, WebhookStore
@@ -67,6 +68,8 @@ class WebhooksPlugin:
 
     app = None
     store: WebhookStore | None = None
+    #: SQLite: the delivery file's Database (None: the deliveries are in the main database).
+    delivery_db = None
     #: The in-process dispatcher (``delivery = in-process``), else None.
     dispatcher: Dispatcher | None = None
     #: The delivery worker's supervisor (``delivery = worker``), else None.
@@ -79,7 +82,9 @@ class WebhooksPlugin:
         networks = parse_networks(self.settings_values["allow_private_networks"], "allow_private_networks")
         delivery = self.settings_values["delivery"]
         self.guard = ReceiverGuard(AddressPolicy(networks), app.reactor.nameResolver)
-        self.store = WebhookStore(app.db, app.clock)
+        # SQLite: the deliveries in a file of their own (delivery_db.py), which the API reads here.
+        self.delivery_db = open_delivery_database(app.db, app.reactor, app.config.database.sqlite_synchronous)
+        self.store = WebhookStore(app.db, app.clock, self.delivery_db)
         app.outbox.attach(self.store.write_event)
         metrics = app.metrics
         self.deliveries_metric = metrics.counter(
@@ -176,7 +181,8 @@ class WebhooksPlugin:
 
 
 class _Starter(service.Service):
-    """Loads the subscribed event types before stations connect (services start before the listeners)."""
+    """Opens the delivery file (SQLite) and loads the subscribed event types before stations connect
+    (services start before the listeners); closes the file at the end."""
 
     name = "webhooks-subscriptions"
 
@@ -185,4 +191,13 @@ class _Starter(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        return self.plugin.refresh_wanted()
+        delivery_db = self.plugin.delivery_db
+        if delivery_db is None:
+            return self.plugin.refresh_wanted()
+        delivery_db.start()
+        return prepare(delivery_db).addCallback(lambda _: self.plugin.refresh_wanted())
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.plugin.delivery_db is not None:
+            self.plugin.delivery_db.stop()

@@ -6,14 +6,18 @@ import uuid
 from datetime import datetime, timezone
 
 import orjson
-from sqlalchemy import (BigInteger, String, all_, any_, bindparam, cast, delete, exists, func, insert, literal,
+from twisted.internet import defer
+from twisted.logger import Logger
+from sqlalchemy import (BigInteger, String, all_, and_, any_, bindparam, cast, delete, exists, func, insert, literal,
                         literal_column, select, update)
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
-from .tables import deliveries, events, outbox, subscriptions
+from .tables import deliveries, events, delivery_state, outbox, subscriptions
+
+log = Logger(namespace="csms.webhooks")
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATES = (PENDING, DELIVERED, DEAD)
@@ -25,6 +29,9 @@ EVENT_COLUMNS = ("event_id", "body", "created_at")
 OUTBOX_COLUMNS = ("event_id", "event_type", "subscribers", "body", "created_at")
 #: The longest error text kept for a delivery attempt.
 MAX_ERROR_LENGTH = 500
+#: Seconds (on the store's clock) between two deletions of moved rows from the outbox (split layout):
+#: each is a write of the main file, whose lock the OCPP transactions wait for meanwhile.
+PRUNE_INTERVAL = 10.0
 
 def _ids(name: str, dialect: str):
     """A list of ids as ONE parameter: a PostgreSQL array, or a JSON array SQLite's json_each reads. An
@@ -92,6 +99,36 @@ _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == d
 _ORPHAN_EVENTS = delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
 
 
+#: Names in ``webhooks_delivery_state`` (the delivery file) and the main file's name there.
+OUTBOX_SEQ, LEGACY_MOVED, MAIN = "outbox_seq", "legacy_moved", "csms"
+_MARK = select(delivery_state.c.value).where(delivery_state.c.name == OUTBOX_SEQ)
+#: The seq of the last outbox row after the mark a fan-out of ``limit`` rows takes.
+_FAN_OUT_LAST_AFTER = select(func.max(literal_column("seq"))).select_from(
+    select(outbox.c.seq).where(outbox.c.seq > bindparam("mark")).order_by(outbox.c.seq)
+    .limit(bindparam("limit")).subquery())
+
+
+def _replaced(conn, mark: int) -> bool:
+    """Whether the outbox has rows and all lie below ``mark`` (its last row is never deleted)."""
+    top = conn.execute(select(func.max(outbox.c.seq))).scalar()
+    return top is not None and top < mark
+
+
+def _move_in(conn, chosen, skip_known_events: bool = False) -> None:
+    """The ``chosen`` outbox rows into ``webhooks_events``, with a pending delivery per subscription each
+    names that still exists: SQL statements only, the rows never come up into Python."""
+    statement = insert(events)
+    if skip_known_events:
+        statement = statement.prefix_with("OR IGNORE", dialect="sqlite")
+    conn.execute(statement.from_select(
+        list(EVENT_COLUMNS), select(outbox.c.event_id, outbox.c.body, outbox.c.created_at)
+        .where(chosen, exists().where(_NAMES_SUBSCRIPTION))))
+    conn.execute(insert(deliveries).from_select(
+        list(DELIVERY_COLUMNS), select(subscriptions.c.id, outbox.c.event_id, outbox.c.event_type,
+                                       literal(PENDING), literal(0), outbox.c.created_at, outbox.c.created_at)
+        .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(chosen)))
+
+
 def time_ordered_uuid(now_ms: int) -> str:
     """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then random bits. Ids written one after
     another sort one after another, so the event table's key and the deliveries' event index grow at
@@ -129,9 +166,22 @@ def delivery_dict(row) -> dict:
 
 
 class WebhookStore:
-    def __init__(self, db, clock):
+    """The webhooks plugin's database work. ``db`` is the main database (subscriptions, the outbox);
+    ``delivery_db``, when given, a database of its own for the events and deliveries (SQLite: see
+    delivery_db.py), which attaches ``db`` read only; without it they live in ``db`` too."""
+
+    def __init__(self, db, clock, delivery_db=None):
         self.db = db
         self.clock = clock
+        #: Where the events and deliveries are: the delivery file's Database, or the main one.
+        self.delivery_db = delivery_db if delivery_db is not None else db
+        self.split = delivery_db is not None
+        #: Split layout: the outbox seq moved in up to (as last committed here), the one up to which the
+        #: outbox was last pruned, and when (the store's clock).
+        self._moved_to = None
+        self._pruned_to = 0
+        self._pruned_at = None
+        self._legacy_checked = False
         #: event type -> ids of the subscriptions wanting it. Replaced whole on the reactor thread when
         #: subscriptions change, read by the database threads writing events.
         self.subscribers: dict[str, tuple] = {}
@@ -162,7 +212,11 @@ class WebhookStore:
         them from the outbox (rerun whole, or not at all). Fires with how many were moved.
 
         In SQL statements only, rows never coming up into Python: on SQLite this transaction holds the
-        database's one write lock, which the OCPP writer of the CSMS waits for meanwhile."""
+        database's one write lock, which the OCPP writer of the CSMS waits for meanwhile. (Unless the
+        deliveries have a file of their own: :meth:`_fan_out_split`.)"""
+        if self.split:
+            return self._fan_out_split(limit)
+
         def thd(conn):
             if self.db.is_sqlite:
                 # One writer at a time, and a row's seq is given when it is written: the rows up to the
@@ -179,14 +233,7 @@ class WebhookStore:
                 if not seqs:
                     return 0
                 chosen = outbox.c.seq.in_(seqs)
-            conn.execute(insert(events).from_select(
-                list(EVENT_COLUMNS), select(outbox.c.event_id, outbox.c.body, outbox.c.created_at)
-                .where(chosen, exists().where(_NAMES_SUBSCRIPTION))))
-            conn.execute(insert(deliveries).from_select(
-                list(DELIVERY_COLUMNS), select(subscriptions.c.id, outbox.c.event_id, outbox.c.event_type,
-                                               literal(PENDING), literal(0), outbox.c.created_at,
-                                               outbox.c.created_at)
-                .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(chosen)))
+            _move_in(conn, chosen)
             return conn.execute(delete(outbox).where(chosen)).rowcount
 
         def anything(conn):
@@ -194,6 +241,104 @@ class WebhookStore:
         # A look first, beside the writer: an idle pass takes no write lock (on SQLite, the file's).
         return self.db.read(anything, desc="webhooks_outbox_waiting").addCallback(
             lambda waiting: self.db.run(thd, desc="webhooks_fan_out") if waiting else 0)
+
+    def _fan_out_split(self, limit: int):
+        """:meth:`fan_out` into the delivery file: the outbox rows after its mark, up to ``limit``, become
+        events and deliveries there, and the mark moves past them, in one transaction of that file's (the
+        main file, attached read only, is only read). The main file's write lock is taken only by the
+        deletion of moved rows, every PRUNE_INTERVAL seconds at most (:meth:`prune_outbox`).
+
+        SQLite has one writer at a time and gives a row its seq when writing it, so every row up to the
+        last one a read sees has been committed: the mark never passes a row still to come. The outbox's
+        last row is never deleted, so that the next seq is always above it (SQLite gives the largest + 1)."""
+        def look(conn):
+            mark = conn.execute(_MARK).scalar() or 0
+            after = conn.execute(select(outbox.c.seq).where(outbox.c.seq > mark).limit(1)).first()
+            return after is not None or _replaced(conn, mark)
+
+        def thd(conn):
+            mark = conn.execute(_MARK).scalar() or 0
+            if _replaced(conn, mark):
+                # Every row lies below the mark: the main file is not the one this file was moving from
+                # (restored from a backup, made anew). Its rows are all new here; any already moved is
+                # moved again (its event is kept once), as at-least-once delivery allows.
+                log.warn("Webhooks: the outbox's rows all lie below the delivery file's mark ({mark}): the "
+                         "database was replaced; moving its events in from the start", mark=mark)
+                mark = 0
+            last = conn.execute(_FAN_OUT_LAST_AFTER, {"mark": mark, "limit": limit}).scalar()
+            if last is None:
+                return mark, 0
+            chosen = and_(outbox.c.seq > mark, outbox.c.seq <= last)
+            _move_in(conn, chosen, skip_known_events=True)
+            moved = conn.execute(select(func.count()).select_from(outbox).where(chosen)).scalar_one()
+            self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
+            return last, moved
+
+        def moved_in(result):
+            self._moved_to, moved = result
+            return self.prune_outbox().addCallback(lambda _: moved)
+
+        def run(waiting):
+            return self.delivery_db.run(thd, desc="webhooks_fan_out").addCallback(moved_in) if waiting else 0
+        d = self._move_legacy() if not self._legacy_checked else defer.succeed(None)
+        # A look first, beside the writer: an idle pass takes no write lock.
+        return d.addCallback(lambda _: self.delivery_db.read(look, desc="webhooks_outbox_waiting")).addCallback(run)
+
+    def prune_outbox(self, force: bool = False):
+        """Delete the outbox rows moved into the delivery file (but its last row), if PRUNE_INTERVAL seconds
+        have passed since the last time (or ``force``); fires with how many. A transaction of the main
+        file's: the OCPP writer waits for it, so it is rare, and a few hundred rows of one table."""
+        upto = self._moved_to
+        now = self.clock.seconds()
+        if upto is None or upto <= self._pruned_to or (
+                not force and self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL):
+            return defer.succeed(0)
+
+        def thd(conn):
+            return conn.execute(delete(outbox).where(
+                outbox.c.seq <= upto, outbox.c.seq < select(func.max(outbox.c.seq)).scalar_subquery())).rowcount
+
+        def pruned(count):
+            self._pruned_to, self._pruned_at = upto, now
+            return count
+        return self.db.run(thd, desc="webhooks_outbox_prune").addCallback(pruned)
+
+    def _move_legacy(self):
+        """Split layout, once per process: deliveries an older release kept in the main file's tables are
+        moved into the delivery file (then deleted there; ``legacy_moved`` marks a move whose deletion is
+        still to be done, should the process end in between)."""
+        names = [column.name for column in deliveries.c if column.name != "id"]
+        columns = ", ".join(names)
+
+        def copy(conn):
+            if conn.execute(select(delivery_state.c.value).where(delivery_state.c.name == LEGACY_MOVED)).first():
+                return True
+            count = conn.exec_driver_sql(f"SELECT count(*) FROM {MAIN}.webhooks_deliveries").scalar()
+            if not count:
+                return False
+            conn.exec_driver_sql("INSERT OR IGNORE INTO main.webhooks_events (event_id, body, created_at) "
+                                 f"SELECT event_id, body, created_at FROM {MAIN}.webhooks_events")
+            conn.exec_driver_sql(f"INSERT INTO main.webhooks_deliveries ({columns}) "
+                                 f"SELECT {columns} FROM {MAIN}.webhooks_deliveries ORDER BY id")
+            conn.execute(insert(delivery_state).values(name=LEGACY_MOVED, value=count))
+            log.info("Webhooks: {count} deliveries moved from the main database file into {path}", count=count,
+                     path=self.delivery_db.url.database)
+            return True
+
+        def clear(conn):
+            conn.execute(delete(deliveries))
+            conn.execute(delete(events))
+
+        def checked(_):
+            self._legacy_checked = True
+
+        def moved(to_clear):
+            if not to_clear:
+                return None
+            return self.db.run(clear, desc="webhooks_legacy_clear").addCallback(
+                lambda _: self.delivery_db.run(lambda conn: conn.execute(
+                    delete(delivery_state).where(delivery_state.c.name == LEGACY_MOVED)), desc="webhooks_legacy_done"))
+        return self.delivery_db.run(copy, desc="webhooks_legacy_move").addCallback(moved).addCallback(checked)
 
     def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
         """Dead-letter pending deliveries older than ``dead_before`` (not in ``busy``), purge finished ones
@@ -215,7 +360,7 @@ class WebhookStore:
                     select(subscriptions.c.id))))
                 conn.execute(_ORPHAN_EVENTS)
             return dead
-        return self.db.run(thd, desc="webhooks_expire")
+        return self.delivery_db.run(thd, desc="webhooks_expire")
 
     def due(self, busy: list[int], limit: int, skip_subscriptions: list[int] = ()):
         """Up to ``limit`` due deliveries (not in ``busy``, of subscriptions not paused nor skipped), longest
@@ -224,7 +369,7 @@ class WebhookStore:
         now = self.now()
 
         def thd(conn):
-            dialect = self.db.dialect_name
+            dialect = self.delivery_db.dialect_name
             rows = conn.execute(_statements(dialect)[0], {
                 "now": now, "busy": _id_values(busy, dialect), "skip": _id_values(skip_subscriptions, dialect),
                                        "limit": limit}).fetchall()
@@ -239,7 +384,7 @@ class WebhookStore:
                 row["created_at"] = as_utc(row["created_at"])
                 row["url"], row["secret"] = targets[row["subscription_id"]]
             return due
-        return self.db.read(thd, desc="webhooks_due")
+        return self.delivery_db.read(thd, desc="webhooks_due")
 
     def record_outcomes(self, outcomes: list[tuple]):
         """The outcomes of several POSTs, in one transaction: each ``(delivery ids, state, next attempt,
@@ -254,13 +399,16 @@ class WebhookStore:
             statements.append((ids, state, next_attempt_at, attempted_at, code, error))
         statements += [(ids, DELIVERED, at, at, code, None) for code, (ids, at) in delivered.items()]
 
+        dialect = self.delivery_db.dialect_name
+
         def thd(conn):
             for ids, state, next_attempt_at, attempted_at, code, error in statements:
-                conn.execute(_statements(self.db.dialect_name)[1], {
-                    "deliveries": _id_values(ids, self.db.dialect_name), "b_state": state, "b_next": next_attempt_at, "b_at": attempted_at,
+                conn.execute(_statements(dialect)[1], {
+                    "deliveries": _id_values(ids, dialect), "b_state": state, "b_next": next_attempt_at,
+                    "b_at": attempted_at,
                     "b_code": code, "b_error": None if error is None else error[:MAX_ERROR_LENGTH],
                     "b_finished": attempted_at if state != PENDING else None})
-        return self.db.run(thd, desc="webhooks_outcomes")
+        return self.delivery_db.run(thd, desc="webhooks_outcomes")
 
     # -- subscriptions ----------------------------------------------------------------------------
 
@@ -315,12 +463,22 @@ class WebhookStore:
         return self.db.run(thd, desc="webhooks_update")
 
     def delete(self, subscription_id: int):
-        """Delete a subscription and its deliveries (pending ones are never sent); fires True if it existed."""
-        def thd(conn):
+        """Delete a subscription and its deliveries (pending ones are never sent); fires True if it existed.
+
+        The subscription goes first: its deliveries are then never sent (due deliveries are read joined
+        to their subscription), even should the process end before they are deleted, in the delivery file
+        (the next purge deletes those left)."""
+        def forget(conn):
+            return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
+
+        def forget_deliveries(conn):
             conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
             conn.execute(_ORPHAN_EVENTS)
-            return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
-        return self.db.run(thd, desc="webhooks_delete")
+
+        def deleted(existed):
+            return self.delivery_db.run(forget_deliveries, desc="webhooks_delete_deliveries").addCallback(
+                lambda _: existed)
+        return self.db.run(forget, desc="webhooks_delete").addCallback(deleted)
 
     def add_test_delivery(self, subscription_id: int, event_type: str, data: dict):
         """A delivery of a test event to one subscription; fires with it, or None without the subscription."""
@@ -335,7 +493,7 @@ class WebhookStore:
             delivery_id = conn.execute(insert(deliveries).values(dict(zip(DELIVERY_COLUMNS, (
                 subscription_id, event_id, event_type, PENDING, 0, now, now))))).inserted_primary_key[0]
             return delivery_dict(conn.execute(_HISTORY.where(deliveries.c.id == delivery_id)).first())
-        return self.db.run(thd, desc="webhooks_test_delivery")
+        return self.delivery_db.run(thd, desc="webhooks_test_delivery")
 
     def deliveries(self, subscription_id: int, limit: int, offset: int, state: str | None = None):
         """(total, deliveries of a subscription) newest first."""
@@ -346,5 +504,5 @@ class WebhookStore:
             total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
             rows = conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit).offset(offset))
             return total, [delivery_dict(row) for row in rows]
-        return self.db.run(thd, desc="webhooks_deliveries")
+        return self.delivery_db.read(thd, desc="webhooks_deliveries")
 

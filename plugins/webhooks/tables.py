@@ -66,3 +66,21 @@ deliveries = Table(
 Index("webhooks_deliveries_due", deliveries.c.state, deliveries.c.next_attempt_at, deliveries.c.id)
 Index("webhooks_deliveries_of_subscription", deliveries.c.subscription_id, deliveries.c.id)
 Index("webhooks_deliveries_of_event", deliveries.c.event_id)
+
+#: SQLite: the delivery state in a database file of its own, beside the main one (``<file>-webhooks.db``,
+#: see delivery_db.py), so that the deliverer's writes never take the main file's one write lock, which
+#: the OCPP transactions need. The same two tables (copies: the statements are the same), plus how far
+#: the outbox has been moved in. PostgreSQL keeps them in the main database (row locks, no file lock).
+delivery_metadata = MetaData()
+events.to_metadata(delivery_metadata)
+deliveries.to_metadata(delivery_metadata)
+
+#: Named values of the delivery file: ``outbox_seq``, the seq of the last ``webhooks_outbox`` row moved into
+#: it (the outbox, in the main file, is only read from here; moved rows are deleted from it now and then,
+#: by a transaction of the main file's: WebhookStore.prune_outbox); ``legacy_moved``, while the deliveries
+#: an older release kept in the main file are being moved here.
+delivery_state = Table(
+    "webhooks_delivery_state", delivery_metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)

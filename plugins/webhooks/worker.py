@@ -59,14 +59,8 @@ STOP_TIMEOUT = 10.0
 
 def worker_spec(config, settings: dict) -> dict:
     """What the CSMS hands its worker: the database, the webhooks settings and the log level (from the
-    configuration as resolved, command-line overrides included).
-
-    On SQLite the worker commits without waiting for the disk (``synchronous = NORMAL``): a power cut
-    may undo its last transactions, each whole (WAL), never a later one of the CSMS's, whose sync covers
-    everything before it in the log. Events moved out of the outbox are then moved again, and lost
-    outcomes leave their deliveries pending, sent again (at least once, as promised). Its commits then
-    hold the write lock, which the OCPP writer waits for, for far less time."""
-    return {"database": {"url": config.database.url, "sqlite_synchronous": "NORMAL"},
+    configuration as resolved, command-line overrides included)."""
+    return {"database": {"url": config.database.url, "sqlite_synchronous": config.database.sqlite_synchronous},
             "settings": settings, "log_level": config.log_level}
 
 
@@ -339,6 +333,7 @@ class Worker:
     def __init__(self, reactor, spec: dict, report=None):
         from csms.db import Database
 
+        from .delivery_db import open_delivery_database
         from .dispatcher import Dispatcher
         from .guard import AddressPolicy, ReceiverGuard, parse_networks
         from .store import WebhookStore
@@ -346,13 +341,15 @@ class Worker:
         self.reactor = reactor
         settings = spec["settings"]
         database = spec["database"]
-        self.db = Database(database["url"], reactor, pool_size=2,
-                           sqlite_synchronous=database.get("sqlite_synchronous", "FULL"))
+        synchronous = database.get("sqlite_synchronous", "FULL")
+        self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=synchronous)
+        #: SQLite: the delivery file, where this worker's writes go (delivery_db.py); None on PostgreSQL.
+        self.delivery_db = open_delivery_database(self.db, reactor, synchronous=synchronous)
         self.lock = delivery_lock(self.db)
         #: ``report(message)``: a JSON-able message to the CSMS (None: nobody listens).
         self.report = report or (lambda message: None)
         self.counts: Counter = Counter()
-        store = WebhookStore(self.db, reactor)
+        store = WebhookStore(self.db, reactor, self.delivery_db)
         guard = ReceiverGuard(AddressPolicy(parse_networks(settings["allow_private_networks"],
                                                            "allow_private_networks")), reactor.nameResolver)
         self.dispatcher = Dispatcher(store, settings, reactor, reactor, guard, lambda: self.lock.held,
@@ -371,11 +368,24 @@ class Worker:
             counts, self.counts = dict(self.counts), Counter()
             self.report({"count": counts})
 
-    def start(self) -> None:
+    def start(self) -> defer.Deferred:
+        """Open the databases (and bring the delivery file's schema to its head), then look for the lock."""
+        from .delivery_db import prepare
+
         self.db.start()
-        self.dispatcher.startService()
-        self._lock_loop.start(LOCK_RETRY, now=True)
-        self._report_loop.start(REPORT_INTERVAL, now=False)
+        if self.delivery_db is None:
+            ready = defer.succeed(None)
+        else:
+            self.delivery_db.start()
+            ready = prepare(self.delivery_db)
+
+        def go(_):
+            if self._stopping is not None:
+                return
+            self.dispatcher.startService()
+            self._lock_loop.start(LOCK_RETRY, now=True)
+            self._report_loop.start(REPORT_INTERVAL, now=False)
+        return ready.addCallback(go)
 
     @defer.inlineCallbacks
     def _look_at_lock(self):
@@ -420,6 +430,8 @@ class Worker:
             yield self.dispatcher.stopService()
         finally:
             self._report_counts()
+            if self.delivery_db is not None:
+                self.delivery_db.stop()
             self.db.stop()
             self.lock.release()
 
@@ -538,12 +550,13 @@ def run(reactor, spec: dict, pipe: _Pipe | None = None) -> int:
         d.addBoth(lambda _: reactor.stop() if reactor.running else None)
 
     def started():
-        try:
-            worker.start()
-        except Exception as exc:  # noqa: BLE001 - one clear line and a non-zero exit, not a traceback
+        def failed(failure):  # one clear line and a non-zero exit, not a traceback
             status["code"] = 1
-            log.critical("Webhook delivery worker could not start: {error}", error=str(exc).splitlines()[0])
-            reactor.stop()
+            text = str(failure.value).splitlines()
+            log.critical("Webhook delivery worker could not start: {error}",
+                         error=text[0] if text else repr(failure.value))
+            finish()
+        defer.maybeDeferred(worker.start).addErrback(failed)
 
     if pipe is not None:
         pipe.worker, pipe.done = worker, finish
