@@ -54,30 +54,35 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu_seconds(pid: int) -> float:
-    """CPU time of a process's children still running (the webhook delivery worker)."""
-    total = 0.0
+def children(pid: int) -> list[int]:
+    """The pids of a process's children still running (the webhook delivery worker)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(child) for child in f.read().split()]
+            return [int(child) for child in f.read().split()]
     except OSError:
-        return 0.0
-    for child in children:
+        return []
+
+
+def process_written_bytes(pid: int) -> int:
+    """Bytes a process has caused to be written to storage so far (Linux /proc/<pid>/io ``write_bytes``)."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
+
+
+def children_total(pid: int, measure) -> float:
+    """``measure(child)`` summed over a process's children still running."""
+    total = 0.0
+    for child in children(pid):
         try:
-            total += process_cpu_seconds(child)
-        except OSError:
+            total += measure(child)
+        except (OSError, StopIteration):
             pass
     return total
 
 
 def pin_children(pid: int, cpus: set) -> None:
     """Move a process's children (the delivery worker), every thread of them, to ``cpus``."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(child) for child in f.read().split()]
-    except OSError:
-        return
-    for child in children:
+    for child in children(pid):
         for task in os.listdir(f"/proc/{child}/task"):
             try:
                 os.sched_setaffinity(int(task), cpus)
@@ -104,14 +109,16 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
                           {"url": receiver_url + f"/{name}/{k}", "event_types": ["meter_values.received"]})
         before = http_json("GET", receiver_url + "/stats")
         if args.pin:
-            pin_children(server.process.pid, {1})
+            pin_children(server.process.pid, {args.worker_cpu})
         scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
                                                    "--mode", "rate", "--rate", args.rate,
                                                    "--duration", args.duration]}
         print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
         loadavg = os.getloadavg()
         cpu_before = process_cpu_seconds(server.process.pid)
-        worker_cpu_before = children_cpu_seconds(server.process.pid)
+        worker_cpu_before = children_total(server.process.pid, process_cpu_seconds)
+        written_before = process_written_bytes(server.process.pid)
+        worker_written_before = children_total(server.process.pid, process_written_bytes)
         result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), workdir, True)
         window_end = time.monotonic()
         after = http_json("GET", receiver_url + "/stats")
@@ -132,7 +139,9 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
         else:
             after_drain = after
         cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
-        worker_cpu_seconds = children_cpu_seconds(server.process.pid) - worker_cpu_before
+        worker_cpu_seconds = children_total(server.process.pid, process_cpu_seconds) - worker_cpu_before
+        written_mb = (process_written_bytes(server.process.pid) - written_before) / 1e6
+        worker_written_mb = (children_total(server.process.pid, process_written_bytes) - worker_written_before) / 1e6
         window = result.get("window", {}).get("seconds") or args.duration
         return {
             "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
@@ -143,6 +152,7 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
             "events_total": after_drain["events"] - before["events"],
             "seconds_to_drain_after_window": drained,
             "loadavg": loadavg, "server_cpu_seconds": cpu_seconds, "worker_cpu_seconds": worker_cpu_seconds,
+            "server_written_mb": written_mb, "worker_written_mb": worker_written_mb,
             "delivery": delivery,
             "ocpp_replies": result.get("window", {}).get("messages", 0),
         }
@@ -158,11 +168,13 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
 
 def markdown(results: dict, args) -> str:
     lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
-             f"{args.subscriptions} subscriptions ({results['database']}; load average before: "
-             f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
+             f"{args.subscriptions} subscriptions ({results['database']}"
+             + (f"; CSMS on CPU 0, worker on CPU {args.worker_cpu}" if args.pin else "") + "; load average before: "
+             + f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
              "| run | delivery | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
-             "drained after the window (s) | load average | CSMS CPU s | worker CPU s | CPU µs per delivered event |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "drained after the window (s) | load average | CSMS CPU s | worker CPU s | CPU µs per delivered event | "
+             "CSMS writes MB | worker writes MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     baselines = [r for r in results["runs"] if r["name"] == "baseline"]
     base_per_message = None
     if baselines:
@@ -180,7 +192,8 @@ def markdown(results: dict, args) -> str:
                      f"{fmt(r['throughput'], 0)} | {fmt(r['events_in_window_per_s'], 0)} | "
                      f"{fmt(r['posts_in_window_per_s'], 0)} | {fmt(r['seconds_to_drain_after_window'], 2)} | "
                      f"{r['loadavg'][0]:.1f} | {fmt(r['server_cpu_seconds'], 1)} | "
-                     f"{fmt(r.get('worker_cpu_seconds'), 1)} | {fmt(per_event, 0)} |")
+                     f"{fmt(r.get('worker_cpu_seconds'), 1)} | {fmt(per_event, 0)} | "
+                     f"{fmt(r.get('server_written_mb'), 1)} | {fmt(r.get('worker_written_mb'), 1)} |")
     names = list(dict.fromkeys(r["name"] for r in results["runs"]))
     if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):
         lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median |", "|---|---|---|---|---|---|"]
@@ -200,8 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--postgres", metavar="URL")
     parser.add_argument("--pin", action="store_true",
-                        help="the CSMS on CPU 0; its delivery worker, the load generator and the receiver on "
-                             "CPU 1 (a machine whose CSMS has a core to itself; 2 CPUs or more)")
+                        help="the CSMS on CPU 0; the load generator and the receiver on CPU 1 (a machine whose "
+                             "CSMS has a core to itself; 2 CPUs or more); its delivery worker on --worker-cpu")
+    parser.add_argument("--worker-cpu", type=int, choices=(0, 1), default=1,
+                        help="with --pin: the delivery worker beside the CSMS (0: the server's core) or beside "
+                             "the load generator (1, the default)")
     parser.add_argument("--worker-nice", type=int, default=10, help="[plugin:webhooks] worker_nice")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
     parser.add_argument("--repeat", type=int, default=1,
@@ -218,6 +234,7 @@ def main(argv=None) -> int:
         run.wait_listening(port, receiver)
         receiver_url = f"http://127.0.0.1:{port}"
         results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
+                   "pinned": args.pin, "worker_cpu": args.worker_cpu if args.pin else None,
                    "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations,
                    "duration": args.duration, "runs": []}
         for _ in range(max(args.repeat, 1)):

@@ -101,10 +101,12 @@ class Database:
     """An engine plus its thread pool. ``run(thd, *args)`` -> Deferred firing after commit."""
 
     def __init__(self, url: str, reactor, pool_size: int = 4, sqlite_synchronous: str = "FULL",
-                 attach_readonly: dict | None = None):
+                 attach_readonly: dict | None = None, checkpoints: bool = True):
         """``attach_readonly`` (SQLite): {schema name: path} of database files every connection attaches
         read only. Their tables are then found by their plain names wherever this database has none of
-        that name, and a write transaction here never takes their write lock."""
+        that name, and a write transaction here never takes their write lock. ``checkpoints`` (SQLite):
+        whether this process checkpoints the file's WAL (see _checkpoint); a second process using the
+        file (the webhook delivery worker) leaves that to its owner, the CSMS."""
         self.url = make_url(url)
         self.reactor = reactor
         self.dialect_name = self.url.get_backend_name()
@@ -168,7 +170,8 @@ class Database:
         self._checkpoints = None
         if self.is_sqlite and kwargs.get("poolclass") is not StaticPool:
             self._reader = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-read")
-            self._checkpointer = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-checkpoint")
+            if checkpoints:
+                self._checkpointer = ThreadPool(minthreads=1, maxthreads=1, name="csms-db-checkpoint")
         self._started = False
         self._queue: deque = deque()
         # Drains scheduled on the pool and not yet finished: at most one per thread, so a busy

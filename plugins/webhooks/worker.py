@@ -83,12 +83,9 @@ class WorkerProcess(service.Service):
         self.spec = spec
         self.executable = executable
         self.protocol: _WorkerProtocol | None = None
-        self.restarts = 0
         self._delay = RESTART_FIRST
         self._restart = None
         self._started_at = None
-        #: Whether the running worker holds the delivery lock (it says so on its pipe).
-        self.delivering = False
 
     def startService(self):
         service.Service.startService(self)
@@ -122,14 +119,12 @@ class WorkerProcess(service.Service):
         if worker is not self.protocol:
             return
         self.protocol = None
-        self.delivering = False
         self.plugin.worker_state(False)
         if not self.running:
             return
         ran = self.clock.seconds() - self._started_at
         if ran >= RESTART_RESET_AFTER:
             self._delay = RESTART_FIRST
-        self.restarts += 1
         self.plugin.worker_restarted()
         log.warn("Webhook delivery worker ended ({reason}); restarting it in {delay:g} s",
                  reason=reason.getErrorMessage(), delay=self._delay)
@@ -201,8 +196,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             for outcome, n in message["count"].items():
                 self.owner.plugin.count(outcome, int(n))
         elif "delivering" in message:
-            self.owner.delivering = bool(message["delivering"])
-            self.owner.plugin.worker_state(True, self.owner.delivering)
+            self.owner.plugin.worker_state(True, bool(message["delivering"]))
 
     def processEnded(self, reason) -> None:
         if self._err.strip():
@@ -342,7 +336,9 @@ class Worker:
         settings = spec["settings"]
         database = spec["database"]
         synchronous = database.get("sqlite_synchronous", "FULL")
-        self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=synchronous)
+        # The main database: read, and written only to prune the outbox (SQLite) or to deliver (PostgreSQL).
+        # Its WAL is the CSMS's to checkpoint: two processes checkpointing one file only take turns.
+        self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=synchronous, checkpoints=False)
         #: SQLite: the delivery file, where this worker's writes go (delivery_db.py); None on PostgreSQL.
         self.delivery_db = open_delivery_database(self.db, reactor, synchronous=synchronous)
         self.lock = delivery_lock(self.db)
