@@ -166,6 +166,30 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def repeat_summary(runs: list[dict]) -> dict:
+    """Per run name: how many, the median, min and max p99 and the median p50, and the two-sided
+    Mann-Whitney U p-value of its p99s against the baseline's (None for the baseline itself or with fewer
+    than 3 of either). A p-value of 0.05 or more: no difference from the baseline that these runs can tell
+    from the machine's noise; below it: a difference."""
+    from scipy.stats import mannwhitneyu
+
+    p99s = {}
+    p50s = {}
+    for r in runs:
+        latency = r.get("latency_ms") or {}
+        p99s.setdefault(r["name"], []).append(latency.get("p99") or 0)
+        p50s.setdefault(r["name"], []).append(latency.get("p50") or 0)
+    base = p99s.get("baseline", [])
+    summary = {}
+    for name, values in p99s.items():
+        p = None
+        if name != "baseline" and len(values) >= 3 and len(base) >= 3:
+            p = float(mannwhitneyu(values, base, alternative="two-sided").pvalue)
+        summary[name] = {"runs": len(values), "p99_median": statistics.median(values), "p99_min": min(values),
+                         "p99_max": max(values), "p50_median": statistics.median(p50s[name]), "p_vs_baseline": p}
+    return summary
+
+
 def markdown(results: dict, args) -> str:
     lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
              f"{args.subscriptions} subscriptions ({results['database']}"
@@ -196,12 +220,11 @@ def markdown(results: dict, args) -> str:
                      f"{fmt(r.get('server_written_mb'), 1)} | {fmt(r.get('worker_written_mb'), 1)} |")
     names = list(dict.fromkeys(r["name"] for r in results["runs"]))
     if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):
-        lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median |", "|---|---|---|---|---|---|"]
-        for name in names:
-            p99 = sorted((r.get("latency_ms") or {}).get("p99") or 0 for r in results["runs"] if r["name"] == name)
-            p50 = sorted((r.get("latency_ms") or {}).get("p50") or 0 for r in results["runs"] if r["name"] == name)
-            lines.append(f"| {name} | {len(p99)} | {statistics.median(p99):.1f} | {p99[0]:.1f} | {p99[-1]:.1f} | "
-                         f"{statistics.median(p50):.1f} |")
+        lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median | p99 vs baseline: "
+                  "Mann-Whitney p |", "|---|---|---|---|---|---|---|"]
+        for name, row in repeat_summary(results["runs"]).items():
+            lines.append(f"| {name} | {row['runs']} | {row['p99_median']:.1f} | {row['p99_min']:.1f} | "
+                         f"{row['p99_max']:.1f} | {row['p50_median']:.1f} | {fmt(row['p_vs_baseline'], 2)} |")
     return "\n".join(lines)
 
 

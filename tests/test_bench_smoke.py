@@ -161,6 +161,26 @@ def test_the_webhooks_bench_delivers_through_the_worker_and_reports_each_run(tmp
     # worker process (which spent CPU on it), not by the CSMS's reactor.
     assert batched["events_total"] >= batched["ocpp_replies"] * 2 > 0
     assert batched["worker_cpu_seconds"] > 0
+    assert batched["worker_written_mb"] > 0  # the delivery file (SQLite) is the worker's to write
+
+
+def test_the_webhooks_bench_tells_a_difference_from_noise():
+    """--repeat's verdict: a Mann-Whitney U test of each run's p99s against the baseline's."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_webhooks", os.path.join(ROOT, "bench", "webhooks.py"))
+        webhooks = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(webhooks)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    runs = [{"name": name, "latency_ms": {"p99": p99, "p50": 1.0}}
+            for name, values in (("baseline", [10, 11, 12, 13, 14]), ("same", [10.5, 11.5, 12.5, 13.5, 14.5]),
+                                 ("slower", [30, 31, 32, 33, 34]), ("once", [99])) for p99 in values]
+    summary = webhooks.repeat_summary(runs)
+    assert summary["baseline"]["p_vs_baseline"] is None and summary["once"]["p_vs_baseline"] is None
+    assert summary["same"]["p_vs_baseline"] > 0.5
+    assert summary["slower"]["p_vs_baseline"] < 0.05
+    assert summary["slower"]["p99_median"] == 32 and summary["slower"]["runs"] == 5
 
 
 @pytest.mark.postgresql_only

@@ -27,7 +27,7 @@ import sys
 from collections import Counter
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol, task, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel, PredicateResult, formatEvent, globalLogBeginner
 from twisted.python import threadable
@@ -256,7 +256,6 @@ class AdvisoryLock:
         return self.conn is not None
 
     def _in_thread(self, f):
-        from twisted.internet import threads
         from twisted.python.threadpool import ThreadPool
 
         if self.pool is None:
@@ -307,12 +306,22 @@ class AdvisoryLock:
         except Exception:  # noqa: BLE001 - a broken connection; closing it is all that is left to do
             pass
 
-    def release(self) -> None:
-        if self.conn is not None:
-            self._drop(self.conn)  # closing the session releases its advisory locks
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool = None
+    def release(self) -> defer.Deferred:
+        """Close the lock's connection (the server then releases the lock) on the lock's thread, not the
+        reactor's: closing waits for the server."""
+        conn, pool = self.conn, self.pool
+        self.pool = None
+
+        def stop_pool(result):
+            if pool is not None:
+                pool.stop()
+            return result
+        if conn is None or pool is None:
+            if conn is not None:
+                self._drop(conn)
+            return defer.succeed(None).addBoth(stop_pool)
+        self.conn = None
+        return threads.deferToThreadPool(self.db.reactor, pool, self._drop, conn).addBoth(stop_pool)
 
 
 def delivery_lock(db):
@@ -428,8 +437,10 @@ class Worker:
             self._report_counts()
             if self.delivery_db is not None:
                 self.delivery_db.stop()
-            self.db.stop()
-            self.lock.release()
+            try:
+                yield defer.maybeDeferred(self.lock.release)
+            finally:
+                self.db.stop()
 
 
 @implementer(IHalfCloseableProtocol)
