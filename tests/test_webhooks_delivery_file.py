@@ -114,9 +114,17 @@ async def test_a_replaced_main_database_has_its_outbox_moved_in_from_the_start(c
     await drain(csms)
     await store.delivery_db.run(lambda conn: store.delivery_db.upsert(
         conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": 1000}))
+    store._pruned_to = 1000  # as in a process that had pruned the outbox that far
     await core_store(csms).put_id_tag("TAG-1")
     await drain(csms)
     assert [event["data"]["id_tag"] for event in receiver.events()] == ["TAG-1"]
+    # From the new mark on, moved rows are pruned again (not only once seqs pass the old one).
+    for tag in ("TAG-2", "TAG-3"):
+        await core_store(csms).put_id_tag(tag)
+    csms.clock.advance(PRUNE_INTERVAL)
+    await drain(csms)
+    assert sorted(event["data"]["id_tag"] for event in receiver.events()) == ["TAG-1", "TAG-2", "TAG-3"]
+    assert await csms.app.db.run(count(outbox)) == [1]
 
 
 def legacy_rows(event_id: str, subscription_id: int, now) -> tuple[dict, dict]:

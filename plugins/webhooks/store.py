@@ -257,25 +257,29 @@ class WebhookStore:
             return after is not None or _replaced(conn, mark)
 
         def thd(conn):
-            mark = conn.execute(_MARK).scalar() or 0
+            mark = replaced = conn.execute(_MARK).scalar() or 0
             if _replaced(conn, mark):
                 # Every row lies below the mark: the main file is not the one this file was moving from
                 # (restored from a backup, made anew). Its rows are all new here; any already moved is
                 # moved again (its event is kept once), as at-least-once delivery allows.
-                log.warn("Webhooks: the outbox's rows all lie below the delivery file's mark ({mark}): the "
-                         "database was replaced; moving its events in from the start", mark=mark)
                 mark = 0
+            else:
+                replaced = None
             last = conn.execute(_FAN_OUT_LAST_AFTER, {"mark": mark, "limit": limit}).scalar()
             if last is None:
-                return mark, 0
+                return mark, 0, replaced
             chosen = and_(outbox.c.seq > mark, outbox.c.seq <= last)
             _move_in(conn, chosen, skip_known_events=True)
             moved = conn.execute(select(func.count()).select_from(outbox).where(chosen)).scalar_one()
             self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
-            return last, moved
+            return last, moved, replaced
 
         def moved_in(result):
-            self._moved_to, moved = result
+            self._moved_to, moved, replaced = result
+            if replaced is not None:  # logged here: the function above may run more than once
+                log.warn("Webhooks: the outbox's rows all lay below the delivery file's mark ({mark}): the "
+                         "database was replaced; its events were moved in from the start", mark=replaced)
+                self._pruned_to = 0
             return self.prune_outbox().addCallback(lambda _: moved)
 
         def run(waiting):
@@ -312,7 +316,7 @@ class WebhookStore:
 
         def copy(conn):
             if conn.execute(select(delivery_state.c.value).where(delivery_state.c.name == LEGACY_MOVED)).first():
-                return True
+                return True  # copied before, its deletion from the main file cut short
             count = conn.exec_driver_sql(f"SELECT count(*) FROM {MAIN}.webhooks_deliveries").scalar()
             if not count:
                 return False
@@ -321,9 +325,7 @@ class WebhookStore:
             conn.exec_driver_sql(f"INSERT INTO main.webhooks_deliveries ({columns}) "
                                  f"SELECT {columns} FROM {MAIN}.webhooks_deliveries ORDER BY id")
             conn.execute(insert(delivery_state).values(name=LEGACY_MOVED, value=count))
-            log.info("Webhooks: {count} deliveries moved from the main database file into {path}", count=count,
-                     path=self.delivery_db.url.database)
-            return True
+            return count
 
         def clear(conn):
             conn.execute(delete(deliveries))
@@ -335,6 +337,9 @@ class WebhookStore:
         def moved(to_clear):
             if not to_clear:
                 return None
+            if to_clear is not True:
+                log.info("Webhooks: {count} deliveries moved from the main database file into {path}",
+                         count=to_clear, path=self.delivery_db.url.database)
             return self.db.run(clear, desc="webhooks_legacy_clear").addCallback(
                 lambda _: self.delivery_db.run(lambda conn: conn.execute(
                     delete(delivery_state).where(delivery_state.c.name == LEGACY_MOVED)), desc="webhooks_legacy_done"))
