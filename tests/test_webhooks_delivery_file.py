@@ -219,3 +219,27 @@ def test_the_worker_leaves_the_main_files_checkpoints_to_the_csms(tmp_path):
     finally:
         worker.db.engine.dispose()
         worker.delivery_db.engine.dispose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_delivery_file_commits_unsynced_and_is_synced_before_the_outbox_is_pruned(
+        csms_factory, receiver, sqlite_url, monkeypatch):
+    """With [database] sqlite_synchronous = FULL, the delivery file commits with NORMAL (its syncs would
+    share the disk with the OCPP commits'); moved outbox rows are deleted only after it was synced."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    store = plugin_of(csms).store
+    synchronous = await store.delivery_db.run(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+    main = await csms.app.db.run(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+    assert (synchronous, main) == (1, 2)  # NORMAL, FULL
+    steps = []
+    sync, run = store.delivery_db.sync_to_disk, csms.app.db.run
+    monkeypatch.setattr(store.delivery_db, "sync_to_disk", lambda: (steps.append("sync"), sync())[1])
+    monkeypatch.setattr(csms.app.db, "run", lambda thd, *args, desc="", **kwargs: (
+        steps.append(desc), run(thd, *args, desc=desc, **kwargs))[1])
+    await subscribe(csms, receiver.url, ["id_tag.changed"])
+    for tag in ("TAG-1", "TAG-2"):
+        await core_store(csms).put_id_tag(tag)
+    steps.clear()
+    await drain(csms)
+    assert steps == ["sync", "webhooks_outbox_prune"]
+    assert await csms.app.db.run(count(outbox)) == [1]

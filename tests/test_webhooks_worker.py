@@ -354,3 +354,21 @@ async def test_the_sqlite_writer_waits_for_a_lock_another_process_holds_and_coun
     finally:
         other.close()
         db.stop()
+
+
+@pytest.mark.postgresql_only
+def test_on_postgresql_the_workers_commits_do_not_wait_for_the_servers_flush(database_url):
+    """Its transactions are redone or resent after a server crash (at least once), so they need not wait
+    for the disk the CSMS's commits wait for."""
+    from sqlalchemy import text
+
+    from csms_plugins.webhooks.worker import Worker
+
+    worker = Worker(reactor, {"database": {"url": database_url}, "settings": {
+        "allow_private_networks": "", "poll_interval": 1.0, "max_concurrent_per_subscription": 4,
+        "request_timeout": 10.0}})
+    try:
+        with worker.db.engine.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == "off"
+    finally:
+        worker.db.engine.dispose()

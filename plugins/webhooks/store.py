@@ -305,7 +305,9 @@ class WebhookStore:
         def pruned(count):
             self._pruned_to, self._pruned_at = upto, now
             return count
-        return self.db.run(thd, desc="webhooks_outbox_prune").addCallback(pruned)
+        # The moves up to ``upto`` reach the disk first (the delivery file may commit without syncing).
+        return self.delivery_db.sync_to_disk().addCallback(
+            lambda _: self.db.run(thd, desc="webhooks_outbox_prune")).addCallback(pruned)
 
     def _move_legacy(self):
         """Split layout, once per process: deliveries an older release kept in the main file's tables are

@@ -26,6 +26,7 @@ import signal
 import sys
 from collections import Counter
 
+from sqlalchemy import event
 from twisted.application import service
 from twisted.internet import defer, error, protocol, task, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -324,6 +325,17 @@ class AdvisoryLock:
         return threads.deferToThreadPool(self.db.reactor, pool, self._drop, conn).addBoth(stop_pool)
 
 
+def _commit_without_waiting(dbapi_connection, _record) -> None:
+    """PostgreSQL: the worker's commits return before the server has flushed them to disk
+    (``synchronous_commit = off``; the server flushes within a fraction of a second, and any later commit
+    of the CSMS's waits for everything before it in the log). Its transactions then do not wait for the
+    disk the CSMS's commits need, nor make those wait behind theirs. A server crash may undo the
+    worker's last ones, each whole and in order: events moved out of the outbox are moved again (the move
+    and the deletion are one transaction), outcomes lost are sent again (at least once)."""
+    dbapi_connection.execute("SET synchronous_commit = off")
+    dbapi_connection.commit()
+
+
 def delivery_lock(db):
     if db.is_sqlite:
         return FileLock(os.path.abspath(db.url.database) + "-webhooks.lock")
@@ -348,6 +360,8 @@ class Worker:
         # The main database: read, and written only to prune the outbox (SQLite) or to deliver (PostgreSQL).
         # Its WAL is the CSMS's to checkpoint: two processes checkpointing one file only take turns.
         self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=synchronous, checkpoints=False)
+        if not self.db.is_sqlite:
+            event.listen(self.db.engine, "connect", _commit_without_waiting)
         #: SQLite: the delivery file, where this worker's writes go (delivery_db.py); None on PostgreSQL.
         self.delivery_db = open_delivery_database(self.db, reactor, synchronous=synchronous)
         self.lock = delivery_lock(self.db)
