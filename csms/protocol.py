@@ -80,6 +80,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     connection_id: str | None = None
     _boot_deadline = None
     _counted = False
+    #: Waiting for the plugins to have heard of this connection (see :meth:`announced`); None once they have.
+    _announcing: list | None = None
     _counted_address: str | None = None
 
     @defer.inlineCallbacks
@@ -188,8 +190,26 @@ class OCPPServerProtocol(WebSocketServerProtocol):
                        lambda failure: _logged(failure, "connected") or held_here)
         d.addCallback(lambda previous_node: app.cluster.station_arrived(station_id, previous_node))
         d.addCallback(lambda _: app.fire("csms_on_station_connected", station_id=station_id, station=self.session))
+        self._announcing = []
+        d.addBoth(self._announced_now)
         if self.factory.shutting_down:  # admitted while the Central System began to stop
             self.go_away()
+
+    def _announced_now(self, _) -> None:
+        waiting, self._announcing = self._announcing or [], None
+        for waiter in waiting:
+            if not waiter.called:  # one given up on (a timeout) was cancelled
+                waiter.callback(None)
+
+    def announced(self) -> defer.Deferred:
+        """Fires once this connection is recorded and every ``csms_on_station_connected`` listener is done
+        with it (at once if it already is): what they write then is committed. Deleting the station
+        waits for it, so that nothing they write outlives the deletion."""
+        if self._announcing is None:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._announcing.append(waiter)
+        return waiter
 
     def replaced_elsewhere(self, node: str) -> None:
         """The station connected to another node of the cluster: close this older connection as a

@@ -162,3 +162,37 @@ async def test_stored_events_are_webhooks_and_refused_notifications_are_not(csms
     assert sorted(delivered, key=lambda e: e["id"]) == sorted(stored, key=lambda e: e["id"])
     assert {(e["origin"], e["type"], e["critical"]) for e in delivered} == {
         ("station", "TamperDetectionActivated", True), ("csms", "CertificateSigningRequestRejected", False)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_station_that_just_connected_waits_until_its_connection_is_recorded(csms, monkeypatch):
+    """The connection's listeners (here the security profile floor) may still be writing when an operator
+    deletes the station: the deletion waits for them, so that nothing they write outlives it."""
+    from twisted.internet import defer
+
+    store = csms.app.pm.get_plugin("security").profiles.store
+    gate = defer.Deferred()
+    connected = store.connected
+    monkeypatch.setattr(store, "connected", lambda *args, **kwargs: gate.addCallback(
+        lambda _: connected(*args, **kwargs)))
+    station = await within(csms.connect_booted("CP-NEW"))
+    protocol = csms.app.sessions["CP-NEW"].protocol
+    announced = getattr(protocol, "announced", lambda: defer.succeed(None))
+
+    def release(result=None):
+        if not gate.called:
+            gate.callback(None)
+        return result
+
+    def waiting():  # the deletion asks: the listener may now finish
+        d = announced()
+        release()
+        return d
+    monkeypatch.setattr(protocol, "announced", waiting, raising=False)
+    status, _, _ = await within(defer.ensureDeferred(csms.api("DELETE", "/stations/CP-NEW")).addBoth(release))
+    assert status == 204
+    await within(gate)
+    await within(csms.app.db.barrier())
+    contents = await within(table_contents(csms))
+    assert [name for name, rows in contents.items() if name.startswith("security_") and rows] == []
+    del station

@@ -17,6 +17,8 @@ from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInv
 from csms.stations import REGISTRATION_STATUSES, connection_events, stations
 
 STATION_ID = {"type": "string", "minLength": 1, "maxLength": 255}
+#: Seconds a deletion waits for a station that just connected to be announced to the plugins.
+ANNOUNCE_TIMEOUT = 10.0
 PASSWORD = {"type": "string", "minLength": 16, "maxLength": 40,
             "description": "16 to 40 characters (OCPP 1.6 Security: AuthorizationKey)"}
 
@@ -149,6 +151,14 @@ def add_routes(app, router):
     async def delete_station(request):
         station_id = request.params["station_id"]
         await _existing(app, station_id)
+        protocol = getattr(app.sessions.get(station_id), "protocol", None)
+        if protocol is not None and hasattr(protocol, "announced"):
+            # A station that just connected: what the connection's listeners write (a security profile
+            # floor, a presence row) is committed before the deletion, which then removes it too.
+            try:
+                await protocol.announced().addTimeout(ANNOUNCE_TIMEOUT, app.clock)
+            except defer.TimeoutError:  # a listener that hangs does not keep the station from going
+                pass
         await app.fire("csms_on_station_deleted", station_id=station_id)
         await store.delete(station_id)
         app.disconnect(station_id, "station deleted by an operator")
