@@ -342,15 +342,14 @@ class Database:
             return defer.succeed(None)
 
         def in_thread():
-            for name in (path + "-wal", path):
-                try:
-                    fd = os.open(name, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            try:
+                fd = os.open(path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:  # no WAL: every commit is in the (synced) database file
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return threads.deferToThreadPool(self.reactor, pool, in_thread)
 
     def barrier(self) -> defer.Deferred:

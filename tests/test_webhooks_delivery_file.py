@@ -30,11 +30,6 @@ def database_url(tmp_path):
     return f"sqlite:///{tmp_path}/csms.sqlite"
 
 
-@pytest.fixture
-def sqlite_url(database_url):
-    return database_url
-
-
 def count(*tables):
     return lambda conn: [conn.execute(select(func.count()).select_from(table)).scalar_one() for table in tables]
 
@@ -49,7 +44,7 @@ def recording_writes(monkeypatch, db) -> list:
 
 
 @pytest_twisted.ensureDeferred
-async def test_delivery_writes_go_to_the_delivery_file_not_the_main_one(csms_factory, receiver, sqlite_url,
+async def test_delivery_writes_go_to_the_delivery_file_not_the_main_one(csms_factory, receiver, database_url,
                                                                         monkeypatch):
     csms = await csms_factory(ALLOW_LOOPBACK)
     store = plugin_of(csms).store
@@ -75,7 +70,7 @@ async def test_delivery_writes_go_to_the_delivery_file_not_the_main_one(csms_fac
 
 @pytest_twisted.ensureDeferred
 async def test_the_outbox_is_pruned_but_for_its_last_row_and_seqs_go_on_after_a_restart(
-        csms_factory, receiver, sqlite_url):
+        csms_factory, receiver, database_url):
     csms = await csms_factory(ALLOW_LOOPBACK)
     store = plugin_of(csms).store
     await subscribe(csms, receiver.url, ["id_tag.changed"])
@@ -105,7 +100,7 @@ async def test_the_outbox_is_pruned_but_for_its_last_row_and_seqs_go_on_after_a_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_replaced_main_database_has_its_outbox_moved_in_from_the_start(csms_factory, receiver, sqlite_url):
+async def test_a_replaced_main_database_has_its_outbox_moved_in_from_the_start(csms_factory, receiver, database_url):
     """A delivery file whose mark lies beyond every outbox row (the main file restored from a backup):
     the outbox is read from its beginning, not skipped for ever."""
     csms = await csms_factory(ALLOW_LOOPBACK)
@@ -137,7 +132,7 @@ def legacy_rows(event_id: str, subscription_id: int, now) -> tuple[dict, dict]:
 @pytest.mark.parametrize("copied_before", [False, True], ids=["fresh", "copied-then-interrupted"])
 @pytest_twisted.ensureDeferred
 async def test_deliveries_an_older_release_kept_in_the_main_file_are_moved_and_sent_once(
-        csms_factory, receiver, sqlite_url, copied_before):
+        csms_factory, receiver, database_url, copied_before):
     """Before the delivery file, SQLite kept the deliveries in the main file: the deliverer moves them in
     (once: a move whose deletion from the main file was cut short is not copied a second time)."""
     first = await csms_factory(ALLOW_LOOPBACK)
@@ -146,7 +141,7 @@ async def test_deliveries_an_older_release_kept_in_the_main_file_are_moved_and_s
     await first.stop()
     from datetime import datetime, timezone
     event, delivery = legacy_rows("legacy-1", 1, datetime.fromtimestamp(now, tz=timezone.utc))
-    for path in [sqlite_url.split("///", 1)[1]] + ([delivery_path_of(sqlite_url)] if copied_before else []):
+    for path in [database_url.split("///", 1)[1]] + ([delivery_path_of(database_url)] if copied_before else []):
         engine = create_engine(f"sqlite:///{path}")
         with engine.begin() as conn:
             conn.execute(insert(events).values(event))
@@ -223,7 +218,7 @@ def test_the_worker_leaves_the_main_files_checkpoints_to_the_csms(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_the_delivery_file_commits_unsynced_and_is_synced_before_the_outbox_is_pruned(
-        csms_factory, receiver, sqlite_url, monkeypatch):
+        csms_factory, receiver, database_url, monkeypatch):
     """With [database] sqlite_synchronous = FULL, the delivery file commits with NORMAL (its syncs would
     share the disk with the OCPP commits'); moved outbox rows are deleted only after it was synced."""
     csms = await csms_factory(ALLOW_LOOPBACK)
