@@ -7,7 +7,7 @@ deliveries and their events live in this second file, whose connections attach t
 (as ``csms``): the deliverer reads the outbox and the subscriptions there by their plain names, and its
 write transactions only ever lock this file. The outbox stays in the main file, written in the same
 transaction as the change it reports; the deliverer remembers in this file how far it has moved it in
-(``webhooks_outbox_mark``) and deletes the moved rows from the main file now and then, in one short
+(``webhooks_delivery_state``) and deletes the moved rows from the main file now and then, in one short
 transaction (WebhookStore.prune_outbox).
 
 PostgreSQL locks rows, not the database: there the delivery state stays in the main database, as does
