@@ -124,6 +124,19 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         self.registration_status = annotations.get("registration_status")
         return SUBPROTOCOL
 
+    def succeedHandshake(self, res):
+        """Autobahn's, unless the connection ended while ``onConnect`` waited for the admission.
+
+        Autobahn completes the handshake whenever ``onConnect`` answers, even on a connection that is
+        already gone: it would set the state back to open, and :meth:`onOpen` would record a station as
+        connected that no one can reach (and the TCP loss reported after a drop would resolve
+        ``is_closed`` a second time). A closed connection stays closed."""
+        if self.state == WebSocketProtocol.STATE_CLOSED:
+            log.info("{station} left during its admission ({peer}); nothing opened",
+                     station=self.station_id, peer=self.peer)
+            return None
+        return super().succeedHandshake(res)
+
     def connectionMade(self):
         super().connectionMade()
         self.factory.protocols.add(self)

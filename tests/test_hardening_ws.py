@@ -310,6 +310,51 @@ def test_connection_limits_count_per_address_and_release():
     assert unlimited.per_address == {}
 
 
+# -- a peer that leaves during its admission -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["station", "central-system"])
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_whose_connection_ended_during_admission_never_opens(csms_factory, logged, who,
+                                                                              monkeypatch):
+    """Admission takes database lookups; the connection can end meanwhile (the station gave up, or the
+    Central System dropped it). Autobahn would still complete the handshake once admission answers: a
+    station recorded as connected on a dead connection, and an AlreadyCalledError when the TCP loss is
+    reported after the drop. Neither: nothing opens, nothing is logged as an error, the next station is
+    served."""
+    probe = EventProbe()
+    csms = await csms_factory(extra_plugins=[probe])
+    admit, asked = csms.app.admit, defer.Deferred()
+
+    def slow_admit(request):  # the first admission waits for the test; later ones are the real thing
+        if asked.called:
+            return admit(request)
+        answer = defer.Deferred()
+        asked.callback((request, answer))
+        return answer
+    monkeypatch.setattr(csms.app, "admit", slow_admit)
+    raw = RawWebSocket("/ocpp/CP-GONE")
+    await within(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", csms.port), raw))
+    request, answer = await within(asked)
+    (server,) = csms.service.ocpp_factory.protocols
+    if who == "station":
+        raw.transport.abortConnection()
+        await within(server.is_closed)  # the server saw the connection go
+    else:
+        server.dropConnection(abort=True)  # its connectionLost comes on a later turn of the reactor
+    answer.callback(request.annotations)  # admitted: the handshake goes on, to the protocol's onOpen
+    await within(raw.closed)
+    await within(task.deferLater(reactor, 0, lambda: None))  # let the drop's connectionLost run
+    assert server.state == WebSocketProtocol.STATE_CLOSED
+    assert not csms.app.is_connected("CP-GONE") and "CP-GONE" not in csms.service.ocpp_factory.connections
+    assert probe.unclaimed("connected", "CP-GONE") == 0
+    assert not csms.service.ocpp_factory.protocols
+    assert not [text for level, _, text in logged if level is not None and level >= LogLevel.error]
+    station = await within(csms.connect_booted("CP-NEXT"))
+    assert csms.app.is_connected("CP-NEXT")
+    station.dropConnection(abort=True)
+
+
 # -- how a connection ended ------------------------------------------------------------------------------
 
 

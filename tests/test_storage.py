@@ -10,7 +10,7 @@ import pytest_twisted
 from conftest import within
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.python import threadable
 
 from csms.db import MAX_ATTEMPTS, Database
@@ -184,12 +184,30 @@ async def test_app_creates_every_enabled_plugins_tables_on_start(csms):
     assert {"csms_stations", "csms_connection_events", "core_transactions"} <= names
 
 
+async def occupy_every_pool_thread(db, release: threading.Event) -> list:
+    """Hold each of the pool's threads until ``release`` is set; returns once every hold is running.
+
+    One hold at a time, each queued only after the one before it began: a hold queued beside another
+    could share its batch (and its commit) instead of taking a thread, and work queued before the
+    first hold began would be batched with it rather than queued behind a busy pool."""
+    holds = []
+    for _ in range(db.pool.max):
+        running = defer.Deferred()
+
+        def hold(conn, running=running):
+            reactor.callFromThread(running.callback, None)
+            release.wait(10)
+        holds.append(db.run(hold, desc="hold"))
+        await running.addTimeout(10, reactor)
+    return holds
+
+
 @pytest_twisted.ensureDeferred
 async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_own(db, database_url):
     """Group commit: functions queued while the pool is busy commit together; when one fails the group
     is rerun with each function in its own savepoint, so it rolls back alone and the others commit."""
     release = threading.Event()
-    held = db.run(lambda conn: release.wait(10), desc="hold_the_pool")
+    holds = await occupy_every_pool_thread(db, release)
 
     def insert(key):
         def thd(conn):
@@ -201,8 +219,6 @@ async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_ow
         conn.execute(probe.insert().values(key="doomed", value=2))
         raise ValueError("refused")
 
-    # The pool's threads are all busy (SQLite has one; PostgreSQL gets as many holds as it has threads).
-    holds = [held] + [db.run(lambda conn: release.wait(10), desc="hold") for _ in range(db.pool.max - 1)]
     before, isolated_before = db.stats["transactions"], db.stats["isolated"]
     first, failing, last = db.run(insert("a")), db.run(insert_then_fail), db.run(insert("b"))
     release.set()
@@ -214,14 +230,14 @@ async def test_work_queued_together_shares_one_commit_and_a_failure_stays_its_ow
     assert await last.addTimeout(10, reactor) == "b"
     assert await read_from_another_connection(database_url) == [("a", 1, None), ("b", 1, None)]
     if db.pool.max == 1:
-        assert db.stats["transactions"] - before == 1  # the three functions shared one commit
+        assert db.stats["transactions"] - before == 2  # the hold's, then one the three functions shared
         assert db.stats["isolated"] - isolated_before == 1  # found the failing one by rerunning in savepoints
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_group_that_succeeds_commits_once_without_savepoints(db, database_url):
     release = threading.Event()
-    holds = [db.run(lambda conn: release.wait(10), desc="hold") for _ in range(db.pool.max)]
+    holds = await occupy_every_pool_thread(db, release)
     statements = []
 
     def insert(key):
@@ -245,7 +261,7 @@ async def test_a_group_that_succeeds_commits_once_without_savepoints(db, databas
     assert db.stats["isolated"] == isolated_before
     assert not [s for s in statements if "SAVEPOINT" in s.upper()]
     if db.pool.max == 1:
-        assert db.stats["transactions"] - before == 1
+        assert db.stats["transactions"] - before == 2  # the hold's, then one for the three functions
 
 
 @pytest_twisted.ensureDeferred

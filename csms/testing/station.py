@@ -215,6 +215,9 @@ def connect_station(reactor, port: int, station_id: str, password: str | None = 
     from urllib.parse import quote
     url = f"{'wss' if tls is not None else 'ws'}://{host}:{port}{path_prefix}{quote(station_id, safe='')}"
     factory = TestStationFactory(url, protocols=list(protocols) or None, headers=headers, reactor=reactor)
+    # One deadline for the whole connection: Autobahn's own handshake timeout (5 s) would end a
+    # handshake that a busy Central System is still admitting, before ``timeout`` has passed.
+    factory.setProtocolOptions(openHandshakeTimeout=timeout)
     factory.reactor = reactor
     factory.opened = defer.Deferred()
     if tls is not None:
