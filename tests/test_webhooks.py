@@ -605,3 +605,46 @@ async def test_an_idle_pass_writes_nothing(csms_factory, receiver, monkeypatch):
     assert "webhooks_fan_out" not in written and "webhooks_outcomes" not in written, written
     if db.is_sqlite:  # there reads go beside the writer, outside its transactions
         assert db.stats["transactions"] == transactions
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pass_records_the_last_passes_outcomes_in_its_own_transaction(csms_factory, receiver, monkeypatch):
+    """A POST's outcome is committed by the next pass, in the one transaction that also moves in the events
+    that came meanwhile: no transaction of its own (one commit a pass, and the pages at the end of the
+    deliveries table and its indexes written once for both)."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    delivery_db = plugin_of(csms).dispatcher.store.delivery_db
+    written = []
+    run = delivery_db.run
+    monkeypatch.setattr(delivery_db, "run", lambda thd, *args, desc="", **kwargs: (
+        written.append(desc), run(thd, *args, desc=desc, **kwargs))[1])
+    await core_store(csms).put_id_tag("TAG-1")
+    await drain(csms)
+    await core_store(csms).put_id_tag("TAG-2")
+    await drain(csms)
+    assert [event["data"]["id_tag"] for event in receiver.events()] == ["TAG-1", "TAG-2"]
+    assert [d["state"] for d in await history(csms, subscription["id"])] == ["delivered", "delivered"]
+    assert "webhooks_outcomes" not in written and written.count("webhooks_fan_out") >= 2, written
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_no_pass_recorded_yet_is_committed_when_the_csms_stops(csms_factory, receiver):
+    """Stopping between a POST's end and the next pass: the outcome is written on the way out, and the event
+    is not sent again after the restart."""
+    first = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(first, receiver.url, ["id_tag.changed"])
+    dispatcher = plugin_of(first).dispatcher
+    await drain(first)
+    posted = dispatcher._posted
+    await core_store(first).put_id_tag("TAG-1")
+    dispatcher.poke()
+    await within(posted)  # the POST is over; the pass that would record it comes in a while
+    assert len(dispatcher._outcomes) == 1
+    await first.stop()
+
+    second = await csms_factory(ALLOW_LOOPBACK)  # the same database
+    second.clock.advance(3600)
+    await drain(second)
+    assert [event["data"]["id_tag"] for event in receiver.events()] == ["TAG-1"]
+    assert [d["state"] for d in await history(second, subscription["id"])] == ["delivered"]

@@ -206,18 +206,24 @@ class WebhookStore:
 
     # -- the dispatcher's work ------------------------------------------------------------------
 
-    def fan_out(self, limit: int):
+    def fan_out(self, limit: int, outcomes: list[tuple] = ()):
         """Move up to ``limit`` events from the outbox, oldest first: each into ``webhooks_events`` with a
         pending delivery per subscription it names that still exists, in one transaction that deletes
         them from the outbox (rerun whole, or not at all). Fires with how many were moved.
 
+        ``outcomes`` (as :meth:`record_outcomes` takes them) are written in the same transaction, first:
+        a delivery pass commits once, and the pages the new deliveries go to (the ends of the table and
+        its indexes) are the ones the outcomes of the last pass's deliveries change, written once.
+
         In SQL statements only, rows never coming up into Python: on SQLite this transaction holds the
         database's one write lock, which the OCPP writer of the CSMS waits for meanwhile. (Unless the
         deliveries have a file of their own: :meth:`_fan_out_split`.)"""
+        record = self._outcome_writer(outcomes)
         if self.split:
-            return self._fan_out_split(limit)
+            return self._fan_out_split(limit, record)
 
         def thd(conn):
+            record(conn)
             if self.db.is_sqlite:
                 # One writer at a time, and a row's seq is given when it is written: the rows up to the
                 # limit's are exactly those committed, and no other can come in below it meanwhile.
@@ -238,11 +244,13 @@ class WebhookStore:
 
         def anything(conn):
             return conn.execute(select(outbox.c.seq).limit(1)).first() is not None
+        if outcomes:
+            return self.db.run(thd, desc="webhooks_fan_out")
         # A look first, beside the writer: an idle pass takes no write lock (on SQLite, the file's).
         return self.db.read(anything, desc="webhooks_outbox_waiting").addCallback(
             lambda waiting: self.db.run(thd, desc="webhooks_fan_out") if waiting else 0)
 
-    def _fan_out_split(self, limit: int):
+    def _fan_out_split(self, limit: int, record):
         """:meth:`fan_out` into the delivery file: the outbox rows after its mark, up to ``limit``, become
         events and deliveries there, and the mark moves past them, in one transaction of that file's (the
         main file, attached read only, is only read). The main file's write lock is taken only by the
@@ -257,6 +265,7 @@ class WebhookStore:
             return after is not None or _replaced(conn, mark)
 
         def thd(conn):
+            record(conn)
             mark = replaced = conn.execute(_MARK).scalar() or 0
             if _replaced(conn, mark):
                 # Every row lies below the mark: the main file is not the one this file was moving from
@@ -285,6 +294,8 @@ class WebhookStore:
         def run(waiting):
             return self.delivery_db.run(thd, desc="webhooks_fan_out").addCallback(moved_in) if waiting else 0
         d = self._move_legacy() if not self._legacy_checked else defer.succeed(None)
+        if record.writes:
+            return d.addCallback(lambda _: run(True))
         # A look first, beside the writer: an idle pass takes no write lock.
         return d.addCallback(lambda _: self.delivery_db.read(look, desc="webhooks_outbox_waiting")).addCallback(run)
 
@@ -395,7 +406,13 @@ class WebhookStore:
 
     def record_outcomes(self, outcomes: list[tuple]):
         """The outcomes of several POSTs, in one transaction: each ``(delivery ids, state, next attempt,
-        attempted at, status code, error)``. Successes with the same status code share one UPDATE."""
+        attempted at, status code, error)``. Successes with the same status code share one UPDATE.
+        (A delivery pass writes them with its fan-out instead: :meth:`fan_out`.)"""
+        return self.delivery_db.run(self._outcome_writer(outcomes), desc="webhooks_outcomes")
+
+    def _outcome_writer(self, outcomes: list[tuple]):
+        """``thd(conn)`` writing ``outcomes`` (see :meth:`record_outcomes`); its ``writes``: whether there
+        is anything to write. The statements are made here, on the reactor thread."""
         delivered: dict[int, tuple[list, datetime]] = {}
         statements = []
         for ids, state, next_attempt_at, attempted_at, code, error in outcomes:
@@ -415,7 +432,8 @@ class WebhookStore:
                     "b_at": attempted_at,
                     "b_code": code, "b_error": None if error is None else error[:MAX_ERROR_LENGTH],
                     "b_finished": attempted_at if state != PENDING else None})
-        return self.delivery_db.run(thd, desc="webhooks_outcomes")
+        thd.writes = bool(statements)
+        return thd
 
     # -- subscriptions ----------------------------------------------------------------------------
 
