@@ -13,6 +13,11 @@ from twisted.internet import reactor
 from twisted.web import resource, server
 
 
+#: A batch's body: {"id":...,"type":"meter_values.batch",...,"data":{"events":[<event>, ...]}}.
+BATCH_HEAD = b'"type":"meter_values.batch"'
+BATCHED_EVENT = b'"type":"meter_values.received"'
+
+
 class Counter(resource.Resource):
     isLeaf = True
 
@@ -21,10 +26,12 @@ class Counter(resource.Resource):
         self.stats = {"posts": 0, "events": 0, "first_at": None, "last_at": None}
 
     def render_POST(self, request):
-        body = json.loads(request.content.read())
+        # Counted without parsing: the receiver shares a core with the load generator, whose latencies are
+        # the measurement, and a real receiver runs elsewhere. The sender writes compact JSON (orjson).
+        body = request.content.read()
         stats = self.stats
         stats["posts"] += 1
-        stats["events"] += len(body["data"]["events"]) if body["type"].endswith(".batch") else 1
+        stats["events"] += body.count(BATCHED_EVENT) if body.startswith(BATCH_HEAD, body.index(b',') + 1) else 1
         stats["last_at"] = time.monotonic()
         if stats["first_at"] is None:
             stats["first_at"] = stats["last_at"]

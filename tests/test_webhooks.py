@@ -648,3 +648,20 @@ async def test_an_outcome_no_pass_recorded_yet_is_committed_when_the_csms_stops(
     await drain(second)
     assert [event["data"]["id_tag"] for event in receiver.events()] == ["TAG-1"]
     assert [d["state"] for d in await history(second, subscription["id"])] == ["delivered"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscriptions_sharing_a_receiver_reuse_their_connections(csms_factory, receiver):
+    """Idle connections are kept per host and port, which subscriptions may share: as many as may be in
+    flight there, so that a round of POSTs to three subscriptions of one receiver opens no new ones."""
+    site, accepted = receiver.port.factory, []
+    build = site.buildProtocol
+    site.buildProtocol = lambda addr: (accepted.append(addr), build(addr))[1]
+    csms = await csms_factory(ALLOW_LOOPBACK + "max_concurrent_per_subscription = 1\n")
+    for _ in range(3):
+        await subscribe(csms, receiver.url, ["id_tag.changed"])
+    for n in range(3):
+        await core_store(csms).put_id_tag(f"TAG-{n}")
+        await drain(csms)
+    assert len(receiver.requests) == 9
+    assert len(accepted) == 3

@@ -201,13 +201,13 @@ def test_attaching_a_missing_file_is_refused(tmp_path):
 def test_the_worker_leaves_the_main_files_checkpoints_to_the_csms(tmp_path):
     """Two processes checkpointing one WAL only take turns (and the worker's turn wrote tens of MB per
     minute in the benchmark); the worker checkpoints the delivery file, which it writes, alone."""
+    from test_webhooks_worker import default_settings
+
     from csms_plugins.webhooks.worker import Worker
 
     main = tmp_path / "csms.sqlite"
     sqlite3.connect(main).close()
-    worker = Worker(reactor, {"database": {"url": f"sqlite:///{main}"}, "settings": {
-        "allow_private_networks": "", "poll_interval": 1.0, "max_concurrent_per_subscription": 4,
-        "request_timeout": 10.0}})
+    worker = Worker(reactor, {"database": {"url": f"sqlite:///{main}"}, "settings": default_settings()})
     try:
         assert worker.db._checkpointer is None
         assert worker.delivery_db is not None and worker.delivery_db._checkpointer is not None

@@ -356,6 +356,13 @@ async def test_the_sqlite_writer_waits_for_a_lock_another_process_holds_and_coun
         db.stop()
 
 
+def default_settings() -> dict:
+    """The webhooks plugin's settings as an operator who set none gets them."""
+    from csms_plugins.webhooks.plugin import WebhooksPlugin
+
+    return {setting.name: setting.default for setting in WebhooksPlugin.settings}
+
+
 @pytest.mark.postgresql_only
 def test_on_postgresql_the_workers_commits_do_not_wait_for_the_servers_flush(database_url):
     """Its transactions are redone or resent after a server crash (at least once), so they need not wait
@@ -364,9 +371,7 @@ def test_on_postgresql_the_workers_commits_do_not_wait_for_the_servers_flush(dat
 
     from csms_plugins.webhooks.worker import Worker
 
-    worker = Worker(reactor, {"database": {"url": database_url}, "settings": {
-        "allow_private_networks": "", "poll_interval": 1.0, "max_concurrent_per_subscription": 4,
-        "request_timeout": 10.0}})
+    worker = Worker(reactor, {"database": {"url": database_url}, "settings": default_settings()})
     try:
         with worker.db.engine.connect() as conn:
             assert conn.execute(text("SHOW synchronous_commit")).scalar() == "off"

@@ -148,7 +148,10 @@ class Dispatcher(service.Service):
         self.clock = clock
         self.random = rng or random.Random()
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = self.settings["max_concurrent_per_subscription"]
+        # Idle connections kept per receiving host and port, which several subscriptions may share: as many
+        # as may be in flight to it at once, so that none is closed only to be opened again (a new
+        # connection costs an address check on a resolver thread, and a TCP handshake).
+        self.pool.maxPersistentPerHost = self.settings["max_concurrent_deliveries"]
         self.agent = Agent.usingEndpointFactory(
             reactor, CheckedEndpointFactory(reactor, guard, self.settings["request_timeout"]), pool=self.pool)
         self.queues: dict[int, deque] = {}

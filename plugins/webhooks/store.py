@@ -388,10 +388,11 @@ class WebhookStore:
 
         def thd(conn):
             dialect = self.delivery_db.dialect_name
-            rows = conn.execute(_statements(dialect)[0], {
+            result = conn.execute(_statements(dialect)[0], {
                 "now": now, "busy": _id_values(busy, dialect), "skip": _id_values(skip_subscriptions, dialect),
-                                       "limit": limit}).fetchall()
-            due = [dict(row._mapping) for row in rows]
+                "limit": limit})
+            keys = tuple(result.keys())  # (row._mapping builds a view of its keys for every row)
+            due = [dict(zip(keys, row)) for row in result.fetchall()]
             targets = {}
             if due:
                 ids = sorted({row["subscription_id"] for row in due})
