@@ -238,3 +238,22 @@ async def test_the_delivery_file_commits_unsynced_and_is_synced_before_the_outbo
     await drain(csms)
     assert steps == ["sync", "webhooks_outbox_prune"]
     assert await csms.app.db.run(count(outbox)) == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_due_read_walks_the_index_of_pending_deliveries_without_a_sort(csms_factory, database_url):
+    """The partial index holds the pending deliveries alone; SQLite uses it only when the query's condition
+    says ``state = 'pending'`` as a literal (IS_PENDING), and then reads them in order: no sort of the backlog,
+    and none of the history is looked at."""
+    from csms_plugins.webhooks.store import _statements
+
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    delivery_db = plugin_of(csms).store.delivery_db
+    statement = _statements("sqlite")[0].compile(delivery_db.engine)
+
+    def plan(conn):
+        params = tuple("[]" if name in ("busy", "skip") else 1 for name in statement.positiontup)
+        return [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(statement), params)]
+    steps = await delivery_db.read(plan)
+    assert any("webhooks_deliveries USING INDEX webhooks_deliveries_pending" in step for step in steps), steps
+    assert not any("TEMP B-TREE" in step for step in steps), steps

@@ -21,6 +21,9 @@ log = Logger(namespace="csms.webhooks")
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATES = (PENDING, DELIVERED, DEAD)
+#: ``state = 'pending'`` as a literal, which lets the planners use the partial index of pending deliveries
+#: (a bound parameter could be any state, so neither SQLite nor a generic PostgreSQL plan could).
+IS_PENDING = deliveries.c.state == literal_column(f"'{PENDING}'")
 #: In a subscription's event_types: every event type except the opt-in ones.
 ALL_TYPES = "*"
 DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attempts", "created_at",
@@ -55,7 +58,7 @@ def _due(dialect: str):
                    events.c.body, deliveries.c.attempts, deliveries.c.created_at)
             .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
             .join(events, events.c.event_id == deliveries.c.event_id)
-            .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_at <= bindparam("now"),
+            .where(IS_PENDING, deliveries.c.next_attempt_at <= bindparam("now"),
                    subscriptions.c.paused.is_(False), _not_in(deliveries.c.id, "busy", dialect),
                    _not_in(deliveries.c.subscription_id, "skip", dialect))
             .order_by(deliveries.c.next_attempt_at, deliveries.c.id).limit(bindparam("limit")))
@@ -96,7 +99,7 @@ _FAN_OUT_LAST = select(func.max(literal_column("seq"))).select_from(
 #: Deliveries with their event's body (the delivery history).
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
 #: Events none of whose deliveries are left (purged or their subscription deleted).
-_ORPHAN_EVENTS = delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
+_ORPHAN_EVENTS = delete(events).where(events.c.event_id.not_in(select(deliveries.c.event_id)))
 
 
 #: Names in ``webhooks_delivery_state`` (the delivery file) and the main file's name there.
@@ -238,7 +241,9 @@ class WebhookStore:
                                          .with_for_update(skip_locked=True)).scalars())
                 if not seqs:
                     return 0
-                chosen = outbox.c.seq.in_(seqs)
+                # One array parameter: the same SQL whatever their number (an expanding IN made a new
+                # statement, parsed and planned anew, for each count).
+                chosen = outbox.c.seq == any_(bindparam("seqs", value=seqs, type_=ARRAY(BigInteger)))
             _move_in(conn, chosen)
             return conn.execute(delete(outbox).where(chosen)).rowcount
 
@@ -365,7 +370,7 @@ class WebhookStore:
 
         def thd(conn):
             dead = conn.execute(update(deliveries).where(
-                deliveries.c.state == PENDING, deliveries.c.created_at < dead_before,
+                IS_PENDING, deliveries.c.created_at < dead_before,
                 deliveries.c.id.not_in(busy)).values(
                 state=DEAD, finished_at=now, next_attempt_at=now,
                 last_error=func.coalesce(deliveries.c.last_error, "never delivered") + " (dead-lettered: too old)"

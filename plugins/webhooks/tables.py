@@ -1,5 +1,5 @@
 """The webhooks plugin's tables (all prefixed ``webhooks_``)."""
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, String, Table, Text, text
 
 from csms.db import BIG_KEY
 
@@ -62,10 +62,14 @@ deliveries = Table(
     Column("finished_at", DateTime(timezone=True)),
 )
 
-#: Walked in order by the dispatcher's read of due deliveries, which stops at its limit: no sort of the backlog.
-Index("webhooks_deliveries_due", deliveries.c.state, deliveries.c.next_attempt_at, deliveries.c.id)
+#: The pending deliveries, walked in order by the dispatcher's read of due ones, which stops at its limit: no
+#: sort of the backlog. Partial: a delivery leaves it when its outcome is recorded, and the history (kept for
+#: days) is not in it; recording an outcome adds no entry anywhere but the key and the subscription's index.
+#: (A query's condition must say ``state = 'pending'`` as a literal for either database to use it: IS_PENDING.)
+PENDING_ONLY = text("state = 'pending'")
+Index("webhooks_deliveries_pending", deliveries.c.next_attempt_at, deliveries.c.id,
+      sqlite_where=PENDING_ONLY, postgresql_where=PENDING_ONLY)
 Index("webhooks_deliveries_of_subscription", deliveries.c.subscription_id, deliveries.c.id)
-Index("webhooks_deliveries_of_event", deliveries.c.event_id)
 
 #: SQLite: the delivery state in a database file of its own, beside the main one (``<file>-webhooks.db``,
 #: see delivery_db.py), so that the deliverer's writes never take the main file's one write lock, which
