@@ -179,8 +179,16 @@ def test_the_webhooks_bench_tells_a_difference_from_noise():
     summary = webhooks.repeat_summary(runs)
     assert summary["baseline"]["p_vs_baseline"] is None and summary["once"]["p_vs_baseline"] is None
     assert summary["same"]["p_vs_baseline"] > 0.5
-    assert summary["slower"]["p_vs_baseline"] < 0.05
+    assert summary["slower"]["p_vs_baseline"] < 0.05 and summary["slower"]["paired_p"] < 0.1
     assert summary["slower"]["p99_median"] == 32 and summary["slower"]["runs"] == 5
+    assert summary["same"]["higher_in"] == (5, 5) and summary["baseline"]["paired_p"] is None
+    # Above the baseline's a minute before in each of 8 pairs, by a little, while the machine drifted a lot:
+    # the unordered test sees noise, the paired one a difference.
+    drift = [10, 14, 18, 22, 26, 30, 34, 38]
+    runs = [{"name": name, "latency_ms": {"p99": p99, "p50": 1.0}}
+            for name, values in (("baseline", drift), ("drifting", [x + 1 for x in drift])) for p99 in values]
+    drifting = webhooks.repeat_summary(runs)["drifting"]
+    assert drifting["p_vs_baseline"] > 0.5 and drifting["paired_p"] < 0.01 and drifting["higher_in"] == (8, 8)
 
 
 @pytest.mark.postgresql_only
