@@ -665,3 +665,26 @@ async def test_subscriptions_sharing_a_receiver_reuse_their_connections(csms_fac
         await drain(csms)
     assert len(receiver.requests) == 9
     assert len(accepted) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_is_recorded_after_the_right_to_deliver_passed_to_another(csms_factory, receiver,
+                                                                                   monkeypatch):
+    """A POST made while this process delivered, whose pass had not come when another process took over
+    delivery (the cluster's leadership, the worker's lock): its outcome is written all the same, or the
+    other would send the event again."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    dispatcher = plugin_of(csms).dispatcher
+    await drain(csms)
+    posted = dispatcher._posted
+    await core_store(csms).put_id_tag("TAG-1")
+    dispatcher.poke()
+    await within(posted)
+    (_, committed), = dispatcher._outcomes
+    recorded = defer.Deferred()  # (a timeout on ``committed`` itself would be swallowed by its own callbacks)
+    committed.addBoth(lambda result: (recorded.callback(None), result)[1])
+    monkeypatch.setattr(dispatcher, "may_deliver", lambda: False)
+    dispatcher.poke()  # what the timer set when the POST ended does
+    await within(recorded)
+    assert [d["state"] for d in await history(csms, subscription["id"])] == ["delivered"]

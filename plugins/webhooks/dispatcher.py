@@ -216,7 +216,11 @@ class Dispatcher(service.Service):
     def poke(self) -> None:
         """Run a pass now, or right after the one running, if this process may deliver: one process
         delivers for the whole database (docs/webhooks.md), as its claims live in its memory."""
-        if not self.running or not self.may_deliver():
+        if not self.running:
+            return
+        if not self.may_deliver():
+            if self._outcomes:  # POSTs this process made (before another took over): recorded all the same
+                self._write_outcomes(self.store.record_outcomes).addErrback(lambda _: None)  # logged there
             return
         if self._pass is not None:
             self._again = True
@@ -428,9 +432,9 @@ class Dispatcher(service.Service):
         return done
 
     def _write_outcomes(self, write) -> defer.Deferred:
-        """``write(outcomes)``: the outcomes queued so far, committed; then their deliveries are released (the
-        outcomes are written either way: a failure leaves them pending, to be sent again). Fires with what
-        ``write`` fired with, or fails as it did."""
+        """``write(outcomes)`` with the outcomes queued so far; then their deliveries are released, whether
+        the write committed or failed (a failure leaves them pending in the database, to be sent again).
+        Fires with what ``write`` fired with, or fails as it did."""
         batch, self._outcomes = self._outcomes, []
 
         def written(result):
