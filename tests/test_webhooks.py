@@ -628,19 +628,26 @@ async def test_a_pass_records_the_last_passes_outcomes_in_its_own_transaction(cs
     assert "webhooks_outcomes" not in written and written.count("webhooks_fan_out") >= 2, written
 
 
+async def a_post_whose_outcome_waits_for_the_next_pass(csms, receiver) -> tuple[dict, defer.Deferred]:
+    """A subscription, and one event POSTed to it whose outcome waits for the pass that comes 0.5 s later
+    (real time; the test acts before): (the subscription, the Deferred fired once the outcome is written)."""
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    dispatcher = plugin_of(csms).dispatcher
+    await drain(csms)
+    posted = dispatcher._posted
+    await core_store(csms).put_id_tag("TAG-1")
+    dispatcher.poke()
+    await within(posted)  # the POST is over
+    (_, committed), = dispatcher._outcomes
+    return subscription, committed
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_outcome_no_pass_recorded_yet_is_committed_when_the_csms_stops(csms_factory, receiver):
     """Stopping between a POST's end and the next pass: the outcome is written on the way out, and the event
     is not sent again after the restart."""
     first = await csms_factory(ALLOW_LOOPBACK)
-    subscription = await subscribe(first, receiver.url, ["id_tag.changed"])
-    dispatcher = plugin_of(first).dispatcher
-    await drain(first)
-    posted = dispatcher._posted
-    await core_store(first).put_id_tag("TAG-1")
-    dispatcher.poke()
-    await within(posted)  # the POST is over; the pass that would record it comes in a while
-    assert len(dispatcher._outcomes) == 1
+    subscription, _ = await a_post_whose_outcome_waits_for_the_next_pass(first, receiver)
     await first.stop()
 
     second = await csms_factory(ALLOW_LOOPBACK)  # the same database
@@ -674,14 +681,8 @@ async def test_an_outcome_is_recorded_after_the_right_to_deliver_passed_to_anoth
     delivery (the cluster's leadership, the worker's lock): its outcome is written all the same, or the
     other would send the event again."""
     csms = await csms_factory(ALLOW_LOOPBACK)
-    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    subscription, committed = await a_post_whose_outcome_waits_for_the_next_pass(csms, receiver)
     dispatcher = plugin_of(csms).dispatcher
-    await drain(csms)
-    posted = dispatcher._posted
-    await core_store(csms).put_id_tag("TAG-1")
-    dispatcher.poke()
-    await within(posted)
-    (_, committed), = dispatcher._outcomes
     recorded = defer.Deferred()  # (a timeout on ``committed`` itself would be swallowed by its own callbacks)
     committed.addBoth(lambda result: (recorded.callback(None), result)[1])
     monkeypatch.setattr(dispatcher, "may_deliver", lambda: False)
