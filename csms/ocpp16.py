@@ -72,8 +72,10 @@ def format_datetime(value: datetime) -> str:
     """UTC ISO 8601 with milliseconds and a ``Z``, as every timestamp the CSMS sends."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    value = value.astimezone(timezone.utc)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    elif value.utcoffset():
+        value = value.astimezone(timezone.utc)  # (OverflowError past year 9999, as before)
+    # isoformat: half the time of strftime, and a 4-digit year below 1000 too; milliseconds truncated.
+    return value.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def parse_datetime(text: str) -> datetime:

@@ -703,3 +703,18 @@ class TestEventHooks:
         assert not answer.called
         release.callback(None)
         assert (await answer)["idTagInfo"] == {"status": "Accepted"}
+
+
+def test_timestamps_are_formatted_as_utc_iso_8601_with_milliseconds():
+    from datetime import datetime, timedelta, timezone
+
+    from csms.ocpp16 import format_datetime
+
+    utc = timezone.utc
+    assert format_datetime(datetime(2026, 12, 2, 6, 5, 4, 321987, tzinfo=utc)) == "2026-12-02T06:05:04.321Z"
+    assert format_datetime(datetime(2026, 12, 2, 6, 5, 4)) == "2026-12-02T06:05:04.000Z"  # naive: UTC
+    assert format_datetime(datetime(2026, 12, 2, 1, 0, 0, 999999, tzinfo=timezone(timedelta(hours=-5, minutes=-30)))) \
+        == "2026-12-02T06:30:00.999Z"
+    assert format_datetime(datetime(999, 1, 1, tzinfo=utc)) == "0999-01-01T00:00:00.000Z"  # four digits, as ISO 8601
+    with pytest.raises(OverflowError):
+        format_datetime(datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-2))))

@@ -689,3 +689,16 @@ async def test_an_outcome_is_recorded_after_the_right_to_deliver_passed_to_anoth
     dispatcher.poke()  # what the timer set when the POST ended does
     await within(recorded)
     assert [d["state"] for d in await history(csms, subscription["id"])] == ["delivered"]
+
+
+def test_event_ids_are_version_7_uuids_that_sort_by_their_time():
+    import uuid
+
+    from csms_plugins.webhooks.store import time_ordered_uuid
+
+    ids = [time_ordered_uuid(ms) for ms in (1_764_657_000_000, 1_764_657_000_001, 1_764_657_000_001, 2 ** 48 - 1)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert [str(p) for p in parsed] == ids  # canonical form: lower-case hex, dashes at 8-4-4-4-12
+    assert {p.version for p in parsed} == {7} and {p.variant for p in parsed} == {uuid.RFC_4122}
+    assert [p.int >> 80 for p in parsed] == [1_764_657_000_000, 1_764_657_000_001, 1_764_657_000_001, 2 ** 48 - 1]
+    assert ids[0] < ids[1] and ids[1] != ids[2] and max(ids) == ids[3]
