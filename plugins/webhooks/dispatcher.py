@@ -47,8 +47,10 @@ SWEEP_INTERVAL = 60.0
 #: Most outbox events a pass turns into deliveries (webhooks_outbox: see WebhookStore.fan_out).
 FAN_OUT_LIMIT = 1000
 #: Seconds between a POST's outcome and the pass that records it and claims what came meanwhile (see
-#: Dispatcher._poke_after_a_while): at 1,000 events a second, a pass (one commit, one read) per 500.
-REPASS_DELAY = 0.5
+#: Dispatcher._poke_after_a_while): at 1,000 events a second, a pass (one commit, one read) per 100 or so.
+#: 0.5 s made a sixth of the commits and used less CPU, but in bursts: on SQLite the OCPP p99 of half
+#: the benchmark's runs jumped to 45-115 ms (docs/benchmarks.md, third round).
+REPASS_DELAY = 0.1
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
