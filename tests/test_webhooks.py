@@ -356,9 +356,110 @@ async def test_meter_values_are_opt_in_and_batched(csms_factory, receiver):
     events = batch["json"]["data"]["events"]
     assert [e["data"]["meter_value"][0]["sampledValue"][0]["value"] for e in events] == ["100", "200", "300"]
     assert all(e["type"] == "meter_values.received" for e in events)
-    assert len({d["event_id"] for d in await history(csms, meters["id"])}) == 3
+    # The batch is the delivery: one row, its event the body sent.
+    [delivery] = await history(csms, meters["id"])
+    assert (delivery["event_type"], delivery["state"], delivery["attempts"]) == ("meter_values.batch", "delivered", 1)
+    assert delivery["event_id"] == batch["json"]["id"] == batch["headers"]["webhook-id"]
+    assert delivery["event"] == batch["json"]
     assert await history(csms, everything["id"]) != []  # boot events; no meter values among them
     assert all(d["event_type"] != "meter_values.received" for d in await history(csms, everything["id"]))
+
+
+async def send_meter_values(station, csms, *values: str) -> None:
+    for wh in values:
+        await station.call("MeterValues", {"connectorId": 1, "meterValue": [
+            {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": wh}]}]})
+
+
+def values_of(batch: dict) -> list[str]:
+    return [e["data"]["meter_value"][0]["sampledValue"][0]["value"] for e in batch["data"]["events"]]
+
+
+def stored_count(csms, table) -> defer.Deferred:
+    store = plugin_of(csms).store
+    return within(store.delivery_db.read(lambda conn: conn.execute(select(func.count()).select_from(table)).scalar()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_batches_are_made_once_shared_and_resent_alike(csms_factory, receiver):
+    """Batches are made when the events are moved in: each subscription's in order, up to the batch size,
+    one stored body for the subscriptions wanting the same events, and a retry sends the same batch (same
+    Webhook-Id, same events) again."""
+    csms = await csms_factory(ALLOW_LOOPBACK + "meter_values_batch_size = 2\n")
+    subscriptions = [await subscribe(csms, f"{receiver.url}?{k}", ["meter_values.received"]) for k in (1, 2)]
+    station = await booted(csms, "CP-1")
+    await send_meter_values(station, csms, "1", "2", "3", "4", "5")
+    receiver.statuses = [500] * 6  # every batch's first POST (3 per subscription, all in flight at once)
+    await drain(csms)
+    assert len(receiver.requests) == 6
+    csms.clock.advance(10)  # the first retry waits between 5 and 10 s
+    await drain(csms)
+    assert len(receiver.requests) == 12
+
+    by_id: dict[str, list] = {}
+    for request in receiver.requests:
+        assert request["headers"]["webhook-id"] == request["json"]["id"]
+        by_id.setdefault(request["json"]["id"], []).append(request)
+    assert sorted(len(sent) for sent in by_id.values()) == [4, 4, 4]  # 2 subscriptions x 2 attempts
+    for sent in by_id.values():
+        assert len({request["body"] for request in sent}) == 1
+        assert sorted(request["headers"]["webhook-attempt"] for request in sent) == ["1", "1", "2", "2"]
+    assert sorted(values_of(sent[0]["json"]) for sent in by_id.values()) == [["1", "2"], ["3", "4"], ["5"]]
+    for subscription in subscriptions:
+        made = await history(csms, subscription["id"])
+        assert sorted(d["event_id"] for d in made) == sorted(by_id)
+        assert {(d["state"], d["attempts"], d["event_type"]) for d in made} == {("delivered", 2, "meter_values.batch")}
+    assert await stored_count(csms, events) == 3  # each batch's body once, for both subscriptions
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_batches_follow_each_subscriptions_own_events(csms_factory, receiver):
+    """A subscription made, or deleted, while meter values arrive: each subscription's batch holds exactly
+    the events written while it existed, and one deleted before the events were moved in gets none."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    station = await booted(csms, "CP-1")
+    early = await subscribe(csms, receiver.url + "?early", ["meter_values.received"])
+    await send_meter_values(station, csms, "1")
+    late = await subscribe(csms, receiver.url + "?late", ["meter_values.received"])
+    await send_meter_values(station, csms, "2")
+    gone = await subscribe(csms, receiver.url + "?gone", ["meter_values.received"])
+    await send_meter_values(station, csms, "3")
+    status, _, _ = await csms.api("DELETE", f"/webhooks/{gone['id']}")
+    assert status == 204
+    await drain(csms)
+    got = {request["json"]["id"]: request for request in receiver.requests}
+    assert sorted((r["json"]["type"], values_of(r["json"])) for r in got.values()) == [
+        ("meter_values.batch", ["1", "2", "3"]), ("meter_values.batch", ["2", "3"])]
+    assert {r["headers"]["webhook-id"] for r in receiver.requests} == set(got)
+    assert [values_of(d["event"]) for d in await history(csms, early["id"])] == [["1", "2", "3"]]
+    assert [values_of(d["event"]) for d in await history(csms, late["id"])] == [["2", "3"]]
+    assert await stored_count(csms, deliveries) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_deliveries_of_an_earlier_release_are_sent_batched(csms_factory, receiver):
+    """An earlier release fanned meter values out as a delivery per event and subscription: those still
+    pending are sent as before, batched when sent, and each settles with the batch's outcome."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["meter_values.received"])
+    store = plugin_of(csms).store
+    now = clock_now(csms)
+    bodies = [json.dumps({"id": f"legacy-{k}", "type": "meter_values.received", "created_at": "2026-12-01T10:00:00Z",
+                          "data": {"k": k}}) for k in (1, 2)]
+
+    def legacy(conn):
+        for k, body in zip((1, 2), bodies):
+            conn.execute(events.insert().values(event_id=f"legacy-{k}", body=body, created_at=now))
+            conn.execute(deliveries.insert().values(
+                subscription_id=subscription["id"], event_id=f"legacy-{k}", event_type="meter_values.received",
+                state="pending", attempts=0, created_at=now, next_attempt_at=now))
+    await within(store.delivery_db.run(legacy))
+    await drain(csms)
+    [batch] = receiver.requests
+    assert batch["json"]["type"] == "meter_values.batch"
+    assert [e["id"] for e in batch["json"]["data"]["events"]] == ["legacy-1", "legacy-2"]
+    assert {(d["event_id"], d["state"]) for d in await history(csms, subscription["id"])} == {
+        ("legacy-1", "delivered"), ("legacy-2", "delivered")}
 
 
 @pytest_twisted.ensureDeferred

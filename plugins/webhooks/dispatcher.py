@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-import uuid
 from collections import Counter, deque
 from datetime import datetime, timezone
 
-import orjson
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
@@ -30,17 +28,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from csms.ocpp16 import format_datetime
-
 from .guard import CheckedEndpointFactory, ReceiverRefused
-from .store import DEAD, DELIVERED, PENDING
+from .store import DEAD, DELIVERED, METER_VALUES, METER_VALUES_BATCH, PENDING, batch_body, batch_event_id
 
 log = Logger(namespace="csms.webhooks")
 
-METER_VALUES = "meter_values.received"
-METER_VALUES_BATCH = "meter_values.batch"
-#: uuid5 namespace of batch ids: the same events in the same batch get the same id.
-BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
 USER_AGENT = b"csms-webhooks/1"
 #: Seconds (on the app's clock) between two looks for deliveries too old to keep trying.
 SWEEP_INTERVAL = 60.0
@@ -60,7 +52,9 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 
 
 class Job:
-    """One POST: a delivery, or a batch of a subscription's meter_values deliveries."""
+    """One POST: a delivery (of an event, or of a batch of meter values: see store._move_in_batches), or
+    a batch of meter_values.received deliveries, as an earlier release fanned them out (one per event,
+    batched here when sent)."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -73,12 +67,9 @@ class Job:
         if len(rows) == 1 and first["event_type"] != METER_VALUES:
             self.event_id, self.event_type, self.body = first["event_id"], first["event_type"], first["body"].encode()
         else:
-            ids = [row["event_id"] for row in rows]
-            self.event_id = str(uuid.uuid5(BATCH_NAMESPACE, ",".join(ids)))
+            self.event_id = batch_event_id([row["event_id"] for row in rows])
             self.event_type = METER_VALUES_BATCH
-            head = orjson.dumps({"id": self.event_id, "type": METER_VALUES_BATCH,
-                                 "created_at": format_datetime(self.created_at)})
-            self.body = head[:-1] + b',"data":{"events":[' + ",".join(row["body"] for row in rows).encode() + b"]}}"
+            self.body = batch_body(self.event_id, self.created_at, [row["body"] for row in rows]).encode()
 
     @property
     def ids(self) -> list[int]:
@@ -287,7 +278,8 @@ class Dispatcher(service.Service):
             self.count("dead", dead)
         # Events written since the last pass become deliveries (webhooks_outbox -> webhooks_deliveries), in
         # the transaction that records the outcomes of the POSTs that ended since then.
-        moved = yield self._write_outcomes(lambda outcomes: self.store.fan_out(FAN_OUT_LIMIT, outcomes))
+        moved = yield self._write_outcomes(lambda outcomes: self.store.fan_out(
+            FAN_OUT_LIMIT, outcomes, settings["meter_values_batch_size"]))
         if moved >= FAN_OUT_LIMIT:
             self._again = True  # more is waiting
         # (After the outcomes: their deliveries were released.)

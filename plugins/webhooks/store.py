@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from datetime import datetime, timezone
 
 import orjson
@@ -25,6 +26,11 @@ STATES = (PENDING, DELIVERED, DEAD)
 IS_PENDING = deliveries.c.state == literal_column(f"'{PENDING}'")
 #: In a subscription's event_types: every event type except the opt-in ones.
 ALL_TYPES = "*"
+#: The event type sent in batches (opt-in), and the type of its batches.
+METER_VALUES = "meter_values.received"
+METER_VALUES_BATCH = "meter_values.batch"
+#: uuid5 namespace of batch ids: the same events in the same batch get the same id.
+BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
 DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attempts", "created_at",
                     "next_attempt_at")
 EVENT_COLUMNS = ("event_id", "body", "created_at")
@@ -110,25 +116,110 @@ _FAN_OUT_LAST_AFTER = select(func.max(literal_column("seq"))).select_from(
     .limit(bindparam("limit")).subquery())
 
 
+_TOP = select(func.max(outbox.c.seq))
+#: Whether an outbox row lies after the mark, or at all.
+_AFTER_MARK = select(outbox.c.seq).where(outbox.c.seq > bindparam("mark")).limit(1)
+_ANY_ROW = select(outbox.c.seq).limit(1)
+#: PostgreSQL: the seqs of the rows a fan-out of ``limit`` rows takes (see WebhookStore.fan_out).
+_LOCKED_SEQS = select(outbox.c.seq).order_by(outbox.c.seq).limit(bindparam("limit")).with_for_update(skip_locked=True)
+_SUBSCRIPTION_IDS = select(subscriptions.c.id)
+#: Where the subscriptions ``ids`` are sent, and their secrets.
+_TARGETS = select(subscriptions.c.id, subscriptions.c.url, subscriptions.c.secret).where(
+    subscriptions.c.id.in_(bindparam("ids", expanding=True)))
+
+
 def _replaced(conn, mark: int) -> bool:
     """Whether the outbox has rows and all lie below ``mark`` (its last row is never deleted)."""
-    top = conn.execute(select(func.max(outbox.c.seq))).scalar()
+    top = conn.execute(_TOP).scalar()
     return top is not None and top < mark
 
 
-def _move_in(conn, chosen, skip_known_events: bool = False) -> None:
-    """The ``chosen`` outbox rows into ``webhooks_events``, with a pending delivery per subscription each
-    names that still exists: SQL statements only, the rows never come up into Python."""
-    statement = insert(events)
-    if skip_known_events:
-        statement = statement.prefix_with("OR IGNORE", dialect="sqlite")
-    conn.execute(statement.from_select(
-        list(EVENT_COLUMNS), select(outbox.c.event_id, outbox.c.body, outbox.c.created_at)
-        .where(chosen, exists().where(_NAMES_SUBSCRIPTION))))
-    conn.execute(insert(deliveries).from_select(
-        list(DELIVERY_COLUMNS), select(subscriptions.c.id, outbox.c.event_id, outbox.c.event_type,
-                                       literal(PENDING), literal(0), outbox.c.created_at, outbox.c.created_at)
-        .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(chosen)))
+class _Move:
+    """The statements moving outbox rows into events and deliveries, for one way of choosing the rows
+    (``kind``), each built once: a statement built anew at every pass cost the deliverer more CPU in
+    SQLAlchemy (its cache key, computed each time) than the database took to run it.
+
+    ``split``: the rows after ``mark`` up to ``last``, into the delivery file (known events skipped:
+    see WebhookStore._fan_out_split); ``sqlite``: the rows up to ``last``; ``postgresql``: the rows
+    whose seq is in ``seqs`` (an array: the same SQL whatever their number)."""
+
+    def __init__(self, kind: str):
+        if kind == "split":
+            chosen = and_(outbox.c.seq > bindparam("mark"), outbox.c.seq <= bindparam("last"))
+        elif kind == "postgresql":
+            chosen = outbox.c.seq == any_(bindparam("seqs", type_=ARRAY(BigInteger)))
+        else:
+            chosen = outbox.c.seq <= bindparam("last")
+        self.skip_known_events = kind == "split"
+        single = and_(chosen, outbox.c.event_type != METER_VALUES)
+        statement = insert(events)
+        if self.skip_known_events:
+            statement = statement.prefix_with("OR IGNORE", dialect="sqlite")
+        self.events = statement.from_select(
+            list(EVENT_COLUMNS), select(outbox.c.event_id, outbox.c.body, outbox.c.created_at)
+            .where(single, exists().where(_NAMES_SUBSCRIPTION)))
+        self.deliveries = insert(deliveries).from_select(
+            list(DELIVERY_COLUMNS), select(subscriptions.c.id, outbox.c.event_id, outbox.c.event_type,
+                                           literal(PENDING), literal(0), outbox.c.created_at, outbox.c.created_at)
+            .select_from(outbox.join(subscriptions, _NAMES_SUBSCRIPTION)).where(single))
+        self.meter_values = select(outbox.c.event_id, outbox.c.subscribers, outbox.c.body, outbox.c.created_at) \
+            .where(chosen, outbox.c.event_type == METER_VALUES).order_by(outbox.c.seq)
+        self.count = select(func.count()).select_from(outbox).where(chosen)
+        self.delete = delete(outbox).where(chosen)
+
+    def move_in(self, db, conn, chosen: dict, batch_size: int) -> None:
+        """The rows ``chosen`` (the statements' parameters) into ``webhooks_events``, with a pending
+        delivery per subscription each names that still exists: events of most types in SQL statements
+        only, the rows never coming up into Python; meter values in batches (:func:`_move_in_batches`)."""
+        conn.execute(self.events, chosen)
+        conn.execute(self.deliveries, chosen)
+        meter_values = conn.execute(self.meter_values, chosen).all()
+        if meter_values:
+            _move_in_batches(db, conn, meter_values, batch_size, self.skip_known_events)
+
+
+_MOVES = {kind: _Move(kind) for kind in ("split", "sqlite", "postgresql")}
+
+
+def _move_in_batches(db, conn, rows, batch_size: int, skip_known_events: bool) -> None:
+    """Meter values events (outbox ``rows``, in order) as batch events (``meter_values.batch``, see
+    :func:`batch_body`): each subscription's events, in order, in batches of up to ``batch_size``, each
+    batch a delivery. A batch is one row to write, claim and settle, not one per event and subscription
+    (at 1,000 meter values a second, those rows were most of the deliverer's work); the subscriptions
+    that want the same events (as they do but while subscriptions change) share its stored body. A batch
+    is made once, here, so its id and its events stay the same through every retry."""
+    existing = set(conn.execute(_SUBSCRIPTION_IDS).scalars())
+    wanted: dict[int, list] = {}
+    for row in rows:
+        for part in row.subscribers.split(","):
+            if part and int(part) in existing:
+                wanted.setdefault(int(part), []).append(row)
+    made: dict[str, tuple] = {}
+    batch_deliveries = []
+    for subscription_id, events_wanted in wanted.items():
+        for start in range(0, len(events_wanted), batch_size):
+            chunk = events_wanted[start:start + batch_size]
+            batch_id = batch_event_id([row.event_id for row in chunk])
+            if batch_id not in made:
+                created_at = min(as_utc(row.created_at) for row in chunk)
+                made[batch_id] = (batch_id, batch_body(batch_id, created_at, [row.body for row in chunk]), created_at)
+            created_at = made[batch_id][2]
+            batch_deliveries.append((subscription_id, batch_id, METER_VALUES_BATCH, PENDING, 0, created_at, created_at))
+    db.insert_many(conn, events, EVENT_COLUMNS, list(made.values()), skip_duplicates=skip_known_events)
+    db.insert_many(conn, deliveries, DELIVERY_COLUMNS, batch_deliveries)
+
+
+def batch_event_id(event_ids: list[str]) -> str:
+    """A batch's id, from its events' ids: the same events in the same order make the same id."""
+    return str(uuid.uuid5(BATCH_NAMESPACE, ",".join(event_ids)))
+
+
+def batch_body(batch_id: str, created_at: datetime, bodies: list[str]) -> str:
+    """The JSON a batch of meter values events is delivered as: ``{"id", "type": "meter_values.batch",
+    "created_at" (its oldest event's), "data": {"events": [<event>, ...]}}``, the events spliced in as
+    stored (no re-encoding)."""
+    head = orjson.dumps({"id": batch_id, "type": METER_VALUES_BATCH, "created_at": format_datetime(created_at)})
+    return head[:-1].decode() + ',"data":{"events":[' + ",".join(bodies) + "]}}"
 
 
 def time_ordered_uuid(now_ms: int) -> str:
@@ -209,21 +300,22 @@ class WebhookStore:
 
     # -- the dispatcher's work ------------------------------------------------------------------
 
-    def fan_out(self, limit: int, outcomes: list[tuple] = ()):
+    def fan_out(self, limit: int, outcomes: list[tuple] = (), batch_size: int = 100):
         """Move up to ``limit`` events from the outbox, oldest first: each into ``webhooks_events`` with a
-        pending delivery per subscription it names that still exists, in one transaction that deletes
-        them from the outbox (rerun whole, or not at all). Fires with how many were moved.
+        pending delivery per subscription it names that still exists (meter values: in batches of up to
+        ``batch_size`` events, each a delivery), in one transaction that deletes them from the outbox
+        (rerun whole, or not at all). Fires with how many were moved.
 
         ``outcomes`` (as :meth:`record_outcomes` takes them) are written in the same transaction, first:
         a delivery pass commits once, and the pages the new deliveries go to (the ends of the table and
         its indexes) are the ones the outcomes of the last pass's deliveries change, written once.
 
-        In SQL statements only, rows never coming up into Python: on SQLite this transaction holds the
+        In SQL statements, but for the meter values batched: on SQLite this transaction holds the
         database's one write lock, which the OCPP writer of the CSMS waits for meanwhile. (Unless the
-        deliveries have a file of their own: :meth:`_fan_out_split`.)"""
+        deliveries have a file of their own, as an SQLite file's do: :meth:`_fan_out_split`.)"""
         record = self._outcome_writer(outcomes)
         if self.split:
-            return self._fan_out_split(limit, record)
+            return self._fan_out_split(limit, record, batch_size)
 
         def thd(conn):
             record(conn)
@@ -233,29 +325,26 @@ class WebhookStore:
                 last = conn.execute(_FAN_OUT_LAST, {"limit": limit}).scalar()
                 if last is None:
                     return 0
-                chosen = outbox.c.seq <= last
+                move, chosen = _MOVES["sqlite"], {"last": last}
             else:
                 # PostgreSQL hands out seqs at INSERT and commits in any order: exactly the rows read
                 # (and locked: a second deliverer, in a lock hand-over, skips them).
-                seqs = list(conn.execute(select(outbox.c.seq).order_by(outbox.c.seq).limit(limit)
-                                         .with_for_update(skip_locked=True)).scalars())
+                seqs = list(conn.execute(_LOCKED_SEQS, {"limit": limit}).scalars())
                 if not seqs:
                     return 0
-                # One array parameter: the same SQL whatever their number (an expanding IN made a new
-                # statement, parsed and planned anew, for each count).
-                chosen = outbox.c.seq == any_(bindparam("seqs", value=seqs, type_=ARRAY(BigInteger)))
-            _move_in(conn, chosen)
-            return conn.execute(delete(outbox).where(chosen)).rowcount
+                move, chosen = _MOVES["postgresql"], {"seqs": seqs}
+            move.move_in(self.delivery_db, conn, chosen, batch_size)
+            return conn.execute(move.delete, chosen).rowcount
 
         def anything(conn):
-            return conn.execute(select(outbox.c.seq).limit(1)).first() is not None
+            return conn.execute(_ANY_ROW).first() is not None
         if outcomes:
             return self.db.run(thd, desc="webhooks_fan_out")
         # A look first, beside the writer: an idle pass takes no write lock (on SQLite, the file's).
         return self.db.read(anything, desc="webhooks_outbox_waiting").addCallback(
             lambda waiting: self.db.run(thd, desc="webhooks_fan_out") if waiting else 0)
 
-    def _fan_out_split(self, limit: int, record):
+    def _fan_out_split(self, limit: int, record, batch_size: int):
         """:meth:`fan_out` into the delivery file: the outbox rows after its mark, up to ``limit``, become
         events and deliveries there, and the mark moves past them, in one transaction of that file's (the
         main file, attached read only, is only read). The main file's write lock is taken only by the
@@ -266,7 +355,7 @@ class WebhookStore:
         last row is never deleted, so that the next seq is always above it (SQLite gives the largest + 1)."""
         def look(conn):
             mark = conn.execute(_MARK).scalar() or 0
-            after = conn.execute(select(outbox.c.seq).where(outbox.c.seq > mark).limit(1)).first()
+            after = conn.execute(_AFTER_MARK, {"mark": mark}).first()
             return after is not None or _replaced(conn, mark)
 
         def thd(conn):
@@ -282,9 +371,9 @@ class WebhookStore:
             last = conn.execute(_FAN_OUT_LAST_AFTER, {"mark": mark, "limit": limit}).scalar()
             if last is None:
                 return mark, 0, replaced
-            chosen = and_(outbox.c.seq > mark, outbox.c.seq <= last)
-            _move_in(conn, chosen, skip_known_events=True)
-            moved = conn.execute(select(func.count()).select_from(outbox).where(chosen)).scalar_one()
+            move, chosen = _MOVES["split"], {"mark": mark, "last": last}
+            move.move_in(self.delivery_db, conn, chosen, batch_size)
+            moved = conn.execute(move.count, chosen).scalar_one()
             self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
             return last, moved, replaced
 
@@ -401,9 +490,7 @@ class WebhookStore:
             targets = {}
             if due:
                 ids = sorted({row["subscription_id"] for row in due})
-                targets = {row.id: (row.url, row.secret) for row in conn.execute(
-                    select(subscriptions.c.id, subscriptions.c.url, subscriptions.c.secret)
-                    .where(subscriptions.c.id.in_(ids)))}
+                targets = {row.id: (row.url, row.secret) for row in conn.execute(_TARGETS, {"ids": ids})}
             for row in due:
                 row["created_at"] = as_utc(row["created_at"])
                 row["url"], row["secret"] = targets[row["subscription_id"]]
