@@ -792,6 +792,58 @@ async def test_an_outcome_is_recorded_after_the_right_to_deliver_passed_to_anoth
     assert [d["state"] for d in await history(csms, subscription["id"])] == ["delivered"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_finished_deliveries_and_their_events_are_purged_after_the_retention(csms_factory, receiver):
+    """history_retention after it ended, a delivery leaves the history, and its event goes with the last
+    delivery that names it; a pending delivery (dead-lettered meanwhile) and its event are kept."""
+    csms = await csms_factory(ALLOW_LOOPBACK + "dead_letter_after = 86400\nhistory_retention = 604800\n")
+    first = await subscribe(csms, receiver.url + "?1", ["id_tag.changed"])
+    second = await subscribe(csms, receiver.url + "?2", ["id_tag.changed"])
+    await core_store(csms).put_id_tag("TAG-1")  # one event, a delivery to each
+    await drain(csms)
+    status, _, _ = await csms.api("PATCH", f"/webhooks/{second['id']}", json={"paused": True})
+    assert status == 200
+    await core_store(csms).put_id_tag("TAG-2")  # pending for the paused subscription
+    await drain(csms)
+    assert await stored_count(csms, events) == 2 and await stored_count(csms, deliveries) == 4
+
+    csms.clock.advance(604800 - 3600)  # not yet
+    await drain(csms)
+    assert await stored_count(csms, deliveries) == 4
+    csms.clock.advance(2 * 3600)  # the next hourly purge, past the retention
+    await drain(csms)
+    [kept] = await history(csms, second["id"])
+    assert (kept["state"], kept["event"]["data"]["id_tag"]) == ("dead", "TAG-2")
+    assert await history(csms, first["id"]) == []  # both delivered a week ago
+    # TAG-1's event, shared by both its deliveries, went with them; TAG-2's stays with its dead delivery.
+    assert await stored_count(csms, events) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_orphan_event_purge_reads_the_deliveries_once_not_per_event(csms_factory):
+    """The hourly purge of events none of whose deliveries are left must not look through the deliveries
+    once per event (days of history: millions of rows each). PostgreSQL runs NOT IN (subquery) as a
+    subplan, hashed only while the ids fit in work_mem and else rescanned per event: it needs NOT EXISTS,
+    an anti join. SQLite makes the list of a NOT IN once, an index it probes per event."""
+    from csms_plugins.webhooks.store import _orphan_events
+
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    delivery_db = plugin_of(csms).store.delivery_db
+    dialect = delivery_db.dialect_name
+    statement = str(_orphan_events(dialect).compile(delivery_db.engine))
+
+    def plan(conn):
+        if dialect == "postgresql":
+            return [row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement)]
+        return [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement)]
+    steps = await within(delivery_db.read(plan))
+    if dialect == "postgresql":
+        assert any("Anti Join" in step for step in steps) and not any("SubPlan" in step for step in steps), steps
+    else:
+        assert any("LIST SUBQUERY" in step for step in steps), steps
+        assert not any("CORRELATED" in step for step in steps), steps
+
+
 def test_event_ids_are_version_7_uuids_that_sort_by_their_time():
     import uuid
 

@@ -75,10 +75,13 @@ def open_delivery_database(db, reactor, synchronous: str = "FULL") -> Database |
     path = delivery_path(db)
     if path is None:
         return None
-    if synchronous.upper() in ("FULL", "EXTRA"):
-        synchronous = "NORMAL"
-    return Database(f"sqlite:///{path}", reactor, sqlite_synchronous=synchronous,
+    return Database(f"sqlite:///{path}", reactor, sqlite_synchronous=unsynced(synchronous),
                     attach_readonly={MAIN_SCHEMA: main_file(db)})
+
+
+def unsynced(synchronous: str) -> str:
+    """``synchronous`` for commits that need not wait for the disk: NORMAL where it syncs every commit."""
+    return "NORMAL" if synchronous.upper() in ("FULL", "EXTRA") else synchronous
 
 
 def prepare(delivery_db):

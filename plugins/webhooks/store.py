@@ -103,8 +103,16 @@ _FAN_OUT_LAST = select(func.max(literal_column("seq"))).select_from(
 
 #: Deliveries with their event's body (the delivery history).
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
-#: Events none of whose deliveries are left (purged or their subscription deleted).
-_ORPHAN_EVENTS = delete(events).where(events.c.event_id.not_in(select(deliveries.c.event_id)))
+
+
+def _orphan_events(dialect: str):
+    """Delete the events none of whose deliveries are left (purged or their subscription deleted), reading
+    the deliveries once, not once per event: PostgreSQL runs NOT EXISTS as an anti join (NOT IN is a
+    subplan there, rescanned per event once the ids outgrow work_mem), SQLite makes the list of a NOT IN
+    once, an index it probes per event (NOT EXISTS would be a correlated scan per event)."""
+    if dialect == "postgresql":
+        return delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
+    return delete(events).where(events.c.event_id.not_in(select(deliveries.c.event_id)))
 
 
 #: Names in ``webhooks_delivery_state`` (the delivery file) and the main file's name there.
@@ -447,7 +455,10 @@ class WebhookStore:
             if to_clear is not True:
                 log.info("Webhooks: {count} deliveries moved from the main database file into {path}",
                          count=to_clear, path=self.delivery_db.url.database)
-            return self.db.run(clear, desc="webhooks_legacy_clear").addCallback(
+            # The copies reach the disk before the originals are deleted (the delivery file may commit
+            # without syncing).
+            return self.delivery_db.sync_to_disk().addCallback(
+                lambda _: self.db.run(clear, desc="webhooks_legacy_clear")).addCallback(
                 lambda _: self.delivery_db.run(lambda conn: conn.execute(
                     delete(delivery_state).where(delivery_state.c.name == LEGACY_MOVED)), desc="webhooks_legacy_done"))
         return self.delivery_db.run(copy, desc="webhooks_legacy_move").addCallback(moved).addCallback(checked)
@@ -470,7 +481,7 @@ class WebhookStore:
                 # An event written while its subscription was being deleted.
                 conn.execute(delete(deliveries).where(deliveries.c.subscription_id.not_in(
                     select(subscriptions.c.id))))
-                conn.execute(_ORPHAN_EVENTS)
+                conn.execute(_orphan_events(self.delivery_db.dialect_name))
             return dead
         return self.delivery_db.run(thd, desc="webhooks_expire")
 
@@ -591,7 +602,7 @@ class WebhookStore:
 
         def forget_deliveries(conn):
             conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
-            conn.execute(_ORPHAN_EVENTS)
+            conn.execute(_orphan_events(self.delivery_db.dialect_name))
 
         def deleted(existed):
             return self.delivery_db.run(forget_deliveries, desc="webhooks_delete_deliveries").addCallback(

@@ -348,7 +348,7 @@ class Worker:
     def __init__(self, reactor, spec: dict, report=None):
         from csms.db import Database
 
-        from .delivery_db import open_delivery_database
+        from .delivery_db import open_delivery_database, unsynced
         from .dispatcher import Dispatcher
         from .guard import AddressPolicy, ReceiverGuard, parse_networks
         from .store import WebhookStore
@@ -359,7 +359,11 @@ class Worker:
         synchronous = database.get("sqlite_synchronous", "FULL")
         # The main database: read, and written only to prune the outbox (SQLite) or to deliver (PostgreSQL).
         # Its WAL is the CSMS's to checkpoint: two processes checkpointing one file only take turns.
-        self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=synchronous, checkpoints=False)
+        # SQLite: a prune deletes rows already moved into the (synced) delivery file, so its commit need not
+        # wait for the disk while holding the file's write lock, which the OCPP transactions wait for (a
+        # prune undone by a power cut is done again); the CSMS's next commit syncs it all the same.
+        self.db = Database(database["url"], reactor, pool_size=2, sqlite_synchronous=unsynced(synchronous),
+                           checkpoints=False)
         if not self.db.is_sqlite:
             event.listen(self.db.engine, "connect", _commit_without_waiting)
         #: SQLite: the delivery file, where this worker's writes go (delivery_db.py); None on PostgreSQL.
