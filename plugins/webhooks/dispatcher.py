@@ -39,10 +39,11 @@ SWEEP_INTERVAL = 60.0
 #: Most outbox events a pass turns into deliveries (webhooks_outbox: see WebhookStore.fan_out).
 FAN_OUT_LIMIT = 1000
 #: Seconds between a POST's outcome and the pass that records it and claims what came meanwhile (see
-#: Dispatcher._poke_after_a_while): at 1,000 events a second, a pass (one commit, one read) per 100 or so.
-#: 0.5 s made a sixth of the commits and used less CPU, but in bursts: on SQLite the OCPP p99 of half
-#: the benchmark's runs jumped to 45-115 ms (docs/benchmarks.md, third round).
-REPASS_DELAY = 0.1
+#: Dispatcher._poke_after_a_while): at 1,000 events a second, about two passes (a commit and a read each)
+#: a second, and about 60 meter values per POST. With a delivery per event, 0.5 s made bursts that
+#: SQLite's OCPP p99 felt (0.1 s was shipped then); with a delivery per batch a pass writes a few rows,
+#: and 0.5 s cut the worker's CPU by more than half against 0.1 s (docs/benchmarks.md, fourth round).
+REPASS_DELAY = 0.5
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
