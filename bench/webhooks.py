@@ -54,6 +54,32 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def local_postgres_cpu_seconds() -> float | None:
+    """User + system CPU time of this machine's PostgreSQL servers so far, backends that ended included:
+    every ``postgres`` process's own, plus what each postmaster (a ``postgres`` process whose parent is not
+    one) collected from the children it reaped. None when no PostgreSQL runs here (a remote server)."""
+    stats = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        if comm == "postgres":
+            stats[int(name)] = raw.rsplit(")", 1)[1].split()
+    if not stats:
+        return None
+    ticks = 0
+    for fields in stats.values():
+        ticks += int(fields[11]) + int(fields[12])
+        if int(fields[1]) not in stats:  # a postmaster: field 4 of stat (index 1 here) is the parent's pid
+            ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """The pids of a process's children still running (the webhook delivery worker)."""
     try:
@@ -116,6 +142,7 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
         print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
         loadavg = os.getloadavg()
         cpu_before = process_cpu_seconds(server.process.pid)
+        database_cpu_before = local_postgres_cpu_seconds() if args.postgres else None
         worker_cpu_before = children_total(server.process.pid, process_cpu_seconds)
         written_before = process_written_bytes(server.process.pid)
         worker_written_before = children_total(server.process.pid, process_written_bytes)
@@ -139,6 +166,9 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
         else:
             after_drain = after
         cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
+        database_cpu_seconds = None
+        if database_cpu_before is not None:
+            database_cpu_seconds = local_postgres_cpu_seconds() - database_cpu_before
         worker_cpu_seconds = children_total(server.process.pid, process_cpu_seconds) - worker_cpu_before
         written_mb = (process_written_bytes(server.process.pid) - written_before) / 1e6
         worker_written_mb = (children_total(server.process.pid, process_written_bytes) - worker_written_before) / 1e6
@@ -152,6 +182,7 @@ def one_run(name: str, batch: int | None, delivery: str, args, receiver_url: str
             "events_total": after_drain["events"] - before["events"],
             "seconds_to_drain_after_window": drained,
             "loadavg": loadavg, "server_cpu_seconds": cpu_seconds, "worker_cpu_seconds": worker_cpu_seconds,
+            "database_server_cpu_seconds": database_cpu_seconds,
             "server_written_mb": written_mb, "worker_written_mb": worker_written_mb,
             "delivery": delivery,
             "ocpp_replies": result.get("window", {}).get("messages", 0),
@@ -209,9 +240,9 @@ def markdown(results: dict, args) -> str:
              + (f"; CSMS on CPU 0, worker on CPU {args.worker_cpu}" if args.pin else "") + "; load average before: "
              + f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
              "| run | delivery | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
-             "drained after the window (s) | load average | CSMS CPU s | worker CPU s | CPU µs per delivered event | "
-             "CSMS writes MB | worker writes MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "drained after the window (s) | load average | CSMS CPU s | worker CPU s | database server CPU s | "
+             "CPU µs per delivered event | CSMS writes MB | worker writes MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     baselines = [r for r in results["runs"] if r["name"] == "baseline"]
     base_per_message = None
     if baselines:
@@ -229,7 +260,8 @@ def markdown(results: dict, args) -> str:
                      f"{fmt(r['throughput'], 0)} | {fmt(r['events_in_window_per_s'], 0)} | "
                      f"{fmt(r['posts_in_window_per_s'], 0)} | {fmt(r['seconds_to_drain_after_window'], 2)} | "
                      f"{r['loadavg'][0]:.1f} | {fmt(r['server_cpu_seconds'], 1)} | "
-                     f"{fmt(r.get('worker_cpu_seconds'), 1)} | {fmt(per_event, 0)} | "
+                     f"{fmt(r.get('worker_cpu_seconds'), 1)} | {fmt(r.get('database_server_cpu_seconds'), 1)} | "
+                     f"{fmt(per_event, 0)} | "
                      f"{fmt(r.get('server_written_mb'), 1)} | {fmt(r.get('worker_written_mb'), 1)} |")
     names = list(dict.fromkeys(r["name"] for r in results["runs"]))
     if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):

@@ -51,6 +51,33 @@ _WRITER = "csms_writer"
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
 BULK_ROWS = 256
+#: PostgreSQL: most parameters in one statement combining several multi-row INSERTs (it allows 65,535).
+COMBINED_PARAMETERS = 32766
+
+
+def _combined(statements: list) -> list:
+    """PostgreSQL: consecutive INSERTs (sql, parameters) joined into as few statements as the parameter limit
+    allows, each earlier one a data-modifying WITH query of the last (``WITH w0 AS (INSERT ...) INSERT ...``):
+    one round trip, parse and plan where a transaction wrote rows to several tables (a MeterValues: its
+    samples and its webhook outbox row), not one per table. Every part runs whatever the others do, and
+    the statement fails whole as the first of the separate ones would have failed the transaction. Foreign
+    keys are checked at the end of the statement, so a row may come in a part before its parent's."""
+    joined, parts, count = [], [], 0
+
+    def close():
+        if len(parts) == 1:
+            joined.append(parts[0])
+        elif parts:
+            head = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts[:-1]))
+            joined.append((f"WITH {head} {parts[-1][0]}", [value for _, params in parts for value in params]))
+    for sql, params in statements:
+        if parts and count + len(params) > COMBINED_PARAMETERS:
+            close()
+            parts, count = [], 0
+        parts.append((sql, params))
+        count += len(params)
+    close()
+    return joined
 
 #: The type of an auto-increment key: BIGINT, because OCPP's integers have no bound and some keys are
 #: handed to stations (transaction ids); INTEGER on SQLite, which autoincrements only an
@@ -187,7 +214,7 @@ class Database:
         event.listen(self.engine, "before_cursor_execute", self._before_cursor_execute)
         #: Counters for the log and /metrics, updated by every pool thread (under ``_stats_lock``).
         self.stats = {"transactions": 0, "functions": 0, "retries": 0, "isolated": 0, "lock_waits": 0,
-                      "lock_wait_ms": 0}
+                      "lock_wait_ms": 0, "bulk_statements": 0}
         self._stats_lock = threading.Lock()
         #: Set by stop(): later work fails at once (DatabaseStopped) instead of waiting for threads that are gone.
         self._stopped = False
@@ -591,13 +618,18 @@ class Database:
         raw = conn.connection.dbapi_connection
         cursor = raw.cursor()
         sql = None
+        statements = []
+        for key, rows in pending.items():
+            sql_for, _ = self._bulk_inserts[key]
+            for start in range(0, len(rows), BULK_ROWS):
+                chunk = rows[start:start + BULK_ROWS]
+                statements.append((sql_for(len(chunk)), [value for row in chunk for value in row]))
+        if len(statements) > 1 and not self.is_sqlite:
+            statements = _combined(statements)
         try:
-            for key, rows in pending.items():
-                sql_for, _ = self._bulk_inserts[key]
-                for start in range(0, len(rows), BULK_ROWS):
-                    chunk = rows[start:start + BULK_ROWS]
-                    sql = sql_for(len(chunk))
-                    cursor.execute(sql, [value for row in chunk for value in row])
+            for sql, params in statements:
+                cursor.execute(sql, params)
+            self._count(bulk_statements=len(statements))
         except dialect.loaded_dbapi.Error as exc:
             # Report it as SQLAlchemy reports any statement's error (IntegrityError, OperationalError...),
             # so callers and the retry logic see one kind of exception whatever wrote the rows.

@@ -526,6 +526,51 @@ async def test_many_rows_in_chunks_read_back_as_sqlalchemy_writes_them(db):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rows_held_for_several_tables_go_in_one_statement_on_postgresql(db, monkeypatch):
+    """PostgreSQL: the held rows of several tables (chunks included) are written by as few statements as
+    its parameter limit allows, each part a WITH query of the last, and every row is stored; SQLite, which
+    has no data-modifying WITH, writes one statement per chunk."""
+    import csms.db
+
+    rows = [(i, None, f"value-{i}", None) for i in range(BULK_ROWS + 10)]  # two chunks per table
+
+    def thd(conn):
+        db.insert_many(conn, bulk, COLUMNS, rows)
+        db.insert_many(conn, twin, COLUMNS, rows[:3])
+    before = db.stats["bulk_statements"]
+    await wait(db.run(thd))
+    assert db.stats["bulk_statements"] - before == (3 if db.is_sqlite else 1)
+    assert await wait(db.run(rows_of(bulk))) == rows and await wait(db.run(rows_of(twin))) == rows[:3]
+
+    # Past the parameter limit a new statement begins: 1,024 + 40 parameters (the limit), then 12.
+    monkeypatch.setattr(csms.db, "COMBINED_PARAMETERS", 4 * (BULK_ROWS + 10))
+    more = [(i + 1000, None, "more", None) for i in range(BULK_ROWS + 10)]
+
+    def thd_more(conn):
+        db.insert_many(conn, bulk, COLUMNS, more)
+        db.insert_many(conn, twin, COLUMNS, more[:3])
+    before = db.stats["bulk_statements"]
+    await wait(db.run(thd_more))
+    assert db.stats["bulk_statements"] - before == (3 if db.is_sqlite else 2)
+    assert await wait(db.run(rows_of(bulk))) == rows + more
+    assert await wait(db.run(rows_of(twin))) == rows[:3] + more[:3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_part_of_a_combined_write_fails_the_whole_function(db):
+    """A duplicate in one table's rows fails the function, and no other table's rows of it are kept."""
+    await wait(db.run(lambda conn: db.insert_many(conn, twin, COLUMNS, [(7, None, "first", None)])))
+
+    def thd(conn):
+        db.insert_many(conn, bulk, COLUMNS, [(1, None, "kept?", None)])
+        db.insert_many(conn, twin, COLUMNS, [(7, None, "duplicate", None)])
+    with pytest.raises(IntegrityError):
+        await wait(db.run(thd))
+    assert await wait(db.run(rows_of(bulk))) == []
+    assert await wait(db.run(rows_of(twin))) == [(7, None, "first", None)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_failing_held_rows_fail_their_function_alone(db):
     release, holds = await hold_the_pool(db)
     isolated = db.stats["isolated"]
