@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -621,7 +622,9 @@ async def test_status_event_is_rolled_back_with_its_notification(csms_factory, r
 
 #: A delivery as webhooks_0001 kept it, body included.
 LEGACY_BODY = '{"id":"legacy-1","type":"id_tag.changed","created_at":"2026-12-01T10:00:00.000Z","data":{"id_tag":"OLD"}}'
-LEGACY_AT = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+# An hour before the test's clock (which starts at the real time): a fixed date turns into a delivery
+# older than dead_letter_after a day later, dead-lettered instead of sent.
+LEGACY_AT = datetime.fromtimestamp(int(time.time()) - 3600, tz=timezone.utc)
 
 
 @pytest_twisted.ensureDeferred

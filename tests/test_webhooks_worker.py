@@ -182,7 +182,7 @@ async def test_a_stopping_csms_stops_its_worker_which_says_what_it_did(tmp_path,
     [worker] = node.worker_pids()
     assert await node.process.stop() == 0
     output = node.process.stdout
-    assert re.search(r"\[webhook worker\] Webhooks: \d+ events delivered", output), output
+    assert re.search(r"\[webhook worker\] Webhooks: \d+ deliveries made", output), output
     assert "Traceback" not in output and "Unhandled" not in output, output
     assert gone(worker)
 

@@ -201,7 +201,7 @@ class Dispatcher(service.Service):
         if self.jobs:
             yield defer.DeferredList(list(self.jobs))
         yield self.pool.closeCachedConnections()
-        log.info("Webhooks: {delivered} events delivered, {failed} POSTs failed, {dead} dead-lettered, "
+        log.info("Webhooks: {delivered} deliveries made, {failed} POSTs failed, {dead} dead-lettered, "
                  "{passes} passes", delivered=self.stats["delivered"], failed=self.stats["failed"],
                  dead=self.stats["dead"], passes=self.stats["passes"])
 

@@ -49,7 +49,8 @@ class WebhooksPlugin:
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
         Setting("poll_interval", float, 1.0, "Seconds between looks at the outbox when it is idle."),
-        Setting("batch_size", int, 500, "Deliveries claimed per pass (and most held in memory)."),
+        Setting("batch_size", int, 500, "Deliveries claimed per pass (and most held in memory); a batch of "
+                "meter values is one."),
         Setting("max_concurrent_deliveries", int, 64, "POSTs in flight at once, in all."),
         Setting("max_concurrent_per_subscription", int, 4, "POSTs in flight at once to one subscription."),
         Setting("request_timeout", float, 10.0, "Seconds a receiver has to answer (connection included)."),
