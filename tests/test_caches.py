@@ -532,26 +532,23 @@ async def test_rows_held_for_several_tables_go_in_one_statement_on_postgresql(db
     has no data-modifying WITH, writes one statement per chunk."""
     import csms.db
 
-    rows = [(i, None, f"value-{i}", None) for i in range(BULK_ROWS + 10)]  # two chunks per table
+    async def write(rows) -> int:
+        """``rows`` into bulk, the first three of them into twin, in one function: the statements used."""
+        def thd(conn):
+            db.insert_many(conn, bulk, COLUMNS, rows)
+            db.insert_many(conn, twin, COLUMNS, rows[:3])
+        before = db.stats["bulk_statements"]
+        await wait(db.run(thd))
+        return db.stats["bulk_statements"] - before
 
-    def thd(conn):
-        db.insert_many(conn, bulk, COLUMNS, rows)
-        db.insert_many(conn, twin, COLUMNS, rows[:3])
-    before = db.stats["bulk_statements"]
-    await wait(db.run(thd))
-    assert db.stats["bulk_statements"] - before == (3 if db.is_sqlite else 1)
+    rows = [(i, None, f"value-{i}", None) for i in range(BULK_ROWS + 10)]  # two chunks per table
+    assert await write(rows) == (3 if db.is_sqlite else 1)
     assert await wait(db.run(rows_of(bulk))) == rows and await wait(db.run(rows_of(twin))) == rows[:3]
 
     # Past the parameter limit a new statement begins: 1,024 + 40 parameters (the limit), then 12.
     monkeypatch.setattr(csms.db, "COMBINED_PARAMETERS", 4 * (BULK_ROWS + 10))
     more = [(i + 1000, None, "more", None) for i in range(BULK_ROWS + 10)]
-
-    def thd_more(conn):
-        db.insert_many(conn, bulk, COLUMNS, more)
-        db.insert_many(conn, twin, COLUMNS, more[:3])
-    before = db.stats["bulk_statements"]
-    await wait(db.run(thd_more))
-    assert db.stats["bulk_statements"] - before == (3 if db.is_sqlite else 2)
+    assert await write(more) == (3 if db.is_sqlite else 2)
     assert await wait(db.run(rows_of(bulk))) == rows + more
     assert await wait(db.run(rows_of(twin))) == rows[:3] + more[:3]
 
