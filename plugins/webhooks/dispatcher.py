@@ -42,7 +42,7 @@ FAN_OUT_LIMIT = 1000
 #: Dispatcher._poke_after_a_while): at 1,000 events a second, about two passes (a commit and a read each)
 #: a second, and about 60 meter values per POST. With a delivery per event, 0.5 s made bursts that
 #: SQLite's OCPP p99 felt (0.1 s was shipped then); with a delivery per batch a pass writes a few rows,
-#: and 0.5 s cut the worker's CPU by more than half against 0.1 s (docs/benchmarks.md, fourth round).
+#: and 0.5 s about halved the worker's CPU against 0.1 s (docs/benchmarks.md, fourth round).
 REPASS_DELAY = 0.5
 
 
