@@ -56,13 +56,15 @@ COMBINED_PARAMETERS = 32766
 
 
 def _combined(statements: list) -> list:
-    """PostgreSQL: consecutive INSERTs (sql, parameters) joined into as few statements as the parameter limit
-    allows, each earlier one a data-modifying WITH query of the last (``WITH w0 AS (INSERT ...) INSERT ...``):
-    one round trip, parse and plan where a transaction wrote rows to several tables (a MeterValues: its
-    samples and its webhook outbox row), not one per table. Every part runs whatever the others do, and
-    the statement fails whole as the first of the separate ones would have failed the transaction. Foreign
-    keys are checked at the end of the statement, so a row may come in a part before its parent's."""
-    joined, parts, count = [], [], 0
+    """PostgreSQL: consecutive INSERTs ``(table, sql, parameters)`` joined into as few statements as the
+    parameter limit allows, each earlier one a data-modifying WITH query of the last (``WITH w0 AS (INSERT
+    ...) INSERT ...``): one round trip, parse and plan where a transaction wrote rows to several tables (a
+    MeterValues: its samples and its webhook outbox row), not one per table. Every part runs whatever the
+    others do, and the statement fails whole as the first of the separate ones would have failed the
+    transaction. Foreign keys are checked at the end of the statement, so a row may come in a part before
+    its parent's. A table's chunks stay in statements of their own, in order: the parts of one statement run
+    in no given order, and with ON CONFLICT DO NOTHING the chunk written first keeps a duplicated key."""
+    joined, parts, tables, count = [], [], set(), 0
 
     def close():
         if len(parts) == 1:
@@ -70,14 +72,16 @@ def _combined(statements: list) -> list:
         elif parts:
             head = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts[:-1]))
             joined.append((f"WITH {head} {parts[-1][0]}", [value for _, params in parts for value in params]))
-    for sql, params in statements:
-        if parts and count + len(params) > COMBINED_PARAMETERS:
+    for table, sql, params in statements:
+        if parts and (table in tables or count + len(params) > COMBINED_PARAMETERS):
             close()
-            parts, count = [], 0
+            parts, tables, count = [], set(), 0
         parts.append((sql, params))
+        tables.add(table)
         count += len(params)
     close()
     return joined
+
 
 #: The type of an auto-increment key: BIGINT, because OCPP's integers have no bound and some keys are
 #: handed to stations (transaction ids); INTEGER on SQLite, which autoincrements only an
@@ -623,9 +627,8 @@ class Database:
             sql_for, _ = self._bulk_inserts[key]
             for start in range(0, len(rows), BULK_ROWS):
                 chunk = rows[start:start + BULK_ROWS]
-                statements.append((sql_for(len(chunk)), [value for row in chunk for value in row]))
-        if len(statements) > 1 and not self.is_sqlite:
-            statements = _combined(statements)
+                statements.append((key[0], sql_for(len(chunk)), [value for row in chunk for value in row]))
+        statements = _combined(statements) if not self.is_sqlite else [part[1:] for part in statements]
         try:
             for sql, params in statements:
                 cursor.execute(sql, params)

@@ -527,9 +527,9 @@ async def test_many_rows_in_chunks_read_back_as_sqlalchemy_writes_them(db):
 
 @pytest_twisted.ensureDeferred
 async def test_rows_held_for_several_tables_go_in_one_statement_on_postgresql(db, monkeypatch):
-    """PostgreSQL: the held rows of several tables (chunks included) are written by as few statements as
-    its parameter limit allows, each part a WITH query of the last, and every row is stored; SQLite, which
-    has no data-modifying WITH, writes one statement per chunk."""
+    """PostgreSQL: the held rows of several tables are written by as few statements as its parameter limit
+    allows, each part a WITH query of the last, and every row is stored; a table's second chunk starts a
+    statement of its own. SQLite, which has no data-modifying WITH, writes one statement per chunk."""
     import csms.db
 
     async def write(rows) -> int:
@@ -541,16 +541,30 @@ async def test_rows_held_for_several_tables_go_in_one_statement_on_postgresql(db
         await wait(db.run(thd))
         return db.stats["bulk_statements"] - before
 
-    rows = [(i, None, f"value-{i}", None) for i in range(BULK_ROWS + 10)]  # two chunks per table
-    assert await write(rows) == (3 if db.is_sqlite else 1)
-    assert await wait(db.run(rows_of(bulk))) == rows and await wait(db.run(rows_of(twin))) == rows[:3]
+    few = [(i, None, f"value-{i}", None) for i in range(10)]
+    assert await write(few) == (2 if db.is_sqlite else 1)
+    many = [(i, None, f"value-{i}", None) for i in range(100, 100 + BULK_ROWS + 10)]  # two chunks
+    assert await write(many) == (3 if db.is_sqlite else 2)  # bulk's first chunk, then its second with twin's
+    # Past the parameter limit a new statement begins: bulk's 40 parameters fill it, twin's 12 go apart.
+    monkeypatch.setattr(csms.db, "COMBINED_PARAMETERS", 40)
+    last = [(i, None, "last", None) for i in range(1000, 1010)]
+    assert await write(last) == 2
+    assert await wait(db.run(rows_of(bulk))) == few + many + last
+    assert await wait(db.run(rows_of(twin))) == few[:3] + many[:3] + last[:3]
 
-    # Past the parameter limit a new statement begins: 1,024 + 40 parameters (the limit), then 12.
-    monkeypatch.setattr(csms.db, "COMBINED_PARAMETERS", 4 * (BULK_ROWS + 10))
-    more = [(i + 1000, None, "more", None) for i in range(BULK_ROWS + 10)]
-    assert await write(more) == (3 if db.is_sqlite else 2)
-    assert await wait(db.run(rows_of(bulk))) == rows + more
-    assert await wait(db.run(rows_of(twin))) == rows[:3] + more[:3]
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_of_duplicated_rows_skipped_is_kept_across_chunks(db):
+    """skip_duplicates keeps the row written first, also when the copy comes in a later chunk: a table's
+    chunks are written in order, never as parts of one statement (which run in no given order)."""
+    rows = [(i, None, "first", None) for i in range(BULK_ROWS)] + [(0, None, "copy", None)]
+
+    def thd(conn):
+        db.insert_many(conn, bulk, COLUMNS, rows, skip_duplicates=True)
+        db.insert_many(conn, twin, COLUMNS, [(1, None, "other", None)])
+    await wait(db.run(thd))
+    stored = await wait(db.run(rows_of(bulk, [0])))
+    assert stored == [(0, None, "first", None)]
 
 
 @pytest_twisted.ensureDeferred
