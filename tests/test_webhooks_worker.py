@@ -377,3 +377,22 @@ def test_on_postgresql_the_workers_commits_do_not_wait_for_the_servers_flush(dat
             assert conn.execute(text("SHOW synchronous_commit")).scalar() == "off"
     finally:
         worker.db.engine.dispose()
+
+
+def test_on_sqlite_the_workers_prunes_of_the_main_file_do_not_wait_for_the_disk(tmp_path):
+    """Its only writes to the main file delete outbox rows already synced in the delivery file, so with
+    [database] sqlite_synchronous = FULL its connections there still commit NORMAL: a prune holds the main
+    file's write lock, which the OCPP transactions wait for, without an fsync inside it."""
+    from sqlalchemy import text
+
+    from csms_plugins.webhooks.worker import Worker
+
+    url = f"sqlite:///{tmp_path}/csms.sqlite"
+    worker = Worker(reactor, {"database": {"url": url, "sqlite_synchronous": "FULL"},
+                              "settings": default_settings()})
+    try:
+        with worker.db.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+    finally:
+        worker.db.engine.dispose()
+        worker.delivery_db.engine.dispose()
