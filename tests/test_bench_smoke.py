@@ -189,6 +189,29 @@ def test_the_webhooks_bench_tells_a_difference_from_noise():
             for name, values in (("baseline", drift), ("drifting", [x + 1 for x in drift])) for p99 in values]
     drifting = webhooks.repeat_summary(runs)["drifting"]
     assert drifting["p_vs_baseline"] > 0.5 and drifting["paired_p"] < 0.01 and drifting["higher_in"] == (8, 8)
+    # A run whose load did not run (no answer measured, or OCPP errors) is left out, and so is its pair:
+    # the other pairs stay those of their round.
+    runs = [{"name": name, "round": i, "latency_ms": {"p99": p99, "p50": 1.0}, "errors": 0}
+            for name, values in (("baseline", drift), ("drifting", [x + 1 for x in drift]))
+            for i, p99 in enumerate(values)]
+    runs[2]["latency_ms"] = {"p99": None, "p50": None}
+    runs[8 + 5]["errors"] = 200
+    summary = webhooks.repeat_summary(runs)
+    assert (summary["baseline"]["failed"], summary["baseline"]["runs"]) == (1, 7)
+    assert (summary["drifting"]["failed"], summary["drifting"]["runs"]) == (1, 7)
+    assert summary["drifting"]["higher_in"] == (6, 6) and summary["baseline"]["p99_min"] == 10
+
+
+def test_the_wakeup_latency_bench_measures_each_competitor(tmp_path):
+    output = tmp_path / "wakeup.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "wakeup_latency.py"), "--seconds", "0.3",
+                           "--rounds", "1", "--cpu", "0", "--output", str(output)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    modes = json.loads(output.read_text())["modes"]
+    assert set(modes) == {"none", "nice", "idle"}
+    for row in modes.values():
+        assert row["wake_ups"] > 10 and 0 <= row["p50_us"] <= row["p99_us"] <= row["p999_us"] <= row["max_us"]
+    assert "nice 10 + SCHED_IDLE" in done.stdout.decode()
 
 
 @pytest.mark.postgresql_only

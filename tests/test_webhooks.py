@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from alembic import command
 from conftest import booted, clock_now, core_store, error_of, station_time, within
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, insert, select, text
 from test_migrations import builtin_histories
 from test_security_logs import get_log
 from twisted.internet import defer, reactor
@@ -27,8 +27,10 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from csms.migrations import prepare_schema
+from csms_plugins.webhooks.delivery_db import history as delivery_history
 from csms_plugins.webhooks.dispatcher import Job
 from csms_plugins.webhooks.guard import AddressPolicy
+from csms_plugins.webhooks.store import pack_body, unpack_body
 from csms_plugins.webhooks.tables import deliveries, events, outbox
 
 ALLOW_LOOPBACK = """
@@ -858,3 +860,61 @@ def test_event_ids_are_version_7_uuids_that_sort_by_their_time():
     assert {p.version for p in parsed} == {7} and {p.variant for p in parsed} == {uuid.RFC_4122}
     assert [p.int >> 80 for p in parsed] == [1_764_657_000_000, 1_764_657_000_001, 1_764_657_000_001, 2 ** 48 - 1]
     assert ids[0] < ids[1] and ids[1] != ids[2] and max(ids) == ids[3]
+
+
+def test_event_bodies_of_2_kib_or_more_are_stored_compressed_and_read_back_as_they_were():
+    small = '{"id":"e-1","data":{}}'
+    assert pack_body(small) == small and unpack_body(small) == small
+    large = '{"id":"e-2","data":{"text":"' + "é, 1 kWh; " * 300 + '"}}'
+    packed = pack_body(large)
+    assert packed.startswith("z1:") and len(packed) * 4 < len(large.encode())
+    assert unpack_body(packed) == large
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_batch_is_stored_compressed_and_sent_signed_and_shown_as_json(csms_factory, receiver):
+    """A batch of meter values (up to 100 events, tens of KiB of JSON) is kept compressed, in the delivery
+    queue and for as long as its history is kept; what is POSTed, signed, resent and shown is the JSON."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    subscription = await subscribe(csms, receiver.url, ["meter_values.received"], secret="s" * 32)
+    station = await booted(csms, "CP-1")
+    values = [str(100 * k) for k in range(30)]
+    await send_meter_values(station, csms, *values)
+    receiver.statuses = [500]
+    await drain(csms)
+    csms.clock.advance(10)  # the retry
+    await drain(csms)
+    first, retry = receiver.requests
+    assert first["body"] == retry["body"] and values_of(first["json"]) == values
+    for request in (first, retry):
+        assert request["headers"]["webhook-signature"] == expected_signature("s" * 32, request["headers"],
+                                                                             request["body"])
+    [delivery] = await history(csms, subscription["id"])
+    assert (delivery["state"], delivery["attempts"]) == ("delivered", 2) and delivery["event"] == first["json"]
+    store = plugin_of(csms).store
+    [stored] = await within(store.delivery_db.read(lambda conn: conn.execute(select(events.c.body)).scalars().all()))
+    assert stored.startswith("z1:") and len(stored) * 4 < len(first["body"])
+
+
+def test_the_downgrade_stores_compressed_bodies_as_json_again(database_url, tmp_path):
+    """webhooks_0005 (and webhooks_delivery_0003 in the delivery file) only marks the format; going back
+    before it turns every compressed body into JSON again, as an older release reads it."""
+    batch = '{"id":"b-1","type":"meter_values.batch","data":{"events":[' + ",".join(['{"v":1}'] * 400) + "]}}"
+    rows = [{"event_id": "b-1", "body": pack_body(batch), "created_at": LEGACY_AT},
+            {"event_id": "legacy-1", "body": LEGACY_BODY, "created_at": LEGACY_AT}]
+    assert rows[0]["body"].startswith("z1:")
+    main = next(history for history in builtin_histories() if history.name == "webhooks")
+    for url, history_of_file, before, after in (
+            (database_url, main, "webhooks_0004", "webhooks_0005"),
+            (f"sqlite:///{tmp_path / 'csms.db-webhooks.db'}", delivery_history(), "webhooks_delivery_0002",
+             "webhooks_delivery_0003")):
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            prepare_schema(conn, [history_of_file] if history_of_file is not main else builtin_histories(),
+                           auto_upgrade=True)
+            conn.execute(insert(events), rows)
+            command.downgrade(history_of_file.config(conn), before)
+            assert dict(conn.execute(select(events.c.event_id, events.c.body)).fetchall()) == {
+                "b-1": batch, "legacy-1": LEGACY_BODY}
+            command.upgrade(history_of_file.config(conn), after)
+        engine.dispose()

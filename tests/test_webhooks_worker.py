@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import textwrap
 
@@ -115,6 +116,18 @@ def niceness(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
+def policies(pid: int) -> set:
+    """The scheduling policies (SCHED_OTHER 0, SCHED_IDLE 5 ...) of every thread of a process."""
+    found = set()
+    for task_id in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task_id}/stat") as f:
+                found.add(int(f.read().rsplit(")", 1)[1].split()[38]))  # field 41, policy
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return found
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -148,6 +161,11 @@ async def test_the_csms_starts_its_worker_which_delivers_is_restarted_and_ends_w
         assert first_worker != node.process.transport.pid
         # ... at a lower CPU priority (worker_nice, 10 by default): OCPP answers get the CPU first.
         assert niceness(first_worker) == min(niceness(node.process.transport.pid) + 10, 19)
+        # ... and under SCHED_IDLE (worker_policy = idle, the default), every thread of it: a waking OCPP
+        # process preempts it at once. The CSMS keeps the normal policy.
+        assert policies(first_worker) == {os.SCHED_IDLE}
+        assert policies(node.process.transport.pid) == {os.SCHED_OTHER}
+        assert "CPU policy idle, nice" in node.process.stdout
 
         # The worker dies: the CSMS restarts it, and delivery goes on.
         os.kill(first_worker, 9)
@@ -396,3 +414,29 @@ def test_on_sqlite_the_workers_prunes_of_the_main_file_do_not_wait_for_the_disk(
     finally:
         worker.db.engine.dispose()
         worker.delivery_db.engine.dispose()
+
+
+@pytest.mark.parametrize("policy, expected", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_the_worker_policy_setting_chooses_sched_idle_or_nice_alone(policy, expected):
+    # In a process of its own: a lower priority cannot be undone, and this test process runs other tests.
+    script = textwrap.dedent(f"""
+        import os
+        from csms_plugins.webhooks.worker import lower_priority
+        before = os.nice(0)
+        applied = lower_priority({{"worker_nice": 3, "worker_policy": "{policy}"}})
+        print(applied, os.sched_getscheduler(0), os.nice(0) - before)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    applied, scheduler, raised = done.stdout.split()
+    assert (applied, int(scheduler), int(raised)) == (policy, getattr(os, expected), 3)
+
+
+def test_an_unknown_worker_policy_is_refused():
+    from csms.config import ConfigError
+    from csms_plugins.webhooks.plugin import WebhooksPlugin
+
+    setting = next(s for s in WebhooksPlugin.settings if s.name == "worker_policy")
+    assert setting.parse("IDLE", "plugin:webhooks") == "idle"
+    with pytest.raises(ConfigError, match="worker_policy"):
+        setting.parse("realtime", "plugin:webhooks")

@@ -531,6 +531,25 @@ def json_log_observer(send, log_level: str):
     return observe
 
 
+def lower_priority(settings: dict) -> str:
+    """Give this process (before it starts threads, which inherit it) a lower CPU priority than the CSMS's,
+    so that when both want a CPU, OCPP answers come first: ``worker_nice``, and with ``worker_policy =
+    idle`` Linux's SCHED_IDLE, under which any waking process of the normal policy preempts the worker at
+    once. Under nice alone the scheduler (EEVDF) may let the worker finish its slice first, and a slice
+    is about as long as an OCPP answer's p99. What was applied: "idle" or "normal"."""
+    os.nice(int(settings.get("worker_nice", 0)))
+    if settings.get("worker_policy", "normal") != "idle":
+        return "normal"
+    sched_idle = getattr(os, "SCHED_IDLE", None)
+    if sched_idle is None:  # not Linux: nice only
+        return "normal"
+    try:
+        os.sched_setscheduler(0, sched_idle, os.sched_param(0))
+    except OSError:  # a sandbox refusing it: nice still applies
+        return "normal"
+    return "idle"
+
+
 def main() -> int:
     """``python -m csms_plugins.webhooks``, as the CSMS starts it (settings in the environment)."""
     from twisted.internet import reactor, stdio
@@ -541,12 +560,17 @@ def main() -> int:
               "(or run `csms-admin webhooks deliver`)", file=sys.stderr)
         return 2
     spec = json.loads(raw)
-    # A lower CPU priority than the CSMS's: when both want the CPU, OCPP answers come first.
-    os.nice(int(spec["settings"].get("worker_nice", 0)))
+    policy = lower_priority(spec["settings"])
     pipe = _Pipe(reactor)
     stdio.StandardIO(pipe, reactor=reactor)
     globalLogBeginner.beginLoggingTo([json_log_observer(pipe.send, spec.get("log_level", "info"))],
                                      redirectStandardIO=False)
+    wanted = spec["settings"].get("worker_policy", "normal")
+    if policy != wanted:
+        log.warn("Webhook delivery worker: this system refused the {wanted} CPU policy; running at nice {nice} "
+                 "only", wanted=wanted, nice=os.nice(0))
+    else:
+        log.info("Webhook delivery worker: CPU policy {policy}, nice {nice}", policy=policy, nice=os.nice(0))
     return run(reactor, spec, pipe)
 
 
