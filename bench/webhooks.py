@@ -292,7 +292,8 @@ def markdown(results: dict, args) -> str:
     names = list(dict.fromkeys(r["name"] for r in results["runs"]))
     if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):
         lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median | p99 vs baseline: "
-                  "Mann-Whitney p | p99 above the baseline's in (pairs) | paired: Wilcoxon p | failed runs (left out) |",
+                  "Mann-Whitney p | p99 above the baseline's in (pairs) | paired: Wilcoxon p | "
+                  "failed runs (left out) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in repeat_summary(results["runs"]).items():
             higher = "-" if row["higher_in"] is None else "{} of {}".format(*row["higher_in"])

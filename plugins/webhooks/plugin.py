@@ -47,9 +47,9 @@ class WebhooksPlugin:
                 "How much lower the worker's CPU priority is than the CSMS's (0-19, as nice(1)): on a busy "
                 "machine the OCPP process gets the CPU first, and delivery what is left."),
         Setting("worker_policy", str, "idle",
-                "idle: on Linux the worker runs under SCHED_IDLE, so it has a CPU only while no other process "
-                "wants it and a waking OCPP process takes the CPU from it at once (under nice alone it may "
-                "first finish its time slice, up to a few ms); normal: worker_nice only.",
+                "idle: on Linux the worker the CSMS starts runs under SCHED_IDLE, so it has a CPU only while "
+                "no other process wants it and a waking OCPP process takes the CPU from it at once (under nice "
+                "alone it may first finish its time slice, up to a few ms); normal: worker_nice only.",
                 choices=("idle", "normal")),
         Setting("allow_private_networks", str, "",
                 "Addresses or networks (comma separated CIDR) receivers may resolve to besides public ones."),
