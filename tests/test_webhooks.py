@@ -11,13 +11,13 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
 from alembic import command
 from conftest import booted, clock_now, core_store, error_of, station_time, within
-from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy import create_engine, func, insert, select, text, update
 from test_migrations import builtin_histories
 from test_security_logs import get_log
 from twisted.internet import defer, reactor
@@ -825,28 +825,103 @@ async def test_finished_deliveries_and_their_events_are_purged_after_the_retenti
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_orphan_event_purge_reads_the_deliveries_once_not_per_event(csms_factory):
-    """The hourly purge of events none of whose deliveries are left must not look through the deliveries
-    once per event (days of history: millions of rows each). PostgreSQL runs NOT IN (subquery) as a
-    subplan, hashed only while the ids fit in work_mem and else rescanned per event: it needs NOT EXISTS,
-    an anti join. SQLite makes the list of a NOT IN once, an index it probes per event."""
-    from csms_plugins.webhooks.store import _orphan_events
+async def test_the_purge_reads_the_history_through_indexes_not_whole(csms_factory):
+    """Each statement of the hourly purge reaches the rows it deletes through an index (webhooks_0005):
+    days of history are millions of rows, which the purge used to read in full every hour. PostgreSQL's
+    planner may prefer a scan of a table this small, so there it is asked with sequential scans off:
+    what is checked is that the index can serve (a partial index only serves a query whose condition
+    implies the index's)."""
+    from csms_plugins.webhooks.store import _purge
 
     csms = await csms_factory(ALLOW_LOOPBACK)
     delivery_db = plugin_of(csms).store.delivery_db
     dialect = delivery_db.dialect_name
-    statement = str(_orphan_events(dialect).compile(delivery_db.engine))
+    purge = _purge(dialect)
+    expected = {"finished": "webhooks_deliveries_finished", "of_subscription": "webhooks_deliveries_of_subscription",
+                "next_subscription": "webhooks_deliveries_of_subscription", "orphans": "webhooks_deliveries_of_event"}
 
-    def plan(conn):
+    def plans(conn):
+        found = {}
         if dialect == "postgresql":
-            return [row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement)]
-        return [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement)]
-    steps = await within(delivery_db.read(plan))
-    if dialect == "postgresql":
-        assert any("Anti Join" in step for step in steps) and not any("SubPlan" in step for step in steps), steps
-    else:
-        assert any("LIST SUBQUERY" in step for step in steps), steps
-        assert not any("CORRELATED" in step for step in steps), steps
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        for name in expected:
+            sql = str(getattr(purge, name).compile(delivery_db.engine, compile_kwargs={"render_postcompile": True}))
+            if dialect == "postgresql":
+                params = {"before": datetime.now(timezone.utc), "chunk": 10, "subscription": 1, "after": 0,
+                          "ids": ["e-1"]}
+                compiled = getattr(purge, name).compile(delivery_db.engine)
+                rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.construct_params(params))
+                found[name] = [row[0] for row in rows]
+            else:
+                found[name] = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql,
+                                                                      tuple([None] * sql.count("?")))]
+        return found
+
+    found = await within(delivery_db.run(plans))
+    for name, index in expected.items():
+        assert any(index in step for step in found[name]), (name, found[name])
+        assert not any(step.startswith("SCAN webhooks_deliveries") or "Seq Scan on webhooks_deliveries" in step
+                       for step in found[name]), (name, found[name])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_history_is_purged_a_bounded_part_per_sweep(csms_factory, receiver, monkeypatch):
+    """No purge transaction grows with the history: PURGE_MAX rows at most, PURGE_CHUNK per statement,
+    and what is left goes at the next sweep (a minute later), not in an hour."""
+    from csms_plugins.webhooks import store as store_module
+
+    monkeypatch.setattr(store_module, "PURGE_CHUNK", 2)
+    monkeypatch.setattr(store_module, "PURGE_MAX", 3)
+    csms = await csms_factory(ALLOW_LOOPBACK + "history_retention = 3600\n")
+    subscription = await subscribe(csms, receiver.url, ["id_tag.changed"])
+    for k in range(7):
+        await core_store(csms).put_id_tag(f"TAG-{k}")
+    await drain(csms)
+    assert len(await history(csms, subscription["id"])) == 7
+    csms.clock.advance(2 * 3600)  # the next hourly purge: all 7 are past the retention
+    await drain(csms)
+    assert len(await history(csms, subscription["id"])) == 4
+    assert plugin_of(csms).store.purge_unfinished
+    csms.clock.advance(60)  # the next sweep goes on
+    await drain(csms)
+    assert len(await history(csms, subscription["id"])) == 1
+    csms.clock.advance(60)
+    await drain(csms)
+    assert await history(csms, subscription["id"]) == [] and not plugin_of(csms).store.purge_unfinished
+    assert await stored_count(csms, events) == 0 and await stored_count(csms, deliveries) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_left_by_a_deleted_subscription_are_purged_with_their_events(csms_factory, receiver):
+    """A delivery naming a subscription that no longer exists (its event moved in while the subscription
+    was being deleted) goes at the next purge, and its event with it unless another delivery names it."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    kept = await subscribe(csms, receiver.url + "?kept", ["id_tag.changed"])
+    gone = await subscribe(csms, receiver.url + "?gone", ["id_tag.changed"])
+    receiver.statuses = [500, 500]  # both stay pending
+    await core_store(csms).put_id_tag("TAG-1")  # one event, both subscriptions
+    await drain(csms)
+    store = plugin_of(csms).store
+    [shared] = await within(store.delivery_db.read(lambda conn: conn.execute(select(events.c.event_id)).scalars().all()))
+
+    def orphan_delivery(conn):  # as the fan-out leaves it when the deletion came in between
+        conn.execute(insert(deliveries).values(subscription_id=999, event_id="left-1", event_type="id_tag.changed",
+                                               state="pending", attempts=0, created_at=LEGACY_AT,
+                                               next_attempt_at=LEGACY_AT + timedelta(days=30)))
+        conn.execute(insert(events).values(event_id="left-1", body=LEGACY_BODY, created_at=LEGACY_AT))
+        conn.execute(update(deliveries).where(deliveries.c.subscription_id == gone["id"]).values(subscription_id=998))
+    await within(store.delivery_db.run(orphan_delivery))
+    status, _, _ = await csms.api("DELETE", f"/webhooks/{gone['id']}")
+    assert status == 204
+    assert await stored_count(csms, deliveries) == 3  # the deletion's own purge found none of its own
+
+    csms.clock.advance(3600)  # the hourly purge
+    await drain(csms)
+    names = await within(store.delivery_db.read(lambda conn: conn.execute(
+        select(deliveries.c.subscription_id, deliveries.c.event_id)).all()))
+    assert [tuple(row) for row in names] == [(kept["id"], shared)]
+    assert await within(store.delivery_db.read(lambda conn: conn.execute(
+        select(events.c.event_id)).scalars().all())) == [shared]
 
 
 def test_event_ids_are_version_7_uuids_that_sort_by_their_time():

@@ -272,6 +272,8 @@ class Dispatcher(service.Service):
                 purge_before = _utc(now - settings["history_retention"])
             dead = yield self.store.expire(sorted(self.claimed), _utc(now - settings["dead_letter_after"]),
                                            purge_before)
+            if purge_before is not None and self.store.purge_unfinished:
+                self._last_purge = None  # the rest at the next sweep, not in an hour
             if dead:
                 log.warn("Webhooks: {count} deliveries dead-lettered (older than {age} s)", count=dead,
                          age=settings["dead_letter_after"])

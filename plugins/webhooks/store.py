@@ -38,7 +38,7 @@ DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attem
 EVENT_COLUMNS = ("event_id", "body", "created_at")
 OUTBOX_COLUMNS = ("event_id", "event_type", "subscribers", "body", "created_at")
 #: A stored event body (``webhooks_events.body``) this long or longer is kept compressed: zlib (level 1,
-#: about 0.2 ms for a batch of 100 meter values, about a tenth of its size), as base64 text after
+#: about 0.2 ms for a batch of 100 meter values, a tenth of its size, a seventh as base64), as base64 text after
 #: COMPRESSED, the same on SQLite and PostgreSQL. Batches of meter values are, for as long as the
 #: delivery history keeps them (a week of them at 1,000 events/s is tens of GB as JSON). A body as JSON
 #: starts with "{", never with COMPRESSED. (Migrations webhooks_0005, webhooks_delivery_0003.)
@@ -50,17 +50,24 @@ MAX_ERROR_LENGTH = 500
 #: each is a write of the main file, whose lock the OCPP transactions wait for meanwhile.
 PRUNE_INTERVAL = 10.0
 
-def _ids(name: str, dialect: str):
+#: Rows the purge of the history deletes per statement, and at most per sweep (more left: the next
+#: sweep, a minute later, goes on), so that no transaction of it grows with the history's size.
+PURGE_CHUNK = 2000
+PURGE_MAX = 50_000
+
+
+def _ids(name: str, dialect: str, of=BigInteger):
     """A list of ids as ONE parameter: a PostgreSQL array, or a JSON array SQLite's json_each reads. An
     expanding IN renders a placeholder per id into the SQL at every execution (hundreds of ids: the
     claimed deliveries), which cost the deliverer more CPU than the statement itself."""
     if dialect == "postgresql":
-        return bindparam(name, type_=ARRAY(BigInteger))
+        return bindparam(name, type_=ARRAY(of))
     return select(func.json_each(bindparam(name, type_=String)).table_valued("value").c.value).scalar_subquery()
 
 
-def _in(column, name: str, dialect: str):
-    return column == any_(_ids(name, dialect)) if dialect == "postgresql" else column.in_(_ids(name, dialect))
+def _in(column, name: str, dialect: str, of=BigInteger):
+    ids = _ids(name, dialect, of)
+    return column == any_(ids) if dialect == "postgresql" else column.in_(ids)
 
 
 def _not_in(column, name: str, dialect: str):
@@ -114,14 +121,60 @@ _FAN_OUT_LAST = select(func.max(literal_column("seq"))).select_from(
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
 
 
-def _orphan_events(dialect: str):
-    """Delete the events none of whose deliveries are left (purged or their subscription deleted), reading
-    the deliveries once, not once per event: PostgreSQL runs NOT EXISTS as an anti join (NOT IN is a
-    subplan there, rescanned per event once the ids outgrow work_mem), SQLite makes the list of a NOT IN
-    once, an index it probes per event (NOT EXISTS would be a correlated scan per event)."""
-    if dialect == "postgresql":
-        return delete(events).where(~exists().where(deliveries.c.event_id == events.c.event_id))
-    return delete(events).where(events.c.event_id.not_in(select(deliveries.c.event_id)))
+#: ``state <> 'pending'`` as a literal, which lets the planners use the partial index of finished ones.
+NOT_PENDING = deliveries.c.state != literal_column(f"'{PENDING}'")
+
+
+class _Purge:
+    """The purge's statements for one dialect, built once. Each reads only what it deletes, through an
+    index (webhooks_0005): a scan of every delivery, as the purge made before, reads days of history
+    (millions of rows) every hour."""
+
+    def __init__(self, dialect: str):
+        self.dialect = dialect
+        #: Up to ``chunk`` finished deliveries that ended before ``before``, oldest first; their event ids.
+        self.finished = delete(deliveries).where(deliveries.c.id.in_(
+            select(deliveries.c.id).where(NOT_PENDING, deliveries.c.finished_at < bindparam("before"))
+            .order_by(deliveries.c.finished_at).limit(bindparam("chunk")))).returning(deliveries.c.event_id)
+        #: Up to ``chunk`` deliveries of ``subscription``; their event ids.
+        self.of_subscription = delete(deliveries).where(deliveries.c.id.in_(
+            select(deliveries.c.id).where(deliveries.c.subscription_id == bindparam("subscription"))
+            .limit(bindparam("chunk")))).returning(deliveries.c.event_id)
+        #: The smallest subscription id deliveries name above ``after``: one index seek.
+        self.next_subscription = select(func.min(deliveries.c.subscription_id)).where(
+            deliveries.c.subscription_id > bindparam("after"))
+        #: Of the events ``ids``, those no delivery names any more.
+        self.orphans = delete(events).where(_in(events.c.event_id, "ids", dialect, of=String),
+                                            ~exists().where(deliveries.c.event_id == events.c.event_id))
+
+    def run(self, conn, statement, params: dict, budget: int) -> tuple[int, bool]:
+        """Delete deliveries with ``statement`` a chunk at a time, and the events left without any, until
+        a chunk comes back short or ``budget`` rows went: (how many, whether some may be left)."""
+        deleted = 0
+        while deleted < budget:
+            chunk = min(PURGE_CHUNK, budget - deleted)
+            event_ids = conn.execute(statement, {**params, "chunk": chunk}).scalars().all()
+            deleted += len(event_ids)
+            if event_ids:
+                conn.execute(self.orphans, {"ids": _str_values(set(event_ids), self.dialect)})
+            if len(event_ids) < chunk:
+                return deleted, False
+        return deleted, True
+
+
+_PURGES: dict[str, _Purge] = {}
+
+
+def _purge(dialect: str) -> _Purge:
+    built = _PURGES.get(dialect)
+    if built is None:
+        built = _PURGES[dialect] = _Purge(dialect)
+    return built
+
+
+def _str_values(ids, dialect: str):
+    ids = sorted(ids)
+    return ids if dialect == "postgresql" else orjson.dumps(ids).decode()
 
 
 #: Names in ``webhooks_delivery_state`` (the delivery file) and the main file's name there.
@@ -308,6 +361,8 @@ class WebhookStore:
         self._pruned_to = 0
         self._pruned_at = None
         self._legacy_checked = False
+        #: Whether the last purge (expire) stopped at PURGE_MAX with more to delete.
+        self.purge_unfinished = False
         #: event type -> ids of the subscriptions wanting it. Replaced whole on the reactor thread when
         #: subscriptions change, read by the database threads writing events.
         self.subscribers: dict[str, tuple] = {}
@@ -489,7 +544,8 @@ class WebhookStore:
 
     def expire(self, busy: list[int], dead_before: datetime, purge_before: datetime | None):
         """Dead-letter pending deliveries older than ``dead_before`` (not in ``busy``), purge finished ones
-        older than ``purge_before`` (and any left by a deleted subscription); fires with how many died."""
+        older than ``purge_before`` (and any left by a deleted subscription), up to PURGE_MAX of each;
+        fires with how many died. ``purge_unfinished`` then says whether the purge left some for later."""
         now = self.now()
 
         def thd(conn):
@@ -499,15 +555,25 @@ class WebhookStore:
                 state=DEAD, finished_at=now, next_attempt_at=now,
                 last_error=func.coalesce(deliveries.c.last_error, "never delivered") + " (dead-lettered: too old)"
             )).rowcount
+            more = False
             if purge_before is not None:
-                conn.execute(delete(deliveries).where(deliveries.c.state != PENDING,
-                                                      deliveries.c.finished_at < purge_before))
-                # An event written while its subscription was being deleted.
-                conn.execute(delete(deliveries).where(deliveries.c.subscription_id.not_in(
-                    select(subscriptions.c.id))))
-                conn.execute(_orphan_events(self.delivery_db.dialect_name))
+                purge = _purge(self.delivery_db.dialect_name)
+                _, more = purge.run(conn, purge.finished, {"before": purge_before}, PURGE_MAX)
+                # Deliveries of a subscription deleted meanwhile (an event moved in while it was being
+                # deleted, or a deletion the process did not live to finish): the subscriptions the
+                # deliveries name, one index seek each, against those that exist.
+                existing = set(conn.execute(select(subscriptions.c.id)).scalars())
+                after = -1
+                while (named := conn.execute(purge.next_subscription, {"after": after}).scalar()) is not None:
+                    if named not in existing:
+                        more = purge.run(conn, purge.of_subscription, {"subscription": named}, PURGE_MAX)[1] or more
+                    after = named
+            return dead, more
+
+        def done(result):
+            dead, self.purge_unfinished = result
             return dead
-        return self.delivery_db.run(thd, desc="webhooks_expire")
+        return self.delivery_db.run(thd, desc="webhooks_expire").addCallback(done)
 
     def due(self, busy: list[int], limit: int, skip_subscriptions: list[int] = ()):
         """Up to ``limit`` due deliveries (not in ``busy``, of subscriptions not paused nor skipped), longest
@@ -626,8 +692,9 @@ class WebhookStore:
             return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
 
         def forget_deliveries(conn):
-            conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
-            conn.execute(_orphan_events(self.delivery_db.dialect_name))
+            purge = _purge(self.delivery_db.dialect_name)
+            while purge.run(conn, purge.of_subscription, {"subscription": subscription_id}, PURGE_MAX)[1]:
+                pass  # a chunk at a time: the event ids of a chunk are held meanwhile, not of the whole history
 
         def deleted(existed):
             return self.delivery_db.run(forget_deliveries, desc="webhooks_delete_deliveries").addCallback(

@@ -70,6 +70,14 @@ PENDING_ONLY = text("state = 'pending'")
 Index("webhooks_deliveries_pending", deliveries.c.next_attempt_at, deliveries.c.id,
       sqlite_where=PENDING_ONLY, postgresql_where=PENDING_ONLY)
 Index("webhooks_deliveries_of_subscription", deliveries.c.subscription_id, deliveries.c.id)
+#: For the purge of the history, which reads only what it deletes (WebhookStore.expire): the finished
+#: deliveries by when they ended (partial: a query must say ``state <> 'pending'`` as a literal,
+#: NOT_PENDING), and the deliveries of an event, for the check that an event has none left. A batch of
+#: meter values being one delivery, the index by event costs a few entries a second at 1,000 events/s.
+NOT_PENDING_ONLY = text("state <> 'pending'")
+Index("webhooks_deliveries_finished", deliveries.c.finished_at,
+      sqlite_where=NOT_PENDING_ONLY, postgresql_where=NOT_PENDING_ONLY)
+Index("webhooks_deliveries_of_event", deliveries.c.event_id)
 
 #: SQLite: the delivery state in a database file of its own, beside the main one (``<file>-webhooks.db``,
 #: see delivery_db.py), so that the deliverer's writes never take the main file's one write lock, which
