@@ -902,7 +902,8 @@ async def test_deliveries_left_by_a_deleted_subscription_are_purged_with_their_e
     await core_store(csms).put_id_tag("TAG-1")  # one event, both subscriptions
     await drain(csms)
     store = plugin_of(csms).store
-    [shared] = await within(store.delivery_db.read(lambda conn: conn.execute(select(events.c.event_id)).scalars().all()))
+    [shared] = await within(store.delivery_db.read(
+        lambda conn: conn.execute(select(events.c.event_id)).scalars().all()))
 
     def orphan_delivery(conn):  # as the fan-out leaves it when the deletion came in between
         conn.execute(insert(deliveries).values(subscription_id=999, event_id="left-1", event_type="id_tag.changed",
