@@ -240,3 +240,14 @@ async def test_the_cluster_bench_kills_a_node_and_checks_nothing_confirmed_was_l
         assert sum(result["api_calls"][kind]["status_codes"].values()) == 3
     assert result["api_calls"]["local"]["status_codes"] == {"200": 3}
     assert set(result["api_calls_under_load"]) == {"local", "forwarded"}  # sampled from the window's start
+
+
+def test_the_webhooks_purge_bench_deletes_the_expired_part_of_a_history(tmp_path):
+    output = tmp_path / "purge.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "webhooks_purge.py"), "--deliveries", "400",
+                           "--days", "8", "--expired-hours", "24", "--output", str(output)],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    [run] = json.loads(output.read_text())["runs"]
+    # 100 events (4 deliveries each) evenly over 8 days: the first 13 are older than 7 days.
+    assert (run["deliveries"], run["deleted"]) == (400, 52) and run["seconds"] > 0

@@ -973,8 +973,9 @@ async def test_a_large_batch_is_stored_compressed_and_sent_signed_and_shown_as_j
 
 
 def test_the_downgrade_stores_compressed_bodies_as_json_again(database_url, tmp_path):
-    """webhooks_0005 (and webhooks_delivery_0003 in the delivery file) only marks the format; going back
-    before it turns every compressed body into JSON again, as an older release reads it."""
+    """webhooks_0005 (and webhooks_delivery_0003 in the delivery file) changes no column for compressed
+    bodies; going back before it turns every compressed body into JSON again, as an older release reads
+    it."""
     batch = '{"id":"b-1","type":"meter_values.batch","data":{"events":[' + ",".join(['{"v":1}'] * 400) + "]}}"
     rows = [{"event_id": "b-1", "body": pack_body(batch), "created_at": LEGACY_AT},
             {"event_id": "legacy-1", "body": LEGACY_BODY, "created_at": LEGACY_AT}]
@@ -992,5 +993,11 @@ def test_the_downgrade_stores_compressed_bodies_as_json_again(database_url, tmp_
             command.downgrade(history_of_file.config(conn), before)
             assert dict(conn.execute(select(events.c.event_id, events.c.body)).fetchall()) == {
                 "b-1": batch, "legacy-1": LEGACY_BODY}
+            # Going up again removes, once, the events no delivery names (from here on the purge looks
+            # for them only among those whose deliveries it deletes).
+            conn.execute(insert(deliveries).values(subscription_id=1, event_id="b-1", event_type="meter_values.batch",
+                                                   state="pending", attempts=0, created_at=LEGACY_AT,
+                                                   next_attempt_at=LEGACY_AT))
             command.upgrade(history_of_file.config(conn), after)
+            assert conn.execute(select(events.c.event_id)).scalars().all() == ["b-1"]
         engine.dispose()

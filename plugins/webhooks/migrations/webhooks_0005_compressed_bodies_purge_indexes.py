@@ -38,6 +38,11 @@ def upgrade() -> None:
     op.create_index('webhooks_deliveries_finished', 'webhooks_deliveries', ['finished_at'], unique=False,
                     sqlite_where=NOT_PENDING, postgresql_where=NOT_PENDING)
     op.create_index('webhooks_deliveries_of_event', 'webhooks_deliveries', ['event_id'], unique=False)
+    # From here on the purge looks for events left without a delivery only among those whose deliveries
+    # it deletes; the earlier purge looked at every event every hour. Any left meanwhile go now, once.
+    events = sa.table("webhooks_events", sa.column("event_id", sa.String))
+    deliveries = sa.table("webhooks_deliveries", sa.column("event_id", sa.String))
+    op.execute(events.delete().where(~sa.exists().where(deliveries.c.event_id == events.c.event_id)))
 
 
 def downgrade() -> None:
