@@ -55,7 +55,7 @@ def build(path: str, count: int, days: float) -> None:
 def purge(path: str, before: datetime) -> tuple[float, int]:
     """One purge as WebhookStore.expire makes it (no budget): (seconds, deliveries deleted)."""
     engine = create_engine(f"sqlite:///{path}")
-    plan = webhooks_store._purge("sqlite")
+    plan = webhooks_store._PURGES["sqlite"]
     with engine.begin() as conn:
         started = time.perf_counter()
         deleted, _ = plan.run(conn, plan.finished, {"before": before}, 10 ** 12)

@@ -831,12 +831,12 @@ async def test_the_purge_reads_the_history_through_indexes_not_whole(csms_factor
     planner may prefer a scan of a table this small, so there it is asked with sequential scans off:
     what is checked is that the index can serve (a partial index only serves a query whose condition
     implies the index's)."""
-    from csms_plugins.webhooks.store import _purge
+    from csms_plugins.webhooks.store import _PURGES
 
     csms = await csms_factory(ALLOW_LOOPBACK)
     delivery_db = plugin_of(csms).store.delivery_db
     dialect = delivery_db.dialect_name
-    purge = _purge(dialect)
+    purge = _PURGES[dialect]
     expected = {"finished": "webhooks_deliveries_finished", "of_subscription": "webhooks_deliveries_of_subscription",
                 "next_subscription": "webhooks_deliveries_of_subscription", "orphans": "webhooks_deliveries_of_event"}
 
@@ -844,17 +844,16 @@ async def test_the_purge_reads_the_history_through_indexes_not_whole(csms_factor
         found = {}
         if dialect == "postgresql":
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        params = {"before": datetime.now(timezone.utc), "chunk": 10, "subscription": 1, "after": 0, "ids": ["e-1"]}
         for name in expected:
-            sql = str(getattr(purge, name).compile(delivery_db.engine, compile_kwargs={"render_postcompile": True}))
+            compiled = getattr(purge, name).compile(delivery_db.engine)
             if dialect == "postgresql":
-                params = {"before": datetime.now(timezone.utc), "chunk": 10, "subscription": 1, "after": 0,
-                          "ids": ["e-1"]}
-                compiled = getattr(purge, name).compile(delivery_db.engine)
                 rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.construct_params(params))
                 found[name] = [row[0] for row in rows]
-            else:
-                found[name] = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql,
-                                                                      tuple([None] * sql.count("?")))]
+            else:  # EXPLAIN QUERY PLAN plans without the values
+                sql = str(compiled)
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (None,) * sql.count("?"))
+                found[name] = [row[-1] for row in rows]
         return found
 
     found = await within(delivery_db.run(plans))

@@ -105,8 +105,9 @@ def _statements(dialect: str) -> tuple:
     return built
 
 
-def _id_values(ids, dialect: str):
-    ids = [int(i) for i in ids]
+def _id_values(ids, dialect: str, of=int):
+    """``ids`` as the value of an :func:`_ids` parameter."""
+    ids = [of(i) for i in ids]
     return ids if dialect == "postgresql" else orjson.dumps(ids).decode()
 
 
@@ -156,25 +157,13 @@ class _Purge:
             event_ids = conn.execute(statement, {**params, "chunk": chunk}).scalars().all()
             deleted += len(event_ids)
             if event_ids:
-                conn.execute(self.orphans, {"ids": _str_values(set(event_ids), self.dialect)})
+                conn.execute(self.orphans, {"ids": _id_values(sorted(set(event_ids)), self.dialect, of=str)})
             if len(event_ids) < chunk:
                 return deleted, False
         return deleted, True
 
 
-_PURGES: dict[str, _Purge] = {}
-
-
-def _purge(dialect: str) -> _Purge:
-    built = _PURGES.get(dialect)
-    if built is None:
-        built = _PURGES[dialect] = _Purge(dialect)
-    return built
-
-
-def _str_values(ids, dialect: str):
-    ids = sorted(ids)
-    return ids if dialect == "postgresql" else orjson.dumps(ids).decode()
+_PURGES = {dialect: _Purge(dialect) for dialect in ("sqlite", "postgresql")}
 
 
 #: Names in ``webhooks_delivery_state`` (the delivery file) and the main file's name there.
@@ -557,7 +546,7 @@ class WebhookStore:
             )).rowcount
             more = False
             if purge_before is not None:
-                purge = _purge(self.delivery_db.dialect_name)
+                purge = _PURGES[self.delivery_db.dialect_name]
                 _, more = purge.run(conn, purge.finished, {"before": purge_before}, PURGE_MAX)
                 # Deliveries of a subscription deleted meanwhile (an event moved in while it was being
                 # deleted, or a deletion the process did not live to finish): the subscriptions the
@@ -692,7 +681,7 @@ class WebhookStore:
             return conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount > 0
 
         def forget_deliveries(conn):
-            purge = _purge(self.delivery_db.dialect_name)
+            purge = _PURGES[self.delivery_db.dialect_name]
             while purge.run(conn, purge.of_subscription, {"subscription": subscription_id}, PURGE_MAX)[1]:
                 pass  # a chunk at a time: the event ids of a chunk are held meanwhile, not of the whole history
 
