@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 import pytest_twisted
 import treq
-from conftest import clock_now, within
+from conftest import clock_now, station_time, within
 from twisted.internet import defer, task
 
 from csms.api import web_resources
@@ -322,6 +322,48 @@ async def test_the_event_stream_needs_a_session_pushes_station_events_and_is_bou
     await client.request("POST", "/ui/logout", form={"csrf_token": broker.streams[0].session.csrf_token})
     await within(done)
     assert broker.streams == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_go_only_to_the_event_stream_of_their_transaction(csms):
+    client = await signed_in(csms)
+    for bad in ("x", "-1", "1e3", "%EF%BC%91", str(2 ** 63)):  # %EF%BC%91: a full-width digit one
+        status, body, _ = await client.request("GET", f"/ui/events?transaction={bad}")
+        assert (status, body) == (400, "transaction must be a transaction id"), bad
+    assert dashboard(csms).broker.streams == []
+    station = await csms.connect_booted("CP-M")
+    started = await station.call("StartTransaction", {"connectorId": 1, "idTag": "ANY", "meterStart": 0,
+                                                      "timestamp": station_time(clock_now(csms))})
+    transaction_id = started["transactionId"]
+    streams = {}
+    for name, path in (("all", "/ui/events"), ("chart", f"/ui/events?transaction={transaction_id}"),
+                       ("other", f"/ui/events?transaction={transaction_id + 1}")):
+        status, _, response = await client.request("GET", path, unbuffered=True)
+        assert status == 200
+        streams[name] = ([], response)
+    # The status event comes after the meter values on every stream: once each has it, each has whatever
+    # meter values it was sent.
+    status_seen = {name: defer.Deferred() for name in streams}
+
+    def collector(name):
+        def collect(data):
+            streams[name][0].append(data)
+            if b'"status":"SuspendedEV"' in b"".join(streams[name][0]) and not status_seen[name].called:
+                status_seen[name].callback(None)
+        return collect
+    done = [treq.collect(response, collector(name)) for name, (_, response) in streams.items()]
+    await station.call("MeterValues", {"connectorId": 1, "transactionId": transaction_id, "meterValue": [{
+        "timestamp": station_time(clock_now(csms)),
+        "sampledValue": [{"value": "2.5", "measurand": "Energy.Active.Import.Register", "unit": "kWh"}]}]})
+    await station.status(1, "SuspendedEV")
+    await within(defer.gatherResults(list(status_seen.values())))
+    assert b'"transaction_id":%d,"energy":[[' % transaction_id in b"".join(streams["chart"][0])
+    assert b",2500.0]]" in b"".join(streams["chart"][0])
+    for name in ("all", "other"):  # the status event reached every stream, the meter values only the chart's
+        assert b"event: meter" not in b"".join(streams[name][0])
+    session = dashboard(csms).broker.streams[0].session
+    await client.request("POST", "/ui/logout", form={"csrf_token": session.csrf_token})
+    await within(defer.gatherResults(done))
 
 
 class StreamRequest:

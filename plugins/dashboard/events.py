@@ -30,10 +30,12 @@ KEEPALIVE = b": keepalive\n\n"
 class Stream:
     """One open event stream: writes while the client reads, queues a little while it does not."""
 
-    def __init__(self, broker, request, session):
+    def __init__(self, broker, request, session, transaction: int | None = None):
         self.broker = broker
         self.request = request
         self.session = session
+        #: The transaction whose meter values this stream gets (its page draws them), if any.
+        self.transaction = transaction
         self.paused = False
         self.queued: list[bytes] = []
         self.closed = False
@@ -87,6 +89,18 @@ class EventBroker:
         self.keepalive = keepalive
         self.streams: list[Stream] = []
         self._ticker = None
+        #: ``callback(tick)`` after a stream opened or closed (False), and at every keepalive (True).
+        self._watchers: list = []
+
+    def watch(self, callback) -> None:
+        self._watchers.append(callback)
+
+    def _changed(self, tick: bool) -> None:
+        for callback in self._watchers:
+            try:
+                callback(tick)
+            except Exception:
+                log.failure("Dashboard: a watcher of the event streams failed")
 
     def refusal(self, session) -> str | None:
         """Why one more stream for ``session`` is refused, or None."""
@@ -96,8 +110,8 @@ class EventBroker:
             return f"This session has {session.streams} event streams open already (close a tab)"
         return None
 
-    def open(self, request, session) -> Stream:
-        stream = Stream(self, request, session)
+    def open(self, request, session, transaction: int | None = None) -> Stream:
+        stream = Stream(self, request, session, transaction)
         session.streams += 1
         self.streams.append(stream)
         request.setHeader("content-type", "text/event-stream; charset=utf-8")
@@ -108,21 +122,32 @@ class EventBroker:
         # The client reconnects after this long when the stream drops.
         request.write(b"retry: 3000\n\n")
         self._start_ticker()
+        self._changed(False)
         return stream
 
     def forget(self, stream: Stream) -> None:
         if stream in self.streams:
             self.streams.remove(stream)
             stream.session.streams -= 1
+            self._changed(False)
         if not self.streams:
             self._stop_ticker()
 
     def publish(self, event: str, data: dict) -> None:
-        if not self.streams:
+        """To every stream; a ``meter`` event only to the streams of its transaction."""
+        if event == "meter":
+            streams = [stream for stream in self.streams if stream.transaction == data.get("transaction_id")]
+        else:
+            streams = list(self.streams)
+        if not streams:
             return
         message = frame(event, data)
-        for stream in list(self.streams):
+        for stream in streams:
             stream.send(message)
+
+    def watched(self) -> frozenset:
+        """The transactions whose meter values a stream here gets."""
+        return frozenset(stream.transaction for stream in self.streams if stream.transaction is not None)
 
     def close_session(self, session) -> None:
         for stream in [s for s in self.streams if s.session is session]:
@@ -134,6 +159,8 @@ class EventBroker:
                 stream.close(finish=True)
             else:
                 stream.send(KEEPALIVE)
+        if self.streams:
+            self._changed(True)
 
     def _start_ticker(self):
         if self._ticker is None:

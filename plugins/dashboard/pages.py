@@ -122,12 +122,16 @@ async def logout(ctx):
 async def events(ctx):
     if ctx.request.method == b"HEAD":  # nothing would be sent: no stream to hold open
         return Reply(200, b"", {"Cache-Control": "no-store"}, "text/event-stream; charset=utf-8")
+    # ?transaction=<id>: the meter values of that transaction too (its page's chart); no other stream gets them.
+    transaction = ctx.arg("transaction")
+    if transaction and not (transaction.isascii() and transaction.isdigit() and int(transaction) < 2 ** 63):
+        return Reply(400, b"transaction must be a transaction id", {}, "text/plain; charset=utf-8")
     broker = ctx.resource.plugin.broker
     refusal = broker.refusal(ctx.session)
     if refusal is not None:
         return Reply(429, refusal.encode(), {"Retry-After": "10"}, "text/plain; charset=utf-8")
     ctx.request.setResponseCode(200)
-    broker.open(ctx.request, ctx.session)
+    broker.open(ctx.request, ctx.session, int(transaction) if transaction else None)
     return Reply(written=True)
 
 

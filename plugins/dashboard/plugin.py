@@ -14,6 +14,7 @@ from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
 
 from .events import EventBroker, meter_points, request_samples
+from .relay import Relay
 from .sessions import SessionStore, SignInThrottle
 
 
@@ -39,6 +40,7 @@ class DashboardPlugin:
     app = None
     sessions: SessionStore | None = None
     broker: EventBroker | None = None
+    relay: Relay | None = None
     resource = None
 
     @hookimpl
@@ -59,6 +61,8 @@ class DashboardPlugin:
         self.broker = EventBroker(app.clock, self.sessions, settings["sse_max_streams"],
                                   settings["sse_max_streams_per_session"], settings["sse_max_queued"],
                                   settings["sse_keepalive"])
+        # app.cluster is made before any plugin is configured (csms.app.Application).
+        self.relay = Relay(app.cluster, app.clock, self.broker, settings["sse_keepalive"])
 
     @hookimpl
     def csms_web_resources(self, app):
@@ -71,52 +75,57 @@ class DashboardPlugin:
 
     @hookimpl
     def csms_on_station_connected(self, station_id, station):
-        self.broker.publish("station", {"station_id": station_id, "online": True})
+        self.relay.publish("station", {"station_id": station_id, "online": True})
 
     @hookimpl
     def csms_on_station_disconnected(self, station_id, reason):
-        self.broker.publish("station", {"station_id": station_id, "online": False})
+        self.relay.publish("station", {"station_id": station_id, "online": False})
 
     @hookimpl
     def csms_on_boot(self, station_id, request, status):
-        self.broker.publish("boot", {"station_id": station_id, "status": status,
-                                     "vendor": request.get("chargePointVendor"),
-                                     "model": request.get("chargePointModel")})
+        self.relay.publish("boot", {"station_id": station_id, "status": status,
+                                    "vendor": request.get("chargePointVendor"),
+                                    "model": request.get("chargePointModel")})
 
     @hookimpl
     def csms_on_status_changed(self, station_id, connector_id, status, error_code, previous_status, request):
-        self.broker.publish("status", {"station_id": station_id, "connector_id": connector_id, "status": status,
-                                       "error_code": error_code, "info": request.get("info"),
-                                       "timestamp": request.get("timestamp")})
+        self.relay.publish("status", {"station_id": station_id, "connector_id": connector_id, "status": status,
+                                      "error_code": error_code, "info": request.get("info"),
+                                      "timestamp": request.get("timestamp")})
 
     @hookimpl
     def csms_on_transaction_started(self, station_id, transaction, request):
-        self.broker.publish("transaction", {"station_id": station_id, "transaction_id": transaction["transaction_id"],
-                                            "connector_id": transaction.get("connector_id"), "active": True})
+        self.relay.publish("transaction", {"station_id": station_id, "transaction_id": transaction["transaction_id"],
+                                           "connector_id": transaction.get("connector_id"), "active": True})
 
     @hookimpl
     def csms_on_transaction_stopped(self, station_id, transaction, request):
         stopped_at = transaction.get("stopped_at")
-        self.broker.publish("transaction", {"station_id": station_id, "transaction_id": transaction["transaction_id"],
-                                            "connector_id": transaction.get("connector_id"), "active": False,
-                                            "stopped_at": format_datetime(stopped_at) if stopped_at else None})
+        self.relay.publish("transaction", {"station_id": station_id, "transaction_id": transaction["transaction_id"],
+                                           "connector_id": transaction.get("connector_id"), "active": False,
+                                           "stopped_at": format_datetime(stopped_at) if stopped_at else None})
 
     @hookimpl
     def csms_on_meter_values(self, station_id, connector_id, transaction_id, meter_values):
-        # The hot path: nothing is built unless a page is listening.
-        if transaction_id is None or not self.broker.streams:
+        # The hot path: nothing is built unless a page, here or on another node, draws this transaction.
+        if transaction_id is None or not self.relay.wants_meter(transaction_id):
             return
-        self.broker.publish("meter", {"station_id": station_id, "transaction_id": transaction_id,
-                                      **meter_points(request_samples(meter_values))})
+        self.relay.publish("meter", {"station_id": station_id, "transaction_id": transaction_id,
+                                     **meter_points(request_samples(meter_values))})
 
     @hookimpl
     def csms_services(self, app):
         from twisted.application import service
 
-        broker = self.broker
+        broker, relay = self.broker, self.relay
 
-        class StopStreams(service.Service):
+        class LiveUpdates(service.Service):
+            def startService(self):
+                super().startService()
+                relay.hello()
+
             def stopService(self):
+                relay.stop()
                 broker.stop()
                 return super().stopService()
-        return [StopStreams()]
+        return [LiveUpdates()]

@@ -247,10 +247,17 @@
   function live() {
     var badge = document.getElementById("live");
     if (!badge || !window.EventSource) { return; }
-    var source = new EventSource("/ui/events");
+    // A transaction's page asks for its meter values too; no other page gets any.
+    var page = document.getElementById("transaction");
+    var transaction = page && page.getAttribute("data-transaction");
+    var source = new EventSource("/ui/events" + (transaction ? "?transaction=" + encodeURIComponent(transaction) : ""));
     function state(name, text) { badge.setAttribute("data-state", name); badge.textContent = text; }
-    source.onopen = function () { state("live", "live"); };
-    source.onerror = function () { state("connecting", "reconnecting…"); };
+    // Updates can be missed: while the stream was down, or when a node of a cluster had more to relay than
+    // it may send at once (a "missed" event). The page then says so, until it is reloaded.
+    var missed = false;
+    function current() { state(missed ? "stale" : "live", missed ? "live · reload for missed updates" : "live"); }
+    source.onopen = current;
+    source.onerror = function () { missed = true; state("connecting", "reconnecting…"); };
     function on(name, fn) {
       source.addEventListener(name, function (event) {
         try { fn(JSON.parse(event.data)); } catch (e) { /* a malformed event changes nothing */ }
@@ -265,6 +272,7 @@
     on("status", function (d) { setConnector(d); statusHistory(d); });
     on("meter", addMeter);
     on("transaction", transactionChanged);
+    on("missed", function () { missed = true; current(); });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
