@@ -26,7 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
-from sqlalchemy import BigInteger, Integer, MetaData, inspect, text
+from sqlalchemy import BigInteger, Integer, MetaData, event, inspect, text
 
 #: The framework's own history (``csms_`` tables).
 FRAMEWORK = "csms"
@@ -380,12 +380,49 @@ def describe_differences(diffs: list, most: int = 3) -> str:
 
 def create_from_metadata(conn, histories_: list[History]) -> None:
     """The schema of every history made from its MetaData, each stamped at its head: what migrations make
-    (tests/test_migrations.py proves it), at the cost of one ``create_all``. For test harnesses only."""
-    for history in histories_:
-        history.metadata.create_all(conn)
-        if history.has_revisions and not current_revisions(conn, history):
-            MigrationContext.configure(conn, opts={"version_table": history.version_table}).stamp(
-                history.script(), "heads")
+    (tests/test_migrations.py proves it), at the cost of one ``create_all``. For test harnesses only.
+
+    A test suite makes the same schema in a fresh, empty database or PostgreSQL schema again and again.
+    The first time, in an empty one, the statements that made it are recorded; later in an empty one
+    they are sent again as they were, on PostgreSQL in one round trip, instead of compiling them again
+    and asking whether each table exists (most of a PostgreSQL test's start). A database with any table
+    in it takes the whole path."""
+    key = (conn.dialect.name, tuple((history.name, history.metadata, len(history.metadata.tables))
+                                    for history in histories_))
+    empty = not inspect(conn).get_table_names()
+    recorded = _SCHEMA_SCRIPTS.get(key) if empty else None
+    if recorded is not None:
+        _replay(conn, recorded)
+        return
+    statements: list = []
+
+    def record(conn_, cursor, statement, parameters, context, executemany):
+        if not statement.lstrip().upper().startswith(("SELECT", "PRAGMA", "WITH")):
+            statements.append((statement, parameters))
+    event.listen(conn, "before_cursor_execute", record)
+    try:
+        for history in histories_:
+            history.metadata.create_all(conn)
+            if history.has_revisions and not current_revisions(conn, history):
+                MigrationContext.configure(conn, opts={"version_table": history.version_table}).stamp(
+                    history.script(), "heads")
+    finally:
+        event.remove(conn, "before_cursor_execute", record)
+    if empty:
+        _SCHEMA_SCRIPTS[key] = statements
+
+
+#: (dialect, the histories with their MetaData) -> the statements that made their schema in an empty
+#: database (create_from_metadata). Holding the MetaData keeps its id from being reused by another.
+_SCHEMA_SCRIPTS: dict = {}
+
+
+def _replay(conn, statements: list) -> None:
+    if conn.dialect.name == "postgresql" and not any(parameters for _, parameters in statements):
+        conn.exec_driver_sql(";\n".join(statement for statement, _ in statements))
+        return
+    for statement, parameters in statements:
+        conn.exec_driver_sql(statement, parameters)
 
 
 def next_revision_id(history: History) -> str:
