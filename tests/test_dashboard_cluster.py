@@ -46,13 +46,13 @@ class RecordingCluster:
         return [data for sent_topic, data, _ in self.sent if sent_topic == topic]
 
 
-def relay_on(cluster=None):
+def relay_on(cluster=None, count_dropped=lambda n: None):
     clock = task.Clock()
     sessions = SessionStore(clock, 3600, 86400, 10)
     broker = EventBroker(clock, sessions, max_streams=10, max_per_session=10, max_queued=10_000,
                          keepalive=KEEPALIVE)
     cluster = cluster or RecordingCluster()
-    return Relay(cluster, clock, broker, KEEPALIVE), cluster, clock, broker, sessions
+    return Relay(cluster, clock, broker, KEEPALIVE, count_dropped), cluster, clock, broker, sessions
 
 
 def open_stream(broker, sessions, transaction: int | None = None) -> StreamRequest:
@@ -140,7 +140,8 @@ def test_a_node_says_it_listens_when_its_first_stream_opens_at_each_keepalive_an
 
 
 def test_what_one_interval_cannot_carry_or_a_failed_send_lost_is_told_to_the_pages_elsewhere():
-    relay, cluster, clock, _, _ = relay_on()
+    counted = []
+    relay, cluster, clock, _, _ = relay_on(count_dropped=counted.append)
     cluster.hear(LISTENING, {"streams": 1, "transactions": [7]}, origin="B")
     for number in range(RELAY_MAX_EVENTS + 5):
         relay.publish("meter", {"station_id": "CP-1", "transaction_id": 7, "n": number})
@@ -155,6 +156,7 @@ def test_what_one_interval_cannot_carry_or_a_failed_send_lost_is_told_to_the_pag
     clock.advance(RELAY_INTERVAL)
     assert cluster.said(EVENTS)[1] == {"events": [["station", {"station_id": "CP-2", "online": False}]],
                                        "dropped": RELAY_MAX_EVENTS + 5}
+    assert sum(counted) == RELAY_MAX_EVENTS + 5  # each lost event counted once (the metric)
 
 
 def test_events_heard_from_another_node_reach_the_streams_here_and_a_malformed_message_changes_nothing():

@@ -62,7 +62,9 @@ class DashboardPlugin:
                                   settings["sse_max_streams_per_session"], settings["sse_max_queued"],
                                   settings["sse_keepalive"])
         # app.cluster is made before any plugin is configured (csms.app.Application).
-        self.relay = Relay(app.cluster, app.clock, self.broker, settings["sse_keepalive"])
+        dropped = app.metrics.counter("csms_dashboard_relay_dropped_events",
+                                      "Events this node could not relay to the dashboard pages of other nodes")
+        self.relay = Relay(app.cluster, app.clock, self.broker, settings["sse_keepalive"], dropped.inc)
 
     @hookimpl
     def csms_web_resources(self, app):

@@ -34,8 +34,10 @@ KNOWN = frozenset({"station", "boot", "status", "transaction", "meter"})
 
 
 class Relay:
-    def __init__(self, cluster, clock, broker, keepalive: float):
+    def __init__(self, cluster, clock, broker, keepalive: float, count_dropped=lambda n: None):
         self.cluster = cluster
+        #: ``count_dropped(n)``: n events this node could not relay (the plugin's metric).
+        self.count_dropped = count_dropped
         self.clock = clock
         self.broker = broker
         self.keepalive = keepalive
@@ -70,6 +72,7 @@ class Relay:
             return
         if len(self.pending) >= RELAY_MAX_EVENTS:
             self.dropped += 1
+            self.count_dropped(1)
         else:
             self.pending.append([event, data])
         self._schedule()
@@ -113,6 +116,7 @@ class Relay:
         self._sending = None
         # Lost, as they would be past RELAY_MAX_EVENTS: the next message tells the other nodes' pages.
         self.dropped += len(message["events"]) + message["dropped"]
+        self.count_dropped(len(message["events"]))
         if not self._failing:
             self._failing = True
             log.warn("Dashboard events could not be sent to the other nodes: {error}",
