@@ -349,6 +349,41 @@ async def test_a_dashboard_browser_stays_on_the_node_that_signed_it_in(tmp_path,
             served.add(response.headers.getRawHeaders("set-cookie", [""])[0].split(";")[0])
             await treq.content(response)
         assert len(served) == 2, served
+
+        # Its live updates show the whole cluster: a station on the other node shows on the page's event
+        # stream. (HAProxy sends the second of two stations to the node with fewer: one is on the other
+        # node.) That node relays once it has heard that this one listens, a few milliseconds after the
+        # stream opens: the station tells its status again until the page has it.
+        here = browser.cookies["csms_node"]
+        status, _, stream = await browser.request("GET", "/ui/events", unbuffered=True)
+        assert status == 200
+        received, waiter = [], {}
+
+        def collect(data):
+            received.append(data)
+            for needle, waiting in list(waiter.items()):
+                if needle in b"".join(received) and not waiting.called:
+                    waiting.callback(None)
+        finished = treq.collect(stream, collect)
+        stations = {}
+        for station_id in ("CP-LIVE-1", "CP-LIVE-2"):
+            stations[station_id] = await connect_station(reactor, cluster.ocpp_port, station_id, timeout=5)
+            await stations[station_id].status(0, "Available")
+        holders = {station_id: (await cluster.holder(station_id)).name for station_id in stations}
+        elsewhere = next(station_id for station_id, node in holders.items() if node != here)
+        for attempt in range(10):
+            needle = b'"info":"attempt %d"' % attempt
+            waiter[needle] = defer.Deferred()
+            await stations[elsewhere].status(1, "Faulted", "GroundFailure", info=f"attempt {attempt}")
+            try:
+                await waiter[needle].addTimeout(2, reactor)
+                break
+            except defer.TimeoutError:
+                assert attempt < 9, b"".join(received)
+        assert b'"station_id":"%s","connector_id":1,"status":"Faulted"' % elsewhere.encode() in b"".join(received)
+        assert not finished.called
+        for station in stations.values():
+            station.dropConnection(abort=True)
     finally:
         await cluster.stop()
     assert pids(cluster) == []
