@@ -125,6 +125,33 @@ def pin_children(pid: int, cpus: set) -> None:
                 pass
 
 
+def postgres_pids() -> list[int]:
+    """Every ``postgres`` process of this machine (servers and their backends)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+def pin_postgres(cpus: set) -> list[int]:
+    """Move this machine's PostgreSQL processes to ``cpus``; backends started later inherit it from their
+    postmaster. Returns those moved (none without the right to: run as root or as postgres)."""
+    moved = []
+    for pid in postgres_pids():
+        try:
+            os.sched_setaffinity(pid, cpus)
+            moved.append(pid)
+        except OSError:
+            pass
+    return moved
+
+
 def one_run(name: str, batch: int | None, delivery: str, policy: str, args, receiver_url: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
@@ -262,7 +289,9 @@ def repeat_summary(runs: list[dict]) -> dict:
 def markdown(results: dict, args) -> str:
     lines = [f"Fixed rate {args.rate} msg/s MeterValues from {args.stations} stations for {args.duration:g} s, "
              f"{args.subscriptions} subscriptions ({results['database']}"
-             + (f"; CSMS on CPU 0, worker on CPU {args.worker_cpu}" if args.pin else "") + "; load average before: "
+             + (f"; CSMS on CPU 0, worker on CPU {args.worker_cpu}" if args.pin else "")
+             + (f", PostgreSQL on CPU {args.database_cpu}" if args.pin and args.database_cpu is not None else "")
+             + "; load average before: "
              + f"{', '.join(f'{x:.1f}' for x in results['loadavg_before'])}).", "",
              "| run | delivery | OCPP p50 ms | OCPP p99 ms | OCPP msg/s | events/s delivered in the window | POSTs/s | "
              "drained after the window (s) | load average | CSMS CPU s | worker CPU s | database server CPU s | "
@@ -316,6 +345,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-cpu", type=int, choices=(0, 1), default=1,
                         help="with --pin: the delivery worker beside the CSMS (0: the server's core) or beside "
                              "the load generator (1, the default)")
+    parser.add_argument("--database-cpu", type=int, choices=(0, 1),
+                        help="with --pin and a PostgreSQL on this machine: its processes on this CPU (1: beside "
+                             "the load generator, so that the CSMS's core is its own), put back on every CPU "
+                             "at the end; by default they are left where the system puts them")
     parser.add_argument("--worker-nice", type=int, default=10, help="[plugin:webhooks] worker_nice")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
     parser.add_argument("--repeat", type=int, default=1,
@@ -326,6 +359,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.pin:
         os.sched_setaffinity(0, {1})  # this process and what it starts: the receiver, the load generator
+    every_cpu = set(range(os.cpu_count() or 1))
+    if args.pin and args.database_cpu is not None:
+        if not pin_postgres({args.database_cpu}):
+            parser.error("--database-cpu: no PostgreSQL process here could be moved (run as root or postgres)")
     port = run.free_port()
     receiver = subprocess.Popen([sys.executable, os.path.join(HERE, "webhook_receiver.py"), "--port", str(port)])
     try:
@@ -333,6 +370,7 @@ def main(argv=None) -> int:
         receiver_url = f"http://127.0.0.1:{port}"
         results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
                    "pinned": args.pin, "worker_cpu": args.worker_cpu if args.pin else None,
+                   "database_cpu": args.database_cpu if args.pin else None,
                    "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations,
                    "duration": args.duration, "runs": []}
         for round_index in range(max(args.repeat, 1)):
@@ -345,6 +383,8 @@ def main(argv=None) -> int:
         results["loadavg_after"] = os.getloadavg()
     finally:
         run.stop(receiver)
+        if args.pin and args.database_cpu is not None:
+            pin_postgres(every_cpu)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=2)
     print(markdown(results, args))

@@ -251,3 +251,46 @@ def test_the_webhooks_purge_bench_deletes_the_expired_part_of_a_history(tmp_path
     [run] = json.loads(output.read_text())["runs"]
     # 100 events (4 deliveries each) evenly over 8 days: the first 13 are older than 7 days.
     assert (run["deliveries"], run["deleted"]) == (400, 52) and run["seconds"] > 0
+
+
+def load_webhooks_bench():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_webhooks", os.path.join(ROOT, "bench", "webhooks.py"))
+        webhooks = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(webhooks)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    return webhooks
+
+
+def test_the_webhooks_bench_moves_a_local_postgresql_to_one_cpu_and_back():
+    """--database-cpu: every postgres process of this machine, and the backends it starts later."""
+    webhooks = load_webhooks_bench()
+    if not webhooks.postgres_pids() or os.geteuid() != 0 or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a PostgreSQL on this machine, root and 2 CPUs (as in .ci/run)")
+    every_cpu = set(range(os.cpu_count()))
+
+    def affinities(pids) -> set:
+        found = set()
+        for pid in pids:
+            try:
+                found.add(frozenset(os.sched_getaffinity(pid)))
+            except OSError:  # a backend that ended meanwhile
+                pass
+        return found
+
+    def parent(pid: int) -> int | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return None
+    try:
+        moved = webhooks.pin_postgres({1})
+        assert moved and affinities(moved) == {frozenset({1})}
+        postmasters = [pid for pid in moved if parent(pid) not in (None, *moved)]
+        assert postmasters and affinities(postmasters) == {frozenset({1})}  # what new backends inherit
+    finally:
+        moved = webhooks.pin_postgres(every_cpu)
+    assert affinities(moved) == {frozenset(every_cpu)}
