@@ -164,8 +164,7 @@ def test_the_webhooks_bench_delivers_through_the_worker_and_reports_each_run(tmp
     assert batched["worker_written_mb"] > 0  # the delivery file (SQLite) is the worker's to write
 
 
-def test_the_webhooks_bench_tells_a_difference_from_noise():
-    """--repeat's verdict: a Mann-Whitney U test of each run's p99s against the baseline's."""
+def load_webhooks_bench():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         spec = importlib.util.spec_from_file_location("bench_webhooks", os.path.join(ROOT, "bench", "webhooks.py"))
@@ -173,6 +172,12 @@ def test_the_webhooks_bench_tells_a_difference_from_noise():
         spec.loader.exec_module(webhooks)
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
+    return webhooks
+
+
+def test_the_webhooks_bench_tells_a_difference_from_noise():
+    """--repeat's verdict: a Mann-Whitney U test of each run's p99s against the baseline's."""
+    webhooks = load_webhooks_bench()
     runs = [{"name": name, "latency_ms": {"p99": p99, "p50": 1.0}}
             for name, values in (("baseline", [10, 11, 12, 13, 14]), ("same", [10.5, 11.5, 12.5, 13.5, 14.5]),
                                  ("slower", [30, 31, 32, 33, 34]), ("once", [99])) for p99 in values]
@@ -251,17 +256,6 @@ def test_the_webhooks_purge_bench_deletes_the_expired_part_of_a_history(tmp_path
     [run] = json.loads(output.read_text())["runs"]
     # 100 events (4 deliveries each) evenly over 8 days: the first 13 are older than 7 days.
     assert (run["deliveries"], run["deleted"]) == (400, 52) and run["seconds"] > 0
-
-
-def load_webhooks_bench():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_webhooks", os.path.join(ROOT, "bench", "webhooks.py"))
-        webhooks = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(webhooks)
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
-    return webhooks
 
 
 def test_the_webhooks_bench_moves_a_local_postgresql_to_one_cpu_and_back():
