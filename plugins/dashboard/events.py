@@ -4,7 +4,8 @@ Bounded everywhere: at most ``sse_max_streams_per_session`` streams per session 
 in all (one more is answered 429); a keepalive comment every ``sse_keepalive`` seconds (so that proxies
 and idle timers keep the connection, and a stream whose session ended is closed); a consumer that stops
 reading has at most ``sse_max_queued`` events waiting for it, then its stream is closed (the page's
-EventSource reconnects and the page reloads what it shows) rather than buffered without bound.
+EventSource reconnects, and the page says it missed updates until it is reloaded) rather than buffered
+without bound.
 """
 from __future__ import annotations
 
