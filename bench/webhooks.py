@@ -22,8 +22,10 @@ window, and how long the backlog took to drain after it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -152,7 +154,10 @@ def pin_postgres(cpus: set) -> list[int]:
     return moved
 
 
-def one_run(name: str, batch: int | None, delivery: str, policy: str, args, receiver_url: str) -> dict:
+@contextlib.contextmanager
+def csms_for(name: str, batch: int | None, delivery: str, policy: str, args):
+    """A started CSMS with the webhooks plugin (``batch``: its meter_values_batch_size), its stations' id
+    tags in the database; stopped and cleaned up at the end. Yields (server, database URL)."""
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
     db_url = schema.url if schema else f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"
@@ -169,67 +174,7 @@ def one_run(name: str, batch: int | None, delivery: str, policy: str, args, rece
     try:
         run.insert_id_tags(db_url, args.stations, "LGTAG")
         run.wait_listening(server.api_port, server.process)  # the API listens after the OCPP endpoint
-        if batch is not None:
-            for k in range(args.subscriptions):
-                http_json("POST", server.api_url + "/webhooks", server.token,
-                          {"url": receiver_url + f"/{name}/{k}", "event_types": ["meter_values.received"]})
-        before = http_json("GET", receiver_url + "/stats")
-        if args.pin:
-            pin_children(server.process.pid, {args.worker_cpu})
-        scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
-                                                   "--mode", "rate", "--rate", args.rate,
-                                                   "--duration", args.duration]}
-        print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
-        loadavg = os.getloadavg()
-        cpu_before = process_cpu_seconds(server.process.pid)
-        database_cpu_before = local_postgres_cpu_seconds() if args.postgres else None
-        worker_cpu_before = children_total(server.process.pid, process_cpu_seconds)
-        written_before = process_written_bytes(server.process.pid)
-        worker_written_before = children_total(server.process.pid, process_written_bytes)
-        result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), workdir, True)
-        window_end = time.monotonic()
-        after = http_json("GET", receiver_url + "/stats")
-        # Drain: wait until the receiver has everything the window produced (at most 60 s).
-        expected = result.get("window", {}).get("messages", 0) * args.subscriptions
-        drained = None
-        if batch is not None and delivery != "external":  # external: nobody delivers (the outbox's cost alone)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                now_stats = http_json("GET", receiver_url + "/stats")
-                if now_stats["events"] - before["events"] >= expected:
-                    drained = now_stats["last_at"] - window_end
-                    after_drain = now_stats
-                    break
-                time.sleep(0.2)  # the runner polls a separate process; no test waits here
-            else:
-                after_drain = http_json("GET", receiver_url + "/stats")
-        else:
-            after_drain = after
-        cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
-        database_cpu_seconds = None
-        if database_cpu_before is not None:
-            database_cpu_seconds = local_postgres_cpu_seconds() - database_cpu_before
-        worker_cpu_seconds = children_total(server.process.pid, process_cpu_seconds) - worker_cpu_before
-        written_mb = (process_written_bytes(server.process.pid) - written_before) / 1e6
-        worker_written_mb = (children_total(server.process.pid, process_written_bytes) - worker_written_before) / 1e6
-        window = result.get("window", {}).get("seconds") or args.duration
-        return {
-            "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
-            "ocpp_messages": expected, "errors": result.get("errors", {}).get("total"),
-            "server_cpu_utilisation": result.get("server", {}).get("cpu_utilisation"),
-            "events_in_window_per_s": (after["events"] - before["events"]) / window,
-            "posts_in_window_per_s": (after["posts"] - before["posts"]) / window,
-            "events_total": after_drain["events"] - before["events"],
-            "seconds_to_drain_after_window": drained,
-            "loadavg": loadavg, "server_cpu_seconds": cpu_seconds, "worker_cpu_seconds": worker_cpu_seconds,
-            "database_server_cpu_seconds": database_cpu_seconds,
-            "server_written_mb": written_mb, "worker_written_mb": worker_written_mb,
-            "delivery": delivery, "worker_policy": policy,
-            # Sends the load generator made over 1 ms after their time (it was short of CPU): its latency
-            # counts from the intended time, so these add to it without the CSMS being any slower.
-            "late_sends": result.get("late_sends"),
-            "ocpp_replies": result.get("window", {}).get("messages", 0),
-        }
+        yield server
     finally:
         server.stop()
         if schema is not None:
@@ -240,6 +185,100 @@ def one_run(name: str, batch: int | None, delivery: str, policy: str, args, rece
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def one_run(name: str, batch: int | None, delivery: str, policy: str, args, receiver_url: str) -> dict:
+    with csms_for(name, batch, delivery, policy, args) as server:
+        if batch is not None:
+            subscribe(server, args, receiver_url + f"/{name}")
+        return window(server, name, batch is not None and delivery != "external", delivery, policy, args,
+                      receiver_url)
+
+
+def subscribe(server, args, url: str) -> list[int]:
+    """--subscriptions subscriptions to the meter values, to the receiver: their ids."""
+    return [http_json("POST", server.api_url + "/webhooks", server.token,
+                      {"url": f"{url}/{k}", "event_types": ["meter_values.received"]})["id"]
+            for k in range(args.subscriptions)]
+
+
+def window(server, name: str, delivered: bool, delivery: str, policy: str, args, receiver_url: str) -> dict:
+    """One measurement window of the load against ``server``; with ``delivered``, then waits until the
+    receiver has every event the window produced (at most 60 s)."""
+    before = http_json("GET", receiver_url + "/stats")
+    if args.pin:
+        pin_children(server.process.pid, {args.worker_cpu})
+    scenario = {"name": f"wh-{name}", "args": ["--stations", args.stations, "--mix", "metervalues",
+                                               "--mode", "rate", "--rate", args.rate,
+                                               "--duration", args.duration]}
+    print(f"== {name} (pid {server.process.pid})", file=sys.stderr, flush=True)
+    loadavg = os.getloadavg()
+    cpu_before = process_cpu_seconds(server.process.pid)
+    database_cpu_before = local_postgres_cpu_seconds() if args.postgres else None
+    worker_cpu_before = children_total(server.process.pid, process_cpu_seconds)
+    written_before = process_written_bytes(server.process.pid)
+    worker_written_before = children_total(server.process.pid, process_written_bytes)
+    result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), server.workdir, True)
+    window_end = time.monotonic()
+    after = http_json("GET", receiver_url + "/stats")
+    expected = result.get("window", {}).get("messages", 0) * args.subscriptions
+    drained = None
+    after_drain = after
+    if delivered:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            after_drain = http_json("GET", receiver_url + "/stats")
+            if after_drain["events"] - before["events"] >= expected:
+                drained = after_drain["last_at"] - window_end
+                break
+            time.sleep(0.2)  # the runner polls a separate process; no test waits here
+    cpu_seconds = process_cpu_seconds(server.process.pid) - cpu_before
+    database_cpu_seconds = None
+    if database_cpu_before is not None:
+        database_cpu_seconds = local_postgres_cpu_seconds() - database_cpu_before
+    worker_cpu_seconds = children_total(server.process.pid, process_cpu_seconds) - worker_cpu_before
+    written_mb = (process_written_bytes(server.process.pid) - written_before) / 1e6
+    worker_written_mb = (children_total(server.process.pid, process_written_bytes) - worker_written_before) / 1e6
+    seconds = result.get("window", {}).get("seconds") or args.duration
+    return {
+        "latency_ms": result.get("latency_ms"), "throughput": result.get("window", {}).get("throughput"),
+        "ocpp_messages": expected, "errors": result.get("errors", {}).get("total"),
+        "server_cpu_utilisation": result.get("server", {}).get("cpu_utilisation"),
+        "events_in_window_per_s": (after["events"] - before["events"]) / seconds,
+        "posts_in_window_per_s": (after["posts"] - before["posts"]) / seconds,
+        "events_total": after_drain["events"] - before["events"],
+        "seconds_to_drain_after_window": drained,
+        "loadavg": loadavg, "server_cpu_seconds": cpu_seconds, "worker_cpu_seconds": worker_cpu_seconds,
+        "database_server_cpu_seconds": database_cpu_seconds,
+        "server_written_mb": written_mb, "worker_written_mb": worker_written_mb,
+        "delivery": delivery, "worker_policy": policy,
+        # Sends the load generator made over 1 ms after their time (it was short of CPU): its latency
+        # counts from the intended time, so these add to it without the CSMS being any slower.
+        "late_sends": result.get("late_sends"),
+        "ocpp_replies": result.get("window", {}).get("messages", 0),
+    }
+
+
+def alternating(args, receiver_url: str, first_round: int, rng: random.Random) -> list[dict]:
+    """--alternate N: one CSMS (delivery in its worker, batches) and N pairs of windows. In each pair, in an
+    order drawn at random, a ``baseline`` window without any subscription (no event is written, nothing
+    is delivered) and a ``webhooks-batched`` window with --subscriptions of them (outbox and delivery),
+    deleted again once the receiver has every event. Both windows of a pair share the process, its warm
+    caches and the same minute: what differs is delivery, and the machine's short-term noise. Rounds are
+    numbered from ``first_round``, for the pairing in repeat_summary."""
+    runs = []
+    with csms_for("alternate", 100, "worker", "idle", args) as server:
+        for pair in range(args.alternate):
+            order = ["baseline", "webhooks-batched"]
+            rng.shuffle(order)
+            for name in order:
+                ids = subscribe(server, args, receiver_url + f"/alternate-{pair}") if name != "baseline" else []
+                outcome = window(server, name, bool(ids), "worker", "idle", args, receiver_url)
+                for subscription_id in ids:
+                    http_json("DELETE", server.api_url + f"/webhooks/{subscription_id}", server.token)
+                outcome["name"], outcome["round"], outcome["order"] = name, first_round + pair, order.index(name)
+                runs.append(outcome)
+    return runs
 
 
 def repeat_summary(runs: list[dict]) -> dict:
@@ -351,6 +390,10 @@ def main(argv=None) -> int:
                              "at the end; by default they are left where the system puts them")
     parser.add_argument("--worker-nice", type=int, default=10, help="[plugin:webhooks] worker_nice")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS))
+    parser.add_argument("--alternate", type=int, metavar="N",
+                        help="instead of a CSMS per run: per --repeat, one CSMS and N pairs of windows, each pair "
+                             "a baseline window and a webhooks-batched one in a random order (see alternating())")
+    parser.add_argument("--seed", type=int, help="the random order of --alternate's pairs")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the chosen runs this many times, interleaved (baseline, X, baseline, X ...)")
     parser.add_argument("--profile", metavar="DIR", help="run the CSMS under cProfile, one .pstats per run")
@@ -371,9 +414,14 @@ def main(argv=None) -> int:
         results = {"database": "postgresql" if args.postgres else "sqlite", "loadavg_before": os.getloadavg(),
                    "pinned": args.pin, "worker_cpu": args.worker_cpu if args.pin else None,
                    "database_cpu": args.database_cpu if args.pin else None,
+                   "alternate": args.alternate,
                    "rate": args.rate, "subscriptions": args.subscriptions, "stations": args.stations,
                    "duration": args.duration, "runs": []}
+        rng = random.Random(args.seed)
         for round_index in range(max(args.repeat, 1)):
+            if args.alternate:
+                results["runs"] += alternating(args, receiver_url, round_index * args.alternate, rng)
+                continue
             for name, (batch, delivery, policy) in RUNS.items():
                 if args.only and name not in args.only:
                     continue

@@ -164,6 +164,24 @@ def test_the_webhooks_bench_delivers_through_the_worker_and_reports_each_run(tmp
     assert batched["worker_written_mb"] > 0  # the delivery file (SQLite) is the worker's to write
 
 
+def test_the_webhooks_bench_alternates_windows_with_and_without_delivery_in_one_csms(tmp_path):
+    output = tmp_path / "alternate.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "webhooks.py"), "--rate", "20",
+                           "--stations", "4", "--duration", "2", "--subscriptions", "2", "--alternate", "2",
+                           "--seed", "3", "--output", str(output)], cwd=ROOT, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stderr.decode()
+    runs = json.loads(output.read_text())["runs"]
+    assert all(sorted(run["order"] for run in runs if run["round"] == r) == [0, 1] for r in (0, 1))
+    assert sorted((run["round"], run["name"]) for run in runs) == [
+        (0, "baseline"), (0, "webhooks-batched"), (1, "baseline"), (1, "webhooks-batched")]
+    for run in runs:
+        assert run["errors"] == 0 and run["latency_ms"]["p99"] > 0
+        if run["name"] == "baseline":  # its subscriptions deleted: no event written, none delivered
+            assert run["events_total"] == 0
+        else:  # every MeterValues of the window, once per subscription
+            assert run["events_total"] >= run["ocpp_replies"] * 2 > 0
+
+
 def load_webhooks_bench():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
