@@ -296,9 +296,9 @@ def repeat_summary(runs: list[dict]) -> dict:
 
     A run that failed (no answer measured, or an OCPP error: a load that did not run as meant) counts in
     ``failed`` and in nothing else, nor does the run it was paired with."""
-    from scipy.stats import mannwhitneyu, wilcoxon
+    from scipy.stats import mannwhitneyu
 
-    p99s, p50s, rounds, failed = {}, {}, {}, {}
+    p99s, p50s, rounds, p50_rounds, failed = {}, {}, {}, {}, {}
     for r in runs:
         latency = r.get("latency_ms") or {}
         if latency.get("p99") is None or r.get("errors"):
@@ -306,23 +306,35 @@ def repeat_summary(runs: list[dict]) -> dict:
             continue
         p99s.setdefault(r["name"], []).append(latency["p99"])
         p50s.setdefault(r["name"], []).append(latency["p50"])
-        rounds.setdefault(r["name"], {})[r.get("round", len(rounds.get(r["name"], {})))] = latency["p99"]
+        index = r.get("round", len(rounds.get(r["name"], {})))
+        rounds.setdefault(r["name"], {})[index] = latency["p99"]
+        p50_rounds.setdefault(r["name"], {})[index] = latency["p50"]
     base = p99s.get("baseline", [])
     summary = {}
     for name, values in p99s.items():
-        p = paired_p = higher_in = None
+        p = paired_p = higher_in = p50_paired_p = p50_higher_in = None
         if name != "baseline" and len(values) >= 3 and len(base) >= 3:
             p = float(mannwhitneyu(values, base, alternative="two-sided").pvalue)
-            base_rounds = rounds["baseline"]
-            pairs = [(p99, base_rounds[i]) for i, p99 in rounds[name].items() if i in base_rounds]
-            higher_in = (sum(1 for run, baseline in pairs if run > baseline), len(pairs))
-            if any(run != baseline for run, baseline in pairs):
-                paired_p = float(wilcoxon([run for run, _ in pairs], [baseline for _, baseline in pairs],
-                                          alternative="two-sided").pvalue)
+            higher_in, paired_p = _paired(rounds[name], rounds["baseline"])
+            p50_higher_in, p50_paired_p = _paired(p50_rounds[name], p50_rounds["baseline"])
         summary[name] = {"runs": len(values), "p99_median": statistics.median(values), "p99_min": min(values),
                          "p99_max": max(values), "p50_median": statistics.median(p50s[name]), "p_vs_baseline": p,
-                         "paired_p": paired_p, "higher_in": higher_in, "failed": failed.get(name, 0)}
+                         "paired_p": paired_p, "higher_in": higher_in, "p50_paired_p": p50_paired_p,
+                         "p50_higher_in": p50_higher_in, "failed": failed.get(name, 0)}
     return summary
+
+
+def _paired(run_rounds: dict, base_rounds: dict) -> tuple:
+    """(in how many pairs the run's value was the higher, of how many; the two-sided Wilcoxon p or None)."""
+    from scipy.stats import wilcoxon
+
+    pairs = [(value, base_rounds[i]) for i, value in run_rounds.items() if i in base_rounds]
+    higher_in = (sum(1 for run, baseline in pairs if run > baseline), len(pairs))
+    paired_p = None
+    if any(run != baseline for run, baseline in pairs):
+        paired_p = float(wilcoxon([run for run, _ in pairs], [baseline for _, baseline in pairs],
+                                  alternative="two-sided").pvalue)
+    return higher_in, paired_p
 
 
 def markdown(results: dict, args) -> str:
@@ -361,13 +373,15 @@ def markdown(results: dict, args) -> str:
     if any(sum(1 for r in results["runs"] if r["name"] == name) > 1 for name in names):
         lines += ["", "| run | runs | OCPP p99 ms, median | min | max | OCPP p50 ms, median | p99 vs baseline: "
                   "Mann-Whitney p | p99 above the baseline's in (pairs) | paired: Wilcoxon p | "
-                  "failed runs (left out) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "p50 above the baseline's in (pairs) | p50 paired: Wilcoxon p | failed runs (left out) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in repeat_summary(results["runs"]).items():
             higher = "-" if row["higher_in"] is None else "{} of {}".format(*row["higher_in"])
+            p50_higher = "-" if row["p50_higher_in"] is None else "{} of {}".format(*row["p50_higher_in"])
             lines.append(f"| {name} | {row['runs']} | {row['p99_median']:.1f} | {row['p99_min']:.1f} | "
                          f"{row['p99_max']:.1f} | {row['p50_median']:.1f} | {fmt(row['p_vs_baseline'], 2)} | "
-                         f"{higher} | {fmt(row['paired_p'], 2)} | {row['failed']} |")
+                         f"{higher} | {fmt(row['paired_p'], 2)} | {p50_higher} | {fmt(row['p50_paired_p'], 3)} | "
+                         f"{row['failed']} |")
     return "\n".join(lines)
 
 

@@ -223,6 +223,13 @@ def test_the_webhooks_bench_tells_a_difference_from_noise():
     assert (summary["baseline"]["failed"], summary["baseline"]["runs"]) == (1, 7)
     assert (summary["drifting"]["failed"], summary["drifting"]["runs"]) == (1, 7)
     assert summary["drifting"]["higher_in"] == (6, 6) and summary["baseline"]["p99_min"] == 10
+    # The medians are paired the same way: equal ones tell nothing, higher ones in every pair do.
+    assert summary["drifting"]["p50_higher_in"] == (0, 6) and summary["drifting"]["p50_paired_p"] is None
+    for run in runs:
+        if run["name"] == "drifting" and run["latency_ms"]["p50"] is not None:
+            run["latency_ms"]["p50"] = 1.0 + run["round"] / 100 + 0.05
+    summary = webhooks.repeat_summary(runs)["drifting"]
+    assert summary["p50_higher_in"] == (6, 6) and summary["p50_paired_p"] < 0.05
 
 
 def test_the_wakeup_latency_bench_measures_each_competitor(tmp_path):
