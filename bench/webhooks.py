@@ -157,7 +157,7 @@ def pin_postgres(cpus: set) -> list[int]:
 @contextlib.contextmanager
 def csms_for(name: str, batch: int | None, delivery: str, policy: str, args):
     """A started CSMS with the webhooks plugin (``batch``: its meter_values_batch_size), its stations' id
-    tags in the database; stopped and cleaned up at the end. Yields (server, database URL)."""
+    tags in the database; stopped and cleaned up at the end. Yields the server (run.Server)."""
     workdir = tempfile.mkdtemp(prefix=f"bench-webhooks-{name}-")
     schema = run.PostgresSchema(args.postgres) if args.postgres else None
     db_url = schema.url if schema else f"sqlite:///{os.path.join(workdir, 'csms.sqlite')}"

@@ -66,9 +66,12 @@ class Relay:
 
     def publish(self, event: str, data: dict) -> None:
         self.broker.publish(event, data)
-        if not self.cluster.enabled or not self._others_listen():
+        if not self.cluster.enabled:
             return
-        if event == "meter" and data.get("transaction_id") not in self._watched_elsewhere():
+        if event == "meter":
+            if data.get("transaction_id") not in self._watched_elsewhere():
+                return
+        elif not self._others_listen():
             return
         if len(self.pending) >= RELAY_MAX_EVENTS:
             self.dropped += 1
