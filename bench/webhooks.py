@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,8 @@ RUNS = {"baseline": (None, "worker", "idle"), "outbox-only": (100, "external", "
 #: An experiment, SQLite only: the delivery file (and its WAL) on tmpfs, through a symbolic link SQLite
 #: follows, so that the worker's writes never reach the disk the OCPP commits sync to.
 IN_MEMORY_DELIVERY_FILE = "webhooks-delivery-file-in-memory"
+#: --alternate --held: the window whose events are written with the worker stopped (delivered after it).
+HELD = "outbox-held"
 
 
 def http_json(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
@@ -202,9 +205,12 @@ def subscribe(server, args, url: str) -> list[int]:
             for k in range(args.subscriptions)]
 
 
-def window(server, name: str, delivered: bool, delivery: str, policy: str, args, receiver_url: str) -> dict:
+def window(server, name: str, delivered: bool, delivery: str, policy: str, args, receiver_url: str,
+           hold_worker: bool = False) -> dict:
     """One measurement window of the load against ``server``; with ``delivered``, then waits until the
-    receiver has every event the window produced (at most 60 s)."""
+    receiver has every event the window produced (at most 60 s). With ``hold_worker``, the CSMS's
+    delivery worker is stopped (SIGSTOP) for the load and let go (SIGCONT) after it: the events are
+    written during the window and delivered only after it."""
     before = http_json("GET", receiver_url + "/stats")
     if args.pin:
         pin_children(server.process.pid, {args.worker_cpu})
@@ -218,9 +224,16 @@ def window(server, name: str, delivered: bool, delivery: str, policy: str, args,
     worker_cpu_before = children_total(server.process.pid, process_cpu_seconds)
     written_before = process_written_bytes(server.process.pid)
     worker_written_before = children_total(server.process.pid, process_written_bytes)
-    result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), server.workdir, True)
-    window_end = time.monotonic()
-    after = http_json("GET", receiver_url + "/stats")
+    held = children(server.process.pid) if hold_worker else []
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        result = run.run_loadgen(server, scenario, run.workers_for(args.stations, None), server.workdir, True)
+        window_end = time.monotonic()
+        after = http_json("GET", receiver_url + "/stats")  # before a held worker can deliver
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
     expected = result.get("window", {}).get("messages", 0) * args.subscriptions
     drained = None
     after_drain = after
@@ -265,15 +278,21 @@ def alternating(args, receiver_url: str, first_round: int, rng: random.Random) -
     is delivered) and a ``webhooks-batched`` window with --subscriptions of them (outbox and delivery),
     deleted again once the receiver has every event. Both windows of a pair share the process, its warm
     caches and the same minute: what differs is delivery, and the machine's short-term noise. Rounds are
-    numbered from ``first_round``, for the pairing in repeat_summary."""
+    numbered from ``first_round``, for the pairing in repeat_summary.
+
+    With ``--held``, each round has a third window, ``outbox-held``: the subscriptions, with the worker
+    stopped during the load (the CSMS writes every event, nobody delivers one until the window ends). It
+    tells the cost of writing the events from the cost of delivering them, in the same process."""
     runs = []
+    kinds = ["baseline", "webhooks-batched"] + ([HELD] if args.held else [])
     with csms_for("alternate", 100, "worker", "idle", args) as server:
         for pair in range(args.alternate):
-            order = ["baseline", "webhooks-batched"]
+            order = list(kinds)
             rng.shuffle(order)
             for name in order:
                 ids = subscribe(server, args, receiver_url + f"/alternate-{pair}") if name != "baseline" else []
-                outcome = window(server, name, bool(ids), "worker", "idle", args, receiver_url)
+                outcome = window(server, name, bool(ids), "worker", "idle", args, receiver_url,
+                                 hold_worker=name == HELD)
                 for subscription_id in ids:
                     http_json("DELETE", server.api_url + f"/webhooks/{subscription_id}", server.token)
                 outcome["name"], outcome["round"], outcome["order"] = name, first_round + pair, order.index(name)
@@ -407,6 +426,9 @@ def main(argv=None) -> int:
     parser.add_argument("--alternate", type=int, metavar="N",
                         help="instead of a CSMS per run: per --repeat, one CSMS and N pairs of windows, each pair "
                              "a baseline window and a webhooks-batched one in a random order (see alternating())")
+    parser.add_argument("--held", action="store_true",
+                        help="with --alternate: a third window per round, outbox-held (events written, the worker "
+                             "stopped until the window ends)")
     parser.add_argument("--seed", type=int, help="the random order of --alternate's pairs")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the chosen runs this many times, interleaved (baseline, X, baseline, X ...)")

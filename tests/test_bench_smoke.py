@@ -168,18 +168,22 @@ def test_the_webhooks_bench_alternates_windows_with_and_without_delivery_in_one_
     output = tmp_path / "alternate.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "webhooks.py"), "--rate", "20",
                            "--stations", "4", "--duration", "2", "--subscriptions", "2", "--alternate", "2",
-                           "--seed", "3", "--output", str(output)], cwd=ROOT, capture_output=True, timeout=180)
+                           "--held", "--seed", "3", "--output", str(output)], cwd=ROOT, capture_output=True,
+                          timeout=240)
     assert done.returncode == 0, done.stderr.decode()
     runs = json.loads(output.read_text())["runs"]
-    assert all(sorted(run["order"] for run in runs if run["round"] == r) == [0, 1] for r in (0, 1))
+    assert all(sorted(run["order"] for run in runs if run["round"] == r) == [0, 1, 2] for r in (0, 1))
     assert sorted((run["round"], run["name"]) for run in runs) == [
-        (0, "baseline"), (0, "webhooks-batched"), (1, "baseline"), (1, "webhooks-batched")]
+        (0, "baseline"), (0, "outbox-held"), (0, "webhooks-batched"),
+        (1, "baseline"), (1, "outbox-held"), (1, "webhooks-batched")]
     for run in runs:
         assert run["errors"] == 0 and run["latency_ms"]["p99"] > 0
         if run["name"] == "baseline":  # its subscriptions deleted: no event written, none delivered
             assert run["events_total"] == 0
         else:  # every MeterValues of the window, once per subscription
             assert run["events_total"] >= run["ocpp_replies"] * 2 > 0
+        if run["name"] == "outbox-held":  # the worker stopped through the load: nothing arrived in it
+            assert run["events_in_window_per_s"] == 0
 
 
 def load_webhooks_bench():
