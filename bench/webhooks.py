@@ -300,9 +300,10 @@ def alternating(args, receiver_url: str, first_round: int, rng: random.Random) -
     return runs
 
 
-def repeat_summary(runs: list[dict]) -> dict:
+def repeat_summary(runs: list[dict], reference: str = "baseline") -> dict:
     """Per run name: how many, the median, min and max p99 and the median p50, and two two-sided tests of
-    its p99s against the baseline's (None for the baseline itself or with fewer than 3 of either):
+    its p99s against the baseline's (``reference``: another run's name to compare with it instead; None for
+    the reference itself or with fewer than 3 of either):
 
     - ``p_vs_baseline``: Mann-Whitney U, the runs as two unordered sets;
     - ``paired_p``: Wilcoxon signed-rank over the pairs --repeat interleaves (the i-th run of each name, a
@@ -328,14 +329,14 @@ def repeat_summary(runs: list[dict]) -> dict:
         index = r.get("round", len(rounds.get(r["name"], {})))
         rounds.setdefault(r["name"], {})[index] = latency["p99"]
         p50_rounds.setdefault(r["name"], {})[index] = latency["p50"]
-    base = p99s.get("baseline", [])
+    base = p99s.get(reference, [])
     summary = {}
     for name, values in p99s.items():
         p = paired_p = higher_in = p50_paired_p = p50_higher_in = None
-        if name != "baseline" and len(values) >= 3 and len(base) >= 3:
+        if name != reference and len(values) >= 3 and len(base) >= 3:
             p = float(mannwhitneyu(values, base, alternative="two-sided").pvalue)
-            higher_in, paired_p = _paired(rounds[name], rounds["baseline"])
-            p50_higher_in, p50_paired_p = _paired(p50_rounds[name], p50_rounds["baseline"])
+            higher_in, paired_p = _paired(rounds[name], rounds[reference])
+            p50_higher_in, p50_paired_p = _paired(p50_rounds[name], p50_rounds[reference])
         summary[name] = {"runs": len(values), "p99_median": statistics.median(values), "p99_min": min(values),
                          "p99_max": max(values), "p50_median": statistics.median(p50s[name]), "p_vs_baseline": p,
                          "paired_p": paired_p, "higher_in": higher_in, "p50_paired_p": p50_paired_p,
@@ -394,7 +395,11 @@ def markdown(results: dict, args) -> str:
                   "Mann-Whitney p | p99 above the baseline's in (pairs) | paired: Wilcoxon p | "
                   "p50 above the baseline's in (pairs) | p50 paired: Wilcoxon p | failed runs (left out) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, row in repeat_summary(results["runs"]).items():
+        rows = list(repeat_summary(results["runs"]).items())
+        if any(r["name"] == HELD for r in results["runs"]):  # delivery against the same events held back
+            rows += [(f"{name} vs {HELD}", row) for name, row in repeat_summary(results["runs"], HELD).items()
+                     if name == "webhooks-batched"]
+        for name, row in rows:
             higher = "-" if row["higher_in"] is None else "{} of {}".format(*row["higher_in"])
             p50_higher = "-" if row["p50_higher_in"] is None else "{} of {}".format(*row["p50_higher_in"])
             lines.append(f"| {name} | {row['runs']} | {row['p99_median']:.1f} | {row['p99_min']:.1f} | "

@@ -216,6 +216,10 @@ def test_the_webhooks_bench_tells_a_difference_from_noise():
             for name, values in (("baseline", drift), ("drifting", [x + 1 for x in drift])) for p99 in values]
     drifting = webhooks.repeat_summary(runs)["drifting"]
     assert drifting["p_vs_baseline"] > 0.5 and drifting["paired_p"] < 0.01 and drifting["higher_in"] == (8, 8)
+    # Against another run instead (--held's outbox-held): the baseline is then the lower in every pair.
+    against = webhooks.repeat_summary(runs, reference="drifting")
+    assert against["drifting"]["paired_p"] is None and against["baseline"]["higher_in"] == (0, 8)
+    assert against["baseline"]["paired_p"] < 0.01
     # A run whose load did not run (no answer measured, or OCPP errors) is left out, and so is its pair:
     # the other pairs stay those of their round.
     runs = [{"name": name, "round": i, "latency_ms": {"p99": p99, "p50": 1.0}, "errors": 0}
