@@ -51,100 +51,36 @@ _WRITER = "csms_writer"
 MAX_BATCH = 200
 #: Most rows in one multi-row INSERT of :meth:`Database.insert_many` (SQLite allows 32,766 variables).
 BULK_ROWS = 256
-#: Most parameters in one statement combining several multi-row INSERTs (PostgreSQL allows 65,535,
-#: SQLite 32,766).
+#: PostgreSQL: most parameters in one statement combining several multi-row INSERTs (it allows 65,535).
 COMBINED_PARAMETERS = 32766
-#: SQLite: most statements a _SQLiteFanIn keeps built, one per shape (rows per table) seen.
-FAN_IN_STATEMENTS = 256
 
 
-def _groups(chunks: list) -> list:
-    """Consecutive chunks ``(key, params)`` of held rows grouped for one statement each: as many as the
-    parameter limit allows (:data:`COMBINED_PARAMETERS`), and a table's chunks in groups of their own, in
-    order (with ON CONFLICT DO NOTHING the chunk written first keeps a duplicated key; PostgreSQL runs the
-    parts of one statement in no given order)."""
-    groups, group, tables, count = [], [], set(), 0
-    for key, params in chunks:
-        if group and (key[0] in tables or count + len(params) > COMBINED_PARAMETERS):
-            groups.append(group)
-            group, tables, count = [], set(), 0
-        group.append((key, params))
-        tables.add(key[0])
+def _combined(statements: list) -> list:
+    """PostgreSQL: consecutive INSERTs ``(table, sql, parameters)`` joined into as few statements as the
+    parameter limit allows, each earlier one a data-modifying WITH query of the last (``WITH w0 AS (INSERT
+    ...) INSERT ...``): one round trip, parse and plan where a transaction wrote rows to several tables (a
+    MeterValues: its samples and its webhook outbox row), not one per table. Every part runs whatever the
+    others do, and the statement fails whole as the first of the separate ones would have failed the
+    transaction. Foreign keys are checked at the end of the statement, so a row may come in a part before
+    its parent's. A table's chunks stay in statements of their own, in order: the parts of one statement run
+    in no given order, and with ON CONFLICT DO NOTHING the chunk written first keeps a duplicated key."""
+    joined, parts, tables, count = [], [], set(), 0
+
+    def close():
+        if len(parts) == 1:
+            joined.append(parts[0])
+        elif parts:
+            head = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts[:-1]))
+            joined.append((f"WITH {head} {parts[-1][0]}", [value for _, params in parts for value in params]))
+    for table, sql, params in statements:
+        if parts and (table in tables or count + len(params) > COMBINED_PARAMETERS):
+            close()
+            parts, tables, count = [], set(), 0
+        parts.append((sql, params))
+        tables.add(table)
         count += len(params)
-    if group:
-        groups.append(group)
-    return groups
-
-
-def _combined_postgresql(parts: list) -> tuple:
-    """PostgreSQL: INSERTs ``(sql, params)`` joined into one statement, each earlier one a data-modifying
-    WITH query of the last (``WITH w0 AS (INSERT ...) INSERT ...``): one round trip, parse and plan where a
-    transaction wrote rows to several tables (a MeterValues: its samples and its webhook outbox row), not
-    one per table. Every part runs whatever the others do, and the statement fails whole as the first of
-    the separate ones would have failed the transaction. Foreign keys are checked at the end of the
-    statement, so a row may come in a part before its parent's."""
-    head = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts[:-1]))
-    return f"WITH {head} {parts[-1][0]}", [value for _, params in parts for value in params]
-
-
-class _SQLiteFanIn:
-    """SQLite: the held rows of several tables written by one statement. SQLite has no data-modifying
-    WITH, so the rows go into a TEMP view whose INSTEAD OF trigger inserts each into its table (``k`` says
-    which): ``INSERT INTO temp.csms_rows_<h> (k, c0, ...) VALUES (0, ?, ...), (1, ?, ..., NULL)``.
-
-    Why one statement matters: the sqlite3 driver lets go of the GIL for every statement, and taking it
-    back from a busy reactor thread can cost a switch interval or more each time (docs/benchmarks.md);
-    a second table's statement in a MeterValues' transaction (its webhook outbox row) cost the OCPP
-    answer that much. The trigger's INSERTs keep their ON CONFLICT clauses and the row order; a failing
-    row fails the statement (SQLite undoes all of it) as it would have failed its own.
-
-    The view and its trigger live in the connection's TEMP schema, created by the first statement that
-    finds them missing (also after a rollback undid their creation) and reused after: no statement to
-    look for them first."""
-
-    def __init__(self, keys: tuple, targets: dict):
-        import hashlib
-
-        self.keys = keys
-        self.width = max(len(key[1]) for key in keys)
-        self.view = "csms_rows_" + hashlib.sha1(repr(keys).encode()).hexdigest()[:16]
-        columns = ", ".join(["k"] + [f"c{i}" for i in range(self.width)])
-        nulls = ", ".join(["NULL AS k"] + [f"NULL AS c{i}" for i in range(self.width)])
-        inserts = []
-        for k, key in enumerate(keys):
-            table, names, tail = targets[key]
-            values = ", ".join(f"NEW.c{i}" for i in range(len(key[1])))
-            inserts.append(f"INSERT INTO {table} ({names}) SELECT {values} WHERE NEW.k = {k}{tail};")
-        self.ddl = (f"CREATE TEMP VIEW IF NOT EXISTS {self.view} AS SELECT {nulls}",
-                    f"CREATE TEMP TRIGGER IF NOT EXISTS {self.view}_insert INSTEAD OF INSERT ON {self.view} "
-                    f"BEGIN {' '.join(inserts)} END")
-        self.head = f"INSERT INTO temp.{self.view} ({columns}) VALUES "
-        self._statements: dict = {}
-
-    def statement(self, parts: list) -> tuple:
-        """``parts``: ``(key, params)`` in this fan-in's key order, as :func:`_groups` made them."""
-        shape = tuple(len(params) for _, params in parts)
-        sql = self._statements.get(shape)
-        if sql is None:
-            groups = []
-            for k, (key, params) in enumerate(parts):
-                n = len(key[1])
-                group = "(" + ", ".join([str(k)] + ["?"] * n + ["NULL"] * (self.width - n)) + ")"
-                groups += [group] * (len(params) // n)
-            if len(self._statements) >= FAN_IN_STATEMENTS:  # shapes vary with the group commit's rows
-                self._statements.clear()
-            sql = self._statements[shape] = self.head + ", ".join(groups)
-        return sql, [value for _, params in parts for value in params]
-
-    def execute(self, cursor, sql: str, params: list) -> None:
-        try:
-            cursor.execute(sql, params)
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc) or self.view not in str(exc):
-                raise
-            for statement in self.ddl:
-                cursor.execute(statement)
-            cursor.execute(sql, params)
+    close()
+    return joined
 
 
 #: The type of an auto-increment key: BIGINT, because OCPP's integers have no bound and some keys are
@@ -276,10 +212,6 @@ class Database:
         self._max_drains = threads_max
         self._upserts: dict = {}
         self._bulk_inserts: dict = {}
-        #: SQLite: per held-rows key, its table and columns as _SQLiteFanIn's trigger names them; and the
-        #: fan-ins made so far, per tuple of keys.
-        self._fan_in_targets: dict = {}
-        self._fan_ins: dict = {}
         # Per pool thread: .pending, the rows insert_many holds for its transaction; .conn, its connection.
         self._local = threading.local()
         self._connections: list = []
@@ -635,11 +567,9 @@ class Database:
         Inside :meth:`run` the rows are held and written, with every other function's rows for the same
         table, as multi-row INSERTs just before the next statement on the connection, the end of the
         function's SAVEPOINT or the commit, whichever comes first; what a function reads therefore
-        always includes them. The held rows of all tables go in one statement where the parameter
-        limit allows (PostgreSQL: WITH queries, :func:`_combined_postgresql`; SQLite: a TEMP view's
-        trigger, :class:`_SQLiteFanIn`). One statement for a whole group commit matters: the sqlite3
-        driver lets go of the GIL for every statement step, and taking it back from a busy reactor
-        thread costs far more CPU than the insert itself (see docs/benchmarks.md). Values go through each column
+        always includes them. One statement for a whole group commit matters: the sqlite3 driver lets
+        go of the GIL for every statement step, and taking it back from a busy reactor thread costs
+        far more CPU than the insert itself (see docs/benchmarks.md). Values go through each column
         type's bind processor, as SQLAlchemy would apply them, so what is stored reads back the same.
         No SQL is compiled per call.
         """
@@ -671,13 +601,11 @@ class Database:
         dialect = self.engine.dialect
         marker = "?" if dialect.paramstyle == "qmark" else "%s"
         preparer = dialect.identifier_preparer
-        names = ", ".join(preparer.quote(name) for name in columns)
-        head = f"INSERT INTO {preparer.format_table(table)} ({names}) VALUES "
+        head = (f"INSERT INTO {preparer.format_table(table)} "
+                f"({', '.join(preparer.quote(name) for name in columns)}) VALUES ")
         group = "(" + ", ".join([marker] * len(columns)) + ")"
         # The same words on SQLite and PostgreSQL; no conflict target, so every unique index counts.
         tail = " ON CONFLICT DO NOTHING" if skip_duplicates else ""
-        # For _SQLiteFanIn's trigger, whose statements may not name a schema.
-        self._fan_in_targets[(table.name, columns, skip_duplicates)] = (preparer.quote(table.name), names, tail)
         statements: dict[int, str] = {}
 
         def sql_for(count: int) -> str:
@@ -694,25 +622,17 @@ class Database:
         raw = conn.connection.dbapi_connection
         cursor = raw.cursor()
         sql = None
-        chunks = []
+        statements = []
         for key, rows in pending.items():
+            sql_for, _ = self._bulk_inserts[key]
             for start in range(0, len(rows), BULK_ROWS):
-                chunks.append((key, [value for row in rows[start:start + BULK_ROWS] for value in row]))
-        groups = _groups(chunks)
+                chunk = rows[start:start + BULK_ROWS]
+                statements.append((key[0], sql_for(len(chunk)), [value for row in chunk for value in row]))
+        statements = _combined(statements) if not self.is_sqlite else [part[1:] for part in statements]
         try:
-            for group in groups:
-                if len(group) > 1 and self.is_sqlite:
-                    keys = tuple(key for key, _ in group)
-                    fan_in = self._fan_ins.get(keys)
-                    if fan_in is None:
-                        fan_in = self._fan_ins[keys] = _SQLiteFanIn(keys, self._fan_in_targets)
-                    sql, params = fan_in.statement(group)
-                    fan_in.execute(cursor, sql, params)
-                    continue
-                parts = [(self._bulk_inserts[key][0](len(params) // len(key[1])), params) for key, params in group]
-                sql, params = parts[0] if len(parts) == 1 else _combined_postgresql(parts)
+            for sql, params in statements:
                 cursor.execute(sql, params)
-            self._count(bulk_statements=len(groups))
+            self._count(bulk_statements=len(statements))
         except dialect.loaded_dbapi.Error as exc:
             # Report it as SQLAlchemy reports any statement's error (IntegrityError, OperationalError...),
             # so callers and the retry logic see one kind of exception whatever wrote the rows.
