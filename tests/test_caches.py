@@ -568,6 +568,32 @@ async def test_the_first_of_duplicated_rows_skipped_is_kept_across_chunks(db):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rows_written_with_another_tables_read_back_as_sqlalchemy_writes_them(db):
+    """Rows written with another table's (PostgreSQL: in one statement) read back as SQLAlchemy's own
+    INSERT stores them (datetimes, NULLs), also after a function that wrote both was rolled back."""
+    base = datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    rows = [(i, None if i % 2 else base + timedelta(seconds=i), f"value-{i}", None if i % 3 else "note")
+            for i in range(6)]
+
+    def failing(conn):
+        db.insert_many(conn, bulk, COLUMNS, rows[:2])
+        db.insert_many(conn, twin, COLUMNS, rows[:1])
+        conn.execute(select(bulk.c.id)).all()  # the held rows are written here
+        raise ValueError("rolled back")
+    with pytest.raises(ValueError):
+        await wait(db.run(failing))
+    assert await wait(db.run(rows_of(bulk))) == []
+
+    def thd(conn):
+        db.insert_many(conn, bulk, COLUMNS, rows)
+        db.insert_many(conn, twin, COLUMNS, rows[:3])
+    await wait(db.run(thd))
+    stored = await wait(db.run(rows_of(bulk)))
+    assert await wait(db.run(rows_of(twin))) == stored[:3]
+    assert [(i, as_utc(at), value, note) for i, at, value, note in stored] == rows
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failing_part_of_a_combined_write_fails_the_whole_function(db):
     """A duplicate in one table's rows fails the function, and no other table's rows of it are kept."""
     await wait(db.run(lambda conn: db.insert_many(conn, twin, COLUMNS, [(7, None, "first", None)])))
