@@ -439,3 +439,194 @@ def test_max_ranges_must_be_a_positive_integer(tmp_path, value, message):
                               f"max_ranges = {value}\n")
     with pytest.raises(ConfigError, match=message):
         CentralSystem(config)
+
+
+# -- the file system off the reactor thread ----------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_files_are_opened_and_read_on_the_thread_pool_never_on_the_reactor_thread(csms, monkeypatch):
+    """A cold disk or a slow mount delays a download, never the OCPP traffic on the reactor thread."""
+    import os
+    import threading
+
+    from csms_plugins.firmware import http as file_server
+
+    data = bytes(range(256)) * 1024  # 262,144 bytes: four chunks
+    url = (await upload_firmware(csms, "pooled.bin", data))["url"]
+    touched = []
+    open_regular, pread = file_server._open_regular, os.pread
+
+    def recording_open(path):
+        touched.append(("open", threading.current_thread()))
+        return open_regular(path)
+
+    def recording_pread(fd, length, offset):
+        touched.append(("read", threading.current_thread()))
+        return pread(fd, length, offset)
+    monkeypatch.setattr(file_server, "_open_regular", recording_open)
+    monkeypatch.setattr(os, "pread", recording_pread)
+    assert (await fetch(url))[::2] == (200, data)
+    status, _, body = await fetch(url, Range="bytes=70000-70009,200000-200009")
+    assert status == 206 and body.count(data[70000:70010]) == 1
+    assert [kind for kind, _ in touched].count("open") == 2 and [kind for kind, _ in touched].count("read") >= 6
+    assert all(thread is not threading.main_thread() for _, thread in touched)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_under_the_firmware_directory_is_not_found(csms):
+    import os
+
+    base = plugin_of(csms).http_base_url()
+    os.mkdir(os.path.join(plugin_of(csms).firmware_dir, "folder.bin"))
+    for method in ("GET", "HEAD"):
+        status, _, body = await fetch(f"{base}/firmware/folder.bin", method=method)
+        assert status == 404
+    assert json.loads((await fetch(f"{base}/firmware/folder.bin"))[2])["error"]["code"] == "not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_abandoned_half_way_closes_its_file(csms, monkeypatch):
+    """A client stops reading, then goes away with most of the file unsent: the producer stops, and the
+    file it had open is closed, so abandoned downloads leak no descriptor (both ways a producer can be
+    stopped: test_a_stopped_producer_closes_its_file_once_no_read_is_in_flight)."""
+    from csms_plugins.firmware import http as file_server
+
+    data = b"z" * (16 * 1024 * 1024)  # far more than the sockets' buffers and the server's take at once
+    url = (await upload_firmware(csms, "abandoned.bin", data))["url"]
+    closed = defer.Deferred()
+    open_regular = file_server._open_regular
+
+    class Watched:
+        def __init__(self, file):
+            self.file, self.name = file, file.name
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def close(self):
+            self.file.close()
+            reactor.callFromThread(lambda: closed.called or closed.callback(None))
+
+    def watched_open(path):
+        opened = open_regular(path)
+        return None if opened is None else (Watched(opened[0]), opened[1])
+    monkeypatch.setattr(file_server, "_open_regular", watched_open)
+
+    class Stalled(Protocol):
+        def __init__(self):
+            self.first = defer.Deferred()
+
+        def connectionMade(self):
+            self.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % urlsplit(url).path.encode())
+
+        def dataReceived(self, received):
+            if not self.first.called:
+                self.transport.pauseProducing()  # reads no more: the server's socket fills up
+                self.first.callback(None)
+    parts = urlsplit(url)
+    client = Stalled()
+    await connectProtocol(TCP4ClientEndpoint(reactor, parts.hostname, parts.port), client)
+    await within(client.first)
+    client.transport.abortConnection()
+    await within(closed)
+    assert (await fetch(url))[::2] == (200, data)  # the server goes on serving
+
+
+class _PoolByHand:
+    """A reactor whose thread pool runs each task when the test says (``run_next``), on the test's thread."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def getThreadPool(self):
+        return self
+
+    def callInThreadWithCallback(self, on_result, f, *args):
+        self.tasks.append((on_result, f, args))
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+    def run_next(self):
+        on_result, f, args = self.tasks.pop(0)
+        on_result(True, f(*args))
+
+
+class _Request:
+    def __init__(self, pause_after_writes=None):
+        self.written, self.producer, self.finished, self.lost = [], None, False, False
+        self.pause_after_writes = pause_after_writes
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.written.append(data)
+        if len(self.written) == self.pause_after_writes:
+            self.producer.pauseProducing()
+
+    def finish(self):
+        self.finished = True
+
+    def loseConnection(self):
+        self.lost = True
+
+
+@pytest.mark.parametrize("read_in_flight", [False, True], ids=["paused", "reading"])
+def test_a_stopped_producer_closes_its_file_once_no_read_is_in_flight(tmp_path, read_in_flight):
+    """Stopped while paused, it closes the file at once; stopped with a read on the pool, it closes it when
+    the read is back: never while a thread may still read from its descriptor (which could be reused)."""
+    from csms_plugins.firmware.http import _FileParts
+
+    path = tmp_path / "image.bin"
+    path.write_bytes(b"x" * (3 * _FileParts.chunk_size))
+    pool, request = _PoolByHand(), _Request(pause_after_writes=1)
+    file = open(path, "rb")  # noqa: SIM115 - the producer closes it
+    producer = _FileParts(request, file, [(0, 3 * _FileParts.chunk_size)], pool)
+    producer.start()
+    assert len(pool.tasks) == 1  # the first read, on the pool
+    if not read_in_flight:
+        pool.run_next()  # written, and the request paused the producer: nothing in flight
+        assert producer.paused and not pool.tasks and len(request.written) == 1
+    producer.stopProducing()
+    if read_in_flight:
+        assert not file.closed and len(pool.tasks) == 1
+        pool.run_next()  # the read comes back to a stopped producer: its data is dropped
+        assert len(request.written) == 0
+    assert not file.closed and len(pool.tasks) == 1  # the close, on the pool too
+    pool.run_next()
+    assert file.closed and not pool.tasks and not request.finished and not request.lost
+
+
+def test_a_producer_sends_bytes_and_slices_in_order_and_ends_the_request():
+    """The parts of a multipart answer: bytes as they are, slices read from the file; resumed after a
+    pause; the request finished at the end, or its connection lost if the file came up short."""
+    import io
+    import os
+    import tempfile
+
+    from csms_plugins.firmware.http import _FileParts
+
+    with tempfile.NamedTemporaryFile() as named:
+        named.write(bytes(range(256)))
+        named.flush()
+        for parts, complete in (([b"<", (10, 5), b"|", (250, 6), b">"], True), ([(250, 20)], False)):
+            pool, request = _PoolByHand(), _Request(pause_after_writes=2)
+            file = io.open(os.dup(named.fileno()), "rb")
+            producer = _FileParts(request, file, parts, pool)
+            producer.start()
+            while pool.tasks:
+                pool.run_next()
+                if producer.paused:
+                    producer.resumeProducing()
+            data = b"".join(request.written)
+            if complete:
+                assert data == b"<" + bytes(range(10, 15)) + b"|" + bytes(range(250, 256)) + b">"
+                assert request.finished and not request.lost
+            else:
+                assert data == bytes(range(250, 256)) and request.lost and not request.finished
+            assert file.closed

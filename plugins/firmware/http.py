@@ -14,12 +14,14 @@ import base64
 import json
 import os
 import secrets
+import stat
 from collections import deque
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 
-from twisted.internet import interfaces
+from twisted.internet import interfaces, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from zope.interface import implementer
 
@@ -61,22 +63,23 @@ class _Root(resource.Resource):
 
 
 class FirmwareFiles(resource.Resource):
-    """``/firmware/<name>``: plain files of the firmware directory, never a listing or a hidden file."""
+    """``/firmware/<name>``: plain files of the firmware directory, never a listing or a hidden file.
 
-    def __init__(self, directory: str, max_ranges: int):
+    The file system is touched only on ``reactor``'s thread pool (opening, stat, every read): a cold
+    disk or a slow network mount delays that download, never the OCPP traffic on the reactor thread."""
+
+    def __init__(self, directory: str, max_ranges: int, reactor):
         super().__init__()
         self.directory = directory
         self.max_ranges = max_ranges
+        self.reactor = reactor
 
     def getChild(self, name, request):
         try:
             name = firmware_name(name.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return _NotFound()
-        path = os.path.join(self.directory, name)
-        if not os.path.isfile(path):
-            return _NotFound()
-        return FirmwareFile(path, self.max_ranges)
+        return FirmwareFile(os.path.join(self.directory, name), self.max_ranges, self.reactor)
 
     def render(self, request):
         return _NotFound().render(request)
@@ -94,10 +97,11 @@ class FirmwareFile(resource.Resource):
     isLeaf = True
     METHODS = (b"GET", b"HEAD")
 
-    def __init__(self, path: str, max_ranges: int):
+    def __init__(self, path: str, max_ranges: int, reactor):
         super().__init__()
         self.path = path
         self.max_ranges = max_ranges
+        self.reactor = reactor
 
     def render(self, request):
         if request.postpath:
@@ -106,23 +110,36 @@ class FirmwareFile(resource.Resource):
             request.setHeader(b"allow", b", ".join(self.METHODS))
             return _json(request, 405, {"error": {"status": 405, "code": "method_not_allowed",
                                                   "message": "Only GET and HEAD are allowed here"}})
+        d = _in_pool(self.reactor, _open_regular, self.path)
+        d.addCallback(self._opened, request)
+        d.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    def _opened(self, opened, request):
+        if opened is None:  # no such file (or not a plain one)
+            return _finish(request, _NotFound().render(request))
+        file, info = opened
+        if request._disconnected:
+            return _in_pool(self.reactor, file.close)
         try:
-            file = open(self.path, "rb")  # noqa: SIM115 - closed by the producer, or below
-        except OSError:  # deleted since getChild looked
-            return _NotFound().render(request)
-        try:
-            body = self._respond(request, file, os.fstat(file.fileno()))
+            body = self._respond(request, file, info)
         except BaseException:
-            file.close()
+            _in_pool(self.reactor, file.close)
             raise
         if body is not server.NOT_DONE_YET:
-            file.close()
-        return body
+            _in_pool(self.reactor, file.close)
+            _finish(request, body)
 
-    def _respond(self, request, file, stat):
-        size = stat.st_size
-        etag = f'"{size:x}-{stat.st_mtime_ns:x}"'
-        modified = int(stat.st_mtime)
+    def _failed(self, failure, request):
+        log.failure("Firmware file {path} could not be served", failure, path=self.path)
+        if not request._disconnected and not request.finished:
+            _finish(request, _json(request, 500, {"error": {"status": 500, "code": "internal_error",
+                                                            "message": "The file could not be read"}}))
+
+    def _respond(self, request, file, info):
+        size = info.st_size
+        etag = f'"{size:x}-{info.st_mtime_ns:x}"'
+        modified = int(info.st_mtime)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"etag", etag.encode("ascii"))
         request.setHeader(b"last-modified", http.datetimeToString(modified))
@@ -151,8 +168,43 @@ class FirmwareFile(resource.Resource):
             _file_headers(request, last - first + 1)
         else:
             parts = _byteranges(request, ranges, size)
-        _FileParts(request, file, parts).start()
+        _FileParts(request, file, parts, self.reactor).start()
         return server.NOT_DONE_YET
+
+
+def _in_pool(reactor, f, *args):
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+def _open_regular(path: str):
+    """(the open file, its stat) if ``path`` is a plain file, else None (on the thread pool)."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - closed by the caller or the producer
+    except OSError:
+        return None
+    try:
+        info = os.fstat(file.fileno())
+    except OSError:
+        file.close()
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        file.close()
+        return None
+    return file, info
+
+
+def _finish(request, body: bytes) -> None:
+    """What Twisted does with the bytes ``render`` returns, for an answer made later."""
+    if request._disconnected:
+        return
+    if request.method == b"HEAD":
+        if body:  # the length of the GET's answer; a HEAD's has no body
+            request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(b"")
+    else:
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+    request.finish()
 
 
 def _file_headers(request, length: int) -> bytes:
@@ -212,59 +264,82 @@ def _if_range_holds(request, etag: str, modified: int) -> bool:
     return _http_date(if_range) == modified
 
 
-@implementer(interfaces.IPullProducer)
+@implementer(interfaces.IPushProducer)
 class _FileParts:
-    """Writes a response made of bytes and ``(offset, length)`` slices of a file, a chunk at a time:
-    the file is never read whole into memory."""
+    """Writes a response made of bytes and ``(offset, length)`` slices of a file, a chunk at a time, each
+    read on the thread pool, one read in flight at a time and none while the client's socket is paused:
+    the file is never read whole into memory, nor on the reactor thread."""
 
     chunk_size = 65536
 
-    def __init__(self, request, file, parts):
+    def __init__(self, request, file, parts, reactor):
         self.request = request
         self.file = file
+        self.reactor = reactor
         self.parts = deque(part for part in parts if isinstance(part, bytes) or part[1] > 0)
+        self.paused = False
+        self.reading = False
 
     def start(self):
-        self.request.registerProducer(self, False)
+        self.request.registerProducer(self, True)
+        self._more()
 
-    def resumeProducing(self):
-        if self.request is None:
+    def _more(self):
+        """Write what is next, while the client takes it: bytes at once, a slice once read."""
+        while self.request is not None and not self.paused and not self.reading:
+            if not self.parts:
+                return self._end(complete=True)
+            part = self.parts[0]
+            if isinstance(part, bytes):
+                self.parts.popleft()
+                self.request.write(part)  # may pause us: the loop looks again
+                continue
+            offset, remaining = part
+            self.reading = True
+            d = _in_pool(self.reactor, os.pread, self.file.fileno(), min(self.chunk_size, remaining), offset)
+            d.addBoth(self._read)
+            return None
+
+    def _read(self, data):
+        self.reading = False
+        if self.request is None:  # stopped while the read was in flight: the file is ours to close now
+            _in_pool(self.reactor, self.file.close)
             return
-        try:
-            chunk = self._next_chunk()
-        except OSError as exc:
-            log.warn("Firmware file {path} could not be read: {error}", path=self.file.name, error=exc)
-            chunk = None
-        if chunk:
-            self.request.write(chunk)  # may call resumeProducing again: the state is already moved on
-            return
+        if isinstance(data, Failure) or not data:  # failed, or the file shrank: the promised length cannot be sent
+            if isinstance(data, Failure):
+                log.warn("Firmware file {path} could not be read: {error}", path=self.file.name,
+                         error=data.getErrorMessage())
+            return self._end(complete=False)
+        offset, remaining = self.parts[0]
+        if len(data) >= remaining:
+            self.parts.popleft()
+        else:
+            self.parts[0] = (offset + len(data), remaining - len(data))
+        self.request.write(data)
+        self._more()
+
+    def _end(self, complete: bool):
         request = self.request
         self.stopProducing()
         request.unregisterProducer()
-        if self.parts:  # the file shrank or failed: the promised length cannot be sent
-            request.loseConnection()
-        else:
+        if complete:
             request.finish()
+        else:
+            request.loseConnection()
 
-    def _next_chunk(self) -> bytes | None:
-        if not self.parts:
-            return None
-        part = self.parts[0]
-        if isinstance(part, bytes):
-            self.parts.popleft()
-            return part
-        offset, remaining = part
-        self.file.seek(offset)
-        data = self.file.read(min(self.chunk_size, remaining))
-        if len(data) == remaining:
-            self.parts.popleft()
-        elif data:
-            self.parts[0] = (offset + len(data), remaining - len(data))
-        return data
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._more()
 
     def stopProducing(self):
-        self.file.close()
+        if self.request is None:
+            return
         self.request = None
+        if not self.reading:  # else _read closes it once the read in flight is back
+            _in_pool(self.reactor, self.file.close)
 
 
 class DiagnosticsUpload(resource.Resource):
@@ -361,9 +436,9 @@ class FileServerSite(LimitedSite):
     requestFactory = UploadRequest
     noisy = False
 
-    def __init__(self, firmware_dir: str, uploads, limits: HTTPLimits, clock, max_ranges: int = 8):
+    def __init__(self, firmware_dir: str, uploads, limits: HTTPLimits, clock, reactor, max_ranges: int = 8):
         root = _Root()
-        root.putChild(b"firmware", FirmwareFiles(firmware_dir, max_ranges))
+        root.putChild(b"firmware", FirmwareFiles(firmware_dir, max_ranges, reactor))
         root.putChild(b"diagnostics", DiagnosticsUpload(uploads))
         super().__init__(root, limits, clock)
         self.max_body_size = uploads.max_size + MULTIPART_OVERHEAD

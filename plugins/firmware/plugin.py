@@ -61,7 +61,7 @@ class FileServers(service.Service):
         plugin = self.plugin
         reactor = plugin.app.reactor
         if plugin.http_endpoint:
-            site = FileServerSite(plugin.firmware_dir, plugin.uploads, plugin.http_limits, plugin.app.clock,
+            site = FileServerSite(plugin.firmware_dir, plugin.uploads, plugin.http_limits, plugin.app.clock, reactor,
                                   max_ranges=plugin.max_ranges)
             factory = limited_listener(site, "Firmware file server")
             self.http_port = await listen(reactor, plugin.http_endpoint, factory, "[plugin:firmware] http_endpoint")
