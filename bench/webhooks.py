@@ -68,22 +68,31 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_pids() -> list[int]:
+    """Every ``postgres`` process of this machine (servers and their backends)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
 def local_postgres_cpu_seconds() -> float | None:
     """User + system CPU time of this machine's PostgreSQL servers so far, backends that ended included:
     every ``postgres`` process's own, plus what each postmaster (a ``postgres`` process whose parent is not
     one) collected from the children it reaped. None when no PostgreSQL runs here (a remote server)."""
     stats = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in postgres_pids():
         try:
-            with open(f"/proc/{name}/stat") as f:
-                raw = f.read()
-        except OSError:
+            with open(f"/proc/{pid}/stat") as f:
+                stats[pid] = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile: its time is in its postmaster's children's
             continue
-        comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        if comm == "postgres":
-            stats[int(name)] = raw.rsplit(")", 1)[1].split()
     if not stats:
         return None
     ticks = 0
@@ -128,20 +137,6 @@ def pin_children(pid: int, cpus: set) -> None:
                 os.sched_setaffinity(int(task), cpus)
             except OSError:
                 pass
-
-
-def postgres_pids() -> list[int]:
-    """Every ``postgres`` process of this machine (servers and their backends)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm") as f:
-                    if f.read().strip() == "postgres":
-                        pids.append(int(name))
-            except OSError:
-                continue
-    return pids
 
 
 def pin_postgres(cpus: set) -> list[int]:
@@ -441,6 +436,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep each run's directory (the CSMS log)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "webhooks.json"))
     args = parser.parse_args(argv)
+    if args.held and not args.alternate:
+        parser.error("--held: only with --alternate (a third window in each of its rounds)")
     if args.pin:
         os.sched_setaffinity(0, {1})  # this process and what it starts: the receiver, the load generator
     every_cpu = set(range(os.cpu_count() or 1))

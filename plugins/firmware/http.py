@@ -184,13 +184,12 @@ def _open_regular(path: str):
         return None
     try:
         info = os.fstat(file.fileno())
+        if stat.S_ISREG(info.st_mode):
+            return file, info
     except OSError:
-        file.close()
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        file.close()
-        return None
-    return file, info
+        pass
+    file.close()
+    return None
 
 
 def _finish(request, body: bytes) -> None:
@@ -394,7 +393,7 @@ class DiagnosticsUpload(resource.Resource):
                                  multipart_type=request.getHeader("content-type") if multipart else None)
         d.addCallbacks(self._stored, self._refused, callbackArgs=(request,), errbackArgs=(request,))
         d.addErrback(self._failed, request)
-        d.addCallback(self._finish, request)
+        d.addCallback(lambda body: _finish(request, body))
         return server.NOT_DONE_YET
 
     def _stored(self, stored, request):
@@ -415,13 +414,6 @@ class DiagnosticsUpload(resource.Resource):
         log.failure("Diagnostics upload failed", failure)
         return _json(request, 500, {"error": {"status": 500, "code": "internal_error",
                                               "message": "The upload could not be stored"}})
-
-    def _finish(self, data, request):
-        if request._disconnected:
-            return
-        request.setHeader(b"content-length", str(len(data)).encode())
-        request.write(data)
-        request.finish()
 
 
 class UploadRequest(LimitedRequest):
