@@ -175,7 +175,7 @@ async def test_deleting_a_station_that_just_connected_waits_until_its_connection
     connected = store.connected
     monkeypatch.setattr(store, "connected", lambda *args, **kwargs: gate.addCallback(
         lambda _: connected(*args, **kwargs)))
-    station = await within(csms.connect_booted("CP-NEW"))
+    station = await within(csms.connect_booted("CP-NEW", settled=False))  # its listener waits for the gate
     protocol = csms.app.sessions["CP-NEW"].protocol
     announced = getattr(protocol, "announced", lambda: defer.succeed(None))
 

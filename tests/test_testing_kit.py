@@ -15,11 +15,15 @@ import pytest
 # Imported here, before any pytester fixture snapshots sys.modules: a module first imported inside a
 # pytester test is dropped from sys.modules at its teardown, and importing treq a second time registers
 # its Twisted adapters twice (ValueError in every later test that uses it).
-import pytest_twisted  # noqa: F401
+import pytest_twisted
 import treq  # noqa: F401
+from twisted.internet import defer
+from zope.interface import implementer
 
 import conftest
 import csms.testing
+from csms.hookspecs import hookimpl
+from csms.interfaces import ICSMSPlugin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTING_MD = os.path.join(ROOT, "docs", "testing.md")
@@ -206,3 +210,43 @@ def test_a_plugin_test_whose_answer_strays_from_its_declared_schema_fails(pytest
     result.stdout.fnmatch_lines(["*operator API answers that break the OpenAPI document:*",
                                  "GET /counter answered 200 with a body that breaks its schema at (the body): "
                                  "Additional properties are not allowed ('unit' was unexpected)*"])
+
+
+
+@implementer(ICSMSPlugin)
+class _SlowListener:
+    """A plugin whose ``csms_on_station_connected`` is done only when the test says so."""
+
+    name = "slowlistener"
+    profile = None
+    inbound_actions = ()
+    outbound_actions = ()
+
+    def __init__(self):
+        self.called, self.release = defer.Deferred(), defer.Deferred()
+
+    @hookimpl
+    def csms_on_station_connected(self, station_id, station):
+        self.called.callback(station_id)
+        return self.release
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("settled", [True, False])
+async def test_connect_fires_once_the_connected_listeners_are_done_unless_not_settled(csms_factory, settled):
+    """What a listener writes for a new connection is committed when a test's ``connect`` returns (a test
+    comparing tables before and after a call must not see it arrive in between); ``settled=False`` returns
+    at the handshake."""
+    listener = _SlowListener()
+    running = await csms_factory(extra_plugins=[listener])
+    connected = []
+    connecting = running.connect("CP-SLOW", settled=settled).addCallback(lambda station: connected.append(station))
+    assert await conftest.within(listener.called) == "CP-SLOW"
+    if settled:
+        await conftest.within(running.app.db.barrier())  # the handshake is long done; the listener is not
+        assert connected == []
+        listener.release.callback(None)
+    await conftest.within(connecting)
+    assert connected == [running.stations[-1]]
+    if not settled:
+        listener.release.callback(None)

@@ -144,20 +144,27 @@ class RunningCSMS:
             body = jsonlib.loads(content)
         return response.code, body, response
 
-    def connect(self, station_id: str, **kwargs):
-        """Fires with a connected :class:`csms.testing.station.TestStationProtocol`."""
+    def connect(self, station_id: str, settled: bool = True, **kwargs):
+        """Fires with a connected :class:`csms.testing.station.TestStationProtocol`; with ``settled`` (the
+        default), once the CSMS has recorded the connection and every ``csms_on_station_connected``
+        listener is done with it, so that what they write is committed when the test looks (a plugin
+        storing the station's security profile, say). ``settled=False``: as soon as the handshake is done."""
         from csms.testing.station import connect_station
 
         d = connect_station(self.reactor, self.port, station_id, **kwargs)
 
         def keep(station):
             self.stations.append(station)
-            return station
+            protocol = self.service.ocpp_factory.connections.get(station_id) if settled else None
+            if protocol is None:
+                return station
+            return protocol.announced().addCallback(lambda _: station)
         return d.addCallback(keep)
 
     async def connect_booted(self, station_id: str, connectors: int = 1, **kwargs):
         """Fires with a station that has sent BootNotification and StatusNotification(Available) for
-        connector 0 and each of ``connectors`` (see TestStationProtocol.boot; the answers are not checked)."""
+        connector 0 and each of ``connectors`` (see TestStationProtocol.boot; the answers are not checked);
+        ``settled`` and the other keywords as :meth:`connect` takes them."""
         station = await self.connect(station_id, **kwargs)
         await station.boot(connectors)
         return station
