@@ -23,16 +23,15 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 def head(history: str) -> str:
     """The latest revision of a built-in migration history."""
-    import os
+    import importlib
 
-    from csms.migrations import FRAMEWORK_VERSIONS
-    from csms.migrations import History
     from sqlalchemy import MetaData
+
+    from csms.migrations import FRAMEWORK_VERSIONS, History
 
     if history == "csms":
         directory = FRAMEWORK_VERSIONS
     else:
-        import importlib
         directory = os.path.join(os.path.dirname(importlib.import_module(f"csms_plugins.{history}").__file__),
                                  "migrations")
     return History(history, MetaData(), directory).script().get_current_head()

@@ -30,8 +30,8 @@ from csms.httplimits import HTTPLimits, LimitedSite
 
 from .files import firmware_name
 from .ranges import requested_ranges
-from .uploads import BAD_UPLOAD, TOO_LARGE, UploadRefused, split_path_token
 from .store import EXPIRED, UNKNOWN, USED
+from .uploads import BAD_UPLOAD, TOO_LARGE, UploadRefused, split_path_token
 
 log = Logger(namespace="csms.firmware.http")
 
