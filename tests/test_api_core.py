@@ -6,6 +6,7 @@ friendly command endpoints; last, a whole operator session as issue 3's "Done wh
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import quote
 
 import pytest_twisted
@@ -218,7 +219,7 @@ async def test_operator_stops_a_stuck_transaction_once(csms_factory):
     await csms.api("POST", "/id-tags", json={"id_tag": "TAG-A"})
     station = await csms.connect_booted("CP-STUCK", connectors=2)
     tx1 = await start_transaction(station, 1, "TAG-A", T0)
-    tx2 = await start_transaction(station, 2, "TAG-A", T1)
+    tx2 = await start_transaction(station, 2, "TAG-A", T1, meter_start=1000)
     calls_before = len(station.received_calls)
 
     status, body, _ = await csms.api("POST", f"/transactions/{tx1}/stop")
@@ -229,6 +230,18 @@ async def test_operator_stops_a_stuck_transaction_once(csms_factory):
     status, body, _ = await csms.api("POST", f"/transactions/{tx1}/stop", json={"reason": "EmergencyStop"})
     assert (status, body["error"]["code"], body["error"]["details"]["stopped_by"]) == (
         409, "transaction_stopped", "operator")
+
+    # Values that contradict the transaction are refused by name, and leave it open (found by schemathesis:
+    # a stop in the year 236 made a duration of minus 27 centuries).
+    later = (csms.app.now() + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    for payload, code in (({"meter_stop": 999}, "meter_stop_below_start"),
+                          ({"meter_stop": -5}, "validation_failed"),
+                          ({"stopped_at": "2024-05-01T10:59:59.999Z"}, "stopped_before_start"),
+                          ({"stopped_at": later}, "stopped_in_future")):
+        status, body, _ = await csms.api("POST", f"/transactions/{tx2}/stop", json=payload)
+        assert (status, body["error"]["code"]) == (422, code), payload
+    status, body, _ = await csms.api("GET", f"/transactions/{tx2}")
+    assert (body["active"], body["stopped_at"], body["meter_stop"]) == (True, None, None)
 
     status, body, _ = await csms.api("POST", f"/transactions/{tx2}/stop", json={
         "reason": "PowerLoss", "meter_stop": 4200, "stopped_at": "2024-05-01T12:00:00Z"})

@@ -237,6 +237,9 @@ async def test_firmware_file_names_cannot_escape_or_repeat(csms):
     for name in ("..%2Fescape.bin", "%2Fetc%2Fpasswd", ".hidden", "a..b", ""):
         status, body, _ = await csms.api("POST", f"/firmware-files?name={name}", data=b"x")
         assert (status, body["error"]["code"]) == (422, "invalid_file_name"), name
+    status, body, _ = await csms.api("POST", "/firmware-files", data=b"x")
+    assert (status, body["error"]["code"], body["error"]["details"]) == (
+        400, "missing_query_parameter", {"missing": ["name"]})
     await upload_firmware(csms, "same.bin")
     status, body, _ = await csms.api("POST", "/firmware-files?name=same.bin", data=b"other")
     assert (status, body["error"]["code"]) == (409, "firmware_file_exists")

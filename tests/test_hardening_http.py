@@ -233,6 +233,15 @@ REPRODUCTIONS = [
     ("GET", "/id-tags/%ED%A0%80", None, 400, "invalid_path_parameter"),
     ("GET", "/transactions?station_id=%00", None, 400, "invalid_query_parameter"),
     ("GET", "/reservations?station_id=CP%00", None, 400, "invalid_query_parameter"),
+    # Found by schemathesis (2026-12): a window that holds nothing is refused before anything is sent or
+    # an upload location made; the station ids the OCPP endpoint refuses cannot be registered.
+    ("POST", "/stations/CP-SWEEP/diagnostics", {"start_time": "2024-05-02T00:00:00Z",
+                                                "stop_time": "2024-05-01T23:59:59+23:00"}, 422, "reversed_time_window"),
+    ("POST", "/stations/CP-SWEEP/logs", {"log_type": "DiagnosticsLog", "oldest_timestamp": "2024-05-02T00:00:00Z",
+                                         "latest_timestamp": "2024-05-01T00:00:00Z"}, 422, "reversed_time_window"),
+    ("POST", "/stations", {"id": "CP-\u200b"}, 422, "invalid_station_id"),
+    ("POST", "/stations/CP-SWEEP/composite-schedule", {"connector_id": 1, "duration": 253000000000}, 422,
+     "validation_failed"),
 ]
 
 
@@ -271,6 +280,45 @@ async def test_upload_with_curls_default_form_content_type_stores_the_raw_body(c
     # A JSON body sent as curl sends `-d '{...}'` is read as JSON, not as a form field.
     status, body, _ = await csms.api("POST", "/stations", data=b'{"id": "CP-FORM"}', headers=form)
     assert (status, body["id"]) == (201, "CP-FORM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_station_id_the_ocpp_endpoint_would_refuse_cannot_be_registered(csms):
+    """Found by schemathesis: such ids were registered (201), and their stations could never connect."""
+    too_long = "C" * (csms.app.config.ocpp.max_charge_point_id_length + 1)
+    for station_id in ("CTRL\u0001ID", "ZW\u200bSP", too_long):
+        status, body, _ = await csms.api("POST", "/stations", json={"id": station_id})
+        assert (status, body["error"]["code"]) == (422, "invalid_station_id"), station_id
+    status, body, _ = await csms.api("GET", "/stations")
+    assert body["total"] == 0
+    # Any script's letters, punctuation and spaces are ids a station may have, and connect with.
+    for station_id in ("CP-1", "Ladesäule Süd 7", "充电桩-2"):
+        status, body, _ = await csms.api("POST", "/stations", json={"id": station_id})
+        assert (status, body["id"]) == (201, station_id)
+    await booted(csms, "充电桩-2")  # its BootNotification is answered Accepted
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_number_written_with_a_fraction_is_the_integer_the_station_is_sent(csms):
+    """JSON Schema (the document's dialect) counts 1.0 as an integer, OCPP's draft 4 schemas do not: 1.0 used
+    to pass the route's check and fail OCPP's (422 invalid_ocpp_payload). It is decoded as 1."""
+    station = await booted(csms, "CP-WHOLE", connectors=2)
+    station.responses["ChangeAvailability"] = {"status": "Accepted"}
+    status, body, _ = await csms.api("POST", "/stations/CP-WHOLE/availability",
+                                     data=b'{"type": "Inoperative", "connector_id": 2.0}')
+    assert status == 200, body
+    payload = await station.wait_for_call("ChangeAvailability")
+    assert payload == {"connectorId": 2, "type": "Inoperative"} and type(payload["connectorId"]) is int
+    # 1e0 too; a real fraction is still refused by the route's check, with nothing sent.
+    status, body, _ = await csms.api("POST", "/stations/CP-WHOLE/availability",
+                                     data=b'{"type": "Operative", "connector_id": 1e0}')
+    assert status == 200, body
+    assert await station.wait_for_call("ChangeAvailability") == {"connectorId": 1, "type": "Operative"}
+    calls = len(station.received_calls)
+    status, body, _ = await csms.api("POST", "/stations/CP-WHOLE/availability",
+                                     data=b'{"type": "Operative", "connector_id": 1.5}')
+    assert (status, body["error"]["code"]) == (422, "validation_failed")
+    assert len(station.received_calls) == calls
 
 
 # -- slow and piled-up clients on every HTTP listener ----------------------------------------------------------

@@ -182,6 +182,28 @@ async def test_TC_066_get_composite_schedule(csms):
 
 
 @pytest_twisted.ensureDeferred
+async def test_composite_window_ending_after_the_year_9999_is_refused_by_name_and_the_station_moves_on(csms):
+    """Found by schemathesis: a window past 9999-12-31 was a 500 (a datetime cannot hold its end). (The
+    preview's start and duration are bounded already: see test_hardening_http.)"""
+    station = await booted(csms, "CP-Y10K", connectors=1)
+    path = BASE.format("CP-Y10K") + "/composite-schedule"
+    # The operator's duration is bounded as the preview's (31 days): nothing is sent.
+    status, body, _ = await csms.api("POST", path, json={"connector_id": 1, "duration": 253000000000})
+    assert (status, body["error"]["code"]) == (422, "validation_failed")
+    status, body, _ = await csms.api("POST", path, json={"connector_id": 1, "duration": 31 * 86400 + 1})
+    assert (status, body["error"]["code"]) == (422, "validation_failed")
+    # A station whose schedule starts at the end of time: its answer cannot be compared, a named 502.
+    station.responses["GetCompositeSchedule"] = {
+        "status": "Accepted", "connectorId": 1, "scheduleStart": "9999-12-30T00:00:00Z",
+        "chargingSchedule": {"duration": 259200, "chargingRateUnit": "A",
+                             "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 6.0}]}}
+    status, body, _ = await csms.api("POST", path, json={"connector_id": 1, "duration": 259200})
+    assert (status, body["error"]["code"]) == (502, "station_invalid_response")
+    assert body["error"]["details"]["response"]["scheduleStart"] == "9999-12-30T00:00:00Z"
+    await assert_only_calls(station, ["GetCompositeSchedule"])
+
+
+@pytest_twisted.ensureDeferred
 async def test_TC_067_clear_charging_profile_2024_04_edition(csms):
     station = await booted(csms, "CP-TC067", connectors=1)
     level = 2

@@ -121,6 +121,23 @@ async def charge(csms, station, id_tag: str = "TAG-1", meter_start: int = 1000, 
     return transaction_id
 
 
+def test_a_stop_below_its_meter_start_is_no_energy_in_the_event_as_in_the_export():
+    """The event and the export say the same: a meter reading below the start's (a replaced meter) is 0 Wh, not
+    a negative energy (the event said -500 before; found by schemathesis beside the export's 0)."""
+    from types import SimpleNamespace
+
+    from csms_plugins.core.exports import _transaction_row
+    from csms_plugins.core.store import transaction_event
+
+    started, stopped = datetime(2024, 5, 1, 10, tzinfo=timezone.utc), datetime(2024, 5, 1, 11, tzinfo=timezone.utc)
+    row = dict(id=7, station_id="CP-1", connector_id=1, id_tag="T", id_tag_status="Accepted", parent_id_tag=None,
+               reservation_id=None, started_at=started, stopped_at=stopped, meter_start=1000, meter_stop=500,
+               stop_reason="Local", stop_id_tag=None, stopped_by="station")
+    assert transaction_event(row)["energy_wh"] == _transaction_row(SimpleNamespace(**row))["energy_wh"] == 0
+    row["meter_stop"] = 1500
+    assert transaction_event(row)["energy_wh"] == _transaction_row(SimpleNamespace(**row))["energy_wh"] == 500
+
+
 @pytest_twisted.ensureDeferred
 async def test_transaction_events_are_delivered_signed(csms_factory, receiver):
     csms = await csms_factory(ALLOW_LOOPBACK)

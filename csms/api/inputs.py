@@ -118,17 +118,22 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite_float(text: str) -> float:
+def _finite_number(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent: a float, or an int when it is a whole number.
+
+    JSON Schema (2020-12, the OpenAPI document's dialect) counts 1.0 as an integer, so the route's check
+    takes it for an integer field; the OCPP schemas (draft 4) do not, nor does a database's integer
+    column. Decoded as 1, it is the integer both the check and the code after it see."""
     value = float(text)
     if math.isinf(value):
         raise ValueError(f"number {text} is too large")
-    return value
+    return int(value) if value.is_integer() else value
 
 
 def parse_json(content: bytes):
     """The decoded body, or 400 invalid_json / json_too_deep, or 422 for a value no route can use."""
     try:
-        value = json.loads(content, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(content, parse_constant=_refuse_constant, parse_float=_finite_number)
     except RecursionError:
         raise _too_deep() from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the hooks above
@@ -170,6 +175,14 @@ def _check_scalar(item, where: str) -> None:
     if problem:
         # The value itself may be what cannot be shown (a surrogate): only its place is named.
         raise unprocessable(f"Invalid request body: {where.replace('body.', '', 1)} {problem}")
+
+
+def check_window(body: dict, first: str, last: str) -> None:
+    """422 ``reversed_time_window`` when the body gives both ends of a time window and ``first`` (a
+    date-time the route's check has passed) is later than ``last``: a station would be sent a window
+    holding nothing."""
+    if first in body and last in body and to_datetime(body[first]) > to_datetime(body[last]):
+        raise unprocessable(f"{first} ({body[first]}) is later than {last} ({body[last]})", "reversed_time_window")
 
 
 #: The URL schemes a station is given for a file to fetch or upload (firmware, diagnostics, logs).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import csms
+from csms.api.inputs import INT64_MAX, INT64_MIN
 from csms.api.router import RouteError, route_label
 
 ERROR_SCHEMA = {
@@ -38,9 +39,14 @@ _DATA_KEYS = ("enum", "const", "default", "examples", "required")
 
 
 def _schema(param) -> dict:
+    """A parameter's schema: an integer's bounds are its own, else a 64-bit column's (as to_integer checks)."""
+    minimum, maximum = param.minimum, param.maximum
+    if param.kind == "integer":
+        minimum = INT64_MIN if minimum is None else minimum
+        maximum = INT64_MAX if maximum is None else maximum
     return {**_KIND[param.kind], **({"enum": list(param.enum)} if param.enum else {}),
-            **({"minimum": param.minimum} if param.minimum is not None else {}),
-            **({"maximum": param.maximum} if param.maximum is not None else {})}
+            **({"minimum": minimum} if minimum is not None else {}),
+            **({"maximum": maximum} if maximum is not None else {})}
 
 
 def _inlined(schema, definitions: dict):
@@ -182,7 +188,7 @@ def _operation(route, components: _Components, calls: bool = False) -> dict:
             {"name": p.name, "in": "path", "required": True, "schema": _schema(p),
              **({"description": p.description} if p.description else {})} for p in route.path_params
         ] + [
-            {"name": q.name, "in": "query", "required": False, "description": q.description, "schema": _schema(q)}
+            {"name": q.name, "in": "query", "required": q.required, "description": q.description, "schema": _schema(q)}
             for q in route.query
         ],
     }

@@ -158,6 +158,10 @@ def _parse_query(route, args: dict) -> dict:
             shown = values[-1].decode("utf-8", "replace")
             raise bad_request(f"Query parameter {name}={shown!r} {_explain(exc)}", "invalid_query_parameter") \
                 from None
+    missing = [q.name for q in route.query if q.required and q.name not in out]
+    if missing:
+        raise bad_request(f"Query parameter {missing[0]!r} is required", "missing_query_parameter",
+                          missing=missing)
     return out
 
 

@@ -105,6 +105,8 @@ class Param:
     minimum: int | None = None
     maximum: int | None = None
     resource: str = ""
+    #: A query parameter the route cannot do without: 400 ``missing_query_parameter`` when absent.
+    required: bool = False
 
 
 Query = Path = Param
@@ -165,6 +167,8 @@ class Route:
         self.path_params = tuple(declared.get(name) or Param(name) for name in self.params)
         pattern = _PARAM.sub(r"(?P<\1>[^/]+)", re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
         self.regex = re.compile("^" + pattern + "$")
+        #: Which segments are literal (1) or a parameter (0), in order: the larger wins a match (see Router.match).
+        self.specificity = tuple(0 if _SEGMENT_PARAM.match(part) else 1 for part in self.template.split("/"))
         self.validator = body_validator(self.body) if self.body is not None else None
         if not self.operation_id:
             self.operation_id = getattr(self.handler, "__name__", "op").strip("_")
@@ -201,11 +205,22 @@ class Router:
         return route
 
     def match(self, method: str, path: str):
-        """(route, raw path params, still percent-encoded) for a request, or raise ApiError 404 / 405."""
-        allowed = []
+        """(route, raw path params, still percent-encoded) for a request, or raise ApiError 404 / 405.
+
+        As OpenAPI reads paths, a concrete segment wins over a template's parameter: of the templates
+        matching ``path``, only those with the most leading literal segments count, for the method and for
+        the 405's Allow (``/charging-profiles/clear`` is a path of its own, not a profile named "clear")."""
+        matches = []
         for route in self.routes:
             found = route.regex.match(path)
-            if found is None:
+            if found is not None:
+                matches.append((route.specificity, route, found))
+        if not matches:
+            raise ApiError(404, "route_not_found", f"No API route {path}")
+        best = max(specificity for specificity, _, _ in matches)
+        allowed = []
+        for specificity, route, found in matches:
+            if specificity != best:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
                 return route, found.groupdict()

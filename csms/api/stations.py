@@ -6,6 +6,7 @@ import secrets
 from twisted.internet import defer, threads
 
 from csms import ocpp16
+from csms.admission import charge_point_id_problem
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Query
@@ -16,7 +17,10 @@ from csms.schemas import SchemaViolation
 from csms.rpc import CallErrorReceived, CallTimeout, RequestInvalid, ResponseInvalid, StationOffline
 from csms.stations import REGISTRATION_STATUSES, connection_events, stations
 
-STATION_ID = {"type": "string", "minLength": 1, "maxLength": 255}
+STATION_ID = {"type": "string", "minLength": 1, "maxLength": 255,
+              "description": "The chargePointId: at most [ocpp] max_charge_point_id_length characters (48 by "
+                             "default), none of them a control, invisible or unassigned character (422 "
+                             "invalid_station_id: an id the OCPP endpoint would refuse)"}
 #: Seconds a deletion waits for a station that just connected to be announced to the plugins.
 ANNOUNCE_TIMEOUT = 10.0
 PASSWORD = {"type": "string", "minLength": 16, "maxLength": 40,
@@ -129,6 +133,12 @@ def add_routes(app, router):
 
     async def create_station(request):
         body = request.body
+        # The handshake's own rule (csms.admission): a station registered with an id it refuses could
+        # never connect.
+        problem = charge_point_id_problem(body["id"], app.config.ocpp.max_charge_point_id_length)
+        if problem is not None:
+            raise unprocessable(f"Invalid station id: {problem} ([ocpp] max_charge_point_id_length = "
+                                f"{app.config.ocpp.max_charge_point_id_length})", "invalid_station_id")
         password_hash = await _hash(app, body["password"]) if "password" in body else None
         created = await store.create(body["id"], body.get("registration_status", "Accepted"), password_hash,
                                      body.get("description"))

@@ -14,6 +14,7 @@ from csms.api.stations import send_call
 from csms.api.types import BOOLEAN, INTEGER, array, columns, enum, nullable, ocpp_response, page, record
 from csms.ocpp16 import parse_datetime
 
+from .plugin import OperatorStopRefused
 from .store import ID_TAG_STATUSES
 from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history, transactions,
                      unmatched_stops)
@@ -42,8 +43,10 @@ OPERATOR_STOP = {
     "type": "object", "additionalProperties": False,
     "properties": {
         "reason": {"type": "string", "enum": list(STOP_REASONS), "description": "Default: Other"},
-        "meter_stop": {"type": ["integer", "null"], "description": "Meter reading in Wh, if known"},
-        "stopped_at": {"type": "string", "format": "date-time", "description": "Default: now"},
+        "meter_stop": {"type": ["integer", "null"], "minimum": 0,
+                       "description": "Meter reading in Wh, if known; not below the transaction's meter_start"},
+        "stopped_at": {"type": "string", "format": "date-time",
+                       "description": "Default: now; not before the transaction's start, nor later than now"},
     },
 }
 
@@ -224,9 +227,12 @@ def add_routes(plugin, app, router):
     async def stop_transaction(request):
         transaction_id = request.params["transaction_id"]
         body = request.body
-        transaction, stopped = await plugin.stop_transaction_by_operator(
-            transaction_id, reason=body.get("reason", "Other"), meter_stop=body.get("meter_stop"),
-            stopped_at=_date_time(body.get("stopped_at"), "stopped_at"))
+        try:
+            transaction, stopped = await plugin.stop_transaction_by_operator(
+                transaction_id, reason=body.get("reason", "Other"), meter_stop=body.get("meter_stop"),
+                stopped_at=_date_time(body.get("stopped_at"), "stopped_at"))
+        except OperatorStopRefused as exc:
+            raise unprocessable(str(exc), exc.code)
         if transaction is None:
             raise not_found("transaction", transaction_id)
         if not stopped:
@@ -249,7 +255,9 @@ def add_routes(plugin, app, router):
                description="Recorded with stopped_by=operator and fires csms_on_transaction_stopped. "
                            "To ask a connected station to stop charging, use /stations/{station_id}/remote-stop.",
                responses={"200": "The stopped transaction", "404": "Unknown transaction",
-                          "409": "Already stopped"})
+                          "409": "Already stopped", "422": "A meter_stop below the transaction's meter_start "
+                          "(meter_stop_below_start), a stopped_at before its start (stopped_before_start) or "
+                          "later than now (stopped_in_future), or an invalid body"})
 
     # -- station state -------------------------------------------------------------------------
 

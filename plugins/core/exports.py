@@ -22,7 +22,7 @@ from csms.api.router import Query
 from csms.ocpp16 import format_datetime
 from csms.stations import as_utc
 
-from .store import select_transactions
+from .store import energy_wh, select_transactions
 from .tables import meter_values, transactions
 
 PAGE_SIZE = 2000
@@ -64,7 +64,7 @@ def _transaction_row(row) -> dict:
         "reservation_id": row.reservation_id, "started_at": started, "stopped_at": stopped,
         "duration_seconds": None if stopped is None else round((stopped - started).total_seconds(), 3),
         "meter_start": row.meter_start, "meter_stop": row.meter_stop,
-        "energy_wh": None if row.meter_stop is None else max(0, row.meter_stop - row.meter_start),
+        "energy_wh": energy_wh(row.meter_start, row.meter_stop),
         "stop_reason": row.stop_reason, "stop_id_tag": row.stop_id_tag, "stopped_by": row.stopped_by,
     }
 

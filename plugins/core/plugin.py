@@ -15,6 +15,7 @@ from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import format_datetime
 from csms.passwords import verify_password
+from csms.stations import as_utc
 
 from .store import ID_TAG_TOPIC, CoreStore, register_event_types
 from .tables import metadata
@@ -25,6 +26,15 @@ log = Logger(namespace="csms.core")
 #: Configuration keys whose values are secrets (OCPP 1.6 Security whitepaper: AuthorizationKey is write-only):
 #: a ChangeConfiguration of one is not kept in the stored configuration the API shows.
 WRITE_ONLY_KEYS = frozenset(("AuthorizationKey",))
+
+
+class OperatorStopRefused(ValueError):
+    """An operator's stop whose values contradict the transaction (see
+    :meth:`CorePlugin.stop_transaction_by_operator`); ``code`` names why, as the API's 422 does."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def _empty_answer(_) -> dict:
@@ -313,12 +323,27 @@ class CorePlugin:
     def stop_transaction_by_operator(self, transaction_id: int, reason: str = "Other",
                                      meter_stop: int | None = None, stopped_at=None):
         """Close a stuck transaction (recorded with ``stopped_by="operator"``); fires
-        (transaction or None when unknown, newly_stopped). Nothing is sent to the station."""
+        (transaction or None when unknown, newly_stopped), or fails with :class:`OperatorStopRefused`
+        for a ``meter_stop`` below the transaction's meterStart or a ``stopped_at`` (aware) before its
+        start or later than now. Nothing is sent to the station."""
         transaction = yield self.store.get_transaction(transaction_id)
         if transaction is None:
             return None, False
         if not transaction["active"]:
             return transaction, False
+        if meter_stop is not None and meter_stop < transaction["meter_start"]:
+            raise OperatorStopRefused("meter_stop_below_start", f"meter_stop {meter_stop} is below the "
+                                      f"transaction's meter_start {transaction['meter_start']}")
+        if stopped_at is not None:
+            # Only a time the operator gives: without one it is now, even if a station whose clock runs
+            # ahead started the transaction "later" (a stuck transaction can always be closed).
+            started_at = as_utc(transaction["started_at"])
+            if stopped_at < started_at:
+                raise OperatorStopRefused("stopped_before_start", f"stopped_at {format_datetime(stopped_at)} "
+                                          f"is before the transaction's start, {format_datetime(started_at)}")
+            if stopped_at > self.app.now():
+                raise OperatorStopRefused("stopped_in_future", f"stopped_at {format_datetime(stopped_at)} "
+                                          "is later than now")
         # Recorded as given: without a reading meter_stop stays unknown (NULL); the event estimates it.
         recorded = {"transactionId": transaction_id, "meterStop": meter_stop,
                     "timestamp": format_datetime(stopped_at or self.app.now()), "reason": reason}

@@ -234,13 +234,19 @@ def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_
     return rows
 
 
+def energy_wh(meter_start: int, meter_stop: int | None) -> int | None:
+    """The energy a transaction delivered (Wh): None without a meter reading, never below 0 (a meter
+    reading below the start's, as after a meter's replacement, says nothing about the energy)."""
+    return None if meter_stop is None else max(0, meter_stop - meter_start)
+
+
 def transaction_event(transaction: dict) -> dict:
     """A transaction as the outbox announces it: its columns, times as ISO 8601, and once stopped the
     energy delivered (Wh, None without a meter reading) and the duration (seconds)."""
     data = event_data(transaction)
     if transaction.get("stopped_at") is not None:
         meter_stop = transaction.get("meter_stop")
-        data["energy_wh"] = None if meter_stop is None else meter_stop - transaction["meter_start"]
+        data["energy_wh"] = energy_wh(transaction["meter_start"], meter_stop)
         data["duration_seconds"] = (transaction["stopped_at"] - transaction["started_at"]).total_seconds()
     return data
 

@@ -6,7 +6,7 @@ import os
 from twisted.internet import defer, threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
-from csms.api.inputs import check_location
+from csms.api.inputs import check_location, check_window
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
@@ -214,6 +214,7 @@ def add_routes(plugin, app, router):
     async def get_diagnostics(request):
         station_id, body = request.params["station_id"], request.body
         await existing_station(station_id)
+        check_window(body, "start_time", "stop_time")
         payload = {}
         for key, field in (("start_time", "startTime"), ("stop_time", "stopTime"), ("retries", "retries"),
                            ("retry_interval", "retryInterval")):
@@ -284,7 +285,8 @@ def add_routes(plugin, app, router):
     router.add("POST", "/firmware-files", upload_firmware,
                "Upload a firmware file (raw request body); the CSMS serves it to stations", tags=tags,
                json_body=False, max_body=plugin.max_firmware_size, response=FIRMWARE_FILE,
-               query=(Query("name", description="File name: A-Z a-z 0-9 . _ + -"),
+               query=(Query("name", description="File name: 1-128 characters of A-Z a-z 0-9 . _ + -, starting "
+                                                "with a letter or a digit, without '..'", required=True),
                       Query("description", description="Free text")),
                description="Stored under [plugin:firmware] firmware_dir with its SHA-256 and MD5. The answer's "
                            "`url` is where stations download it (with HTTP range requests).",

@@ -27,7 +27,7 @@ PROFILE_UPGRADE = {"type": "object", "additionalProperties": False, "required": 
                                               "description": "The station's new security profile"}}}
 AUTHORIZATION_KEY = {
     "type": "object", "additionalProperties": False,
-    "properties": {"password": {"type": "string", "minLength": 1, "maxLength": 20,
+    "properties": {"password": {"type": "string", "minLength": 4, "maxLength": 20,  # 16 bytes: 4 characters at least
                                 "description": "The new Basic auth password, 16 to 20 bytes in UTF-8, printable "
                                                "ASCII recommended. Default: a random one, shown in the answer once"}},
 }

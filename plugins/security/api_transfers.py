@@ -12,7 +12,7 @@ import secrets
 from twisted.internet import threads
 
 from csms.api.errors import ApiError, conflict, not_found, unprocessable
-from csms.api.inputs import check_location
+from csms.api.inputs import check_location, check_window
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path
 from csms.api.stations import send_call
@@ -208,6 +208,7 @@ def add_routes(transfers, app, router):
         await existing_station(station_id)
         if "remote_location" in body and "protocol" in body:
             raise unprocessable("protocol is only for a CSMS-hosted location", "protocol_with_location")
+        check_window(body, "oldest_timestamp", "latest_timestamp")
         upload = {}
         if "remote_location" in body:
             location = check_location(body["remote_location"])

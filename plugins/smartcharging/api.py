@@ -2,7 +2,7 @@
 composite schedule as the CSMS computes it (preview) and as the station reports it (compared)."""
 from __future__ import annotations
 
-from csms.api.errors import not_found
+from csms.api.errors import ApiError, not_found
 from csms.api.inputs import INT32_MAX
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION, Path, Query
@@ -36,11 +36,14 @@ CLEAR = {
         "stack_level": {"type": "integer", "minimum": 0},
     },
 }
+#: The longest composite schedule window the API asks for or computes (31 days).
+MAX_WINDOW = 31 * 86400
 ASK_COMPOSITE = {
     "type": "object", "additionalProperties": False, "required": ["connector_id", "duration"],
     "properties": {
         "connector_id": CONNECTOR,
-        "duration": {"type": "integer", "minimum": 1, "description": "Seconds"},
+        "duration": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW,
+                     "description": "Seconds (at most 31 days, as the preview's)"},
         "charging_rate_unit": {"type": "string", "enum": ["A", "W"]},
     },
 }
@@ -50,7 +53,7 @@ LIST_QUERY = PAGINATION + (
 )
 PREVIEW_QUERY = (
     Query("connector_id", "integer", "The connector (0: the whole station); default 1", minimum=0),
-    Query("duration", "integer", "Seconds; default 86400", minimum=1, maximum=31 * 86400),
+    Query("duration", "integer", "Seconds; default 86400", minimum=1, maximum=MAX_WINDOW),
     Query("charging_rate_unit", enum=("A", "W"), description="Default: [plugin:smartcharging] default_rate_unit"),
     Query("start", "date-time", "Window start; default now"),
 )
@@ -154,6 +157,12 @@ def add_routes(plugin, app, router):
                     break
                 except ValueError:
                     continue
+        if not composite.window_fits(start, body["duration"]):
+            # A station's scheduleStart near the end of year 9999: no schedule can be computed there.
+            raise ApiError(502, "station_invalid_response", "The station's GetCompositeSchedule response is "
+                           f"invalid: its schedule starts at {format_datetime(start)}, and a window of "
+                           f"{body['duration']} s from there ends after the year 9999",
+                           {"code": "PropertyConstraintViolation", "response": response})
         expected = await plugin.composite(station_id, body["connector_id"], start, body["duration"], unit)
         differences = composite.compare(reported, expected, plugin.voltage, plugin.tolerance) \
             if response["status"] == "Accepted" else []

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from csms.ocpp16 import format_datetime, parse_datetime
 
@@ -352,10 +352,20 @@ def compare(station_schedule: dict | None, composite: CompositeSchedule, voltage
              "station_limit": d["station_limit"], "csms_limit": d["csms_limit"]} for d in differences]
 
 
+#: The last whole second a datetime holds (9999-12-31T23:59:59Z), in seconds since the epoch.
+LAST_SECOND = (datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+               - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(seconds=1)
+
+
+def window_fits(start, duration: int) -> bool:
+    """Whether the window [start, start + duration) ends within the years a datetime can show."""
+    return _seconds(start) + int(duration) <= LAST_SECOND
+
+
 def window_start(value) -> datetime:
     """A window start as an aware datetime truncated to the second (helper for callers)."""
     return _datetime(_seconds(value))
 
 
-__all__ = ["compute", "compare", "convert", "CompositeSchedule", "Segment", "schedule_segments", "window_start",
-           "DEFAULT_VOLTAGE"]
+__all__ = ["compute", "compare", "convert", "CompositeSchedule", "Segment", "schedule_segments", "window_fits",
+           "window_start", "DEFAULT_VOLTAGE"]
