@@ -20,7 +20,7 @@ from conftest import booted, clock_now, core_store, error_of, station_time, with
 from sqlalchemy import create_engine, func, insert, select, text, update
 from test_migrations import builtin_histories
 from test_security_logs import get_log
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.web import resource, server
@@ -83,6 +83,32 @@ def receiver():
         pytest_twisted.blockon(defer.maybeDeferred(hook.port.stopListening))
 
 
+class HTTP10Receiver(protocol.Protocol):
+    """A receiver answering as an HTTP/1.0 server does (``HTTP/1.0 200``, no ``Connection`` header), which
+    closes after its answer: here the close comes only when the next request arrives on the connection
+    (the race, made certain). The requests answered go to ``answered``; those met by the close to ``cut``."""
+
+    def __init__(self, answered: list, cut: list):
+        self.answered, self.cut, self.buffer, self.served = answered, cut, b"", False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, found, rest = self.buffer.partition(b"\r\n\r\n")
+        if not found:
+            return
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        if len(rest) < length:
+            return
+        if self.served:
+            self.cut.append(json.loads(rest[:length]))
+            self.transport.loseConnection()
+            return
+        self.served, self.buffer = True, b""
+        self.answered.append(json.loads(rest[:length]))
+        self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+
+
 def plugin_of(csms):
     return csms.app.pm.get_plugin("webhooks")
 
@@ -136,6 +162,30 @@ def test_a_stop_below_its_meter_start_is_no_energy_in_the_event_as_in_the_export
     assert transaction_event(row)["energy_wh"] == _transaction_row(SimpleNamespace(**row))["energy_wh"] == 0
     row["meter_stop"] = 1500
     assert transaction_event(row)["energy_wh"] == _transaction_row(SimpleNamespace(**row))["energy_wh"] == 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_on_a_connection_the_receiver_closed_is_sent_again_at_once_on_a_new_one(csms_factory):
+    """Found by an integrator's walk through the docs: a receiver on Python's http.server (HTTP/1.0, a close
+    after each answer) saw failed deliveries it never got, retried 10 s later: Twisted's pool keeps such a
+    connection, and the next POST met the close."""
+    answered, cut = [], []
+    factory = protocol.Factory.forProtocol(lambda: HTTP10Receiver(answered, cut))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        csms = await csms_factory(ALLOW_LOOPBACK + "max_concurrent_per_subscription = 1\n")
+        subscription = await subscribe(csms, f"http://127.0.0.1:{port.getHost().port}/hook")
+        for _ in range(3):
+            status, _, _ = await csms.api("POST", f"/webhooks/{subscription['id']}/test")
+            assert status == 202
+        await drain(csms)
+    finally:
+        await port.stopListening()
+    assert len(cut) >= 1  # a POST did go out on a kept connection the receiver had done with
+    assert sorted(event["id"] for event in answered) == sorted({event["id"] for event in answered})
+    deliveries = await history(csms, subscription["id"])
+    assert [(d["state"], d["attempts"], d["last_error"]) for d in deliveries] == [("delivered", 1, None)] * 3
+    assert {d["event_id"] for d in deliveries} == {event["id"] for event in answered}
 
 
 @pytest_twisted.ensureDeferred

@@ -22,7 +22,9 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.web.client import (Agent, HTTPConnectionPool, RequestNotSent, RequestTransmissionFailed, ResponseDone,
+                                ResponseNeverReceived)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -44,6 +46,19 @@ FAN_OUT_LIMIT = 1000
 #: SQLite's OCPP p99 felt (0.1 s was shipped then); with a delivery per batch a pass writes a few rows,
 #: and 0.5 s about halved the worker's CPU against 0.1 s (docs/benchmarks.md, fourth round).
 REPASS_DELAY = 0.5
+
+
+def _closed_unanswered(failure: Failure) -> bool:
+    """Whether a POST failed because its connection closed (cleanly or not) before any answer came: what
+    a kept-alive connection the receiver has just closed does (an HTTP/1.0 server such as Python's
+    http.server closes after each answer, which Twisted's pool does not take for a close; a server's idle
+    timeout can meet the next request). Not a timeout, a refusal or a cancellation."""
+    value = failure.value
+    if isinstance(value, RequestNotSent):
+        return True
+    if isinstance(value, (ResponseNeverReceived, RequestTransmissionFailed)):
+        return bool(value.reasons) and all(reason.check(ConnectionDone, ConnectionLost) for reason in value.reasons)
+    return False
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -146,8 +161,12 @@ class Dispatcher(service.Service):
         # as may be in flight to it at once, so that none is closed only to be opened again (a new
         # connection costs an address check on a resolver thread, and a TCP handshake).
         self.pool.maxPersistentPerHost = self.settings["max_concurrent_deliveries"]
-        self.agent = Agent.usingEndpointFactory(
-            reactor, CheckedEndpointFactory(reactor, guard, self.settings["request_timeout"]), pool=self.pool)
+        endpoints = CheckedEndpointFactory(reactor, guard, self.settings["request_timeout"])
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        #: A POST whose connection closed before any answer (see _closed_unanswered) is sent once more at
+        #: once, on a connection of its own: at least once allows it, and the receiver sees the same id.
+        self.fresh_agent = Agent.usingEndpointFactory(reactor, endpoints,
+                                                      pool=HTTPConnectionPool(reactor, persistent=False))
         self.queues: dict[int, deque] = {}
         self.claimed: set[int] = set()
         self.active: Counter = Counter()
@@ -356,7 +375,16 @@ class Dispatcher(service.Service):
             b"Webhook-Signature": [signature(job.secret, timestamp, job.body).encode()],
             b"Webhook-Event-Type": [job.event_type.encode()], b"Webhook-Attempt": [str(job.attempt).encode()],
         }
-        d = self.agent.request(b"POST", job.url.encode("utf-8"), Headers(headers), _Body(job.body))
+        url = job.url.encode("utf-8")
+        d = self.agent.request(b"POST", url, Headers(headers), _Body(job.body))
+
+        def again(failure):
+            if not _closed_unanswered(failure):
+                return failure
+            log.debug("Webhook {event}: the connection closed unanswered; sent again on a new one",
+                      event=job.event_id)
+            return self.fresh_agent.request(b"POST", url, Headers(headers), _Body(job.body))
+        d.addErrback(again)
 
         def read(response):
             done = defer.Deferred()
