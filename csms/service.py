@@ -237,7 +237,13 @@ class CSMSService(service.Service):
         log.failure("Start-up failed", failure, level=LogLevel.debug)
         stopping = self._stop_started()
         self.app.cluster.stop_listening()
-        self.app.stop()
+        if self.reactor.running:
+            # The plugin services may still use the database while they stop.
+            stopping.addBoth(lambda result: (self.app.stop(), result)[1])
+        else:
+            # Nothing runs the stops that wait for the reactor before the process exits: the database's
+            # threads are stopped now, or they would keep it from exiting.
+            self.app.stop()
         self._stopped_after_failure(stopping).addCallback(lambda _: self.ready.errback(error))
 
     def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
@@ -378,9 +384,19 @@ class TwistdCSMSService(CSMSService):
             pass
 
     def _stopped_after_failure(self, stopping: defer.Deferred) -> defer.Deferred:
-        # At once: ports close only once the reactor runs, and startService must raise before it does
-        # (the process exits, which closes them).
-        return defer.succeed(None)
+        if not self.reactor.running:
+            # At once: ports close only once the reactor runs, and startService must raise before it
+            # does (the process exits, which closes them).
+            return defer.succeed(None)
+        # Once the reactor runs (a plugin service's start was still pending when startService returned),
+        # what had started stops first: a plugin service's stop may need the reactor (a worker process
+        # to end, a database pool to stop), and one left running keeps the process from exiting (its
+        # threads). At most the shutdown grace, as a stop on SIGTERM.
+        grace = self.app.config.shutdown_grace
+
+        def late(_result, _timeout):
+            log.warn("Stopping what had started took over {grace:g} s; stopping anyway", grace=grace)
+        return stopping.addTimeout(grace, self.reactor, onTimeoutCancel=late)
 
     def _failed_late(self, failure) -> None:
         """A plugin service failed once the reactor ran: stop, then exit 1 after twistd has cleaned up."""

@@ -101,6 +101,29 @@ async def test_ocpp_port_in_use_exits_1_with_one_line(tmp_path, taken_port):
     await failed_start(process, f"csms: cannot listen on {endpoint} ([ocpp] endpoint): address already in use")
 
 
+def shipped_plugins() -> str:
+    """The plugins etc/csms.ini enables, as shipped (all of them)."""
+    import configparser
+
+    shipped = configparser.ConfigParser(interpolation=None)
+    shipped.read(os.path.join(os.path.dirname(__file__), os.pardir, "etc", "csms.ini"), encoding="utf-8")
+    return shipped["plugins"]["enabled"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ocpp_port_in_use_exits_1_with_every_shipped_plugin_enabled(tmp_path, taken_port):
+    """Found by an integrator following the README: with the shipped plugins (the webhooks' delivery worker
+    and its file among them), a taken port logged its line and "Server Shut Down", and the process then
+    waited for ever on the delivery file's database threads: a plugin service's stop needs the reactor,
+    which the failure had stopped at once."""
+    endpoint = f"tcp:{taken_port}:interface=127.0.0.1"
+    config = write_config(tmp_path, sqlite_url(tmp_path), ocpp=endpoint, enabled=shipped_plugins(),
+                          extra=f"[plugin:security]\nca_dir = {tmp_path / 'ca'}\n")
+    process = run_twistd(config, str(tmp_path))
+    await failed_start(process, f"csms: cannot listen on {endpoint} ([ocpp] endpoint): address already in use")
+    assert "Server Shut Down." in process.stdout
+
+
 @pytest_twisted.ensureDeferred
 async def test_port_out_of_range_exits_1_with_one_line(tmp_path):
     endpoint = "tcp:70000:interface=127.0.0.1"

@@ -98,7 +98,7 @@ WITHOUT_TEST_EXTRAS = '''
 import sys
 from importlib.abc import MetaPathFinder
 
-HIDDEN = {"pytest_twisted", "treq", "hypothesis", "websockets", "pytest_timeout"}
+HIDDEN = {"pytest_twisted", "treq", "hypothesis", "websockets", "pytest_timeout", "schemathesis"}
 
 
 class HideTestExtras(MetaPathFinder):
@@ -114,7 +114,7 @@ import pytest
 # --assert=plain: pytest's assertion rewriter would otherwise sit before HideTestExtras and import the
 # modules of installed pytest plugins itself.
 sys.exit(pytest.main(["--assert=plain", "-p", "no:twisted", "-p", "no:timeout", "-p", "no:hypothesispytest",
-                      *sys.argv[1:]]))
+                      "-p", "no:schemathesis", *sys.argv[1:]]))
 '''
 
 

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from csms import ocpp16
+from csms.db import DatabaseStopped
 from csms.hookspecs import hookimpl
 from csms.interfaces import ICSMSPlugin
 from csms.ocpp16 import parse_datetime
@@ -52,8 +53,15 @@ class ExpiryTimers(service.Service):
     def startService(self):
         super().startService()
         # Runs after the tables exist: the CSMS adds plugin services once the database is ready.
-        d = self._rearm().addErrback(lambda failure: log.failure("Re-arming reservation timers failed", failure))
+        d = self._rearm().addErrback(self._rearm_failed)
         d.chainDeferred(self.ready)
+
+    @staticmethod
+    def _rearm_failed(failure) -> None:
+        if failure.check(DatabaseStopped):  # the Central System stopped first (a start-up that failed)
+            log.info("Reservation timers not re-armed: the Central System stopped first")
+            return
+        log.failure("Re-arming reservation timers failed", failure)
 
     @defer.inlineCallbacks
     def _rearm(self):

@@ -35,6 +35,7 @@ from twisted.python import threadable
 
 from zope.interface import implementer
 
+from csms.db import DatabaseStopped
 from csms.logs import level_predicate, redact
 
 log = Logger(namespace="csms.webhooks")
@@ -588,6 +589,7 @@ def run(reactor, spec: dict, pipe: _Pipe | None = None) -> int:
     def finish():
         if not reactor.running:
             return
+        status["stopping"] = True
         d = worker.stop()
 
         def failed(failure):
@@ -600,6 +602,9 @@ def run(reactor, spec: dict, pipe: _Pipe | None = None) -> int:
 
     def started():
         def failed(failure):  # one clear line and a non-zero exit, not a traceback
+            if status.get("stopping") and failure.check(DatabaseStopped):
+                log.info("Webhook delivery worker: told to stop before it had started")
+                return
             status["code"] = 1
             text = str(failure.value).splitlines()
             log.critical("Webhook delivery worker could not start: {error}",
