@@ -520,7 +520,8 @@ async def test_each_station_command_form_sends_its_call_and_shows_the_answer(csm
     assert (await csms.api("POST", "/id-tags", json={"id_tag": "K-TAG"}))[0] == 201
     client = await signed_in(csms)
     token = await client.csrf("/ui/stations/CP-K")
-    until = (clock_now(csms) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Typed as the form asks (UTC), without the Z the API needs: the page adds it.
+    until = (clock_now(csms) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
     for command, form, title, action in (
             ("unlock", {"connector_id": "2"}, "Unlock connector", "UnlockConnector"),
             ("availability", {"connector_id": "1", "type": "Inoperative"}, "Change availability",

@@ -240,6 +240,10 @@ REPRODUCTIONS = [
     ("POST", "/stations/CP-SWEEP/logs", {"log_type": "DiagnosticsLog", "oldest_timestamp": "2024-05-02T00:00:00Z",
                                          "latest_timestamp": "2024-05-01T00:00:00Z"}, 422, "reversed_time_window"),
     ("POST", "/stations", {"id": "CP-\u200b"}, 422, "invalid_station_id"),
+    # An operator's date-time says where its clock is (found by an integrator: these were read as UTC).
+    ("GET", "/transactions?since=2026-12-03T04:08:00", None, 400, "invalid_query_parameter"),
+    ("GET", "/audit?since=2026-12-03", None, 400, "invalid_query_parameter"),
+    ("POST", "/id-tags", {"id_tag": "T-2", "expiry_date": "2030-12-31T23:59:59"}, 422, "validation_failed"),
     ("POST", "/stations/CP-SWEEP/composite-schedule", {"connector_id": 1, "duration": 253000000000}, 422,
      "validation_failed"),
 ]

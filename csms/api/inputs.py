@@ -76,12 +76,23 @@ def to_boolean(text: str) -> bool:
     return value in ("true", "1")
 
 
+#: The end of a date-time that says where its clock is: Z, or an offset (+01:00, -0500, +01).
+OFFSET = re.compile(r"(?:[zZ]|[+-]\d\d(?::?\d\d(?::?\d\d(?:\.\d+)?)?)?)$")
+
+
 def to_datetime(text: str) -> datetime:
-    """An ISO 8601 date-time (with an offset, or UTC) as an aware UTC datetime within [EARLIEST, LATEST)."""
+    """An ISO 8601 date-time with its offset (or ``Z``) as an aware UTC datetime within [EARLIEST, LATEST).
+
+    Unlike a station's (read as UTC without one, as OCPP 1.6 asks for UTC), an operator's date-time
+    without an offset, or a date alone, is refused: it may mean local time, and an hour's error in a
+    filter or an expiry passes unnoticed."""
     try:
         value = parse_datetime(text)
     except ValueError:
         raise Invalid("an ISO 8601 date-time such as 2030-01-31T12:00:00Z") from None
+    stripped = text.strip()
+    if "T" not in stripped.upper() or not OFFSET.search(stripped.upper().partition("T")[2]):
+        raise Invalid("an ISO 8601 date-time with its offset or Z, such as 2030-01-31T12:00:00Z")
     if not EARLIEST <= value < LATEST:
         raise Invalid(f"a date-time from {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d} (UTC)")
     return value

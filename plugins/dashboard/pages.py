@@ -9,6 +9,7 @@ import hmac
 import json
 from urllib.parse import quote
 
+from csms.api.inputs import OFFSET
 from csms.api.resource import to_json
 from csms.ocpp16 import format_datetime
 
@@ -264,7 +265,7 @@ def _command_request(ctx, command: str):
         return "Read local list version", "POST", "/local-list/version", None
     if command == "reserve":
         body = {"connector_id": int_or_none(f("connector_id", "0"), "Connector") or 0, "id_tag": f("id_tag"),
-                "expiry_date": f("expiry_date")}
+                "expiry_date": _utc_if_naive(f("expiry_date"))}
         return "Reserve", "POST", "/reservations", body
     if command == "cancel-reservation":
         reservation = int_or_none(f("reservation_id"), "Reservation")
@@ -378,7 +379,15 @@ async def id_tag_create(ctx):
 
 
 def _day_or_time(value: str) -> str:
-    return value + "T00:00:00Z" if len(value) == 10 else value
+    return value + "T00:00:00Z" if len(value) == 10 else _utc_if_naive(value)
+
+
+def _utc_if_naive(value: str) -> str:
+    """A date-time typed where the form says UTC, with its Z added when it has no offset (the API refuses
+    a date-time without one)."""
+    value = value.strip()
+    date, separator, time = value.upper().partition("T")
+    return value + "Z" if separator and time and not OFFSET.search(time) else value
 
 
 async def id_tag_change(ctx):
