@@ -56,6 +56,12 @@ async def test_a_read_only_token_reads_and_gets_403_on_every_kind_of_change(csms
     refused = [(e["method"], e["route"], e["status"], e["outcome"], e["token_name"]) for e in await audit(csms)
                if e["token_name"] == "support desk"]
     assert len(refused) == 5 and all(r[2:4] == (403, "forbidden") for r in refused)
+    # A refusal names its station as an answered request does, so a search by station finds it (found by an
+    # integrator: refused before their parameters were read, these had no station).
+    by_station = [(e["method"], e["route"]) for e in await audit(csms, "?station_id=CP-1&token_name=support%20desk")]
+    assert sorted(by_station) == [("DELETE", "/stations/{station_id}"), ("PATCH", "/stations/{station_id}"),
+                                  ("POST", "/stations/{station_id}/calls/{action}"),
+                                  ("POST", "/stations/{station_id}/reset")]
 
 
 @pytest_twisted.ensureDeferred

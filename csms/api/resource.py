@@ -222,7 +222,7 @@ class ApiResource(resource.Resource):
 
     async def _handle(self, request):
         caller = route = None
-        params, body = {}, None
+        params, raw_params, body = {}, {}, None
         try:
             path = request.path
             if not path.startswith(API_PREFIX):
@@ -249,6 +249,12 @@ class ApiResource(resource.Resource):
             log.failure("Operator API request {method} {path} failed", method=request.method, path=request.path)
             response = _internal_error()
         if caller is not None and route.method not in audit.READ_METHODS:
+            if not params and raw_params:
+                # Refused before its parameters were read (403, 413): the station is named all the same.
+                try:
+                    params = _parse_path(route, raw_params)
+                except ApiError:
+                    pass
             await self._audit(request, request.path.decode("utf-8", "replace"), caller, route, params, body,
                               response)
         return response
