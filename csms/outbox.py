@@ -97,6 +97,6 @@ def event_data(values: dict, leave_out=()) -> dict:
 def register_framework_types(outbox: Outbox) -> None:
     """The framework's own events: a station's connection opening and closing."""
     outbox.register("station.connected", "A station completed the WebSocket handshake.",
-                    {"station_id": "CP-1", "remote_address": "203.0.113.7"})
+                    {"station_id": "CP-1", "remote_address": "tcp4:203.0.113.7:52144"})
     outbox.register("station.disconnected", "A station's connection closed; `reason` says how.",
-                    {"station_id": "CP-1", "reason": "closed by the station (1000)"})
+                    {"station_id": "CP-1", "reason": "closed by the station: code=1000"})

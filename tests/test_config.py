@@ -480,3 +480,11 @@ def test_firmware_directory_that_cannot_be_created_is_refused_naming_the_setting
     with pytest.raises(ConfigError) as exc_info:
         central_system(f"[plugin:firmware]\nfirmware_dir = {blocker / 'firmware'}\n", plugins=("core", "firmware"))
     assert str(exc_info.value) == f"[plugin:firmware] firmware_dir: cannot create {blocker / 'firmware'} (not a directory)"
+
+
+def test_firmware_directory_the_csms_cannot_write_in_is_refused_naming_the_setting():
+    """Found by an operator's walk through the docs: an existing directory it could not write in was taken,
+    and the first upload was a 500. /proc/self refuses a new file even to root (CI runs as root)."""
+    with pytest.raises(ConfigError) as exc_info:
+        central_system("[plugin:firmware]\ndiagnostics_dir = /proc/self\n", plugins=("core", "firmware"))
+    assert str(exc_info.value).startswith("[plugin:firmware] diagnostics_dir: cannot write in /proc/self (")

@@ -146,6 +146,13 @@ async def test_schema_is_current_says_false_once_a_history_is_behind(csms_factor
     assert await csms.app.schema_is_current() is False
     status, body = await readyz(csms)
     assert status == 503 and "migrations" in body["error"]["details"]["failed"], body
+    assert body["error"]["details"]["checks"]["migrations"] == "schema not at the code's head: core behind", body
+    # Ahead (a newer release's revision) is said as such, as `csms-admin db current` says it (found by an
+    # operator's walk through the docs: it read "behind").
+    await csms.app.db.run(lambda conn: conn.execute(
+        text("INSERT INTO core_alembic_version (version_num) VALUES ('core_0099')")), desc="test")
+    status, body = await readyz(csms)
+    assert (status, body["error"]["details"]["checks"]["migrations"]) == (503, "schema not at the code's head: core ahead"), body
 
 
 async def readyz(csms):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import timedelta
 from urllib.parse import quote
 
@@ -188,6 +189,13 @@ class FirmwarePlugin:
                 leftovers = remove_leftover_uploads(directory)
             except OSError as exc:
                 raise ConfigError(f"[plugin:firmware] {key}: cannot create {directory} "
+                                  f"({(exc.strerror or str(exc)).lower()})") from None
+            try:
+                # Uploads spool into it: a directory the CSMS cannot write in would be a 500 at the first.
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"[plugin:firmware] {key}: cannot write in {directory} "
                                   f"({(exc.strerror or str(exc)).lower()})") from None
             if leftovers:
                 log.warn("Removed {count} unfinished upload(s) from {directory}", count=len(leftovers),
