@@ -274,7 +274,7 @@ def webhooks_command(args) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from csms.config import PluginSettings
-    from csms.migrations import pending
+    from csms.migrations import pending, states
 
     opened = open_database(args, create=False, migrate=False)
     config = opened.config
@@ -287,7 +287,7 @@ def webhooks_command(args) -> int:
         except SQLAlchemyError as exc:
             raise AdminError(f"database {opened.where}: {describe(exc)}") from None
         if behind:
-            raise AdminError(f"database {opened.where}: its schema is behind this code ({'; '.join(behind)}): "
+            raise AdminError(f"database {opened.where}: its schema is not at this code's head ({states(behind)}): "
                              "start the CSMS once or run `csms-admin db upgrade`")
     finally:
         opened.engine.dispose()

@@ -157,17 +157,10 @@ class CentralSystem:
 
     def _schema_check(self):
         """The readiness check: None when every schema is at its head, else which are behind or ahead."""
-        from csms.migrations import statuses
+        from csms.migrations import pending, states
 
-        def off_head(conn, histories):
-            return [s for s in statuses(conn, histories) if s.state in ("behind", "ahead")]
-
-        def problem(found):
-            if not found:
-                return None
-            text = "; ".join(f"{s.history.name} {s.state}" for s in found)
-            return ("schema not at the code's head: " + text)[:250]
-        return self.db.run(off_head, self.histories(), desc="schema_pending").addCallback(problem)
+        return self.db.run(pending, self.histories(), desc="schema_pending").addCallback(
+            lambda found: None if not found else ("schema not at the code's head: " + states(found))[:250])
 
     def schema_is_current(self) -> defer.Deferred:
         """Fires True when every enabled plugin's schema (and the framework's) is at its head: for readiness."""

@@ -76,8 +76,14 @@ def to_boolean(text: str) -> bool:
     return value in ("true", "1")
 
 
-#: The end of a date-time that says where its clock is: Z, or an offset (+01:00, -0500, +01).
-OFFSET = re.compile(r"(?:[zZ]|[+-]\d\d(?::?\d\d(?::?\d\d(?:\.\d+)?)?)?)$")
+#: The end of a date-time's time that says where its clock is: Z, or an offset (+01:00, -0500, +01).
+_OFFSET = re.compile(r"(?:Z|[+-]\d\d(?::?\d\d(?::?\d\d(?:\.\d+)?)?)?)$")
+
+
+def has_offset(text: str) -> bool:
+    """Whether ``text`` is a date and a time (``T`` between them) whose time ends with Z or an offset."""
+    _, separator, time = text.strip().upper().partition("T")
+    return bool(separator) and _OFFSET.search(time) is not None
 
 
 def to_datetime(text: str) -> datetime:
@@ -90,8 +96,7 @@ def to_datetime(text: str) -> datetime:
         value = parse_datetime(text)
     except ValueError:
         raise Invalid("an ISO 8601 date-time such as 2030-01-31T12:00:00Z") from None
-    stripped = text.strip()
-    if "T" not in stripped.upper() or not OFFSET.search(stripped.upper().partition("T")[2]):
+    if not has_offset(text):
         raise Invalid("an ISO 8601 date-time with its offset or Z, such as 2030-01-31T12:00:00Z")
     if not EARLIEST <= value < LATEST:
         raise Invalid(f"a date-time from {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d} (UTC)")

@@ -216,9 +216,15 @@ def statuses(conn, histories_: list[History]) -> list[Status]:
     return [status(conn, history) for history in histories_]
 
 
-def pending(conn, histories_: list[History]) -> list[str]:
-    """The histories the database is not at the head of (empty: the schema is current). A ``thd`` for the pool."""
-    return [s.history.name for s in statuses(conn, histories_) if s.state not in ("current", "unmigrated")]
+def pending(conn, histories_: list[History]) -> list[Status]:
+    """The statuses of the histories the database is not at the head of, behind or ahead (empty: the schema
+    is current). A ``thd`` for the pool."""
+    return [s for s in statuses(conn, histories_) if s.state not in ("current", "unmigrated")]
+
+
+def states(found: list[Status]) -> str:
+    """Which histories are off their head, and which way: ``core behind; security ahead``."""
+    return "; ".join(f"{s.history.name} {s.state}" for s in found)
 
 
 # -- changing it ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import hmac
 import json
 from urllib.parse import quote
 
-from csms.api.inputs import OFFSET
+from csms.api.inputs import has_offset
 from csms.api.resource import to_json
 from csms.ocpp16 import format_datetime
 
@@ -386,8 +386,7 @@ def _utc_if_naive(value: str) -> str:
     """A date-time typed where the form says UTC, with its Z added when it has no offset (the API refuses
     a date-time without one)."""
     value = value.strip()
-    date, separator, time = value.upper().partition("T")
-    return value + "Z" if separator and time and not OFFSET.search(time) else value
+    return value + "Z" if "T" in value.upper() and not has_offset(value) else value
 
 
 async def id_tag_change(ctx):
