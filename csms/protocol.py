@@ -31,6 +31,7 @@ from csms.fastpath import FastPathGuard, frame_header, unmask, write_now
 from csms.logs import trace_frame, trace_handshake
 from csms.ocpp16 import utc_from_timestamp
 from csms.session import StationSession
+from csms.stations import UNRECORDED_END
 
 log = Logger(namespace="csms.protocol")
 
@@ -180,8 +181,9 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         previous = self.factory.connections.get(station_id)
         self.factory.connections[station_id] = self
         app.sessions[station_id] = self.session
-        # Plugins hear of a connection change only once it is recorded, in the order it happened.
-        d = defer.succeed(None)
+        # Plugins hear of a connection change only once it is recorded, in the order it happened: after
+        # the end of the station's previous connection here, when that is still being recorded.
+        d = self.factory.closing_recorded(station_id)
         if previous is not None:
             log.info("{station} connected again from {peer}; closing its previous connection",
                      station=station_id, peer=self.peer)
@@ -197,16 +199,28 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         # In a cluster the presence row is written with the event; it knows the node that held the station.
         claim = app.cluster.presence_claim(station_id, self.connection_id)
         held_here = app.cluster.node if previous is not None else None
-        d.addCallback(lambda _: app.station_store.record_event(station_id, "connected", self.peer,
-                                                               touch="last_connected_at", also=claim))
-        d.addCallbacks(lambda held_before: held_before if claim is not None else held_here,
-                       lambda failure: _logged(failure, "connected") or held_here)
+        d.addCallback(lambda _: app.station_store.record_connected(station_id, self.peer, also=claim,
+                                                                   replacing=previous is not None,
+                                                                   node=app.cluster.node))
+        d.addCallbacks(self._lost_end_told, lambda failure: _logged(failure, "connected") or (None, None))
+        d.addCallback(lambda held_before: held_before if claim is not None else held_here)
         d.addCallback(lambda previous_node: app.cluster.station_arrived(station_id, previous_node))
         d.addCallback(lambda _: app.fire("csms_on_station_connected", station_id=station_id, station=self.session))
         self._announcing = []
         d.addBoth(self._announced_now)
         if self.factory.shutting_down:  # admitted while the Central System began to stop
             self.go_away()
+
+    def _lost_end_told(self, recorded):
+        """After the connection is recorded: a previous connection's end recorded with it (lost with the
+        process that held it, see StationStore.record_connected) is told as its disconnection."""
+        held_before, ended = recorded
+        if ended != UNRECORDED_END:  # none, or "replaced": told by the node that held the connection
+            return held_before
+        log.info("{station}: its previous connection ended without being recorded (the Central System "
+                 "stopped while it was connected); recorded now", station=self.station_id)
+        d = self.factory.app.fire("csms_on_station_disconnected", station_id=self.station_id, reason=ended)
+        return d.addCallback(lambda _: held_before)
 
     def _announced_now(self, _) -> None:
         waiting, self._announcing = self._announcing or [], None
@@ -238,9 +252,8 @@ class OCPPServerProtocol(WebSocketServerProtocol):
             del self.factory.connections[station_id]
             app.sessions.pop(station_id, None)
         self.sendClose(CLOSE_REPLACED, "Replaced by a newer connection")
-        d = app.station_store.record_event(station_id, "replaced", self.peer, f"connected to node {node}")
-        d.addBoth(_logged, "replaced")
-        d.addCallback(lambda _: app.fire("csms_on_station_disconnected", station_id=station_id, reason="replaced"))
+        # The other node recorded this connection's end (``replaced``) with its own connection.
+        app.fire("csms_on_station_disconnected", station_id=station_id, reason="replaced")
 
     # -- shutdown ---------------------------------------------------------------------------------
 
@@ -418,6 +431,7 @@ class OCPPServerProtocol(WebSocketServerProtocol):
         release = app.cluster.presence_release(station_id, self.connection_id)
         d = app.station_store.record_event(station_id, "disconnected", self.peer, detail,
                                            touch="last_disconnected_at", also=release)
+        self.factory.closing(station_id, d)
         d.addCallback(lambda released: released if release is not None else current)
         d.addCallback(lambda released: app.station_store.touch_last_seen(station_id, last_seen).addCallback(
             lambda _: released))
@@ -453,6 +467,8 @@ class OCPPServerFactory(WebSocketServerFactory):
         self.reactor = reactor or app.reactor
         #: station id -> its live protocol
         self.connections: dict[str, OCPPServerProtocol] = {}
+        #: station id -> fires once the end of its last connection here is recorded (while it is being recorded)
+        self._closing: dict[str, defer.Deferred] = {}
         ocpp = app.config.ocpp
         self.setProtocolOptions(
             maxMessagePayloadSize=ocpp.max_message_size,
@@ -497,6 +513,28 @@ class OCPPServerFactory(WebSocketServerFactory):
         for protocol in remaining:
             protocol.dropConnection(abort=True)
         return len(remaining)
+
+    def closing(self, station_id: str, recording: defer.Deferred) -> None:
+        """A connection of ``station_id`` closed and ``recording`` records its end: see closing_recorded."""
+        recorded = self._closing[station_id] = defer.Deferred()
+
+        def done(result):
+            if self._closing.get(station_id) is recorded:
+                del self._closing[station_id]
+            recorded.callback(None)
+            return result
+        recording.addBoth(done)
+
+    def closing_recorded(self, station_id: str) -> defer.Deferred:
+        """Fires once the end of the station's last connection here is recorded (at once when it is): a
+        new connection is recorded after it, so that its events keep their order and the new connection
+        does not take the old one for lost (StationStore.record_connected)."""
+        recorded = self._closing.get(station_id)
+        if recorded is None:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        recorded.addCallback(lambda _: waiter.callback(None))
+        return waiter
 
     def protocol_gone(self, protocol) -> None:
         self.protocols.discard(protocol)

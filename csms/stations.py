@@ -45,6 +45,8 @@ _ADMISSION = select(stations.c.registration_status, stations.c.password_hash).wh
     stations.c.id == bindparam("station"))
 _INSERT_EVENT = insert(connection_events)
 _STATION = select(stations).where(stations.c.id == bindparam("station"))
+_CONNECTION_TIMES = select(stations.c.last_connected_at, stations.c.last_disconnected_at).where(
+    stations.c.id == bindparam("station"))
 _TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).values(
     {column: bindparam("at")}) for column in ("last_connected_at", "last_disconnected_at", "last_seen_at")}
 
@@ -52,6 +54,13 @@ _TOUCH = {column: update(stations).where(stations.c.id == bindparam("station")).
 #: Connection events that are announced in the outbox (csms.outbox), as which event type.
 _ANNOUNCED_EVENTS = {"connected": "station.connected", "disconnected": "station.disconnected",
                      "replaced": "station.disconnected"}
+
+
+#: The ``detail`` of the ``disconnected`` event, and the ``reason`` of ``station.disconnected`` and
+#: ``csms_on_station_disconnected``, for a connection whose end was never recorded: the Central System
+#: (or its node) stopped while the station was connected, without closing the connection (``kill -9``, a
+#: power cut). It is recorded when the station connects again, the time being that moment.
+UNRECORDED_END = "end not recorded: the Central System stopped while the station was connected"
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -173,19 +182,60 @@ class StationStore:
         ``also(conn)``: more work in the same transaction (the cluster's presence); fires with its result.
         """
         now = self.now()
-        announced = _ANNOUNCED_EVENTS.get(event)
 
         def thd(conn):
-            conn.execute(_INSERT_EVENT, {"station_id": station_id, "event": event, "at": now,
-                                         "remote_address": remote_address, "detail": detail})
+            result = None if also is None else also(conn)
+            if result is False:
+                # The cluster's presence release of a connection a newer one on another node took over:
+                # that node recorded this one's end (``replaced``) with its own connection.
+                return result
+            self._insert_event(conn, station_id, event, now, remote_address, detail)
             if touch is not None:
                 conn.execute(_TOUCH[touch], {"station": station_id, "at": now})
-            if announced == "station.connected":
-                self.outbox.add(conn, announced, {"station_id": station_id, "remote_address": remote_address})
-            elif announced is not None:
-                reason = "replaced" if event == "replaced" else detail  # as csms_on_station_disconnected says
-                self.outbox.add(conn, announced, {"station_id": station_id, "reason": reason})
-            return None if also is None else also(conn)
+            return result
+        return self.db.run(thd, desc="connection_event")
+
+    def _insert_event(self, conn, station_id: str, event: str, at: datetime, remote_address: str | None,
+                      detail: str | None) -> None:
+        conn.execute(_INSERT_EVENT, {"station_id": station_id, "event": event, "at": at,
+                                     "remote_address": remote_address, "detail": detail})
+        announced = _ANNOUNCED_EVENTS.get(event)
+        if announced == "station.connected":
+            self.outbox.add(conn, announced, {"station_id": station_id, "remote_address": remote_address})
+        elif announced is not None:
+            reason = "replaced" if event == "replaced" else detail  # as csms_on_station_disconnected says
+            self.outbox.add(conn, announced, {"station_id": station_id, "reason": reason})
+
+    def record_connected(self, station_id: str, remote_address: str | None, also=None, replacing: bool = False,
+                         node: str | None = None):
+        """Record a new connection (``connected``, ``last_connected_at``) on ``node``; ``also`` as
+        :meth:`record_event`'s, returning the node that held the station before (the cluster's presence
+        claim). Fires with (``also``'s result, the detail of an end recorded for the previous connection).
+
+        The previous connection's end is recorded here, first and in the same transaction, when no live
+        process of this node will record it:
+        * held by another node (``also`` says which): ``replaced`` (``connected to node ...``), whether that
+          node is alive to close it or not;
+        * unless ``replacing`` a connection of this node (whose end the caller records), a previous
+          connection whose start is recorded and whose end is not was lost with the process that held it
+          (``kill -9``, a power cut): ``disconnected``, with the detail :data:`UNRECORDED_END`.
+        """
+        now = self.now()
+
+        def thd(conn):
+            times = None if replacing else conn.execute(_CONNECTION_TIMES, {"station": station_id}).first()
+            held_before = None if also is None else also(conn)
+            ended = None
+            if held_before is not None and held_before != node:
+                ended = "replaced"
+                self._insert_event(conn, station_id, "replaced", now, None, f"connected to node {node}")
+            elif times is not None and times[0] is not None and (times[1] is None
+                                                                  or as_utc(times[1]) < as_utc(times[0])):
+                ended = UNRECORDED_END
+                self._insert_event(conn, station_id, "disconnected", now, None, ended)
+            self._insert_event(conn, station_id, "connected", now, remote_address, None)
+            conn.execute(_TOUCH["last_connected_at"], {"station": station_id, "at": now})
+            return held_before, ended
         return self.db.run(thd, desc="connection_event")
 
     def touch_last_seen(self, station_id: str, seen_at: datetime):

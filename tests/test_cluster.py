@@ -12,6 +12,7 @@ from sqlalchemy import text
 from conftest import EventProbe, db_settled, error_of, within
 from test_webhooks import ALLOW_LOOPBACK, drain, plugin_of, receiver, subscribe  # noqa: F401, F811 (a fixture)
 from csms.rpc import CallTimeout, StationOffline
+from csms.stations import UNRECORDED_END
 
 RESET = {"type": "Soft"}
 LEASE, HEARTBEAT = 15, 5
@@ -121,6 +122,12 @@ async def test_the_newer_connection_on_another_node_closes_the_older_one(csms_fa
     assert "CP-1" not in a.app.sessions and "CP-1" in b.app.sessions
     status, body, _ = await within(c.api("GET", "/stations/CP-1"))
     assert body["node"] == "B"
+    # The older connection's end is recorded once, by the node that took the station, before the newer
+    # connection (whether the older node is alive to close it or not).
+    await db_settled(a.app)
+    status, body, _ = await within(c.api("GET", "/stations/CP-1/events"))
+    assert [(e["event"], e["detail"]) for e in reversed(body["items"])] == [
+        ("connected", None), ("replaced", "connected to node B"), ("connected", None)]
     newer.responses["Reset"] = {"status": "Accepted"}
     status, body, _ = await within(a.api("POST", "/stations/CP-1/calls/Reset", json=RESET))
     assert (status, body) == (200, {"status": "Accepted"})
@@ -155,6 +162,35 @@ async def test_an_expired_lease_clears_the_nodes_presence_and_ends_its_forwarded
     assert not c.app.is_connected("CP-1")
     status, body, _ = await within(c.api("GET", "/nodes"))
     assert [node["name"] for node in body["items"]] == ["B", "C"]
+
+
+async def connection_events(node, station_id: str) -> list[tuple[str, str | None]]:
+    status, body, _ = await within(node.api("GET", f"/stations/{station_id}/events"))
+    assert status == 200, body
+    return [(e["event"], e["detail"]) for e in reversed(body["items"])]
+
+
+@pytest.mark.postgresql_only
+@pytest_twisted.ensureDeferred
+async def test_a_connection_on_a_node_that_died_is_recorded_ended_whenever_the_station_comes_back(csms_factory):
+    """A node that dies records no end for its connections: the node the station connects to next does,
+    as ``replaced`` while the dead node still holds the station, as lost once the dead node was swept."""
+    a, b, c = await three_nodes(csms_factory)
+    await connected_to(a, (b, c), "CP-1")
+    await connected_to(a, (b, c), "CP-2")
+    await a.app.cluster.stop_listening()  # A died: no heartbeat, hears nothing, closes nothing
+    # Before A's lease expires: A still holds CP-1, the new connection replaces it.
+    await b.connect_booted("CP-1")
+    assert await c.probe.next("presence", "CP-1") == ("B", "A")
+    assert await connection_events(c, "CP-1") == [("connected", None), ("replaced", "connected to node B"),
+                                                  ("connected", None)]
+    await renew(c, LEASE + HEARTBEAT)
+    await renew(b, LEASE + HEARTBEAT)  # B finds A's lease expired: CP-2 is connected nowhere now
+    assert await c.probe.next("presence", "CP-2") == (None, "A")
+    await c.connect_booted("CP-2")
+    assert await c.probe.next("disconnected", "CP-2") == UNRECORDED_END
+    assert await connection_events(b, "CP-2") == [("connected", None), ("disconnected", UNRECORDED_END),
+                                                  ("connected", None)]
 
 
 @pytest.mark.postgresql_only
