@@ -58,14 +58,14 @@ def _date_time(value: str) -> bool:
     return "T" in value or "t" in value
 
 
-def _bound_integers(schema):
+def bound_integers(schema):
     """``schema`` with every integer confined to the signed 64-bit range (bounds it has are kept when
     narrower)."""
     if isinstance(schema, list):
-        return [_bound_integers(item) for item in schema]
+        return [bound_integers(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    bounded = {key: value if key == "enum" else _bound_integers(value) for key, value in schema.items()}
+    bounded = {key: value if key == "enum" else bound_integers(value) for key, value in schema.items()}
     kind = schema.get("type")
     if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
         bounded["minimum"] = max(schema.get("minimum", INT64_MIN), INT64_MIN)
@@ -138,7 +138,7 @@ def schemas_in(directory, *actions: str) -> dict:
 
 
 def _compile(schema: dict):
-    return fastjsonschema.compile(_bound_integers(schema), formats={"date-time": _date_time})
+    return fastjsonschema.compile(bound_integers(schema), formats={"date-time": _date_time})
 
 
 class SchemaRegistry:

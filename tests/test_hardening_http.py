@@ -208,7 +208,7 @@ REPRODUCTIONS = [
     ("POST", "/id-tags", {"id_tag": "T-1", "expiry_date": "0001-01-01T00:00:00+01:00"}, 422, "validation_failed"),
     ("PATCH", "/id-tags/TAG-SWEEP", {"expiry_date": "9999-12-31T23:59:59-01:00"}, 422, "validation_failed"),
     ("POST", "/stations/CP-SWEEP/reservations", {**RESERVE, "expiry_date": "9999-12-31T23:59:59-01:00"}, 422,
-     "invalid_expiry_date"),
+     "validation_failed"),
     ("POST", "/stations/CP-SWEEP/calls/ReserveNow", {"connectorId": 1, "idTag": "T", "reservationId": 1,
                                                       "expiryDate": "0001-01-01T00:00:00+01:00"}, 422,
      "invalid_ocpp_payload"),

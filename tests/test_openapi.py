@@ -40,6 +40,19 @@ async def test_the_served_document_is_valid_openapi_3_1(csms_factory):
         _valid.add(key)
 
 
+def resolved(schema, components: dict):
+    """``schema`` with every reference to a component replaced by the component (itself resolved)."""
+    if isinstance(schema, list):
+        return [resolved(item, components) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        return resolved(components[ref.rsplit("/", 1)[1]], components)
+    return {key: value if key in ("enum", "const", "default", "examples", "required") else resolved(value, components)
+            for key, value in schema.items()}
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_route_of_every_plugin_has_typed_bodies_and_error_answers(csms_factory):
     csms = await every_plugin(csms_factory)
@@ -56,7 +69,13 @@ async def test_every_route_of_every_plugin_has_typed_bodies_and_error_answers(cs
     assert remote_start["requestBody"]["content"]["application/json"]["schema"] == \
         {"$ref": "#/components/schemas/RemoteStartBody"}
     route = next(r for r in csms.app.api_router.routes if r.template == "/stations/{station_id}/remote-start")
-    assert document["components"]["schemas"]["RemoteStartBody"] == route.body
+    components = document["components"]["schemas"]
+    assert resolved(components["RemoteStartBody"], components) == route.body
+    # Down to the OCPP parts it holds, typed as the OCPP 1.6 schema types them.
+    charging_profile = route.body["properties"]["charging_profile"]
+    assert charging_profile["title"] == "ChargingProfile"
+    assert charging_profile["properties"]["chargingSchedule"]["required"] == ["chargingRateUnit",
+                                                                              "chargingSchedulePeriod"]
     assert set(remote_start["responses"]) >= {"200", "404", "409", "422", "502", "504"}
     assert document["paths"]["/openapi.json"]["get"]["security"] == []
     # What plugins add to the station views is typed too (Router.extend_schema).

@@ -432,7 +432,11 @@ async def test_bad_profiles_are_refused_with_422_and_nothing_sent(csms):
             assert body["error"]["code"] == "invalid_charging_profile", (name, via)
             assert field in [p["field"] for p in body["error"]["details"]["problems"]], (name, via, body)
     for name, profile in SCHEMA_BAD:
+        # The friendly route's body is typed as OCPP's ChargingProfile; the generic route checks the payload.
         status, body, _ = await set_profile(csms, "CP-BAD", 0, profile)
+        assert (status, body["error"]["code"]) == (422, "validation_failed"), name
+        status, body, _ = await csms.api("POST", BASE.format("CP-BAD") + "/calls/SetChargingProfile",
+                                         json={"connectorId": 0, "csChargingProfiles": profile})
         assert (status, body["error"]["code"]) == (422, "invalid_ocpp_payload"), name
     assert station.received_calls == sent_before
     assert await installed(csms, "CP-BAD", "?state=all") == []

@@ -23,6 +23,33 @@ DATE_TIME = {"type": "string", "format": "date-time"}
 ANY_OBJECT = {"type": "object"}
 
 
+def ocpp_schema(message: str, *path: str, title: str, description: str | None = None) -> dict:
+    """A part of an OCPP 1.6 message's JSON schema as a titled schema (a component of the document):
+    ``message`` names the ``ocpp`` package's schema ("SetChargingProfile", "GetCompositeScheduleResponse"),
+    ``path`` the keys down to the part ("properties", "csChargingProfiles"). The part is the one the CSMS
+    validates what it sends against (its references inlined, every integer within the signed 64-bit range,
+    as :mod:`csms.schemas` compiles it), so a route whose body holds it refuses what the station would."""
+    from csms.api.openapi import ocpp_component
+    from csms.schemas import SchemaRegistry, bound_integers
+
+    part = ocpp_component(SchemaRegistry().schema(message))
+    for key in path:
+        part = part[key]
+    part = {**bound_integers(part), "title": title}
+    if description:
+        part["description"] = description
+    return part
+
+
+#: An OCPP 1.6 ChargingProfile (SetChargingProfile's csChargingProfiles, RemoteStartTransaction's
+#: chargingProfile: the same schema), and its ChargingSchedule.
+CHARGING_SCHEDULE = ocpp_schema("GetCompositeScheduleResponse", "properties", "chargingSchedule",
+                                title="ChargingSchedule", description="An OCPP 1.6 ChargingSchedule")
+CHARGING_PROFILE = ocpp_schema("SetChargingProfile", "properties", "csChargingProfiles", title="ChargingProfile",
+                               description="An OCPP 1.6 ChargingProfile, as the OCPP 1.6 JSON schema spells it")
+CHARGING_PROFILE["properties"]["chargingSchedule"] = CHARGING_SCHEDULE
+
+
 def nullable(schema: dict) -> dict:
     """``schema`` or null (OpenAPI 3.1: a type list with "null")."""
     kind = schema.get("type")

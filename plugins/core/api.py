@@ -11,7 +11,7 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import Response, paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.api.types import BOOLEAN, INTEGER, array, columns, enum, nullable, ocpp_response, page, record
+from csms.api.types import BOOLEAN, CHARGING_PROFILE, INTEGER, array, columns, enum, nullable, ocpp_response, page, record
 from csms.ocpp16 import parse_datetime
 
 from .plugin import OperatorStopRefused
@@ -63,8 +63,7 @@ def _object(properties: dict, required: tuple = ()) -> dict:
 
 
 REMOTE_START = _object({"id_tag": ID_TAG, "connector_id": CONNECTOR,
-                        "charging_profile": {"type": "object", "description": "An OCPP chargingProfile "
-                                             "(TxProfile), as the OCPP 1.6 schema spells it"}}, ("id_tag",))
+                        "charging_profile": CHARGING_PROFILE}, ("id_tag",))
 REMOTE_STOP = _object({"transaction_id": {"type": "integer",
                                           "description": "Default: the station's only active transaction"}})
 RESET = _object({"type": {"type": "string", "enum": ["Soft", "Hard"], "description": "Default: Soft"}})

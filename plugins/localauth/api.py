@@ -7,7 +7,7 @@ from csms.api.errors import ApiError, conflict, not_found, unprocessable
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION
 from csms.api.stations import send_call
-from csms.api.types import ANY_OBJECT, BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, page, record
+from csms.api.types import BOOLEAN, INTEGER, TEXT, array, columns, enum, nullable, ocpp_schema, page, record
 
 from .lists import UPDATE_TYPES
 from .plugin import MAX_LIST_KEY, MAX_SEND_KEY, IdTagsUnavailable, ListTooLong, NothingToSend, version_matches
@@ -31,13 +31,15 @@ TAGS_BODY = {
 _STATE = columns(stations, "selection", "sent_version", "sent_update_type", "sent_at", "acknowledged_version",
                  "acknowledged_at", "reported_version", "reported_at", "last_status", "last_status_at", "last_error",
                  "not_supported")
+ID_TAG_INFO = ocpp_schema("SendLocalList", "properties", "localAuthorizationList", "items", "properties", "idTagInfo",
+                          title="IdTagInfo", description="An OCPP 1.6 IdTagInfo")
 CHANGES = record({"added": array(TEXT), "changed": array(TEXT), "removed": array(TEXT)}, title="LocalListChanges")
 LOCAL_LIST = record({
     "station_id": TEXT, **_STATE,
     "id_tags": nullable(array(TEXT, description="The chosen id tags; null: every id tag")),
     "version_matches": nullable(BOOLEAN),
     "limits": record({MAX_LIST_KEY: nullable(INTEGER), MAX_SEND_KEY: nullable(INTEGER)}, title="LocalListLimits"),
-    "entries": array(record({"idTag": TEXT, "idTagInfo": dict(ANY_OBJECT, description="OCPP IdTagInfo")}),
+    "entries": array(record({"idTag": TEXT, "idTagInfo": ID_TAG_INFO}),
                      description="The list as the station acknowledged it"),
     "pending_changes": nullable(CHANGES),
 }, title="LocalList")

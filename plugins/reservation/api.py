@@ -20,7 +20,8 @@ RESERVE = {
     "properties": {
         "connector_id": {"type": "integer", "minimum": 0,
                          "description": "A connector the station has reported, or 0 for the whole station"},
-        "expiry_date": {"type": "string", "minLength": 1, "description": "ISO 8601 date-time, in the future"},
+        "expiry_date": {"type": "string", "format": "date-time",
+                        "description": "ISO 8601 date-time with an offset (or Z), in the future"},
         "id_tag": ID_TAG,
         "parent_id_tag": dict(ID_TAG, description="Default: the id tag's parent as the CSMS holds it"),
     },

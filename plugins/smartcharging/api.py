@@ -7,8 +7,8 @@ from csms.api.inputs import INT32_MAX
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION, Path, Query
 from csms.api.stations import send_call
-from csms.api.types import (ANY_OBJECT, BOOLEAN, DATE_TIME, INTEGER, NUMBER, array, columns, enum, nullable,
-                            ocpp_response, page, record)
+from csms.api.types import (BOOLEAN, CHARGING_PROFILE, CHARGING_SCHEDULE, DATE_TIME, INTEGER, NUMBER, array,
+                            columns, enum, nullable, ocpp_response, page, record)
 from csms.ocpp16 import format_datetime, parse_datetime
 
 from . import composite
@@ -21,8 +21,7 @@ SET_PROFILE = {
     "type": "object", "additionalProperties": False, "required": ["connector_id", "charging_profile"],
     "properties": {
         "connector_id": dict(CONNECTOR, description="0 for the whole station (ChargePointMaxProfile, TxDefaultProfile)"),
-        "charging_profile": {"type": "object", "description": "An OCPP 1.6 ChargingProfile (csChargingProfiles), "
-                                                              "sent as given"},
+        "charging_profile": CHARGING_PROFILE,
     },
 }
 CLEAR = {
@@ -65,15 +64,20 @@ COMMAND_RESPONSES = {"200": "The station's answer", "404": "Unknown station", "4
                      "422": "Invalid profile; nothing was sent", "502": "The station answered with an error",
                      "504": "The station did not answer in time"}
 
-PROFILE_RECORD = record({**columns(profiles), "profile": dict(ANY_OBJECT, description="The OCPP ChargingProfile "
-                                                                                      "as sent")},
-                        title="ChargingProfileRecord")
+PROFILE_RECORD = record({**columns(profiles), "profile": CHARGING_PROFILE}, title="ChargingProfileRecord")
+#: The composite schedule as this API shows it: OCPP's ChargingSchedule, a period limit of null marking a gap
+#: no profile limits (OCPP has no way to say it).
+COMPOSITE_SCHEDULE = dict(CHARGING_SCHEDULE, title="CompositeChargingSchedule",
+                          description="An OCPP ChargingSchedule; a period limit of null marks an unlimited gap")
+_PERIOD = COMPOSITE_SCHEDULE["properties"]["chargingSchedulePeriod"]
+COMPOSITE_SCHEDULE["properties"] = dict(COMPOSITE_SCHEDULE["properties"], chargingSchedulePeriod=dict(
+    _PERIOD, items=dict(_PERIOD["items"], properties=dict(_PERIOD["items"]["properties"],
+                                                          limit=nullable(_PERIOD["items"]["properties"]["limit"])))))
 SET_RESULT = record({"status": enum(("Accepted", "Rejected", "NotSupported")), "profile": nullable(PROFILE_RECORD)})
 CLEAR_RESULT = record({"status": enum(("Accepted", "Unknown")),
                        "cleared": array(INTEGER, description="Records (id) the station's answer closed")})
 SCHEDULE = record({"start": DATE_TIME, "duration": INTEGER, "chargingRateUnit": enum(("A", "W")),
-                   "chargingSchedule": nullable(dict(ANY_OBJECT, description="An OCPP ChargingSchedule; a period "
-                                                     "limit of null marks an unlimited gap"))},
+                   "chargingSchedule": nullable(COMPOSITE_SCHEDULE)},
                   title="CompositeScheduleView")
 PREVIEW = record({**SCHEDULE["properties"], "connectorId": INTEGER})
 DIFFERENCE = record({"from": DATE_TIME, "to": DATE_TIME, "station_limit": nullable(NUMBER),
