@@ -7,6 +7,7 @@
     csms-admin db current                        # where each migration history stands
     csms-admin db history [--plugin core]
     csms-admin db revision --plugin acmehub -m "hello firmware version" --autogenerate
+    csms-admin config settings [--plugin core]   # each plugin's [plugin:NAME] settings with their docs
 
 It reads the server's configuration the way ``twistd csms`` does (``--config``, else etc/csms.ini when
 it exists) and says which database it opened. It creates no database: a token written to a database
@@ -19,6 +20,7 @@ import argparse
 import os
 import re
 import sys
+import textwrap
 import warnings
 
 from csms.config import ConfigError, display_url, load_config, validate
@@ -263,6 +265,52 @@ def revision_command(args, config) -> int:
     return 0
 
 
+def config_command(args) -> int:
+    """``config settings``: the ``[plugin:NAME]`` settings of every enabled plugin (``--plugin``: of one
+    installed plugin, enabled or not), each with its doc, type and default, as a config file holds them:
+    the value is the config's where it gives one, else the default. Reads no database."""
+    from csms.plugins import available_plugins, loaded_plugins, make_plugin_manager
+
+    config, config_file = _config(args)
+    if args.plugin is None:
+        pm = make_plugin_manager(config.enabled_plugins, config.blocked_plugins)
+        which = "the enabled plugins"
+    else:
+        installed = available_plugins()
+        if args.plugin not in installed:
+            raise AdminError(f"no plugin {args.plugin!r} is installed (installed: {', '.join(sorted(installed))})")
+        pm = make_plugin_manager([args.plugin])
+        which = f"plugin {args.plugin}"
+    source = config_file or f"the built-in defaults (no {DEFAULT_CONFIG} here)"
+    print(f"csms-admin: the settings of {which}, with the values of {source}", file=sys.stderr)
+    blocks = [settings_block(plugin, config.plugin_settings.get(plugin.name, {})) for plugin in loaded_plugins(pm)]
+    print("\n\n".join(blocks))
+    return 0
+
+
+def settings_block(plugin, values: dict) -> str:
+    """One plugin's section as ``config settings`` prints it: each setting's doc and ``(type, default)``
+    as comments above ``name = value``; keys of ``values`` it does not declare as comments too."""
+    from csms.config import ini_value
+    from csms.plugins import declared_settings
+
+    settings = declared_settings(plugin)
+    if settings is None:
+        return f"# [plugin:{plugin.name}]: declares no settings (its section is read unchecked)"
+    if not settings:
+        return f"# [plugin:{plugin.name}]: no settings"
+    lines = [f"[plugin:{plugin.name}]"]
+    for setting in settings:
+        lines += textwrap.wrap(" ".join(setting.doc.split()), width=100, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"# ({setting.summary()})")
+        given = values.get(setting.name)
+        lines.append(f"{setting.name} = {ini_value(setting.default) if given is None else given}".rstrip())
+    declared = {setting.name for setting in settings}
+    for key in sorted(set(values) - declared):
+        lines.append(f"# {key} = {values[key]}: not a setting of {plugin.name} (start-up refuses it)")
+    return "\n".join(lines)
+
+
 def tokens_scopes():
     from csms.api.tokens import SCOPES
     return SCOPES
@@ -273,7 +321,7 @@ def webhooks_command(args) -> int:
     csms_plugins.webhooks.worker); logs as the server does, exits 0 once stopped."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from csms.config import PluginSettings
+    from csms.config import PluginSettings, unknown_setting
     from csms.migrations import pending, states
 
     opened = open_database(args, create=False, migrate=False)
@@ -302,7 +350,7 @@ def webhooks_command(args) -> int:
     given = config.plugin_settings.get("webhooks", {})
     unknown = sorted(set(given) - declared)
     if unknown:
-        raise ConfigError(f"[plugin:webhooks] has no setting {unknown[0]!r}")
+        raise unknown_setting("webhooks", unknown[0], WebhooksPlugin.settings)
     settings = WebhooksPlugin.read_settings(PluginSettings("webhooks", given, WebhooksPlugin.settings))
     globalLogBeginner.beginLoggingTo([CSMSLogObserver(sys.stdout, config.log_level, config.log_format)],
                                      redirectStandardIO=False)
@@ -336,6 +384,11 @@ def main(argv=None) -> int:
                           help="fill it with what the plugin's tables changed since its last migration")
     revision.add_argument("--against", metavar="URL",
                           help="autogenerate on this database (rolled back) instead of an in-memory SQLite one")
+    config = sub.add_parser("config", help="the configuration (docs/hooks.md, Settings)").add_subparsers(
+        dest="action", required=True)
+    settings = config.add_parser("settings", help="every enabled plugin's [plugin:NAME] settings: doc, type, "
+                                                  "default, and the value the config gives")
+    settings.add_argument("--plugin", help="one installed plugin's, enabled or not")
     webhooks = sub.add_parser("webhooks", help="webhook delivery (docs/webhooks.md)").add_subparsers(
         dest="action", required=True)
     webhooks.add_parser("deliver", help="deliver the outbox's webhook events until stopped (SIGTERM, Ctrl-C); "
@@ -349,6 +402,8 @@ def main(argv=None) -> int:
             return db_command(args)
         if args.command == "webhooks":
             return webhooks_command(args)
+        if args.command == "config":
+            return config_command(args)
         opened = open_database(args)
     except (ConfigError, PluginError) as exc:
         print(f"csms-admin: {exc}", file=sys.stderr)

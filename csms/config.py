@@ -8,6 +8,7 @@ plugin declares (:class:`Setting`); they are checked once the plugins are loaded
 from __future__ import annotations
 
 import configparser
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +157,17 @@ class Setting:
         if self.choices and self.default not in self.choices:
             raise TypeError(f"setting {self.name!r}: default {self.default!r} is not one of its choices")
 
+    def summary(self) -> str:
+        """Its type, choices and default as an operator is shown them: ``int, default 300``."""
+        kind = self.type.__name__
+        if self.choices:
+            kind += f", one of {', '.join(ini_value(choice) for choice in self.choices)}"
+        return f"{kind}, default {ini_value(self.default) or 'empty'}"
+
+    def described(self) -> str:
+        """``type, default ...: "doc"``, on one line: what an error about this setting quotes."""
+        return f"{self.summary()}: \"{' '.join(self.doc.split())}\""
+
     def parse(self, raw: str | None, section: str):
         """The typed value of ``raw`` (None: the key is absent), or ConfigError naming the line."""
         if raw is None:
@@ -175,6 +187,34 @@ class Setting:
             raise ConfigError(f"[{section}] {self.name} must be one of {', '.join(map(str, self.choices))}, "
                               f"not {raw!r}")
         return value
+
+
+def ini_value(value) -> str:
+    """``value`` as a config file writes it (``true``/``false`` for a bool)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+#: Where an operator reads every setting of an installed plugin with its doc (csms.admin).
+SETTINGS_COMMAND = "csms-admin config settings --plugin {name}"
+
+
+def unknown_setting(name: str, key: str, settings, installed: bool = True) -> ConfigError:
+    """The error for ``key`` in ``[plugin:NAME]``, which the plugin does not declare: its settings, the
+    closest one with its doc (difflib), and, for an installed plugin, the command listing all with theirs."""
+    known = sorted(setting.name for setting in settings)
+    message = f"[plugin:{name}] has no setting {key!r}"
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        (setting,) = [setting for setting in settings if setting.name == close[0]]
+        message += f": did you mean {setting.name} ({setting.described()})? "
+    else:
+        message += ". "
+    message += f"Its settings: {', '.join(known) or 'none'}"
+    if installed and known:
+        message += f"; `{SETTINGS_COMMAND.format(name=name)}` shows each with its doc"
+    return ConfigError(message)
 
 
 class PluginSettings:
@@ -235,10 +275,12 @@ def check_plugin_sections(config: Config, declared: dict, installed) -> None:
         values = config.plugin_settings.get(name, {})
         for key in values:
             if key not in known:
-                raise ConfigError(f"[plugin:{name}] has no setting {key!r} "
-                                  f"(known: {', '.join(sorted(known)) or 'none'})")
+                raise unknown_setting(name, key, settings, installed=name in installed)
         for setting in settings:
-            setting.parse(values.get(setting.name), f"plugin:{name}")
+            try:
+                setting.parse(values.get(setting.name), f"plugin:{name}")
+            except ConfigError as exc:  # what the value is for, beside why it cannot be
+                raise ConfigError(f"{exc} ({setting.name}: {setting.described()})") from None
         config.declared_settings[name] = tuple(settings)
 
 

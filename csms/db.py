@@ -242,9 +242,14 @@ class Database:
     def stop(self) -> None:
         if self._started:
             stats = self.stats
-            log.info("Database: {functions} functions in {transactions} transactions "
-                     "({retries} retried, {isolated} rerun in savepoints; waited {lock_waits} times, "
-                     "{lock_wait_ms} ms in all, for SQLite's write lock held by another process)", **stats)
+            if self.is_sqlite:
+                log.info("Database: {functions} functions in {transactions} transactions "
+                         "({retries} retried, {isolated} rerun in savepoints; waited {lock_waits} times, "
+                         "{lock_wait_ms} ms in all, for SQLite's write lock held by another process)", **stats)
+            else:
+                # PostgreSQL locks rows, not the database: lock_waits stays 0 there (see _begin_immediate).
+                log.info("Database: {functions} functions in {transactions} transactions "
+                         "({retries} retried, {isolated} rerun in savepoints)", **stats)
             self._started = False
             self._stopped = True
             # Work still queued would never run once the pool's threads are gone: fail it instead of

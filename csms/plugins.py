@@ -11,6 +11,7 @@ in ``shared_actions``.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from importlib.metadata import entry_points
@@ -33,6 +34,12 @@ FRAMEWORK_TABLE_PREFIX = "csms_"
 
 class PluginError(Exception):
     """A plugin could not be loaded: not installed, not providing ICSMSPlugin, or misspelt hooks."""
+
+
+def origin(plugin) -> str:
+    """Where ``plugin`` (an object or a class) is defined, as an entry point names it: ``module:Class``."""
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def available_plugins() -> dict:
@@ -236,17 +243,50 @@ def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugi
         check_plugin(plugin)
         if plugin.name != name:
             raise PluginError(f"entry point {name!r} loads a plugin named {plugin.name!r}")
-        pm.register(plugin, name=name)
+        register(pm, plugin, name)
     for plugin in extra_plugins:
         plugin = _instantiate(plugin)
         check_plugin(plugin)
-        pm.register(plugin, name=plugin.name)
-    try:
+        register(pm, plugin, plugin.name)
+    try:  # the net under check_hook_names: a hook implemented by anything else registered
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from None
     check_action_ownership(pm)
     return pm
+
+
+def register(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    """Register ``plugin`` as ``name``; a hook implementation pluggy refuses, or one of a hook that does
+    not exist, is a PluginError naming the plugin, where it is defined and the hook."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # e.g. an argument the hookspec does not have
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise PluginError(f"plugin {name!r} ({origin(plugin)}): {'; '.join(lines)}") from None
+    check_hook_names(pm, plugin, name)
+
+
+def hook_names(pm: pluggy.PluginManager) -> list[str]:
+    """Every hook the Central System declares (csms.hookspecs)."""
+    return sorted(name for name, caller in vars(pm.hook).items()
+                  if not name.startswith("_") and caller.spec is not None)
+
+
+def check_hook_names(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    """Refuse a hook implementation of ``plugin`` whose name no hookspec has (a misspelt
+    ``csms_on_staton_connected`` would never be called), naming the closest hook that exists.
+
+    pluggy's ``check_pending`` finds the same, but names the plugin by its ``repr`` only.
+    """
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.spec is not None:
+            continue
+        if not any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+            continue
+        close = difflib.get_close_matches(caller.name, hook_names(pm), n=1)
+        hint = f": did you mean {close[0]}?" if close else " (every hook is in docs/hooks.md)"
+        raise PluginError(f"plugin {name!r} ({origin(plugin)}) implements {caller.name}, which is not a hook{hint}")
 
 
 def loaded_plugins(pm: pluggy.PluginManager) -> list:

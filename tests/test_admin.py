@@ -237,3 +237,70 @@ def test_db_revision_autogenerate_writes_the_plugins_next_migration(tmp_path, ca
         (core,) = [h for h in histories(make_plugin_manager(["core"])) if h.name == "core"]
         assert differences(conn, core) == []
     engine.dispose()
+
+
+# -- config settings: what each plugin's [plugin:NAME] settings are for --------------------------------------
+
+
+def plugins_config(tmp_path, text: str) -> str:
+    path = tmp_path / "csms.ini"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_config_settings_shows_each_enabled_plugins_settings_with_doc_type_default_and_value(tmp_path, capsys):
+    """The config's value where it gives one (else the default), and a key the plugin does not declare."""
+    config = plugins_config(tmp_path, "[plugins]\nenabled = core, acmehub\n"
+                                      "[plugin:core]\nheartbeat_interval = 120\nheartbeat_intervall = 60\n")
+    status, out, err = admin(capsys, "--config", config, "config", "settings")
+    assert status == 0
+    assert err == f"csms-admin: the settings of the enabled plugins, with the values of {config}\n"
+    assert out == """[plugin:core]
+# Heartbeat interval handed to Accepted stations, in seconds.
+# (int, default 300)
+heartbeat_interval = 120
+# Interval handed to Pending or Rejected stations before they boot again, in seconds.
+# (int, default 60)
+boot_retry_interval = 60
+# Answer ConcurrentTx for an id tag that already has a transaction running.
+# (bool, default true)
+concurrent_tx_check = true
+# Seconds Authorize answers from memory per id tag (0: always ask the database).
+# (float, default 60.0)
+id_tag_cache_seconds = 60.0
+# heartbeat_intervall = 60: not a setting of core (start-up refuses it)
+
+# [plugin:acmehub]: no settings
+"""
+
+
+def test_config_settings_prints_every_default_as_a_config_file_reads_it(tmp_path, capsys):
+    """Each printed line, read back as the server reads the file, gives the setting's default: types,
+    booleans, empty strings and choices included."""
+    import configparser
+
+    from csms.plugins import available_plugins, declared_settings
+
+    names = [name for name, entry in sorted(available_plugins().items())
+             if declared_settings(entry.load()) and name != "acmehub"]
+    config = plugins_config(tmp_path, f"[plugins]\nenabled = {', '.join(names)}\n")
+    status, out, _ = admin(capsys, "--config", config, "config", "settings")
+    assert status == 0
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(out)
+    assert parser.sections() == [f"plugin:{name}" for name in names]
+    for name in names:
+        settings = declared_settings(available_plugins()[name].load())
+        assert parser.options(f"plugin:{name}") == [setting.name for setting in settings]
+        for setting in settings:
+            assert setting.parse(parser.get(f"plugin:{name}", setting.name), name) == setting.default, setting
+
+
+def test_config_settings_of_one_installed_plugin_enabled_or_not(tmp_path, capsys):
+    config = plugins_config(tmp_path, "[plugins]\nenabled = core\n")
+    status, out, err = admin(capsys, "--config", config, "config", "settings", "--plugin", "smartcharging")
+    assert status == 0 and err.startswith("csms-admin: the settings of plugin smartcharging, ")
+    assert out.startswith("[plugin:smartcharging]\n# ")
+    status, out, err = admin(capsys, "--config", config, "config", "settings", "--plugin", "smartcharge")
+    assert status == 1 and out == ""
+    assert err.startswith("csms-admin: no plugin 'smartcharge' is installed (installed: acmehub, core, ")

@@ -174,6 +174,72 @@ def test_plugin_with_a_misspelt_hook_name_raises_plugin_error(install):
         make_plugin_manager(["core", "typo"])
 
 
+def test_a_misspelt_hook_is_refused_naming_the_plugin_its_class_and_the_hook_meant(install):
+    """The refusal says which plugin (its name, which is its [plugin:NAME] section, and where its class
+    is), the misspelt hook, and the closest hook that exists; pluggy alone named the object's repr."""
+    source = '''
+        from zope.interface import implementer
+        from csms.hookspecs import hookimpl
+        from csms.interfaces import ICSMSPlugin
+
+        @implementer(ICSMSPlugin)
+        class Listener:
+            name = "listener"
+            profile = None
+            inbound_actions = ()
+            outbound_actions = ()
+
+            @hookimpl
+            def csms_on_staton_connected(self, station_id, station):
+                pass
+    '''
+    install("listener_vendor", {"listener_vendor": source}, {"listener": "listener_vendor:Listener"})
+    with pytest.raises(PluginError) as refused:
+        make_plugin_manager(["core", "listener"])
+    assert str(refused.value) == ("plugin 'listener' (listener_vendor:Listener) implements csms_on_staton_connected, "
+                                  "which is not a hook: did you mean csms_on_station_connected?")
+
+
+def test_a_hook_nothing_resembles_is_refused_pointing_to_the_hook_reference():
+    @implementer(ICSMSPlugin)
+    class Inventive:
+        name = "inventive"
+        profile = None
+        inbound_actions = ()
+        outbound_actions = ()
+
+        @hookimpl
+        def make_coffee(self):
+            pass
+
+    with pytest.raises(PluginError) as refused:
+        make_plugin_manager(["core"], extra_plugins=[Inventive])
+    assert str(refused.value) == (
+        "plugin 'inventive' (test_plugins:test_a_hook_nothing_resembles_is_refused_pointing_to_the_hook_reference."
+        "<locals>.Inventive) implements make_coffee, which is not a hook (every hook is in docs/hooks.md)")
+
+
+def test_a_hook_implementation_with_an_argument_its_hook_lacks_is_a_plugin_error_naming_the_plugin():
+    """pluggy refuses it at registration, with its own exception: a traceback at start-up, where every
+    other refusal of a plugin is a PluginError in one line."""
+    @implementer(ICSMSPlugin)
+    class Listener:
+        name = "listener"
+        profile = None
+        inbound_actions = ()
+        outbound_actions = ()
+
+        @hookimpl
+        def csms_on_station_connected(self, sesion):
+            pass
+
+    with pytest.raises(PluginError) as refused:
+        make_plugin_manager(["core"], extra_plugins=[Listener])
+    message = str(refused.value)
+    assert message.startswith("plugin 'listener' (test_plugins:") and "csms_on_station_connected" in message
+    assert "'sesion'" in message and "\n" not in message
+
+
 def test_plugin_whose_name_differs_from_its_entry_point_raises_plugin_error(install):
     install("acme_vendor", {"acme_vendor": ACME_PLUGIN},
                          {"acme-pro": "acme_vendor:AcmePlugin"})

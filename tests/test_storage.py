@@ -300,6 +300,23 @@ def test_work_given_after_stop_fails_at_once_instead_of_waiting_for_ever(databas
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_statistics_logged_at_stop_speak_of_the_database_in_use(db):
+    """SQLite's line counts the waits for its file's write lock; PostgreSQL's has no such lock to wait for,
+    and its line said it waited 0 times for SQLite's."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    await db.run(lambda conn: conn.execute(probe.insert().values(key="k", value=1)), desc="one")
+    with capturedLogs() as events:
+        db.stop()
+    (line,) = [formatEvent(event) for event in events if event.get("log_namespace") == "csms.db"]
+    assert line.startswith("Database: 1 functions in 1 transactions (0 retried, 0 rerun in savepoints")
+    if db.is_sqlite:
+        assert line.endswith("; waited 0 times, 0 ms in all, for SQLite's write lock held by another process)")
+    else:
+        assert line.endswith("rerun in savepoints)") and "SQLite" not in line
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_checkpoints_run_beside_the_writer_not_in_its_commits(tmp_path):
     """The writer's connections leave the WAL to the checkpoint thread (a commit that checkpoints makes
     every call waiting for it wait for the copy and its fsync), which copies it all back each round."""
