@@ -21,7 +21,9 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from OpenSSL import SSL
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -57,6 +59,16 @@ def _logged(result, what: str):
     if isinstance(result, Failure):
         log.failure("Could not record the {what} connection event", result, what=what)
     return None
+
+
+def tls_error_text(error) -> str | None:
+    """OpenSSL's reasons for ``error`` ("http request", "certificate verify failed; ..."), or None when it
+    is not a TLS error."""
+    if not isinstance(error, SSL.Error):
+        return None
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[2] for entry in entries if isinstance(entry, tuple) and len(entry) == 3 and entry[2]]
+    return "; ".join(reasons) or str(error) or type(error).__name__
 
 
 def _code_and_reason(code, reason) -> str:
@@ -152,6 +164,16 @@ class OCPPServerProtocol(WebSocketServerProtocol):
                 pass  # not a TCP socket after all (or already gone)
 
     def connectionLost(self, reason):
+        tls_error = tls_error_text(reason.value)
+        if tls_error is not None:
+            # Autobahn logs a connection lost to a TLS error at error level, one line each: anyone who can
+            # reach a TLS port makes one at will (plain HTTP, an old version, a refused certificate, a bad
+            # record), and it is no fault of the Central System. The TLS listener counts them and sums them
+            # up (the security plugin's: docs/security.md); Autobahn is told of a lost connection (logged at
+            # debug), and the disconnect's detail keeps what TLS said.
+            if self.wasNotCleanReason is None:
+                self.wasNotCleanReason = f"TLS error: {tls_error}"
+            reason = Failure(ConnectionLost(f"TLS error: {tls_error}"))
         try:
             super().connectionLost(reason)
         finally:

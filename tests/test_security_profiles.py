@@ -10,15 +10,17 @@ from conftest import error_of
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, ISSLTransport
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
-from test_hardening_ws import logged  # noqa: F401  (fixture)
+from test_hardening_ws import disconnect_detail, logged  # noqa: F401  (logged: a fixture)
 
 from csms.passwords import hash_password
 from csms.service import StartupError
 from csms.testing import StationRefused
 from csms.testing.pki import make_ca, make_certificate
 from csms.testing.station import connect_station
+from csms_plugins.security.tls import TLSListener, tls_failure_kind
 
 WAIT = 10
 BOOT = {"chargePointVendor": "TestVendor", "chargePointModel": "TestModel"}
@@ -166,33 +168,49 @@ class RawContext:
 def handshake(csms, context) -> defer.Deferred:
     probe = HandshakeProbe()
     factory = protocol.ClientFactory.forProtocol(lambda: probe)
+    factory.noisy = False  # no "Starting factory" lines in the logs the abuse tests count
     reactor.connectSSL("127.0.0.1", tls_port(csms), factory, context)
     return probe.done.addTimeout(WAIT, reactor)
 
 
-async def outcome_counted(csms, name: str, count: int = 1) -> None:
+def counted(csms, total: int = 1) -> defer.Deferred:
+    """Fires with the listener's outcomes once it has counted ``total`` connections that never finished
+    their handshake (fails after WAIT seconds)."""
     listener = profiles_of(csms).listener
-    for _ in range(200):
-        if listener.outcomes[name] >= count:
-            return
-        await deferLater(0.01)
-    raise AssertionError(f"outcome {name} not counted: {dict(listener.outcomes)}")
+    if sum(listener.outcomes.values()) >= total:
+        return defer.succeed(dict(listener.outcomes))
+    done = defer.Deferred()
+    count = listener.outcome
+
+    def counting(*args, **kwargs):
+        count(*args, **kwargs)
+        if sum(listener.outcomes.values()) >= total and not done.called:
+            # On the reactor's next turn: the connection counted finishes closing first (and logs what it logs).
+            reactor.callLater(0, lambda: done.called or done.callback(dict(listener.outcomes)))
+    listener.outcome = counting
+    return done.addTimeout(WAIT, reactor)
+
+
+async def outcome_counted(csms, name: str, count: int = 1) -> None:
+    outcomes = await counted(csms, count)
+    assert outcomes.get(name, 0) >= count, outcomes
 
 
 # -- TC_086: the TLS server side ------------------------------------------------------------------
 
 
-def tls_lines(logged) -> list[str]:
+def tls_lines(logged) -> list[str]:  # noqa: F811 (the fixture)
     return [text for _, namespace, text in logged if namespace == "csms.security.tls"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_TC_086_CSMS_tls_1_1_client_is_refused(csms_factory, pki, logged):
+async def test_TC_086_CSMS_tls_1_1_client_is_refused(csms_factory, pki, logged):  # noqa: F811 (the fixture)
     # A suite TLS 1.1 has, at OpenSSL's lowest security level: only the CSMS's TLS 1.2 minimum refuses it.
     csms = await csms_factory(config_text=tls_config(pki, extra="tls_ciphers = AES128-SHA:@SECLEVEL=0\n"))
     with pytest.raises(SSL.Error):
         await handshake(csms, RawContext(SSL.TLS1_1_VERSION, SSL.TLS1_1_VERSION, b"AES128-SHA:@SECLEVEL=0"))
-    await outcome_counted(csms, "handshake_failed")
+    await outcome_counted(csms, "tls_failed")
+    assert profiles_of(csms).listener.tls_failures == {"protocol": 1}
     assert any("unsupported protocol" in line for line in tls_lines(logged)), tls_lines(logged)
     assert (await handshake(csms, RawContext(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, b"AES128-SHA:@SECLEVEL=0"))
             ) == ("TLSv1.2", "AES128-SHA")
@@ -217,7 +235,8 @@ async def test_TC_086_CSMS_other_tls_1_2_suites_are_refused(tls_csms, cipher):
     with pytest.raises(SSL.Error):
         await handshake(tls_csms, RawContext(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION,
                                              f"{cipher}:@SECLEVEL=0".encode()))
-    await outcome_counted(tls_csms, "handshake_failed")
+    await outcome_counted(tls_csms, "tls_failed")
+    assert profiles_of(tls_csms).listener.tls_failures == {"protocol": 1}
 
 
 @pytest_twisted.ensureDeferred
@@ -282,30 +301,152 @@ async def test_unusable_tls_settings_fail_start_up_with_one_line(csms_factory, p
 # -- handshake abuse ------------------------------------------------------------------------------
 
 
+class RawClient(protocol.Protocol):
+    """A TCP client that writes ``data`` (nothing: it stays silent) and fires ``lost`` when the connection ends."""
+
+    def __init__(self, data: bytes = b"", close: bool = False):
+        self.data = data
+        self.close = close
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        if self.data:
+            self.transport.write(self.data)
+        if self.close:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+async def raw_client(csms, data: bytes = b"", close: bool = False) -> RawClient:
+    client = RawClient(data, close)
+    await protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", tls_port(csms))
+    return client
+
+
+HTTP_UPGRADE = (b"GET /ocpp/CP-PLAIN HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Protocol: ocpp1.6\r\n\r\n")
+
+
+async def bad_handshake(csms, pki, case: str) -> None:
+    """One connection whose TLS handshake fails the way ``case`` says; returns once the client saw it end."""
+    if case == "plain http":
+        await (await raw_client(csms, HTTP_UPGRADE)).lost.addTimeout(WAIT, reactor)
+        return
+    context = {"untrusted certificate": lambda: pki.client_options(pki.station("CP-1", ca=pki.foreign_ca)),
+               "no shared suite": lambda: RawContext(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION,
+                                                     b"AES128-SHA256:@SECLEVEL=0")}[case]()
+    # Over TLS 1.3 the client finishes its side before the CSMS refuses its certificate: either way is fine.
+    await handshake(csms, context).addErrback(lambda _: None)
+
+
+@pytest.mark.parametrize("reasons,kind", [
+    ("http request", "not_tls"), ("https proxy request", "not_tls"), ("wrong version number", "not_tls"),
+    ("data length too long; record layer failure", "not_tls"), ("unsupported protocol", "protocol"),
+    ("no shared cipher", "protocol"), ("certificate verify failed", "certificate"),
+    ("tlsv1 alert unknown ca", "certificate"), ("internal error", "other"),
+])
+def test_tls_failures_are_sorted_into_kinds_by_openssls_reasons(reasons, kind):
+    assert tls_failure_kind(reasons) == kind
+
+
+def past_every_deadline(csms) -> None:
+    """Moves the CSMS's clock past the handshake deadline of every connection made so far, and a summary."""
+    csms.clock.advance(profiles_of(csms).listener.handshake_timeout + TLSListener.SUMMARY_INTERVAL + 1)
+
+
+def tls_failure_samples(csms) -> dict:
+    return {(sample.labels["outcome"], sample.labels["kind"]): sample.value
+            for family in csms.app.metrics.registry.collect() if family.name == "csms_security_tls_handshakes_failed"
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
+@pytest.mark.parametrize("case,kind", [("plain http", "not_tls"), ("untrusted certificate", "certificate"),
+                                       ("no shared suite", "protocol")])
 @pytest_twisted.ensureDeferred
-async def test_a_client_speaking_no_tls_on_the_tls_port_is_closed_and_counted(tls_csms, logged):
+async def test_a_failed_tls_handshake_is_counted_once_as_tls_failed_with_its_kind(tls_csms, pki, case, kind):
+    await bad_handshake(tls_csms, pki, case)
+    await counted(tls_csms, 1)
+    past_every_deadline(tls_csms)  # a failed handshake is not a timeout as well
+    listener = profiles_of(tls_csms).listener
+    assert (dict(listener.outcomes), dict(listener.tls_failures)) == ({"tls_failed": 1}, {kind: 1})
+    assert tls_failure_samples(tls_csms) == {("tls_failed", kind): 1.0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_speaking_no_tls_on_the_tls_port_is_closed_and_counted(tls_csms, logged):  # noqa: F811 (the fixture)
     exc = await refused(connect_station(reactor, tls_port(tls_csms), "CP-PLAIN"))
     assert exc.status is None  # no HTTP answer: the TLS layer closed the connection
-    await outcome_counted(tls_csms, "handshake_failed")
+    await outcome_counted(tls_csms, "tls_failed")
     assert not tls_csms.app.is_connected("CP-PLAIN")
     [line] = tls_lines(logged)
-    assert "(handshake_failed): http request" in line, line
+    assert "(tls_failed, not_tls): http request" in line, line
     assert not any("Unhandled" in text or "Traceback" in text for _, _, text in logged)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_stalled_handshake_is_closed_after_the_timeout_and_others_are_served(tls_csms, pki):
-    silent = protocol.Protocol()
-    lost = defer.Deferred()
-    silent.connectionLost = lambda reason: lost.callback(reason.value)
-    await protocol.ClientCreator(reactor, lambda: silent).connectTCP("127.0.0.1", tls_port(tls_csms))
+    silent = await raw_client(tls_csms)
     await with_password(tls_csms, "CP-1")
     station = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
-    assert not lost.called
-    tls_csms.clock.advance(10)
-    await lost.addTimeout(WAIT, reactor)
-    await outcome_counted(tls_csms, "handshake_timeout")
+    assert not silent.lost.called
+    tls_csms.clock.advance(9.9)
+    assert not silent.lost.called
+    tls_csms.clock.advance(0.1)
+    await silent.lost.addTimeout(WAIT, reactor)
+    assert await counted(tls_csms, 1) == {"handshake_timeout": 1}
+    past_every_deadline(tls_csms)
+    assert dict(profiles_of(tls_csms).listener.outcomes) == {"handshake_timeout": 1}  # counted once
+    assert tls_failure_samples(tls_csms) == {("handshake_timeout", "none"): 1.0}
     await booted(station)  # the station that completed its handshake is not disturbed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_closing_mid_handshake_is_counted_as_abandoned_not_failed(tls_csms):
+    # The start of a ClientHello record, then the client closes: no TLS error, no timeout.
+    client = await raw_client(tls_csms, b"\x16\x03\x01\x02\x00\x01\x00", close=True)
+    await client.lost.addTimeout(WAIT, reactor)
+    await counted(tls_csms, 1)
+    past_every_deadline(tls_csms)
+    assert dict(profiles_of(tls_csms).listener.outcomes) == {"handshake_abandoned": 1}
+
+
+BAD_HANDSHAKES = 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_bad_tls_handshakes_costs_a_bounded_number_of_log_lines(tls_csms, pki, logged):  # noqa: F811 (the fixture)
+    cases = ("plain http", "untrusted certificate", "no shared suite")
+    for number in range(BAD_HANDSHAKES):
+        await bad_handshake(tls_csms, pki, cases[number % len(cases)])
+        await counted(tls_csms, number + 1)
+    assert not any("Unhandled" in text or "Traceback" in text for _, _, text in logged), logged
+    assert not [text for level, _, text in logged if level is not None and level >= LogLevel.warn], logged
+    assert len(logged) <= 2, logged  # the first failure, on its own: not one line per connection
+    before_summary = len(logged)
+    past_every_deadline(tls_csms)
+    summary = [text for _, _, text in logged[before_summary:]]
+    assert len(summary) == 1 and "49 tls_failed (17 certificate, 16 not_tls, 16 protocol)" in summary[0], summary
+    assert dict(profiles_of(tls_csms).listener.outcomes) == {"tls_failed": BAD_HANDSHAKES}
+    # A good station connects afterwards as if nothing had happened.
+    station = await connect_tls(tls_csms, "CP-1", pki.client_options(pki.station("CP-1")))
+    await booted(station)
+    await connected_at(tls_csms, "CP-1", 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_error_after_the_handshake_ends_the_station_without_an_error_line(tls_csms, pki, logged):  # noqa: F811 (the fixture)
+    await with_password(tls_csms, "CP-1")
+    station = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
+    await booted(station)
+    station.transport.transport.write(b"\x17\x03\x03\x00\x20" + bytes(32))  # a record under no key of theirs
+    await station.closed.addTimeout(WAIT, reactor)
+    assert "TLS error: " in await disconnect_detail(tls_csms, "CP-1")
+    server_side = [(level, text) for level, namespace, text in logged if "Client" not in (namespace or "")]
+    assert not [text for level, text in server_side if level is not None and level >= LogLevel.warn], server_side
+    assert dict(profiles_of(tls_csms).listener.outcomes) == {}  # its handshake had finished
 
 
 @pytest_twisted.ensureDeferred
@@ -378,7 +519,8 @@ async def test_TC_087_CSMS_a_certificate_the_ca_does_not_vouch_for_fails_the_han
     }[case]()
     exc = await refused(connect_tls(tls_csms, "CP-1", pki.client_options(credentials)))
     assert exc.status is None
-    await outcome_counted(tls_csms, "handshake_failed")
+    await outcome_counted(tls_csms, "tls_failed")
+    assert profiles_of(tls_csms).listener.tls_failures == {"certificate": 1}
     assert not tls_csms.app.is_connected("CP-1")
 
 

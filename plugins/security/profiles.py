@@ -159,6 +159,12 @@ class SecurityProfiles:
         self.tls_handshake_timeout = settings["tls_handshake_timeout"]
         self.tls_ciphers = settings["tls_ciphers"]
         self.tls13 = settings["tls13"]
+        #: Connections that never finished their TLS handshake, as the listener counts them (its outcome, and
+        #: for ``tls_failed`` the kind; docs/metrics.md).
+        self.tls_failures_metric = app.metrics.counter(
+            "csms_security_tls_handshakes_failed", "TLS connections closed before their handshake finished, by "
+            "outcome (tls_failed, handshake_timeout, handshake_abandoned) and kind of TLS failure",
+            ("outcome", "kind"))
         #: The running TLS listener (a :class:`.tls.TLSListener`) and its port, once started.
         self.listener: TLSListener | None = None
         self.port = None
@@ -240,7 +246,7 @@ class SecurityProfiles:
         if factory is None:
             raise StartupError("[plugin:security] tls_endpoint: this Central System has no OCPP WebSocket factory "
                                "to serve over TLS")
-        return TLSListener(context, factory, self.app.clock, self.tls_handshake_timeout)
+        return TLSListener(context, factory, self.app.clock, self.tls_handshake_timeout, self.tls_failures_metric)
 
 
 class TLSListenerService(service.Service):

@@ -14,8 +14,9 @@ certificates). What it enforces (OCPP 1.6 Security whitepaper, "TLS" requirement
   the handshake fails. Whose certificate it is, and whether the station needed one, is decided at
   admission (:mod:`.profiles`), once the request names the station;
 * a connection must finish its handshake within ``tls_handshake_timeout`` seconds; one that fails it
-  (a client speaking no TLS, a TLS 1.1 client, no shared cipher, a certificate refused) or stalls is
-  logged and counted (:attr:`TLSListener.outcomes`); the other connections are not disturbed.
+  (a client speaking no TLS, a TLS 1.1 client, no shared cipher, a certificate refused), stalls or is
+  closed first is counted once, under what ended it (:attr:`TLSListener.outcomes`), and logged at a
+  bounded rate (the first at once, then a summary a minute); the other connections are not disturbed.
 
 Connections go to the same WebSocket factory as the plain listener: one set of connected stations, one
 set of ``[ocpp]`` connection limits counting both listeners' connections together.
@@ -35,6 +36,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from csms.admission import RefusedConnection
+from csms.protocol import tls_error_text
 from csms.service import StartupError
 
 log = Logger(namespace="csms.security.tls")
@@ -177,91 +179,149 @@ class ServerTLSContext:
                 protocol.handshake_completed()
 
 
-def describe_tls_failure(reason) -> str:
-    """One line for a connection that ended before its TLS handshake finished."""
-    value = reason.value
-    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-        reasons = [entry[2] for entry in value.args[0] if len(entry) == 3 and entry[2]]
-        if reasons:
-            return "; ".join(reasons)
-    return str(value) or type(value).__name__
+#: How a connection that never finished its TLS handshake is counted (:attr:`TLSListener.outcomes`), once:
+#: OpenSSL refused the handshake (its kind in :attr:`TLSListener.tls_failures`); the client sent nothing
+#: that finished it within ``tls_handshake_timeout``; the client closed it first, with no TLS error.
+TLS_FAILED = "tls_failed"
+HANDSHAKE_TIMEOUT = "handshake_timeout"
+HANDSHAKE_ABANDONED = "handshake_abandoned"
+
+#: The kinds of ``tls_failed``, from OpenSSL's reason strings (substrings; the first kind that matches wins).
+#: ``not_tls``: the first bytes are no TLS record (HTTP, SSH, garbage) or a malformed one; ``protocol``:
+#: no TLS version or suite both sides have; ``certificate``: a certificate refused, the station's by the
+#: CSMS or the CSMS's by the client (an alert naming it); anything else is ``other``.
+TLS_FAILURE_KINDS = (
+    ("not_tls", ("http request", "https proxy request", "wrong version number", "unknown protocol",
+                 "packet length too long", "data length too long", "record layer failure",
+                 "unexpected message", "bad record type", "length mismatch")),
+    ("certificate", ("certificate", "unknown ca", "bad signature")),
+    ("protocol", ("unsupported protocol", "version too low", "no shared cipher", "no ciphers available",
+                  "no shared signature algorithm", "no suitable signature algorithm", "no shared group",
+                  "no suitable key share", "inappropriate fallback", "no protocols available")),
+)
+OTHER_KIND = "other"
+
+
+def tls_failure_kind(detail: str) -> str:
+    """The kind of a TLS failure (see :data:`TLS_FAILURE_KINDS`) from OpenSSL's reasons."""
+    lowered = detail.lower()
+    for kind, markers in TLS_FAILURE_KINDS:
+        if any(marker in lowered for marker in markers):
+            return kind
+    return OTHER_KIND
+
+
+def classify_handshake_end(reason) -> tuple[str, str | None, str]:
+    """(outcome, kind or None, one line) for a connection that ended before its TLS handshake finished."""
+    detail = tls_error_text(reason.value)
+    if detail is not None:
+        return TLS_FAILED, tls_failure_kind(detail), detail
+    return HANDSHAKE_ABANDONED, None, str(reason.value) or type(reason.value).__name__
 
 
 @implementer(ISSLTransport)
 class StationTLSProtocol(TLSMemoryBIOProtocol):
-    """A TLS connection to the OCPP WebSocket protocol; the admission check reads its client certificate."""
+    """A TLS connection to the OCPP WebSocket protocol; the admission check reads its client certificate.
+
+    One that does not finish its handshake is counted once on the factory (:meth:`TLSListener.outcome`),
+    under what ended it: whichever of the deadline and the connection's loss comes first."""
 
     handshake_done = False
-    handshake_timeout_reported = False
+    #: What this connection was counted as (an outcome name), once it was.
+    outcome: str | None = None
     _deadline = None
+    _lost = False
 
     def handshake_completed(self) -> None:
         self.handshake_done = True
+        self._cancel_deadline()
+
+    def makeConnection(self, transport):
+        super().makeConnection(transport)
+        # Armed here, once: TLSMemoryBIOProtocol.makeConnection runs connectionMade twice (Protocol's
+        # makeConnection, then ProtocolWrapper's), and a deadline armed there twice outlived the connection
+        # and counted a failed handshake as a timeout too, or a stalled one twice.
+        timeout = self.factory.handshake_timeout
+        if timeout > 0 and self._deadline is None and not self._settled():
+            self._deadline = self.factory.clock.callLater(timeout, self._handshake_timed_out)
+
+    def _settled(self) -> bool:
+        """Whether nothing is left to count: the handshake finished, the connection was counted or is gone,
+        or it is one the connection limits refused (counted there)."""
+        return (self.handshake_done or self.outcome is not None or self._lost
+                or isinstance(self.wrappedProtocol, RefusedConnection))
+
+    def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
-    def connectionMade(self):
-        super().connectionMade()
-        timeout = self.factory.handshake_timeout
-        if timeout > 0 and not self.handshake_done and not isinstance(self.wrappedProtocol, RefusedConnection):
-            self._deadline = self.factory.clock.callLater(timeout, self._handshake_timed_out)
+    def _count(self, outcome: str, kind: str | None, detail: str) -> None:
+        self.outcome = outcome
+        self.factory.outcome(outcome, self.transport.getPeer() if self.transport is not None else None,
+                             detail, kind)
 
     def _handshake_timed_out(self) -> None:
         self._deadline = None
-        if self.handshake_done or self.transport is None:
+        if self._settled():
             return
-        self.handshake_timeout_reported = True
-        self.factory.outcome("handshake_timeout", self.transport.getPeer(),
-                             f"no TLS handshake within {self.factory.handshake_timeout:g} s")
+        self._count(HANDSHAKE_TIMEOUT, None, f"no TLS handshake within {self.factory.handshake_timeout:g} s")
         self.transport.abortConnection()
 
     def connectionLost(self, reason):
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        if not self.handshake_done and not self.handshake_timeout_reported \
-                and not isinstance(self.wrappedProtocol, RefusedConnection):
+        self._cancel_deadline()
+        if not self._settled():
             # Why TLS failed (OpenSSL's error) is what Twisted hands the wrapped protocol; the reason this
             # method gets is the TCP close that followed. Twisted keeps the former in _reason until the
             # base class runs: read it, guarded, and fall back to the TCP reason.
-            tls_reason = getattr(self, "_reason", None) or reason
-            self.factory.outcome("handshake_failed", self.transport.getPeer() if self.transport else None,
-                                 describe_tls_failure(tls_reason))
+            outcome, kind, detail = classify_handshake_end(getattr(self, "_reason", None) or reason)
+            self._count(outcome, kind, detail)
+        self._lost = True
         super().connectionLost(reason)
 
 
 class TLSListener(TLSMemoryBIOFactory):
     """Wraps the OCPP WebSocket factory in TLS; counts connections that never got through the handshake.
 
-    :attr:`outcomes` counts them by name: ``handshake_failed`` (the client spoke no TLS, an old version,
-    no shared suite, or offered a certificate the CAs do not vouch for) and ``handshake_timeout``. The
-    first is logged at once; later ones are summed up once per ``SUMMARY_INTERVAL`` while they go on,
-    so that a scanner or a flood cannot flood the log.
+    :attr:`outcomes` counts them, each once, by what ended it: ``tls_failed`` (OpenSSL refused the
+    handshake; :attr:`tls_failures` counts its kinds: ``not_tls``, ``protocol``, ``certificate``,
+    ``other``), ``handshake_timeout`` (no handshake within ``tls_handshake_timeout``) and
+    ``handshake_abandoned`` (the client closed first). ``failures_metric``, when given (a labelled
+    prometheus_client Counter with ``outcome`` and ``kind``), counts the same. The first is logged at
+    once; later ones are summed up once per ``SUMMARY_INTERVAL`` while they go on, so that a scanner or a
+    flood cannot flood the log (the OCPP protocol keeps Autobahn from logging each TLS error itself).
     """
 
     protocol = StationTLSProtocol
     noisy = False
     SUMMARY_INTERVAL = 60.0
 
-    def __init__(self, context: ServerTLSContext, ocpp_factory, clock, handshake_timeout: float):
+    def __init__(self, context: ServerTLSContext, ocpp_factory, clock, handshake_timeout: float,
+                 failures_metric=None):
         super().__init__(context, False, ocpp_factory)
         self.requests_client_certificates = context.requests_client_certificates
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.failures_metric = failures_metric
         self.outcomes: Counter = Counter()
+        self.tls_failures: Counter = Counter()
         self._unreported: Counter = Counter()
         self._summary_call = None
 
-    def outcome(self, name: str, peer, detail: str) -> None:
+    def outcome(self, name: str, peer, detail: str, kind: str | None = None) -> None:
         self.outcomes[name] += 1
+        if kind is not None:
+            self.tls_failures[kind] += 1
+        if self.failures_metric is not None:
+            self.failures_metric.labels(name, kind or "none").inc()
         if self._summary_call is not None:
-            self._unreported[name] += 1
+            self._unreported[name, kind] += 1
             return
         where = f"{peer.host}:{peer.port}" if hasattr(peer, "host") else "?"
         log.info("TLS connection from {peer} closed before its handshake finished ({outcome}): {detail} "
                  "(further ones are summed up every {interval:.0f} s)",
-                 peer=where, outcome=name, detail=detail, interval=self.SUMMARY_INTERVAL)
+                 peer=where, outcome=name if kind is None else f"{name}, {kind}", detail=detail,
+                 interval=self.SUMMARY_INTERVAL)
         self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
 
     def _summarise(self) -> None:
@@ -269,10 +329,24 @@ class TLSListener(TLSMemoryBIOFactory):
         if not self._unreported:
             return
         log.info("TLS connections closed before their handshake finished in the last {interval:.0f} s: {counts}",
-                 interval=self.SUMMARY_INTERVAL,
-                 counts=", ".join(f"{count} {name}" for name, count in sorted(self._unreported.items())))
+                 interval=self.SUMMARY_INTERVAL, counts=self._summary_counts())
         self._unreported.clear()
         self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
+
+    def _summary_counts(self) -> str:
+        """E.g. ``48 tls_failed (40 not_tls, 8 certificate), 2 handshake_timeout``."""
+        totals: Counter = Counter()
+        kinds: dict = {}
+        for (name, kind), count in self._unreported.items():
+            totals[name] += count
+            if kind is not None:
+                kinds.setdefault(name, Counter())[kind] += count
+        parts = []
+        for name, count in sorted(totals.items()):
+            by_kind = kinds.get(name)
+            detail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(by_kind.items()))})" if by_kind else ""
+            parts.append(f"{count} {name}{detail}")
+        return ", ".join(parts)
 
     def stop(self) -> None:
         if self._summary_call is not None and self._summary_call.active():
