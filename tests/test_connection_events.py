@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 import pytest_twisted
 import treq
 from conftest import EventProbe, db_settled, within
 from test_webhooks import ALLOW_LOOPBACK, _until, receiver, subscribe  # noqa: F401 - receiver: a fixture
 from twisted.internet import defer, reactor
 
+from csms.protocol import SHUTDOWN_REASON
 from csms.stations import UNRECORDED_END
 from csms.testing.processes import DEADLINE, listening_port, run_twistd
 from csms.testing.station import connect_station
@@ -113,28 +115,34 @@ async def _started(config: str, cwd: str):
     return process, listening_port(log, "OCPP 1.6J endpoint"), listening_port(log, "Operator API")
 
 
+@pytest.mark.parametrize("signal, how_it_ended", [
+    ("KILL", UNRECORDED_END),
+    # A graceful stop closes the connection (1001) and records it before the process ends.
+    ("TERM", f"closed by the Central System: code=1001 reason={SHUTDOWN_REASON}"),
+])
 @pytest_twisted.ensureDeferred
-async def test_kill_9_while_a_station_is_connected_then_a_restart(tmp_path, database_url):
-    """Real ``twistd csms`` processes: the first is killed with SIGKILL while the station is connected."""
+async def test_a_stop_while_a_station_is_connected_then_a_restart(tmp_path, database_url, signal, how_it_ended):
+    """Real ``twistd csms`` processes: the first is stopped (SIGKILL, or SIGTERM) while the station is
+    connected; the station connects to the next one."""
     config = _config(tmp_path, database_url)
     process, ocpp, _ = await _started(config, str(tmp_path))
-    station = await connect_station(reactor, ocpp, "CP-K9")
+    station = await connect_station(reactor, ocpp, "CP-STOP")
     await within(station.call("BootNotification", {"chargePointVendor": "V", "chargePointModel": "M"}))
-    process.signal("KILL")
-    assert await process.finished() == -9
+    process.signal(signal)
+    assert await process.finished() == (-9 if signal == "KILL" else 0), process.stdout
     await within(station.closed)
 
     process, ocpp, api = await _started(config, str(tmp_path))
     try:
-        station = await connect_station(reactor, ocpp, "CP-K9")
+        station = await connect_station(reactor, ocpp, "CP-STOP")
         await within(station.call("Heartbeat", {}))  # answered: the new connection is recorded by now
-        response = await treq.get(f"http://127.0.0.1:{api}/api/v1/stations/CP-K9/events",
+        response = await treq.get(f"http://127.0.0.1:{api}/api/v1/stations/CP-STOP/events",
                                   headers={"Authorization": f"Bearer {TOKEN}"}, reactor=reactor).addTimeout(
             DEADLINE, reactor)
         body = await treq.json_content(response)
         assert response.code == 200, body
         assert [(e["event"], e["detail"]) for e in reversed(body["items"])] == [
-            ("connected", None), ("disconnected", UNRECORDED_END), ("connected", None)]
+            ("connected", None), ("disconnected", how_it_ended), ("connected", None)]
         await station.close()
     finally:
         assert await process.stop() == 0, process.stdout
