@@ -8,7 +8,6 @@ What integrators see of it: the station's connection events (``GET /stations/{id
 """
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 import pytest_twisted
@@ -19,7 +18,7 @@ from twisted.internet import defer, reactor
 
 from csms.protocol import SHUTDOWN_REASON
 from csms.stations import UNRECORDED_END
-from csms.testing.processes import DEADLINE, listening_port, run_twistd
+from csms.testing.processes import DEADLINE, listening_port, run_twistd, write_loopback_config
 from csms.testing.station import connect_station
 
 TOKEN = "kill-test-token-0123456789"
@@ -93,20 +92,7 @@ async def test_a_station_reconnecting_while_its_close_is_written_keeps_its_event
 
 
 def _config(tmp_path, database_url: str) -> str:
-    path = tmp_path / "csms.ini"
-    path.write_text(textwrap.dedent(f"""\
-        [ocpp]
-        endpoint = tcp:0:interface=127.0.0.1
-        [api]
-        endpoint = tcp:0:interface=127.0.0.1
-        tokens = {TOKEN}
-        [database]
-        url = {database_url}
-        auto_upgrade = true
-        [plugins]
-        enabled = core
-        """), encoding="utf-8")
-    return str(path)
+    return write_loopback_config(tmp_path, database_url, TOKEN)
 
 
 async def _started(config: str, cwd: str):

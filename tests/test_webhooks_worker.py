@@ -21,7 +21,7 @@ import treq
 from test_webhooks import expected_signature, receiver  # noqa: F401, F811 (a fixture)
 from twisted.internet import defer, reactor, task
 
-from csms.testing.processes import WatchedProcess, die_with_parent, listening_port, run_twistd
+from csms.testing.processes import WatchedProcess, die_with_parent, listening_port, run_twistd, write_loopback_config
 from csms.testing.station import connect_station
 
 TOKEN = "worker-test-token-0123456789"
@@ -29,24 +29,12 @@ TIMEOUT = 60
 
 
 def write_config(tmp_path, database_url: str, delivery: str = "worker") -> str:
-    path = tmp_path / "csms.ini"
-    path.write_text(textwrap.dedent(f"""\
-        [ocpp]
-        endpoint = tcp:0:interface=127.0.0.1
-        [api]
-        endpoint = tcp:0:interface=127.0.0.1
-        tokens = {TOKEN}
-        [database]
-        url = {database_url}
-        auto_upgrade = true
-        [plugins]
-        enabled = core, webhooks
+    return write_loopback_config(tmp_path, database_url, TOKEN, "core, webhooks", f"""\
         [plugin:webhooks]
         delivery = {delivery}
         allow_private_networks = 127.0.0.0/8
         poll_interval = 0.2
-        """), encoding="utf-8")
-    return str(path)
+        """)
 
 
 class Node:

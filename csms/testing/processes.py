@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 
 from twisted.internet import defer, protocol
 
@@ -123,6 +124,27 @@ def run_twistd(config_file: str, cwd: str, env: dict | None = None, reactor=None
     argv = die_with_parent([TWISTD, "-n", "--pidfile=", "csms", "--config", config_file])
     reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ, **(env or {})), path=cwd)
     return process
+
+
+def write_loopback_config(directory, database_url: str, token: str, plugins: str = "core", extra: str = "") -> str:
+    """A config file in ``directory`` for :func:`run_twistd`: OCPP and the API on loopback ports the
+    system picks (:func:`listening_port` tells which), the API token ``token``, the database (its schema
+    brought up to date at start), ``plugins`` enabled, ``extra`` sections appended; returns its path."""
+    path = os.path.join(str(directory), "csms.ini")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(textwrap.dedent(f"""\
+            [ocpp]
+            endpoint = tcp:0:interface=127.0.0.1
+            [api]
+            endpoint = tcp:0:interface=127.0.0.1
+            tokens = {token}
+            [database]
+            url = {database_url}
+            auto_upgrade = true
+            [plugins]
+            enabled = {plugins}
+            """) + textwrap.dedent(extra))
+    return path
 
 
 def listening_port(log: str, what: str) -> int:
