@@ -8,7 +8,6 @@ What integrators see of it: the station's connection events (``GET /stations/{id
 """
 from __future__ import annotations
 
-
 import pytest
 import pytest_twisted
 import treq
