@@ -17,6 +17,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from csms.logs import SummedUp
+
 log = Logger(namespace="csms.protocol")
 
 #: Unicode categories an id may not contain: control, format (invisible, bidi overrides), surrogate,
@@ -200,8 +202,7 @@ class ConnectionLimits:
         self.max_per_address = max_per_address
         self.total = 0
         self.per_address: dict[str, int] = {}
-        self._unreported = 0
-        self._summary_call = None
+        self._refusals = SummedUp(clock, self.SUMMARY_INTERVAL, self._summarise)
 
     def admit(self, address: str | None) -> bool:
         if self.max_total and self.total >= self.max_total:
@@ -229,26 +230,16 @@ class ConnectionLimits:
                 del self.per_address[address]
 
     def stop(self) -> None:
-        if self._summary_call is not None and self._summary_call.active():
-            self._summary_call.cancel()
-        self._summary_call = None
+        self._refusals.stop()
 
     def _refused(self, address, why: str) -> None:
-        if self._summary_call is not None:
-            self._unreported += 1
-            return
-        log.warn("Refused a connection from {address}: {why} (further refusals are summed up every {interval:.0f} s)",
-                 address=address, why=why, interval=self.SUMMARY_INTERVAL)
-        self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
+        if self._refusals.occurred():
+            log.warn("Refused a connection from {address}: {why} (further refusals are summed up every "
+                     "{interval:.0f} s)", address=address, why=why, interval=self.SUMMARY_INTERVAL)
 
-    def _summarise(self) -> None:
-        self._summary_call = None
-        if not self._unreported:
-            return
+    def _summarise(self, counts) -> None:
         log.warn("Refused {count} more connections over the [ocpp] connection limits in the last {interval:.0f} s "
-                 "({total} open)", count=self._unreported, interval=self.SUMMARY_INTERVAL, total=self.total)
-        self._unreported = 0
-        self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
+                 "({total} open)", count=counts[None], interval=self.SUMMARY_INTERVAL, total=self.total)
 
 
 class RefusedConnection(Protocol):

@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import sys
+from collections import Counter
 from datetime import datetime, timezone
 
 import orjson
@@ -53,6 +54,43 @@ _PATTERNS = (
     # user:password@ in a URL.
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^@\s'\"/]+@"), "\\1***@"),
 )
+
+
+class SummedUp:
+    """Occurrences a stranger can repeat at will (refused connections, failed handshakes) logged at a
+    bounded rate: the first at once, the later ones counted and summed up once per ``interval`` seconds
+    while they go on.
+
+    ``occurred(key)`` says whether to log this one now (True) or counts it under ``key`` (False);
+    ``summarise(counts)`` is called with the keys' counts at the end of an interval that had any.
+    """
+
+    def __init__(self, clock, interval: float, summarise):
+        self.clock = clock
+        self.interval = interval
+        self._summarise = summarise
+        self._unreported: Counter = Counter()
+        self._call = None
+
+    def occurred(self, key=None) -> bool:
+        if self._call is not None:
+            self._unreported[key] += 1
+            return False
+        self._call = self.clock.callLater(self.interval, self._interval_ended)
+        return True
+
+    def _interval_ended(self) -> None:
+        self._call = None
+        if not self._unreported:
+            return
+        counts, self._unreported = self._unreported, Counter()
+        self._call = self.clock.callLater(self.interval, self._interval_ended)
+        self._summarise(counts)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 def redact(text: str) -> str:

@@ -36,6 +36,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from csms.admission import RefusedConnection
+from csms.logs import SummedUp
 from csms.protocol import tls_error_text
 from csms.service import StartupError
 
@@ -305,8 +306,7 @@ class TLSListener(TLSMemoryBIOFactory):
         self.failures_metric = failures_metric
         self.outcomes: Counter = Counter()
         self.tls_failures: Counter = Counter()
-        self._unreported: Counter = Counter()
-        self._summary_call = None
+        self._handshakes = SummedUp(clock, self.SUMMARY_INTERVAL, self._summarise)
 
     def outcome(self, name: str, peer, detail: str, kind: str | None = None) -> None:
         self.outcomes[name] += 1
@@ -314,30 +314,24 @@ class TLSListener(TLSMemoryBIOFactory):
             self.tls_failures[kind] += 1
         if self.failures_metric is not None:
             self.failures_metric.labels(name, kind or "none").inc()
-        if self._summary_call is not None:
-            self._unreported[name, kind] += 1
+        if not self._handshakes.occurred((name, kind)):
             return
         where = f"{peer.host}:{peer.port}" if hasattr(peer, "host") else "?"
         log.info("TLS connection from {peer} closed before its handshake finished ({outcome}): {detail} "
                  "(further ones are summed up every {interval:.0f} s)",
                  peer=where, outcome=name if kind is None else f"{name}, {kind}", detail=detail,
                  interval=self.SUMMARY_INTERVAL)
-        self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
 
-    def _summarise(self) -> None:
-        self._summary_call = None
-        if not self._unreported:
-            return
+    def _summarise(self, counts: Counter) -> None:
         log.info("TLS connections closed before their handshake finished in the last {interval:.0f} s: {counts}",
-                 interval=self.SUMMARY_INTERVAL, counts=self._summary_counts())
-        self._unreported.clear()
-        self._summary_call = self.clock.callLater(self.SUMMARY_INTERVAL, self._summarise)
+                 interval=self.SUMMARY_INTERVAL, counts=self._summary_counts(counts))
 
-    def _summary_counts(self) -> str:
+    @staticmethod
+    def _summary_counts(counts: Counter) -> str:
         """E.g. ``48 tls_failed (40 not_tls, 8 certificate), 2 handshake_timeout``."""
         totals: Counter = Counter()
         kinds: dict = {}
-        for (name, kind), count in self._unreported.items():
+        for (name, kind), count in counts.items():
             totals[name] += count
             if kind is not None:
                 kinds.setdefault(name, Counter())[kind] += count
@@ -349,6 +343,4 @@ class TLSListener(TLSMemoryBIOFactory):
         return ", ".join(parts)
 
     def stop(self) -> None:
-        if self._summary_call is not None and self._summary_call.active():
-            self._summary_call.cancel()
-        self._summary_call = None
+        self._handshakes.stop()
