@@ -174,10 +174,10 @@ def chosen_histories(args, config) -> list:
 
 
 def db_command(args) -> int:
-    """``db upgrade|current|history|revision``: see docs/migrations.md."""
+    """``db upgrade|downgrade|current|history|revision``: see docs/migrations.md."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from csms.migrations import SchemaError, prepare_schema, statuses
+    from csms.migrations import SchemaError, downgrade, prepare_schema, statuses
 
     if args.action in ("revision", "history"):
         config, _ = _config(args)
@@ -199,6 +199,10 @@ def db_command(args) -> int:
             for line in done:
                 print(line)
             print(f"schema current: {', '.join(h.name for h in histories)}", file=sys.stderr)
+        elif args.action == "downgrade":
+            (history,) = histories
+            with opened.engine.begin() as conn:
+                print(downgrade(conn, history, args.revision))
         else:
             with opened.engine.connect() as conn:
                 found = statuses(conn, histories)
@@ -374,6 +378,11 @@ def main(argv=None) -> int:
     revoke.add_argument("id", type=int)
     db = sub.add_parser("db", help="schema migrations (docs/migrations.md)").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="bring every enabled plugin's schema to its head (creates the database)")
+    lower = db.add_parser("downgrade", help="take one plugin's schema down to an earlier revision, with the CSMS "
+                                            "stopped, before starting the release that revision belongs to")
+    lower.add_argument("--plugin", required=True, help="whose schema (csms: the framework's)")
+    lower.add_argument("revision", help="a revision of its history (csms-admin db history), or base: none, "
+                                        "its tables and their rows dropped")
     db.add_parser("current", help="where each enabled plugin's schema stands")
     history = db.add_parser("history", help="the migrations of every enabled plugin, or of one")
     history.add_argument("--plugin", help="one plugin's (or csms, the framework's)")

@@ -304,3 +304,47 @@ def test_config_settings_of_one_installed_plugin_enabled_or_not(tmp_path, capsys
     status, out, err = admin(capsys, "--config", config, "config", "settings", "--plugin", "smartcharge")
     assert status == 1 and out == ""
     assert err.startswith("csms-admin: no plugin 'smartcharge' is installed (installed: acmehub, core, ")
+
+
+def test_db_downgrade_takes_one_history_down_and_upgrade_brings_it_back(tmp_path, capsys):
+    """Going back a release: the newer release's csms-admin takes its schema down to the older release's
+    revision (the CSMS stopped), the older release then starts on it."""
+    from sqlalchemy import create_engine, inspect
+
+    config = core_only_config(tmp_path)
+    assert admin(capsys, "--config", config, "db", "upgrade")[0] == 0
+    framework = [line.split("\t")[1] for line in admin(capsys, "--config", config, "db", "history",
+                                                         "--plugin", "csms")[1].splitlines()]
+    previous = framework[-2]
+    status, out, err = admin(capsys, "--config", config, "db", "downgrade", "--plugin", "csms", previous)
+    assert (status, out) == (0, f"csms: downgraded from {FRAMEWORK_HEAD} to {previous}\n"), err
+    status, out, _ = admin(capsys, "--config", config, "db", "current")
+    assert out.splitlines()[0] == f"csms\t{previous}\tbehind"
+
+    # What cannot be done is refused in one line, and changes nothing.
+    for revision, why in ((FRAMEWORK_HEAD, f"csms cannot go from {previous} down to {FRAMEWORK_HEAD}: "),
+                          ("csms_9999", "csms has no revision 'csms_9999' (its revisions: `csms-admin db history "
+                                        "--plugin csms`)")):
+        status, out, err = admin(capsys, "--config", config, "db", "downgrade", "--plugin", "csms", revision)
+        assert (status, out) == (1, ""), err
+        assert err.splitlines()[-1].startswith(f"csms-admin: database sqlite:///{tmp_path}/csms.sqlite: {why}"), err
+    with pytest.raises(SystemExit) as usage:  # argparse: one history at a time, named
+        admin(capsys, "--config", config, "db", "downgrade", "csms_0001")
+    assert usage.value.code == 2 and "--plugin" in capsys.readouterr().err
+
+    # base: none of its tables left; the other histories are not touched.
+    status, out, err = admin(capsys, "--config", config, "db", "downgrade", "--plugin", "reservation", "base")
+    assert (status, out) == (0, "reservation: downgraded from reservation_0001 to base (its tables dropped)\n"), err
+    engine = create_engine(f"sqlite:///{tmp_path}/csms.sqlite")
+    with engine.connect() as conn:
+        names = set(inspect(conn).get_table_names())
+    engine.dispose()
+    assert not any(name.startswith("reservation_") and name != "reservation_alembic_version" for name in names)
+    assert "core_transactions" in names
+    status, out, _ = admin(capsys, "--config", config, "db", "downgrade", "--plugin", "reservation", "base")
+    assert status == 1
+
+    status, out, err = admin(capsys, "--config", config, "db", "upgrade")
+    assert status == 0, err
+    assert out.splitlines() == [f"csms: upgraded from {previous} to {FRAMEWORK_HEAD}",
+                                "reservation: upgraded from an empty schema to reservation_0001"]

@@ -398,3 +398,34 @@ def test_every_builtin_history_is_package_data():
         assert "migrations/*.py" in package_data.get(f"csms_plugins.{history.name}", "").split(", "), history.name
     assert "delivery_migrations/*.py" in package_data["csms_plugins.webhooks"].split(", ")
     assert os.path.basename(delivery_history().directory) == "delivery_migrations"
+
+
+# -- downgrades ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["builtin", "delivery file"])
+def test_every_builtin_migration_downgrades_and_upgrades_again_to_the_same_schema(engine, tmp_path, which):
+    """Each history walked down one revision at a time to its base (its tables gone), then up again: every
+    shipped downgrade() runs, and what the upgrades make afterwards is still exactly the MetaData. (The
+    webhook delivery file's history has a database of its own.)"""
+    from alembic import command
+
+    if which == "builtin":
+        found = builtin_histories()
+    else:
+        found = [delivery_history()]
+        engine = create_engine(f"sqlite:///{tmp_path / 'deliveries.sqlite'}")
+    with engine.begin() as conn:
+        prepare_schema(conn, found, auto_upgrade=True)
+    for history in (h for h in found if h.has_revisions):
+        revisions = [r.revision for r in reversed(list(history.script().walk_revisions()))]
+        for below in reversed([None] + revisions[:-1]):
+            with engine.begin() as conn:
+                command.downgrade(history.config(conn), below or "base")
+                assert current_revisions(conn, history) == ((below,) if below else ()), history.name
+        with engine.connect() as conn:
+            assert not [name for name in inspect(conn).get_table_names() if history.owns(name)], history.name
+        with engine.begin() as conn:
+            command.upgrade(history.config(conn), "heads")
+        with engine.connect() as conn:
+            assert differences(conn, history) == [], history.name

@@ -279,6 +279,32 @@ def upgrade(conn, found: Status) -> str:
             + (f" (repaired: {', '.join(repaired)})" if repaired else "") + f", upgraded to {heads}")
 
 
+def downgrade(conn, history: History, revision: str) -> str:
+    """Take ``history`` down to ``revision`` (one of its revisions; ``base``: none, its tables dropped) in
+    the caller's transaction; returns what was done, or raises SchemaError."""
+    found = status(conn, history)
+    if found.state == "unmigrated":
+        raise SchemaError(f"{history.name} ships no migrations: its tables are made from its MetaData, there is "
+                          "nothing to downgrade")
+    if found.state == "ahead":
+        raise SchemaError(f"the database schema is ahead of this code ({found.describe()}): downgrade it with the "
+                          "csms-admin of the release that upgraded it")
+    if not found.current:
+        raise SchemaError(f"{history.name} has no schema in this database: nothing to downgrade")
+    if revision != "base" and not _known(history.script(), revision):
+        raise SchemaError(f"{history.name} has no revision {revision!r} (its revisions: `csms-admin db history "
+                          f"--plugin {history.name}`)")
+    if (revision,) == found.current:
+        return f"{history.name}: already at {revision}"
+    try:
+        command.downgrade(history.config(conn), revision)
+    except (CommandError, RevisionError) as exc:  # e.g. a revision above the current one
+        raise SchemaError(f"{history.name} cannot go from {', '.join(found.current)} down to {revision}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    return (f"{history.name}: downgraded from {', '.join(found.current)} to "
+            f"{revision if revision != 'base' else 'base (its tables dropped)'}")
+
+
 def adopt(conn, history: History) -> str:
     """Stamp a database made by ``create_all`` before migrations at the history's first revision, which
     reproduces that schema; what comes after it is then applied as to any database."""
