@@ -431,6 +431,21 @@ class TwistdCSMSService(CSMSService):
         # Blocking, but the reactor is not running yet: there is nothing to keep waiting.
         return defer.maybeDeferred(self.app.start_blocking)
 
+    #: Whether SIGTERM stops gracefully yet (:meth:`_take_sigterm` has run), and whether start-up was
+    #: over before it did, with "Central System ready" still to be said.
+    _sigterm_taken = False
+    _ready_unsaid = False
+
+    def _say_ready(self) -> None:
+        # Start-up is usually over before the reactor runs; until it runs, and until the handler below
+        # replaces Twisted's own, a SIGTERM ends the process by the signal (status 143). Whoever acts
+        # on the ready line (a supervisor, a test, a deployment script) may stop the process at once:
+        # it is said only once that stop is the graceful one.
+        if self._sigterm_taken:
+            super()._say_ready()
+        else:
+            self._ready_unsaid = True
+
     def _take_sigterm(self) -> None:
         """SIGTERM stops the reactor (and so this service, gracefully) and the process exits 0.
 
@@ -439,6 +454,10 @@ class TwistdCSMSService(CSMSService):
         runtimes and scripts read as a failure. A stop that did what it was asked is a success.
         """
         signal.signal(signal.SIGTERM, lambda _number, _frame: self.reactor.callFromThread(self._stop_reactor))
+        self._sigterm_taken = True
+        if self._ready_unsaid:
+            self._ready_unsaid = False
+            super()._say_ready()
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
