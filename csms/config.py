@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DEFAULT_PLUGINS = ("core",)
@@ -284,6 +284,13 @@ def check_plugin_sections(config: Config, declared: dict, installed) -> None:
         config.declared_settings[name] = tuple(settings)
 
 
+def no_such_setting(section: str, key: str, known) -> str:
+    """Why ``key`` is refused in ``[section]``, with the settings it has and, for a typo, the one meant."""
+    message = f"[{section}] has no setting {key!r} (known: {', '.join(sorted(known)) or 'none'})"
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return message + (f": did you mean {close[0]!r}?" if close else "")
+
+
 def _as(kind, raw, default, section, key):
     if raw is None or raw.strip() == "":
         return default
@@ -311,7 +318,7 @@ def _fill(target, parser: configparser.ConfigParser, section: str) -> None:
         return
     for key, raw in parser.items(section):
         if not hasattr(target, key):
-            raise ConfigError(f"[{section}] has no setting {key!r}")
+            raise ConfigError(no_such_setting(section, key, [f.name for f in fields(target)]))
         current = getattr(target, key)
         if isinstance(current, bool):
             setattr(target, key, _parse_bool(raw, section, key))
@@ -344,12 +351,14 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     # A misspelt section would otherwise be ignored and its settings silently left at their defaults.
     unknown = [s for s in parser.sections() if s not in KNOWN_SECTIONS and not s.startswith("plugin:")]
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(KNOWN_SECTIONS)}, plugin:NAME)")
+        close = difflib.get_close_matches(unknown[0], list(KNOWN_SECTIONS), n=1)
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(KNOWN_SECTIONS)}, plugin:NAME)"
+                          + (f": did you mean [{close[0]}]?" if close else ""))
     config = Config()
     if parser.has_section("csms"):
         for key, raw in parser.items("csms"):
             if key not in CSMS_SETTINGS:
-                raise ConfigError(f"[csms] has no setting {key!r}")
+                raise ConfigError(no_such_setting("csms", key, CSMS_SETTINGS))
             if key == "shutdown_grace":
                 config.shutdown_grace = _as(float, raw, config.shutdown_grace, "csms", key)
             else:
@@ -362,7 +371,7 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
     if parser.has_section("plugins"):
         for key in parser.options("plugins"):
             if key not in ("enabled", "blocked"):
-                raise ConfigError(f"[plugins] has no setting {key!r}")
+                raise ConfigError(no_such_setting("plugins", key, ("enabled", "blocked")))
         config.enabled_plugins = _list(parser.get("plugins", "enabled", fallback=",".join(DEFAULT_PLUGINS)))
         config.blocked_plugins = _list(parser.get("plugins", "blocked", fallback=""))
     for section in parser.sections():

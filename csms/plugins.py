@@ -239,7 +239,12 @@ def make_plugin_manager(enabled: list[str], blocked: list[str] = (), extra_plugi
             raise PluginError(
                 f"plugin {name!r} is enabled in the config but not installed "
                 f"(installed: {', '.join(sorted(installed)) or 'none'})")
-        plugin = _instantiate(installed[name].load())
+        try:
+            loaded = installed[name].load()
+        except ImportError as exc:  # a dependency the plugin's package did not bring (a bug raises as it is)
+            raise PluginError(f"plugin {name!r} cannot be imported: {exc} (install what it needs, or take it "
+                              "out of [plugins] enabled)") from None
+        plugin = _instantiate(loaded)
         check_plugin(plugin)
         if plugin.name != name:
             raise PluginError(f"entry point {name!r} loads a plugin named {plugin.name!r}")

@@ -1,6 +1,7 @@
 """``twistd csms``: command-line options and the service tree (database, plugin services, OCPP and API listeners).
 
-Start-up either brings everything up or stops the process with one line saying what failed. twistd
+Start-up either brings everything up or stops the process with one line saying what failed, the last
+line on stderr: ``csms: cannot start: <what failed>`` (the log has it too, at critical). twistd
 gives a non-zero exit status to an exception raised by ``startService`` before its reactor runs (and
 tells the parent waiting for a daemon), and to nothing once the reactor runs: it then exits 0 whatever
 happened (Twisted #11335). So ``twistd csms`` opens the database and binds every listener inside
@@ -10,6 +11,7 @@ that is not immediate, which no built-in one is) is waited for with the reactor 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import signal
 import sys
@@ -17,6 +19,7 @@ import sys
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.python import usage
 
 from csms.config import ConfigError, display_url, load_config, validate
@@ -31,21 +34,62 @@ class StartupError(Exception):
     """Something the Central System needs could not be started; ``str()`` says what, in one line."""
 
 
+#: How the line saying why a start failed begins, on stderr and in the log.
+CANNOT_START = "csms: cannot start: "
+
+
 class StartupFailed(SystemExit, Exception):
-    """Stops ``twistd csms`` with exit status 1 and one line, ``csms: <what failed>``.
+    """Stops ``twistd csms`` with exit status 1 and one line, ``csms: cannot start: <what failed>``.
 
     A SystemExit, so that Python prints the line alone (no traceback) and exits 1; an Exception too,
     so that twistd's handler for a service that fails to start still sees it (removes its pid file,
-    reports it to the parent of a daemon). ``logged``: the line is in the log already (twistd's log
-    has begun), so Python is not to print it a second time.
+    reports it to the parent of a daemon). ``logged``: twistd's log has begun, and with it its hold on
+    ``sys.stderr`` (what Python would print goes to the log): the line is logged, and written on the
+    process's own stderr as it exits (:func:`say_at_exit`).
     """
 
     def __init__(self, message: str, logged: bool = False):
-        self.message = f"csms: {message}"
+        from csms.logs import redact
+
+        self.message = CANNOT_START + message
+        if logged:  # the line on stderr as in the log, redacted the same way (both land in one journal)
+            self.message = redact(self.message)
         super().__init__(1 if logged else self.message)
 
     def __str__(self):
         return self.message
+
+
+#: What to do about a listener that cannot bind, by errno.
+LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it, or choose another port",
+    errno.EACCES: "a port below 1024 needs CAP_NET_BIND_SERVICE: see etc/csms.service",
+    errno.EADDRNOTAVAIL: "no interface of this host has that address",
+}
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure start-up foresees (a setting, a file, a port, the database), which
+    :func:`describe` says all there is to say about; anything else is a bug, whose traceback helps."""
+    from twisted.internet.error import CannotListenError
+
+    from csms.migrations import SchemaError
+    from csms.plugins import PluginError
+
+    return (isinstance(exc, (ConfigError, PluginError, SchemaError, StartupError, CannotListenError, OSError,
+                             OverflowError))
+            or getattr(exc, "orig", None) is not None)
+
+
+def where_raised(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``exc``'s traceback (empty without one)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
 def first_line(text: str) -> str:
@@ -61,7 +105,7 @@ def describe(exc: BaseException) -> str:
     from csms.plugins import PluginError
 
     if isinstance(exc, CannotListenError):
-        return f"cannot listen on {exc.interface or '*'}:{exc.port}: {describe(exc.socketError)}"
+        return f"cannot listen on {exc.interface or '*'}:{exc.port}: {why_not_bound(exc.socketError)}"
     orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's own error
     if orig is not None:
         return first_line(orig) or type(orig).__name__
@@ -73,6 +117,12 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, (ConfigError, PluginError, SchemaError, StartupError)):
         return first_line(exc)
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc) else type(exc).__name__
+
+
+def why_not_bound(exc: BaseException) -> str:
+    """Why a listener could not bind, and what to do when that is plain (a port taken, a privileged port)."""
+    hint = LISTEN_HINTS.get(getattr(exc, "errno", None))
+    return f"{describe(exc)} ({hint})" if hint else describe(exc)
 
 
 def listen(reactor, endpoint: str, factory, setting: str) -> defer.Deferred:
@@ -97,7 +147,7 @@ def listen(reactor, endpoint: str, factory, setting: str) -> defer.Deferred:
         from twisted.internet.error import CannotListenError
 
         cause = failure.value.socketError if failure.check(CannotListenError) else failure.value
-        raise refused(describe(cause))
+        raise refused(why_not_bound(cause))
     return d.addErrback(failed)
 
 
@@ -228,13 +278,23 @@ class CSMSService(service.Service):
         return make_site(self.app)
 
     def _started(self, _):
+        self._say_ready()
+        self.ready.callback(self)
+
+    def _say_ready(self) -> None:
         log.info("Central System ready: plugins {plugins}; database {dialect}",
                  plugins=", ".join(p.name for p in self.app.plugins) or "none", dialect=self.app.db.dialect_name)
-        self.ready.callback(self)
 
     def _failed(self, failure):
         error = failure.value if failure.check(StartupError) else StartupError(describe(failure.value))
-        log.failure("Start-up failed", failure, level=LogLevel.debug)
+        cause = failure.value.__cause__ if failure.check(StartupError) else failure.value
+        if cause is not None and not is_expected(cause):
+            # Not a setting, a file, a port or the database: a bug, whose traceback says where.
+            log.failure("Start-up failed on an unexpected error", Failure(cause, type(cause), cause.__traceback__),
+                        level=LogLevel.error)
+            error = StartupError(f"{error} (a bug? its traceback is in the log)")
+        else:
+            log.failure("Start-up failed", failure, level=LogLevel.debug)
         stopping = self._stop_started()
         self.app.cluster.stop_listening()
         if self.reactor.running:
@@ -321,6 +381,11 @@ def makeService(options) -> service.IService:
         out_file = twistd_log_file(server_options) if server_options is not None else None
     except (ConfigError, PluginError, OSError) as exc:  # OSError: a directory that cannot be created
         raise StartupFailed(describe(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a bug (a plugin's csms_configure, say): its traceback, then the line
+        import traceback
+
+        traceback.print_exc()
+        raise StartupFailed(f"{describe(exc)} at {where_raised(exc)} (a bug? the traceback is above)") from None
     if out_file is not None:
         csms_service.log_observer = CSMSLogObserver(out_file, config.log_level, config.log_format)
     return csms_service
@@ -357,13 +422,29 @@ class TwistdCSMSService(CSMSService):
         failures: list = []
         self.ready.addErrback(failures.append)
         if failures:
-            message = str(failures[0].value)
-            log.critical("csms: {message}", message=message)
-            raise StartupFailed(message, logged=True)
+            failed = StartupFailed(str(failures[0].value), logged=True)
+            log.critical("{line}", line=failed.message)
+            say_at_exit(failed.message, status=1)
+            raise failed
 
     def _start_database(self) -> defer.Deferred:
         # Blocking, but the reactor is not running yet: there is nothing to keep waiting.
         return defer.maybeDeferred(self.app.start_blocking)
+
+    #: Whether SIGTERM stops gracefully yet (:meth:`_take_sigterm` has run), and whether start-up was
+    #: over before it did, with "Central System ready" still to be said.
+    _sigterm_taken = False
+    _ready_unsaid = False
+
+    def _say_ready(self) -> None:
+        # Start-up is usually over before the reactor runs; until it runs, and until the handler below
+        # replaces Twisted's own, a SIGTERM ends the process by the signal (status 143). Whoever acts
+        # on the ready line (a supervisor, a test, a deployment script) may stop the process at once:
+        # it is said only once that stop is the graceful one.
+        if self._sigterm_taken:
+            super()._say_ready()
+        else:
+            self._ready_unsaid = True
 
     def _take_sigterm(self) -> None:
         """SIGTERM stops the reactor (and so this service, gracefully) and the process exits 0.
@@ -373,6 +454,10 @@ class TwistdCSMSService(CSMSService):
         runtimes and scripts read as a failure. A stop that did what it was asked is a success.
         """
         signal.signal(signal.SIGTERM, lambda _number, _frame: self.reactor.callFromThread(self._stop_reactor))
+        self._sigterm_taken = True
+        if self._ready_unsaid:
+            self._ready_unsaid = False
+            super()._say_ready()
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
@@ -400,15 +485,37 @@ class TwistdCSMSService(CSMSService):
 
     def _failed_late(self, failure) -> None:
         """A plugin service failed once the reactor ran: stop, then exit 1 after twistd has cleaned up."""
-        log.critical("csms: {message}", message=str(failure.value))
-        atexit.register(_exit_with_status, 1)
+        line = StartupFailed(str(failure.value), logged=True).message
+        log.critical("{line}", line=line)
+        say_at_exit(line, status=1)
         self.reactor.stop()
 
 
-def _exit_with_status(status: int) -> None:
-    # The last thing the process does, once twistd has removed its pid file and closed its log: left
-    # to itself, twistd would exit 0 here.
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+def say_at_exit(line: str, status: int) -> None:
+    """End the process with ``status``, ``line`` the last thing it writes on its stderr.
+
+    Run as the process exits (the first exit handler to run, being the last registered), once twistd has
+    logged its own last lines ("Main loop terminated.", "Server Shut Down.") and removed its pid file.
+    The process's own stderr (``sys.__stderr__``): twistd's log took ``sys.stderr`` over. With ``-n`` and
+    both streams on one terminal or journal, the line is there twice, once in the log and once last.
+    """
+    atexit.register(_exit_with_status, status, line)
+
+
+def _exit_with_status(status: int, line: str | None = None) -> None:
+    # The last thing the process does: left to itself, twistd would exit 0 after a failure once the
+    # reactor ran, and what other exit handlers write could come after the line.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__):
         if stream is not None:
             stream.flush()
+    if line is not None and sys.__stderr__ is not None:
+        try:
+            sys.__stderr__.write(line + "\n")
+        except (OSError, ValueError):  # stderr closed (a daemon's /dev/null is not): nothing more to say
+            pass
+    if sys.__stderr__ is not None:
+        try:
+            sys.__stderr__.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(status)

@@ -127,6 +127,29 @@ def test_unknown_settings_are_refused(text, message):
 
 
 @pytest.mark.parametrize("text, message", [
+    ("[csms]\nlog_levle = info\n", "[csms] has no setting 'log_levle' (known: log_format, log_level, shutdown_grace): "
+                                     "did you mean 'log_level'?"),
+    ("[ocpp]\nendpont = tcp:9000\n", ": did you mean 'endpoint'?"),
+    ("[database]\npoolsize = 3\n", "[database] has no setting 'poolsize' (known: auto_upgrade, pool_size, "
+                                    "sqlite_synchronous, url): did you mean 'pool_size'?"),
+    ("[plugins]\nenable = core\n", "[plugins] has no setting 'enable' (known: blocked, enabled): did you mean 'enabled'?"),
+    ("[metricz]\nenabled = true\n", "unknown section [metricz] (known: csms, ocpp, database, api, metrics, cluster, "
+                                     "plugins, plugin:NAME): did you mean [metrics]?"),
+], ids=["csms", "ocpp", "database", "plugins", "section"])
+def test_a_misspelt_setting_or_section_is_refused_naming_the_one_meant(text, message):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(text=text)
+    assert message in str(exc_info.value) and "\n" not in str(exc_info.value)
+
+
+def test_an_unknown_setting_not_close_to_any_lists_them_without_a_guess():
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(text="[api]\nzzz = 1\n")
+    assert str(exc_info.value).startswith("[api] has no setting 'zzz' (known: endpoint, ")
+    assert "did you mean" not in str(exc_info.value)
+
+
+@pytest.mark.parametrize("text, message", [
     ("[ocpp]\nunknown_stations = maybe\n", "unknown_stations must be one of accept, pending, reject"),
     ("[csms]\nlog_level = loud\n", "log_level must be one of"),
     ("[ocpp]\nresponse_timeout = 0\n", "response_timeout must be positive"),
@@ -202,7 +225,7 @@ def test_database_option_is_checked_like_the_file(tmp_path, monkeypatch):
     assert parse("--database", "postgres://csms@db/csms").config.database.url == "postgresql+psycopg://csms@db/csms"
     with pytest.raises(StartupFailed) as exc_info:
         parse("--database", "mysql://csms:secret@db/csms")
-    assert str(exc_info.value) == f"csms: [database] url mysql://csms:***@db/csms: the CSMS stores its data in " \
+    assert str(exc_info.value) == f"csms: cannot start: [database] url mysql://csms:***@db/csms: the CSMS stores its data in " \
                                   f"SQLite or PostgreSQL; use {DATABASE_URLS}"
 
 
@@ -463,8 +486,8 @@ def test_option_that_is_not_what_it_should_be_is_a_usage_error(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--log-level", "chatty"], "csms: [csms] log_level must be one of"),
-    (["--config", "/nonexistent/csms.ini"], "csms: cannot read the config file /nonexistent/csms.ini: No such file"),
+    (["--log-level", "chatty"], "csms: cannot start: [csms] log_level must be one of"),
+    (["--config", "/nonexistent/csms.ini"], "csms: cannot start: cannot read the config file /nonexistent/csms.ini: No such file"),
 ], ids=["log-level", "missing-file"])
 def test_unusable_values_stop_with_one_line_not_the_usage_text(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -111,7 +111,7 @@ async def test_a_bad_route_template_stops_twistd_csms_with_one_line(tmp_path, in
     install("badroute", {"badroute": BAD_ROUTE_PLUGIN}, {"badroute": "badroute:BadRoutePlugin"})
     config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, badroute")
     process = run_twistd(config, str(tmp_path), env={"PYTHONPATH": str(tmp_path)})
-    await failed_start(process, "csms: operator API route GET '/stations/{stationId}/things' (from badroute): "
+    await failed_start(process, "operator API route GET '/stations/{stationId}/things' (from badroute): "
                                 "placeholder {stationId}: a path parameter name is snake_case "
                                 "(a-z, 0-9 and _, not starting with a digit)")
 

@@ -612,7 +612,7 @@ async def test_twistd_with_a_mismatched_ca_key_exits_1_with_one_line(tmp_path):
                           extra=f"[plugin:security]\nca_certificate_file = {certificate}\nca_key_file = {key}\n")
     process = run_twistd(config, str(tmp_path))
     assert await process.finished() == 1
-    assert process.stderr == f"csms: [plugin:security] {key} is not the key of the CA certificate {certificate}\n"
+    assert process.stderr == f"csms: cannot start: [plugin:security] {key} is not the key of the CA certificate {certificate}\n"
     assert "Traceback" not in process.stdout
 
 

@@ -751,5 +751,5 @@ async def test_twistd_with_a_weak_server_key_exits_1_with_one_line(pki, tmp_path
         tls_certificate = {files['chain']}
         tls_private_key = {files['key']}
         """)
-    await failed_start(run_twistd(config, str(tmp_path)), f"csms: [plugin:security] tls_certificate: {files['chain']} "
+    await failed_start(run_twistd(config, str(tmp_path)), f"[plugin:security] tls_certificate: {files['chain']} "
                                                           "has an RSA key of 1024 bits (at least 2048 are required)")

@@ -163,7 +163,13 @@ def run_environment(context) -> None:
     connection = config.attributes.get("connection")
     if connection is None or context.is_offline_mode():
         raise SchemaError("migrations run on a database connection (csms-admin db ...); SQL scripts are not offered")
-    context.configure(connection=connection, **context_options(history, connection.dialect.name))
+    applied = config.attributes.get("applied")
+
+    def record(*, step, **_kw):
+        if applied is not None:
+            applied.extend(step.up_revision_ids if step.is_upgrade else step.down_revision_ids)
+    context.configure(connection=connection, on_version_apply=record,
+                      **context_options(history, connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
 
@@ -260,11 +266,57 @@ def prepare_schema(conn, histories_: list[History], auto_upgrade: bool) -> list[
     return done
 
 
+def owner(history: History) -> str:
+    """Whose history it is, for an operator: ``plugin firmware`` or ``the framework (csms)``."""
+    return f"the framework ({history.name})" if history.name == FRAMEWORK else f"plugin {history.name}"
+
+
+def upgrade_to_heads(conn, history: History, current: tuple) -> None:
+    """``alembic upgrade heads`` for one history; a revision that fails raises SchemaError naming the
+    history's plugin and the revision (the caller's transaction then changes nothing)."""
+    config = history.config(conn)
+    applied: list = []
+    config.attributes["applied"] = applied
+    try:
+        command.upgrade(config, "heads")
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a revision's code raises, said with whose it is
+        revision = failed_revision(history, current, applied)
+        raise SchemaError(f"{owner(history)}'s migration {revision} failed: {_reason(exc)}; nothing was "
+                          "changed (the upgrade is one transaction): fix the cause and start again, or "
+                          "restore a backup") from exc
+
+
+def failed_revision(history: History, current: tuple, applied: list) -> str:
+    """The revision an upgrade from ``current`` was applying when it failed: the first on its way to the
+    heads that it had not applied (``applied``, in the order they were)."""
+    script = history.script()
+    try:
+        on_the_way = [rev.revision for rev in script.iterate_revisions("heads", current or "base")]
+    except (RevisionError, CommandError):
+        on_the_way = []
+    for revision in reversed(on_the_way):  # oldest first, as an upgrade applies them
+        if revision not in applied:
+            return revision
+    return "(unknown revision)"
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a revision failed: the database's own message, or the exception's."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's own error
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    first = text_[0].strip() if text_ else ""
+    if orig is not None:
+        return first or type(orig).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def upgrade(conn, found: Status) -> str:
     history = found.history
     if found.unversioned_tables:
         baseline = adopt(conn, history)
-    command.upgrade(history.config(conn), "heads")
+    upgrade_to_heads(conn, history, (baseline,) if found.unversioned_tables else found.current)
     heads = ", ".join(found.heads)
     if not found.unversioned_tables:
         return f"{history.name}: upgraded from {', '.join(found.current) or 'an empty schema'} to {heads}"
