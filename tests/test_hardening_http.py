@@ -381,14 +381,21 @@ async def until(condition, what: str, seconds: float = 10):
         await deferLater(reactor, 0, lambda: None)
 
 
+def address_of(side, which: str = "getHost") -> tuple:
+    """(host, port) of a connection's end: clients bind to several loopback addresses, each with its own
+    ports, so that a port alone may be two connections'."""
+    address = getattr(side.transport if isinstance(side, RawClient) else side, which)()
+    return address.host, address.port
+
+
 async def server_channel(csms, listener: str, client: RawClient):
     """The server's HTTP channel for ``client``'s connection."""
     factory = listening_port(csms, listener).factory
-    client_port = client.transport.getHost().port
+    client_address = address_of(client)
 
     def find():
         return next((wrapper.wrappedProtocol for wrapper in factory.protocols
-                     if wrapper.getPeer().port == client_port), None)
+                     if address_of(wrapper, "getPeer") == client_address), None)
     await until(lambda: find() is not None, "the server accepted the connection")
     return find()
 
@@ -525,8 +532,8 @@ async def refused(csms, listener: str, source: str = "127.0.0.1") -> bool:
     """A new connection from ``source`` is closed at once, before anything is said (else it is accepted)."""
     client = await raw_connection(csms, listener, source)
     factory = listening_port(csms, listener).factory
-    client_port = client.transport.getHost().port
-    await until(lambda: client.closed.called or any(wrapper.getPeer().port == client_port
+    client_address = address_of(client)
+    await until(lambda: client.closed.called or any(address_of(wrapper, "getPeer") == client_address
                                                     for wrapper in factory.protocols), "refused or accepted")
     if not client.closed.called:
         client.transport.loseConnection()
