@@ -156,10 +156,25 @@ def trace_handshake(station_id: str, peer: str, path: str, headers: dict) -> Non
 # -- the lines ---------------------------------------------------------------------------------
 
 
+#: The characters of a text line's own layout: twistd ends it with a newline and writes each newline
+#: inside the message as a newline and a tab.
+_LAYOUT = {ord("\n"): None, ord("\t"): None}
+
+
+def _escaped(line: str) -> str:
+    """``line`` with every unprintable character but those of its layout escaped as Python writes it
+    (``\\x1b``, ``\\r``, ``\\u202e``): stations' text (an id tag, a vendorId, a security event's techInfo)
+    reaches log messages, and must not move a terminal's cursor, hide what went before or reorder it."""
+    if line.translate(_LAYOUT).isprintable():
+        return line
+    return "".join(char if char.isprintable() or char in "\n\t" else ascii(char)[1:-1] for char in line)
+
+
 def text_line(event: dict) -> str | None:
-    """twistd's classic line (``2026-12-01T17:03:43+0000 [namespace#level] message``), redacted."""
+    """twistd's classic line (``2026-12-01T17:03:43+0000 [namespace#level] message``), redacted, its
+    control characters escaped."""
     line = formatEventAsClassicLogText(event, formatTime=formatTime)
-    return None if line is None else redact(line)
+    return None if line is None else _escaped(redact(line))
 
 
 def json_line(event: dict) -> str | None:

@@ -154,6 +154,28 @@ async def test_traced_station_frames_are_logged_untraced_ones_not(csms_factory):
     assert all(r["level"] == "debug" for r in trace)
 
 
+@pytest_twisted.ensureDeferred
+async def test_station_text_in_a_text_log_line_has_its_control_characters_escaped(csms):
+    """Found by fuzzing: a SecurityEventNotification's type and techInfo, or a DataTransfer's vendorId,
+    reached the text log as sent, so a station could write terminal escape sequences (ESC), carriage
+    returns that hide what went before on a terminal, and bidirectional overrides into the operator's
+    log. Newlines stay the continuation lines twistd makes of them."""
+    hostile = "\x1b[2J\x1b[31mFAKE\rok\u202egol\x07\x7f"
+    station = await csms.connect_booted("CP-LOG")
+    with CapturedLogs() as logs:
+        assert await within(station.call("SecurityEventNotification", {
+            "type": "X\x1b]0;owned\x07", "timestamp": "2026-03-01T10:00:00Z", "techInfo": hostile + "\nnext"})) == {}
+        assert await within(station.call("DataTransfer", {"vendorId": "v\x1b[8m\r"})) == {"status": "UnknownVendorId"}
+    text = logs.text
+    assert "CP-LOG" in text
+    for char in "\x1b\r\u202e\x07\x7f":
+        assert char not in text, f"{char!r} in the text log"
+    assert "\\x1b[2J\\x1b[31mFAKE\\rok\\u202egol\\x07\\x7f\n\tnext" in text
+    assert "vendorId v\\x1b[8m\\r" in text
+    # The JSON format escapes as JSON does: the message keeps what the station sent.
+    assert any(hostile in record["message"] for record in logs.json_records())
+
+
 # -- no secret in any log --------------------------------------------------------------------------------
 
 

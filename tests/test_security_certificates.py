@@ -19,12 +19,15 @@ import pytest_twisted
 from conftest import error_of, table_contents, within
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action
 from OpenSSL import crypto
 from test_localauth_interop import AsyncioThread, close_charge_point, open_charge_point
+from test_rpc import bad_log_events
+from twisted.logger import capturedLogs
 
 from csms.config import ConfigError, load_config
 from csms.service import CSMSService
@@ -306,6 +309,48 @@ async def test_bad_csrs_are_rejected_recorded_and_leave_other_stations_alone(csm
     # Another station is served as before, and nothing was recorded for it.
     assert (await within(bystander.call("Heartbeat", {})))["currentTime"]
     assert await requests_of(csms, "CP-BYSTANDER") == []
+
+
+def csr_with_raw_organization(station_id: str, tag: int, value: bytes) -> str:
+    """A CSR for ``station_id``, signed by its own key, whose subject's organizationName is the DER
+    element ``tag`` ``value`` as given: what a station's own ASN.1 encoder may produce and ``cryptography``
+    refuses to build (and reads only when asked for the subject)."""
+    placeholder = "P" * len(value)
+    csr, key = pki.make_csr(station_id, placeholder)
+    encoded = bytes([0x0C, len(value)]) + placeholder.encode()  # UTF8String, a short length
+    assert len(value) < 0x80 and csr.tbs_certrequest_bytes.count(encoded) == 1
+    info = csr.tbs_certrequest_bytes.replace(encoded, bytes([tag, len(value)]) + value)
+
+    def der(tag: int, body: bytes) -> bytes:  # DER's shortest length form
+        size = len(body)
+        wide = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([size]) if size < 0x80 else bytes([0x80 | len(wide)]) + wide
+        return bytes([tag]) + length + body
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    request = x509.load_der_x509_csr(der(0x30, info + ecdsa_with_sha256 + der(0x03, b"\x00" + signature)))
+    return request.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.mark.parametrize("tag, value", [(0x0C, b"\xff\xfe not UTF-8"), (0x02, b"\x01\x02")],
+                         ids=["utf8string-not-utf8", "integer"])
+@pytest_twisted.ensureDeferred
+async def test_csr_whose_subject_cannot_be_read_is_rejected_recorded_and_logs_no_error(csms, tag, value):
+    """Found by fuzzing: such a CSR's signature verifies, but reading its subject raised in the
+    handler, so the station got InternalError, a traceback was logged and nothing was recorded."""
+    station = await csms.connect_booted("CP-ODD")
+    bystander = await csms.connect_booted("CP-BYSTANDER")
+    pem = csr_with_raw_organization("CP-ODD", tag, value)
+    with capturedLogs() as events:
+        assert await within(station.call("SignCertificate", {"csr": pem})) == {"status": "Rejected"}
+        assert (await within(station.call("Heartbeat", {})))["currentTime"]
+        assert (await within(bystander.call("Heartbeat", {})))["currentTime"]
+    assert bad_log_events(events) == []
+    assert calls(station, "CertificateSigned") == []
+    [request] = await requests_of(csms, "CP-ODD")
+    assert (request["status"], request["reason_code"]) == ("rejected", "csr_not_pem")
+    status, body = await api(csms, "GET", "/stations/CP-ODD/security-events?origin=csms")
+    assert [e["type"] for e in body["items"]] == ["CertificateSigningRequestRejected"]
 
 
 @pytest_twisted.ensureDeferred

@@ -59,12 +59,18 @@ def check_csr(csr: x509.CertificateSigningRequest, station_id: str, organization
     if not signature_valid:
         raise Refused("csr_signature_invalid", "The CSR's signature does not verify with its public key")
     check_key(csr.public_key())
-    names = _attributes(csr.subject, NameOID.COMMON_NAME)
+    try:
+        # Parsed only when first asked for: a value of a string type the library lacks raises KeyError
+        # (cryptography 47), bad UTF-8 or an empty RDN ValueError. The signature covers it all the same.
+        subject = csr.subject
+    except Exception:  # noqa: BLE001 - whatever the parser raises, the subject cannot be used
+        raise Refused("csr_not_pem", "The CSR's subject is not a distinguished name that can be read") from None
+    names = _attributes(subject, NameOID.COMMON_NAME)
     if names != [station_id]:
         raise Refused("common_name_mismatch", f"The CSR's subject commonName is {_shown(names)}, "
                                               f"not this station's id {station_id!r}")
     if organization:
-        organizations = _attributes(csr.subject, NameOID.ORGANIZATION_NAME)
+        organizations = _attributes(subject, NameOID.ORGANIZATION_NAME)
         if organizations != [organization]:
             raise Refused("organization_mismatch", f"The CSR's subject organizationName is {_shown(organizations)}, "
                                                    f"not {organization!r}")
