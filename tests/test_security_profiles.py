@@ -264,6 +264,44 @@ async def test_TC_086_CSMS_server_key_size_is_checked_at_start_up(csms_factory, 
             await csms_factory(config_text=config)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("expired", r"tls_certificate: the certificate CN=localhost in .* expired on \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
+    ("not yet valid", r"tls_certificate: the certificate CN=localhost in .* is not valid before \d{4}-"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_server_certificate_stations_would_refuse_as_expired_stops_start_up(csms_factory, pki, tmp_path,
+                                                                                   case, message):
+    """Stations refuse an expired (or not yet valid) server certificate in every handshake: starting with one
+    would report ready while no station could connect over TLS."""
+    now = datetime.now(timezone.utc)
+    if case == "expired":
+        dates = {"not_before": now - timedelta(days=400), "not_after": now - timedelta(days=1)}
+    else:
+        dates = {"not_before": now + timedelta(days=1), "not_after": now + timedelta(days=400)}
+    files = make_certificate(pki.ca, "localhost", key_type="ec", server=True, **dates).write(tmp_path, case[:3])
+    config = tls_config(pki).replace(pki.files["server_rsa"]["chain"], files["chain"]).replace(
+        pki.files["server_rsa"]["key"], files["key"])
+    with pytest.raises(StartupError, match=message) as info:
+        await csms_factory(config_text=config)
+    assert "\n" not in str(info.value) and "renew" in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_certificate_near_its_end_is_warned_about_and_its_end_is_a_metric(csms_factory, pki, tmp_path,
+                                                                                        logged):  # noqa: F811
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    not_after = now + timedelta(days=10)
+    files = make_certificate(pki.ca, "localhost", key_type="ec", server=True, not_after=not_after).write(tmp_path, "e")
+    config = tls_config(pki).replace(pki.files["server_rsa"]["chain"], files["chain"]).replace(
+        pki.files["server_rsa"]["key"], files["key"])
+    csms = await csms_factory(config_text=config)
+    warnings = [text for level, _, text in logged if level == LogLevel.warn and "CN=localhost" in text]
+    assert len(warnings) == 1 and "in 9 days" in warnings[0] and files["chain"] in warnings[0], warnings
+    registry = csms.app.metrics.registry
+    assert registry.get_sample_value("csms_security_tls_certificate_not_after_timestamp_seconds") == \
+        not_after.timestamp()
+
+
 def _replace_file(config: str, which: str, path: str, pki) -> str:
     return config.replace(pki.files["server_rsa"][which], path)
 

@@ -31,7 +31,8 @@ from csms.config import Setting
 from csms.stations import stations
 
 from .tables import station_profiles
-from .tls import DEFAULT_CIPHERS, ServerTLSContext, TLSListener, load_ca_certificates, load_server_credentials
+from .tls import (DEFAULT_CIPHERS, ServerTLSContext, TLSListener, load_ca_certificates, load_server_credentials,
+                  not_after)
 
 log = Logger(namespace="csms.security.profiles")
 
@@ -165,6 +166,10 @@ class SecurityProfiles:
             "csms_security_tls_handshakes_failed", "TLS connections closed before their handshake finished, by "
             "outcome (tls_failed, handshake_timeout, handshake_abandoned) and kind of TLS failure",
             ("outcome", "kind"))
+        #: When the server certificate chain the listener serves ends (a Unix time), for alerts before it does.
+        self.tls_certificate_end_metric = app.metrics.gauge(
+            "csms_security_tls_certificate_not_after_timestamp_seconds", "When the TLS listener's server "
+            "certificate (or an intermediate of its chain) expires, as a Unix time")
         #: The running TLS listener (a :class:`.tls.TLSListener`) and its port, once started.
         self.listener: TLSListener | None = None
         self.port = None
@@ -239,7 +244,8 @@ class SecurityProfiles:
 
         if self.tls_endpoint.split(":", 1)[0].lower() == "ssl":
             raise StartupError("[plugin:security] tls_endpoint: give a tcp: endpoint; the plugin adds TLS itself")
-        chain, key = load_server_credentials(self.tls_certificate, self.tls_private_key)
+        chain, key = load_server_credentials(self.tls_certificate, self.tls_private_key, now=self.app.now())
+        self.tls_certificate_end_metric.set(not_after(chain).timestamp())
         cas = load_ca_certificates(self.tls_ca) if self.tls_ca else []
         context = ServerTLSContext(chain, key, cas, ciphers=self.tls_ciphers, tls13=self.tls13)
         factory = getattr(self.app, "ocpp_factory", None)
