@@ -629,6 +629,29 @@ async def test_removing_the_password_does_not_lower_a_tls_profile(tls_csms, pki)
 
 
 @pytest_twisted.ensureDeferred
+async def test_TC_085_CSMS_a_password_left_out_is_asked_for_with_401_whatever_the_floor(tls_csms, pki):
+    """A station with a password that connects without it is refused with 401 (docs/api.md, connections.md),
+    also once it has a floor: sending its password is what it lacks. 403 stays for a connection that its
+    password would not lift to the floor (plain ws below profile 2, TLS without a certificate below 3)."""
+    await with_password(tls_csms, "CP-1")
+    station = await tls_csms.connect("CP-1", password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 1)
+    await station.close()
+    assert (await refused(tls_csms.connect("CP-1"))).status == 401
+    station = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 2)
+    await station.close()
+    assert (await refused(connect_tls(tls_csms, "CP-1", pki.client_options()))).status == 401
+    assert (await refused(tls_csms.connect("CP-1"))).status == 403
+    assert (await refused(tls_csms.connect("CP-1", password=PASSWORD))).status == 403
+    status, body, _ = await tls_csms.api("GET", "/stations/CP-1/events")
+    refusals = [event["detail"] for event in body["items"] if event["event"] == "refused"]
+    assert {"no password sent (the station's security profile 1 requires it)",
+            "no password sent (the station's security profile 2 requires it)",
+            "security profile 0, below the station's profile 2"} <= set(refusals), refusals
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_operator_sets_the_floor_and_may_lower_it(tls_csms, pki):
     await with_password(tls_csms, "CP-1")
     status, body, _ = await tls_csms.api("PUT", "/stations/CP-1/security-profile", json={"profile": 2})
