@@ -54,6 +54,24 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 _TEXT_FIN, _BINARY_FIN = 0x81, 0x82
 
 
+class _DebugOnlyLog:
+    """Autobahn's logger for a connection whose handshake the Central System refused: its lines at debug.
+
+    The refusal is counted (``csms_ocpp_handshakes_refused_total``) and, but for a path that is no OCPP
+    path and a stop under way, logged once at info where it is decided (an admission refusal is recorded
+    as a connection event too); Autobahn would add an info line ("failing WebSocket opening handshake")
+    and a warning ("dropping connection ... : Unauthorized") for each, and anyone can have a handshake
+    refused at will (a wrong password, an unknown id)."""
+
+    def __init__(self, logger):
+        self._logger = logger
+
+    def __getattr__(self, name):
+        if name in ("info", "warn", "warning", "error", "critical"):
+            return self._logger.debug
+        return getattr(self._logger, name)
+
+
 def _logged(result, what: str):
     """Log (and swallow) a failure to record a connection event: the connection itself goes on."""
     if isinstance(result, Failure):
@@ -97,8 +115,19 @@ class OCPPServerProtocol(WebSocketServerProtocol):
     _announcing: list | None = None
     _counted_address: str | None = None
 
-    @defer.inlineCallbacks
     def onConnect(self, request):
+        return self._admit_handshake(request).addErrback(self._refused)
+
+    def _refused(self, failure):
+        """A refusal decided here was logged (at info) and counted where it was decided: Autobahn's own
+        lines for this connection go to debug (:class:`_DebugOnlyLog`). A handshake Autobahn itself fails
+        (not HTTP, no Upgrade header) keeps its lines: nothing else logs those."""
+        if failure.check(ConnectionDeny):
+            self.log = _DebugOnlyLog(self.log)
+        return failure
+
+    @defer.inlineCallbacks
+    def _admit_handshake(self, request):
         app = self.factory.app
         ocpp = app.config.ocpp
         peer = request.peer

@@ -300,6 +300,21 @@ async def test_bad_input_is_a_4xx_json_error_nothing_written_and_serving_goes_on
     assert (status, [s["id"] for s in body["items"]]) == (200, ["CP-X"])
 
 
+@pytest.mark.parametrize("path,body,message", [
+    ("/stations/CP-X/data-transfer", {"vendor_id": "acme", "data": 5}, "Invalid request body: data must be string"),
+    ("/stations/CP-X/certificates/delete", {"certificate_hash_data": {}},
+     "Invalid request body: certificate_hash_data must contain "),
+    ("/stations", {}, "Invalid request body: body must contain ['id'] properties"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_validation_message_names_the_field_as_the_client_sent_it(csms, path, body, message):
+    """The schema validator calls the body ``data``: only that leading name becomes "body"; a field whose
+    name is or ends in "data" keeps its name (it read "body must be string", "certificate_hash_body")."""
+    status, answer, _ = await csms.api("POST", path, json=body)
+    assert (status, error_of(answer)) == (422, "validation_failed")
+    assert answer["error"]["message"].startswith(message), answer
+
+
 @implementer(IBodyProducer)
 class ChunkedBody:
     """A request body of unknown length (sent chunked)."""

@@ -23,7 +23,7 @@ from csms import fastpath
 from csms.admission import ConnectionLimits, RefusedConnection, charge_point_id_from_path, charge_point_id_problem
 from csms.protocol import BOOT_TIMEOUT_REASON, CLOSE_POLICY_VIOLATION, OCPPServerProtocol
 from csms.testing.station import CallErrorFrame
-from test_admission import refused
+from test_admission import refused, with_password
 from test_ws_fastpath import RawWebSocket
 
 BOOT = {"chargePointVendor": "V", "chargePointModel": "M"}
@@ -426,6 +426,25 @@ BAD_IDS = {
     "truncated-utf8": "CP%C3",
     "overlong-utf8": "%C0%AF",
 }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_handshake_is_logged_once_at_info_and_autobahn_adds_no_warning(csms, logged):
+    """Anyone can have a handshake refused at will (a wrong password, a missing subprotocol): the Central
+    System logs each once, at info, and records it. Autobahn's own lines for it ("failing WebSocket opening
+    handshake", and "dropping connection ... : Unauthorized" at warn) go to debug."""
+    await with_password(csms, "CP-PW", "s3cret-passw0rd!")
+    assert (await refused(csms.connect("CP-PW", password="wrong-password!"))).status == 401
+    assert (await refused(csms.connect("CP-PW", password="s3cret-passw0rd!", protocols=("ocpp2.0.1",)))).status == 400
+    # (The test station is an Autobahn client: its own lines about the refusal are not the server's.)
+    server = [(level, text) for level, namespace, text in logged
+              if level is not None and level >= LogLevel.info and "Client" not in (namespace or "")]
+    assert [text for level, text in server if level >= LogLevel.warn] == []
+    assert [text for level, text in server if "WebSocket opening handshake" in text or "dropping" in text] == []
+    ours = [text for level, namespace, text in logged if level == LogLevel.info and namespace == "csms.protocol"
+            and text.startswith("Refused CP-PW")]
+    assert len(ours) == 2, ours
+    await csms.connect("CP-PW", password="s3cret-passw0rd!")  # and the next one is served
 
 
 @pytest.mark.parametrize("segment", list(BAD_IDS.values()), ids=list(BAD_IDS))

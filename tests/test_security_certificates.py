@@ -29,6 +29,8 @@ from test_localauth_interop import AsyncioThread, close_charge_point, open_charg
 from test_rpc import bad_log_events
 from twisted.logger import capturedLogs
 
+from test_hardening_ws import logged  # noqa: F401  (a fixture)
+
 from csms.config import ConfigError, load_config
 from csms.service import CSMSService
 from csms.testing import pki
@@ -520,6 +522,19 @@ def test_generated_ca_is_private_and_reused(tmp_path):
     assert first.certificates.ca.certificate_path == str(ca_dir / "csms-ca.pem")
     second = start_service(f"[plugin:security]\nca_dir = {ca_dir}\n", database).app.pm.get_plugin("security")
     assert second.certificates.ca.certificate == first.certificates.ca.certificate
+
+
+def test_generating_the_ca_says_where_its_trust_anchor_is_once(tmp_path, logged):  # noqa: F811 (the fixture)
+    """The CA is made on first start: the operator is told where (tls_ca, stations' CentralSystemRootCertificate)."""
+    ca_dir = tmp_path / "ca"
+    database = f"sqlite:///{tmp_path}/db.sqlite"
+    start_service(f"[plugin:security]\nca_dir = {ca_dir}\n", database)
+    start_service(f"[plugin:security]\nca_dir = {ca_dir}\n", database)
+    ends = x509.load_pem_x509_certificate((ca_dir / "csms-ca.pem").read_bytes()).not_valid_after_utc
+    lines = [text for level, namespace, text in logged if "Generated" in text]
+    assert lines == [f"Generated the CSMS CA (CN=CSMS Root CA, valid until {ends:%Y-%m-%dT%H:%M:%SZ}) in {ca_dir}: its "
+                     f"certificate {ca_dir / 'csms-ca.pem'} is the trust anchor for station certificates "
+                     "([plugin:security] tls_ca)"], lines
 
 
 def test_operators_own_ca_is_used(tmp_path):

@@ -264,6 +264,44 @@ async def test_TC_086_CSMS_server_key_size_is_checked_at_start_up(csms_factory, 
             await csms_factory(config_text=config)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("expired", r"tls_certificate: the certificate CN=localhost in .* expired on \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
+    ("not yet valid", r"tls_certificate: the certificate CN=localhost in .* is not valid before \d{4}-"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_server_certificate_stations_would_refuse_as_expired_stops_start_up(csms_factory, pki, tmp_path,
+                                                                                   case, message):
+    """Stations refuse an expired (or not yet valid) server certificate in every handshake: starting with one
+    would report ready while no station could connect over TLS."""
+    now = datetime.now(timezone.utc)
+    if case == "expired":
+        dates = {"not_before": now - timedelta(days=400), "not_after": now - timedelta(days=1)}
+    else:
+        dates = {"not_before": now + timedelta(days=1), "not_after": now + timedelta(days=400)}
+    files = make_certificate(pki.ca, "localhost", key_type="ec", server=True, **dates).write(tmp_path, case[:3])
+    config = tls_config(pki).replace(pki.files["server_rsa"]["chain"], files["chain"]).replace(
+        pki.files["server_rsa"]["key"], files["key"])
+    with pytest.raises(StartupError, match=message) as info:
+        await csms_factory(config_text=config)
+    assert "\n" not in str(info.value) and "renew" in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_certificate_near_its_end_is_warned_about_and_its_end_is_a_metric(csms_factory, pki, tmp_path,
+                                                                                        logged):  # noqa: F811
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    not_after = now + timedelta(days=10)
+    files = make_certificate(pki.ca, "localhost", key_type="ec", server=True, not_after=not_after).write(tmp_path, "e")
+    config = tls_config(pki).replace(pki.files["server_rsa"]["chain"], files["chain"]).replace(
+        pki.files["server_rsa"]["key"], files["key"])
+    csms = await csms_factory(config_text=config)
+    warnings = [text for level, _, text in logged if level == LogLevel.warn and "CN=localhost" in text]
+    assert len(warnings) == 1 and "in 9 days" in warnings[0] and files["chain"] in warnings[0], warnings
+    registry = csms.app.metrics.registry
+    assert registry.get_sample_value("csms_security_tls_certificate_not_after_timestamp_seconds") == \
+        not_after.timestamp()
+
+
 def _replace_file(config: str, which: str, path: str, pki) -> str:
     return config.replace(pki.files["server_rsa"][which], path)
 
@@ -612,6 +650,29 @@ async def test_removing_the_password_does_not_lower_a_tls_profile(tls_csms, pki)
     await station.close()
     assert (await tls_csms.api("DELETE", "/stations/CP-1/password"))[0] == 200
     assert (await refused(connect_tls(tls_csms, "CP-1", pki.client_options()))).status == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_TC_085_CSMS_a_password_left_out_is_asked_for_with_401_whatever_the_floor(tls_csms, pki):
+    """A station with a password that connects without it is refused with 401 (docs/api.md, connections.md),
+    also once it has a floor: sending its password is what it lacks. 403 stays for a connection that its
+    password would not lift to the floor (plain ws below profile 2, TLS without a certificate below 3)."""
+    await with_password(tls_csms, "CP-1")
+    station = await tls_csms.connect("CP-1", password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 1)
+    await station.close()
+    assert (await refused(tls_csms.connect("CP-1"))).status == 401
+    station = await connect_tls(tls_csms, "CP-1", pki.client_options(), password=PASSWORD)
+    await connected_at(tls_csms, "CP-1", 2)
+    await station.close()
+    assert (await refused(connect_tls(tls_csms, "CP-1", pki.client_options()))).status == 401
+    assert (await refused(tls_csms.connect("CP-1"))).status == 403
+    assert (await refused(tls_csms.connect("CP-1", password=PASSWORD))).status == 403
+    status, body, _ = await tls_csms.api("GET", "/stations/CP-1/events")
+    refusals = [event["detail"] for event in body["items"] if event["event"] == "refused"]
+    assert {"no password sent (the station's security profile 1 requires it)",
+            "no password sent (the station's security profile 2 requires it)",
+            "security profile 0, below the station's profile 2"} <= set(refusals), refusals
 
 
 @pytest_twisted.ensureDeferred

@@ -185,9 +185,19 @@ def _validate_body(route, body):
     try:
         route.validator(body)
     except Exception as exc:  # fastjsonschema.JsonSchemaValueException
-        message = getattr(exc, "message", str(exc))
-        raise unprocessable(f"Invalid request body: {message.replace('data.', '').replace('data ', 'body ')}")
+        raise unprocessable(f"Invalid request body: {_body_message(getattr(exc, 'message', str(exc)))}")
     return body
+
+
+def _body_message(message: str) -> str:
+    """fastjsonschema's message with the client's names: it calls the body ``data`` (``data.vendor_id must
+    be string``, ``data must contain ...``). Only that leading name is rewritten: a field that is or ends
+    in "data" (DataTransfer's ``data``, ``certificate_hash_data``) keeps its name."""
+    if message.startswith("data."):
+        return message[len("data."):]
+    if message.startswith("data"):
+        return "body" + message[len("data"):]
+    return message
 
 
 def _authorize(caller, route) -> None:

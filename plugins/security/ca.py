@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from twisted.logger import Logger
 
 from csms.config import ConfigError
 
@@ -23,6 +24,8 @@ GENERATED_CERTIFICATE = "csms-ca.pem"
 GENERATED_KEY = "csms-ca-key.pem"
 #: A generated CA lasts this long; the operator replaces it (or gives their own) before then.
 GENERATED_VALIDITY = timedelta(days=3650)
+
+log = Logger(namespace="csms.security")
 #: Largest CA file read: a certificate or key is a few kilobytes; a bigger file is not one.
 MAX_CA_FILE = 1024 * 1024
 
@@ -161,6 +164,12 @@ def _generate(ca_dir: str, certificate_path: str, key_path: str, organization: s
     except OSError as exc:
         raise ConfigError(f"[plugin:security] ca_dir: cannot create the CA in {ca_dir} "
                           f"({(exc.strerror or str(exc)).lower()})") from None
+    # Once, on first start: where the operator finds what tls_ca and the stations' CentralSystemRootCertificate
+    # need (the next starts load it silently).
+    log.info("Generated the CSMS CA ({subject}, valid until {end}) in {directory}: its certificate {path} is the "
+             "trust anchor for station certificates ([plugin:security] tls_ca)", subject=name.rfc4514_string(),
+             end=certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), directory=ca_dir,
+             path=certificate_path)
     return CertificateAuthority(certificate, key, os.path.abspath(certificate_path))
 
 

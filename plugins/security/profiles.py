@@ -9,7 +9,7 @@ A connection's profile is what it proved (OCPP 1.6 Security whitepaper §2):
 * **0**: anything else ("unsecured": plain ws, or TLS, without a password the CSMS checks).
 
 Once a station has connected at profile N, a connection at a lower one is refused with 403 before the
-WebSocket opens (TC_083). Profile 1 is the password's: a station that has one must send it (the Core
+WebSocket opens (TC_083); with 401 when it only left out the password that would have met N. Profile 1 is the password's: a station that has one must send it (the Core
 plugin), and one whose password an operator removed is back at 0. An operator may set the floor
 (``PUT /stations/{id}/security-profile``), lower too (a station replaced, its certificate lost). A
 certificate that names another station, or not the configured organization, is refused with 403
@@ -31,7 +31,8 @@ from csms.config import Setting
 from csms.stations import stations
 
 from .tables import station_profiles
-from .tls import DEFAULT_CIPHERS, ServerTLSContext, TLSListener, load_ca_certificates, load_server_credentials
+from .tls import (DEFAULT_CIPHERS, ServerTLSContext, TLSListener, load_ca_certificates, load_server_credentials,
+                  not_after)
 
 log = Logger(namespace="csms.security.profiles")
 
@@ -165,6 +166,10 @@ class SecurityProfiles:
             "csms_security_tls_handshakes_failed", "TLS connections closed before their handshake finished, by "
             "outcome (tls_failed, handshake_timeout, handshake_abandoned) and kind of TLS failure",
             ("outcome", "kind"))
+        #: When the server certificate chain the listener serves ends (a Unix time), for alerts before it does.
+        self.tls_certificate_end_metric = app.metrics.gauge(
+            "csms_security_tls_certificate_not_after_timestamp_seconds", "When the TLS listener's server "
+            "certificate (or an intermediate of its chain) expires, as a Unix time")
         #: The running TLS listener (a :class:`.tls.TLSListener`) and its port, once started.
         self.listener: TLSListener | None = None
         self.port = None
@@ -201,8 +206,14 @@ class SecurityProfiles:
         floor, has_password = state
         if floor == 1 and not has_password:
             floor = 0  # profile 1 is the password's: an operator who removed it took the station back to 0
-        profile = connection_profile(request.tls, identified, has_password, request.password is not None)
+        sent_password = request.password is not None
+        profile = connection_profile(request.tls, identified, has_password, sent_password)
         if profile < floor:
+            if has_password and not sent_password and \
+                    connection_profile(request.tls, identified, True, True) >= floor:
+                # Its password is what it lacks: 401, as the Core plugin answers a station without one.
+                raise AdmissionRefused(401, "Unauthorized",
+                                       f"no password sent (the station's security profile {floor} requires it)")
             raise AdmissionRefused(403, f"Forbidden: security profile {floor} is required",
                                    f"security profile {profile}, below the station's profile {floor}")
         request.annotations[PROFILE_ANNOTATION] = profile
@@ -239,7 +250,8 @@ class SecurityProfiles:
 
         if self.tls_endpoint.split(":", 1)[0].lower() == "ssl":
             raise StartupError("[plugin:security] tls_endpoint: give a tcp: endpoint; the plugin adds TLS itself")
-        chain, key = load_server_credentials(self.tls_certificate, self.tls_private_key)
+        chain, key = load_server_credentials(self.tls_certificate, self.tls_private_key, now=self.app.now())
+        self.tls_certificate_end_metric.set(not_after(chain).timestamp())
         cas = load_ca_certificates(self.tls_ca) if self.tls_ca else []
         context = ServerTLSContext(chain, key, cas, ciphers=self.tls_ciphers, tls13=self.tls13)
         factory = getattr(self.app, "ocpp_factory", None)

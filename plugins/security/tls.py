@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +53,8 @@ MIN_RSA_BITS = 2048
 MIN_EC_BITS = 224
 #: Largest PEM file read as a certificate, key or CA bundle: far above any real one.
 MAX_PEM_SIZE = 1024 * 1024
+#: A server certificate (or intermediate) ending within this is warned about at start-up.
+EXPIRY_WARNING = timedelta(days=30)
 
 
 def _read_pem(path: str, what: str, setting: str) -> bytes:
@@ -88,9 +91,10 @@ def key_strength_problem(public_key) -> str | None:
     return f"a {type(public_key).__name__.replace('PublicKey', '')} key (RSA or EC keys only)"
 
 
-def load_server_credentials(certificate_path: str, key_path: str):
+def load_server_credentials(certificate_path: str, key_path: str, now: datetime | None = None):
     """(certificate chain, private key) from PEM files, or StartupError saying what is wrong (one line):
-    an unreadable file, no certificate, a key that is not the certificate's, a weak key."""
+    an unreadable file, no certificate, a key that is not the certificate's, a weak key, and, given
+    ``now``, a certificate of the chain that is expired or not yet valid (see :func:`check_validity`)."""
     if not certificate_path or not key_path:
         raise StartupError("[plugin:security] tls_endpoint is set: tls_certificate and tls_private_key are "
                            "needed too")
@@ -111,10 +115,42 @@ def load_server_credentials(certificate_path: str, key_path: str):
     problem = key_strength_problem(key.public_key())
     if problem is not None:
         raise StartupError(f"[plugin:security] tls_certificate: {certificate_path} has {problem}")
+    if now is not None:
+        check_validity(chain, certificate_path, now)
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size < 256:
         log.warn("The TLS server key in {path} is on {curve}: the whitepaper allows it, but TLS 1.3 and most TLS "
                  "clients cannot use it; prefer P-256 or larger", path=certificate_path, curve=key.curve.name)
     return chain, key
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_validity(chain: list, certificate_path: str, now: datetime) -> None:
+    """StartupError when a certificate of the server's chain is expired or not yet valid at ``now``: every
+    station would refuse it in the handshake, while the CSMS reported itself ready. A warning when one ends
+    within :data:`EXPIRY_WARNING` (the listener serves it until a restart loads the renewed file)."""
+    setting = "[plugin:security] tls_certificate"
+    for certificate in chain:
+        name = certificate.subject.rfc4514_string() or "(no subject)"
+        if now >= certificate.not_valid_after_utc:
+            raise StartupError(f"{setting}: the certificate {name} in {certificate_path} expired on "
+                               f"{_utc_text(certificate.not_valid_after_utc)}: stations refuse it; renew it")
+        if now < certificate.not_valid_before_utc:
+            raise StartupError(f"{setting}: the certificate {name} in {certificate_path} is not valid before "
+                               f"{_utc_text(certificate.not_valid_before_utc)}: stations refuse it until then; "
+                               f"renew it with a start in the past (or check this machine's clock)")
+        left = certificate.not_valid_after_utc - now
+        if left < EXPIRY_WARNING:
+            log.warn("The TLS server certificate {name} in {path} expires on {end} (in {days} days): renew it, "
+                     "then restart the Central System to load it",
+                     name=name, path=certificate_path, end=_utc_text(certificate.not_valid_after_utc), days=left.days)
+
+
+def not_after(chain: list) -> datetime:
+    """When the first certificate of the server's chain ends (the listener's certificate is unusable then)."""
+    return min(certificate.not_valid_after_utc for certificate in chain)
 
 
 def load_ca_certificates(path: str) -> list:
