@@ -34,6 +34,8 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from csms.config import display_url
+
 log = Logger(namespace="csms.db")
 
 _TRANSIENT_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
@@ -242,14 +244,17 @@ class Database:
     def stop(self) -> None:
         if self._started:
             stats = self.stats
+            # Named: a process may have two (the webhook worker's, beside its SQLite delivery file).
+            where = display_url(self.url.render_as_string(hide_password=False))
             if self.is_sqlite:
-                log.info("Database: {functions} functions in {transactions} transactions "
+                log.info("Database {where}: {functions} functions in {transactions} transactions "
                          "({retries} retried, {isolated} rerun in savepoints; waited {lock_waits} times, "
-                         "{lock_wait_ms} ms in all, for SQLite's write lock held by another process)", **stats)
+                         "{lock_wait_ms} ms in all, for SQLite's write lock held by another process)",
+                         where=where, **stats)
             else:
                 # PostgreSQL locks rows, not the database: lock_waits stays 0 there (see _begin_immediate).
-                log.info("Database: {functions} functions in {transactions} transactions "
-                         "({retries} retried, {isolated} rerun in savepoints)", **stats)
+                log.info("Database {where}: {functions} functions in {transactions} transactions "
+                         "({retries} retried, {isolated} rerun in savepoints)", where=where, **stats)
             self._started = False
             self._stopped = True
             # Work still queued would never run once the pool's threads are gone: fail it instead of

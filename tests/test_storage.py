@@ -309,7 +309,11 @@ async def test_the_statistics_logged_at_stop_speak_of_the_database_in_use(db):
     with capturedLogs() as events:
         db.stop()
     (line,) = [formatEvent(event) for event in events if event.get("log_namespace") == "csms.db"]
-    assert line.startswith("Database: 1 functions in 1 transactions (0 retried, 0 rerun in savepoints")
+    from csms.config import display_url
+
+    where = display_url(db.url.render_as_string(hide_password=False))
+    assert "***" in where or db.url.password is None  # never the password
+    assert line.startswith(f"Database {where}: 1 functions in 1 transactions (0 retried, 0 rerun in savepoints")
     if db.is_sqlite:
         assert line.endswith("; waited 0 times, 0 ms in all, for SQLite's write lock held by another process)")
     else:
