@@ -21,7 +21,9 @@ from csms.db import Database
 from csms.health import Readiness, database_check
 from csms.metrics import Metrics
 from csms.outbox import Outbox, register_framework_types
-from csms.plugins import check_settings, check_table_names, loaded_plugins, make_plugin_manager
+from csms.plugins import available_plugins, check_settings, check_table_names, loaded_plugins, make_plugin_manager
+from csms.retention import RetentionService, configured_days
+from csms.retention import collect as collect_retention
 from csms.rpc import CallError, StationOffline
 from csms.schemas import schemas
 from csms.stations import StationStore
@@ -101,6 +103,11 @@ class CentralSystem:
         self._histories = None
         self.hook.csms_configure(app=self)
         check_table_names(self.pm)  # after csms_configure: a plugin may build its tables there
+        #: What may be pruned (csms.retention), and the days ``[retention]`` keeps each for (0: for ever).
+        self.retention = collect_retention(self)
+        self.retention_days = configured_days(config, self.retention, {p.name for p in self.plugins},
+                                              available_plugins())
+        self.retention_service = RetentionService(self, self.retention, self.retention_days)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class CentralSystem:
         return self.db.run(pending, histories, desc="schema_pending").addCallback(lambda behind: not behind)
 
     def services(self) -> list:
-        out = []
+        out = [self.retention_service]
         for services in self.hook.csms_services(app=self):
             out.extend(services or [])
         return out

@@ -19,7 +19,7 @@ LOG_FORMATS = ("text", "json")
 #: The settings of ``[csms]``, read onto :class:`Config` itself.
 CSMS_SETTINGS = ("log_level", "log_format", "shutdown_grace")
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "cluster", "plugins")
+KNOWN_SECTIONS = ("csms", "ocpp", "database", "api", "metrics", "cluster", "plugins", "retention")
 #: The database URLs the CSMS works with, as operators are told when they give another one.
 DATABASE_URLS = "sqlite:///path/to/file.sqlite, sqlite:///:memory: or postgresql+psycopg://user:password@host/db"
 #: Schemes taken to mean PostgreSQL through psycopg 3, the driver the CSMS is built and tested with.
@@ -125,6 +125,9 @@ class Config:
     enabled_plugins: list[str] = field(default_factory=lambda: list(DEFAULT_PLUGINS))
     blocked_plugins: list[str] = field(default_factory=list)
     plugin_settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: ``[retention]`` as written: name -> days, checked against what the framework and the plugins
+    #: declare once they are loaded (csms.retention.configured_days).
+    retention: dict[str, str] = field(default_factory=dict)
     #: Plugin name -> the settings it declares, once the plugins are loaded (see check_plugin_sections).
     declared_settings: dict[str, tuple] = field(default_factory=dict, compare=False, repr=False)
 
@@ -374,6 +377,8 @@ def load_config(path: str | None = None, text: str | None = None) -> Config:
                 raise ConfigError(no_such_setting("plugins", key, ("enabled", "blocked")))
         config.enabled_plugins = _list(parser.get("plugins", "enabled", fallback=",".join(DEFAULT_PLUGINS)))
         config.blocked_plugins = _list(parser.get("plugins", "blocked", fallback=""))
+    if parser.has_section("retention"):
+        config.retention = dict(parser.items("retention"))
     for section in parser.sections():
         if section.startswith("plugin:"):
             config.plugin_settings[section[len("plugin:"):]] = dict(parser.items(section))

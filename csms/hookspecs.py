@@ -64,6 +64,16 @@ def csms_web_resources(app):
     """
 
 
+@hookspec
+def csms_retention(app):
+    """Return the histories this plugin keeps that may be pruned: a list of :class:`csms.retention.Retention`
+    (a name, the table, its timestamp column, a description, a default number of days), or None.
+
+    Each name becomes a ``[retention]`` setting, in days (0: kept for ever); the framework deletes the
+    older rows hourly, in bounded batches, on the cluster's leader (docs/retention.md).
+    """
+
+
 # -- admission -------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, DateTime, MetaData, String, Table, Text, bindparam, delete, func, insert, select,
+from sqlalchemy import (Column, DateTime, Index, MetaData, String, Table, Text, bindparam, delete, func, insert, select,
                         update)
 
 from csms.db import BIG_KEY
@@ -37,6 +37,8 @@ connection_events = Table(
     Column("at", DateTime(timezone=True), nullable=False),
     Column("remote_address", String(128)),
     Column("detail", Text),
+    # The retention purge's: the oldest first, never the whole table (csms.retention).
+    Index("csms_connection_events_at", "at"),
 )
 
 

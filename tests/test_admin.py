@@ -152,14 +152,14 @@ def test_db_upgrade_makes_the_schema_and_current_says_where_each_history_stands(
     status, out, err = admin(capsys, "--config", config, "db", "upgrade")
     assert status == 0, err
     assert out.splitlines() == [f"csms: upgraded from an empty schema to {FRAMEWORK_HEAD}",
-                                "core: upgraded from an empty schema to core_0001",
-                                "reservation: upgraded from an empty schema to reservation_0001"]
+                                "core: upgraded from an empty schema to core_0002",
+                                "reservation: upgraded from an empty schema to reservation_0002"]
     assert err.splitlines()[-1] == "schema current: csms, core, reservation"
 
     status, out, err = admin(capsys, "--config", config, "db", "current")
     assert status == 0
-    assert out.splitlines() == [f"csms\t{FRAMEWORK_HEAD}\tcurrent", "core\tcore_0001\tcurrent",
-                                "reservation\treservation_0001\tcurrent"]
+    assert out.splitlines() == [f"csms\t{FRAMEWORK_HEAD}\tcurrent", "core\tcore_0002\tcurrent",
+                                "reservation\treservation_0002\tcurrent"]
     status, out, _ = admin(capsys, "--config", config, "db", "upgrade")
     assert (status, out) == (0, "")  # nothing left to do
 
@@ -179,7 +179,8 @@ def test_token_commands_refuse_a_database_behind_the_code(tmp_path, capsys):
 def test_db_history_lists_each_plugins_migrations(tmp_path, capsys):
     status, out, _ = admin(capsys, "--config", core_only_config(tmp_path), "db", "history", "--plugin", "core")
     assert status == 0
-    assert out.splitlines() == ["core\tcore_0001 (head)\tbaseline: the tables as create_all made them before migrations"]
+    assert out.splitlines() == ["core\tcore_0001\tbaseline: the tables as create_all made them before migrations",
+                                "core\tcore_0002 (head)\tan index for the retention purge"]
     status, _, err = admin(capsys, "--config", core_only_config(tmp_path), "db", "history", "--plugin", "firmware")
     assert status == 1 and err == ("csms-admin: no migration history 'firmware' among the enabled plugins' "
                                    "(csms, core, reservation)\n")
@@ -210,7 +211,7 @@ def test_db_revision_autogenerate_writes_the_plugins_next_migration(tmp_path, ca
     monkeypatch.setattr(CorePlugin, "migrations", str(versions))
     monkeypatch.setattr(CorePlugin, "csms_tables", csms_tables)
     config = core_only_config(tmp_path)
-    assert admin(capsys, "--config", config, "db", "upgrade")[0] == 0  # at core_0001
+    assert admin(capsys, "--config", config, "db", "upgrade")[0] == 0  # at core_0002
     import sqlite3
 
     with sqlite3.connect(tmp_path / "csms.sqlite") as conn:
@@ -220,17 +221,17 @@ def test_db_revision_autogenerate_writes_the_plugins_next_migration(tmp_path, ca
     status, out, err = admin(capsys, "--config", config, "db", "revision", "--plugin", "core", "-m", "tag nicknames",
                              "--autogenerate")
     assert status == 0, err
-    written = versions / "core_0002_tag_nicknames.py"
+    written = versions / "core_0003_tag_nicknames.py"
     assert out.strip() == str(written)
     assert err.endswith("csms-admin: SQLite cannot compare expression-based indexes (core_id_tags_id_tag_ci, "
                         "core_meter_values_sample, core_transactions_id_tag_ci_open): write changes to them by "
                         "hand, or autogenerate --against an empty PostgreSQL database\n")
     script = written.read_text()
-    assert "down_revision = 'core_0001'" in script
+    assert "down_revision = 'core_0002'" in script
     assert "with op.batch_alter_table('core_id_tags'" in script and "add_column(sa.Column('nickname'" in script
 
     status, out, err = admin(capsys, "--config", config, "db", "upgrade")
-    assert (status, out) == (0, "core: upgraded from core_0001 to core_0002\n"), err
+    assert (status, out) == (0, "core: upgraded from core_0002 to core_0003\n"), err
     engine = create_engine(f"sqlite:///{tmp_path}/csms.sqlite")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id_tag, nickname FROM core_id_tags")).fetchall() == [("TAG-1", None)]
@@ -334,7 +335,7 @@ def test_db_downgrade_takes_one_history_down_and_upgrade_brings_it_back(tmp_path
 
     # base: none of its tables left; the other histories are not touched.
     status, out, err = admin(capsys, "--config", config, "db", "downgrade", "--plugin", "reservation", "base")
-    assert (status, out) == (0, "reservation: downgraded from reservation_0001 to base (its tables dropped)\n"), err
+    assert (status, out) == (0, "reservation: downgraded from reservation_0002 to base (its tables dropped)\n"), err
     engine = create_engine(f"sqlite:///{tmp_path}/csms.sqlite")
     with engine.connect() as conn:
         names = set(inspect(conn).get_table_names())
@@ -347,4 +348,4 @@ def test_db_downgrade_takes_one_history_down_and_upgrade_brings_it_back(tmp_path
     status, out, err = admin(capsys, "--config", config, "db", "upgrade")
     assert status == 0, err
     assert out.splitlines() == [f"csms: upgraded from {previous} to {FRAMEWORK_HEAD}",
-                                "reservation: upgraded from an empty schema to reservation_0001"]
+                                "reservation: upgraded from an empty schema to reservation_0002"]

@@ -134,7 +134,7 @@ def test_unknown_settings_are_refused(text, message):
                                     "sqlite_synchronous, url): did you mean 'pool_size'?"),
     ("[plugins]\nenable = core\n", "[plugins] has no setting 'enable' (known: blocked, enabled): did you mean 'enabled'?"),
     ("[metricz]\nenabled = true\n", "unknown section [metricz] (known: csms, ocpp, database, api, metrics, cluster, "
-                                     "plugins, plugin:NAME): did you mean [metrics]?"),
+                                     "plugins, retention, plugin:NAME): did you mean [metrics]?"),
 ], ids=["csms", "ocpp", "database", "plugins", "section"])
 def test_a_misspelt_setting_or_section_is_refused_naming_the_one_meant(text, message):
     with pytest.raises(ConfigError) as exc_info:

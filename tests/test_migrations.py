@@ -120,8 +120,8 @@ async def refused(csms_factory, **kwargs) -> str:
 @pytest_twisted.ensureDeferred
 async def test_a_fresh_database_is_refused_without_auto_upgrade(csms_factory, engine):
     message = await refused(csms_factory, plugins=["core"])
-    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0003; core at "
-                            "no schema, code at core_0001): run `csms-admin db upgrade` with the same config, or set "
+    assert message.endswith("the database schema is behind the code (csms at no schema, code at csms_0004; core at "
+                            "no schema, code at core_0002): run `csms-admin db upgrade` with the same config, or set "
                             "[database] auto_upgrade = true")
     assert table_names(engine) == set()
 
@@ -170,7 +170,7 @@ async def test_a_database_ahead_of_the_code_is_refused_even_with_auto_upgrade(cs
         create_from_metadata(conn, builtin_histories())
         conn.execute(text("UPDATE core_alembic_version SET version_num = 'core_0999'"))
     message = await refused(csms_factory, config_text=AUTO_UPGRADE, plugins=["core"])
-    assert message.endswith("the database schema is ahead of this code (core at core_0999, code at core_0001): run "
+    assert message.endswith("the database schema is ahead of this code (core at core_0999, code at core_0002): run "
                             "the CSMS release that upgraded it, or restore a backup taken before")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM core_alembic_version")).scalar_one() == "core_0999"
@@ -191,7 +191,7 @@ async def test_enabling_a_plugin_later_creates_its_tables_and_disabling_leaves_t
     await third.stop()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT last_id FROM reservation_id_counter")).scalar_one() == 41
-        assert conn.execute(text("SELECT version_num FROM reservation_alembic_version")).scalar_one() == "reservation_0001"
+        assert conn.execute(text("SELECT version_num FROM reservation_alembic_version")).scalar_one() == "reservation_0002"
 
 
 # -- a database made before migrations -----------------------------------------------------------------------
@@ -226,13 +226,13 @@ async def test_a_database_made_before_migrations_is_adopted_with_its_rows(csms_f
         create_all_as_before_migrations(conn, builtin_histories())
         conn.execute(text("INSERT INTO reservation_id_counter (name, last_id) VALUES ('reservation', 7)"))
     message = await refused(csms_factory, plugins=["core", "reservation"])
-    assert "(csms at tables made before migrations, code at csms_0003; core at tables made" in message
+    assert "(csms at tables made before migrations, code at csms_0004; core at tables made" in message
 
     csms = await csms_factory(AUTO_UPGRADE, migrate=True, plugins=["core", "reservation"])
     assert await csms.app.schema_is_current() is True
     with engine.connect() as conn:
         assert conn.execute(text("SELECT last_id FROM reservation_id_counter")).scalar_one() == 7
-        assert conn.execute(text("SELECT version_num FROM core_alembic_version")).scalar_one() == "core_0001"
+        assert conn.execute(text("SELECT version_num FROM core_alembic_version")).scalar_one() == "core_0002"
 
 
 @pytest_twisted.ensureDeferred

@@ -321,8 +321,7 @@ def upgrade(conn, found: Status) -> str:
     if not found.unversioned_tables:
         return f"{history.name}: upgraded from {', '.join(found.current) or 'an empty schema'} to {heads}"
     repaired = widen_integer_columns(conn, history)
-    if found.heads == (baseline,):
-        repaired += create_missing(conn, history)
+    repaired += create_missing(conn, history)
     left = differences(conn, history)
     if left:
         raise SchemaError(f"the {history.name} tables made before migrations differ from its baseline {baseline}: "
@@ -411,7 +410,8 @@ EXPRESSION_INDEX_WARNING = ".*expression-based index"
 def create_missing(conn, history: History) -> list[str]:
     """The tables and indexes of the baseline that a database made before migrations lacks, created as an
     older release's start-up would have (``create_all`` made missing tables, never an index of an existing
-    table). Only while the baseline is the head: the MetaData is then the baseline's schema. A unique index
+    table), once the later revisions are applied: the MetaData is then the schema the database should have,
+    and a later revision that needed what is missing has failed the adoption already. A unique index
     that the rows already break fails, and with it the whole adoption."""
     created = []
     for change in _column_changes(differences(conn, history)):

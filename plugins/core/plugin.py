@@ -98,6 +98,17 @@ class CorePlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import status_history
+
+        return [Retention("core_status_history", status_history, "received_at",
+                          "Days the connector status history (every StatusNotification, as received) is kept; each "
+                          "connector's current status is kept regardless.")]
+
+    @hookimpl
     def csms_api_routes(self, app, router):
         from .api import add_routes
         add_routes(self, app, router)

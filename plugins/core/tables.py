@@ -117,6 +117,7 @@ status_history = Table(
     Column("timestamp", DateTime(timezone=True)),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("core_status_history_station", "station_id", "id"),
+    Index("core_status_history_received_at", "received_at"),  # the retention purge's (csms.retention)
 )
 
 unmatched_stops = Table(

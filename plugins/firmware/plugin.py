@@ -220,6 +220,18 @@ class FirmwarePlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import status_history
+
+        return [Retention("firmware_status_history", status_history, "received_at",
+                          "Days the firmware and diagnostics status history (every FirmwareStatusNotification and "
+                          "DiagnosticsStatusNotification) is kept; each station's current status and the requests are kept "
+                          "regardless.")]
+
+    @hookimpl
     def csms_services(self, app):
         self.servers = FileServers(self)
         return [self.servers]

@@ -96,6 +96,7 @@ status_history = Table(
     Column("request_id", BigInteger),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("firmware_status_history_station", "station_id", "kind", "id"),
+    Index("firmware_status_history_received_at", "received_at"),  # the retention purge's (csms.retention)
 )
 
 #: Each station's current state: its last notification of each kind and its last request of each kind.

@@ -103,6 +103,17 @@ class LocalAuthListPlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import updates
+
+        return [Retention("localauth_updates", updates, "answered_at",
+                          "Days the record of answered SendLocalList calls is kept; the lists and their versions are kept "
+                          "regardless.")]
+
+    @hookimpl
     def csms_api_routes(self, app, router):
         from .api import add_routes
         add_routes(self, app, router)

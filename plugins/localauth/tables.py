@@ -55,4 +55,5 @@ updates = Table(
     Column("status", String(16), nullable=False),
     Column("answered_at", DateTime(timezone=True), nullable=False),
     Index("localauth_updates_station", "station_id", "id"),
+    Index("localauth_updates_answered_at", "answered_at"),  # the retention purge's (csms.retention)
 )

@@ -84,6 +84,16 @@ class RemoteTriggerPlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import requests
+
+        return [Retention("remotetrigger_requests", requests, "answered_at",
+                          "Days the record of answered TriggerMessage calls is kept.")]
+
+    @hookimpl
     def csms_api_routes(self, app, router):
         from .api import add_routes
         add_routes(self, app, router)

@@ -15,4 +15,5 @@ requests = Table(
     Column("status", String(16), nullable=False),
     Column("answered_at", DateTime(timezone=True), nullable=False),
     Index("remotetrigger_requests_station", "station_id", "id"),
+    Index("remotetrigger_requests_answered_at", "answered_at"),  # the retention purge's (csms.retention)
 )

@@ -192,6 +192,17 @@ class ReservationPlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import events
+
+        return [Retention("reservation_events", events, "at",
+                          "Days reservation events (cancels of unknown ids, reused or unknown reservation ids, replaced "
+                          "reservations) are kept; the reservations themselves are kept regardless.")]
+
+    @hookimpl
     def csms_services(self, app):
         return [self.timers]
 

@@ -53,4 +53,5 @@ events = Table(
     Column("event", String(32), nullable=False),
     Column("detail", Text),
     Column("at", DateTime(timezone=True), nullable=False),
+    Index("reservation_events_at", "at"),  # the retention purge's (csms.retention)
 )

@@ -71,6 +71,17 @@ class SecurityPlugin:
         return metadata
 
     @hookimpl
+    def csms_retention(self, app):
+        # Imported here: one hunk beside csms_tables, for easy merges with the handlers' changes.
+        from csms.retention import Retention
+
+        from .tables import security_events
+
+        return [Retention("security_events", security_events, "received_at",
+                          "Days security events (the stations' SecurityEventNotifications and the Central System's own "
+                          "findings) are kept, counted from when the Central System received them.")]
+
+    @hookimpl
     def csms_services(self, app):
         return self.profiles.services()
 

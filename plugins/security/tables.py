@@ -60,6 +60,7 @@ security_events = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("security_events_station_time", "station_id", "timestamp"),
     Index("security_events_time", "timestamp"),
+    Index("security_events_received_at", "received_at"),  # the retention purge's (csms.retention)
 )
 
 # -- security profiles (docs/security.md, "Security profiles") -----------------------------------------

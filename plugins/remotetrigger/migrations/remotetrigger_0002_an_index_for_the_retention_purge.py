@@ -1,0 +1,27 @@
+"""an index for the retention purge
+
+The retention purge (csms.retention, docs/retention.md) deletes the oldest rows of this history a batch at a
+time, finding them through an index on its timestamp: without one, each batch would read the whole table.
+Building it reads the table once, during the upgrade.
+
+Revision ID: remotetrigger_0002
+Revises: remotetrigger_0001
+Create Date: 2026-12-03 07:44:44.784438
+"""
+from alembic import op
+
+
+revision = 'remotetrigger_0002'
+down_revision = 'remotetrigger_0001'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('remotetrigger_requests', schema=None) as batch_op:
+        batch_op.create_index('remotetrigger_requests_answered_at', ['answered_at'], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('remotetrigger_requests', schema=None) as batch_op:
+        batch_op.drop_index('remotetrigger_requests_answered_at')
