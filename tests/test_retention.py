@@ -325,4 +325,4 @@ def test_every_builtin_declaration_is_documented_and_shown_in_etc_csms_ini(tmp_p
     assert {r.name for r in app.retention} == set(BUILTIN)
     for retention in app.retention:
         assert f"`{retention.name}`" in docs, retention.name
-        assert f"\n# {retention.name} = {retention.default_days}\n" in ini, retention.name
+        assert f"\n{retention.name} = {retention.default_days}\n" in ini, retention.name
