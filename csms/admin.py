@@ -8,6 +8,7 @@
     csms-admin db history [--plugin core]
     csms-admin db revision --plugin acmehub -m "hello firmware version" --autogenerate
     csms-admin config settings [--plugin core]   # each plugin's [plugin:NAME] settings with their docs
+    csms-admin config settings --retention       # the [retention] settings, with what each history keeps
 
 It reads the server's configuration the way ``twistd csms`` does (``--config``, else etc/csms.ini when
 it exists) and says which database it opened. It creates no database: a token written to a database
@@ -276,6 +277,8 @@ def config_command(args) -> int:
     from csms.plugins import available_plugins, loaded_plugins, make_plugin_manager
 
     config, config_file = _config(args)
+    if args.retention:
+        return retention_command(config, config_file)
     if args.plugin is None:
         pm = make_plugin_manager(config.enabled_plugins, config.blocked_plugins)
         which = "the enabled plugins"
@@ -289,6 +292,26 @@ def config_command(args) -> int:
     print(f"csms-admin: the settings of {which}, with the values of {source}", file=sys.stderr)
     blocks = [settings_block(plugin, config.plugin_settings.get(plugin.name, {})) for plugin in loaded_plugins(pm)]
     print("\n\n".join(blocks))
+    return 0
+
+
+def retention_command(config, config_file) -> int:
+    """``config settings --retention``: ``[retention]`` as a config file holds it, each declared history
+    under its description and ``(int, default N)``, with the config's value or else the default."""
+    from csms.app import CentralSystem
+    from csms.config import ini_value
+
+    app = CentralSystem(config)  # refuses an unknown name, as start-up does
+    source = config_file or f"the built-in defaults (no {DEFAULT_CONFIG} here)"
+    print(f"csms-admin: the [retention] settings of the framework and the enabled plugins, in days (0: kept "
+          f"for ever), with the values of {source}", file=sys.stderr)
+    lines = ["[retention]"]
+    for retention in app.retention:
+        setting = retention.setting()
+        lines += textwrap.wrap(" ".join(setting.doc.split()), width=100, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"# ({setting.summary()}; {retention.table.name}.{retention.column})")
+        lines.append(f"{setting.name} = {ini_value(app.retention_days[setting.name])}")
+    print("\n".join(lines))
     return 0
 
 
@@ -398,6 +421,9 @@ def main(argv=None) -> int:
     settings = config.add_parser("settings", help="every enabled plugin's [plugin:NAME] settings: doc, type, "
                                                   "default, and the value the config gives")
     settings.add_argument("--plugin", help="one installed plugin's, enabled or not")
+    settings.add_argument("--retention", action="store_true",
+                          help="the [retention] settings instead: each history the framework and the enabled "
+                               "plugins declare, with what it keeps (docs/retention.md)")
     webhooks = sub.add_parser("webhooks", help="webhook delivery (docs/webhooks.md)").add_subparsers(
         dest="action", required=True)
     webhooks.add_parser("deliver", help="deliver the outbox's webhook events until stopped (SIGTERM, Ctrl-C); "

@@ -64,7 +64,7 @@ def _framework() -> tuple:
     return (
         Retention("connection_events", connection_events, "at",
                   "Days connection events (connected, disconnected, replaced, refused) are kept: "
-                  "GET /api/v1/stations/{id}/connection-events."),
+                  "GET /api/v1/stations/{id}/events."),
         Retention("api_audit", audit_log, "at",
                   "Days the operator API's audit trail (who changed what) is kept: GET /api/v1/audit."),
     )
@@ -126,7 +126,7 @@ def configured_days(config, declared: list[Retention], enabled, installed) -> di
         if owner is not None and owner != "csms" and owner not in enabled:
             continue
         raise RetentionError(no_such_setting("retention", key, by_name)
-                             + " (`csms-admin config settings` lists them with what each keeps)")
+                             + " (`csms-admin config settings --retention` lists them with what each keeps)")
     days = {}
     for name, retention in by_name.items():
         raw = values.get(name)

@@ -205,7 +205,7 @@ def start(text: str, extra_plugins=()):
 @pytest.mark.parametrize("text, message", [
     ("[retention]\nconection_events = 30\n",
      r"^\[retention\] has no setting 'conection_events' \(known: .*connection_events.*\): did you mean "
-     r"'connection_events'\? \(`csms-admin config settings` lists them"),
+     r"'connection_events'\? \(`csms-admin config settings --retention` lists them"),
     ("[retention]\ncore_status_histroy = 30\n", r"did you mean 'core_status_history'"),
     ("[retention]\ntransactions = 30\n", r"^\[retention\] has no setting 'transactions'"),
     ("[retention]\nsecurity_events = -1\n", r"^\[retention\] security_events = -1 is negative"),
@@ -326,3 +326,17 @@ def test_every_builtin_declaration_is_documented_and_shown_in_etc_csms_ini(tmp_p
     for retention in app.retention:
         assert f"`{retention.name}`" in docs, retention.name
         assert f"\n{retention.name} = {retention.default_days}\n" in ini, retention.name
+
+
+def test_csms_admin_config_settings_retention_shows_every_declared_name_with_its_value(tmp_path, capsys):
+    from csms.admin import main
+
+    config = tmp_path / "csms.ini"
+    config.write_text(f"[database]\nurl = sqlite:///{tmp_path}/csms.sqlite\n[plugins]\nenabled = core\n"
+                      "[retention]\ncore_status_history = 90\n")
+    assert main(["--config", str(config), "config", "settings", "--retention"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[retention]\n# Days connection events")
+    assert "\nconnection_events = 0\n" in out and "\napi_audit = 0\n" in out
+    assert "# (int, default 0; core_status_history.received_at)\ncore_status_history = 90\n" in out
+    assert "security_events" not in out  # the security plugin is not enabled
