@@ -349,3 +349,17 @@ def test_db_downgrade_takes_one_history_down_and_upgrade_brings_it_back(tmp_path
     assert status == 0, err
     assert out.splitlines() == [f"csms: upgraded from {previous} to {FRAMEWORK_HEAD}",
                                 "reservation: upgraded from an empty schema to reservation_0002"]
+
+
+def test_db_upgrade_with_the_shipped_config_creates_no_ca(tmp_path, monkeypatch, capsys):
+    """Found by an operator: building the Central System to read the plugins' migration histories configured
+    the security plugin, which generated the CSMS CA under var/security/ca. A migration command creates the
+    database and nothing of the server's (``twistd csms`` generates the CA on its first start)."""
+    (tmp_path / "etc").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), os.pardir, "etc", "csms.ini"), tmp_path / "etc" / "csms.ini")
+    monkeypatch.chdir(tmp_path)
+    for argv in (("db", "upgrade"), ("db", "current"), ("db", "history")):
+        status, out, err = admin(capsys, *argv)
+        assert status == 0, err
+    assert (tmp_path / "var" / "csms.sqlite").exists()
+    assert not (tmp_path / "var" / "security").exists()

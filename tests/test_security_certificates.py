@@ -31,8 +31,8 @@ from twisted.logger import capturedLogs
 
 from test_hardening_ws import logged  # noqa: F401  (a fixture)
 
-from csms.config import ConfigError, load_config
-from csms.service import CSMSService
+from csms.config import load_config
+from csms.service import CSMSService, StartupError
 from csms.testing import pki
 from csms.testing.pki import Credentials, make_ca, make_certificate, make_key, subject
 
@@ -506,11 +506,16 @@ async def test_extended_trigger_sends_every_requested_message_and_answers_the_st
 # -- the CSMS CA: files and start-up ------------------------------------------------------------------------------
 
 
-def start_service(config_text: str, database_url: str):
+def start_service(config_text: str, database_url: str, clock=None):
+    """A Central System whose security plugin has loaded its CA as start-up does (its ``security-ca``
+    service, the first plugin service to start); StartupError when the CA cannot be used."""
     config = load_config(text=config_text)
     config.enabled_plugins = ["core", "security"]
     config.database.url = database_url
-    return CSMSService(config)
+    service = CSMSService(config, clock=clock)
+    [ca_service] = [s for s in service.plugin_services if s.name == "security-ca"]
+    ca_service.startService()
+    return service
 
 
 def test_generated_ca_is_private_and_reused(tmp_path):
@@ -579,7 +584,7 @@ def bad_ca_files(tmp_path) -> dict:
 
 def test_unusable_ca_files_stop_start_up_with_one_line(tmp_path):
     for label, (certificate, key, message) in bad_ca_files(tmp_path).items():
-        with pytest.raises(ConfigError, match=message) as caught:
+        with pytest.raises(StartupError, match=message) as caught:
             start_service(f"[plugin:security]\nca_certificate_file = {certificate}\nca_key_file = {key}\n",
                           f"sqlite:///{tmp_path}/db.sqlite")
         assert "\n" not in str(caught.value), label
@@ -589,12 +594,115 @@ def test_a_ca_directory_missing_its_key_or_unwritable_stops_start_up(tmp_path):
     ca_dir = tmp_path / "ca"
     start_service(f"[plugin:security]\nca_dir = {ca_dir}\n", f"sqlite:///{tmp_path}/db.sqlite")
     (ca_dir / "csms-ca-key.pem").unlink()
-    with pytest.raises(ConfigError, match="exists without its key"):
+    with pytest.raises(StartupError, match="exists without its key"):
         start_service(f"[plugin:security]\nca_dir = {ca_dir}\n", f"sqlite:///{tmp_path}/db.sqlite")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(ConfigError, match="cannot create the CA"):
+    with pytest.raises(StartupError, match="cannot create the CA"):
         start_service(f"[plugin:security]\nca_dir = {blocker}/ca\n", f"sqlite:///{tmp_path}/db.sqlite")
+
+
+def test_configuring_the_plugin_creates_no_ca_its_start_or_first_use_does(tmp_path):
+    """csms-admin builds the Central System (every plugin configured) to read the migration histories:
+    that alone must not generate a CA. Starting (the security-ca service) does, and so does a first use."""
+    ca_dir = tmp_path / "ca"
+    config = load_config(text=f"[plugin:security]\nca_dir = {ca_dir}\n")
+    config.enabled_plugins = ["core", "security"]
+    config.database.url = f"sqlite:///{tmp_path}/db.sqlite"
+    service = CSMSService(config)
+    assert not ca_dir.exists()
+    certificates = service.app.pm.get_plugin("security").certificates
+    assert certificates.ca.certificate_path == str(ca_dir / "csms-ca.pem")  # the first use generates it
+    assert (ca_dir / "csms-ca-key.pem").exists()
+
+
+def operator_ca_config(tmp_path, ca: Credentials) -> str:
+    files = ca.write(tmp_path, "operator-ca")
+    return f"[plugin:security]\nca_certificate_file = {files['certificate']}\nca_key_file = {files['key']}\n"
+
+
+def clock_at(moment: datetime):
+    from twisted.internet import task
+
+    clock = task.Clock()
+    clock.advance(moment.timestamp())
+    return clock
+
+
+def test_an_expired_or_not_yet_valid_operator_ca_stops_start_up_saying_what_to_do(tmp_path):
+    ca = make_ca("Operator CA", days=10)
+    config = operator_ca_config(tmp_path, ca)
+    certificate = tmp_path / "operator-ca.pem"
+    ends = ca.certificate.not_valid_after_utc
+    with pytest.raises(StartupError) as caught:
+        start_service(config, f"sqlite:///{tmp_path}/db.sqlite", clock=clock_at(ends + timedelta(seconds=1)))
+    assert str(caught.value) == (
+        f"[plugin:security] ca_certificate_file: the CA certificate O=Test CPO,CN=Operator CA in {certificate} "
+        f"expired on {ends:%Y-%m-%dT%H:%M:%SZ}: certificates it signs are refused; give a renewed CA certificate "
+        "(and its key) in ca_certificate_file and ca_key_file")
+    starts = ca.certificate.not_valid_before_utc
+    with pytest.raises(StartupError, match=f"is not valid before {starts:%Y-%m-%dT%H:%M:%SZ}: .*check this "
+                                           "machine's clock"):
+        start_service(config, f"sqlite:///{tmp_path}/db.sqlite", clock=clock_at(starts - timedelta(days=1)))
+
+
+def test_an_expired_generated_ca_stops_start_up_saying_to_move_it_away(tmp_path):
+    ca_dir = tmp_path / "ca"
+    config = f"[plugin:security]\nca_dir = {ca_dir}\n"
+    start_service(config, f"sqlite:///{tmp_path}/db.sqlite")
+    later = clock_at(datetime.now(timezone.utc) + timedelta(days=3651))
+    with pytest.raises(StartupError, match=rf"\[plugin:security\] ca_dir: the CA certificate CN=CSMS Root CA in "
+                                           rf"{ca_dir}/csms-ca.pem expired on .*; move csms-ca.pem and "
+                                           rf"csms-ca-key.pem out of {ca_dir} to have a new CA generated"):
+        start_service(config, f"sqlite:///{tmp_path}/db.sqlite", clock=later)
+
+
+def test_a_ca_ending_within_30_days_is_warned_about_and_its_end_is_a_metric(tmp_path, logged):  # noqa: F811
+    ca = make_ca("Operator CA", days=20)
+    service = start_service(operator_ca_config(tmp_path, ca), f"sqlite:///{tmp_path}/db.sqlite")
+    ends = ca.certificate.not_valid_after_utc
+    warnings = [text for level, _, text in logged if "expires on" in text]
+    assert warnings == [f"The CSMS CA certificate O=Test CPO,CN=Operator CA in {tmp_path / 'operator-ca.pem'} "
+                        f"expires on {ends:%Y-%m-%dT%H:%M:%SZ} (in 19 days): station certificates it signed stop "
+                        "verifying then; give a renewed CA certificate (and its key) in ca_certificate_file and "
+                        "ca_key_file"], warnings
+    assert service.app.metrics.registry.get_sample_value(
+        "csms_security_ca_certificate_not_after_timestamp_seconds") == ends.timestamp()
+    logged.clear()
+    start_service(operator_ca_config(tmp_path, make_ca("Operator CA", days=31)), f"sqlite:///{tmp_path}/db.sqlite")
+    assert [text for level, _, text in logged if "expires on" in text] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_with_an_expired_ca_exits_1_with_one_line(tmp_path):
+    from test_startup import failed_start, run_twistd, sqlite_url, write_config
+
+    key = make_key("ec")
+    now, name = datetime.now(timezone.utc), subject("Operator CA", "Test CPO")
+    expired = Credentials((x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                           .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=30))
+                           .not_valid_after(now - timedelta(days=1))
+                           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                           .sign(key, hashes.SHA256())), key)
+    config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, firmware, security",
+                          extra=operator_ca_config(tmp_path, expired))
+    await failed_start(run_twistd(config, str(tmp_path)), "[plugin:security] ca_certificate_file: the CA "
+                       f"certificate O=Test CPO,CN=Operator CA in {tmp_path / 'operator-ca.pem'} expired on ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_generates_the_ca_on_first_start(tmp_path):
+    from test_startup import run_twistd, sqlite_url, write_config
+
+    ca_dir = tmp_path / "var" / "security" / "ca"
+    config = write_config(tmp_path, sqlite_url(tmp_path), enabled="core, security",
+                          extra=f"[plugin:security]\nca_dir = {ca_dir}\n")
+    process = run_twistd(config, str(tmp_path))
+    log = await process.logged("Central System ready")
+    assert log.index("Generated the CSMS CA") < log.index("Central System ready")
+    assert (ca_dir / "csms-ca.pem").exists() and (ca_dir / "csms-ca-key.pem").exists()
+    process.transport.signalProcess("TERM")
+    assert await process.finished() == 0, process.stdout + process.stderr
 
 
 # -- interop: the ocpp package's ChargePoint ----------------------------------------------------------------------

@@ -363,7 +363,8 @@ async def test_database_ahead_of_the_code_exits_1_even_with_auto_upgrade(tmp_pat
     engine.dispose()
     process = run_twistd(write_config(tmp_path, database_url), str(tmp_path))
     await failed_start(process, f"database {display_url(database_url)}: the database schema is ahead of this "
-                                "code (core at core_0999, code at core_0001): run the CSMS release that upgraded it, "
+                                f"code (core at core_0999, code at {head('core')}): run the CSMS release that upgraded "
+                                "it, "
                                 "or restore a backup taken before")
 
 

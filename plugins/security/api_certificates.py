@@ -70,6 +70,17 @@ CA_VIEW = record({"certificate": dict(TEXT, description="PEM"), "subject": TEXT,
                  title="SecurityCA")
 INSTALLED_CERTIFICATE = record(columns(installed_certificates), title="InstalledCertificate")
 CERTIFICATE_REQUEST = record(columns(certificate_requests), title="CertificateRequest")
+STATION_CERTIFICATE = record({
+    "station_id": TEXT,
+    "request_id": dict(INTEGER, description="The certificate request it was signed for"),
+    "serial_number": nullable(dict(TEXT, description="Hexadecimal")),
+    "not_before": nullable(DATE_TIME),
+    "not_after": nullable(dict(DATE_TIME, description="When it expires: at profile 3 the station cannot connect "
+                                                      "with it after that")),
+    "accepted_at": dict(DATE_TIME, description="When the station accepted it (CertificateSigned)"),
+}, title="StationCertificate", description="A station's current certificate: the one of its newest accepted "
+                                           "certificate request")
+EXPIRES_BEFORE = Query("expires_before", "date-time", "Only certificates that expire before this time")
 SECURITY_EVENT = record(columns(security_events), title="SecurityEvent")
 INSTALLED = record({"station_id": TEXT, "certificate_type": CERTIFICATE_TYPE, "status": _STATION_STATUS})
 INVENTORY = record({"items": array(INSTALLED_CERTIFICATE)})
@@ -162,7 +173,14 @@ def add_routes(part, app, router):
         station_id = request.params["station_id"]
         await existing(station_id)
         limit, offset = request.page()
-        total, items = await part.requests.list(station_id, limit, offset, request.query.get("status"))
+        total, items = await part.requests.list(station_id, limit, offset, request.query.get("status"),
+                                                request.query.get("expires_before"))
+        return paginated(items, total, limit, offset)
+
+    async def station_certificates(request):
+        limit, offset = request.page()
+        total, items = await part.requests.list_current(limit, offset, request.query.get("expires_before"),
+                                                        request.query.get("station_id"))
         return paginated(items, total, limit, offset)
 
     async def certificate_request(station_id: str, request_id: int) -> dict:
@@ -233,8 +251,14 @@ def add_routes(part, app, router):
                response=TRIGGERED, responses={"200": "The station's answer", **STATION_ANSWERS}, scope="commands")
     router.add("GET", "/stations/{station_id}/certificate-requests", list_requests,
                "The station's certificate signing requests (SignCertificate), newest first", tags=tags,
-               query=PAGINATION + (Query("status", enum=STATUSES),), response=page(CERTIFICATE_REQUEST),
+               query=PAGINATION + (Query("status", enum=STATUSES), EXPIRES_BEFORE),
+               response=page(CERTIFICATE_REQUEST),
                responses={"200": "OK", "404": "Unknown station"})
+    router.add("GET", "/security/station-certificates", station_certificates,
+               "Each station's current certificate (the newest it accepted), the first to expire first", tags=tags,
+               query=PAGINATION + (Query("station_id"), EXPIRES_BEFORE), response=page(STATION_CERTIFICATE),
+               responses={"200": "OK"})
+    router.extend_schema("Station", {"station_certificate": nullable(STATION_CERTIFICATE)}, "security")
     router.add("GET", "/stations/{station_id}/certificate-requests/{request_id}", get_request,
                "One certificate signing request", tags=tags, path=(REQUEST_ID,), response=CERTIFICATE_REQUEST,
                responses={"200": "OK", "404": "Unknown station or request"})

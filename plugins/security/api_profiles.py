@@ -66,6 +66,8 @@ def password_problem(password: str) -> str | None:
 
 def add_routes(profiles, app, router):
     store = profiles.store
+    router.extend_schema("Station", {name: PROFILE_VIEW["properties"][name]
+                                     for name in ("security_profile", "connection_security_profile")}, "security")
 
     async def existing_station(station_id: str) -> None:
         if await app.station_store.get(station_id) is None:

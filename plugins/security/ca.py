@@ -24,6 +24,8 @@ GENERATED_CERTIFICATE = "csms-ca.pem"
 GENERATED_KEY = "csms-ca-key.pem"
 #: A generated CA lasts this long; the operator replaces it (or gives their own) before then.
 GENERATED_VALIDITY = timedelta(days=3650)
+#: A CA ending within this is warned about at start-up (as the TLS server certificate is, :mod:`.tls`).
+EXPIRY_WARNING = timedelta(days=30)
 
 log = Logger(namespace="csms.security")
 #: Largest CA file read: a certificate or key is a few kilobytes; a bigger file is not one.
@@ -36,6 +38,8 @@ class CertificateAuthority:
     key: object
     #: The PEM file of the CA certificate: the trust anchor for client certificates (security profile 3).
     certificate_path: str
+    #: The setting it comes from (``ca_certificate_file``, or ``ca_dir`` for the generated one), for messages.
+    setting: str = "ca_dir"
 
     @property
     def certificate_pem(self) -> str:
@@ -133,7 +137,7 @@ def _load(certificate_path: str, key_path: str, certificate_setting: str, key_se
     if constraints is None or not constraints.ca:
         raise ConfigError(f"[plugin:security] {certificate_setting}: {certificate_path} is not a CA certificate "
                           "(basicConstraints CA:TRUE)")
-    return CertificateAuthority(certificate, key, os.path.abspath(certificate_path))
+    return CertificateAuthority(certificate, key, os.path.abspath(certificate_path), certificate_setting)
 
 
 def _generate(ca_dir: str, certificate_path: str, key_path: str, organization: str,
@@ -168,9 +172,39 @@ def _generate(ca_dir: str, certificate_path: str, key_path: str, organization: s
     # need (the next starts load it silently).
     log.info("Generated the CSMS CA ({subject}, valid until {end}) in {directory}: its certificate {path} is the "
              "trust anchor for station certificates ([plugin:security] tls_ca)", subject=name.rfc4514_string(),
-             end=certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), directory=ca_dir,
+             end=_utc_text(certificate.not_valid_after_utc), directory=ca_dir,
              path=certificate_path)
     return CertificateAuthority(certificate, key, os.path.abspath(certificate_path))
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_validity(ca: CertificateAuthority, now: datetime) -> None:
+    """ConfigError (one line, saying what to do) when the CA certificate is expired or not yet valid at
+    ``now``: a station certificate it signs would not verify (a profile 3 station presenting one fails the
+    TLS handshake), while the CSMS went on signing them. A warning when it ends within :data:`EXPIRY_WARNING`."""
+    certificate = ca.certificate
+    name = certificate.subject.rfc4514_string() or "(no subject)"
+    if ca.setting == "ca_dir":
+        replace = (f"move {GENERATED_CERTIFICATE} and {GENERATED_KEY} out of {os.path.dirname(ca.certificate_path)} "
+                   "to have a new CA generated (then give stations and tls_ca the new certificate), or set "
+                   "ca_certificate_file and ca_key_file")
+    else:
+        replace = "give a renewed CA certificate (and its key) in ca_certificate_file and ca_key_file"
+    where = f"[plugin:security] {ca.setting}: the CA certificate {name} in {ca.certificate_path}"
+    if now >= certificate.not_valid_after_utc:
+        raise ConfigError(f"{where} expired on {_utc_text(certificate.not_valid_after_utc)}: certificates it signs "
+                          f"are refused; {replace}")
+    if now < certificate.not_valid_before_utc:
+        raise ConfigError(f"{where} is not valid before {_utc_text(certificate.not_valid_before_utc)}: certificates "
+                          f"it signs are refused until then; check this machine's clock, or {replace}")
+    left = certificate.not_valid_after_utc - now
+    if left < EXPIRY_WARNING:
+        log.warn("The CSMS CA certificate {name} in {path} expires on {end} (in {days} days): station certificates "
+                 "it signed stop verifying then; {replace}", name=name, path=ca.certificate_path,
+                 end=_utc_text(certificate.not_valid_after_utc), days=left.days, replace=replace)
 
 
 def _write_new(path: str, data: bytes, mode: int) -> None:

@@ -83,7 +83,8 @@ class SecurityPlugin:
 
     @hookimpl
     def csms_services(self, app):
-        return self.profiles.services()
+        # The CA first: the TLS listener's tls_ca may name the certificate it generates.
+        return self.certificates.services() + self.profiles.services()
 
     @hookimpl
     def csms_admit_station(self, request):
@@ -95,7 +96,13 @@ class SecurityPlugin:
 
     @hookimpl
     def csms_station_details(self, station_ids):
-        return self.profiles.details(station_ids)
+        def merged(results):
+            profiles, certificates = results
+            return {station_id: {**profiles.get(station_id, {}), **certificates.get(station_id, {})}
+                    for station_id in station_ids}
+        return defer.gatherResults([defer.maybeDeferred(self.profiles.details, station_ids),
+                                    self.certificates.station_details(station_ids)],
+                                   consumeErrors=True).addCallback(merged)
 
     @hookimpl
     def csms_api_routes(self, app, router):

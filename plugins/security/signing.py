@@ -50,13 +50,27 @@ def failure_text(error) -> str:
 
 def request_view(row) -> dict:
     view = dict(row._mapping)
-    view["received_at"] = as_utc(view["received_at"])
-    view["updated_at"] = as_utc(view["updated_at"])
+    for name in ("received_at", "updated_at", "not_before", "not_after"):
+        view[name] = as_utc(view[name])
     return view
+
+
+def current_certificates():
+    """The newest accepted request of each station: its current certificate (a subquery of ids)."""
+    return (select(func.max(certificate_requests.c.id).label("id"))
+            .where(certificate_requests.c.status == ACCEPTED)
+            .group_by(certificate_requests.c.station_id).subquery())
+
+
+def certificate_view(row) -> dict:
+    return {"station_id": row.station_id, "request_id": row.id, "serial_number": row.serial_number,
+            "not_before": as_utc(row.not_before), "not_after": as_utc(row.not_after),
+            "accepted_at": as_utc(row.updated_at)}
 
 
 class CertificateRequests:
     def __init__(self, app, ca, events, organization: str, validity: timedelta, external_ca: bool):
+        """``ca``: () -> the CSMS CA (:class:`.ca.CertificateAuthority`), loaded when first asked for."""
         self.app = app
         self.ca = ca
         self.events = events
@@ -109,7 +123,7 @@ class CertificateRequests:
         def not_signed(failure):
             log.failure("Signing the CSR {id} of {station} failed", failure, id=request_id, station=station_id)
             return self.unsent(request_id, "signing failed")
-        d = self._sign(csr).addCallbacks(lambda chain: self.send_chain(request_id, station_id, chain), not_signed)
+        d = defer.maybeDeferred(self._sign, csr).addCallbacks(lambda chain: self.send_chain(request_id, station_id, chain), not_signed)
         d.addErrback(lambda _: None)  # send_chain logged and recorded its failure
         self._deliveries[request_id] = d
 
@@ -123,18 +137,21 @@ class CertificateRequests:
 
     def _sign(self, csr) -> defer.Deferred:
         valid_from = self.app.now()
+        ca = self.ca()
 
         def sign():  # an RSA CA key takes milliseconds per signature: off the reactor thread
-            return to_pem([self.ca.sign(csr, valid_from, self.validity), self.ca.certificate])
+            return to_pem([ca.sign(csr, valid_from, self.validity), ca.certificate])
         return threads.deferToThreadPool(self.app.reactor, self.app.reactor.getThreadPool(), sign)
 
     def store_chain(self, request_id: int, chain_pem: str) -> defer.Deferred:
         """Keep ``chain_pem`` as the request's certificate, about to be sent (status signed)."""
-        leaf_serial = format(parse_chain(chain_pem)[0].serial_number, "x")
+        leaf = parse_chain(chain_pem)[0]
+        leaf_serial = format(leaf.serial_number, "x")
 
         def thd(conn):
             conn.execute(update(certificate_requests).where(certificate_requests.c.id == request_id)
                          .values(status=SIGNED, certificate_chain=chain_pem, serial_number=leaf_serial,
+                                 not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc,
                                  reason=None, updated_at=self.app.now()))
         return self.app.db.run(thd, desc="security_store_certificate_chain")
 
@@ -183,10 +200,13 @@ class CertificateRequests:
 
     # -- the operator: list, and post a chain an external CA signed --------------------------------------
 
-    def list(self, station_id: str, limit: int, offset: int, status: str | None = None) -> defer.Deferred:
+    def list(self, station_id: str, limit: int, offset: int, status: str | None = None,
+             expires_before=None) -> defer.Deferred:
         conditions = [certificate_requests.c.station_id == station_id]
         if status is not None:
             conditions.append(certificate_requests.c.status == status)
+        if expires_before is not None:
+            conditions.append(certificate_requests.c.not_after < expires_before)
 
         def thd(conn):
             total = conn.execute(select(func.count()).select_from(certificate_requests)
@@ -195,6 +215,57 @@ class CertificateRequests:
                                 .order_by(certificate_requests.c.id.desc()).limit(limit).offset(offset)).fetchall()
             return total, [request_view(row) for row in rows]
         return self.app.db.run(thd, desc="security_list_certificate_requests")
+
+    def list_current(self, limit: int, offset: int, expires_before=None, station_id: str | None = None):
+        """Each station's current certificate (that of its newest accepted request), the earliest to end
+        first: (total, page)."""
+        current = current_certificates()
+        conditions = [certificate_requests.c.id == current.c.id]
+        if expires_before is not None:
+            conditions.append(certificate_requests.c.not_after < expires_before)
+        if station_id is not None:
+            conditions.append(certificate_requests.c.station_id == station_id)
+
+        def thd(conn):
+            total = conn.execute(select(func.count()).select_from(certificate_requests).join(
+                current, certificate_requests.c.id == current.c.id).where(*conditions)).scalar_one()
+            rows = conn.execute(select(certificate_requests).join(current, certificate_requests.c.id == current.c.id)
+                                .where(*conditions)
+                                .order_by(certificate_requests.c.not_after, certificate_requests.c.station_id)
+                                .limit(limit).offset(offset)).fetchall()
+            return total, [certificate_view(row) for row in rows]
+        return self.app.db.run(thd, desc="security_list_station_certificates")
+
+    def current_of(self, station_ids: list[str]) -> defer.Deferred:
+        """{station_id: its current certificate} for the stations that have one (the station views)."""
+        current = current_certificates()
+
+        def thd(conn):
+            rows = conn.execute(select(certificate_requests).join(current, certificate_requests.c.id == current.c.id)
+                                .where(certificate_requests.c.station_id.in_(station_ids))).fetchall()
+            return {row.station_id: certificate_view(row) for row in rows}
+        return self.app.db.run(thd, desc="security_station_certificates")
+
+    def expiry_summary(self, now, soon, first: int) -> defer.Deferred:
+        """What the stations' current certificates (those with a known end) say about expiry, as a dict:
+        ``earliest`` end (None without any), how many have ``expired`` (end at or before ``now``), how many
+        end ``soon`` (after ``now``, before ``soon``), and the ``first`` of both as (station_id, not_after),
+        the earliest first."""
+        current = current_certificates()
+        joined = certificate_requests.join(current, certificate_requests.c.id == current.c.id)
+        ends = certificate_requests.c.not_after
+
+        def thd(conn):
+            earliest = conn.execute(select(func.min(ends)).select_from(joined)).scalar()
+            expired = conn.execute(select(func.count()).select_from(joined).where(ends <= now)).scalar_one()
+            ending = conn.execute(select(func.count()).select_from(joined)
+                                  .where(ends > now, ends < soon)).scalar_one()
+            rows = conn.execute(select(certificate_requests.c.station_id, ends).select_from(joined)
+                                .where(ends < soon).order_by(ends, certificate_requests.c.station_id)
+                                .limit(first)).fetchall()
+            return {"earliest": as_utc(earliest), "expired": expired, "soon": ending,
+                    "first": [(row.station_id, as_utc(row.not_after)) for row in rows]}
+        return self.app.db.run(thd, desc="security_certificate_expiry")
 
     def get(self, station_id: str, request_id: int) -> defer.Deferred:
         def thd(conn):

@@ -20,9 +20,15 @@ certificate_requests = Table(
     Column("reason_code", String(64)),
     Column("reason", Text),
     Column("certificate_chain", Text),
+    #: Of the chain's first certificate (the station's), once a chain is stored: its serial (hex) and,
+    #: below, its validity. A station's current certificate is that of its newest accepted request.
     Column("serial_number", String(64)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Added by security_0002: after the columns of security_0001, where ALTER TABLE puts them.
+    Column("not_before", DateTime(timezone=True)),
+    Column("not_after", DateTime(timezone=True)),
     Index("security_certificate_requests_station", "station_id", "id"),
+    Index("security_certificate_requests_status", "status", "station_id"),
 )
 
 #: Each station's installed certificates as it last reported them (GetInstalledCertificateIds), kept
