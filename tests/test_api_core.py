@@ -316,8 +316,9 @@ async def test_status_history_newest_first_by_connector(csms):
     assert body["items"][0]["timestamp"] == "2024-05-01T11:00:00.000Z"
     status, body, _ = await csms.api("GET", "/stations/CP-HIST/status-history?connector_id=1&limit=2")
     assert ([h["status"] for h in body["items"]], body["total"]) == (["Faulted", "Preparing"], 3)
-    status, body, _ = await csms.api("GET", "/stations/CP-HIST/status-history?connector_id=-1")
-    assert status == 400
+    for beyond in (-1, 2 ** 31):  # a connector id is an OCPP integer: 32 bits
+        status, body, _ = await csms.api("GET", f"/stations/CP-HIST/status-history?connector_id={beyond}")
+        assert status == 400, beyond
     status, body, _ = await csms.api("GET", "/stations/NOPE/status-history")
     assert (status, body["error"]["code"]) == (404, "station_not_found")
 
@@ -426,7 +427,10 @@ async def test_friendly_commands_bad_input_unknown_and_offline_stations(csms):
     await csms.api("POST", "/stations", json={"id": "CP-OFF"})
     for path, body in (("remote-start", {}), ("remote-start", {"id_tag": "X" * 21}),
                        ("remote-start", {"id_tag": "T", "connector_id": 0}), ("reset", {"type": "Warm"}),
-                       ("unlock", {}), ("unlock", {"connector_id": "1"}), ("availability", {"type": "Broken"}),
+                       ("remote-start", {"id_tag": "T", "connector_id": 2 ** 31}),
+                       ("unlock", {}), ("unlock", {"connector_id": "1"}), ("unlock", {"connector_id": 2 ** 31}),
+                       ("availability", {"type": "Broken"}),
+                       ("availability", {"type": "Inoperative", "connector_id": 2 ** 31}),
                        ("availability", {}), ("data-transfer", {}), ("clear-cache", {"now": True}),
                        ("remote-stop", {"transaction_id": "1"})):
         status, answer, _ = await csms.api("POST", f"/stations/CP-BAD/{path}", json=body)
