@@ -248,11 +248,17 @@ async def test_operator_stops_a_stuck_transaction_once(csms_factory):
     assert (status, body["stop_reason"], body["meter_stop"], body["stopped_at"]) == (
         200, "PowerLoss", 4200, "2024-05-01T12:00:00.000Z")
 
+    # A leap second (RFC 3339 §5.7) is a time an operator may give too: the last instant of its minute.
+    tx3 = await start_transaction(station, 1, "TAG-A", "2016-12-31T23:59:59.5Z")
+    status, body, _ = await csms.api("POST", f"/transactions/{tx3}/stop", json={"stopped_at": "2016-12-31T23:59:60Z"})
+    assert (status, body["stopped_at"]) == (200, "2016-12-31T23:59:59.999Z"), body
+
     for path, payload, expected in ((f"/transactions/{tx2}/stop", {"reason": "Bored"}, 422),
                                     (f"/transactions/{tx2}/stop", {"meter_stop": "lots"}, 422),
                                     ("/transactions/424242/stop", {}, 404)):
         assert (await csms.api("POST", path, json=payload))[0] == expected
-    assert recorder.stopped == [("CP-STUCK", tx1, "operator", "Other"), ("CP-STUCK", tx2, "operator", "PowerLoss")]
+    assert recorder.stopped == [("CP-STUCK", tx1, "operator", "Other"), ("CP-STUCK", tx2, "operator", "PowerLoss"),
+                                ("CP-STUCK", tx3, "operator", "Other")]
     assert len(station.received_calls) == calls_before  # nothing was sent to the station
     status, body, _ = await csms.api("GET", "/transactions?active=true")
     assert body["total"] == 0

@@ -86,6 +86,14 @@ CASES = {
             {"timestamp": TIMESTAMP, "sampledValue": [{"value": "1"}]}]}),
         False, error(f"meter-{name}", "PropertyConstraintViolation"))
        for name, connector in (("-1", -1), ("2^31", 2 ** 31))},
+    # Date-times no station sends: neither RFC 3339 nor ISO 8601's extended calendar form, or second 61.
+    **{f"stop-transaction-timestamp-{name}": (
+        frame(2, f"time-{name}", "StopTransaction", {"transactionId": 1, "meterStop": 0, "timestamp": timestamp}),
+        False, error(f"time-{name}", "PropertyConstraintViolation"))
+       for name, timestamp in (("second-61", "2016-12-31T23:59:61Z"), ("week-date", "2024-W18-3T10:00:00Z"),
+                               ("basic-format", "20240501T100000Z"), ("padded", " 2024-05-01T10:00:00Z "),
+                               ("decimal-mark-without-digits", "2024-05-01T10:00:00.Z"),
+                               ("offset-with-seconds", "2024-05-01T10:00:00+01:00:30"))},
     "callresult-for-unknown-id": (frame(3, "nobody-asked", {"status": "Accepted"}), False, SILENCE),
     "callerror-for-unknown-id": (frame(4, "nobody-asked", "GenericError", "", {}), False, SILENCE),
 }
