@@ -78,16 +78,44 @@ def format_datetime(value: datetime) -> str:
     return value.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
+#: The date-times :func:`parse_datetime` reads: ISO 8601's extended calendar form, which RFC 3339 (the JSON
+#: schemas' ``date-time``) profiles, with the tolerances stations need. See docs/connections.md (Date-times).
+_DATE_TIME = re.compile(
+    r"\d{4}-\d\d-\d\d[Tt]"                    # date: no week or ordinal dates, no basic format
+    r"\d\d:\d\d(?::(?P<second>\d\d)(?:[.,]\d+)?)?"  # hh:mm, seconds (60: a leap second) and fraction optional
+    r"(?:[Zz]|[+-]\d\d(?::?[0-5]\d)?)?",          # Z, +hh:mm, +hhmm, +hh, or none (read as UTC)
+    re.ASCII)
+#: The last instant of a minute Python can represent: where a leap second (second 60) is put.
+_LAST_MICROSECOND = 999999
+
+
 def parse_datetime(text: str) -> datetime:
-    """Any ISO 8601 date-time with an offset (or ``Z``), as an aware UTC datetime.
+    """An ISO 8601 date-time in the extended calendar form (``2024-05-01T10:00:00.123+02:00``), as an
+    aware UTC datetime.
 
     A value without an offset is read as UTC: OCPP 1.6 asks for UTC and some stations omit the ``Z``.
-    Raises ValueError for text that is not such a date-time, including one that falls outside the years
-    1 to 9999 once converted to UTC (``0001-01-01T00:00:00+01:00``), so callers need catch only that.
+    Also taken: a lower-case ``t`` or ``z``, a comma as decimal mark (ISO 8601's own), any number of
+    fraction digits (truncated to microseconds), offsets without a colon or minutes, and a time without
+    seconds. A leap second (second 60, RFC 3339 §5.7, in whatever minute the offset puts it) is read as
+    the last microsecond of its minute, ``23:59:59.999999``: it keeps its day, and it comes after every
+    instant before it and before every instant after it (later instants of the leap second itself read
+    the same), so a stop stamped in it is never before its start. Refused, with ValueError: surrounding
+    whitespace, week and ordinal dates, the basic format (``20240501T100000Z``), a decimal mark without
+    digits, offsets with seconds or over 59 minutes, second 61, and a date-time that falls outside the
+    years 1 to 9999 once converted to UTC (``0001-01-01T00:00:00+01:00``), so callers need catch only that.
     """
     if not isinstance(text, str):
         raise TypeError(f"a date-time is a string, not {type(text).__name__}")
-    value = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    match = _DATE_TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text[:40]!r} is not an ISO 8601 date-time such as 2024-05-01T10:00:00Z")
+    readable = text.replace("z", "Z")
+    leap = match.group("second") == "60"
+    if leap:
+        readable = readable[:match.start("second")] + "59" + readable[match.end("second"):]
+    value = datetime.fromisoformat(readable)
+    if leap:
+        value = value.replace(microsecond=_LAST_MICROSECOND)
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     try:

@@ -13,6 +13,10 @@ PropertyConstraintViolation: every integer lies in the signed 64-bit range (the 
 every string is UTF-8 text without NUL (PostgreSQL refuses NUL; a lone surrogate is no UTF-8 at all).
 The first is compiled into each schema; the second is :func:`check_storable`, which the RPC layer runs
 only on what the JSON text says may need it (see :mod:`csms.rpc`).
+
+Nor do the schemas carry the bounds the specification's text gives connector ids: those of
+:data:`CONNECTOR_ID_MINIMUM` are added to the ``ocpp`` package's schemas as they are loaded (also
+PropertyConstraintViolation), so what the CSMS validates is what :meth:`SchemaRegistry.schema` shows.
 """
 from __future__ import annotations
 
@@ -39,6 +43,14 @@ _RULE_CODES = {
 
 
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+#: OCPP 1.6's integers are 32-bit: its SOAP schemas declare connectorId (and transactionId...) ``xs:int``.
+INT32_MAX = 2 ** 31 - 1
+
+#: The smallest connectorId of the station's requests, as OCPP 1.6's text gives it where its JSON schemas
+#: say only "integer": StartTransaction.req > 0 (§6.45); StatusNotification.req >= 0 (§6.47, 0: the charge
+#: point as a whole); MeterValues.req >= 0 (§6.31, 0: the main meter). StopTransaction.req has none. The
+#: largest is OCPP's integer range (:data:`INT32_MAX`), not a count of connectors: see docs/connections.md.
+CONNECTOR_ID_MINIMUM = {"StartTransaction": 1, "StatusNotification": 0, "MeterValues": 0}
 
 
 class SchemaViolation(Exception):
@@ -137,6 +149,16 @@ def schemas_in(directory, *actions: str) -> dict:
             for action in actions}
 
 
+def with_spec_bounds(name: str, schema: dict) -> dict:
+    """The ``ocpp`` package's schema ``name`` with the connectorId bounds of :data:`CONNECTOR_ID_MINIMUM`."""
+    minimum = CONNECTOR_ID_MINIMUM.get(name)
+    if minimum is None:
+        return schema
+    properties = dict(schema["properties"])
+    properties["connectorId"] = dict(properties["connectorId"], minimum=minimum, maximum=INT32_MAX)
+    return dict(schema, properties=properties)
+
+
 def _compile(schema: dict):
     return fastjsonschema.compile(bound_integers(schema), formats={"date-time": _date_time})
 
@@ -177,7 +199,10 @@ class SchemaRegistry:
             return self._registered[name]
         if self._parent is not None:
             return self._parent.schema(name)
-        return json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
+        return self._package_schema(name)
+
+    def _package_schema(self, name: str) -> dict:
+        return with_spec_bounds(name, json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8")))
 
     def has_request(self, action: str) -> bool:
         """Whether ``action`` has a request schema: OCPP 1.6 (with the security extension) or registered."""
@@ -197,8 +222,7 @@ class SchemaRegistry:
         if validator is None:
             if self._parent is not None:
                 return self._parent._validator(name)
-            schema = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
-            validator = _compile(schema)
+            validator = _compile(self._package_schema(name))
             self._compiled[name] = validator
         return validator
 

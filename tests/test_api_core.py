@@ -248,11 +248,17 @@ async def test_operator_stops_a_stuck_transaction_once(csms_factory):
     assert (status, body["stop_reason"], body["meter_stop"], body["stopped_at"]) == (
         200, "PowerLoss", 4200, "2024-05-01T12:00:00.000Z")
 
+    # A leap second (RFC 3339 §5.7) is a time an operator may give too: the last instant of its minute.
+    tx3 = await start_transaction(station, 1, "TAG-A", "2016-12-31T23:59:59.5Z")
+    status, body, _ = await csms.api("POST", f"/transactions/{tx3}/stop", json={"stopped_at": "2016-12-31T23:59:60Z"})
+    assert (status, body["stopped_at"]) == (200, "2016-12-31T23:59:59.999Z"), body
+
     for path, payload, expected in ((f"/transactions/{tx2}/stop", {"reason": "Bored"}, 422),
                                     (f"/transactions/{tx2}/stop", {"meter_stop": "lots"}, 422),
                                     ("/transactions/424242/stop", {}, 404)):
         assert (await csms.api("POST", path, json=payload))[0] == expected
-    assert recorder.stopped == [("CP-STUCK", tx1, "operator", "Other"), ("CP-STUCK", tx2, "operator", "PowerLoss")]
+    assert recorder.stopped == [("CP-STUCK", tx1, "operator", "Other"), ("CP-STUCK", tx2, "operator", "PowerLoss"),
+                                ("CP-STUCK", tx3, "operator", "Other")]
     assert len(station.received_calls) == calls_before  # nothing was sent to the station
     status, body, _ = await csms.api("GET", "/transactions?active=true")
     assert body["total"] == 0
@@ -316,8 +322,9 @@ async def test_status_history_newest_first_by_connector(csms):
     assert body["items"][0]["timestamp"] == "2024-05-01T11:00:00.000Z"
     status, body, _ = await csms.api("GET", "/stations/CP-HIST/status-history?connector_id=1&limit=2")
     assert ([h["status"] for h in body["items"]], body["total"]) == (["Faulted", "Preparing"], 3)
-    status, body, _ = await csms.api("GET", "/stations/CP-HIST/status-history?connector_id=-1")
-    assert status == 400
+    for beyond in (-1, 2 ** 31):  # a connector id is an OCPP integer: 32 bits
+        status, body, _ = await csms.api("GET", f"/stations/CP-HIST/status-history?connector_id={beyond}")
+        assert status == 400, beyond
     status, body, _ = await csms.api("GET", "/stations/NOPE/status-history")
     assert (status, body["error"]["code"]) == (404, "station_not_found")
 
@@ -426,7 +433,10 @@ async def test_friendly_commands_bad_input_unknown_and_offline_stations(csms):
     await csms.api("POST", "/stations", json={"id": "CP-OFF"})
     for path, body in (("remote-start", {}), ("remote-start", {"id_tag": "X" * 21}),
                        ("remote-start", {"id_tag": "T", "connector_id": 0}), ("reset", {"type": "Warm"}),
-                       ("unlock", {}), ("unlock", {"connector_id": "1"}), ("availability", {"type": "Broken"}),
+                       ("remote-start", {"id_tag": "T", "connector_id": 2 ** 31}),
+                       ("unlock", {}), ("unlock", {"connector_id": "1"}), ("unlock", {"connector_id": 2 ** 31}),
+                       ("availability", {"type": "Broken"}),
+                       ("availability", {"type": "Inoperative", "connector_id": 2 ** 31}),
                        ("availability", {}), ("data-transfer", {}), ("clear-cache", {"now": True}),
                        ("remote-stop", {"transaction_id": "1"})):
         status, answer, _ = await csms.api("POST", f"/stations/CP-BAD/{path}", json=body)

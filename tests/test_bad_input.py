@@ -69,6 +69,31 @@ CASES = {
                                           {"connectorId": 1, "idTag": "TAG", "meterStart": "zero",
                                            "timestamp": TIMESTAMP}),
                                     False, error("start-1", "TypeConstraintViolation")),
+    # Connector ids outside what OCPP 1.6's text allows (StartTransaction > 0, StatusNotification and
+    # MeterValues >= 0) or beyond its 32-bit integers: nothing is stored.
+    **{f"start-transaction-on-connector-{name}": (
+        frame(2, f"conn-{name}", "StartTransaction", {"connectorId": connector, "idTag": "TAG", "meterStart": 0,
+                                                      "timestamp": TIMESTAMP}),
+        False, error(f"conn-{name}", "PropertyConstraintViolation"))
+       for name, connector in (("0", 0), ("-5", -5), ("2^31", 2 ** 31), ("2^63-1", 2 ** 63 - 1))},
+    **{f"status-notification-on-connector-{name}": (
+        frame(2, f"stat-{name}", "StatusNotification", {"connectorId": connector, "status": "Available",
+                                                        "errorCode": "NoError"}),
+        False, error(f"stat-{name}", "PropertyConstraintViolation"))
+       for name, connector in (("-1", -1), ("2^31", 2 ** 31))},
+    **{f"meter-values-on-connector-{name}": (
+        frame(2, f"meter-{name}", "MeterValues", {"connectorId": connector, "meterValue": [
+            {"timestamp": TIMESTAMP, "sampledValue": [{"value": "1"}]}]}),
+        False, error(f"meter-{name}", "PropertyConstraintViolation"))
+       for name, connector in (("-1", -1), ("2^31", 2 ** 31))},
+    # Date-times no station sends: neither RFC 3339 nor ISO 8601's extended calendar form, or second 61.
+    **{f"stop-transaction-timestamp-{name}": (
+        frame(2, f"time-{name}", "StopTransaction", {"transactionId": 1, "meterStop": 0, "timestamp": timestamp}),
+        False, error(f"time-{name}", "PropertyConstraintViolation"))
+       for name, timestamp in (("second-61", "2016-12-31T23:59:61Z"), ("week-date", "2024-W18-3T10:00:00Z"),
+                               ("basic-format", "20240501T100000Z"), ("padded", " 2024-05-01T10:00:00Z "),
+                               ("decimal-mark-without-digits", "2024-05-01T10:00:00.Z"),
+                               ("offset-with-seconds", "2024-05-01T10:00:00+01:00:30"))},
     "callresult-for-unknown-id": (frame(3, "nobody-asked", {"status": "Accepted"}), False, SILENCE),
     "callerror-for-unknown-id": (frame(4, "nobody-asked", "GenericError", "", {}), False, SILENCE),
 }
@@ -138,6 +163,43 @@ async def test_start_transaction_with_a_bad_field_writes_no_transaction(csms):
                                                      "timestamp": TIMESTAMP}, timeout=WAIT)
     rows = await csms.app.db.run(lambda conn: conn.execute(select(transactions.c.id)).fetchall())
     assert [row[0] for row in rows] == [answer["transactionId"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connector_id_out_of_range_is_refused_and_the_calls_queued_behind_it_are_answered(csms):
+    from csms_plugins.core.tables import transactions
+
+    station = await csms.connect_booted("CP-1")
+    start = {"connectorId": 0, "idTag": "TAG", "meterStart": 0, "timestamp": TIMESTAMP}
+    # Sent at once: the second and third wait in the station's queue behind the refused first.
+    station.send_raw(frame(2, "start-0", "StartTransaction", start))
+    station.send_raw(frame(2, "status-minus-1", "StatusNotification",
+                           {"connectorId": -1, "status": "Available", "errorCode": "NoError"}))
+    station.send_raw(frame(2, "start-1", "StartTransaction", dict(start, connectorId=1)))
+    answers = [await station.next_unmatched(timeout=WAIT) for _ in range(3)]
+    assert [answer[:3] for answer in answers[:2]] == [[4, "start-0", "PropertyConstraintViolation"],
+                                                      [4, "status-minus-1", "PropertyConstraintViolation"]]
+    assert "connectorId" in answers[0][3]
+    assert answers[2][:2] == [3, "start-1"]
+    rows = await csms.app.db.run(lambda conn: conn.execute(select(transactions.c.id, transactions.c.connector_id))
+                                 .fetchall())
+    assert [tuple(row) for row in rows] == [(answers[2][2]["transactionId"], 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connector_ids_at_the_edges_the_specification_allows_are_accepted(csms):
+    """0 is the whole charge point (StatusNotification) or its main meter (MeterValues); the largest id is
+    OCPP 1.6's largest integer, 2^31-1."""
+    station = await csms.connect_booted("CP-1")
+    for connector in (0, 2 ** 31 - 1):
+        assert await station.call("StatusNotification", {"connectorId": connector, "status": "Available",
+                                                          "errorCode": "NoError"}, timeout=WAIT) == {}
+        assert await station.call("MeterValues", {"connectorId": connector, "meterValue": [
+            {"timestamp": TIMESTAMP, "sampledValue": [{"value": "1"}]}]}, timeout=WAIT) == {}
+    for connector in (1, 2 ** 31 - 1):
+        answer = await station.call("StartTransaction", {"connectorId": connector, "idTag": "TAG", "meterStart": 0,
+                                                         "timestamp": TIMESTAMP}, timeout=WAIT)
+        assert isinstance(answer["transactionId"], int)
 
 
 @pytest.mark.parametrize("action, payload", [

@@ -445,6 +445,43 @@ async def test_timestamps_with_offsets_are_stored_as_utc(csms):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_leap_second_is_accepted_and_a_stop_in_it_stays_after_its_start(csms):
+    """RFC 3339 §5.7 allows second 60: read as the last microsecond of its minute, it keeps its day and
+    its order, so a station whose clock stamps one can stop its transaction."""
+    await put_tags(csms, VALID)
+    station = await booted(csms, "CP-LEAP", connectors=2)
+    start = await station.call("StartTransaction", start_payload(csms, timestamp="2016-12-31T23:59:59.5Z"))
+    await station.call("MeterValues", {"connectorId": 1, "transactionId": start["transactionId"], "meterValue": [
+        {"timestamp": "2016-12-31T23:59:60.25Z", "sampledValue": [{"value": "1500", "unit": "Wh"}]}]})
+    await station.status(1, "Finishing", timestamp="2016-12-31T23:59:60Z")
+    assert await station.call("StopTransaction", stop_payload(csms, start["transactionId"],
+                                                              timestamp="2016-12-31T23:59:60Z")) == {}
+    stored = await core_store(csms).get_transaction(start["transactionId"])
+    assert stored["started_at"] == utc(2016, 12, 31, 23, 59, 59, 500000)
+    assert stored["stopped_at"] == utc(2016, 12, 31, 23, 59, 59, 999999) > stored["started_at"]
+    [sample] = await table_rows(csms, tables.meter_values, transaction_id=start["transactionId"])
+    assert sample["timestamp"] == utc(2016, 12, 31, 23, 59, 59, 999999)
+    connectors = {row["connector_id"]: row for row in await core_store(csms).connectors("CP-LEAP")}
+    assert connectors[1]["status_timestamp"] == utc(2016, 12, 31, 23, 59, 59, 999999)
+
+    # Started in the leap second (stamped in local time: 00:59:60 at +01:00 is 23:59:60 UTC), stopped just
+    # after it: the start keeps its day and stays before the stop. Its retransmission is the same start.
+    payload = start_payload(csms, connector_id=2, timestamp="2017-01-01T00:59:60.5+01:00")
+    second = await station.call("StartTransaction", payload)
+    assert (await station.call("StartTransaction", payload))["transactionId"] == second["transactionId"]
+    await station.call("StopTransaction", stop_payload(csms, second["transactionId"],
+                                                       timestamp="2017-01-01T00:00:00.2Z"))
+    stored = await core_store(csms).get_transaction(second["transactionId"])
+    assert stored["started_at"] == utc(2016, 12, 31, 23, 59, 59, 999999)
+    assert stored["stopped_at"] == utc(2017, 1, 1, 0, 0, 0, 200000) > stored["started_at"]
+
+    # Second 61 is no time: refused, and nothing stored.
+    answer = await station.call_frame("StopTransaction", stop_payload(csms, 424242, timestamp="2016-12-31T23:59:61Z"))
+    assert answer[:3] == [4, answer[1], "PropertyConstraintViolation"]
+    assert await table_rows(csms, tables.unmatched_stops) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_timestamp_the_csms_sends_is_utc_with_milliseconds(csms):
     # Half a millisecond past a whole second (clear of float rounding): the milliseconds are still written.
     csms.clock.advance(math.ceil(csms.clock.seconds()) + 0.0005 - csms.clock.seconds())
@@ -703,6 +740,51 @@ class TestEventHooks:
         assert not answer.called
         release.callback(None)
         assert (await answer)["idTagInfo"] == {"status": "Accepted"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2024-05-01T10:00:00Z", utc(2024, 5, 1, 10)),
+    ("2024-05-01T10:00:00.123456789+02:00", utc(2024, 5, 1, 8, 0, 0, 123456)),
+    ("2024-05-01t10:00:00z", utc(2024, 5, 1, 10)),
+    ("2024-05-01T10:00:00", utc(2024, 5, 1, 10)),  # no offset: UTC, as OCPP asks
+    ("2024-05-01T10:00:00,5Z", utc(2024, 5, 1, 10, 0, 0, 500000)),  # ISO 8601's own decimal mark
+    ("2024-05-01T10:00:00+0100", utc(2024, 5, 1, 9)),  # strftime's %z
+    ("2024-05-01T10:00:00-05", utc(2024, 5, 1, 15)),
+    ("2024-05-01T10:00Z", utc(2024, 5, 1, 10)),
+    ("2016-12-31T23:59:60Z", utc(2016, 12, 31, 23, 59, 59, 999999)),
+    ("2016-12-31T23:59:60.999Z", utc(2016, 12, 31, 23, 59, 59, 999999)),
+    ("2017-01-01T00:59:60+01:00", utc(2016, 12, 31, 23, 59, 59, 999999)),
+    ("2016-12-31T18:59:60-05:00", utc(2016, 12, 31, 23, 59, 59, 999999)),
+    ("9999-12-31T23:59:60Z", utc(9999, 12, 31, 23, 59, 59, 999999)),
+])
+def test_date_times_are_read_as_iso_8601_extended_with_leap_seconds(text, expected):
+    from csms.ocpp16 import parse_datetime
+
+    assert parse_datetime(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z", "2024-05-01T24:00:00Z", " 2024-05-01T10:00:00Z",
+    "2024-05-01T10:00:00Z\n", "2024-W18-3T10:00:00Z", "2024-122T10:00:00Z", "20240501T100000Z",
+    "2024-05-01T100000Z", "2024-05-01T10:00:00.Z", "2024-05-01T10:00:00+01:00:30", "2024-05-01T10:00:00+01:75",
+    "2024-05-01T10Z", "2024-05-01", "2024-05-01 10:00:00Z", "0001-01-01T00:00:00+01:00", "",
+])
+def test_date_times_outside_iso_8601_extended_form_are_refused(text):
+    from csms.ocpp16 import parse_datetime
+
+    with pytest.raises(ValueError):
+        parse_datetime(text)
+
+
+def test_a_leap_second_keeps_the_order_of_the_instants_around_it():
+    from csms.ocpp16 import parse_datetime
+
+    texts = ["2016-12-31T23:59:59Z", "2016-12-31T23:59:59.999998Z", "2016-12-31T23:59:60Z",
+             "2016-12-31T23:59:60.7Z", "2017-01-01T00:00:00Z", "2017-01-01T00:00:00.000001Z"]
+    values = [parse_datetime(text) for text in texts]
+    assert values == sorted(values)
+    assert values[2] > values[1] and values[4] > values[3]
+    assert {value.date() for value in values[:4]} == {utc(2016, 12, 31).date()}
 
 
 def test_timestamps_are_formatted_as_utc_iso_8601_with_milliseconds():

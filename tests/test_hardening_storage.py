@@ -103,20 +103,23 @@ async def test_stop_of_an_unknown_transaction_id_past_int32_is_kept(csms):
 
 
 @pytest_twisted.ensureDeferred
-async def test_connector_transaction_and_reservation_ids_past_int32(csms):
+async def test_largest_connector_id_and_reservation_ids_past_int32(csms):
+    """A connector id goes up to OCPP's largest integer, 2^31-1 (past it the schema check refuses it: see
+    test_bad_input); a reservation id past 2^31 is stored."""
     await put_tags(csms, "BIG-IDS")
     station = await booted(csms, "CP-BIG-IDS")
-    assert await station.status(INT32_END, "Available") == {}
-    assert INT32_END in await core_store(csms).connector_ids("CP-BIG-IDS")
-    started = await station.call("StartTransaction", start_payload(csms, connector_id=INT32_END, id_tag="BIG-IDS",
+    largest = INT32_END - 1
+    assert await station.status(largest, "Available") == {}
+    assert largest in await core_store(csms).connector_ids("CP-BIG-IDS")
+    started = await station.call("StartTransaction", start_payload(csms, connector_id=largest, id_tag="BIG-IDS",
                                                                    reservationId=INT32_END))
     stored = await core_store(csms).get_transaction(started["transactionId"])
-    assert (stored["connector_id"], stored["reservation_id"]) == (INT32_END, INT32_END)
+    assert (stored["connector_id"], stored["reservation_id"]) == (largest, INT32_END)
     # MeterValues naming a transaction id no transaction has: kept, linked to none.
-    assert await station.call("MeterValues", {"connectorId": INT32_END, "transactionId": BIG,
+    assert await station.call("MeterValues", {"connectorId": largest, "transactionId": BIG,
                                               "meterValue": one_sample(csms, "1")}) == {}
     samples = await table_rows(csms, core_tables.meter_values, station_id="CP-BIG-IDS")
-    assert [(s["connector_id"], s["transaction_id"]) for s in samples] == [(INT32_END, None)]
+    assert [(s["connector_id"], s["transaction_id"]) for s in samples] == [(largest, None)]
 
 
 @pytest_twisted.ensureDeferred

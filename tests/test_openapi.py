@@ -172,3 +172,31 @@ def test_plugins_extending_a_shared_schema_may_not_clash():
     router.extend_schema("Gadget", {"size": INTEGER}, "painter")
     with pytest.raises(RouteError, match="painter extends the Gadget schema, which no route answers with"):
         openapi.build_openapi(router)
+
+
+def connector_id_schemas(schema, where: str = "body"):
+    """(where, schema) of every ``connector_id`` property anywhere in a body schema."""
+    if isinstance(schema, list):
+        for index, item in enumerate(schema):
+            yield from connector_id_schemas(item, f"{where}[{index}]")
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "connector_id" and isinstance(value, dict) and "type" in value:
+                yield f"{where}.{key}", value
+            yield from connector_id_schemas(value, f"{where}.{key}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_connector_id_an_operator_gives_is_bounded_as_a_station_s_is(csms_factory):
+    """From 0 (or 1 where OCPP 1.6 says > 0) to OCPP 1.6's largest integer, 2^31-1, as csms.schemas bounds the
+    connectorId of a station's messages: an id beyond that names no connector a station can have."""
+    csms = await every_plugin(csms_factory)
+    found = []
+    for route in csms.app.api_router.routes:
+        for param in route.query + route.path_params:
+            if param.name == "connector_id":
+                found.append((f"{route.method} {route.template} ?{param.name}", param.minimum, param.maximum))
+        for where, schema in connector_id_schemas(route.body):
+            found.append((f"{route.method} {route.template} {where}", schema.get("minimum"), schema.get("maximum")))
+    assert len(found) >= 10, found
+    assert [entry for entry in found if entry[1] not in (0, 1) or entry[2] != 2 ** 31 - 1] == []

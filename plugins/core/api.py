@@ -50,7 +50,8 @@ OPERATOR_STOP = {
     },
 }
 
-CONNECTOR = {"type": "integer", "minimum": 1}
+#: Connector ids are OCPP integers (32-bit), as the station's own messages carry them (csms.schemas).
+CONNECTOR = {"type": "integer", "minimum": 1, "maximum": INT32_MAX}
 #: Transaction ids are OCPP integers (32-bit): anything else cannot name one.
 TRANSACTION_ID = Path("transaction_id", "integer", minimum=0, maximum=INT32_MAX, resource="transaction")
 
@@ -68,7 +69,7 @@ REMOTE_STOP = _object({"transaction_id": {"type": "integer",
                                           "description": "Default: the station's only active transaction"}})
 RESET = _object({"type": {"type": "string", "enum": ["Soft", "Hard"], "description": "Default: Soft"}})
 UNLOCK = _object({"connector_id": CONNECTOR}, ("connector_id",))
-AVAILABILITY = _object({"connector_id": {"type": "integer", "minimum": 0,
+AVAILABILITY = _object({"connector_id": {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                                          "description": "Default 0: the whole station"},
                         "type": {"type": "string", "enum": ["Operative", "Inoperative"]}}, ("type",))
 FETCH_CONFIGURATION = _object({"keys": {"type": "array", "items": {"type": "string", "minLength": 1,
@@ -283,7 +284,7 @@ def add_routes(plugin, app, router):
     tags = ("stations",)
     router.add("GET", "/stations/{station_id}/status-history", status_history,
                "StatusNotifications as received, newest first", tags=tags, response=page(STATUS_NOTIFICATION),
-               query=PAGINATION + (Query("connector_id", "integer", minimum=0),),
+               query=PAGINATION + (Query("connector_id", "integer", minimum=0, maximum=INT32_MAX),),
                responses={"200": "OK", "404": "Unknown station"})
     router.add("GET", "/stations/{station_id}/configuration", stored_configuration,
                "The station's configuration as last read back (configuration/fetch) or changed; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from csms.api.errors import not_found
+from csms.api.inputs import INT32_MAX
 from csms.api.resource import paginated
 from csms.api.router import PAGINATION
 from csms.api.stations import send_call
@@ -14,7 +15,7 @@ TRIGGER_BODY = {
     "type": "object", "additionalProperties": False, "required": ["requested_message"],
     "properties": {
         "requested_message": {"type": "string", "enum": list(REQUESTED_MESSAGES)},
-        "connector_id": {"type": "integer", "minimum": 0,
+        "connector_id": {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                          "description": "Sent even when the station has no such connector (flagged in warnings)"},
     },
 }

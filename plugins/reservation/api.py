@@ -18,7 +18,7 @@ ID_TAG = {"type": "string", "minLength": 1, "maxLength": 20}
 RESERVE = {
     "type": "object", "additionalProperties": False, "required": ["connector_id", "expiry_date", "id_tag"],
     "properties": {
-        "connector_id": {"type": "integer", "minimum": 0,
+        "connector_id": {"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                          "description": "A connector the station has reported, or 0 for the whole station"},
         "expiry_date": {"type": "string", "format": "date-time",
                         "description": "ISO 8601 date-time with an offset (or Z), in the future"},

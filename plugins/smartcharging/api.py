@@ -16,7 +16,7 @@ from .store import STATES
 from .tables import profiles
 from .validation import PURPOSES
 
-CONNECTOR = {"type": "integer", "minimum": 0}
+CONNECTOR = {"type": "integer", "minimum": 0, "maximum": INT32_MAX}
 SET_PROFILE = {
     "type": "object", "additionalProperties": False, "required": ["connector_id", "charging_profile"],
     "properties": {
@@ -47,11 +47,12 @@ ASK_COMPOSITE = {
     },
 }
 LIST_QUERY = PAGINATION + (
-    Query("connector_id", "integer", "Only this connector's profiles", minimum=0),
+    Query("connector_id", "integer", "Only this connector's profiles", minimum=0, maximum=INT32_MAX),
     Query("state", enum=STATES + ("all",), description="Default: installed"),
 )
 PREVIEW_QUERY = (
-    Query("connector_id", "integer", "The connector (0: the whole station); default 1", minimum=0),
+    Query("connector_id", "integer", "The connector (0: the whole station); default 1", minimum=0,
+          maximum=INT32_MAX),
     Query("duration", "integer", "Seconds; default 86400", minimum=1, maximum=MAX_WINDOW),
     Query("charging_rate_unit", enum=("A", "W"), description="Default: [plugin:smartcharging] default_rate_unit"),
     Query("start", "date-time", "Window start; default now"),
