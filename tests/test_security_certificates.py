@@ -798,3 +798,23 @@ async def test_a_signing_failure_is_recorded_and_nothing_is_sent(csms, monkeypat
     assert (request["status"], request["reason"], request["certificate_chain"]) == ("send_failed", "signing failed",
                                                                                      None)
     assert calls(station, "CertificateSigned") == []
+
+
+def test_a_station_certificate_ends_with_its_ca_at_the_latest():
+    """A CA with 20 days left signs a certificate for 365: it gets the 20 (what verifies, and what the
+    station certificate expiry reports); with a year left, the whole validity."""
+    from csms_plugins.security.ca import CertificateAuthority
+
+    station_key = make_key("ec")
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(subject("CP-1", None))
+           .sign(station_key, hashes.SHA256()))
+    for days_left, expected_days in ((20, 20), (400, 365)):
+        root = make_ca("Short CA", days=days_left)
+        ca = CertificateAuthority(root.certificate, root.key, "/unused/ca.pem")
+        now = root.certificate.not_valid_before_utc + timedelta(hours=1)
+        signed = ca.sign(csr, now, timedelta(days=365))
+        if days_left < 365:
+            assert signed.not_valid_after_utc == root.certificate.not_valid_after_utc
+        else:
+            assert signed.not_valid_after_utc == now + timedelta(days=expected_days)
+        signed.verify_directly_issued_by(root.certificate)

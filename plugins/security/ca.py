@@ -49,16 +49,19 @@ class CertificateAuthority:
         """A charge point certificate for ``csr``: its subject and public key, this CA as issuer.
 
         Only the subject and key are taken from the request; the extensions are the CSMS's own (a TLS
-        client certificate that cannot act as a CA), whatever the station asked for.
+        client certificate that cannot act as a CA), whatever the station asked for. It ends with this CA
+        at the latest: a certificate outliving its issuer verifies no longer than the issuer does, and its
+        stored end (station certificate expiry, docs/security.md) would promise more than it gives.
         """
         public_key = csr.public_key()
+        not_after = min(valid_from + validity, self.certificate.not_valid_after_utc)
         builder = (x509.CertificateBuilder()
                    .subject_name(csr.subject)
                    .issuer_name(self.certificate.subject)
                    .public_key(public_key)
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(valid_from - timedelta(minutes=5))  # stations' clocks drift
-                   .not_valid_after(valid_from + validity)
+                   .not_valid_after(not_after)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=isinstance(public_key,
                                                 rsa.RSAPublicKey), content_commitment=False, data_encipherment=False,
