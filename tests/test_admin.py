@@ -363,3 +363,45 @@ def test_db_upgrade_with_the_shipped_config_creates_no_ca(tmp_path, monkeypatch,
         assert status == 0, err
     assert (tmp_path / "var" / "csms.sqlite").exists()
     assert not (tmp_path / "var" / "security").exists()
+
+
+def shipped_config_here(tmp_path, monkeypatch) -> None:
+    """etc/csms.ini as shipped, in ``tmp_path``, which becomes the working directory (its var/ paths land there)."""
+    (tmp_path / "etc").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), os.pardir, "etc", "csms.ini"), tmp_path / "etc" / "csms.ini")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_admin_commands_with_the_shipped_config_leave_the_firmware_directories_alone(tmp_path, monkeypatch, capsys):
+    """Found in review: building the Central System to read the plugins' migration histories configured the
+    firmware plugin, which created var/firmware and var/diagnostics (and cleaned them: see the next test).
+    Only ``twistd csms`` prepares them, as it starts."""
+    shipped_config_here(tmp_path, monkeypatch)
+    for argv in (("--create", "token", "create", "--name", "first"), ("db", "upgrade"), ("db", "current"),
+                 ("db", "history"), ("config", "settings"), ("config", "settings", "--retention"),
+                 ("token", "create", "--name", "second"), ("token", "list")):
+        status, out, err = admin(capsys, *argv)
+        assert status == 0, (argv, err)
+    assert (tmp_path / "var" / "csms.sqlite").exists()
+    assert not (tmp_path / "var" / "firmware").exists()
+    assert not (tmp_path / "var" / "diagnostics").exists()
+
+
+def test_db_current_beside_a_serving_csms_keeps_its_uploads_in_progress(tmp_path, monkeypatch, capsys):
+    """An operator checking ``csms-admin db current`` while the CSMS serves: the hidden file a firmware or
+    diagnostics upload is being spooled to is not a crash's leftover, and must survive."""
+    shipped_config_here(tmp_path, monkeypatch)
+    status, _, err = admin(capsys, "db", "upgrade")
+    assert status == 0, err
+    # What the serving CSMS has: its directories, an upload being spooled in each, a stored file.
+    uploading = [tmp_path / "var" / "firmware" / ".upload-k3x9q1", tmp_path / "var" / "diagnostics" / ".upload-7fz2p0"]
+    for path in uploading:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the first half of an upload")
+    (tmp_path / "var" / "firmware" / "fw-1.2.bin").write_bytes(b"an image")
+    for argv in (("db", "current"), ("db", "upgrade"), ("db", "history"), ("token", "list")):
+        status, out, err = admin(capsys, *argv)
+        assert status == 0, (argv, err)
+        for path in uploading:
+            assert path.read_bytes() == b"the first half of an upload", argv
+    assert (tmp_path / "var" / "firmware" / "fw-1.2.bin").read_bytes() == b"an image"

@@ -526,17 +526,32 @@ async def test_twistd_csms_help_lists_the_options():
     assert "-c, --config=" in text and "-p, --port=" in text
 
 
-def test_firmware_directory_that_cannot_be_created_is_refused_naming_the_setting(tmp_path):
+def start_firmware_directories(text: str):
+    """Configure a Central System (no error: csms-admin configures the plugin too, and must not touch its
+    directories), then start its ``firmware-directories`` service as start-up does; StartupError if refused."""
+    from csms.service import CSMSService
+
+    config = load_config(text="[database]\nurl = sqlite://\n[plugins]\nenabled = core, firmware\n" + text)
+    csms = CSMSService(config)
+    [directories] = [s for s in csms.plugin_services if s.name == "firmware-directories"]
+    directories.startService()
+
+
+def test_firmware_directory_that_cannot_be_created_is_refused_at_start_naming_the_setting(tmp_path):
+    from csms.service import StartupError
+
     blocker = tmp_path / "a-file"
     blocker.write_text("", encoding="utf-8")
-    with pytest.raises(ConfigError) as exc_info:
-        central_system(f"[plugin:firmware]\nfirmware_dir = {blocker / 'firmware'}\n", plugins=("core", "firmware"))
+    with pytest.raises(StartupError) as exc_info:
+        start_firmware_directories(f"[plugin:firmware]\nfirmware_dir = {blocker / 'firmware'}\n")
     assert str(exc_info.value) == f"[plugin:firmware] firmware_dir: cannot create {blocker / 'firmware'} (not a directory)"
 
 
-def test_firmware_directory_the_csms_cannot_write_in_is_refused_naming_the_setting():
+def test_firmware_directory_the_csms_cannot_write_in_is_refused_at_start_naming_the_setting():
     """Found by an operator's walk through the docs: an existing directory it could not write in was taken,
     and the first upload was a 500. /proc/self refuses a new file even to root (CI runs as root)."""
-    with pytest.raises(ConfigError) as exc_info:
-        central_system("[plugin:firmware]\ndiagnostics_dir = /proc/self\n", plugins=("core", "firmware"))
+    from csms.service import StartupError
+
+    with pytest.raises(StartupError) as exc_info:
+        start_firmware_directories("[plugin:firmware]\ndiagnostics_dir = /proc/self\n")
     assert str(exc_info.value).startswith("[plugin:firmware] diagnostics_dir: cannot write in /proc/self (")

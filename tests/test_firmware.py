@@ -717,3 +717,25 @@ async def test_uploads_a_crash_interrupted_are_removed_at_start_up(csms_factory,
                                    f"diagnostics_dir = {diagnostics_dir}\n")
     assert files_under(firmware_dir) == ["by-hand.bin"]
     assert files_under(diagnostics_dir) == ["7/diag.zip"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_directories_are_prepared_when_the_csms_starts_never_when_it_is_only_configured(csms_factory, tmp_path):
+    """csms-admin configures every plugin to read their migration histories, beside a CSMS that may be
+    serving: configuring creates no directory and removes no file (a hidden one may be an upload in
+    progress); starting creates the directories and removes what a crash left."""
+    from csms.app import CentralSystem
+    from csms.config import load_config
+
+    firmware_dir, diagnostics_dir = tmp_path / "new" / "fw", tmp_path / "diag"
+    diagnostics_dir.mkdir()
+    (diagnostics_dir / ".upload-def456").write_bytes(b"half a log")
+    config_text = f"[plugin:firmware]\nfirmware_dir = {firmware_dir}\ndiagnostics_dir = {diagnostics_dir}\n"
+    CentralSystem(load_config(text=f"[database]\nurl = sqlite://\n[plugins]\nenabled = core, firmware\n"
+                                   + config_text))
+    assert not (tmp_path / "new").exists()
+    assert files_under(diagnostics_dir) == [".upload-def456"]
+
+    await csms_factory(config_text=config_text)
+    assert firmware_dir.is_dir() and files_under(firmware_dir) == []
+    assert files_under(diagnostics_dir) == []

@@ -153,6 +153,20 @@ async def test_firmware_port_in_use_exits_1_instead_of_running_half_started(tmp_
     assert "OCPP 1.6J endpoint listening" not in process.stdout
 
 
+@pytest_twisted.ensureDeferred
+async def test_firmware_directory_it_cannot_write_in_exits_1_with_one_line(tmp_path):
+    """The firmware plugin checks its directories as it starts (not when it is configured, which csms-admin
+    does too): one it cannot write in stops start-up, with one line naming the setting, before its listeners."""
+    config = write_config(tmp_path, sqlite_url(tmp_path))
+    with open(config, encoding="utf-8") as f:
+        text = f.read()
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(text.replace(f"diagnostics_dir = {tmp_path / 'diagnostics'}", "diagnostics_dir = /proc/self"))
+    process = run_twistd(config, str(tmp_path))
+    await failed_start(process, "[plugin:firmware] diagnostics_dir: cannot write in /proc/self (")
+    assert "listening" not in process.stdout
+
+
 VENDOR_PLUGIN = '''
 """A vendor plugin whose listener decides where to listen only once the reactor runs."""
 from twisted.application import service
@@ -450,6 +464,24 @@ async def test_sigterm_sent_as_ready_is_said_stops_gracefully(tmp_path):
         status = await process.finished()
         assert status == 0, process.stdout + process.stderr
         assert "Received SIGTERM: stopping" in process.stdout and process.stderr == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_creates_the_firmware_directories_and_removes_unfinished_uploads(tmp_path):
+    """What a crash left in the firmware plugin's directories goes as ``twistd csms`` starts, with a warning,
+    before the file servers listen; a directory that does not exist yet is created."""
+    (tmp_path / "diagnostics" / "7").mkdir(parents=True)
+    (tmp_path / "diagnostics" / ".upload-def456").write_bytes(b"half a log")
+    (tmp_path / "diagnostics" / "7" / "diag.zip").write_bytes(b"a stored upload")
+    process = run_twistd(write_config(tmp_path, sqlite_url(tmp_path)), str(tmp_path))
+    log = await process.logged("Central System ready")
+    removed = log.index(f"Removed 1 unfinished upload(s) from {tmp_path / 'diagnostics'}")
+    assert removed < log.index("Firmware/diagnostics file server listening"), log
+    assert (tmp_path / "firmware").is_dir()
+    assert sorted(p.name for p in (tmp_path / "diagnostics").iterdir()) == ["7"]
+    assert (tmp_path / "diagnostics" / "7" / "diag.zip").read_bytes() == b"a stored upload"
+    process.transport.signalProcess("TERM")
+    assert await process.finished() == 0, process.stdout + process.stderr
 
 
 # -- the service inside a running reactor (tests, embedding) -----------------------------------------------

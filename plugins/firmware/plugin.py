@@ -37,6 +37,28 @@ log = Logger(namespace="csms.firmware")
 MiB = 1024 * 1024
 
 
+class FirmwareDirectories(service.Service):
+    """Prepares the plugin's directories as the Central System starts, before its file servers listen
+    (:meth:`FirmwarePlugin.prepare_directories`); one that cannot be used fails start-up with its line.
+
+    On the starting thread, before the reactor runs under twistd: start-up then fails with the process's
+    exit status, and nothing is served yet for the blocking file-system calls to delay."""
+
+    name = "firmware-directories"
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+
+    def startService(self):
+        super().startService()
+        from csms.service import StartupError
+
+        try:
+            self.plugin.prepare_directories()
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+
+
 class FileServers(service.Service):
     """The station-facing listeners: HTTP file server and (unless disabled) the FTP upload server."""
 
@@ -183,6 +205,26 @@ class FirmwarePlugin:
             raise ConfigError("[plugin:firmware] sizes and upload_expiry must be positive")
         if self.max_ranges <= 0:
             raise ConfigError("[plugin:firmware] max_ranges must be positive")
+        app.outbox.register("firmware.status", "A FirmwareStatusNotification was stored.",
+                            {"station_id": "CP-1", "status": "Installed", "update_id": 7}, owner=self.name)
+        app.outbox.register("diagnostics.status", "A DiagnosticsStatusNotification was stored.",
+                            {"station_id": "CP-1", "status": "Uploaded", "request_id": 3}, owner=self.name)
+        self.store = FirmwareStore(app.db, app.outbox)
+        self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
+        self.firmware_uploads = app.metrics.counter("csms_firmware_files_uploaded",
+                                                    "Firmware files operators uploaded (stored)")
+        #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.
+        self.pending_diagnostics: dict[tuple[str, str], int] = {}
+        #: id(request payload) -> (the payload, its update or diagnostics request id), from
+        #: csms_on_call_sending to the csms_on_call_completed / _failed that follows with the same object
+        #: (holding the payload keeps its id from being reused meanwhile).
+        self._in_flight: dict[int, tuple[dict, int]] = {}
+
+    def prepare_directories(self) -> None:
+        """Create ``firmware_dir`` and ``diagnostics_dir``, check that the CSMS can write in them and remove
+        the uploads a crash left unfinished; ConfigError, in one line naming the setting, when one cannot
+        be used. At start-up only (:class:`FirmwareDirectories`): while a CSMS serves, such a file may be an
+        upload in progress, and csms-admin, which configures the plugin too, must leave the server's files be."""
         for key, directory in (("firmware_dir", self.firmware_dir), ("diagnostics_dir", self.diagnostics_dir)):
             try:
                 os.makedirs(directory, exist_ok=True)
@@ -200,20 +242,6 @@ class FirmwarePlugin:
             if leftovers:
                 log.warn("Removed {count} unfinished upload(s) from {directory}", count=len(leftovers),
                          directory=directory)
-        app.outbox.register("firmware.status", "A FirmwareStatusNotification was stored.",
-                            {"station_id": "CP-1", "status": "Installed", "update_id": 7}, owner=self.name)
-        app.outbox.register("diagnostics.status", "A DiagnosticsStatusNotification was stored.",
-                            {"station_id": "CP-1", "status": "Uploaded", "request_id": 3}, owner=self.name)
-        self.store = FirmwareStore(app.db, app.outbox)
-        self.uploads = DiagnosticsUploads(app, self.store, self.diagnostics_dir, self.max_diagnostics_size)
-        self.firmware_uploads = app.metrics.counter("csms_firmware_files_uploaded",
-                                                    "Firmware files operators uploaded (stored)")
-        #: CSMS-hosted GetDiagnostics location -> its pre-created request id, until the call is sent.
-        self.pending_diagnostics: dict[tuple[str, str], int] = {}
-        #: id(request payload) -> (the payload, its update or diagnostics request id), from
-        #: csms_on_call_sending to the csms_on_call_completed / _failed that follows with the same object
-        #: (holding the payload keeps its id from being reused meanwhile).
-        self._in_flight: dict[int, tuple[dict, int]] = {}
 
     @hookimpl
     def csms_tables(self):
@@ -233,8 +261,9 @@ class FirmwarePlugin:
 
     @hookimpl
     def csms_services(self, app):
+        # The directories first: the file servers serve and store in them.
         self.servers = FileServers(self)
-        return [self.servers]
+        return [FirmwareDirectories(self), self.servers]
 
     @hookimpl
     def csms_api_routes(self, app, router):
