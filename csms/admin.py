@@ -301,6 +301,7 @@ def retention_command(config, config_file) -> int:
     from csms.app import CentralSystem
     from csms.config import ini_value
 
+    config.database.url = "sqlite://"  # reads no database: none is to be made (a SQLite file's directory)
     app = CentralSystem(config)  # refuses an unknown name, as start-up does
     source = config_file or f"the built-in defaults (no {DEFAULT_CONFIG} here)"
     print(f"csms-admin: the [retention] settings of the framework and the enabled plugins, in days (0: kept "

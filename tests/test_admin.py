@@ -405,3 +405,12 @@ def test_db_current_beside_a_serving_csms_keeps_its_uploads_in_progress(tmp_path
         for path in uploading:
             assert path.read_bytes() == b"the first half of an upload", argv
     assert (tmp_path / "var" / "firmware" / "fw-1.2.bin").read_bytes() == b"an image"
+
+
+def test_config_settings_reads_no_database_and_makes_none(tmp_path, monkeypatch, capsys):
+    """Printing the settings reads the config, not the server's database: nothing appears beside it."""
+    shipped_config_here(tmp_path, monkeypatch)
+    for argv in (("config", "settings"), ("config", "settings", "--retention")):
+        status, out, err = admin(capsys, *argv)
+        assert status == 0, (argv, err)
+        assert not (tmp_path / "var").exists(), argv
