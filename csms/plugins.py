@@ -76,7 +76,12 @@ def check_plugin(plugin) -> None:
     try:
         verifyObject(ICSMSPlugin, plugin)
     except Invalid as exc:
-        raise PluginError(f"{plugin!r} does not provide ICSMSPlugin: {exc}") from None
+        # zope writes a line per problem (a missing attribute, a wrong method) under a heading: one line
+        # of them, since start-up says why it stopped in one line (and would keep only the heading).
+        problems = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if len(problems) > 1 and problems[0].endswith(":"):
+            problems = problems[1:]
+        raise PluginError(f"{plugin!r} does not provide ICSMSPlugin: {'; '.join(problems)}") from None
     unknown = [a for a in plugin.inbound_actions if a not in ocpp16.INBOUND]
     unknown += [a for a in plugin.outbound_actions if a not in ocpp16.OUTBOUND]
     if unknown and plugin.profile is not None:

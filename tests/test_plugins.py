@@ -151,6 +151,27 @@ def test_plugin_missing_an_interface_attribute_raises_plugin_error(install):
         make_plugin_manager(["forgetful"])
 
 
+def test_the_start_up_line_names_every_interface_attribute_a_plugin_lacks(install):
+    # zope's message is a line per missing attribute: the one line start-up writes must keep them all.
+    from csms.service import describe
+
+    source = '''
+        from zope.interface import implementer
+        from csms.interfaces import ICSMSPlugin
+
+        @implementer(ICSMSPlugin)
+        class Sketch:
+            name = "sketch"
+    '''
+    install("sketch_vendor", {"sketch_vendor": source}, {"sketch": "sketch_vendor:Sketch"})
+    with pytest.raises(PluginError) as info:
+        make_plugin_manager(["sketch"])
+    line = describe(info.value)
+    assert "\n" not in line
+    for attribute in ("profile", "inbound_actions", "outbound_actions"):
+        assert attribute in line, line
+
+
 def test_plugin_with_a_misspelt_hook_name_raises_plugin_error(install):
     source = '''
         from zope.interface import implementer

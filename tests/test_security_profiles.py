@@ -302,6 +302,16 @@ async def test_a_server_certificate_near_its_end_is_warned_about_and_its_end_is_
         not_after.timestamp()
 
 
+@pytest_twisted.ensureDeferred
+async def test_without_a_tls_listener_the_server_certificate_end_metric_has_no_sample(csms_factory):
+    # A sample of 0 would read as a certificate that expired in 1970: the documented alert
+    # (csms_security_tls_certificate_not_after_timestamp_seconds - time() < 14 * 86400) would fire on
+    # every Central System that serves no TLS, the shipped configuration's among them.
+    csms = await csms_factory(config_text="[plugin:security]\ntls_endpoint =\n")
+    registry = csms.app.metrics.registry
+    assert registry.get_sample_value("csms_security_tls_certificate_not_after_timestamp_seconds") is None
+
+
 def _replace_file(config: str, which: str, path: str, pki) -> str:
     return config.replace(pki.files["server_rsa"][which], path)
 

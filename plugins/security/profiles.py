@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from cryptography.x509.oid import NameOID
+from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import insert, select, update
 from twisted.application import service
 from twisted.internet import defer
@@ -84,6 +85,33 @@ def connection_profile(tls: bool, certificate_identified: bool, has_password: bo
         return 2 if tls else 1
     return 0
 
+
+
+class ServerCertificateEnd:
+    """``csms_security_tls_certificate_not_after_timestamp_seconds``, a prometheus_client collector.
+
+    No sample until the TLS listener has read its chain: a plain Gauge would show 0 without a listener,
+    which reads as a certificate that expired in 1970 and fires every alert on it (docs/metrics.md).
+    """
+
+    NAME = "csms_security_tls_certificate_not_after_timestamp_seconds"
+
+    def __init__(self):
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        if self.value is None:
+            return
+        family = GaugeMetricFamily(self.NAME, "When the TLS listener's server certificate (or an intermediate of "
+                                              "its chain) expires, as a Unix time")
+        family.add_metric([], self.value)
+        yield family
 
 class ProfileStore:
     """Reads and writes ``security_station_profiles`` (every method returns a Deferred)."""
@@ -167,9 +195,8 @@ class SecurityProfiles:
             "outcome (tls_failed, handshake_timeout, handshake_abandoned) and kind of TLS failure",
             ("outcome", "kind"))
         #: When the server certificate chain the listener serves ends (a Unix time), for alerts before it does.
-        self.tls_certificate_end_metric = app.metrics.gauge(
-            "csms_security_tls_certificate_not_after_timestamp_seconds", "When the TLS listener's server "
-            "certificate (or an intermediate of its chain) expires, as a Unix time")
+        self.tls_certificate_end_metric = ServerCertificateEnd()
+        app.metrics.registry.register(self.tls_certificate_end_metric)
         #: The running TLS listener (a :class:`.tls.TLSListener`) and its port, once started.
         self.listener: TLSListener | None = None
         self.port = None

@@ -364,7 +364,7 @@ class TLSListener(TLSMemoryBIOFactory):
 
     @staticmethod
     def _summary_counts(counts: Counter) -> str:
-        """E.g. ``48 tls_failed (40 not_tls, 8 certificate), 2 handshake_timeout``."""
+        """E.g. ``2 handshake_timeout, 48 tls_failed (8 certificate, 40 not_tls)``: outcomes and kinds by name."""
         totals: Counter = Counter()
         kinds: dict = {}
         for (name, kind), count in counts.items():
