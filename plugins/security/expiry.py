@@ -52,24 +52,26 @@ class CertificateExpiry:
         return []
 
     def collect(self):
-        summary = self.summary
-        if summary is None:
-            return
-        if summary["earliest"] is not None:  # no sample without a certificate: 0 would read as long expired
-            earliest = GaugeMetricFamily(
-                "csms_security_station_certificate_earliest_not_after_timestamp_seconds",
-                "When the first of the stations' current certificates (signed through the CSMS and accepted) "
-                "expires, as a Unix time")
+        # Each family is there from the start (its HELP and TYPE scraped, a dashboard naming it names a
+        # metric that exists); a sample only once read, and none for the earliest end without a
+        # certificate: 0 would read as long expired.
+        summary = self.summary or {}
+        earliest = GaugeMetricFamily(
+            "csms_security_station_certificate_earliest_not_after_timestamp_seconds",
+            "When the first of the stations' current certificates (signed through the CSMS and accepted) "
+            "expires, as a Unix time")
+        if summary.get("earliest") is not None:
             earliest.add_metric([], summary["earliest"].timestamp())
-            yield earliest
+        yield earliest
         expired = GaugeMetricFamily("csms_security_station_certificates_expired",
                                     "Stations whose current certificate has expired")
-        expired.add_metric([], summary["expired"])
-        yield expired
         expiring = GaugeMetricFamily("csms_security_station_certificates_expiring",
                                      "Stations whose current certificate expires within [plugin:security] "
                                      "certificate_expiry_warning_days")
-        expiring.add_metric([], summary["soon"])
+        if summary:
+            expired.add_metric([], summary["expired"])
+            expiring.add_metric([], summary["soon"])
+        yield expired
         yield expiring
 
     # -- reading ---------------------------------------------------------------------------------------

@@ -106,11 +106,12 @@ class ServerCertificateEnd:
         return []
 
     def collect(self):
-        if self.value is None:
-            return
+        # Without a listener (or before it read its chain) the family has no sample, but it is there: its
+        # HELP and TYPE are scraped, and a dashboard naming it is not naming a metric that does not exist.
         family = GaugeMetricFamily(self.NAME, "When the TLS listener's server certificate (or an intermediate of "
                                               "its chain) expires, as a Unix time")
-        family.add_metric([], self.value)
+        if self.value is not None:
+            family.add_metric([], self.value)
         yield family
 
 class ProfileStore:
