@@ -464,15 +464,21 @@ async def test_a_client_closing_mid_handshake_is_counted_as_abandoned_not_failed
 BAD_HANDSHAKES = 50
 
 
+#: Namespaces of HTTP clients and servers (treq's pool, the API and file servers' channels): what an
+#: earlier test of the same worker left behind logs there (a pool's factory stopping, an idle channel
+#: timed out), never a TLS handshake to the OCPP listener.
+HTTP_NAMESPACES = ("twisted.web", "csms.httplimits")
+
+
 class OwnLines:
-    """The lines of a ``logged`` list but those of the test's own HTTP clients (treq's pool, left over from
-    an earlier test of the worker, starting and stopping its factories): read whenever it is looked at."""
+    """The lines of a ``logged`` list but those of HTTP clients and servers (:data:`HTTP_NAMESPACES`),
+    read whenever it is looked at."""
 
     def __init__(self, lines: list):
         self.lines = lines
 
     def _own(self) -> list:
-        return [line for line in self.lines if not (line[1] or "").startswith("twisted.web.client")]
+        return [line for line in self.lines if not (line[1] or "").startswith(HTTP_NAMESPACES)]
 
     def __iter__(self):
         return iter(self._own())
