@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 #: An event type name: lower-case words separated by dots or underscores ("transaction.started").
 EVENT_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
@@ -20,6 +21,39 @@ EVENT_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
 class UnknownEventType(ValueError):
     """``add`` was given an event type nobody registered: a programming error in the caller."""
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Where the events of a type can be read from instead of being written as outbox rows: the rows
+    the change stores anyway (meter values: the samples), in the order of ``key``, an integer primary key
+    given in increasing order. ``events(rows)`` makes the events of rows read in that order: a list of
+    ``(index of the event's first row, data)``, each event's rows in one run.
+
+    A delivering side may read events from such a table only where a row's key is given in commit order
+    (SQLite: one writer at a time), so that nothing below a key it has read can still be committed; it
+    then tells :meth:`Outbox.want` not to want the type, and the producer's ``add`` writes nothing. Elsewhere
+    (PostgreSQL, whose sequences hand keys out before commit) the producer's events are outbox rows as
+    any other's. The producer makes both the same: its ``add`` calls give the data ``events`` would make of
+    the rows it stores."""
+
+    table: Any
+    key: Any
+    events: Callable[[list], list]
+    #: Where this object is to be imported from ("package.module:NAME"): a delivering process of its
+    #: own (the webhooks worker) loads it there (:func:`load_stored_rows`).
+    path: str
+
+
+def load_stored_rows(path: str) -> StoredRows:
+    """The :class:`StoredRows` at ``path`` ("package.module:NAME")."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    source = getattr(importlib.import_module(module), name)
+    if not isinstance(source, StoredRows):
+        raise TypeError(f"{path} is not a StoredRows")
+    return source
 
 
 @dataclass(frozen=True)
@@ -33,6 +67,8 @@ class EventType:
     opt_in: bool = False
     #: Who registered it ("csms" or a plugin's name), for the API's list and for error messages.
     owner: str = "csms"
+    #: Where its events can be read from rather than written (see :class:`StoredRows`), or None.
+    source: StoredRows | None = None
 
 
 class Outbox:
@@ -45,13 +81,14 @@ class Outbox:
         self._wanted: frozenset = frozenset()
 
     def register(self, name: str, description: str, example: dict | None = None, opt_in: bool = False,
-                 owner: str = "csms") -> EventType:
+                 owner: str = "csms", source: StoredRows | None = None) -> EventType:
         """Declare an event type; registering the same name twice is refused (two owners would collide)."""
         if not EVENT_TYPE_NAME.match(name):
             raise ValueError(f"event type {name!r}: names are dotted lower-case words, e.g. 'station.booted'")
         if name in self.types:
             raise ValueError(f"event type {name!r} is already registered by {self.types[name].owner}")
-        event_type = self.types[name] = EventType(name, description, dict(example or {}), opt_in, owner)
+        event_type = self.types[name] = EventType(name, description, dict(example or {}), opt_in, owner,
+                                                        source)
         return event_type
 
     def attach(self, writer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -417,9 +418,7 @@ async def test_meter_values_are_opt_in_and_batched(csms_factory, receiver):
     station = await booted(csms, "CP-1")
     await drain(csms)
     receiver.requests.clear()
-    for wh in ("100", "200", "300"):
-        await station.call("MeterValues", {"connectorId": 1, "meterValue": [
-            {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": wh}]}]})
+    await send_meter_values(station, csms, "100", "200", "300")
     await drain(csms)
     [batch] = receiver.requests
     assert batch["json"]["type"] == "meter_values.batch"
@@ -436,9 +435,16 @@ async def test_meter_values_are_opt_in_and_batched(csms_factory, receiver):
 
 
 async def send_meter_values(station, csms, *values: str) -> None:
+    """MeterValues of one sample each, each taken a second after the last one sent (a sample of the same
+    time and measurand is one sample, stored once); the CSMS's clock does not move."""
     for wh in values:
         await station.call("MeterValues", {"connectorId": 1, "meterValue": [
-            {"timestamp": station_time(clock_now(csms)), "sampledValue": [{"value": wh}]}]})
+            {"timestamp": station_time(clock_now(csms) + timedelta(seconds=next(_SAMPLE_SECONDS))),
+             "sampledValue": [{"value": wh}]}]})
+
+
+#: Seconds after the CSMS's time of the samples send_meter_values sends, one after another.
+_SAMPLE_SECONDS = itertools.count()
 
 
 def values_of(batch: dict) -> list[str]:
@@ -448,6 +454,127 @@ def values_of(batch: dict) -> list[str]:
 def stored_count(csms, table) -> defer.Deferred:
     store = plugin_of(csms).store
     return within(store.delivery_db.read(lambda conn: conn.execute(select(func.count()).select_from(table)).scalar()))
+
+
+def meter_events(receiver) -> list[dict]:
+    """The meter values events received, out of their batches, in the order sent."""
+    return [event for batch in receiver.events("meter_values.batch") for event in batch["data"]["events"]]
+
+
+def sampled(value: str, **given) -> dict:
+    """A sampled value as stored: OCPP 1.6's defaults (§7.45) where the station gave none."""
+    return {"value": value, "context": "Sample.Periodic", "format": "Raw", "measurand": "Energy.Active.Import.Register",
+            "location": "Outlet", "unit": "Wh", **given}
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_events_are_the_samples_as_stored_one_per_meter_value(csms_factory, receiver):
+    """Each meter value (a station's samples of one time, on one connector) is an event, its sampled values
+    as stored, OCPP's defaults filled in; a StopTransaction's transactionData too. On an SQLite file they
+    are read from the stored samples (no outbox row is written for them), elsewhere written into the outbox
+    with the samples: the same events either way."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["meter_values.received"])
+    station = await booted(csms, "CP-1")
+    now = clock_now(csms)
+    started = await station.call("StartTransaction", {"connectorId": 1, "idTag": "TAG-1", "meterStart": 0,
+                                                      "timestamp": station_time(now)})
+    transaction_id = started["transactionId"]
+    await station.call("MeterValues", {"connectorId": 1, "transactionId": transaction_id, "meterValue": [
+        {"timestamp": station_time(now + timedelta(seconds=60)), "sampledValue": [
+            {"value": "1200"}, {"value": "16.2", "measurand": "Current.Import", "phase": "L1", "unit": "A"}]},
+        {"timestamp": station_time(now + timedelta(seconds=120)), "sampledValue": [
+            {"value": "2400", "context": "Sample.Clock"}]}]})
+    await station.call("StopTransaction", {
+        "transactionId": transaction_id, "meterStop": 3000, "timestamp": station_time(now + timedelta(seconds=180)),
+        "transactionData": [{"timestamp": station_time(now + timedelta(seconds=180)), "sampledValue": [
+            {"value": "3000", "context": "Transaction.End"}]}]})
+    plugin = plugin_of(csms)
+    written = await csms.app.db.run(lambda conn: conn.execute(
+        select(func.count()).select_from(outbox).where(outbox.c.event_type == "meter_values.received")).scalar_one())
+    on_sqlite_file = plugin.store.split
+    assert written == (0 if on_sqlite_file else 3)
+    assert plugin.read_from_rows == ({"meter_values.received"} if on_sqlite_file else frozenset())
+    await drain(csms)
+
+    def meter_value(seconds: int, *samples) -> dict:
+        return {"station_id": "CP-1", "connector_id": 1, "transaction_id": transaction_id,
+                "meter_value": [{"timestamp": station_time(now + timedelta(seconds=seconds)), "sampledValue": list(samples)}]}
+    got = meter_events(receiver)
+    assert [event["data"] for event in got] == [
+        meter_value(60, sampled("1200"), sampled("16.2", measurand="Current.Import", phase="L1", unit="A")),
+        meter_value(120, sampled("2400", context="Sample.Clock")),
+        meter_value(180, sampled("3000", context="Transaction.End"))]
+    assert all(event["type"] == "meter_values.received" for event in got)
+    assert len({event["id"] for event in got}) == 3
+
+
+def test_meter_value_events_are_made_per_station_connector_transaction_and_time():
+    from csms_plugins.core.store import _Sample, meter_value_events
+
+    t0, t1 = datetime(2026, 12, 1, 10, tzinfo=timezone.utc), datetime(2026, 12, 1, 10, 1, tzinfo=timezone.utc)
+
+    def sample(station="CP-1", connector=1, tx=7, at=t0, value="1", phase=None):
+        return _Sample(station, connector, tx, at, value, "Energy.Active.Import.Register", phase, "Wh",
+                       "Sample.Periodic", "Outlet", "Raw")
+    rows = [sample(value="1"), sample(value="2", phase="L1"), sample(at=t1), sample(station="CP-2"),
+            sample(connector=2), sample(tx=None), sample(tx=None, value="3")]
+    made = meter_value_events(rows)
+    assert [index for index, _ in made] == [0, 2, 3, 4, 5]
+    first = made[0][1]
+    assert (first["station_id"], first["connector_id"], first["transaction_id"]) == ("CP-1", 1, 7)
+    assert first["meter_value"] == [{"timestamp": "2026-12-01T10:00:00.000Z",
+                                     "sampledValue": [sampled("1"), sampled("2", phase="L1")]}]
+    assert [s["value"] for s in made[4][1]["meter_value"][0]["sampledValue"]] == ["1", "3"]
+    assert meter_value_events([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_stored_before_a_stop_are_delivered_after_the_restart(csms_factory, receiver):
+    """Samples stored while nothing delivered (the CSMS stopped before its next pass) are delivered by the
+    next CSMS on the same database: on an SQLite file they are read from where the last reading stopped."""
+    first = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(first, receiver.url, ["meter_values.received"])
+    station = await booted(first, "CP-1")
+    await send_meter_values(station, first, "1", "2")
+    await first.stop()
+    assert meter_events(receiver) == []
+
+    second = await csms_factory(ALLOW_LOOPBACK)  # the same database
+    await drain(second)
+    assert [event["data"]["meter_value"][0]["sampledValue"][0]["value"] for event in meter_events(receiver)] == ["1", "2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_of_a_rolled_back_transaction_are_never_sent(csms_factory, receiver):
+    """Samples stored by a transaction that then fails are not stored: no event is made of them, whether
+    it would have been read from the samples or written into the outbox beside them."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["meter_values.received"])
+    station = await booted(csms, "CP-1")
+    db = core_store(csms).db
+    real_run, failing = db.run, []
+
+    def run(thd, *args, desc: str = "", **kwargs):
+        def then_fail(conn, *args, **kwargs):
+            result = thd(conn, *args, **kwargs)  # the samples stored, and their outbox rows where written
+            if failing:
+                raise RuntimeError("the change fails after its samples were written")
+            return result
+        return real_run(then_fail if desc == "core_meter_values" else thd, *args, desc=desc, **kwargs)
+    db.run = run
+    try:
+        await send_meter_values(station, csms, "good-1")
+        failing.append(True)
+        with pytest.raises(Exception):
+            await send_meter_values(station, csms, "bad")
+        failing.clear()
+        await send_meter_values(station, csms, "good-2")
+    finally:
+        del db.run
+    await drain(csms)
+    assert [event["data"]["meter_value"][0]["sampledValue"][0]["value"] for event in meter_events(receiver)] == [
+        "good-1", "good-2"]
 
 
 @pytest_twisted.ensureDeferred

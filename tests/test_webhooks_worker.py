@@ -210,15 +210,24 @@ async def test_external_delivery_by_csms_admin_with_one_deliverer_and_a_standby_
     try:
         assert node.worker_pids() == []
         await subscribe(node, receiver.url)
+        # Meter values: on an SQLite file read from the stored samples, by code the deliverer imports.
+        await subscribe(node, receiver.url + "?meters", ["meter_values.received"])
         station = await boot(node, "CP-E1")
+        await station.call("MeterValues", {"connectorId": 1, "meterValue": [
+            {"timestamp": "2026-12-01T10:00:00.000Z", "sampledValue": [{"value": "1500"}]}]})
         await station.close()
-        assert receiver.requests == []  # written to the outbox; nobody here delivers
+        assert receiver.requests == []  # written to the outbox, or stored; nobody here delivers
 
         config = str(tmp_path / "csms.ini")
         first = run_deliver(tmp_path, config)
         await first.logged("holds the delivery lock: delivering")
-        event = await next_event(receiver)  # what waited in the outbox
-        assert event["json"]["data"]["station_id"] == "CP-E1"
+        # What waited: the station's two events, and a batch of its meter values.
+        waited = [await next_event(receiver) for _ in range(3)]
+        by_type = {event["json"]["type"]: event["json"] for event in waited}
+        assert sorted(by_type) == ["meter_values.batch", "station.booted", "station.connected"]
+        assert by_type["station.booted"]["data"]["station_id"] == "CP-E1"
+        [meter_value] = by_type["meter_values.batch"]["data"]["events"]
+        assert meter_value["data"]["meter_value"][0]["sampledValue"][0]["value"] == "1500"
 
         second = run_deliver(tmp_path, config)
         await second.logged("Another process holds the webhook delivery lock: standing by")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from datetime import datetime
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from twisted.internet import defer
 
 from csms.ocpp16 import format_datetime, parse_datetime
-from csms.outbox import Outbox, event_data
+from csms.outbox import Outbox, StoredRows, event_data
 from csms.stations import as_utc
 
 from .tables import (boot_info, configuration, connectors, id_tags, meter_values, status_history,
@@ -234,6 +235,48 @@ def _meter_rows(station_id: str, connector_id: int, transaction_id, meter_value_
     return rows
 
 
+#: A row of METER_COLUMNS by name, as a stored sample reads.
+_Sample = namedtuple("_Sample", METER_COLUMNS)
+#: The sampled value's fields an event gives, OCPP's names for the columns.
+_SAMPLE_FIELDS = ("value", "context", "format", "measurand", "phase", "location", "unit")
+METER_VALUES_RECEIVED = "meter_values.received"
+
+
+def meter_value_events(samples) -> list[tuple[int, dict]]:
+    """The ``meter_values.received`` events of stored samples (rows with METER_COLUMNS' names, in the
+    order they were stored): one per meter value, i.e. per run of samples of one station, connector,
+    transaction and time, as ``(index of its first sample, data)``. The data is OCPP's MeterValues shape
+    for that one meter value, its sampled values as stored (OCPP's defaults filled in; ``phase`` only
+    when given). Made the same from the samples a request stores (PostgreSQL: the outbox row written with
+    them) and from the stored rows read back (SQLite: StoredRows), so that both say the same."""
+    made: list[tuple[int, dict]] = []
+    current = None
+    for index, sample in enumerate(samples):
+        group = (sample.station_id, sample.connector_id, sample.transaction_id, sample.timestamp)
+        if group != current:
+            current = group
+            sampled: list[dict] = []
+            made.append((index, {"station_id": sample.station_id, "connector_id": sample.connector_id,
+                                 "transaction_id": sample.transaction_id,
+                                 "meter_value": [{"timestamp": format_datetime(as_utc(sample.timestamp)),
+                                                  "sampledValue": sampled}]}))
+        sampled.append({name: getattr(sample, name) for name in _SAMPLE_FIELDS
+                        if name != "phase" or sample.phase is not None})
+    return made
+
+
+#: Where meter values events can be read from: the stored samples (see csms.outbox.StoredRows).
+METER_VALUE_ROWS = StoredRows(meter_values, meter_values.c.id, meter_value_events, f"{__name__}:METER_VALUE_ROWS")
+
+
+def _add_meter_value_events(outbox: Outbox, conn, rows: list[tuple]) -> None:
+    """The events of the samples ``rows`` (METER_COLUMNS tuples) a transaction stores, into the outbox:
+    nothing to make where nobody wants them written (see StoredRows)."""
+    if rows and outbox.wanted(METER_VALUES_RECEIVED):
+        for _, data in meter_value_events([_Sample(*row) for row in rows]):
+            outbox.add(conn, METER_VALUES_RECEIVED, data)
+
+
 def energy_wh(meter_start: int, meter_stop: int | None) -> int | None:
     """The energy a transaction delivered (Wh): None without a meter reading, never below 0 (a meter
     reading below the start's, as after a meter's replacement, says nothing about the energy)."""
@@ -277,12 +320,16 @@ def register_event_types(outbox: Outbox) -> None:
               "meter_start": 1000, "meter_stop": 13500, "energy_wh": 12500, "duration_seconds": 5400.0,
               "started_at": "2026-12-01T10:00:00.000Z", "stopped_at": "2026-12-01T11:30:00.000Z",
               "stop_reason": "Local", "stopped_by": "station"}, owner="core")
-    register("meter_values.received", "MeterValues were stored: the request's samples as sent. Opt-in (name it in a "
-             "subscription's event_types) and delivered in batches.",
+    register(METER_VALUES_RECEIVED, "A meter value was stored (from MeterValues or a StopTransaction's "
+             "transactionData): the samples a station took at one time on one connector, as stored (OCPP's "
+             "defaults filled in). Opt-in (name it in a subscription's event_types) and delivered in batches.",
              {"station_id": "CP-1", "connector_id": 1, "transaction_id": 42,
               "meter_value": [{"timestamp": "2026-12-01T10:15:00.000Z",
-                               "sampledValue": [{"value": "3750", "measurand": "Energy.Active.Import.Register",
-                                                 "unit": "Wh"}]}]}, opt_in=True, owner="core")
+                               "sampledValue": [{"value": "3750", "context": "Sample.Periodic", "format": "Raw",
+                                                 "measurand": "Energy.Active.Import.Register",
+                                                 "location": "Outlet", "unit": "Wh"}]}]},
+             opt_in=True, owner="core",
+             source=METER_VALUE_ROWS)
     register("id_tag.changed", "An id tag was created, updated or deleted (`change`).",
              {"id_tag": "04A1B2C3", "change": "updated", "status": "Blocked", "expiry_date": None,
               "parent_id_tag": None, "description": "Fleet card 17"}, owner="core")
@@ -629,6 +676,7 @@ class CoreStore:
                 rows = _meter_rows(station_id, 0, None, transaction_data)
                 if rows:
                     self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
+                    _add_meter_value_events(self.outbox, conn, rows)
                 return None, False
             newly_stopped = row.stopped_at is None
             # A retransmitted stop, or one after an operator closed the transaction, leaves the first close;
@@ -643,6 +691,7 @@ class CoreStore:
             rows = _meter_rows(station_id, row.connector_id, transaction_id, transaction_data)
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
+                _add_meter_value_events(self.outbox, conn, rows)
             transaction = transaction_dict(row)
             if newly_stopped:
                 self.outbox.add(conn, "transaction.stopped", transaction_event(transaction))
@@ -685,8 +734,7 @@ class CoreStore:
             rows = _meter_rows(station_id, payload["connectorId"], linked, payload["meterValue"])
             if rows:
                 self.db.insert_many(conn, meter_values, METER_COLUMNS, rows, skip_duplicates=True)
-            self.outbox.add(conn, "meter_values.received", {"station_id": station_id, "connector_id": payload["connectorId"],
-                                                   "transaction_id": linked, "meter_value": payload["meterValue"]})
+                _add_meter_value_events(self.outbox, conn, rows)
             return linked
 
         d = self.db.run(thd, desc="core_meter_values")

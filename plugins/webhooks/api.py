@@ -34,7 +34,7 @@ UPDATE = {
 
 # -- what the routes answer --------------------------------------------------------------------------
 
-_SUBSCRIPTION_FIELDS = {**columns(subscriptions, *(c.name for c in subscriptions.c if c.name != "secret")),
+_SUBSCRIPTION_FIELDS = {**columns(subscriptions, *(c.name for c in subscriptions.c if c.name not in ("secret", "derived_from"))),
                         "event_types": array(TEXT)}
 SUBSCRIPTION = record(_SUBSCRIPTION_FIELDS, title="WebhookSubscription")
 SUBSCRIPTION_CREATED = record({**_SUBSCRIPTION_FIELDS, "secret": dict(TEXT, description="Shown this once")})

@@ -76,6 +76,9 @@ class WebhooksPlugin:
     store: WebhookStore | None = None
     #: SQLite: the delivery file's Database (None: the deliveries are in the main database).
     delivery_db = None
+    #: The event types the deliverer reads from their stored rows rather than from outbox rows (an SQLite
+    #: file's split layout, once the delivery file has a mark for each: WebhookStore.read_rows_from_now).
+    read_from_rows: frozenset = frozenset()
     #: The in-process dispatcher (``delivery = in-process``), else None.
     dispatcher: Dispatcher | None = None
     #: The delivery worker's supervisor (``delivery = worker``), else None.
@@ -182,8 +185,21 @@ class WebhooksPlugin:
                 for name in self.expand(types):
                     subscribers.setdefault(name, []).append(subscription_id)
             self.store.subscribers = {name: tuple(ids) for name, ids in subscribers.items()}
-            self.app.outbox.want(subscribers)
+            # The types the deliverer reads from their stored rows are not written as outbox rows too.
+            self.app.outbox.want(name for name in subscribers if name not in self.read_from_rows)
         return self.store.all_event_types().addCallback(wanted)
+
+    def derived_types(self) -> dict:
+        """event type -> (StoredRows, opt_in): the registered types whose events can be read from rows."""
+        return {name: (event_type.source, event_type.opt_in)
+                for name, event_type in self.app.outbox.types.items() if event_type.source is not None}
+
+    def start_reading_rows(self):
+        """Once the delivery file is ready: the types read from stored rows from now on (SQLite file)."""
+        def reading(types):
+            self.read_from_rows = types
+        self.store.derived = self.derived_types()
+        return self.store.read_rows_from_now().addCallback(reading)
 
 
 class _Starter(service.Service):
@@ -199,9 +215,11 @@ class _Starter(service.Service):
         service.Service.startService(self)
         delivery_db = self.plugin.delivery_db
         if delivery_db is None:
+            self.plugin.store.derived = self.plugin.derived_types()
             return self.plugin.refresh_wanted()
         delivery_db.start()
-        return prepare(delivery_db).addCallback(lambda _: self.plugin.refresh_wanted())
+        return prepare(delivery_db).addCallback(lambda _: self.plugin.start_reading_rows()).addCallback(
+            lambda _: self.plugin.refresh_wanted())
 
     def stopService(self):
         service.Service.stopService(self)

@@ -5,6 +5,7 @@ import base64
 import os
 import uuid
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import orjson
@@ -15,9 +16,10 @@ from sqlalchemy import (BigInteger, String, all_, and_, any_, bindparam, cast, d
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from csms.ocpp16 import format_datetime
+from csms.outbox import load_stored_rows
 from csms.stations import as_utc
 
-from .tables import deliveries, events, delivery_state, outbox, subscriptions
+from .tables import deliveries, events, delivery_state, outbox, row_sources, subscriptions
 
 log = Logger(namespace="csms.webhooks")
 
@@ -33,6 +35,8 @@ METER_VALUES = "meter_values.received"
 METER_VALUES_BATCH = "meter_values.batch"
 #: uuid5 namespace of batch ids: the same events in the same batch get the same id.
 BATCH_NAMESPACE = uuid.UUID("6f1d3f0c-5b7e-4d55-9a8e-0f5c2f3b9e41")
+#: uuid5 namespace of the ids of events read from stored rows: "<table>:<key of the event's first row>".
+ROWS_NAMESPACE = uuid.UUID("0b6c9a52-7d0e-4f5e-8a3b-2c41d7e9f183")
 DELIVERY_COLUMNS = ("subscription_id", "event_id", "event_type", "state", "attempts", "created_at",
                     "next_attempt_at")
 EVENT_COLUMNS = ("event_id", "body", "created_at")
@@ -117,6 +121,25 @@ _NAMES_SUBSCRIPTION = (literal(",") + outbox.c.subscribers + literal(",")).like(
 #: The seq of the last outbox row a fan-out of ``limit`` rows takes.
 _FAN_OUT_LAST = select(func.max(literal_column("seq"))).select_from(
     select(outbox.c.seq).order_by(outbox.c.seq).limit(bindparam("limit")).subquery())
+
+def _move_mark(conn, event_type: str, key: int) -> None:
+    conn.execute(update(row_sources).where(row_sources.c.event_type == event_type).values(mark=key))
+
+
+def wants(event_types: list, event_type: str, opt_in: bool) -> bool:
+    """Whether a subscription's ``event_types`` name ``event_type`` (``"*"``: every type not opt-in)."""
+    return event_type in event_types or (not opt_in and ALL_TYPES in event_types)
+
+
+@dataclass(frozen=True)
+class _OutboxLike:
+    """An event read from stored rows, as :func:`_move_in_batches` takes an outbox row."""
+
+    event_id: str
+    subscribers: str
+    body: str
+    created_at: datetime
+
 
 #: Deliveries with their event's body (the delivery history).
 _HISTORY = select(deliveries, events.c.body).join(events, events.c.event_id == deliveries.c.event_id)
@@ -317,6 +340,7 @@ def event_body(event_id: str, event_type: str, created_at: datetime, data_json: 
 def subscription_dict(row) -> dict:
     data = dict(row._mapping)
     data.pop("secret", None)
+    data.pop("derived_from", None)
     data["event_types"] = orjson.loads(data["event_types"])
     for key in ("created_at", "updated_at"):
         data[key] = as_utc(data[key])
@@ -355,6 +379,14 @@ class WebhookStore:
         #: event type -> ids of the subscriptions wanting it. Replaced whole on the reactor thread when
         #: subscriptions change, read by the database threads writing events.
         self.subscribers: dict[str, tuple] = {}
+        #: The CSMS's: event type -> (StoredRows, opt_in), the types whose events can be read from stored
+        #: rows (csms.outbox.StoredRows). Read so only in the split layout, once the CSMS has named them in
+        #: ``webhooks_row_sources`` (:meth:`read_rows_from_now`), where any deliverer finds them; written
+        #: as outbox rows everywhere else.
+        self.derived: dict[str, tuple] = {}
+        #: The StoredRows loaded by path, and the paths that could not be (said once).
+        self._sources: dict[str, object] = {}
+        self._unloadable: set[str] = set()
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -432,7 +464,7 @@ class WebhookStore:
         def look(conn):
             mark = conn.execute(_MARK).scalar() or 0
             after = conn.execute(_AFTER_MARK, {"mark": mark}).first()
-            return after is not None or _replaced(conn, mark)
+            return after is not None or _replaced(conn, mark) or self._rows_waiting(conn)
 
         def thd(conn):
             record(conn)
@@ -444,21 +476,28 @@ class WebhookStore:
                 mark = 0
             else:
                 replaced = None
+            moved = 0
             last = conn.execute(_FAN_OUT_LAST_AFTER, {"mark": mark, "limit": limit}).scalar()
             if last is None:
-                return mark, 0, replaced
-            move, chosen = _MOVES["split"], {"mark": mark, "last": last}
-            move.move_in(self.delivery_db, conn, chosen, batch_size)
-            moved = conn.execute(move.count, chosen).scalar_one()
-            self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
-            return last, moved, replaced
+                last = mark
+            else:
+                move, chosen = _MOVES["split"], {"mark": mark, "last": last}
+                move.move_in(self.delivery_db, conn, chosen, batch_size)
+                moved = conn.execute(move.count, chosen).scalar_one()
+                self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
+            read, rows_replaced = self._move_in_rows(conn, limit, batch_size)
+            return last, moved + read, replaced, rows_replaced
 
         def moved_in(result):
-            self._moved_to, moved, replaced = result
+            self._moved_to, moved, replaced, rows_replaced = result
             if replaced is not None:  # logged here: the function above may run more than once
                 log.warn("Webhooks: the outbox's rows all lay below the delivery file's mark ({mark}): the "
                          "database was replaced; its events were moved in from the start", mark=replaced)
                 self._pruned_to = 0
+            for event_type, (mark, top) in rows_replaced.items():
+                log.warn("Webhooks: the stored rows {event_type} events are read from all lay below the delivery "
+                         "file's mark ({mark}): the database was replaced; reading goes on from its last row "
+                         "({top}), not from the start", event_type=event_type, mark=mark, top=top)
             return self.prune_outbox().addCallback(lambda _: moved)
 
         def run(waiting):
@@ -468,6 +507,102 @@ class WebhookStore:
             return d.addCallback(lambda _: run(True))
         # A look first, beside the writer: an idle pass takes no write lock.
         return d.addCallback(lambda _: self.delivery_db.read(look, desc="webhooks_outbox_waiting")).addCallback(run)
+
+    # -- events read from stored rows (split layout: csms.outbox.StoredRows) --------------------------
+
+    def read_rows_from_now(self):
+        """Split layout: from now on, read the events of the ``derived`` types from their stored rows,
+        after the last row stored now (``webhooks_row_sources``; a type's mark is kept if it has one: the
+        rows a stopped CSMS stored are still to be read), and no longer those of types no plugin here
+        provides. Fires with the types; the CSMS's writer stops writing their events as outbox rows
+        (WebhooksPlugin.refresh_wanted) only then, so that none falls between the two."""
+        if not self.split:
+            return defer.succeed(frozenset())
+
+        def thd(conn):
+            conn.execute(delete(row_sources).where(row_sources.c.event_type.not_in(list(self.derived))))
+            for event_type, (source, opt_in) in self.derived.items():
+                top = conn.execute(select(func.max(source.key))).scalar() or 0
+                conn.execute(insert(row_sources).prefix_with("OR IGNORE").values(
+                    event_type=event_type, path=source.path, opt_in=opt_in, mark=top))
+                conn.execute(update(row_sources).where(row_sources.c.event_type == event_type).values(
+                    path=source.path, opt_in=opt_in))
+            return frozenset(self.derived)
+        return self.delivery_db.run(thd, desc="webhooks_row_sources")
+
+    def _row_marks(self, conn) -> dict[str, tuple]:
+        """The types read from rows: {type: (StoredRows, opt_in, key of the last row read)}."""
+        marks = {}
+        for row in conn.execute(select(row_sources)):
+            source = self._sources.get(row.path)
+            if source is None:
+                try:
+                    source = self._sources[row.path] = load_stored_rows(row.path)
+                except Exception as exc:  # noqa: BLE001 - a plugin not installed here: said once, skipped
+                    if row.path not in self._unloadable:
+                        self._unloadable.add(row.path)
+                        log.error("Webhooks: {event_type} events are read from stored rows by {path}, which "
+                                  "cannot be loaded here ({error}): they wait until it can", event_type=row.event_type,
+                                  path=row.path, error=exc)
+                    continue
+            marks[row.event_type] = (source, row.opt_in, row.mark)
+        return marks
+
+    def _rows_waiting(self, conn) -> bool:
+        for source, _, mark in self._row_marks(conn).values():
+            if conn.execute(select(source.key).where(source.key > mark).limit(1)).first() is not None:
+                return True
+        return False
+
+    def _move_in_rows(self, conn, limit: int, batch_size: int) -> tuple[int, dict]:
+        """The events of the rows stored after each type's mark, up to ``limit`` rows a type: made by the
+        type's ``events``, each to the subscriptions that wanted the type before its first row was stored
+        (``derived_from``), in batches as the outbox's meter values are; the mark moves past the rows.
+        (How many events, {type: (mark, last key)} for a main file replaced: every row below the mark.)"""
+        marks = self._row_marks(conn)
+        if not marks:
+            return 0, {}
+        wanting_rows = conn.execute(select(subscriptions.c.id, subscriptions.c.event_types,
+                                           subscriptions.c.derived_from)).all()
+        read, replaced = 0, {}
+        now = None
+        for event_type, (source, opt_in, mark) in marks.items():
+            top = conn.execute(select(func.max(source.key))).scalar() or 0
+            if top <= mark:
+                if top < mark:  # a main file restored from a backup, or made anew
+                    replaced[event_type] = (mark, top)
+                    _move_mark(conn, event_type, top)
+                continue
+            wanting = []
+            for row in wanting_rows:
+                if wants(orjson.loads(row.event_types), event_type, opt_in):
+                    wanting.append((row.id, orjson.loads(row.derived_from or "{}").get(event_type)))
+            if not wanting:  # nobody to read them for: past them at once
+                _move_mark(conn, event_type, top)
+                continue
+            rows = conn.execute(select(source.table).where(source.key > mark).order_by(source.key)
+                                .limit(limit)).all()
+            made = source.events(rows)
+            if len(rows) == limit and len(made) > 1:
+                # The last event may go on beyond the rows read: it is read whole at the next pass.
+                rows = rows[:made[-1][0]]
+                made = made[:-1]
+            key = source.key.name
+            now = now or self.now()
+            stored = []
+            for index, data in made:
+                first = getattr(rows[index], key)
+                subscribers = ",".join(str(subscription_id) for subscription_id, since in wanting
+                                       if since is None or first > since)
+                if subscribers:
+                    event_id = str(uuid.uuid5(ROWS_NAMESPACE, f"{source.table.name}:{first}"))
+                    stored.append(_OutboxLike(event_id, subscribers, event_body(
+                        event_id, event_type, now, orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS).decode()), now))
+            if stored:
+                _move_in_batches(self.delivery_db, conn, stored, batch_size, skip_known_events=True)
+            read += len(stored)
+            _move_mark(conn, event_type, getattr(rows[-1], key))
+        return read, replaced
 
     def prune_outbox(self, force: bool = False):
         """Delete the outbox rows moved into the delivery file (but its last row), if PRUNE_INTERVAL seconds
@@ -627,10 +762,25 @@ class WebhookStore:
         def thd(conn):
             subscription_id = conn.execute(insert(subscriptions).values(
                 url=url, event_types=orjson.dumps(event_types).decode(), secret=secret, description=description,
-                paused=paused, created_at=now, updated_at=now)).inserted_primary_key[0]
+                paused=paused, created_at=now, updated_at=now,
+                derived_from=self._derived_from(conn, event_types, None, {}))).inserted_primary_key[0]
             return subscription_dict(conn.execute(select(subscriptions).where(
                 subscriptions.c.id == subscription_id)).first())
         return self.db.run(thd, desc="webhooks_create")
+
+    def _derived_from(self, conn, event_types: list, before: list | None, marks: dict) -> str | None:
+        """A subscription's ``derived_from`` once it names ``event_types`` (``before``: what it named, None
+        for a new one; ``marks``: its marks then): for each type read from stored rows that it wants, the
+        key of the last row stored now, or its earlier mark while it wanted the type all along."""
+        made = {}
+        for event_type, (source, opt_in) in self.derived.items():
+            if not wants(event_types, event_type, opt_in):
+                continue
+            if before is not None and wants(before, event_type, opt_in) and event_type in marks:
+                made[event_type] = marks[event_type]
+            else:
+                made[event_type] = conn.execute(select(func.max(source.key))).scalar() or 0
+        return orjson.dumps(made).decode() if made else None
 
     def count(self):
         def thd(conn):
@@ -659,11 +809,18 @@ class WebhookStore:
 
     def update(self, subscription_id: int, **values):
         """Change some fields; fires the subscription, or None when there is none."""
-        if "event_types" in values:
-            values["event_types"] = orjson.dumps(values["event_types"]).decode()
+        event_types = values.get("event_types")
+        if event_types is not None:
+            values["event_types"] = orjson.dumps(event_types).decode()
         values["updated_at"] = self.now()
 
         def thd(conn):
+            if event_types is not None:
+                row = conn.execute(select(subscriptions.c.event_types, subscriptions.c.derived_from).where(
+                    subscriptions.c.id == subscription_id)).first()
+                if row is not None:
+                    values["derived_from"] = self._derived_from(conn, event_types, orjson.loads(row.event_types),
+                                                                orjson.loads(row.derived_from or "{}"))
             if conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
                             .values(**values)).rowcount == 0:
                 return None

@@ -17,6 +17,10 @@ subscriptions = Table(
     Column("paused", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: Per event type read from stored rows (csms.outbox.StoredRows), the key of the last row stored
+    #: before the subscription wanted the type: it gets the rows after it. JSON ({"meter_values.received":
+    #: 1234}); NULL: every row not yet read (webhooks_0006).
+    Column("derived_from", Text),
 )
 
 #: The outbox proper, what the transactions of the changes write: one row per event, appended (its one
@@ -95,4 +99,15 @@ delivery_state = Table(
     "webhooks_delivery_state", delivery_metadata,
     Column("name", String(32), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+#: The event types whose events the deliverer reads from the rows their changes store (SQLite file:
+#: csms.outbox.StoredRows), written by the CSMS when it starts: where the reading code is imported from,
+#: whether the type is opt-in, and the key of the last row read (webhooks_delivery_0004).
+row_sources = Table(
+    "webhooks_row_sources", delivery_metadata,
+    Column("event_type", String(64), primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("opt_in", Boolean, nullable=False),
+    Column("mark", BigInteger, nullable=False),
 )
