@@ -578,6 +578,43 @@ async def test_meter_values_of_a_rolled_back_transaction_are_never_sent(csms_fac
 
 
 @pytest_twisted.ensureDeferred
+async def test_meter_values_outbox_rows_of_an_earlier_release_are_still_sent(csms_factory, receiver):
+    """An upgrade on an SQLite file: meter values events an earlier release wrote into the outbox, not yet
+    moved, are sent as written, beside those read from the samples stored since."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["meter_values.received"])
+    store = plugin_of(csms).store
+    await csms.app.db.run(lambda conn: store.write_event(conn, "meter_values.received", {
+        "station_id": "CP-1", "connector_id": 1, "transaction_id": None,
+        "meter_value": [{"timestamp": "2026-12-01T09:00:00.000Z", "sampledValue": [{"value": "as-sent"}]}]}))
+    station = await booted(csms, "CP-1")
+    await send_meter_values(station, csms, "stored")
+    await drain(csms)
+    assert sorted(event["data"]["meter_value"][0]["sampledValue"][0]["value"] for event in meter_events(receiver)) == [
+        "as-sent", "stored"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscription_gets_the_meter_values_stored_once_it_names_them(csms_factory, receiver):
+    """Changed to name meter values, a subscription gets those stored from then on (on an SQLite file, where
+    they are read from the samples, the samples stored before are not read for it); named all along, it
+    keeps getting them through a change of its other types."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    changed = await subscribe(csms, receiver.url + "?changed", ["transaction.started"])
+    kept = await subscribe(csms, receiver.url + "?kept", ["meter_values.received"])
+    station = await booted(csms, "CP-1")
+    await send_meter_values(station, csms, "before")
+    for subscription, types in ((changed, ["meter_values.received"]),
+                                (kept, ["meter_values.received", "transaction.started"])):
+        status, body, _ = await csms.api("PATCH", f"/webhooks/{subscription['id']}", json={"event_types": types})
+        assert status == 200 and body["event_types"] == types and "derived_from" not in body, body
+    await send_meter_values(station, csms, "after")
+    await drain(csms)
+    assert [values_of(d["event"]) for d in await history(csms, changed["id"])] == [["after"]]
+    assert [values_of(d["event"]) for d in await history(csms, kept["id"])] == [["before", "after"]]
+
+
+@pytest_twisted.ensureDeferred
 async def test_meter_values_batches_are_made_once_shared_and_resent_alike(csms_factory, receiver):
     """Batches are made when the events are moved in: each subscription's in order, up to the batch size,
     one stored body for the subscriptions wanting the same events, and a retry sends the same batch (same
