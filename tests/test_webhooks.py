@@ -945,6 +945,31 @@ async def test_an_idle_pass_writes_nothing(csms_factory, receiver, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
+async def test_meter_values_nobody_wants_cost_a_pass_no_write(csms_factory, receiver, monkeypatch):
+    """Samples stored while no subscription names meter values: passes read (on an SQLite file, that no
+    subscription wants them) and write nothing, in either database; a subscription made later gets
+    only the samples stored after it."""
+    csms = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(csms, receiver.url, ["id_tag.changed"])
+    station = await booted(csms, "CP-1")
+    await send_meter_values(station, csms, "1", "2", "3")
+    store = plugin_of(csms).store
+    written = []
+    for db in {csms.app.db, store.delivery_db}:
+        run = db.run
+        monkeypatch.setattr(db, "run", lambda thd, *args, desc="", run=run, **kwargs: (
+            written.append(desc), run(thd, *args, desc=desc, **kwargs))[1])
+    for _ in range(3):
+        await drain(csms)
+    assert "webhooks_fan_out" not in written and "webhooks_outcomes" not in written, written
+    monkeypatch.undo()
+    meters = await subscribe(csms, receiver.url + "?meters", ["meter_values.received"])
+    await send_meter_values(station, csms, "4")
+    await drain(csms)
+    assert [values_of(d["event"]) for d in await history(csms, meters["id"])] == [["4"]]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_pass_records_the_last_passes_outcomes_in_its_own_transaction(csms_factory, receiver, monkeypatch):
     """A POST's outcome is committed by the next pass, in the one transaction that also moves in the events
     that came meanwhile: no transaction of its own (one commit a pass, and the pages at the end of the

@@ -549,8 +549,15 @@ class WebhookStore:
         return marks
 
     def _rows_waiting(self, conn) -> bool:
-        for source, _, mark in self._row_marks(conn).values():
-            if conn.execute(select(source.key).where(source.key > mark).limit(1)).first() is not None:
+        """Whether rows wait to be read for a subscription (rows nobody wants are passed over by the next
+        pass that has something else to do: an idle deliverer writes nothing for them)."""
+        marks = self._row_marks(conn)
+        if not marks:
+            return False
+        named = [orjson.loads(types) for types in conn.execute(select(subscriptions.c.event_types)).scalars()]
+        for event_type, (source, opt_in, mark) in marks.items():
+            if any(wants(types, event_type, opt_in) for types in named) and conn.execute(
+                    select(source.key).where(source.key > mark).limit(1)).first() is not None:
                 return True
         return False
 
@@ -577,9 +584,12 @@ class WebhookStore:
             for row in wanting_rows:
                 if wants(orjson.loads(row.event_types), event_type, opt_in):
                     wanting.append((row.id, orjson.loads(row.derived_from or "{}").get(event_type)))
-            if not wanting:  # nobody to read them for: past them at once
+            # Nobody to read them for, or only subscriptions that came to want the type later: past them at once.
+            start = min(mark if since is None else max(mark, since) for _, since in (wanting or [(0, top)]))
+            if start >= top:
                 _move_mark(conn, event_type, top)
                 continue
+            mark = start
             rows = conn.execute(select(source.table).where(source.key > mark).order_by(source.key)
                                 .limit(limit)).all()
             made = source.events(rows)
