@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 try:  # the load generator's own JSON cost matters: take a faster codec when one is installed
@@ -299,6 +300,8 @@ class Station:
         self.transaction_id = None
         self.meter = 0
         self.outstanding = False
+        #: The timestamp of this station's last MeterValues sample (see sample_timestamp).
+        self.last_sample = ""
 
     async def connect_and_boot(self, gate, start: float) -> None:
         from websockets.asyncio.client import connect
@@ -362,6 +365,18 @@ class Station:
                 raise CallFailed(f"{action}: malformed reply")
             return frame[2]
 
+    def sample_timestamp(self, now: str) -> str:
+        """A MeterValues timestamp after this station's last one: the shared clock ticks every 0.25 s, and
+        two samples of one station, time and measurand are one sample to the CSMS (stored, and sent to
+        webhooks, once), as a real meter never takes two at the same time. A millisecond later where
+        the tick has not moved."""
+        if now > self.last_sample:
+            self.last_sample = now
+        else:
+            later = datetime.strptime(self.last_sample, "%Y-%m-%dT%H:%M:%S.%fZ") + timedelta(milliseconds=1)
+            self.last_sample = later.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return self.last_sample
+
     def payload(self, action: str) -> dict:
         ts = self.worker.timestamp
         if action == "Heartbeat":
@@ -374,6 +389,7 @@ class Station:
             return {"connectorId": 1, "idTag": self.id_tag, "meterStart": self.meter, "timestamp": ts}
         if action == "MeterValues":
             self.meter += 25
+            ts = self.sample_timestamp(ts)
             payload = {"connectorId": 1, "meterValue": [{"timestamp": ts, "sampledValue": [
                 {"value": str(self.meter), "context": "Sample.Periodic", "measurand": "Energy.Active.Import.Register",
                  "unit": "Wh"},
