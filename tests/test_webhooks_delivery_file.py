@@ -12,9 +12,11 @@ import sqlite3
 
 import pytest
 import pytest_twisted
-from conftest import core_store
+import sqlalchemy
+from conftest import booted, core_store
 from sqlalchemy import create_engine, func, insert, select
-from test_webhooks import ALLOW_LOOPBACK, drain, history, plugin_of, receiver, subscribe  # noqa: F401, F811
+from test_webhooks import (ALLOW_LOOPBACK, drain, history, plugin_of, receiver, send_meter_values,  # noqa: F401, F811
+                           subscribe, values_of)
 from twisted.internet import reactor
 
 from csms.db import Database
@@ -120,6 +122,30 @@ async def test_a_replaced_main_database_has_its_outbox_moved_in_from_the_start(c
     await drain(csms)
     assert sorted(event["data"]["id_tag"] for event in receiver.events()) == ["TAG-1", "TAG-2", "TAG-3"]
     assert await csms.app.db.run(count(outbox)) == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_meter_values_are_read_on_from_a_main_file_restored_from_an_older_backup(csms_factory, receiver):
+    """An SQLite main file older than the delivery file's mark (restored from a backup): the CSMS's start
+    moves the mark back to its last sample, before anything is stored, so the samples stored from then on
+    are all sent (not taken for read ones because their keys lie below the old mark)."""
+    first = await csms_factory(ALLOW_LOOPBACK)
+    await subscribe(first, receiver.url, ["meter_values.received"])
+    station = await booted(first, "CP-1")
+    await send_meter_values(station, first, "1", "2", "3")
+    await drain(first)
+    path = first.app.db.url.database
+    await first.stop()
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # the backup had the first sample only
+        conn.execute(sqlalchemy.text("DELETE FROM core_meter_values WHERE id > (SELECT min(id) FROM core_meter_values)"))
+    engine.dispose()
+
+    second = await csms_factory(ALLOW_LOOPBACK)  # the same files
+    station = await booted(second, "CP-1")
+    await send_meter_values(station, second, "4")
+    await drain(second)
+    assert [values_of(batch) for batch in receiver.events("meter_values.batch")] == [["1", "2", "3"], ["4"]]
 
 
 def legacy_rows(event_id: str, subscription_id: int, now) -> tuple[dict, dict]:

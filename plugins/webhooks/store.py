@@ -521,14 +521,29 @@ class WebhookStore:
 
         def thd(conn):
             conn.execute(delete(row_sources).where(row_sources.c.event_type.not_in(list(self.derived))))
+            replaced = {}
             for event_type, (source, opt_in) in self.derived.items():
                 top = conn.execute(select(func.max(source.key))).scalar() or 0
                 conn.execute(insert(row_sources).prefix_with("OR IGNORE").values(
                     event_type=event_type, path=source.path, opt_in=opt_in, mark=top))
+                mark = conn.execute(select(row_sources.c.mark).where(row_sources.c.event_type == event_type)).scalar()
+                if mark > top:
+                    # The main file is older than this one's mark (restored from a backup, made anew): its
+                    # rows were read before, from the file it was a copy of; read on from its last one,
+                    # before anything is stored in it (the CSMS serves no station yet).
+                    replaced[event_type] = (mark, top)
                 conn.execute(update(row_sources).where(row_sources.c.event_type == event_type).values(
-                    path=source.path, opt_in=opt_in))
-            return frozenset(self.derived)
-        return self.delivery_db.run(thd, desc="webhooks_row_sources")
+                    path=source.path, opt_in=opt_in, mark=min(mark, top)))
+            return frozenset(self.derived), replaced
+
+        def started(result):
+            types, replaced = result
+            for event_type, (mark, top) in replaced.items():
+                log.warn("Webhooks: the stored rows {event_type} events are read from all lie below the delivery "
+                         "file's mark ({mark}): the database was replaced; reading goes on from its last row "
+                         "({top})", event_type=event_type, mark=mark, top=top)
+            return types
+        return self.delivery_db.run(thd, desc="webhooks_row_sources").addCallback(started)
 
     def _row_marks(self, conn) -> dict[str, tuple]:
         """The types read from rows: {type: (StoredRows, opt_in, key of the last row read)}."""
