@@ -34,7 +34,10 @@ UPDATE = {
 
 # -- what the routes answer --------------------------------------------------------------------------
 
-_SUBSCRIPTION_FIELDS = {**columns(subscriptions, *(c.name for c in subscriptions.c if c.name not in ("secret", "derived_from"))),
+#: Not shown: the secret (but once, SUBSCRIPTION_CREATED), and where the subscription starts in the events
+#: read from stored rows (the deliverer's business).
+_HIDDEN = ("secret", "derived_from")
+_SUBSCRIPTION_FIELDS = {**columns(subscriptions, *(c.name for c in subscriptions.c if c.name not in _HIDDEN)),
                         "event_types": array(TEXT)}
 SUBSCRIPTION = record(_SUBSCRIPTION_FIELDS, title="WebhookSubscription")
 SUBSCRIPTION_CREATED = record({**_SUBSCRIPTION_FIELDS, "secret": dict(TEXT, description="Shown this once")})

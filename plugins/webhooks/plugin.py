@@ -198,7 +198,6 @@ class WebhooksPlugin:
         """Once the delivery file is ready: the types read from stored rows from now on (SQLite file)."""
         def reading(types):
             self.read_from_rows = types
-        self.store.derived = self.derived_types()
         return self.store.read_rows_from_now().addCallback(reading)
 
 
@@ -213,9 +212,9 @@ class _Starter(service.Service):
 
     def startService(self):
         service.Service.startService(self)
+        self.plugin.store.derived = self.plugin.derived_types()  # every plugin has registered its types
         delivery_db = self.plugin.delivery_db
         if delivery_db is None:
-            self.plugin.store.derived = self.plugin.derived_types()
             return self.plugin.refresh_wanted()
         delivery_db.start()
         return prepare(delivery_db).addCallback(lambda _: self.plugin.start_reading_rows()).addCallback(

@@ -485,19 +485,14 @@ class WebhookStore:
                 move.move_in(self.delivery_db, conn, chosen, batch_size)
                 moved = conn.execute(move.count, chosen).scalar_one()
                 self.delivery_db.upsert(conn, delivery_state, {"name": OUTBOX_SEQ}, {"value": last})
-            read, rows_replaced = self._move_in_rows(conn, limit, batch_size)
-            return last, moved + read, replaced, rows_replaced
+            return last, moved + self._move_in_rows(conn, limit, batch_size), replaced
 
         def moved_in(result):
-            self._moved_to, moved, replaced, rows_replaced = result
+            self._moved_to, moved, replaced = result
             if replaced is not None:  # logged here: the function above may run more than once
                 log.warn("Webhooks: the outbox's rows all lay below the delivery file's mark ({mark}): the "
                          "database was replaced; its events were moved in from the start", mark=replaced)
                 self._pruned_to = 0
-            for event_type, (mark, top) in rows_replaced.items():
-                log.warn("Webhooks: the stored rows {event_type} events are read from all lay below the delivery "
-                         "file's mark ({mark}): the database was replaced; reading goes on from its last row "
-                         "({top}), not from the start", event_type=event_type, mark=mark, top=top)
             return self.prune_outbox().addCallback(lambda _: moved)
 
         def run(waiting):
@@ -524,9 +519,11 @@ class WebhookStore:
             replaced = {}
             for event_type, (source, opt_in) in self.derived.items():
                 top = conn.execute(select(func.max(source.key))).scalar() or 0
-                conn.execute(insert(row_sources).prefix_with("OR IGNORE").values(
-                    event_type=event_type, path=source.path, opt_in=opt_in, mark=top))
                 mark = conn.execute(select(row_sources.c.mark).where(row_sources.c.event_type == event_type)).scalar()
+                if mark is None:
+                    conn.execute(insert(row_sources).values(event_type=event_type, path=source.path, opt_in=opt_in,
+                                                            mark=top))
+                    continue
                 if mark > top:
                     # The main file is older than this one's mark (restored from a backup, made anew): its
                     # rows were read before, from the file it was a copy of; read on from its last one,
@@ -576,24 +573,22 @@ class WebhookStore:
                 return True
         return False
 
-    def _move_in_rows(self, conn, limit: int, batch_size: int) -> tuple[int, dict]:
+    def _move_in_rows(self, conn, limit: int, batch_size: int) -> int:
         """The events of the rows stored after each type's mark, up to ``limit`` rows a type: made by the
         type's ``events``, each to the subscriptions that wanted the type before its first row was stored
         (``derived_from``), in batches as the outbox's meter values are; the mark moves past the rows.
-        (How many events, {type: (mark, last key)} for a main file replaced: every row below the mark.)"""
+        Fires with how many events. (A main file older than a mark is found when the CSMS starts:
+        :meth:`read_rows_from_now`.)"""
         marks = self._row_marks(conn)
         if not marks:
-            return 0, {}
+            return 0
         wanting_rows = conn.execute(select(subscriptions.c.id, subscriptions.c.event_types,
                                            subscriptions.c.derived_from)).all()
-        read, replaced = 0, {}
+        read = 0
         now = None
         for event_type, (source, opt_in, mark) in marks.items():
             top = conn.execute(select(func.max(source.key))).scalar() or 0
             if top <= mark:
-                if top < mark:  # a main file restored from a backup, or made anew
-                    replaced[event_type] = (mark, top)
-                    _move_mark(conn, event_type, top)
                 continue
             wanting = []
             for row in wanting_rows:
@@ -627,7 +622,7 @@ class WebhookStore:
                 _move_in_batches(self.delivery_db, conn, stored, batch_size, skip_known_events=True)
             read += len(stored)
             _move_mark(conn, event_type, getattr(rows[-1], key))
-        return read, replaced
+        return read
 
     def prune_outbox(self, force: bool = False):
         """Delete the outbox rows moved into the delivery file (but its last row), if PRUNE_INTERVAL seconds
@@ -797,6 +792,8 @@ class WebhookStore:
         """A subscription's ``derived_from`` once it names ``event_types`` (``before``: what it named, None
         for a new one; ``marks``: its marks then): for each type read from stored rows that it wants, the
         key of the last row stored now, or its earlier mark while it wanted the type all along."""
+        if not self.split:  # events are outbox rows, naming their subscriptions when written
+            return None
         made = {}
         for event_type, (source, opt_in) in self.derived.items():
             if not wants(event_types, event_type, opt_in):
