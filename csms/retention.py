@@ -232,8 +232,8 @@ class RetentionService(service.Service):
                         self.pruned.labels(name).inc(count)
                     if count < limit:
                         break
-                else:
-                    more = True
+                else:  # the budget spent (or the service stopping: then nothing is scheduled or logged)
+                    more = more or self.running
                 if deleted:
                     counts[name] = deleted
         except Exception:  # noqa: BLE001 - a database outage, a lock: the next purge tries again
